@@ -1,0 +1,68 @@
+"""The offline tutor: a deterministic reply streamed word by word, for demos and load tests."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+
+from .base import AIRequest, StreamItem, Usage, estimate_tokens
+
+_WORD = re.compile(r"\S+\s*")
+
+
+def compose_reply(request: AIRequest) -> str:
+    """Build the offline answer from the question and the course (clearly marked as offline)."""
+    question = " ".join(request.question.split())
+    if len(question) > 200:
+        question = question[:197] + "..."
+    course = request.course
+    if course is not None:
+        topic = f"**{course.title}**"
+        context = course.description.strip() or "this course"
+        grounding = f" In {topic} we look at it this way: {context}"
+    else:
+        grounding = ""
+    earlier = sum(1 for turn in request.history if turn.role == "user")
+    follow_up = f" (This is question {earlier} in our conversation.)" if earlier > 1 else ""
+    return (
+        f"(Offline tutor mode: no AI model is connected.) You asked: \u201c{question}\u201d.{grounding}"
+        " Let's work through it together. First, restate the question in your own words."
+        " Next, list what you already know and what you need to find out."
+        " Then try one small step and check it against an example."
+        f" Tell me where you get stuck and we will take the next step from there.{follow_up}"
+    )
+
+
+class OfflineProvider:
+    """Streams `compose_reply` with a configurable time to first token and token rate."""
+
+    name = "offline"
+    model = "offline-tutor"
+
+    def __init__(self, ttft_ms: float = 300.0, tokens_per_s: float = 40.0, reply_words: int | None = None):
+        self.ttft = ttft_ms / 1000.0
+        self.interval = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
+        self.reply_words = reply_words
+
+    def split(self, text: str) -> list[str]:
+        words = _WORD.findall(text)
+        if self.reply_words is not None:
+            # Load tests ask for answers of an exact length: repeat the reply's words as needed.
+            words = [words[i % len(words)] for i in range(self.reply_words)]
+            words[-1] = words[-1].rstrip() + " "
+        return words
+
+    async def stream(self, request: AIRequest) -> AsyncIterator[StreamItem]:
+        words = self.split(compose_reply(request))
+        if self.ttft:
+            await asyncio.sleep(self.ttft)
+        for index, word in enumerate(words):
+            if index and self.interval:
+                await asyncio.sleep(self.interval)
+            yield word
+        prompt = estimate_tokens(request.question) + sum(estimate_tokens(t.text) for t in request.history)
+        yield Usage(prompt_tokens=prompt, output_tokens=len(words))
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,1 @@
+"""Thin aiohttp adapters: parse the request, call the core, shape the reply."""

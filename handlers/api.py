@@ -1,0 +1,47 @@
+"""The REST API: a user's own conversations and their messages."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.errors import not_found
+from server.keys import CHAT, DATABASE, SETTINGS
+from server.protocol import HistoryRequest
+
+from .common import query_int, require_claims
+
+
+async def list_conversations(request: web.Request) -> web.Response:
+    claims = require_claims(request)
+    db = request.app[DATABASE]
+    user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
+    conversations = await db.list_conversations(claims.tenant, user.id)
+    return web.json_response(
+        {
+            "conversations": [
+                {
+                    "id": c.id,
+                    "course_id": c.course_id,
+                    "title": c.title,
+                    "created_at": c.created_at.isoformat(),
+                    "updated_at": c.updated_at.isoformat(),
+                }
+                for c in conversations
+            ]
+        }
+    )
+
+
+async def list_messages(request: web.Request) -> web.Response:
+    claims = require_claims(request)
+    db = request.app[DATABASE]
+    limit_max = request.app[SETTINGS].history_page_max
+    before = query_int(request, "before", None, 1, 2**62)
+    limit = query_int(request, "limit", 20, 1, limit_max) or 20
+    user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
+    conversation = await db.get_conversation(claims.tenant, user.id, request.match_info["conversation_id"])
+    if conversation is None:
+        raise not_found("conversation")
+    page = await request.app[CHAT].history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))
+    page.pop("type")
+    return web.json_response(page)

@@ -1,0 +1,36 @@
+"""Request helpers shared by the HTTP handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.auth import Claims
+from server.errors import bad_request, unauthorized
+from server.keys import VERIFIER
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def require_claims(request: web.Request) -> Claims:
+    """Verified claims from the `Authorization: Bearer` header, or 401."""
+    token = bearer_token(request)
+    if token is None:
+        raise unauthorized("an Authorization: Bearer token is required")
+    return request.app[VERIFIER].verify(token)
+
+
+def query_int(request: web.Request, name: str, default: int | None, minimum: int, maximum: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"query parameter '{name}' must be an integer") from None
+    if not minimum <= value <= maximum:
+        raise bad_request(f"query parameter '{name}' must be between {minimum} and {maximum}")
+    return value

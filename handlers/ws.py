@@ -1,0 +1,47 @@
+"""GET /ws: the WebSocket endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import WSMsgType, web
+
+from server.errors import CloseCode, forbidden
+from server.keys import CHAT, SETTINGS, SOCKETS, VERIFIER
+from server.origins import origin_allowed
+from server.session import SocketSession, WebSocketPeer
+
+from .common import bearer_token
+
+log = logging.getLogger(__name__)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    settings = request.app[SETTINGS]
+    if not origin_allowed(request.headers.get("Origin"), request.host, settings.allowed_origins):
+        raise forbidden("this origin may not open a socket")
+    ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
+    await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
+    peer = WebSocketPeer(ws)
+    session = SocketSession(settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request))
+    try:
+        async with asyncio.timeout(settings.hello_timeout) as deadline:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    await session.on_text(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await session.on_binary()
+                if session.ready and deadline.when() is not None:
+                    deadline.reschedule(None)
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        await ws.close(code=CloseCode.HELLO_TIMEOUT, message=b"no hello in time")
+    except Exception:
+        log.exception("socket crashed")
+        await ws.close(code=CloseCode.CRASH, message=b"internal error")
+    finally:
+        session.close()
+    return ws

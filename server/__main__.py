@@ -1,0 +1,196 @@
+"""The `smartedu` command: serve, migrate, token, seed-demo, loadtest."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+
+from . import __version__
+from .auth import ROLES, mint_token
+from .embedded import EmbeddedError, EmbeddedServices, jwt_secret
+from .errors import ConfigError
+from .logs import configure_logging
+from .settings import Settings
+
+log = logging.getLogger("smartedu")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smartedu",
+        description="SmartEdu Tutor Chat: a real-time AI tutor chat server. Configuration comes from the "
+        "environment (see README.md); without DATABASE_URL/REDIS_URL it runs embedded PostgreSQL and Redis "
+        "under SMARTEDU_DATA_DIR (default ./.smartedu).",
+    )
+    parser.add_argument("--version", action="version", version=f"smartedu {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the chat server", description="Run the chat server.")
+    serve.add_argument("--host", help="interface to listen on (default SMARTEDU_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default SMARTEDU_PORT or 8080)")
+    serve.add_argument("--no-seed", action="store_true", help="do not create the demo school in embedded mode")
+
+    commands.add_parser(
+        "migrate", help="apply database migrations and exit", description="Apply pending database migrations."
+    )
+
+    token = commands.add_parser(
+        "token",
+        help="mint a development token",
+        description="Mint a JWT signed with SMARTEDU_JWT_SECRET (or the embedded development secret).",
+    )
+    token.add_argument("--user", required=True, help="the user's id (claim sub)")
+    token.add_argument("--role", required=True, choices=ROLES, help="the user's role")
+    token.add_argument("--tenant", required=True, help="the tenant (school) id (claim tid)")
+    token.add_argument("--course", action="append", help="a course the token may use (repeatable; claim courses)")
+    token.add_argument("--name", help="display name (claim name)")
+    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+
+    commands.add_parser(
+        "seed-demo",
+        help="create the demo school (tenant, course, student, teacher)",
+        description="Create or refresh the demo tenant 'demo', course 'algebra-1' and its two users.",
+    )
+
+    commands.add_parser(
+        "loadtest",
+        help="simulate students against a server (see `smartedu loadtest --help`)",
+        add_help=False,
+        description="Simulate concurrent students.",
+    )
+    return parser
+
+
+@contextlib.contextmanager
+def _services(settings: Settings) -> Iterator[Settings]:
+    """Fill in embedded servers and the development secret for whatever the environment leaves out."""
+    embedded = EmbeddedServices(settings.data_dir)
+    if settings.embedded:
+        embedded.start(postgres=settings.database_url is None, redis=settings.redis_url is None)
+        settings = replace(
+            settings,
+            database_url=settings.database_url or embedded.database_url,
+            redis_url=settings.redis_url or embedded.redis_url,
+        )
+        if not settings.jwt_secret and not settings.jwt_public_key:
+            settings = replace(settings, jwt_secret=jwt_secret(settings.data_dir))
+    try:
+        yield settings
+    finally:
+        embedded.stop()
+
+
+async def _prepare(settings: Settings, *, seed: bool) -> None:
+    from storage.postgres import Database, connect_pool
+    from storage.seed import seed_demo
+
+    database_url, _ = settings.require_services()
+    pool = await connect_pool(database_url, min_size=1, max_size=2)
+    try:
+        db = Database(pool)
+        applied = await db.migrate()
+        if applied:
+            log.info("migrations applied", extra={"versions": applied})
+        if seed:
+            await seed_demo(db)
+    finally:
+        await pool.close()
+
+
+def _print_demo(settings: Settings, host: str, port: int) -> None:
+    from storage.seed import DEMO_COURSE, DEMO_STUDENT, DEMO_TEACHER, DEMO_TENANT
+
+    assert settings.jwt_secret is not None
+    base = settings.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    student = mint_token(
+        settings.jwt_secret, user=DEMO_STUDENT, tenant=DEMO_TENANT, role="student", name="Demo Student",
+        ttl_s=7 * 86400,
+    )
+    teacher = mint_token(
+        settings.jwt_secret, user=DEMO_TEACHER, tenant=DEMO_TENANT, role="teacher", name="Demo Teacher",
+        courses=[DEMO_COURSE], ttl_s=7 * 86400,
+    )
+    print(
+        "\nSmartEdu Tutor Chat is running (embedded PostgreSQL and Redis, "
+        f"{settings.ai_provider} tutor).\n\n"
+        f"  Student chat:  {base}/chat#course={DEMO_COURSE}&token={student}\n\n"
+        f"  Teacher token: {teacher}\n\n"
+        "Press Ctrl-C to stop.\n",
+        flush=True,
+    )
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvloop
+    from aiohttp import web
+
+    from .app import create_app
+
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    embedded_mode = settings.embedded
+    with _services(settings) as settings:
+        settings = replace(settings, host=host, port=port)
+        asyncio.run(_prepare(settings, seed=embedded_mode and not args.no_seed))
+        app = create_app(settings)
+        if embedded_mode and settings.jwt_secret and not args.no_seed:
+            app.on_startup.append(lambda _app: _announce(settings, host, port))
+        log.info("serving", extra={"host": host, "port": port, "ai": settings.ai_provider})
+        web.run_app(
+            app, host=host, port=port, loop=uvloop.new_event_loop(), print=None, access_log=None,
+            shutdown_timeout=5,
+        )
+    return 0
+
+
+async def _announce(settings: Settings, host: str, port: int) -> None:
+    _print_demo(settings, host, port)
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    secret = settings.jwt_secret
+    if secret is None:
+        if settings.jwt_public_key:
+            raise ConfigError("token needs SMARTEDU_JWT_SECRET; with a public key your identity provider signs tokens")
+        secret = jwt_secret(settings.data_dir)
+    print(
+        mint_token(
+            secret, user=args.user, tenant=args.tenant, role=args.role, name=args.name, courses=args.course,
+            ttl_s=args.ttl, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+        )
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "loadtest":
+        from .loadtest.cli import main as loadtest_main
+
+        return loadtest_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+        configure_logging(settings.log_level, settings.replica_id)
+        if args.command == "token":
+            return _token(settings, args)
+        if args.command == "serve":
+            return _serve(settings, args)
+        with _services(settings) as ready:
+            asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
+        done = "migrations applied" if args.command == "migrate" else "demo school ready: tenant 'demo', course 'algebra-1'"
+        print(done)
+        return 0
+    except (ConfigError, EmbeddedError) as exc:
+        print(f"smartedu: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

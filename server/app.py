@@ -1,0 +1,116 @@
+"""The composition root: `create_app(settings)` wires every resource as a cleanup context."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from ai.base import Provider
+from ai.factory import create_provider
+from handlers import api, health, pages, ws
+from storage.keys import Keys
+from storage.postgres import Database, connect_pool
+from storage.redis_store import RedisStore, connect_redis
+
+from .auth import TokenVerifier
+from .chat import ChatService
+from .errors import ChatError, CloseCode, ErrorCode
+from .hub import Hub
+from .keys import CHAT, DATABASE, PROVIDER, REDIS, SETTINGS, SOCKETS, VERIFIER
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.BAD_REQUEST, 413: ErrorCode.TOO_LARGE}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map domain errors (and aiohttp's own 4xx) to the JSON error body the protocol uses."""
+    try:
+        response = await handler(request)
+    except ChatError as exc:
+        return web.json_response({"error": exc.to_dict()}, status=exc.http_status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, ErrorCode.BAD_REQUEST if exc.status < 500 else ErrorCode.INTERNAL)
+        return web.json_response({"error": {"code": code.value, "message": exc.reason}}, status=exc.status)
+    except Exception:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("request failed", extra={"ref": ref, "path": request.path})
+        body = {"error": {"code": ErrorCode.INTERNAL.value, "message": "internal error", "ref": ref}}
+        return web.json_response(body, status=500)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    return response
+
+
+def create_app(
+    settings: Settings, *, env: Mapping[str, str] | None = None, provider: Provider | None = None
+) -> web.Application:
+    """Build the application; every resource starts in a cleanup context and stops in reverse order."""
+    database_url, redis_url = settings.require_services()
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app[SETTINGS] = settings
+    app[VERIFIER] = TokenVerifier(settings)
+    app[SOCKETS] = weakref.WeakSet()
+
+    async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = await connect_pool(database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
+        try:
+            db = Database(pool)
+            await db.migrate()
+            app[DATABASE] = db
+            yield
+        finally:
+            await pool.close()
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        client = await connect_redis(redis_url)
+        try:
+            app[REDIS] = RedisStore(
+                client, Keys(settings.redis_prefix), log_maxlen=settings.stream_maxlen, log_ttl_s=settings.stream_ttl_s
+            )
+            yield
+        finally:
+            await client.aclose()
+
+    async def provider_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[PROVIDER] = provider or create_provider(settings, os.environ if env is None else env)
+        yield
+        # ChatService.close() closes the provider after its last turn.
+
+    async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
+        chat = ChatService(settings, app[DATABASE], Hub(app[REDIS]), app[PROVIDER])
+        app[CHAT] = chat
+        try:
+            yield
+        finally:
+            await chat.close()
+
+    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, provider_ctx, chat_ctx])
+    app.on_shutdown.append(_close_sockets)
+
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/ready", health.ready)
+    app.router.add_get("/ws", ws.websocket)
+    app.router.add_get("/api/conversations", api.list_conversations)
+    app.router.add_get("/api/conversations/{conversation_id}/messages", api.list_messages)
+    app.router.add_get("/", pages.chat_page)
+    app.router.add_get("/chat", pages.chat_page)
+    if settings.static_dir.is_dir():
+        app.router.add_static("/static/", settings.static_dir, append_version=False)
+    return app
+
+
+async def _close_sockets(app: web.Application) -> None:
+    sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+    for socket in list(sockets):
+        await socket.close(code=CloseCode.GOING_AWAY, message=b"server shutting down")

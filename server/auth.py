@@ -1,0 +1,112 @@
+"""JWT verification (and minting for development): only the configured algorithm is ever accepted."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from .errors import unauthorized
+from .settings import Settings
+
+ROLES = ("student", "teacher", "admin")
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    sub: str
+    tenant: str
+    role: str
+    exp: int
+    name: str = ""
+    courses: tuple[str, ...] | None = None
+
+    def may_use_course(self, course_id: str) -> bool:
+        return self.courses is None or course_id in self.courses
+
+
+class TokenVerifier:
+    """Checks signature, algorithm, expiry, issuer, audience and the product's own claims."""
+
+    def __init__(self, settings: Settings):
+        settings.require_auth()
+        self.key: str = settings.jwt_secret or settings.jwt_public_key or ""
+        self.algorithm = settings.jwt_algorithm
+        self.issuer = settings.jwt_issuer
+        self.audience = settings.jwt_audience
+
+    def verify(self, token: object) -> Claims:
+        """Return the claims of a valid token, or raise `unauthorized`."""
+        if not isinstance(token, str) or not token or len(token) > 8192:
+            raise unauthorized("a token is required")
+        try:
+            payload = jwt.decode(
+                token,
+                self.key,
+                algorithms=[self.algorithm],
+                issuer=self.issuer,
+                audience=self.audience,
+                options={"require": ["exp", "sub"]},
+                leeway=5,
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise unauthorized(f"invalid token: {exc}") from None
+        return claims_from_payload(payload)
+
+
+def claims_from_payload(payload: dict[str, Any]) -> Claims:
+    """Validate the product's claims (`sub`, `tid`, `role`, optional `name`, `courses`)."""
+    sub, tenant, role = payload.get("sub"), payload.get("tid"), payload.get("role")
+    if not isinstance(sub, str) or not sub or len(sub) > 200:
+        raise unauthorized("claim 'sub' must be a non-empty string")
+    if not isinstance(tenant, str) or not tenant or len(tenant) > 100:
+        raise unauthorized("claim 'tid' must be a non-empty string")
+    if role not in ROLES:
+        raise unauthorized("claim 'role' must be student, teacher or admin")
+    name = payload.get("name", "")
+    if not isinstance(name, str):
+        raise unauthorized("claim 'name' must be a string")
+    courses = payload.get("courses")
+    if courses is not None and (not isinstance(courses, list) or not all(isinstance(c, str) for c in courses)):
+        raise unauthorized("claim 'courses' must be a list of strings")
+    return Claims(
+        sub=sub,
+        tenant=tenant,
+        role=str(role),
+        exp=int(payload["exp"]),
+        name=name[:200],
+        courses=tuple(courses) if courses is not None else None,
+    )
+
+
+def mint_token(
+    secret_or_private_key: str,
+    *,
+    user: str,
+    tenant: str,
+    role: str,
+    algorithm: str = "HS256",
+    name: str | None = None,
+    courses: list[str] | None = None,
+    ttl_s: int = 3600,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> str:
+    """Sign a token with the product's claims (development, demos and load tests)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": user, "tid": tenant, "role": role, "iat": now, "exp": now + ttl_s}
+    if name:
+        payload["name"] = name
+    if courses is not None:
+        payload["courses"] = courses
+    if issuer:
+        payload["iss"] = issuer
+    if audience:
+        payload["aud"] = audience
+    return jwt.encode(payload, secret_or_private_key, algorithm=algorithm)

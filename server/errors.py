@@ -1,0 +1,95 @@
+"""The error catalogue: one stable code per failure, mapped to HTTP statuses and WebSocket close codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    AI_UNAVAILABLE = "ai_unavailable"
+    INTERNAL = "internal"
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.TOO_LARGE: 413,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.AI_UNAVAILABLE: 503,
+    ErrorCode.INTERNAL: 500,
+}
+
+
+class CloseCode:
+    """WebSocket close codes the server uses deliberately (documented in docs/protocol.md)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    SERVICE_RESTART = 1012
+    CRASH = 1011
+    BAD_TOKEN = 4401
+    FORBIDDEN = 4403
+    HELLO_TIMEOUT = 4408
+
+
+# Errors that end the socket: the frame is sent, then the socket is closed with this code.
+FATAL_CLOSE: dict[ErrorCode, int] = {
+    ErrorCode.UNAUTHORIZED: CloseCode.BAD_TOKEN,
+    ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
+}
+
+
+@dataclass
+class ChatError(Exception):
+    """A failure the client is told about, with a stable code."""
+
+    code: ErrorCode
+    message: str
+    ref: str | None = None
+    retry_after: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS[self.code]
+
+    def to_dict(self) -> dict[str, object]:
+        body: dict[str, object] = {"code": self.code.value, "message": self.message}
+        if self.ref is not None:
+            body["ref"] = self.ref
+        if self.retry_after is not None:
+            body["retry_after"] = round(self.retry_after, 3)
+        return body
+
+
+def bad_request(message: str, ref: str | None = None) -> ChatError:
+    return ChatError(ErrorCode.BAD_REQUEST, message, ref)
+
+
+def not_found(what: str, ref: str | None = None) -> ChatError:
+    return ChatError(ErrorCode.NOT_FOUND, f"{what} not found", ref)
+
+
+def forbidden(message: str, ref: str | None = None) -> ChatError:
+    return ChatError(ErrorCode.FORBIDDEN, message, ref)
+
+
+def unauthorized(message: str) -> ChatError:
+    return ChatError(ErrorCode.UNAUTHORIZED, message)
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the environment variable."""

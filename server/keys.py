@@ -1,0 +1,23 @@
+"""Typed application state (aiohttp AppKeys)."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from ai.base import Provider
+from storage.postgres import Database
+from storage.redis_store import RedisStore
+
+from .auth import TokenVerifier
+from .chat import ChatService
+from .settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DATABASE = web.AppKey("database", Database)
+REDIS = web.AppKey("redis", RedisStore)
+PROVIDER = web.AppKey("provider", Provider)
+CHAT = web.AppKey("chat", ChatService)
+VERIFIER = web.AppKey("verifier", TokenVerifier)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")

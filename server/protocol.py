@@ -1,0 +1,136 @@
+"""Protocol v1 frames: strict parsing of client frames and cheap encoding of server frames."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from .errors import ChatError, ErrorCode, bad_request
+
+MAX_CLIENT_ID = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    token: str | None
+    conversation_id: str | None
+    course_id: str | None
+    resume_from: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    id: str
+    text: str
+    conversation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    reply_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRequest:
+    conversation_id: str | None
+    before: int | None
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+ClientFrame = Hello | SendMessage | Cancel | HistoryRequest | Ping
+
+
+def _optional_str(obj: dict[str, Any], name: str, max_len: int = 200) -> str | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise bad_request(f"'{name}' must be a non-empty string of at most {max_len} characters")
+    return value
+
+
+def _optional_int(obj: dict[str, Any], name: str, minimum: int = 0) -> int | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    # bool is an int subclass in Python; true/false are not ids.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value > 2**62:
+        raise bad_request(f"'{name}' must be an integer >= {minimum}")
+    return value
+
+
+def parse_client_frame(data: str, *, max_message_chars: int, history_page_max: int = 100) -> ClientFrame:
+    """Decode and validate one text frame; raise ChatError(bad_request | too_large) on anything else."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise bad_request("frame is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise bad_request("frame must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise bad_request("frame needs a string 'type'")
+    ref = obj.get("id") if isinstance(obj.get("id"), str) else None
+    if kind == "message":
+        client_id = obj.get("id")
+        if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_CLIENT_ID:
+            raise bad_request(f"'id' must be a non-empty string of at most {MAX_CLIENT_ID} characters")
+        text = obj.get("text")
+        if not isinstance(text, str):
+            raise bad_request("'text' must be a string", ref)
+        if len(text) > max_message_chars:
+            raise ChatError(ErrorCode.TOO_LARGE, f"message longer than {max_message_chars} characters", ref)
+        if not text.strip():
+            raise bad_request("'text' must not be empty", ref)
+        try:
+            conversation_id = _optional_str(obj, "conversation_id", 64)
+        except ChatError as exc:
+            exc.ref = ref
+            raise
+        return SendMessage(client_id, text, conversation_id)
+    if kind == "hello":
+        token = obj.get("token")
+        if token is not None and not isinstance(token, str):
+            raise bad_request("'token' must be a string")
+        return Hello(
+            token=token,
+            conversation_id=_optional_str(obj, "conversation_id", 64),
+            course_id=_optional_str(obj, "course_id", 200),
+            resume_from=_optional_int(obj, "resume_from"),
+        )
+    if kind == "cancel":
+        reply_id = _optional_int(obj, "reply_id", 1)
+        if reply_id is None:
+            raise bad_request("'reply_id' is required")
+        return Cancel(reply_id)
+    if kind == "history":
+        limit = _optional_int(obj, "limit", 1)
+        if limit is not None and limit > history_page_max:
+            raise bad_request(f"'limit' must be at most {history_page_max}")
+        return HistoryRequest(
+            conversation_id=_optional_str(obj, "conversation_id", 64),
+            before=_optional_int(obj, "before", 1),
+            limit=limit or 20,
+        )
+    if kind == "ping":
+        return Ping()
+    raise bad_request(f"unknown frame type {kind[:40]!r}")
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    """One server frame as JSON bytes."""
+    return orjson.dumps(frame)
+
+
+def error_frame(error: ChatError) -> bytes:
+    return orjson.dumps({"type": "error", **error.to_dict()})
+
+
+PONG = orjson.dumps({"type": "pong"})

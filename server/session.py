@@ -1,0 +1,117 @@
+"""The protocol state machine of one socket: wait for `hello`, then dispatch frames to the chat core."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import asyncpg
+from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
+
+from .auth import TokenVerifier
+from .chat import ChatService, Session
+from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request
+from .protocol import PONG, Cancel, Hello, HistoryRequest, Ping, SendMessage, error_frame, parse_client_frame
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DEPENDENCY_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, OSError, TimeoutError)
+
+
+class WebSocketPeer:
+    """An aiohttp WebSocket as the hub's `Peer`: text frames from ready-made JSON bytes."""
+
+    def __init__(self, ws: web.WebSocketResponse):
+        self.ws = ws
+        self.id = uuid.uuid4().hex
+
+    async def send(self, data: bytes) -> bool:
+        if self.ws.closed:
+            return False
+        try:
+            await self.ws.send_frame(data, WSMsgType.TEXT)
+        except (ConnectionError, RuntimeError):
+            return False
+        return True
+
+    async def close(self, code: int, message: str) -> None:
+        await self.ws.close(code=code, message=message.encode()[:120])
+
+
+class SocketSession:
+    """Everything one socket may do, in protocol order."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        chat: ChatService,
+        verifier: TokenVerifier,
+        peer: WebSocketPeer,
+        header_token: str | None,
+    ):
+        self.settings = settings
+        self.chat = chat
+        self.verifier = verifier
+        self.peer = peer
+        self.header_token = header_token
+        self.session: Session | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None
+
+    async def on_binary(self) -> None:
+        await self.peer.send(error_frame(bad_request("binary frames are not supported; send JSON text frames")))
+
+    async def on_text(self, data: str) -> None:
+        """Handle one text frame; every failure becomes an `error` frame (or a close for bad auth)."""
+        try:
+            if len(data) > self.settings.max_frame_bytes:
+                raise ChatError(ErrorCode.TOO_LARGE, f"frame larger than {self.settings.max_frame_bytes} bytes")
+            frame = parse_client_frame(
+                data,
+                max_message_chars=self.settings.max_message_chars,
+                history_page_max=self.settings.history_page_max,
+            )
+            await self._dispatch(frame)
+        except ChatError as exc:
+            await self.peer.send(error_frame(exc))
+            if self.session is None and exc.code in FATAL_CLOSE:
+                await self.peer.close(FATAL_CLOSE[exc.code], exc.message)
+        except _DEPENDENCY_ERRORS as exc:
+            ref = uuid.uuid4().hex[:12]
+            log.error("dependency failed", extra={"ref": ref, "error": repr(exc)})
+            error = ChatError(ErrorCode.INTERNAL, "a backing service is unavailable; try again", ref, 1.0)
+            await self.peer.send(error_frame(error))
+
+    async def _dispatch(self, frame: object) -> None:
+        if self.session is None:
+            if not isinstance(frame, Hello):
+                raise bad_request("the first frame must be hello")
+            claims = self.verifier.verify(frame.token or self.header_token)
+            welcome = await self.chat.open_session(self.peer, claims, frame.conversation_id, frame.course_id)
+            self.session = welcome.session
+            await self.peer.send(welcome.frame)
+            log.info(
+                "hello",
+                extra={"tenant": claims.tenant, "user_id": welcome.session.user.id,
+                       "conversation_id": welcome.session.current, "session_id": welcome.session.id},
+            )
+            return
+        session = self.session
+        if isinstance(frame, SendMessage):
+            await self.chat.submit(session, frame)
+        elif isinstance(frame, Cancel):
+            await self.chat.cancel(session, frame.reply_id)
+        elif isinstance(frame, HistoryRequest):
+            await self.peer.send(await self.chat.history(session, frame))
+        elif isinstance(frame, Ping):
+            await self.peer.send(PONG)
+        else:
+            raise bad_request("hello was already received")
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.chat.close_session(self.session)

@@ -1,0 +1,180 @@
+"""Configuration from the environment, validated once at start; errors name the variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+AI_PROVIDERS = ("offline", "gemini", "openai")
+JWT_PUBLIC_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+
+
+def _default_static_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "static"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.startswith(tuple(f"{s}://" for s in schemes)):
+        raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server needs to run; built by `from_env` or directly in tests."""
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_algorithm: str = "HS256"
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    ai_provider: str = "offline"
+    data_dir: Path = Path(".smartedu")
+    static_dir: Path = field(default_factory=_default_static_dir)
+    allowed_origins: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None
+    max_message_chars: int = 4000
+    max_frame_bytes: int = 64 * 1024
+    messages_per_minute: int = 20
+    hello_timeout: float = 10.0
+    history_messages: int = 20
+    history_page_max: int = 100
+    offline_ttft_ms: float = 300.0
+    offline_tokens_per_s: float = 40.0
+    redis_prefix: str = "smartedu:"
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    stream_maxlen: int = 2000
+    stream_ttl_s: int = 3600
+    log_level: str = "INFO"
+    log_content: bool = False
+    db_pool_min: int = 2
+    db_pool_max: int = 10
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None or self.redis_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate the SMARTEDU_* (and DATABASE_URL, REDIS_URL, GEMINI_*) variables."""
+        env = os.environ if env is None else env
+        secret = env.get("SMARTEDU_JWT_SECRET") or None
+        public_key = env.get("SMARTEDU_JWT_PUBLIC_KEY") or None
+        if secret and public_key:
+            raise ConfigError("set only one of SMARTEDU_JWT_SECRET and SMARTEDU_JWT_PUBLIC_KEY")
+        if secret is not None and len(secret) < 32:
+            raise ConfigError("SMARTEDU_JWT_SECRET must be at least 32 characters")
+        algorithm = env.get("SMARTEDU_JWT_ALGORITHM", "").strip() or ("RS256" if public_key else "HS256")
+        if public_key and algorithm not in JWT_PUBLIC_ALGORITHMS:
+            raise ConfigError(f"SMARTEDU_JWT_ALGORITHM must be one of {', '.join(JWT_PUBLIC_ALGORITHMS)}")
+        if secret and algorithm != "HS256":
+            raise ConfigError("SMARTEDU_JWT_ALGORITHM must be HS256 with SMARTEDU_JWT_SECRET")
+        if public_key and "BEGIN" not in public_key:
+            raise ConfigError("SMARTEDU_JWT_PUBLIC_KEY must be a PEM public key")
+
+        default_ai = "gemini" if env.get("GEMINI_API_KEY") else "offline"
+        ai = (env.get("SMARTEDU_AI") or default_ai).strip().lower()
+        if ai not in AI_PROVIDERS:
+            raise ConfigError(f"SMARTEDU_AI must be one of {', '.join(AI_PROVIDERS)}, got {ai!r}")
+
+        origins = tuple(
+            o.strip().rstrip("/") for o in env.get("SMARTEDU_ALLOWED_ORIGINS", "").split(",") if o.strip()
+        )
+        for origin in origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"SMARTEDU_ALLOWED_ORIGINS entries must be http(s) origins or *, got {origin!r}")
+
+        level = env.get("SMARTEDU_LOG_LEVEL", "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"SMARTEDU_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+
+        defaults = cls()
+        settings = cls(
+            database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
+            redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix", "redis+cluster")),
+            jwt_secret=secret,
+            jwt_public_key=public_key,
+            jwt_algorithm=algorithm,
+            jwt_issuer=env.get("SMARTEDU_JWT_ISSUER") or None,
+            jwt_audience=env.get("SMARTEDU_JWT_AUDIENCE") or None,
+            ai_provider=ai,
+            data_dir=Path(env.get("SMARTEDU_DATA_DIR") or ".smartedu"),
+            static_dir=Path(env["SMARTEDU_STATIC_DIR"]) if env.get("SMARTEDU_STATIC_DIR") else _default_static_dir(),
+            allowed_origins=origins,
+            host=env.get("SMARTEDU_HOST") or defaults.host,
+            port=_int(env, "SMARTEDU_PORT", defaults.port, minimum=0),
+            public_url=(env.get("SMARTEDU_PUBLIC_URL") or "").rstrip("/") or None,
+            max_message_chars=_int(env, "SMARTEDU_MAX_MESSAGE_CHARS", defaults.max_message_chars, 1),
+            messages_per_minute=_int(env, "SMARTEDU_MESSAGES_PER_MINUTE", defaults.messages_per_minute, 1),
+            hello_timeout=_float(env, "SMARTEDU_HELLO_TIMEOUT", defaults.hello_timeout, 0.1),
+            offline_ttft_ms=_float(env, "SMARTEDU_OFFLINE_TTFT_MS", defaults.offline_ttft_ms),
+            offline_tokens_per_s=_float(env, "SMARTEDU_OFFLINE_TOKENS_PER_S", defaults.offline_tokens_per_s),
+            redis_prefix=env.get("SMARTEDU_REDIS_PREFIX", defaults.redis_prefix),
+            replica_id=env.get("SMARTEDU_REPLICA_ID") or defaults.replica_id,
+            log_level=level,
+            log_content=_bool(env, "SMARTEDU_LOG_CONTENT", False),
+            db_pool_min=_int(env, "SMARTEDU_DB_POOL_MIN", defaults.db_pool_min, 1),
+            db_pool_max=_int(env, "SMARTEDU_DB_POOL_MAX", defaults.db_pool_max, 1),
+        )
+        # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
+        return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))
+
+    def require_auth(self) -> None:
+        if not self.jwt_secret and not self.jwt_public_key:
+            raise ConfigError("set SMARTEDU_JWT_SECRET (HS256) or SMARTEDU_JWT_PUBLIC_KEY (RS256/ES256)")
+
+    def require_services(self) -> tuple[str, str]:
+        if self.database_url is None:
+            raise ConfigError("DATABASE_URL is not set")
+        if self.redis_url is None:
+            raise ConfigError("REDIS_URL is not set")
+        return self.database_url, self.redis_url

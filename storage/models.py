@@ -1,0 +1,85 @@
+"""Rows as the rest of the code sees them: plain frozen dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+MessageRole = Literal["user", "assistant", "teacher"]
+MessageStatus = Literal["streaming", "complete", "stopped", "interrupted", "failed"]
+FINAL_STATUSES: frozenset[str] = frozenset({"complete", "stopped", "interrupted", "failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    tenant_id: str
+    external_id: str
+    role: str
+    display_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Course:
+    tenant_id: str
+    id: str
+    title: str
+    description: str
+    system_prompt: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    tenant_id: str
+    user_id: str
+    course_id: str | None
+    title: str
+    last_seq: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    conversation_id: str
+    role: MessageRole
+    text: str
+    status: MessageStatus
+    client_id: str | None
+    reply_to: int | None
+    seq: int
+    created_at: datetime
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+
+    def to_wire(self) -> dict[str, object]:
+        """The protocol's history item."""
+        return {
+            "id": self.id,
+            "role": self.role,
+            "text": self.text,
+            "status": self.status,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SavedQuestion:
+    """The result of committing a student's message: the row, its reply placeholder, and whether it is new."""
+
+    message: Message
+    reply: Message
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    provider: str
+    model: str
+    prompt_tokens: int
+    output_tokens: int
+    ttft_ms: float | None
+    duration_ms: float

@@ -1,0 +1,337 @@
+"""PostgreSQL access: every query is scoped by tenant (and user where it applies)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from .migrate import apply_migrations
+from .models import (
+    Conversation,
+    Course,
+    Message,
+    MessageStatus,
+    SavedQuestion,
+    UsageRecord,
+    User,
+)
+
+log = logging.getLogger(__name__)
+
+_MESSAGE_COLUMNS = (
+    "id, conversation_id::text AS conversation_id, role, text, status, client_id, reply_to, seq, created_at,"
+    " prompt_tokens, output_tokens"
+)
+_CONVERSATION_COLUMNS = (
+    "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at"
+)
+
+
+def _message(row: asyncpg.Record) -> Message:
+    return Message(**dict(row))
+
+
+def _conversation(row: asyncpg.Record) -> Conversation:
+    return Conversation(**dict(row))
+
+
+def _is_uuid(value: str) -> bool:
+    # Ids come from clients; a malformed one is simply "not found", never a database error.
+    if len(value) != 36:
+        return False
+    try:
+        int(value.replace("-", ""), 16)
+    except ValueError:
+        return False
+    return value.count("-") == 4
+
+
+async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attempts: int = 10) -> asyncpg.Pool:
+    """Create a pool, retrying with a log line per attempt while the server starts."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=30)
+            assert pool is not None
+            return pool
+        except (OSError, asyncpg.CannotConnectNowError, asyncpg.PostgresConnectionError) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("postgres not reachable, retrying", extra={"attempt": attempt, "error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+    raise RuntimeError("unreachable")
+
+
+class Database:
+    """The product's queries over one asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations."""
+        async with self.pool.acquire() as conn:
+            return await apply_migrations(conn)
+
+    async def ping(self) -> None:
+        """Raise if the database cannot answer."""
+        async with self.pool.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[PoolConnectionProxy]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    # -- identities ---------------------------------------------------------------------------
+
+    async def upsert_user(self, tenant_id: str, external_id: str, role: str, display_name: str) -> User:
+        """Create or refresh the tenant and user named by verified token claims."""
+        async with self._transaction() as conn:
+            await conn.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant_id)
+            row = await conn.fetchrow(
+                "INSERT INTO users (tenant_id, external_id, role, display_name) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (tenant_id, external_id) DO UPDATE"
+                " SET role = EXCLUDED.role, display_name = EXCLUDED.display_name, last_seen_at = now()"
+                " RETURNING id::text AS id, tenant_id, external_id, role, display_name",
+                tenant_id,
+                external_id,
+                role,
+                display_name,
+            )
+        assert row is not None
+        return User(**dict(row))
+
+    # -- courses ------------------------------------------------------------------------------
+
+    async def get_course(self, tenant_id: str, course_id: str) -> Course | None:
+        """The tenant's course, or None."""
+        row = await self.pool.fetchrow(
+            "SELECT tenant_id, id, title, description, system_prompt FROM courses WHERE tenant_id = $1 AND id = $2",
+            tenant_id,
+            course_id,
+        )
+        return Course(**dict(row)) if row else None
+
+    async def upsert_course(
+        self, tenant_id: str, course_id: str, title: str, description: str, system_prompt: str | None = None
+    ) -> Course:
+        """Create or update a course (the tenant must exist or is created)."""
+        async with self._transaction() as conn:
+            await conn.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant_id)
+            row = await conn.fetchrow(
+                "INSERT INTO courses (tenant_id, id, title, description, system_prompt) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (tenant_id, id) DO UPDATE SET title = EXCLUDED.title,"
+                " description = EXCLUDED.description, system_prompt = EXCLUDED.system_prompt"
+                " RETURNING tenant_id, id, title, description, system_prompt",
+                tenant_id,
+                course_id,
+                title,
+                description,
+                system_prompt,
+            )
+        assert row is not None
+        return Course(**dict(row))
+
+    # -- conversations ------------------------------------------------------------------------
+
+    async def get_conversation(self, tenant_id: str, user_id: str, conversation_id: str) -> Conversation | None:
+        """The user's own conversation, or None (also for other users' and other tenants' ids)."""
+        if not _is_uuid(conversation_id):
+            return None
+        row = await self.pool.fetchrow(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND tenant_id = $2 AND user_id = $3",
+            conversation_id,
+            tenant_id,
+            user_id,
+        )
+        return _conversation(row) if row else None
+
+    async def latest_conversation(self, tenant_id: str, user_id: str, course_id: str | None) -> Conversation | None:
+        """The user's most recently active conversation in the course (or without course)."""
+        row = await self.pool.fetchrow(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
+            " WHERE tenant_id = $1 AND user_id = $2 AND course_id IS NOT DISTINCT FROM $3"
+            " ORDER BY updated_at DESC LIMIT 1",
+            tenant_id,
+            user_id,
+            course_id,
+        )
+        return _conversation(row) if row else None
+
+    async def create_conversation(self, tenant_id: str, user_id: str, course_id: str | None) -> Conversation:
+        """Start a new conversation for the user."""
+        row = await self.pool.fetchrow(
+            f"INSERT INTO conversations (tenant_id, user_id, course_id) VALUES ($1, $2, $3)"
+            f" RETURNING {_CONVERSATION_COLUMNS}",
+            tenant_id,
+            user_id,
+            course_id,
+        )
+        assert row is not None
+        return _conversation(row)
+
+    async def list_conversations(self, tenant_id: str, user_id: str, limit: int = 50) -> list[Conversation]:
+        """The user's conversations, most recent first."""
+        rows = await self.pool.fetch(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2"
+            " ORDER BY updated_at DESC LIMIT $3",
+            tenant_id,
+            user_id,
+            limit,
+        )
+        return [_conversation(r) for r in rows]
+
+    # -- messages -----------------------------------------------------------------------------
+
+    async def recent_messages(
+        self, tenant_id: str, conversation_id: str, limit: int, before: int | None = None
+    ) -> list[Message]:
+        """Up to `limit` messages older than `before` (or the newest), oldest first; one index scan."""
+        rows = await self.pool.fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+            " WHERE conversation_id = $1 AND tenant_id = $2 AND id < $3"
+            " ORDER BY id DESC LIMIT $4",
+            conversation_id,
+            tenant_id,
+            before if before is not None else 2**62,
+            limit,
+        )
+        return [_message(r) for r in reversed(rows)]
+
+    async def get_message(self, tenant_id: str, conversation_id: str, message_id: int) -> Message | None:
+        """One message of the conversation, or None."""
+        row = await self.pool.fetchrow(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3",
+            message_id,
+            conversation_id,
+            tenant_id,
+        )
+        return _message(row) if row else None
+
+    async def find_user_message(self, tenant_id: str, user_id: str, message_id: int) -> Message | None:
+        """A message in any of the user's conversations, or None."""
+        row = await self.pool.fetchrow(
+            f"SELECT {', '.join('m.' + c.strip() for c in _MESSAGE_COLUMNS.split(','))} FROM messages m"
+            " JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE m.id = $1 AND m.tenant_id = $2 AND c.tenant_id = $2 AND c.user_id = $3",
+            message_id,
+            tenant_id,
+            user_id,
+        )
+        return _message(row) if row else None
+
+    async def save_question(
+        self, tenant_id: str, conversation_id: str, client_id: str, text: str, seq: int, author_id: str
+    ) -> SavedQuestion:
+        """Commit a student's message and its reply placeholder; a repeated client id returns the first rows."""
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, seq, author_id)"
+                " VALUES ($1, $2, 'user', $3, 'complete', $4, $5, $6)"
+                " ON CONFLICT (conversation_id, client_id) DO NOTHING"
+                f" RETURNING {_MESSAGE_COLUMNS}",
+                tenant_id,
+                conversation_id,
+                text,
+                client_id,
+                seq,
+                author_id,
+            )
+            if row is None:
+                existing = await conn.fetchrow(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                    " WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3",
+                    conversation_id,
+                    client_id,
+                    tenant_id,
+                )
+                assert existing is not None
+                reply = await conn.fetchrow(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_to = $1 AND tenant_id = $2"
+                    " ORDER BY id LIMIT 1",
+                    existing["id"],
+                    tenant_id,
+                )
+                assert reply is not None
+                return SavedQuestion(_message(existing), _message(reply), created=False)
+            reply = await conn.fetchrow(
+                "INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
+                " VALUES ($1, $2, 'assistant', 'streaming', $3)"
+                f" RETURNING {_MESSAGE_COLUMNS}",
+                tenant_id,
+                conversation_id,
+                row["id"],
+            )
+            assert reply is not None
+            await conn.execute(
+                "UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $3),"
+                " title = CASE WHEN title = '' THEN left($4, 80) ELSE title END"
+                " WHERE id = $1 AND tenant_id = $2",
+                conversation_id,
+                tenant_id,
+                seq,
+                text,
+            )
+        return SavedQuestion(_message(row), _message(reply), created=True)
+
+    async def finish_reply(
+        self,
+        tenant_id: str,
+        user_id: str,
+        conversation_id: str,
+        reply_id: int,
+        text: str,
+        status: MessageStatus,
+        seq: int,
+        usage: UsageRecord | None,
+    ) -> bool:
+        """Commit the answer's final text and status (only if still streaming) and its usage row."""
+        async with self._transaction() as conn:
+            updated = await conn.fetchval(
+                "UPDATE messages SET text = $4, status = $5, seq = $6, prompt_tokens = $7, output_tokens = $8,"
+                " updated_at = clock_timestamp()"
+                " WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND status = 'streaming'"
+                " RETURNING id",
+                reply_id,
+                conversation_id,
+                tenant_id,
+                text,
+                status,
+                seq,
+                usage.prompt_tokens if usage else None,
+                usage.output_tokens if usage else None,
+            )
+            if updated is None:
+                return False
+            if usage is not None:
+                await conn.execute(
+                    "INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
+                    " prompt_tokens, output_tokens, ttft_ms, duration_ms, status)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    tenant_id,
+                    user_id,
+                    conversation_id,
+                    reply_id,
+                    usage.provider,
+                    usage.model,
+                    usage.prompt_tokens,
+                    usage.output_tokens,
+                    usage.ttft_ms,
+                    usage.duration_ms,
+                    status,
+                )
+            await conn.execute(
+                "UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $3)"
+                " WHERE id = $1 AND tenant_id = $2",
+                conversation_id,
+                tenant_id,
+                seq,
+            )
+        return True
