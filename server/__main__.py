@@ -184,8 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(settings, args)
         with _services(settings) as ready:
             asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
-        done = "migrations applied" if args.command == "migrate" else "demo school ready: tenant 'demo', course 'algebra-1'"
-        print(done)
+        if args.command == "migrate":
+            print("migrations applied")
+        else:
+            print("demo school ready: tenant 'demo', course 'algebra-1'")
         return 0
     except (ConfigError, EmbeddedError) as exc:
         print(f"smartedu: configuration error: {exc}", file=sys.stderr)

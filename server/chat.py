@@ -215,8 +215,9 @@ class ChatService:
         failure: AIError | None = None
         cancelled = False
         try:
-            if turn.stop_reason is None:
-                request = await self._build_request(turn, course)
+            request = await self._build_request(turn, course) if turn.stop_reason is None else None
+            # Checked again after the await: a cancel may have arrived while the history loaded.
+            if request is not None and turn.stop_reason is None:
                 turn.stream_task = asyncio.create_task(stream_answer(self.provider, request, turn, batcher))
                 usage = await turn.stream_task
             status = "complete" if turn.stop_reason is None else _final(turn.stop_reason)

@@ -1,0 +1,275 @@
+"""Shared fixtures: real PostgreSQL and Redis (from TEST_DATABASE_URL/TEST_REDIS_URL, else embedded).
+
+Each test run creates its own database (the suite refuses to touch an existing one), each test starts
+from empty tables and gets its own Redis key prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp import ClientWebSocketResponse, WSMsgType
+from aiohttp.test_utils import TestClient
+
+from server.app import create_app
+from server.auth import mint_token
+from server.embedded import EmbeddedServices
+from server.settings import Settings
+
+TEST_SECRET = "test-secret-" + "x" * 60
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+TABLES = "ai_usage, messages, conversations, course_documents, courses, users, tenants"
+
+
+def require_tool(path: str | None, what: str) -> str:
+    """The tool's path; in CI a missing tool fails the test, elsewhere it skips it."""
+    if path:
+        return path
+    message = f"{what} is not installed (.ci/run installs it)"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@dataclass(frozen=True)
+class Services:
+    database_url: str
+    redis_url: str
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+async def _create_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def _drop_database(admin_url: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _migrate(url: str) -> None:
+    from storage.migrate import apply_migrations
+
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    """One fresh database and one Redis for the whole run; embedded servers when no URLs are given."""
+    admin_url = os.environ.get("TEST_DATABASE_URL")
+    redis_url = os.environ.get("TEST_REDIS_URL")
+    embedded: EmbeddedServices | None = None
+    data_dir = Path(tempfile.mkdtemp(prefix="smartedu-test-"))
+    try:
+        if not admin_url or not redis_url:
+            embedded = EmbeddedServices(data_dir)
+            try:
+                embedded.start(postgres=not admin_url, redis=not redis_url)
+            except Exception as exc:  # a missing service is a failure, never a skip
+                pytest.fail(f"could not start embedded PostgreSQL/Redis: {exc}")
+            admin_url = admin_url or embedded.database_url
+            redis_url = redis_url or embedded.redis_url
+        name = f"smartedu_test_{uuid.uuid4().hex[:10]}"
+        asyncio.run(_create_database(admin_url, name))
+        database_url = _with_database(admin_url, name)
+        asyncio.run(_migrate(database_url))
+        try:
+            yield Services(database_url, redis_url)
+        finally:
+            asyncio.run(_drop_database(admin_url, name))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def settings(services: Services) -> Settings:
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+    return Settings(
+        database_url=services.database_url,
+        redis_url=services.redis_url,
+        jwt_secret=TEST_SECRET,
+        redis_prefix=f"test:{uuid.uuid4().hex[:12]}:",
+        offline_ttft_ms=0,
+        offline_tokens_per_s=0,
+        messages_per_minute=1000,
+        db_pool_min=1,
+        db_pool_max=5,
+        replica_id="test",
+    )
+
+
+@pytest.fixture
+async def db(services: Services) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection for assertions about what is committed."""
+    conn = await asyncpg.connect(services.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def token(
+    user: str = "stu-1",
+    *,
+    role: str = "student",
+    tenant: str = "school-a",
+    courses: list[str] | None = None,
+    ttl_s: int = 600,
+    secret: str = TEST_SECRET,
+    name: str | None = None,
+) -> str:
+    return mint_token(secret, user=user, tenant=tenant, role=role, courses=courses, ttl_s=ttl_s, name=name)
+
+
+class Socket:
+    """A protocol client for tests: JSON in, JSON out, with helpers to wait for frame types."""
+
+    def __init__(self, ws: ClientWebSocketResponse):
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def send(self, **frame: Any) -> None:
+        await self.ws.send_str(orjson.dumps(frame).decode())
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        msg = await self.ws.receive(timeout=timeout)
+        if msg.type != WSMsgType.TEXT:
+            raise AssertionError(f"expected a text frame, got {msg.type} {msg.data!r} {msg.extra!r}")
+        frame: dict[str, Any] = orjson.loads(msg.data)
+        self.frames.append(frame)
+        return frame
+
+    async def expect(self, kind: str, timeout: float = 5.0) -> dict[str, Any]:
+        frame = await self.recv(timeout)
+        assert frame["type"] == kind, frame
+        return frame
+
+    async def until(self, kind: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every frame up to and including the first of type `kind`."""
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = await self.recv(timeout)
+                seen.append(frame)
+                if frame["type"] == kind:
+                    return seen
+
+    async def close_code(self, timeout: float = 5.0) -> int | None:
+        while True:
+            msg = await self.ws.receive(timeout=timeout)
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+                return self.ws.close_code
+            if msg.type == WSMsgType.TEXT:
+                self.frames.append(orjson.loads(msg.data))
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+Connect = Callable[..., Awaitable[Socket]]
+
+
+@dataclass
+class Server:
+    """A running app under test, its settings, and a way to open protocol sockets to it."""
+
+    client: TestClient[Any, Any]
+    settings: Settings
+
+    async def connect(
+        self, hello: dict[str, Any] | None = None, *, headers: dict[str, str] | None = None, welcome: bool = True
+    ) -> Socket:
+        """Open a socket and (unless hello is None) say hello; the welcome is read when `welcome`."""
+        ws = await self.client.ws_connect("/ws", headers=headers or {})
+        sock = Socket(ws)
+        if hello is not None:
+            await sock.send(type="hello", **hello)
+            if welcome:
+                await sock.expect("welcome")
+        return sock
+
+
+Serve = Callable[..., Awaitable[Server]]
+
+
+@pytest.fixture
+def serve(aiohttp_client: Any, settings: Settings) -> Serve:
+    """Start the app with the test settings plus overrides (e.g. a slower offline tutor)."""
+
+    async def _serve(**overrides: Any) -> Server:
+        current = replace(settings, **overrides)
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(current))
+        return Server(client, current)
+
+    return _serve
+
+
+@pytest.fixture
+async def server(serve: Serve) -> Server:
+    return await serve()
+
+
+@pytest.fixture
+def connect(server: Server) -> Connect:
+    return server.connect
+
+
+def welcome_of(sock: Socket) -> dict[str, Any]:
+    return next(f for f in sock.frames if f["type"] == "welcome")
+
+
+async def seed_course(
+    settings: Settings, tenant: str, course: str, title: str = "Course", description: str = ""
+) -> None:
+    from storage.postgres import Database
+
+    assert settings.database_url
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        await Database(pool).upsert_course(tenant, course, title, description)
+    finally:
+        await pool.close()
+
+
+def answer_text(frames: list[dict[str, Any]], reply_id: int) -> str:
+    """The answer as the client saw it, checking that token offsets are contiguous."""
+    text = ""
+    for frame in frames:
+        if frame["type"] == "token" and frame["reply_id"] == reply_id:
+            assert frame["offset"] == len(text), (frame, len(text))
+            text += frame["text"]
+    return text

@@ -1,0 +1,93 @@
+"""The HTTP surface: health, readiness, the REST API and its JSON errors, the chat page."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from tests.conftest import Server, token
+
+pytestmark = pytest.mark.integration
+
+
+async def test_health_and_ready(server: Server) -> None:
+    response = await server.client.get("/health")
+    assert response.status == 200 and (await response.json())["status"] == "ok"
+    response = await server.client.get("/ready")
+    assert response.status == 200
+    assert await response.json() == {"status": "ready", "postgres": "ok", "redis": "ok"}
+
+
+async def test_api_needs_a_valid_bearer_token(server: Server) -> None:
+    for headers in ({}, {"Authorization": "Bearer nonsense"}, {"Authorization": f"Basic {token()}"}):
+        response = await server.client.get("/api/conversations", headers=headers)
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
+
+
+async def test_conversations_and_messages_are_the_users_own(server: Server) -> None:
+    sock = await server.connect({"token": token()})
+    conversation = sock.frames[0]["conversation_id"]
+    for i in range(3):
+        await sock.send(type="message", id=f"m{i}", text=f"question {i}")
+        await sock.until("done")
+    auth = {"Authorization": f"Bearer {token()}"}
+
+    response = await server.client.get("/api/conversations", headers=auth)
+    body = await response.json()
+    assert response.status == 200 and [c["id"] for c in body["conversations"]] == [conversation]
+    assert body["conversations"][0]["title"] == "question 0"
+
+    response = await server.client.get(f"/api/conversations/{conversation}/messages?limit=4", headers=auth)
+    page = await response.json()
+    assert response.status == 200 and page["has_more"] is True and len(page["messages"]) == 4
+    oldest = page["messages"][0]["id"]
+    response = await server.client.get(f"/api/conversations/{conversation}/messages?before={oldest}", headers=auth)
+    rest = await response.json()
+    assert rest["has_more"] is False and len(rest["messages"]) == 2
+
+    for other in (token("intruder"), token("stu-1", tenant="school-b")):
+        response = await server.client.get(
+            f"/api/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {other}"}
+        )
+        assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+        listing = await server.client.get("/api/conversations", headers={"Authorization": f"Bearer {other}"})
+        assert (await listing.json())["conversations"] == []
+
+
+@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=1000", "before=-1", "before=x"])
+async def test_bad_query_parameters_are_400(server: Server, query: str) -> None:
+    sock = await server.connect({"token": token()})
+    conversation = sock.frames[0]["conversation_id"]
+    response = await server.client.get(
+        f"/api/conversations/{conversation}/messages?{query}", headers={"Authorization": f"Bearer {token()}"}
+    )
+    assert response.status == 400 and (await response.json())["error"]["code"] == "bad_request"
+
+
+async def test_unknown_route_is_json_404(server: Server) -> None:
+    response = await server.client.get("/api/nothing-here")
+    assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+
+
+async def test_chat_page_is_served_with_a_strict_csp(server: Server) -> None:
+    response = await server.client.get("/chat")
+    assert response.status == 200
+    csp = response.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "<html" in (await response.text()).lower()
+
+
+async def test_last_ten_turns_query_uses_the_index(server: Server, db: asyncpg.Connection) -> None:
+    sock = await server.connect({"token": token()})
+    conversation = sock.frames[0]["conversation_id"]
+    await db.execute("SET enable_seqscan = off")  # a tiny table would otherwise be scanned whole
+    plan = await db.fetch(
+        "EXPLAIN SELECT id FROM messages WHERE conversation_id = $1 AND tenant_id = $2 AND id < $3"
+        " ORDER BY id DESC LIMIT 20",
+        conversation,
+        "school-a",
+        2**62,
+    )
+    text = "\n".join(r[0] for r in plan)
+    assert "messages_conversation_recent" in text and "Index" in text and "Sort" not in text, text

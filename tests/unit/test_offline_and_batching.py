@@ -1,0 +1,76 @@
+"""The offline tutor is deterministic; the token batcher keeps order and coalesces under load."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ai.base import AIRequest, CourseContext, Turn, Usage
+from ai.offline import OfflineProvider, compose_reply
+from server.turns import TokenBatcher
+
+
+async def collect(provider: OfflineProvider, request: AIRequest) -> tuple[str, Usage]:
+    text, usage = "", None
+    async for item in provider.stream(request):
+        if isinstance(item, Usage):
+            usage = item
+        else:
+            text += item
+    assert usage is not None
+    return text, usage
+
+
+async def test_offline_reply_is_deterministic_and_grounded() -> None:
+    request = AIRequest(
+        question="What is a slope?",
+        course=CourseContext("alg", "Algebra I", "Lines and their graphs."),
+        history=(Turn("user", "hi"), Turn("assistant", "hello"), Turn("user", "ok")),
+    )
+    provider = OfflineProvider(ttft_ms=0, tokens_per_s=0)
+    first, usage = await collect(provider, request)
+    second, _ = await collect(provider, request)
+    assert first == second == compose_reply(request)
+    assert "Offline tutor mode" in first and "What is a slope?" in first and "Algebra I" in first
+    assert usage.output_tokens == len(first.split()) and usage.prompt_tokens > 0
+
+
+async def test_offline_pacing_and_exact_length() -> None:
+    provider = OfflineProvider(ttft_ms=50, tokens_per_s=200, reply_words=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    text, usage = await collect(provider, AIRequest(question="q"))
+    elapsed = loop.time() - started
+    assert usage.output_tokens == 10 and len(text.split()) == 10
+    assert elapsed >= 0.05 + 9 / 200 * 0.9
+
+
+async def test_batcher_keeps_order_and_offsets_and_coalesces() -> None:
+    sent: list[tuple[str, int]] = []
+
+    async def emit(text: str, offset: int) -> None:
+        await asyncio.sleep(0.01)
+        sent.append((text, offset))
+
+    batcher = TokenBatcher(emit)
+    batcher.push("a ")
+    await asyncio.sleep(0)  # the first frame is now in flight
+    for word in ["b ", "c ", "d ", "e "]:
+        batcher.push(word)
+    await batcher.flush()
+    assert "".join(t for t, _ in sent) == "a b c d e "
+    assert [o for _, o in sent] == [0, 2]  # the first chunk alone, the rest in one frame
+    assert batcher.offset == 10
+
+
+async def test_batcher_reports_emit_failures() -> None:
+    async def emit(text: str, offset: int) -> None:
+        raise ConnectionError("redis went away")
+
+    batcher = TokenBatcher(emit)
+    batcher.push("x")
+    try:
+        await batcher.flush()
+    except ConnectionError as exc:
+        assert "redis" in str(exc)
+    else:
+        raise AssertionError("flush should re-raise the emit failure")

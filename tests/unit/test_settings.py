@@ -1,0 +1,73 @@
+"""Configuration is validated at start, and every error names its variable."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import ConfigError
+from server.settings import Settings
+
+SECRET = "s" * 40
+
+
+def test_defaults_are_embedded_offline() -> None:
+    settings = Settings.from_env({})
+    assert settings.embedded and settings.ai_provider == "offline"
+    assert settings.max_message_chars == 4000 and settings.messages_per_minute == 20
+    assert settings.max_frame_bytes >= settings.max_message_chars * 6
+
+
+def test_gemini_is_default_when_a_key_is_set() -> None:
+    assert Settings.from_env({"GEMINI_API_KEY": "k"}).ai_provider == "gemini"
+    assert Settings.from_env({"GEMINI_API_KEY": "k", "SMARTEDU_AI": "offline"}).ai_provider == "offline"
+
+
+def test_full_configuration() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql://u@db/smartedu",
+            "REDIS_URL": "redis://cache:6379/0",
+            "SMARTEDU_JWT_SECRET": SECRET,
+            "SMARTEDU_JWT_ISSUER": "https://idp.example",
+            "SMARTEDU_ALLOWED_ORIGINS": "https://a.example, https://b.example/",
+            "SMARTEDU_MAX_MESSAGE_CHARS": "500",
+            "SMARTEDU_MESSAGES_PER_MINUTE": "5",
+        }
+    )
+    assert not settings.embedded
+    assert settings.require_services() == ("postgresql://u@db/smartedu", "redis://cache:6379/0")
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert (settings.max_message_chars, settings.messages_per_minute, settings.jwt_algorithm) == (500, 5, "HS256")
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"SMARTEDU_JWT_SECRET": "short"}, "SMARTEDU_JWT_SECRET"),
+        ({"SMARTEDU_JWT_SECRET": SECRET, "SMARTEDU_JWT_PUBLIC_KEY": "-----BEGIN"}, "SMARTEDU_JWT_PUBLIC_KEY"),
+        ({"SMARTEDU_JWT_PUBLIC_KEY": "not pem"}, "SMARTEDU_JWT_PUBLIC_KEY"),
+        ({"SMARTEDU_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "SMARTEDU_JWT_ALGORITHM": "HS256"},
+         "SMARTEDU_JWT_ALGORITHM"),
+        ({"SMARTEDU_AI": "skynet"}, "SMARTEDU_AI"),
+        ({"SMARTEDU_ALLOWED_ORIGINS": "lms.example"}, "SMARTEDU_ALLOWED_ORIGINS"),
+        ({"SMARTEDU_PORT": "eighty"}, "SMARTEDU_PORT"),
+        ({"SMARTEDU_MAX_MESSAGE_CHARS": "0"}, "SMARTEDU_MAX_MESSAGE_CHARS"),
+        ({"SMARTEDU_MESSAGES_PER_MINUTE": "-1"}, "SMARTEDU_MESSAGES_PER_MINUTE"),
+        ({"SMARTEDU_OFFLINE_TTFT_MS": "soon"}, "SMARTEDU_OFFLINE_TTFT_MS"),
+        ({"SMARTEDU_LOG_LEVEL": "LOUD"}, "SMARTEDU_LOG_LEVEL"),
+        ({"SMARTEDU_LOG_CONTENT": "maybe"}, "SMARTEDU_LOG_CONTENT"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env(env)
+
+
+def test_missing_auth_and_services_are_named() -> None:
+    settings = Settings.from_env({})
+    with pytest.raises(ConfigError, match="SMARTEDU_JWT_SECRET"):
+        settings.require_auth()
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        settings.require_services()
