@@ -7,9 +7,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+
+from aiohttp import web
 
 from . import __version__
 from .auth import ROLES, mint_token
@@ -128,7 +131,6 @@ def _print_demo(settings: Settings, host: str, port: int) -> None:
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvloop
-    from aiohttp import web
 
     from .app import create_app
 
@@ -139,18 +141,30 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         settings = replace(settings, host=host, port=port)
         asyncio.run(_prepare(settings, seed=embedded_mode and not args.no_seed))
         app = create_app(settings)
-        if embedded_mode and settings.jwt_secret and not args.no_seed:
-            app.on_startup.append(lambda _app: _announce(settings, host, port))
-        log.info("serving", extra={"host": host, "port": port, "ai": settings.ai_provider})
-        web.run_app(
-            app, host=host, port=port, loop=uvloop.new_event_loop(), print=None, access_log=None,
-            shutdown_timeout=5,
-        )
+        announce = embedded_mode and settings.jwt_secret is not None and not args.no_seed
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_run_until_signal(app, settings, announce))
     return 0
 
 
-async def _announce(settings: Settings, host: str, port: int) -> None:
-    _print_demo(settings, host, port)
+async def _run_until_signal(app: web.Application, settings: Settings, announce: bool) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down in order (sockets, turns, clients)."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+        await site.start()
+        log.info("serving", extra={"host": settings.host, "port": settings.port, "ai": settings.ai_provider})
+        if announce:
+            _print_demo(settings, settings.host, settings.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,0 +1,112 @@
+"""The `smartedu` command as a newcomer uses it: help, tokens, and `serve` with embedded servers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import jwt
+import orjson
+import pytest
+
+pytestmark = pytest.mark.integration
+
+SMARTEDU = [sys.executable, "-m", "server"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SMARTEDU, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "token", "seed-demo"])
+def test_every_command_has_help(command: str) -> None:
+    result = _run(command, "--help")
+    assert result.returncode == 0 and "usage: smartedu" in result.stdout and "-h, --help" in result.stdout
+
+
+def test_token_is_signed_with_the_configured_secret(tmp_path: Path) -> None:
+    secret = "cli-secret-" + "q" * 60
+    env = {**os.environ, "SMARTEDU_JWT_SECRET": secret, "SMARTEDU_DATA_DIR": str(tmp_path)}
+    result = _run("token", "--user", "u7", "--role", "teacher", "--tenant", "t9", "--course", "c1", "--ttl", "60",
+                  env=env)
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])
+    assert (claims["sub"], claims["tid"], claims["role"], claims["courses"]) == ("u7", "t9", "teacher", ["c1"])
+    assert 55 <= claims["exp"] - claims["iat"] <= 60
+
+
+def test_bad_configuration_exits_2_naming_the_variable() -> None:
+    result = _run("migrate", env={**os.environ, "SMARTEDU_MESSAGES_PER_MINUTE": "lots"})
+    assert result.returncode == 2 and "SMARTEDU_MESSAGES_PER_MINUTE" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _chat(url: str, token: str, text: str) -> dict[str, object]:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await ws.send_str(orjson.dumps({"type": "hello", "token": token, "course_id": "algebra-1"}).decode())
+        welcome: dict[str, object] = orjson.loads((await ws.receive(timeout=10)).data)
+        if text:
+            await ws.send_str(orjson.dumps({"type": "message", "id": "cli-1", "text": text}).decode())
+            while orjson.loads((await ws.receive(timeout=10)).data)["type"] != "done":
+                pass
+        return welcome
+
+
+def _start(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], str]:
+    env = {
+        key: value for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "REDIS_URL", "SMARTEDU_JWT_SECRET")
+    }
+    env.update(SMARTEDU_DATA_DIR=str(tmp_path / "data"), SMARTEDU_PORT=str(port), SMARTEDU_OFFLINE_TTFT_MS="0")
+    proc = subprocess.Popen([*SMARTEDU, "serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = re.search(r"Student chat:\s+(\S+)", line)
+        if match:
+            return proc, match.group(1)
+    raise AssertionError(f"serve printed no chat URL (exit {proc.wait()})")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_serve_embedded_prints_a_working_url_and_keeps_data_across_restarts(tmp_path: Path) -> None:
+    port = _free_port()
+    proc, url = _start(tmp_path, port)
+    try:
+        assert url.startswith(f"http://127.0.0.1:{port}/chat#") and "token=" in url
+        token = url.split("token=")[1]
+        first = asyncio.run(_chat(f"http://127.0.0.1:{port}/ws", token, "Does my data survive?"))
+    finally:
+        _stop(proc)
+    # Ctrl-C stopped the embedded servers too: nothing is left listening on the data directory.
+    assert not (tmp_path / "data" / "postgres" / "postmaster.pid").exists()
+
+    proc, url = _start(tmp_path, port)
+    try:
+        again = asyncio.run(_chat(f"http://127.0.0.1:{port}/ws", url.split("token=")[1], ""))
+        assert again["conversation_id"] == first["conversation_id"]
+        history = again["history"]
+        assert isinstance(history, list) and [m["text"] for m in history][0] == "Does my data survive?"
+        assert history[1]["status"] == "complete"
+    finally:
+        _stop(proc)
