@@ -1,0 +1,296 @@
+"""The Gemini provider: google-genai's async streaming over an aiohttp session this module owns."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextvars import ContextVar
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pydantic
+from google import genai
+from google.genai import errors, types
+
+from .base import AIError, AIRequest, StreamItem, Turn, Usage, estimate_tokens
+from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
+
+log = logging.getLogger("smartedu.ai.gemini")
+
+DEFAULT_MODEL = "gemini-2.5-flash"
+TEACHER_LABEL = "[Teacher message]"
+EARLIER_OMITTED = "[Earlier messages of this conversation are omitted.]"
+
+# Finish reasons that mean a filter stopped the answer: the partial text must not be shown.
+BLOCKING_FINISH_REASONS = frozenset({"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
+
+# The responses opened by the stream currently pulling from the SDK, so that its `finally` can close them:
+# google-genai keeps the aiohttp response inside async generators that closing its iterator does not finalize.
+_open_responses: ContextVar[list[aiohttp.ClientResponse] | None] = ContextVar("gemini_open_responses", default=None)
+
+
+async def _remember_response(
+    session: aiohttp.ClientSession, context: SimpleNamespace, params: aiohttp.TraceRequestEndParams
+) -> None:
+    sink = _open_responses.get()
+    if sink is not None:
+        sink.append(params.response)
+
+
+def build_contents(request: AIRequest) -> list[types.Content]:
+    """Map history and question to Gemini contents: user/model turns, teachers labelled, same roles merged."""
+    turns: list[tuple[str, str]] = [(_gemini_role(turn), _turn_text(turn)) for turn in request.history]
+    turns.append(("user", request.question))
+    contents: list[types.Content] = []
+    for role, text in turns:
+        if not text.strip():
+            continue
+        if contents and contents[-1].role == role and contents[-1].parts is not None:
+            contents[-1].parts.append(types.Part(text=text))
+        else:
+            contents.append(types.Content(role=role, parts=[types.Part(text=text)]))
+    if contents and contents[0].role == "model":
+        # Truncated history can start with an answer; a conversation should open with a user turn.
+        contents.insert(0, types.Content(role="user", parts=[types.Part(text=EARLIER_OMITTED)]))
+    return contents
+
+
+def _gemini_role(turn: Turn) -> str:
+    return "model" if turn.role == "assistant" else "user"
+
+
+def _turn_text(turn: Turn) -> str:
+    return f"{TEACHER_LABEL} {turn.text}" if turn.role == "teacher" else turn.text
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+def _retry_delay_from_details(details: Any) -> float | None:
+    """Gemini puts a google.rpc.RetryInfo (`retryDelay: "17s"`) in the details of a 429."""
+    error = details.get("error", details) if isinstance(details, dict) else None
+    items = error.get("details") if isinstance(error, dict) else None
+    if not isinstance(items, list):
+        return None
+    for item in items:
+        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
+            match = _DURATION.match(str(item.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def _headers_of(response: Any) -> Mapping[str, str]:
+    headers = getattr(response, "headers", None)
+    return headers if isinstance(headers, Mapping) else {}
+
+
+def map_api_error(error: errors.APIError, provider: str = "gemini") -> AIError:
+    """Translate an SDK APIError (HTTP status) into our AIError."""
+    code = int(error.code or 0)
+    retry_after = parse_retry_after(_headers_of(error.response).get("Retry-After"))
+    if retry_after is None and code == 429:
+        retry_after = _retry_delay_from_details(error.details)
+    message = f"{provider} answered HTTP {code} {error.status or ''}".strip()
+    return http_status_error(code, message, retry_after)
+
+
+def _map_error(error: Exception) -> AIError:
+    if isinstance(error, AIError):
+        return error
+    if isinstance(error, errors.APIError):
+        return map_api_error(error)
+    if isinstance(error, errors.UnknownApiResponseError | pydantic.ValidationError | ValueError):
+        return AIError("bad_response", f"gemini: unreadable response ({type(error).__name__})")
+    return map_transport_error(error, "gemini")
+
+
+def _texts(parts: Iterable[types.Part] | None) -> str:
+    return "".join(part.text for part in parts or () if part.text and not part.thought)
+
+
+def _finish_name(reason: types.FinishReason | str | None) -> str | None:
+    if reason is None:
+        return None
+    return reason.value if isinstance(reason, types.FinishReason) else str(reason)
+
+
+class GeminiProvider:
+    """Streams Gemini answers with google-genai; SDK retries are off so the resilience wrapper decides."""
+
+    name = "gemini"
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        model: str = DEFAULT_MODEL,
+        base_url: str | None = None,
+        connect_timeout: float | None = 10.0,
+        request_timeout: float | None = None,
+        thinking_budget: int | None = None,
+    ) -> None:
+        if not api_key:
+            raise ValueError("GeminiProvider needs an API key")
+        self.model = model
+        self.base_url = base_url
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.thinking_budget = thinking_budget
+        self._api_key = api_key
+        self._session: aiohttp.ClientSession | None = None
+        self._client: genai.Client | None = None
+        self._closed = False
+
+    def _ensure_client(self) -> genai.Client:
+        # Built on first use, inside the running loop: an aiohttp session belongs to one loop.
+        if self._closed:
+            raise AIError("closed", "gemini provider is closed")
+        if self._client is None:
+            trace = aiohttp.TraceConfig()
+            trace.on_request_end.append(_remember_response)
+            self._session = aiohttp.ClientSession(
+                connector=ConnectTimeoutConnector(self.connect_timeout, limit=0),
+                trace_configs=[trace],
+                trust_env=True,
+            )
+            options = types.HttpOptions(
+                base_url=self.base_url,
+                timeout=int(self.request_timeout * 1000) if self.request_timeout else None,
+                # attempts=1: google-genai must not retry behind our back (it also disables its implicit
+                # reconnect on aiohttp connection errors).
+                retry_options=types.HttpRetryOptions(attempts=1),
+                aiohttp_client=self._session,
+            )
+            self._client = genai.Client(api_key=self._api_key, vertexai=False, http_options=options)
+        return self._client
+
+    def _config(self, request: AIRequest) -> types.GenerateContentConfig:
+        return types.GenerateContentConfig(
+            system_instruction=request.system_instruction or None,
+            # Resuming a broken stream is the SDK re-sending the request: our retry policy owns that.
+            automatic_continuation=False,
+            automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
+            thinking_config=(
+                types.ThinkingConfig(thinking_budget=self.thinking_budget)
+                if self.thinking_budget is not None
+                else None
+            ),
+        )
+
+    async def stream(self, request: AIRequest) -> AsyncGenerator[StreamItem, None]:
+        """Yield Gemini's text as it arrives, then one Usage (blocked=True when a safety filter stopped it)."""
+        client = self._ensure_client()
+        opened: list[aiohttp.ClientResponse] = []
+        chunks: AsyncIterator[types.GenerateContentResponse] | None = None
+        usage: types.GenerateContentResponseUsageMetadata | None = None
+        finish: str | None = None
+        blocked = False
+        output_chars = 0
+        started = time.monotonic()
+        try:
+            try:
+                chunks = await client.aio.models.generate_content_stream(
+                    model=self.model, contents=build_contents(request), config=self._config(request)
+                )
+                while True:
+                    chunk = await self._pull(chunks, opened)
+                    if chunk is None:
+                        break
+                    if chunk.usage_metadata is not None:
+                        usage = chunk.usage_metadata
+                    feedback = chunk.prompt_feedback
+                    if feedback is not None and feedback.block_reason is not None:
+                        blocked, finish = True, _finish_name(feedback.block_reason)
+                        break
+                    candidate = chunk.candidates[0] if chunk.candidates else None
+                    if candidate is None:
+                        continue
+                    finish = _finish_name(candidate.finish_reason) or finish
+                    if finish in BLOCKING_FINISH_REASONS:
+                        blocked = True
+                        break
+                    text = _texts(candidate.content.parts if candidate.content else None)
+                    if text:
+                        output_chars += len(text)
+                        yield text
+            except Exception as error:
+                mapped = _map_error(error)
+                log.warning(
+                    "ai_upstream_error",
+                    extra={"provider": self.name, "model": self.model, "kind": mapped.kind,
+                           "request_id": request.request_id, "error": str(mapped)},
+                )
+                raise mapped from error
+        finally:
+            await self._release(opened, chunks)
+        log.debug(
+            "ai_stream_done",
+            extra={"provider": self.name, "model": self.model, "request_id": request.request_id,
+                   "finish_reason": finish, "blocked": blocked,
+                   "elapsed_ms": round((time.monotonic() - started) * 1000)},
+        )
+        yield self._usage(request, usage, finish, blocked, output_chars)
+
+    @staticmethod
+    async def _pull(
+        chunks: AsyncIterator[types.GenerateContentResponse], opened: list[aiohttp.ClientResponse]
+    ) -> types.GenerateContentResponse | None:
+        # The SDK sends its request lazily, inside this anext(); the trace hook files the response under
+        # `opened` because it runs in this task's context while the variable is set.
+        token = _open_responses.set(opened)
+        try:
+            return await anext(chunks, None)
+        finally:
+            _open_responses.reset(token)
+
+    @staticmethod
+    async def _release(
+        opened: list[aiohttp.ClientResponse], chunks: AsyncIterator[types.GenerateContentResponse] | None
+    ) -> None:
+        # Closing (not releasing) drops the connection of an unfinished stream at once, so the upstream
+        # stops generating; a response read to its end was already returned to the pool and is untouched.
+        for response in opened:
+            response.close()
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            try:
+                await aclose()
+            except Exception:  # the connection is already closed; nothing is left to report
+                log.debug("gemini_stream_close_failed", exc_info=True)
+
+    @staticmethod
+    def _usage(
+        request: AIRequest,
+        usage: types.GenerateContentResponseUsageMetadata | None,
+        finish: str | None,
+        blocked: bool,
+        output_chars: int,
+    ) -> Usage:
+        prompt_tokens = usage.prompt_token_count if usage is not None else None
+        output_tokens = usage.candidates_token_count if usage is not None else None
+        if prompt_tokens is None:
+            prompt_tokens = estimate_tokens(request.system_instruction + request.question) + sum(
+                estimate_tokens(turn.text) for turn in request.history
+            )
+        if output_tokens is None:
+            output_tokens = (output_chars + 3) // 4
+        if blocked:
+            return Usage(prompt_tokens, output_tokens, finish_reason="SAFETY", blocked=True)
+        reason = "stop" if finish in (None, "STOP") else finish.lower()
+        return Usage(prompt_tokens, output_tokens, finish_reason=reason)
+
+    async def close(self) -> None:
+        """Close the genai client and the aiohttp session behind it."""
+        self._closed = True
+        client, session = self._client, self._session
+        self._client = self._session = None
+        if client is not None:
+            client.close()
+            await client.aio.aclose()
+        if session is not None:
+            await session.close()
+

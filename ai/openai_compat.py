@@ -1,0 +1,256 @@
+"""The OpenAI-compatible provider: streaming chat completions over aiohttp (vLLM, Ollama, llama.cpp, OpenAI)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .base import AIError, AIRequest, StreamItem, Turn, Usage, estimate_tokens
+from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
+
+log = logging.getLogger("smartedu.ai.openai")
+
+TEACHER_LABEL = "[Teacher message]"
+_BLOCKING_FINISH = frozenset({"content_filter"})
+_ERROR_BODY_LIMIT = 4096
+
+
+def build_messages(request: AIRequest) -> list[dict[str, str]]:
+    """System instruction, then history (teachers labelled, same roles merged), then the question."""
+    messages: list[dict[str, str]] = []
+    if request.system_instruction:
+        messages.append({"role": "system", "content": request.system_instruction})
+    turns = [(_role(turn), _text(turn)) for turn in request.history]
+    turns.append(("user", request.question))
+    for role, text in turns:
+        if not text.strip():
+            continue
+        # Many chat templates (Llama, Mistral) insist on alternating user/assistant turns.
+        if messages and messages[-1]["role"] == role and role != "system":
+            messages[-1]["content"] += "\n\n" + text
+        else:
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def _role(turn: Turn) -> str:
+    return "assistant" if turn.role == "assistant" else "user"
+
+
+def _text(turn: Turn) -> str:
+    return f"{TEACHER_LABEL} {turn.text}" if turn.role == "teacher" else turn.text
+
+
+class SSEDecoder:
+    """Turns lines of a text/event-stream into the data of each event (multi-line data joined by newlines)."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, raw: bytes) -> str | None:
+        """Take one line; return an event's data when the line ends that event."""
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None  # a comment or keep-alive
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        """The pending event at the end of the stream, if any."""
+        if not self._data:
+            return None
+        data, self._data = "\n".join(self._data), []
+        return data
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What one stream has told us so far."""
+
+    done: bool = False
+    finish: str | None = None
+    usage: dict[str, Any] | None = None
+    output_chars: int = 0
+
+
+class OpenAICompatProvider:
+    """Streams `POST {base_url}/chat/completions` answers; usage from the final chunk, else estimated."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        connect_timeout: float | None = 10.0,
+        request_timeout: float | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self._api_key = api_key
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        # Built on first use, inside the running loop: an aiohttp session belongs to one loop.
+        if self._closed:
+            raise AIError("closed", "openai-compatible provider is closed")
+        if self._session is None:
+            headers = {"Accept": "text/event-stream"}
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            self._session = aiohttp.ClientSession(
+                connector=ConnectTimeoutConnector(self.connect_timeout, limit=0),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=self.connect_timeout),
+                trust_env=True,
+            )
+        return self._session
+
+    def payload(self, request: AIRequest) -> dict[str, Any]:
+        """The chat-completions request body."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": build_messages(request),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        return body
+
+    async def stream(self, request: AIRequest) -> AsyncGenerator[StreamItem, None]:
+        """Yield content deltas as they arrive, then one Usage (blocked=True on a content filter)."""
+        session = self._ensure_session()
+        body = orjson.dumps(self.payload(request))
+        response: aiohttp.ClientResponse | None = None
+        progress = _Progress()
+        started = time.monotonic()
+        try:
+            try:
+                response = await session.post(
+                    f"{self.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
+                )
+                if response.status != 200:
+                    raise await self._status_error(response)
+                decoder = SSEDecoder()
+                while not progress.done:
+                    line = await response.content.readline()
+                    data = decoder.feed(line) if line else decoder.flush()
+                    if data is not None:
+                        text = self._absorb(data, progress)
+                        if text:
+                            yield text
+                    if not line and not progress.done:
+                        if progress.finish is None:
+                            raise AIError("connection", "openai: stream ended before the answer did", retryable=True)
+                        progress.done = True  # a server that ends the body after the last choice, without [DONE]
+            except AIError:
+                raise
+            except Exception as error:
+                raise map_transport_error(error, self.name) from error
+        except AIError as error:
+            log.warning(
+                "ai_upstream_error",
+                extra={"provider": self.name, "model": self.model, "kind": error.kind,
+                       "request_id": request.request_id, "error": str(error)},
+            )
+            raise
+        finally:
+            if response is not None:
+                # close() drops an unfinished stream's connection so the server stops generating.
+                if progress.done:
+                    response.release()
+                else:
+                    response.close()
+        log.debug(
+            "ai_stream_done",
+            extra={"provider": self.name, "model": self.model, "request_id": request.request_id,
+                   "finish_reason": progress.finish, "elapsed_ms": round((time.monotonic() - started) * 1000)},
+        )
+        yield self._usage(request, progress)
+
+    def _absorb(self, data: str, progress: _Progress) -> str:
+        """Take one event's data: note usage and finish reason, return the answer text it carries."""
+        if data.strip() == "[DONE]":
+            progress.done = True
+            return ""
+        chunk = self._parse(data)
+        if isinstance(chunk.get("usage"), dict):
+            progress.usage = chunk["usage"]
+        texts: list[str] = []
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            progress.finish = choice.get("finish_reason") or progress.finish
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(text, str) and progress.finish not in _BLOCKING_FINISH:
+                texts.append(text)
+        text = "".join(texts)
+        progress.output_chars += len(text)
+        return text
+
+    def _parse(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise AIError("bad_response", "openai: unreadable stream event") from None
+        if not isinstance(chunk, dict):
+            raise AIError("bad_response", "openai: unexpected stream event")
+        error = chunk.get("error")
+        if error is not None:
+            # vLLM and others report failures that happen mid-generation as an event.
+            code = error.get("code") if isinstance(error, dict) else None
+            status = code if isinstance(code, int) else 500
+            raise http_status_error(status, f"openai: error event in stream ({status})")
+        return chunk
+
+    async def _status_error(self, response: aiohttp.ClientResponse) -> AIError:
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        try:
+            detail = (await response.content.read(_ERROR_BODY_LIMIT)).decode("utf-8", "replace")
+        except aiohttp.ClientError:
+            detail = ""
+        log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})
+        return http_status_error(response.status, f"openai answered HTTP {response.status}", retry_after)
+
+    def _usage(self, request: AIRequest, progress: _Progress) -> Usage:
+        usage = progress.usage or {}
+        prompt = usage.get("prompt_tokens")
+        output = usage.get("completion_tokens")
+        if not isinstance(prompt, int):
+            prompt = sum(estimate_tokens(m["content"]) for m in build_messages(request))
+        if not isinstance(output, int):
+            output = (progress.output_chars + 3) // 4
+        if progress.finish in _BLOCKING_FINISH:
+            return Usage(prompt, output, finish_reason="SAFETY", blocked=True)
+        reason = "stop" if progress.finish in (None, "stop") else str(progress.finish)
+        return Usage(prompt, output, finish_reason=reason)
+
+    async def close(self) -> None:
+        """Close the aiohttp session."""
+        self._closed = True
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

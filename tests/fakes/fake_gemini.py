@@ -1,0 +1,77 @@
+"""A fake Gemini API: `POST /{version}/models/{model}:streamGenerateContent?alt=sse` answered with SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import FakeUpstream, RecordedRequest, serve, sse
+
+_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+
+
+@dataclass
+class FakeGemini(FakeUpstream):
+    """Streams `chunks` as candidates with running `usageMetadata`; scripted per test."""
+
+    finish_reason: str = "STOP"  # "SAFETY" ends the stream with a safety block
+    block_reason: str | None = None  # e.g. "SAFETY": the prompt is blocked, no candidates at all
+    model_version: str = "gemini-2.5-flash"
+
+    @property
+    def last_body(self) -> dict[str, Any]:
+        return self.requests[-1].body
+
+    def error_body(self, status: int) -> dict[str, Any]:
+        name = _STATUS_NAMES.get(status, "UNKNOWN")
+        return {"error": {"code": status, "message": f"scripted failure {status}", "status": name}}
+
+    def usage(self, output_tokens: int) -> dict[str, int]:
+        return {
+            "promptTokenCount": self.prompt_tokens,
+            "candidatesTokenCount": output_tokens,
+            "totalTokenCount": self.prompt_tokens + output_tokens,
+        }
+
+    def events(self, request: RecordedRequest) -> list[bytes]:
+        if self.block_reason is not None:
+            feedback = {"blockReason": self.block_reason, "safetyRatings": []}
+            return [sse({"promptFeedback": feedback, "usageMetadata": self.usage(0)})]
+        events = []
+        for index, text in enumerate(self.chunks):
+            candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+            chunk = {"candidates": [candidate], "usageMetadata": self.usage(index + 1)}
+            events.append(sse({**chunk, "modelVersion": self.model_version}))
+        final: dict[str, Any] = {"finishReason": self.finish_reason, "index": 0}
+        if self.finish_reason == "SAFETY":
+            final["content"] = {"role": "model", "parts": [{"text": "[this text must never be shown]"}]}
+            final["safetyRatings"] = [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH"}]
+        usage = self.usage(len(self.chunks))
+        events.append(sse({"candidates": [final], "usageMetadata": usage, "modelVersion": self.model_version}))
+        return events
+
+
+@asynccontextmanager
+async def start_fake_gemini(**script: Any) -> AsyncIterator[FakeGemini]:
+    """Start a fake Gemini on 127.0.0.1:0; pass its `base_url` as GEMINI_BASE_URL."""
+    fake = FakeGemini(**script)
+
+    async def stream_generate(request: web.Request) -> web.StreamResponse:
+        target = request.match_info["target"]
+        if not target.endswith(":streamGenerateContent") or request.query.get("alt") != "sse":
+            raise web.HTTPNotFound(text=f"the fake only streams, got {target}")
+        return await fake.handle(request)
+
+    async with serve(fake, [web.post("/{version}/models/{target}", stream_generate)]) as running:
+        yield running

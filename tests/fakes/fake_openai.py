@@ -1,0 +1,62 @@
+"""A fake OpenAI-compatible server: `POST /v1/chat/completions` with `stream: true`, answered with SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import FakeUpstream, RecordedRequest, serve, sse
+
+
+@dataclass
+class FakeOpenAI(FakeUpstream):
+    """Streams `chunks` as chat.completion.chunk deltas, then usage (when asked for) and `[DONE]`."""
+
+    finish_reason: str = "stop"  # "content_filter" ends the answer as filtered
+    send_usage: bool = True  # False: behave like a server that ignores stream_options.include_usage
+    error_event_after: int | None = None  # send an in-stream error event after this many chunks
+    send_done: bool = True  # False: end the body after the last event without `data: [DONE]`
+    end_cleanly_after: int | None = None  # end the body normally after this many events (a truncated answer)
+
+    @property
+    def last_body(self) -> dict[str, Any]:
+        return self.requests[-1].body
+
+    def events(self, request: RecordedRequest) -> list[bytes]:
+        model = request.body.get("model", "fake-model")
+        base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
+        events = []
+        for index, text in enumerate(self.chunks):
+            if index == self.error_event_after:
+                events.append(sse({"error": {"message": "scripted mid-stream failure", "code": 500}}))
+                return events
+            delta = {"role": "assistant", "content": text} if index == 0 else {"content": text}
+            events.append(sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
+        events.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": self.finish_reason}]}))
+        options = request.body.get("stream_options") or {}
+        if self.send_usage and options.get("include_usage"):
+            usage = {
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": len(self.chunks),
+                "total_tokens": self.prompt_tokens + len(self.chunks),
+            }
+            events.append(sse({**base, "choices": [], "usage": usage}))
+        if self.send_done:
+            events.append(sse("[DONE]"))
+        return events if self.end_cleanly_after is None else events[: self.end_cleanly_after]
+
+
+@asynccontextmanager
+async def start_fake_openai(**script: Any) -> AsyncIterator[FakeOpenAI]:
+    """Start a fake OpenAI-compatible server on 127.0.0.1:0; its `base_url` ends in /v1."""
+    fake = FakeOpenAI(**script)
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        return await fake.handle(request)
+
+    async with serve(fake, [web.post("/v1/chat/completions", chat_completions)], base_path="/v1") as running:
+        yield running

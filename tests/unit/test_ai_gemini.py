@@ -1,0 +1,351 @@
+"""GeminiProvider through the real google-genai SDK against the local fake Gemini server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import pytest
+from google.genai import errors
+
+from ai.base import AIError, AIRequest, CourseContext, StreamItem, Turn, Usage
+from ai.gemini import DEFAULT_MODEL, GeminiProvider, build_contents, map_api_error
+from ai.prompt import build_system_instruction
+from ai.resilience import ResiliencePolicy, ResilientProvider
+from tests.fakes import closed_port, unresponsive_port
+from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
+
+QUESTION = AIRequest(question="What is a prime number?", request_id="req-1")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeGemini]:
+    async with start_fake_gemini() as running:
+        yield running
+
+
+@pytest.fixture
+async def gemini(fake: FakeGemini) -> AsyncIterator[GeminiProvider]:
+    provider = GeminiProvider("test-key", base_url=fake.base_url, connect_timeout=1.0, request_timeout=10.0)
+    yield provider
+    await provider.close()
+
+
+def fast_policy(**overrides: float) -> ResiliencePolicy:
+    settings: dict[str, float] = {
+        "first_token_timeout": 2.0,
+        "idle_timeout": 2.0,
+        "total_timeout": 5.0,
+        "max_retries": 2,
+        "backoff_initial": 0.01,
+        "backoff_max": 0.02,
+        **overrides,
+    }
+    return ResiliencePolicy(**settings)  # type: ignore[arg-type]
+
+
+async def warm_up(fake: FakeGemini, provider: GeminiProvider) -> None:
+    """One full answer first: the SDK's first request pays for client set-up, which tight timeouts must not see."""
+    await collect(provider.stream(QUESTION))
+    fake.requests.clear()
+    fake.completed = 0
+
+
+async def collect(stream: AsyncIterator[StreamItem]) -> tuple[list[str], Usage | None]:
+    texts: list[str] = []
+    usage = None
+    async for item in stream:
+        if isinstance(item, Usage):
+            usage = item
+        else:
+            texts.append(item)
+    return texts, usage
+
+
+async def test_tokens_stream_in_order_with_usage(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.chunk_delay = 0.05
+    seen_before_end: list[bool] = []
+    texts: list[str] = []
+    usage = None
+    async for item in gemini.stream(QUESTION):
+        if isinstance(item, Usage):
+            usage = item
+        else:
+            texts.append(item)
+            seen_before_end.append(fake.completed == 0)
+    assert texts == fake.chunks
+    assert seen_before_end[0], "the first chunk must arrive before the upstream finished"
+    assert usage == Usage(prompt_tokens=42, output_tokens=len(fake.chunks), finish_reason="stop", blocked=False)
+    assert fake.calls == 1 and fake.completed == 1
+
+
+async def test_request_carries_history_teacher_and_grounded_instruction(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    course = CourseContext(
+        id="c1",
+        title="Algebra I",
+        description="Linear equations and inequalities.",
+        system_prompt="Socratic: guide, do not give the final answer.",
+        document_names=("Chapter 2.pdf", "Worksheet.docx"),
+        passages=((7, "Chapter 2.pdf", "To isolate x, do the same operation on both sides."),),
+    )
+    instruction = build_system_instruction(course, "Use British spelling.")
+    request = AIRequest(
+        question="So x = 3?",
+        history=(
+            Turn("user", "How do I solve 2x + 1 = 7?"),
+            Turn("assistant", "What could you do to both sides first?"),
+            Turn("teacher", "Remember the worksheet from Monday."),
+            Turn("user", "Subtract 1?"),
+        ),
+        course=course,
+        system_instruction=instruction,
+    )
+    texts, usage = await collect(gemini.stream(request))
+    assert texts and usage is not None
+
+    received = fake.requests[0]
+    assert received.path.endswith(f"/models/{DEFAULT_MODEL}:streamGenerateContent")
+    assert received.query == {"alt": "sse"}
+    assert received.headers["x-goog-api-key"] == "test-key"
+    contents = received.body["contents"]
+    assert [c["role"] for c in contents] == ["user", "model", "user"]
+    assert contents[0]["parts"] == [{"text": "How do I solve 2x + 1 = 7?"}]
+    assert contents[1]["parts"] == [{"text": "What could you do to both sides first?"}]
+    # teacher, the student's follow-up and the new question merge into one user turn, in order
+    assert [p["text"] for p in contents[2]["parts"]] == [
+        "[Teacher message] Remember the worksheet from Monday.",
+        "Subtract 1?",
+        "So x = 3?",
+    ]
+    system = received.body["systemInstruction"]["parts"][0]["text"]
+    assert system == instruction
+    assert "Socratic" in system and "Use British spelling." in system
+    assert "[Document: Chapter 2.pdf]" in system and "do the same operation on both sides" in system
+    assert "Worksheet.docx" in system
+    assert "generationConfig" in received.body
+
+
+def test_contents_open_with_a_user_turn_and_skip_empty_turns() -> None:
+    request = AIRequest(
+        question="And then?",
+        history=(Turn("assistant", "Earlier answer."), Turn("user", "   "), Turn("assistant", "More.")),
+    )
+    contents = build_contents(request)
+    assert [c.role for c in contents] == ["user", "model", "user"]
+    assert contents[0].parts is not None and "omitted" in (contents[0].parts[0].text or "")
+    assert contents[1].parts is not None and [p.text for p in contents[1].parts] == ["Earlier answer.", "More."]
+
+
+async def test_model_from_constructor(fake: FakeGemini) -> None:
+    provider = GeminiProvider("test-key", model="gemini-2.5-pro", base_url=fake.base_url)
+    try:
+        await collect(provider.stream(QUESTION))
+    finally:
+        await provider.close()
+    assert fake.requests[0].path.endswith("/models/gemini-2.5-pro:streamGenerateContent")
+
+
+async def test_safety_finish_blocks_and_hides_the_rest(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.finish_reason = "SAFETY"
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == fake.chunks
+    assert "never be shown" not in "".join(texts)
+    assert usage is not None and usage.blocked and usage.finish_reason == "SAFETY"
+    assert usage.prompt_tokens == 42
+
+
+async def test_blocked_prompt_yields_no_text(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.block_reason = "SAFETY"
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == []
+    assert usage == Usage(prompt_tokens=42, output_tokens=0, finish_reason="SAFETY", blocked=True)
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "retryable"),
+    [(429, "rate_limited", True), (500, "unavailable", True), (503, "unavailable", True),
+     (400, "bad_request", False), (403, "auth", False), (404, "not_found", False)],
+)
+async def test_http_errors_map_to_ai_errors_without_sdk_retries(
+    fake: FakeGemini, gemini: GeminiProvider, status: int, kind: str, retryable: bool
+) -> None:
+    fake.fail_next(status, times=3, retry_after="7" if status == 429 else None)
+    with pytest.raises(AIError) as caught:
+        await collect(gemini.stream(QUESTION))
+    assert caught.value.kind == kind
+    assert caught.value.retryable is retryable
+    assert caught.value.retry_after == (7.0 if status == 429 else None)
+    assert fake.calls == 1, "the SDK must not retry on its own"
+
+
+def test_retry_delay_from_gemini_retry_info() -> None:
+    details = {
+        "error": {
+            "code": 429,
+            "status": "RESOURCE_EXHAUSTED",
+            "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "17s"}],
+        }
+    }
+    mapped = map_api_error(errors.ClientError(429, details, None))
+    assert (mapped.kind, mapped.retryable, mapped.retry_after) == ("rate_limited", True, 17.0)
+
+
+async def test_dropped_stream_fails_after_partial_text_without_sdk_resume(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.drop_after = 2
+    texts: list[str] = []
+    with pytest.raises(AIError) as caught:
+        async for item in gemini.stream(QUESTION):
+            if isinstance(item, str):
+                texts.append(item)
+    assert texts == fake.chunks[:2]
+    assert caught.value.kind == "connection" and caught.value.retryable
+    assert fake.calls == 1, "automatic continuation must be off"
+
+
+async def first_chunk_then_wait(provider: GeminiProvider | ResilientProvider, got_first: asyncio.Event) -> None:
+    async with aclosing(provider.stream(QUESTION)) as stream:
+        async for item in stream:
+            if isinstance(item, str):
+                got_first.set()
+
+
+async def test_cancelling_the_stream_task_closes_the_upstream_connection(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.chunk_delay = 30.0
+    got_first = asyncio.Event()
+    task = asyncio.create_task(first_chunk_then_wait(gemini, got_first))
+    await asyncio.wait_for(got_first.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.wait_disconnect(within=1.0)
+    assert fake.completed == 0
+
+
+async def test_cancel_while_the_consumer_is_busy_elsewhere_closes_the_upstream(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    # The task is cancelled while it is not inside the SDK (e.g. sending to a WebSocket):
+    # only our own `finally` can close the response then.
+    fake.chunk_delay = 30.0
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(gemini.stream(QUESTION)) as stream:
+            async for _item in stream:
+                got_first.set()
+                await asyncio.sleep(60)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_first.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.wait_disconnect(within=1.0)
+
+
+async def test_refused_connection_is_a_retryable_connection_error() -> None:
+    provider = GeminiProvider("test-key", base_url=f"http://127.0.0.1:{closed_port()}", connect_timeout=1.0)
+    try:
+        with pytest.raises(AIError) as caught:
+            await collect(provider.stream(QUESTION))
+    finally:
+        await provider.close()
+    assert caught.value.kind == "connection" and caught.value.retryable
+
+
+async def test_connect_timeout_fires() -> None:
+    with unresponsive_port() as port:
+        provider = GeminiProvider("test-key", base_url=f"http://127.0.0.1:{port}", connect_timeout=0.2)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(AIError) as caught:
+                await collect(provider.stream(QUESTION))
+            assert loop.time() - started < 2
+        finally:
+            await provider.close()
+    assert caught.value.kind == "connect_timeout" and caught.value.retryable
+
+
+async def test_closed_provider_refuses_new_streams(fake: FakeGemini) -> None:
+    provider = GeminiProvider("test-key", base_url=fake.base_url)
+    await collect(provider.stream(QUESTION))
+    await provider.close()
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "closed"
+
+
+# --- the resilience wrapper around the real SDK ---
+
+
+async def test_wrapper_retries_429_then_streams(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.fail_next(429, times=1, retry_after="0")
+    fake.fail_next(500, times=1)
+    retries: list[str] = []
+    provider = ResilientProvider(gemini, fast_policy(), on_retry=lambda n, error, delay: retries.append(error.kind))
+    texts, usage = await collect(provider.stream(QUESTION))
+    assert texts == fake.chunks and usage is not None and not usage.blocked
+    assert retries == ["rate_limited", "unavailable"]
+    assert fake.calls == 3 and provider.retries == 2
+
+
+async def test_wrapper_first_token_timeout_retries_and_closes_each_hung_request(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    await warm_up(fake, gemini)
+    fake.hang_before_first_chunk = True
+    provider = ResilientProvider(gemini, fast_policy(first_token_timeout=0.5, max_retries=1))
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "first_token_timeout"
+    assert fake.calls == 2
+    for _ in range(20):
+        if fake.disconnects == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert fake.disconnects == 2
+
+
+async def test_wrapper_hang_before_headers_is_a_first_token_timeout(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    await warm_up(fake, gemini)
+    fake.hang_before_headers = True
+    provider = ResilientProvider(gemini, fast_policy(first_token_timeout=0.5, max_retries=0))
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "first_token_timeout"
+    assert await fake.wait_disconnect(within=1.0)
+
+
+async def test_wrapper_idle_timeout_after_first_token_is_not_retried(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.chunk_delay = 5.0
+    provider = ResilientProvider(gemini, fast_policy(first_token_timeout=2.0, idle_timeout=0.3))
+    texts: list[str] = []
+    with pytest.raises(AIError) as caught:
+        async for item in provider.stream(QUESTION):
+            if isinstance(item, str):
+                texts.append(item)
+    assert caught.value.kind == "idle_timeout"
+    assert texts == fake.chunks[:1]
+    assert fake.calls == 1
+    assert await fake.wait_disconnect(within=1.0)
+
+
+async def test_wrapper_cancel_closes_the_upstream(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.chunk_delay = 30.0
+    provider = ResilientProvider(gemini, fast_policy(idle_timeout=60.0))
+    got_first = asyncio.Event()
+    task = asyncio.create_task(first_chunk_then_wait(provider, got_first))
+    await asyncio.wait_for(got_first.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.wait_disconnect(within=1.0)
+    assert provider.breaker.state == "closed"

@@ -1,0 +1,248 @@
+"""OpenAICompatProvider against the local fake OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import pytest
+
+from ai.base import AIError, AIRequest, StreamItem, Turn, Usage
+from ai.openai_compat import OpenAICompatProvider, SSEDecoder, build_messages
+from ai.resilience import ResiliencePolicy, ResilientProvider
+from tests.fakes import closed_port, unresponsive_port
+from tests.fakes.fake_openai import FakeOpenAI, start_fake_openai
+
+QUESTION = AIRequest(question="What is photosynthesis?", system_instruction="You are a tutor.")
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAI]:
+    async with start_fake_openai() as running:
+        yield running
+
+
+@pytest.fixture
+async def openai(fake: FakeOpenAI) -> AsyncIterator[OpenAICompatProvider]:
+    provider = OpenAICompatProvider(fake.base_url, "tutor-7b", api_key="sk-test", connect_timeout=1.0)
+    yield provider
+    await provider.close()
+
+
+async def collect(stream: AsyncIterator[StreamItem], texts: list[str] | None = None) -> Usage | None:
+    texts = [] if texts is None else texts
+    usage = None
+    async for item in stream:
+        if isinstance(item, Usage):
+            usage = item
+        else:
+            texts.append(item)
+    return usage
+
+
+async def test_tokens_and_usage(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.chunk_delay = 0.05
+    texts: list[str] = []
+    first_before_end: list[bool] = []
+    usage = None
+    async for item in openai.stream(QUESTION):
+        if isinstance(item, Usage):
+            usage = item
+        else:
+            texts.append(item)
+            first_before_end.append(fake.completed == 0)
+    assert texts == fake.chunks and first_before_end[0]
+    assert usage == Usage(prompt_tokens=42, output_tokens=len(fake.chunks), finish_reason="stop")
+
+
+async def test_request_body_and_headers(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    request = AIRequest(
+        question="Why green?",
+        system_instruction="You are a tutor. Course: Biology.",
+        history=(
+            Turn("user", "What is chlorophyll?"),
+            Turn("assistant", "A pigment."),
+            Turn("teacher", "See page 12."),
+        ),
+    )
+    await collect(openai.stream(request))
+    received = fake.requests[0]
+    assert received.path == "/v1/chat/completions"
+    assert received.headers["Authorization"] == "Bearer sk-test"
+    body = received.body
+    assert body["model"] == "tutor-7b" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [
+        {"role": "system", "content": "You are a tutor. Course: Biology."},
+        {"role": "user", "content": "What is chlorophyll?"},
+        {"role": "assistant", "content": "A pigment."},
+        {"role": "user", "content": "[Teacher message] See page 12.\n\nWhy green?"},
+    ]
+
+
+def test_messages_without_system_instruction() -> None:
+    messages = build_messages(AIRequest(question="Hi", history=(Turn("assistant", "Hello!"),)))
+    assert messages == [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi"}]
+
+
+async def test_usage_is_estimated_when_the_server_sends_none(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.send_usage = False
+    usage = await collect(openai.stream(QUESTION))
+    assert usage is not None and usage.prompt_tokens > 0 and usage.output_tokens > 0
+    assert usage.prompt_tokens != 42
+
+
+async def test_content_filter_is_a_block(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.finish_reason = "content_filter"
+    usage = await collect(openai.stream(QUESTION))
+    assert usage is not None and usage.blocked and usage.finish_reason == "SAFETY"
+
+
+async def test_length_finish_reason_is_reported(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.finish_reason = "length"
+    usage = await collect(openai.stream(QUESTION))
+    assert usage is not None and usage.finish_reason == "length" and not usage.blocked
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "retryable", "retry_after"),
+    [(429, "rate_limited", True, 3.0), (500, "unavailable", True, None), (503, "unavailable", True, None),
+     (401, "auth", False, None), (400, "bad_request", False, None), (404, "not_found", False, None)],
+)
+async def test_http_errors(
+    fake: FakeOpenAI, openai: OpenAICompatProvider, status: int, kind: str, retryable: bool, retry_after: float | None
+) -> None:
+    fake.fail_next(status, retry_after="3" if retry_after else None)
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION))
+    assert (caught.value.kind, caught.value.retryable, caught.value.retry_after) == (kind, retryable, retry_after)
+
+
+async def test_error_event_mid_stream(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.error_event_after = 2
+    texts: list[str] = []
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks[:2]
+    assert caught.value.kind == "unavailable" and caught.value.retryable
+
+
+async def test_dropped_connection_mid_stream(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.drop_after = 1
+    texts: list[str] = []
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks[:1]
+    assert caught.value.kind == "connection" and caught.value.retryable
+
+
+async def test_a_body_ending_after_the_finish_without_done_is_complete(
+    fake: FakeOpenAI, openai: OpenAICompatProvider
+) -> None:
+    fake.send_done = False
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks and usage is not None and usage.prompt_tokens == 42
+
+
+async def test_a_body_ending_before_the_finish_is_a_broken_stream(
+    fake: FakeOpenAI, openai: OpenAICompatProvider
+) -> None:
+    fake.end_cleanly_after = 2
+    texts: list[str] = []
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks[:2]
+    assert caught.value.kind == "connection" and caught.value.retryable
+
+
+async def test_cancel_closes_the_upstream_connection(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.chunk_delay = 30.0
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(openai.stream(QUESTION)) as stream:
+            async for _item in stream:
+                got_first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_first.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.wait_disconnect(within=1.0)
+    assert fake.completed == 0
+
+
+async def test_cancel_while_the_consumer_is_busy_closes_the_upstream(
+    fake: FakeOpenAI, openai: OpenAICompatProvider
+) -> None:
+    fake.chunk_delay = 30.0
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        async with aclosing(openai.stream(QUESTION)) as stream:
+            async for _item in stream:
+                got_first.set()
+                await asyncio.sleep(60)
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_first.wait(), 2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake.wait_disconnect(within=1.0)
+
+
+async def test_refused_connection() -> None:
+    provider = OpenAICompatProvider(f"http://127.0.0.1:{closed_port()}/v1", "m")
+    try:
+        with pytest.raises(AIError) as caught:
+            await collect(provider.stream(QUESTION))
+    finally:
+        await provider.close()
+    assert caught.value.kind == "connection" and caught.value.retryable
+
+
+async def test_connect_timeout() -> None:
+    with unresponsive_port() as port:
+        provider = OpenAICompatProvider(f"http://127.0.0.1:{port}/v1", "m", connect_timeout=0.2)
+        try:
+            with pytest.raises(AIError) as caught:
+                await collect(provider.stream(QUESTION))
+        finally:
+            await provider.close()
+    assert caught.value.kind == "connect_timeout"
+
+
+async def test_wrapped_provider_retries_then_streams(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.fail_next(500, times=2)
+    policy = ResiliencePolicy(first_token_timeout=2.0, idle_timeout=2.0, total_timeout=5.0, backoff_initial=0.01)
+    provider = ResilientProvider(openai, policy)
+    texts: list[str] = []
+    usage = await collect(provider.stream(QUESTION), texts)
+    assert texts == fake.chunks and usage is not None
+    assert fake.calls == 3 and provider.retries == 2
+
+
+async def test_wrapped_provider_first_token_timeout_closes_the_hung_request(
+    fake: FakeOpenAI, openai: OpenAICompatProvider
+) -> None:
+    await collect(openai.stream(QUESTION))  # set-up cost stays out of the timed attempt
+    fake.hang_before_first_chunk = True
+    policy = ResiliencePolicy(first_token_timeout=0.5, max_retries=0)
+    provider = ResilientProvider(openai, policy)
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "first_token_timeout"
+    assert await fake.wait_disconnect(within=1.0)
+
+
+def test_sse_decoder() -> None:
+    decoder = SSEDecoder()
+    lines = [b": keep-alive\n", b"event: message\n", b"data: {\"a\":\n", b"data:1}\r\n", b"\r\n", b"data: [DONE]\n"]
+    events = [event for line in lines if (event := decoder.feed(line)) is not None]
+    assert events == ['{"a":\n1}']
+    assert decoder.flush() == "[DONE]"
+    assert decoder.flush() is None
