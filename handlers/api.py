@@ -45,3 +45,11 @@ async def list_messages(request: web.Request) -> web.Response:
     page = await request.app[CHAT].history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))
     page.pop("type")
     return web.json_response(page)
+
+
+async def live_course(request: web.Request) -> web.Response:
+    """Students online in a course right now (teachers of the course, admins of the tenant)."""
+    claims = require_claims(request)
+    snapshot = await request.app[CHAT].live_snapshot(claims, request.match_info["course_id"])
+    snapshot.pop("type")
+    return web.json_response(snapshot)

@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from server.keys import DATABASE, REDIS, SETTINGS
+from server.keys import DATABASE, REDIS, SETTINGS, STATE
 
 
 async def health(request: web.Request) -> web.Response:
@@ -14,6 +14,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
+    if request.app[STATE].draining:
+        return web.json_response({"status": "draining"}, status=503)
     checks: dict[str, str] = {}
     for name, ping in (("postgres", request.app[DATABASE].ping), ("redis", request.app[REDIS].ping)):
         try:

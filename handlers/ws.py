@@ -7,8 +7,8 @@ import logging
 
 from aiohttp import WSMsgType, web
 
-from server.errors import CloseCode, forbidden
-from server.keys import CHAT, SETTINGS, SOCKETS, VERIFIER
+from server.errors import ChatError, CloseCode, ErrorCode, forbidden
+from server.keys import CHAT, SETTINGS, SOCKETS, STATE, VERIFIER
 from server.origins import origin_allowed
 from server.session import SocketSession, WebSocketPeer
 
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
+    if request.app[STATE].draining:
+        raise ChatError(ErrorCode.AI_UNAVAILABLE, "this replica is restarting; reconnect", retry_after=1.0)
     if not origin_allowed(request.headers.get("Origin"), request.host, settings.allowed_origins):
         raise forbidden("this origin may not open a socket")
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
@@ -43,5 +45,5 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         log.exception("socket crashed")
         await ws.close(code=CloseCode.CRASH, message=b"internal error")
     finally:
-        session.close()
+        await session.close()
     return ws

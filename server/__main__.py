@@ -148,7 +148,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_until_signal(app: web.Application, settings: Settings, announce: bool) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down in order (sockets, turns, clients)."""
+    """Serve until a signal: SIGTERM drains first (rolling restarts), SIGINT stops at once."""
+    from .app import drain
+
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
     try:
@@ -157,11 +159,13 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
         log.info("serving", extra={"host": settings.host, "port": settings.port, "ai": settings.ai_provider})
         if announce:
             _print_demo(settings, settings.host, settings.port)
-        stop = asyncio.Event()
+        received: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(signum, received.put_nowait, signum)
+        if await received.get() == signal.SIGTERM:
+            log.info("draining", extra={"deadline_s": settings.drain_seconds})
+            await drain(app, settings.drain_seconds)
         log.info("stopping")
     finally:
         await runner.cleanup()

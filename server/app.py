@@ -21,7 +21,7 @@ from .auth import TokenVerifier
 from .chat import ChatService
 from .errors import ChatError, CloseCode, ErrorCode
 from .hub import Hub
-from .keys import CHAT, DATABASE, PROVIDER, REDIS, SETTINGS, SOCKETS, VERIFIER
+from .keys import CHAT, DATABASE, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def create_app(
     app[SETTINGS] = settings
     app[VERIFIER] = TokenVerifier(settings)
     app[SOCKETS] = weakref.WeakSet()
+    app[STATE] = ProcessState()
 
     async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await connect_pool(database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
@@ -88,9 +89,10 @@ def create_app(
         # ChatService.close() closes the provider after its last turn.
 
     async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
-        chat = ChatService(settings, app[DATABASE], Hub(app[REDIS]), app[PROVIDER])
+        chat = ChatService(settings, app[DATABASE], Hub(app[REDIS], settings.replica_id), app[PROVIDER])
         app[CHAT] = chat
         try:
+            await chat.start()
             yield
         finally:
             await chat.close()
@@ -103,6 +105,7 @@ def create_app(
     app.router.add_get("/ws", ws.websocket)
     app.router.add_get("/api/conversations", api.list_conversations)
     app.router.add_get("/api/conversations/{conversation_id}/messages", api.list_messages)
+    app.router.add_get("/api/courses/{course_id}/live", api.live_course)
     app.router.add_get("/", pages.chat_page)
     app.router.add_get("/chat", pages.chat_page)
     if settings.static_dir.is_dir():
@@ -111,6 +114,13 @@ def create_app(
 
 
 async def _close_sockets(app: web.Application) -> None:
+    # 1012: the service is restarting, so clients reconnect (to another replica) at once.
     sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
     for socket in list(sockets):
-        await socket.close(code=CloseCode.GOING_AWAY, message=b"server shutting down")
+        await socket.close(code=CloseCode.SERVICE_RESTART, message=b"server restarting")
+
+
+async def drain(app: web.Application, deadline_s: float) -> None:
+    """Turn /ready to 503, refuse new sockets, tell clients to reconnect, let answers finish."""
+    app[STATE].draining = True
+    await app[CHAT].drain(deadline_s)

@@ -1,13 +1,18 @@
-"""The transport-agnostic chat core: sessions, the turn (commit, ack, stream, commit, done), history."""
+"""The transport-agnostic chat core: sessions, the turn (commit, ack, stream, commit, done), history,
+teacher monitoring, leases on answers being generated, and drain."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
 
 from ai.base import AIError, AIRequest, CourseContext, Provider, Usage
 from ai.base import Turn as HistoryTurn
@@ -15,13 +20,16 @@ from storage.models import Conversation, Course, Message, MessageStatus, UsageRe
 from storage.postgres import Database
 
 from .auth import Claims
-from .errors import ChatError, ErrorCode, forbidden, not_found
+from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
-from .protocol import HistoryRequest, SendMessage, encode, error_frame
+from .protocol import HistoryRequest, Intervene, SendMessage, SetAI, encode, error_frame
 from .settings import Settings
 from .turns import TokenBatcher, Turn, stream_answer
 
 log = logging.getLogger(__name__)
+
+LEASE_TTL_MS = 6000
+PRESENCE_TTL_MS = 15000
 
 
 @dataclass
@@ -41,33 +49,45 @@ class Session:
     user: User
     current: str
     joined: dict[str, Joined] = field(default_factory=dict)
+    watching: set[str] = field(default_factory=set)
+    presence: tuple[str, str] | None = None  # (tenant, course) where this session is announced
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-@dataclass(frozen=True)
-class Welcome:
-    session: Session
-    frame: bytes
+def _lease_member(turn: Turn) -> str:
+    return orjson.dumps([turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.course_id]).decode()
 
 
 class ChatService:
-    """Owns every turn of this process; cancelled and awaited on shutdown."""
+    """Owns every turn and background task of this process; all are cancelled and awaited on close."""
 
     def __init__(self, settings: Settings, db: Database, hub: Hub, provider: Provider):
         self.settings = settings
         self.db = db
         self.hub = hub
         self.provider = provider
+        self.hub.on_control = self._on_control
         self._turns: dict[int, Turn] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._sessions: dict[str, Session] = {}
         self._closing = False
+        self._maintenance: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.hub.start()
+        self._maintenance = asyncio.create_task(self._maintain(), name="chat-maintenance")
 
     # -- hello ------------------------------------------------------------------------------------
 
     async def open_session(
-        self, peer: Peer, claims: Claims, conversation_id: str | None, course_id: str | None
-    ) -> Welcome:
-        """Resolve the user, course and conversation named by `hello` and build the `welcome`."""
+        self,
+        peer: Peer,
+        claims: Claims,
+        conversation_id: str | None,
+        course_id: str | None,
+        resume_from: int | None = None,
+    ) -> Session:
+        """Resolve `hello`, send `welcome` and the catch-up (replay), then let live frames through."""
         user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
         if conversation_id is not None:
             conversation = await self.db.get_conversation(claims.tenant, user.id, conversation_id)
@@ -82,21 +102,37 @@ class ChatService:
             if conversation is None:
                 conversation = await self.db.create_conversation(claims.tenant, user.id, course_id)
         session = Session(peer=peer, claims=claims, user=user, current=conversation.id)
-        joined = await self._join(session, conversation)
+        course = await self._course_of(conversation)
+        session.joined[conversation.id] = Joined(conversation, course)
+        # Subscribed and buffering before the snapshot: nothing published after it can be missed.
+        member = await self.hub.join(conversation.id, peer, buffering=True)
+        snapshot = await self.hub.store.snapshot(conversation.id)
         history = await self.db.recent_messages(claims.tenant, conversation.id, self.settings.history_messages)
-        seq = await self.hub.store.current_seq(conversation.id)
-        frame = encode(
-            {
-                "type": "welcome",
-                "session_id": session.id,
-                "user": {"id": user.id, "role": user.role, "tenant": user.tenant_id, "name": user.display_name},
-                "conversation_id": conversation.id,
-                "course_id": joined.conversation.course_id,
-                "history": [m.to_wire() for m in history],
-                "seq": max(seq or 0, conversation.last_seq),
-            }
-        )
-        return Welcome(session, frame)
+        resumed = resume_from is not None and snapshot.covers(resume_from)
+        if resumed:
+            assert resume_from is not None
+            catch_up = [(s, f) for s, f in snapshot.entries if s > resume_from]
+        else:
+            # Answers still streaming: their tokens so far, so the client can show them.
+            streaming = {m.id for m in history if m.status == "streaming"}
+            catch_up = [(s, f) for s, f in snapshot.entries if _reply_of(f) in streaming]
+        welcome: dict[str, Any] = {
+            "type": "welcome",
+            "session_id": session.id,
+            "user": {"id": user.id, "role": user.role, "tenant": user.tenant_id, "name": user.display_name},
+            "conversation_id": conversation.id,
+            "course_id": conversation.course_id,
+            "ai_paused": conversation.ai_paused,
+            "history": [m.to_wire() for m in history],
+            "seq": max(snapshot.seq, conversation.last_seq),
+        }
+        if resume_from is not None:
+            welcome["resumed"] = resumed
+        await peer.send(encode(welcome))
+        await self.hub.catch_up(member, catch_up, snapshot.seq)
+        self._sessions[session.id] = session
+        await self._announce(session, conversation)
+        return session
 
     async def _course(self, claims: Claims, course_id: str) -> Course:
         if not claims.may_use_course(course_id):
@@ -106,14 +142,10 @@ class ChatService:
             raise not_found("course")
         return course
 
-    async def _join(self, session: Session, conversation: Conversation) -> Joined:
-        course = None
-        if conversation.course_id is not None:
-            course = await self.db.get_course(conversation.tenant_id, conversation.course_id)
-        joined = Joined(conversation, course)
-        session.joined[conversation.id] = joined
-        self.hub.join(conversation.id, session.peer)
-        return joined
+    async def _course_of(self, conversation: Conversation) -> Course | None:
+        if conversation.course_id is None:
+            return None
+        return await self.db.get_course(conversation.tenant_id, conversation.course_id)
 
     async def _joined(self, session: Session, conversation_id: str | None) -> Joined:
         """The conversation a frame names (default: the session's), joining it if it is the user's."""
@@ -124,12 +156,50 @@ class ChatService:
         conversation = await self.db.get_conversation(session.claims.tenant, session.user.id, conversation_id)
         if conversation is None:
             raise not_found("conversation")
-        return await self._join(session, conversation)
+        joined = Joined(conversation, await self._course_of(conversation))
+        session.joined[conversation.id] = joined
+        await self.hub.join(conversation.id, session.peer)
+        return joined
 
-    def close_session(self, session: Session) -> None:
+    async def close_session(self, session: Session) -> None:
         """Forget the socket; answers it started go on (another tab or a reconnect can pick them up)."""
+        self._sessions.pop(session.id, None)
         for conversation_id in session.joined:
             self.hub.leave(conversation_id, session.peer)
+        for course_id in session.watching:
+            self.hub.unwatch(session.claims.tenant, course_id, session.peer)
+        if session.presence is not None:
+            tenant_id, course_id = session.presence
+            with contextlib.suppress(Exception):
+                await self.hub.store.depart(tenant_id, course_id, session.id)
+                await self.hub.course_event(
+                    tenant_id, course_id, encode({"type": "event", "course_id": course_id, "kind": "left",
+                                                  "student": {"session_id": session.id, "user_id": session.claims.sub}})
+                )
+
+    # -- presence ---------------------------------------------------------------------------------
+
+    def _presence_info(self, session: Session, conversation: Conversation) -> dict[str, Any]:
+        return {
+            "session_id": session.id,
+            "user_id": session.claims.sub,
+            "name": session.user.display_name,
+            "role": session.user.role,
+            "conversation_id": conversation.id,
+            "replica": self.settings.replica_id,
+            "since": int(time.time()),
+        }
+
+    async def _announce(self, session: Session, conversation: Conversation) -> None:
+        if session.user.role != "student" or conversation.course_id is None:
+            return
+        tenant_id, course_id = session.claims.tenant, conversation.course_id
+        info = self._presence_info(session, conversation)
+        await self.hub.store.announce(tenant_id, course_id, session.id, orjson.dumps(info), PRESENCE_TTL_MS)
+        session.presence = (tenant_id, course_id)
+        await self.hub.course_event(
+            tenant_id, course_id, encode({"type": "event", "course_id": course_id, "kind": "joined", "student": info})
+        )
 
     # -- the turn -------------------------------------------------------------------------------
 
@@ -143,18 +213,16 @@ class ChatService:
             exc.ref = frame.id
             raise
         claims, conversation = session.claims, joined.conversation
-        wait = await self.hub.store.hit_rate_limit(claims.tenant, session.user.id, self.settings.messages_per_minute)
+        limit = self.settings.messages_per_minute
+        wait = await self.hub.store.hit_rate_limit(claims.tenant, session.user.id, limit)
         if wait > 0:
             raise ChatError(ErrorCode.RATE_LIMITED, "too many messages; wait a moment", frame.id, retry_after=wait)
-        seq = await self.hub.reserve(conversation.id, conversation.last_seq)
-        saved = await self.db.save_question(
-            claims.tenant, conversation.id, frame.id, frame.text, seq, session.user.id
-        )
-        ack = {
+        saved = await self.db.save_question(claims.tenant, conversation.id, frame.id, frame.text, session.user.id)
+        ack: dict[str, Any] = {
             "type": "ack",
             "id": frame.id,
             "message_id": saved.message.id,
-            "reply_id": saved.reply.id,
+            "reply_id": saved.reply.id if saved.reply else None,
             "conversation_id": conversation.id,
             "text": saved.message.text,
         }
@@ -163,20 +231,32 @@ class ChatService:
             ack["seq"] = saved.message.seq
             await session.peer.send(encode(ack))
             return
-        await self.hub.emit_reserved(conversation.id, seq, encode(ack))
+        try:
+            [(seq, _)] = await self.hub.emit(
+                conversation.id, [encode(ack)], floor=conversation.last_seq, course=_course_key(conversation)
+            )
+            await self.db.set_message_seq(claims.tenant, saved.message.id, seq)
+        finally:
+            # The question is committed: it gets its answer (or a final status) even if the ack failed.
+            if saved.reply is not None:
+                self._start_turn(conversation, joined.course, saved.message, saved.reply.id)
+
+    def _start_turn(self, conversation: Conversation, course: Course | None, question: Message, reply_id: int) -> Turn:
         turn = Turn(
-            tenant_id=claims.tenant,
-            user_id=session.user.id,
+            tenant_id=conversation.tenant_id,
+            user_id=conversation.user_id,
             conversation_id=conversation.id,
-            question_id=saved.message.id,
-            reply_id=saved.reply.id,
-            question=frame.text,
+            question_id=question.id,
+            reply_id=reply_id,
+            question=question.text,
+            course_id=conversation.course_id,
         )
         self._turns[turn.reply_id] = turn
-        turn.task = asyncio.create_task(self._run_turn(turn, joined.course), name=f"turn-{turn.reply_id}")
+        turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
+        return turn
 
     async def cancel(self, session: Session, reply_id: int) -> None:
-        """Stop the user's answer; an answer that already ended is left as it is."""
+        """Stop the user's answer wherever it is generated; an answer that already ended is left as it is."""
         turn = self._turns.get(reply_id)
         if turn is not None and turn.tenant_id == session.claims.tenant and turn.user_id == session.user.id:
             turn.stop("stopped")
@@ -184,6 +264,39 @@ class ChatService:
         message = await self.db.find_user_message(session.claims.tenant, session.user.id, reply_id)
         if message is None or message.role != "assistant":
             raise not_found("reply", ref=str(reply_id))
+        if message.status == "streaming":
+            await self.hub.store.publish_control(
+                {"op": "cancel", "reply_id": reply_id, "tenant": session.claims.tenant, "user": session.user.id}
+            )
+
+    def _on_control(self, message: dict[str, Any]) -> None:
+        if message.get("op") == "cancel":
+            turn = self._turns.get(int(message.get("reply_id", 0)))
+            if turn is not None and turn.tenant_id == message.get("tenant") and turn.user_id == message.get("user"):
+                turn.stop("stopped")
+
+    async def regenerate(self, session: Session, reply_id: int) -> None:
+        """Answer a question again after its answer ended as interrupted, failed or stopped."""
+        message = await self.db.find_user_message(session.claims.tenant, session.user.id, reply_id)
+        if message is None or message.role != "assistant" or message.reply_to is None:
+            raise not_found("reply", ref=str(reply_id))
+        if message.status in ("streaming", "complete"):
+            raise bad_request("only an interrupted, failed or stopped answer can be regenerated", str(reply_id))
+        joined = await self._joined(session, message.conversation_id)
+        question = await self.db.get_message(session.claims.tenant, message.conversation_id, message.reply_to)
+        assert question is not None
+        reply = await self.db.create_reply(session.claims.tenant, message.conversation_id, question.id)
+        ack = {
+            "type": "ack",
+            "id": question.client_id,
+            "message_id": question.id,
+            "reply_id": reply.id,
+            "conversation_id": message.conversation_id,
+            "text": question.text,
+            "regenerated": True,
+        }
+        await self.hub.emit(message.conversation_id, [encode(ack)], course=_course_key(joined.conversation))
+        self._start_turn(joined.conversation, joined.course, question, reply.id)
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         lock = self._locks.get(conversation_id)
@@ -193,7 +306,10 @@ class ChatService:
 
     async def _run_turn(self, turn: Turn, course: Course | None) -> None:
         lock = self._lock(turn.conversation_id)
+        member = _lease_member(turn)
         try:
+            with contextlib.suppress(Exception):  # the maintenance loop renews it again in 2 s
+                await self.hub.store.renew_leases([member], LEASE_TTL_MS)
             async with lock:
                 await self._generate(turn, course)
         except asyncio.CancelledError:
@@ -207,6 +323,8 @@ class ChatService:
             self._turns.pop(turn.reply_id, None)
             if not lock.locked() and self._locks.get(turn.conversation_id) is lock:
                 del self._locks[turn.conversation_id]
+            with contextlib.suppress(Exception):
+                await self.hub.store.release_lease(member)
 
     async def _generate(self, turn: Turn, course: Course | None) -> None:
         batcher = TokenBatcher(lambda text, offset: self._emit_token(turn, text, offset))
@@ -247,9 +365,11 @@ class ChatService:
         recent = await self.db.recent_messages(
             turn.tenant_id, turn.conversation_id, self.settings.history_messages + 1, before=turn.reply_id
         )
-        # The question itself is the newest row; other unanswered placeholders carry no text.
+        # The question goes last, separately; unfinished answers are left out of the context.
         history = tuple(
-            HistoryTurn(m.role, m.text) for m in recent if m.id != turn.question_id and m.text
+            HistoryTurn(m.role, m.text)
+            for m in recent
+            if m.id != turn.question_id and m.text and (m.role != "assistant" or m.status == "complete")
         )[-self.settings.history_messages :]
         context = None
         if course is not None:
@@ -273,13 +393,13 @@ class ChatService:
                 "text": text,
             }
         )
-        await self.hub.emit(turn.conversation_id, [frame], 0)
+        [(seq, _)] = await self.hub.emit(turn.conversation_id, [frame], course=turn.course_key)
+        turn.last_seq = seq
 
     async def _finish(
         self, turn: Turn, status: MessageStatus, usage: Usage | None, length: int, failure: AIError | None
     ) -> None:
         """Commit the answer's final state, then tell every joined socket (`done`)."""
-        text = turn.text
         now = time.monotonic()
         record = None
         if turn.started:
@@ -291,23 +411,13 @@ class ChatService:
                 ttft_ms=(turn.first_token_at - turn.started) * 1000 if turn.first_token_at else None,
                 duration_ms=(now - turn.started) * 1000,
             )
-        seq = await self.hub.reserve(turn.conversation_id, 0)
-        await self.db.finish_reply(
-            turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, text, status, seq, record
+        committed = await self.db.finish_reply(
+            turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq, record
         )
         turn.finished = True
-        done = {
-            "type": "done",
-            "reply_id": turn.reply_id,
-            "conversation_id": turn.conversation_id,
-            "status": status,
-            "length": length,
-            "usage": {
-                "prompt_tokens": record.prompt_tokens if record else 0,
-                "output_tokens": record.output_tokens if record else 0,
-            },
-        }
-        await self.hub.emit_reserved(turn.conversation_id, seq, encode(done))
+        if not committed:
+            return  # another replica already ended it (its lease had expired)
+        await self._emit_done(turn.conversation_id, turn.reply_id, status, length, record, turn.course_key)
         if failure is not None:
             error = ChatError(
                 ErrorCode.AI_UNAVAILABLE,
@@ -315,7 +425,29 @@ class ChatService:
                 ref=str(turn.reply_id),
                 retry_after=failure.retry_after,
             )
-            await self.hub.deliver(turn.conversation_id, [error_frame(error)])
+            await self.hub.deliver(turn.conversation_id, [(0, error_frame(error))])
+
+    async def _emit_done(
+        self,
+        conversation_id: str,
+        reply_id: int,
+        status: str,
+        length: int,
+        record: UsageRecord | None,
+        course: tuple[str, str] | None,
+    ) -> None:
+        done = {
+            "type": "done",
+            "reply_id": reply_id,
+            "conversation_id": conversation_id,
+            "status": status,
+            "length": length,
+            "usage": {
+                "prompt_tokens": record.prompt_tokens if record else 0,
+                "output_tokens": record.output_tokens if record else 0,
+            },
+        }
+        await self.hub.emit(conversation_id, [encode(done)], course=course)
 
     # -- history --------------------------------------------------------------------------------
 
@@ -337,14 +469,128 @@ class ChatService:
             "has_more": has_more,
         }
 
+    # -- teachers -------------------------------------------------------------------------------
+
+    async def visible_course(self, claims: Claims, course_id: str) -> Course:
+        """A course a teacher may watch (in the token's courses) or any course of an admin's tenant."""
+        teaches = claims.role == "teacher" and bool(claims.courses) and course_id in (claims.courses or ())
+        if not (teaches or claims.role == "admin"):
+            raise forbidden("you may not watch this course")
+        course = await self.db.get_course(claims.tenant, course_id)
+        if course is None:
+            raise not_found("course")
+        return course
+
+    async def live_snapshot(self, claims: Claims, course_id: str) -> dict[str, Any]:
+        """Students online in a course right now, across replicas."""
+        await self.visible_course(claims, course_id)
+        students = await self.hub.store.online(claims.tenant, course_id)
+        return {"type": "snapshot", "course_id": course_id, "students": students}
+
+    async def watch(self, session: Session, course_id: str, watch: bool) -> None:
+        if not watch:
+            session.watching.discard(course_id)
+            self.hub.unwatch(session.claims.tenant, course_id, session.peer)
+            return
+        await self.visible_course(session.claims, course_id)
+        await self.hub.watch(session.claims.tenant, course_id, session.peer)
+        session.watching.add(course_id)
+        await session.peer.send(encode(await self.live_snapshot(session.claims, course_id)))
+
+    async def _teacher_conversation(self, session: Session, conversation_id: str) -> Conversation:
+        conversation = await self.db.tenant_conversation(session.claims.tenant, conversation_id)
+        if conversation is None or conversation.course_id is None:
+            raise not_found("conversation")
+        await self.visible_course(session.claims, conversation.course_id)
+        return conversation
+
+    async def intervene(self, session: Session, frame: Intervene) -> None:
+        """A teacher's message in a student's conversation: committed, delivered live, part of the AI's context."""
+        conversation = await self._teacher_conversation(session, frame.conversation_id)
+        message, created = await self.db.save_teacher_message(
+            session.claims.tenant, conversation.id, frame.id, frame.text, session.user.id
+        )
+        body = {
+            "type": "teacher_message",
+            "conversation_id": conversation.id,
+            "message_id": message.id,
+            "id": frame.id,
+            "name": session.user.display_name,
+            "text": message.text,
+        }
+        if created:
+            await self.hub.emit(conversation.id, [encode(body)], course=_course_key(conversation))
+        else:
+            await session.peer.send(encode({**body, "seq": message.seq}))
+
+    async def set_ai(self, session: Session, frame: SetAI) -> None:
+        """Pause or resume the tutor for one student; on resume, a waiting question is answered."""
+        conversation = await self._teacher_conversation(session, frame.conversation_id)
+        await self.db.set_ai_paused(session.claims.tenant, conversation.id, frame.paused)
+        state = {"type": "ai_state", "conversation_id": conversation.id, "paused": frame.paused}
+        await self.hub.emit(conversation.id, [encode(state)], course=_course_key(conversation))
+        if frame.paused:
+            return
+        question = await self.db.unanswered_question(session.claims.tenant, conversation.id)
+        if question is not None:
+            reply = await self.db.create_reply(session.claims.tenant, conversation.id, question.id)
+            course = await self._course_of(conversation)
+            self._start_turn(conversation, course, question, reply.id)
+
+    # -- background work: leases, presence, subscriptions ------------------------------------
+
+    async def _maintain(self) -> None:
+        tick = 0
+        while True:
+            await asyncio.sleep(1.0)
+            tick += 1
+            try:
+                if tick % 2 == 0:
+                    await self.hub.store.renew_leases([_lease_member(t) for t in self._turns.values()], LEASE_TTL_MS)
+                await self._take_over_expired()
+                if tick % 5 == 0:
+                    sessions = [(*s.presence, s.id) for s in self._sessions.values() if s.presence]
+                    await self.hub.store.heartbeat(sessions, PRESENCE_TTL_MS)
+                    await self.hub.prune()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("maintenance failed")
+
+    async def _take_over_expired(self) -> None:
+        """Answers whose replica stopped renewing its lease end as interrupted, with the text logged so far."""
+        for member in await self.hub.store.claim_expired_leases():
+            tenant_id, user_id, conversation_id, reply_id, course_id = orjson.loads(member)
+            if reply_id in self._turns:
+                continue  # ours after all (a slow renewal); the next renewal restores the lease
+            snapshot = await self.hub.store.snapshot(conversation_id)
+            text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
+            committed = await self.db.finish_reply(
+                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", snapshot.seq, None
+            )
+            if committed:
+                log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
+                course = (tenant_id, course_id) if course_id else None
+                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course)
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     @property
     def active_turns(self) -> int:
         return len(self._turns)
 
+    async def drain(self, deadline_s: float) -> None:
+        """Stop taking messages, ask clients to reconnect elsewhere, and let answers finish until the deadline."""
+        self._closing = True
+        for session in list(self._sessions.values()):
+            after_ms = random.randint(500, 3000)
+            await session.peer.send(encode({"type": "reconnect", "after_ms": after_ms}))
+        deadline = time.monotonic() + deadline_s
+        while self._turns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
-        """Interrupt every answer still running, commit it, and wait for all of them."""
+        """Interrupt every answer still running, commit it, and stop the background work."""
         self._closing = True
         turns = list(self._turns.values())
         for turn in turns:
@@ -357,9 +603,35 @@ class ChatService:
             for result in results:
                 if isinstance(result, Exception):
                     log.error("turn ended with an error at shutdown", exc_info=result)
+        for session in list(self._sessions.values()):
+            await self.close_session(session)
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+        await self.hub.close()
         with contextlib.suppress(Exception):
             await self.provider.close()
 
 
 def _final(reason: str) -> MessageStatus:
     return "interrupted" if reason == "interrupted" else "stopped"
+
+
+def _course_key(conversation: Conversation) -> tuple[str, str] | None:
+    return (conversation.tenant_id, conversation.course_id) if conversation.course_id else None
+
+
+def _reply_of(frame: bytes) -> int | None:
+    if not frame.startswith(b'{"type":"token"'):
+        return None
+    value = orjson.loads(frame).get("reply_id")
+    return int(value) if isinstance(value, int) else None
+
+
+def _token_text(frame: bytes, reply_id: int) -> str:
+    if not frame.startswith(b'{"type":"token"'):
+        return ""
+    data = orjson.loads(frame)
+    return str(data["text"]) if data.get("reply_id") == reply_id else ""
+

@@ -1,14 +1,31 @@
-"""Fan-out of conversation frames: numbered and logged in Redis, delivered to every joined socket."""
+"""Fan-out of conversation frames across replicas.
+
+Frames are numbered, logged and published by one Redis script, so every replica sees one order. This
+replica delivers its own frames to its sockets directly and other replicas' frames from a pub/sub
+listener (the node id in each envelope tells them apart), subscribing to a conversation's channel while
+at least one local socket has joined it. A socket that joins while frames are flowing buffers them
+until its catch-up (welcome, replay) is sent, so nothing arrives twice or out of place.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Sequence
-from typing import Protocol
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
 from storage.redis_store import RedisStore, splice_seq
 
 log = logging.getLogger(__name__)
+
+Numbered = tuple[int, bytes]
 
 
 class Peer(Protocol):
@@ -21,51 +38,213 @@ class Peer(Protocol):
         ...
 
 
+@dataclass(eq=False)
+class Member:
+    peer: Peer
+    buffering: bool = False
+    buffer: list[Numbered] = field(default_factory=list)
+
+
+def event_frame(course_id: str, frame: bytes) -> bytes:
+    """Wrap a conversation frame for teachers watching the course."""
+    if frame.startswith(b'{"type":"event"'):
+        return frame
+    return b'{"type":"event","course_id":%b,"kind":"frame","frame":%b}' % (orjson.dumps(course_id), frame)
+
+
 class Hub:
-    """Which local sockets joined which conversation, and the one way frames reach them."""
+    """Local membership of conversations and course watches, and the one way frames reach sockets."""
 
-    def __init__(self, store: RedisStore):
+    def __init__(self, store: RedisStore, replica_id: str, on_control: Callable[[dict[str, Any]], None] | None = None):
         self.store = store
-        self._members: dict[str, dict[str, Peer]] = {}
+        self.node = f"{replica_id}-{uuid.uuid4().hex[:6]}".replace(" ", "_")
+        self.on_control = on_control
+        self._members: dict[str, dict[str, Member]] = {}
+        self._watchers: dict[tuple[str, str], dict[str, Peer]] = {}
+        # channel -> ("c", conversation id, "") or ("w", tenant id, course id)
+        self._channels: dict[str, tuple[str, str, str]] = {}
+        self._pubsub: PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._subscribed: dict[str, asyncio.Future[None]] = {}
+        self._ready = asyncio.Event()
 
-    def join(self, conversation_id: str, peer: Peer) -> None:
-        self._members.setdefault(conversation_id, {})[peer.id] = peer
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="hub-listener")
+        await asyncio.wait_for(self._ready.wait(), timeout=10)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _listen(self) -> None:
+        """Receive other replicas' frames; reconnect with capped backoff, resubscribing everything."""
+        delay = 0.1
+        while True:
+            try:
+                client: Redis = self.store.client
+                self._pubsub = client.pubsub()
+                await self._pubsub.subscribe(self.store.keys.control_channel(), *self._channels)
+                self._ready.set()
+                delay = 0.1
+                async for message in self._pubsub.listen():
+                    try:
+                        # Awaited in arrival order, so frames of one channel never overtake each other.
+                        await self._on_message(message)
+                    except Exception:
+                        log.exception("bad pub/sub message")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("pub/sub listener lost redis, reconnecting", extra={"error": repr(exc), "delay": delay})
+                if self._pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                    self._pubsub = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _on_message(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+        if kind == "subscribe":
+            waiter = self._subscribed.pop(channel, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            return
+        if kind != "message":
+            return
+        data: bytes = message["data"]
+        if channel == self.store.keys.control_channel():
+            if self.on_control is not None:
+                self.on_control(orjson.loads(data))
+            return
+        node, seq_text, frame = data.split(b" ", 2)
+        if node.decode() == self.node:
+            return  # this replica delivered it already
+        target = self._channels.get(channel)
+        if target is None:
+            return
+        if target[0] == "c":
+            await self.deliver(target[1], [(int(seq_text), frame)])
+        else:
+            await self.deliver_watchers(target[1], target[2], frame)
+
+    async def _subscribe(self, channel: str, target: tuple[str, str, str]) -> None:
+        self._channels[channel] = target
+        if self._pubsub is None:
+            return  # the listener subscribes everything in _channels when it reconnects
+        loop = asyncio.get_running_loop()
+        waiter = self._subscribed.setdefault(channel, loop.create_future())
+        await self._pubsub.subscribe(channel)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout=5)
+        except TimeoutError:
+            log.warning("subscription not confirmed in time", extra={"channel": channel})
+
+    async def prune(self) -> None:
+        """Unsubscribe from channels no local socket needs any more (called periodically)."""
+        for channel, (kind, first, second) in list(self._channels.items()):
+            needed = first in self._members if kind == "c" else (first, second) in self._watchers
+            if not needed:
+                self._channels.pop(channel, None)
+                if self._pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await self._pubsub.unsubscribe(channel)
+
+    # -- conversations --------------------------------------------------------------------------
+
+    async def join(self, conversation_id: str, peer: Peer, *, buffering: bool = False) -> Member:
+        members = self._members.setdefault(conversation_id, {})
+        member = members.get(peer.id)
+        if member is None:
+            member = members[peer.id] = Member(peer, buffering=buffering)
+        channel = self.store.keys.conversation_channel(conversation_id)
+        if channel not in self._channels:
+            await self._subscribe(channel, ("c", conversation_id, ""))
+        return member
+
+    async def catch_up(self, member: Member, frames: Sequence[Numbered], live_after: int) -> None:
+        """Send catch-up frames, then whatever arrived meanwhile with a seq above `live_after`."""
+        for _, frame in frames:
+            if not await member.peer.send(frame):
+                return
+        while member.buffer:
+            pending, member.buffer = member.buffer, []
+            for seq, frame in pending:
+                if seq > live_after and not await member.peer.send(frame):
+                    return
+        member.buffering = False
 
     def leave(self, conversation_id: str, peer: Peer) -> None:
         members = self._members.get(conversation_id)
-        if members is not None:
-            members.pop(peer.id, None)
-            if not members:
-                del self._members[conversation_id]
+        if members is None:
+            return
+        members.pop(peer.id, None)
+        if not members:
+            del self._members[conversation_id]
 
     def members(self, conversation_id: str) -> int:
         return len(self._members.get(conversation_id, ()))
 
-    async def deliver(self, conversation_id: str, frames: Sequence[bytes]) -> None:
-        """Send already-numbered frames to the conversation's local sockets, in order."""
+    async def deliver(self, conversation_id: str, frames: Sequence[Numbered]) -> None:
+        """Send numbered frames to the conversation's local sockets, in order."""
         members = self._members.get(conversation_id)
         if not members:
             return
-        for peer in list(members.values()):
-            for frame in frames:
-                if not await peer.send(frame):
-                    self.leave(conversation_id, peer)
+        for member in list(members.values()):
+            if member.buffering:
+                member.buffer.extend(frames)
+                continue
+            for _, frame in frames:
+                if not await member.peer.send(frame):
+                    self.leave(conversation_id, member.peer)
                     break
 
-    async def emit(self, conversation_id: str, frames: Sequence[bytes], floor: int) -> list[bytes]:
-        """Number frames with the conversation's next seqs, log them for resume, and deliver them."""
-        first = await self.store.emit(conversation_id, frames, floor)
-        numbered = [splice_seq(frame, first + i) for i, frame in enumerate(frames)]
+    async def emit(
+        self, conversation_id: str, frames: Sequence[bytes], *, floor: int = 0, course: tuple[str, str] | None = None
+    ) -> list[Numbered]:
+        """Number frames with the conversation's next seqs, log and publish them, deliver them here."""
+        course_channel = self.store.keys.course_channel(*course) if course else ""
+        first = await self.store.emit(conversation_id, frames, floor, self.node, course_channel)
+        numbered = [(first + i, splice_seq(frame, first + i)) for i, frame in enumerate(frames)]
         await self.deliver(conversation_id, numbered)
+        if course is not None:
+            for _, frame in numbered:
+                await self.deliver_watchers(course[0], course[1], frame)
         return numbered
 
-    async def reserve(self, conversation_id: str, floor: int) -> int:
-        """Take a seq for a frame that can only be built after a commit."""
-        return await self.store.reserve_seq(conversation_id, floor)
+    # -- course watchers (teachers) ---------------------------------------------------------------
 
-    async def emit_reserved(self, conversation_id: str, seq: int, frame: bytes) -> bytes:
-        """Log and deliver a frame under a seq taken with `reserve`."""
-        numbered = splice_seq(frame, seq)
-        await self.store.append(conversation_id, seq, numbered)
-        await self.deliver(conversation_id, [numbered])
-        return numbered
+    async def watch(self, tenant_id: str, course_id: str, peer: Peer) -> None:
+        self._watchers.setdefault((tenant_id, course_id), {})[peer.id] = peer
+        channel = self.store.keys.course_channel(tenant_id, course_id)
+        if channel not in self._channels:
+            await self._subscribe(channel, ("w", tenant_id, course_id))
+
+    def unwatch(self, tenant_id: str, course_id: str, peer: Peer) -> None:
+        watchers = self._watchers.get((tenant_id, course_id))
+        if watchers is None:
+            return
+        watchers.pop(peer.id, None)
+        if not watchers:
+            del self._watchers[(tenant_id, course_id)]
+
+    async def deliver_watchers(self, tenant_id: str, course_id: str, frame: bytes) -> None:
+        watchers = self._watchers.get((tenant_id, course_id))
+        if not watchers:
+            return
+        wrapped = event_frame(course_id, frame)
+        for peer in list(watchers.values()):
+            if not await peer.send(wrapped):
+                self.unwatch(tenant_id, course_id, peer)
+
+    async def course_event(self, tenant_id: str, course_id: str, frame: bytes) -> None:
+        """A course-level event (joined/left, flags) for watchers here and on every other replica."""
+        await self.deliver_watchers(tenant_id, course_id, frame)
+        await self.store.publish_course_event(tenant_id, course_id, self.node, frame)

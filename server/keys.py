@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -14,7 +15,16 @@ from .auth import TokenVerifier
 from .chat import ChatService
 from .settings import Settings
 
+
+@dataclass
+class ProcessState:
+    """What the replica is doing: serving, or draining before it stops."""
+
+    draining: bool = False
+
+
 SETTINGS = web.AppKey("settings", Settings)
+STATE = web.AppKey("state", ProcessState)
 DATABASE = web.AppKey("database", Database)
 REDIS = web.AppKey("redis", RedisStore)
 PROVIDER = web.AppKey("provider", Provider)

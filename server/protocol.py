@@ -44,7 +44,38 @@ class Ping:
     pass
 
 
-ClientFrame = Hello | SendMessage | Cancel | HistoryRequest | Ping
+@dataclass(frozen=True, slots=True)
+class Regenerate:
+    reply_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    course_id: str
+    watch: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Intervene:
+    conversation_id: str
+    text: str
+    id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetAI:
+    conversation_id: str
+    paused: bool
+
+
+ClientFrame = Hello | SendMessage | Cancel | HistoryRequest | Ping | Regenerate | Watch | Intervene | SetAI
+
+
+def _required_str(obj: dict[str, Any], name: str, max_len: int = 200) -> str:
+    value = _optional_str(obj, name, max_len)
+    if value is None:
+        raise bad_request(f"'{name}' is required")
+    return value
 
 
 def _optional_str(obj: dict[str, Any], name: str, max_len: int = 200) -> str | None:
@@ -121,6 +152,26 @@ def parse_client_frame(data: str, *, max_message_chars: int, history_page_max: i
         )
     if kind == "ping":
         return Ping()
+    if kind == "regenerate":
+        reply_id = _optional_int(obj, "reply_id", 1)
+        if reply_id is None:
+            raise bad_request("'reply_id' is required")
+        return Regenerate(reply_id)
+    if kind in ("watch", "unwatch"):
+        return Watch(_required_str(obj, "course_id"), kind == "watch")
+    if kind == "intervene":
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise bad_request("'text' must be a non-empty string", ref)
+        if len(text) > max_message_chars:
+            raise ChatError(ErrorCode.TOO_LARGE, f"message longer than {max_message_chars} characters", ref)
+        client_id = _optional_str(obj, "id", MAX_CLIENT_ID)
+        return Intervene(_required_str(obj, "conversation_id", 64), text, client_id)
+    if kind == "ai":
+        paused = obj.get("paused")
+        if not isinstance(paused, bool):
+            raise bad_request("'paused' must be true or false")
+        return SetAI(_required_str(obj, "conversation_id", 64), paused)
     raise bad_request(f"unknown frame type {kind[:40]!r}")
 
 

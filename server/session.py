@@ -12,7 +12,20 @@ from redis.exceptions import RedisError
 from .auth import TokenVerifier
 from .chat import ChatService, Session
 from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request
-from .protocol import PONG, Cancel, Hello, HistoryRequest, Ping, SendMessage, error_frame, parse_client_frame
+from .protocol import (
+    PONG,
+    Cancel,
+    Hello,
+    HistoryRequest,
+    Intervene,
+    Ping,
+    Regenerate,
+    SendMessage,
+    SetAI,
+    Watch,
+    error_frame,
+    parse_client_frame,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,13 +104,13 @@ class SocketSession:
             if not isinstance(frame, Hello):
                 raise bad_request("the first frame must be hello")
             claims = self.verifier.verify(frame.token or self.header_token)
-            welcome = await self.chat.open_session(self.peer, claims, frame.conversation_id, frame.course_id)
-            self.session = welcome.session
-            await self.peer.send(welcome.frame)
+            self.session = await self.chat.open_session(
+                self.peer, claims, frame.conversation_id, frame.course_id, frame.resume_from
+            )
             log.info(
                 "hello",
-                extra={"tenant": claims.tenant, "user_id": welcome.session.user.id,
-                       "conversation_id": welcome.session.current, "session_id": welcome.session.id},
+                extra={"tenant": claims.tenant, "user_id": self.session.user.id,
+                       "conversation_id": self.session.current, "session_id": self.session.id},
             )
             return
         session = self.session
@@ -109,9 +122,17 @@ class SocketSession:
             await self.peer.send(await self.chat.history(session, frame))
         elif isinstance(frame, Ping):
             await self.peer.send(PONG)
+        elif isinstance(frame, Regenerate):
+            await self.chat.regenerate(session, frame.reply_id)
+        elif isinstance(frame, Watch):
+            await self.chat.watch(session, frame.course_id, frame.watch)
+        elif isinstance(frame, Intervene):
+            await self.chat.intervene(session, frame)
+        elif isinstance(frame, SetAI):
+            await self.chat.set_ai(session, frame)
         else:
             raise bad_request("hello was already received")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         if self.session is not None:
-            self.chat.close_session(self.session)
+            await self.chat.close_session(self.session)

@@ -98,6 +98,8 @@ class Settings:
     log_content: bool = False
     db_pool_min: int = 2
     db_pool_max: int = 10
+    drain_seconds: float = 20.0
+    metrics_port: int | None = 9100
 
     @property
     def embedded(self) -> bool:
@@ -164,6 +166,8 @@ class Settings:
             log_content=_bool(env, "SMARTEDU_LOG_CONTENT", False),
             db_pool_min=_int(env, "SMARTEDU_DB_POOL_MIN", defaults.db_pool_min, 1),
             db_pool_max=_int(env, "SMARTEDU_DB_POOL_MAX", defaults.db_pool_max, 1),
+            drain_seconds=_float(env, "SMARTEDU_DRAIN_SECONDS", defaults.drain_seconds),
+            metrics_port=_int(env, "SMARTEDU_METRICS_PORT", 9100) or None,
         )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
         return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))

@@ -77,6 +77,12 @@ class Turn:
     started: float = 0.0
     first_token_at: float | None = None
     finished: bool = False
+    course_id: str | None = None
+    last_seq: int = 0
+
+    @property
+    def course_key(self) -> tuple[str, str] | None:
+        return (self.tenant_id, self.course_id) if self.course_id else None
 
     @property
     def text(self) -> str:

@@ -1,7 +1,8 @@
 """Every Redis key and channel the product uses, built in one place under a configurable prefix.
 
-Keys about one conversation share the hash tag `{c:<id>}` so that multi-key scripts work on a Redis
-Cluster; per-user keys are tagged by user.
+Keys about one conversation share the hash tag `{c:<id>}`, presence keys of a course share
+`{p:<tenant>:<course>}` and per-user keys share `{u:<tenant>:<user>}`, so that multi-key scripts work
+on a Redis Cluster. Channels are not keys; they only need to be unique.
 """
 
 from __future__ import annotations
@@ -19,11 +20,29 @@ class Keys:
     def conversation_log(self, conversation_id: str) -> str:
         return f"{self.prefix}{{c:{conversation_id}}}:log"
 
+    def conversation_log_start(self, conversation_id: str) -> str:
+        return f"{self.prefix}{{c:{conversation_id}}}:logstart"
+
     def conversation_channel(self, conversation_id: str) -> str:
         return f"{self.prefix}{{c:{conversation_id}}}:events"
+
+    def course_channel(self, tenant_id: str, course_id: str) -> str:
+        return f"{self.prefix}{{p:{tenant_id}:{course_id}}}:events"
+
+    def presence(self, tenant_id: str, course_id: str) -> str:
+        """Sorted set: session id -> expiry (ms since the epoch)."""
+        return f"{self.prefix}{{p:{tenant_id}:{course_id}}}:online"
+
+    def presence_info(self, tenant_id: str, course_id: str) -> str:
+        """Hash: session id -> JSON description of the session."""
+        return f"{self.prefix}{{p:{tenant_id}:{course_id}}}:sessions"
 
     def rate_limit(self, tenant_id: str, user_id: str) -> str:
         return f"{self.prefix}{{u:{tenant_id}:{user_id}}}:rate"
 
-    def health(self) -> str:
-        return f"{self.prefix}health"
+    def leases(self) -> str:
+        """Sorted set of answers being generated: member -> lease expiry (ms since the epoch)."""
+        return f"{self.prefix}leases"
+
+    def control_channel(self) -> str:
+        return f"{self.prefix}control"

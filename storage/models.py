@@ -39,6 +39,7 @@ class Conversation:
     last_seq: int
     created_at: datetime
     updated_at: datetime
+    ai_paused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +69,11 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class SavedQuestion:
-    """The result of committing a student's message: the row, its reply placeholder, and whether it is new."""
+    """The result of committing a student's message: the row, its reply placeholder (None while the AI
+    is paused), and whether it is new."""
 
     message: Message
-    reply: Message
+    reply: Message | None
     created: bool
 
 
@@ -83,3 +85,4 @@ class UsageRecord:
     output_tokens: int
     ttft_ms: float | None
     duration_ms: float
+    passage_ids: tuple[int, ...] = ()

@@ -28,7 +28,8 @@ _MESSAGE_COLUMNS = (
     " prompt_tokens, output_tokens"
 )
 _CONVERSATION_COLUMNS = (
-    "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at"
+    "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at,"
+    " ai_paused"
 )
 
 
@@ -228,20 +229,22 @@ class Database:
         return _message(row) if row else None
 
     async def save_question(
-        self, tenant_id: str, conversation_id: str, client_id: str, text: str, seq: int, author_id: str
+        self, tenant_id: str, conversation_id: str, client_id: str, text: str, author_id: str
     ) -> SavedQuestion:
-        """Commit a student's message and its reply placeholder; a repeated client id returns the first rows."""
+        """Commit a student's message and its reply placeholder; a repeated client id returns the first rows.
+
+        While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
+        """
         async with self._transaction() as conn:
             row = await conn.fetchrow(
-                "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, seq, author_id)"
-                " VALUES ($1, $2, 'user', $3, 'complete', $4, $5, $6)"
+                "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
+                " VALUES ($1, $2, 'user', $3, 'complete', $4, $5)"
                 " ON CONFLICT (conversation_id, client_id) DO NOTHING"
                 f" RETURNING {_MESSAGE_COLUMNS}",
                 tenant_id,
                 conversation_id,
                 text,
                 client_id,
-                seq,
                 author_id,
             )
             if row is None:
@@ -255,31 +258,128 @@ class Database:
                 assert existing is not None
                 reply = await conn.fetchrow(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_to = $1 AND tenant_id = $2"
-                    " ORDER BY id LIMIT 1",
+                    " ORDER BY id DESC LIMIT 1",
                     existing["id"],
                     tenant_id,
                 )
-                assert reply is not None
-                return SavedQuestion(_message(existing), _message(reply), created=False)
-            reply = await conn.fetchrow(
-                "INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
-                " VALUES ($1, $2, 'assistant', 'streaming', $3)"
+                return SavedQuestion(_message(existing), _message(reply) if reply else None, created=False)
+            paused = await conn.fetchval(
+                "UPDATE conversations SET updated_at = now(),"
+                " title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
+                " WHERE id = $1 AND tenant_id = $2 RETURNING ai_paused",
+                conversation_id,
+                tenant_id,
+                text,
+            )
+            placeholder = None
+            if not paused:
+                placeholder = await self._insert_reply(conn, tenant_id, conversation_id, row["id"])
+        return SavedQuestion(_message(row), placeholder, created=True)
+
+    @staticmethod
+    async def _insert_reply(
+        conn: PoolConnectionProxy, tenant_id: str, conversation_id: str, question_id: int
+    ) -> Message:
+        reply = await conn.fetchrow(
+            "INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
+            " VALUES ($1, $2, 'assistant', 'streaming', $3)"
+            f" RETURNING {_MESSAGE_COLUMNS}",
+            tenant_id,
+            conversation_id,
+            question_id,
+        )
+        assert reply is not None
+        return _message(reply)
+
+    async def create_reply(self, tenant_id: str, conversation_id: str, question_id: int) -> Message:
+        """A new answer placeholder for an existing question (regenerate, or after the AI is resumed)."""
+        async with self._transaction() as conn:
+            return await self._insert_reply(conn, tenant_id, conversation_id, question_id)
+
+    async def set_message_seq(self, tenant_id: str, message_id: int, seq: int) -> None:
+        """Remember the seq of a message's ack, so a resend gets the same ack."""
+        await self.pool.execute(
+            "UPDATE messages SET seq = $3 WHERE id = $1 AND tenant_id = $2", message_id, tenant_id, seq
+        )
+
+    async def unanswered_question(self, tenant_id: str, conversation_id: str) -> Message | None:
+        """The newest student message if nothing (answer or teacher message) came after it."""
+        row = await self.pool.fetchrow(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND tenant_id = $2"
+            " ORDER BY id DESC LIMIT 1",
+            conversation_id,
+            tenant_id,
+        )
+        if row is None or row["role"] != "user":
+            return None
+        return _message(row)
+
+    async def save_teacher_message(
+        self, tenant_id: str, conversation_id: str, client_id: str | None, text: str, author_id: str
+    ) -> tuple[Message, bool]:
+        """Commit a teacher's message to a student's conversation (idempotent on the client id)."""
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
+                " VALUES ($1, $2, 'teacher', $3, 'complete', $4, $5)"
+                " ON CONFLICT (conversation_id, client_id) DO NOTHING"
                 f" RETURNING {_MESSAGE_COLUMNS}",
                 tenant_id,
                 conversation_id,
-                row["id"],
+                text,
+                client_id,
+                author_id,
             )
-            assert reply is not None
+            if row is None:
+                existing = await conn.fetchrow(
+                    f"SELECT {_MESSAGE_COLUMNS} FROM messages"
+                    " WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3",
+                    conversation_id,
+                    client_id,
+                    tenant_id,
+                )
+                assert existing is not None
+                return _message(existing), False
             await conn.execute(
-                "UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $3),"
-                " title = CASE WHEN title = '' THEN left($4, 80) ELSE title END"
-                " WHERE id = $1 AND tenant_id = $2",
+                "UPDATE conversations SET updated_at = now() WHERE id = $1 AND tenant_id = $2",
                 conversation_id,
                 tenant_id,
-                seq,
-                text,
             )
-        return SavedQuestion(_message(row), _message(reply), created=True)
+        return _message(row), True
+
+    async def set_ai_paused(self, tenant_id: str, conversation_id: str, paused: bool) -> None:
+        await self.pool.execute(
+            "UPDATE conversations SET ai_paused = $3 WHERE id = $1 AND tenant_id = $2",
+            conversation_id,
+            tenant_id,
+            paused,
+        )
+
+    async def tenant_conversation(self, tenant_id: str, conversation_id: str) -> Conversation | None:
+        """Any conversation of the tenant (for teachers; the caller checks the course)."""
+        if not _is_uuid(conversation_id):
+            return None
+        row = await self.pool.fetchrow(
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND tenant_id = $2",
+            conversation_id,
+            tenant_id,
+        )
+        return _conversation(row) if row else None
+
+    async def add_flag(
+        self, tenant_id: str, conversation_id: str, message_id: int | None, kind: str, detail: str = ""
+    ) -> int:
+        """Record something a teacher should see (a safety block, repeated failures)."""
+        flag_id = await self.pool.fetchval(
+            "INSERT INTO message_flags (tenant_id, conversation_id, message_id, kind, detail)"
+            " VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            tenant_id,
+            conversation_id,
+            message_id,
+            kind,
+            detail,
+        )
+        return int(flag_id)
 
     async def finish_reply(
         self,
@@ -313,8 +413,8 @@ class Database:
             if usage is not None:
                 await conn.execute(
                     "INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
-                    " prompt_tokens, output_tokens, ttft_ms, duration_ms, status)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    " prompt_tokens, output_tokens, ttft_ms, duration_ms, status, passage_ids)"
+                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                     tenant_id,
                     user_id,
                     conversation_id,
@@ -326,6 +426,7 @@ class Database:
                     usage.ttft_ms,
                     usage.duration_ms,
                     status,
+                    list(usage.passage_ids),
                 )
             await conn.execute(
                 "UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $3)"

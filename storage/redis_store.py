@@ -1,11 +1,15 @@
-"""Redis access (redis.asyncio): conversation sequence numbers, the resumable event log, rate limits."""
+"""Redis access (redis.asyncio): conversation seqs, the resumable event log, fan-out, presence, leases."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -13,33 +17,49 @@ from .keys import Keys
 
 log = logging.getLogger(__name__)
 
-# Assign consecutive seqs to a batch of frames and append them to the conversation's log in one round
-# trip. Each frame is a JSON object without its closing brace's seq: the script splices `"seq":N` in.
+# Number a batch of frames with the conversation's next seqs, append them to its log and publish them,
+# atomically: the log, the channel and the seqs all agree on one order. Each frame is a JSON object;
+# the script splices `"seq":N` in before its closing brace. Envelopes are "<node> <seq> <frame>".
 _EMIT = """
-local seq_key, log_key = KEYS[1], KEYS[2]
+local seq_key, log_key, start_key = KEYS[1], KEYS[2], KEYS[3]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local node, channel, course_channel = ARGV[4], ARGV[5], ARGV[6]
+local count = #ARGV - 6
 if redis.call('EXISTS', seq_key) == 0 then redis.call('SET', seq_key, floor) end
-local first = redis.call('INCRBY', seq_key, #ARGV - 3) - (#ARGV - 3) + 1
-for i = 4, #ARGV do
-  local seq = first + i - 4
+local first = redis.call('INCRBY', seq_key, count) - count + 1
+if redis.call('EXISTS', log_key) == 0 then redis.call('SET', start_key, first) end
+for i = 7, #ARGV do
+  local seq = first + i - 7
   local frame = string.sub(ARGV[i], 1, -2) .. ',"seq":' .. seq .. '}'
-  redis.call('XADD', log_key, 'MAXLEN', '~', maxlen, '*', 's', seq, 'f', frame)
+  redis.call('XADD', log_key, 'MAXLEN', maxlen, '*', 's', seq, 'f', frame)
+  local envelope = node .. ' ' .. seq .. ' ' .. frame
+  redis.call('PUBLISH', channel, envelope)
+  if course_channel ~= '' then redis.call('PUBLISH', course_channel, envelope) end
 end
 redis.call('EXPIRE', seq_key, ttl * 24)
 redis.call('EXPIRE', log_key, ttl)
+redis.call('EXPIRE', start_key, ttl)
 return first
 """
 
-_RESERVE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SET', KEYS[1], ARGV[1]) end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]) * 24)
-return redis.call('INCR', KEYS[1])
-"""
-
-_APPEND = """
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 's', ARGV[2], 'f', ARGV[3])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return 1
+# The conversation's current seq and its whole log, read atomically, plus whether the log is complete
+# back to its start (a log at its cap may have lost its oldest frames).
+_SNAPSHOT = """
+local seq = tonumber(redis.call('GET', KEYS[1]) or '0')
+local start = tonumber(redis.call('GET', KEYS[3]) or '0')
+local length = redis.call('XLEN', KEYS[2])
+local entries = redis.call('XRANGE', KEYS[2], '-', '+')
+local out = {seq, start, length}
+for _, entry in ipairs(entries) do
+  local fields = entry[2]
+  local s, f
+  for i = 1, #fields, 2 do
+    if fields[i] == 's' then s = fields[i + 1] elseif fields[i] == 'f' then f = fields[i + 1] end
+  end
+  out[#out + 1] = s
+  out[#out + 1] = f
+end
+return out
 """
 
 # Fixed one-minute window per user; returns 0 when allowed, else the milliseconds until the window ends.
@@ -57,7 +77,24 @@ return 0
 
 def splice_seq(frame: bytes, seq: int) -> bytes:
     """The same splice the emit script does, for frames delivered locally."""
-    return b"%b,\"seq\":%d}" % (frame[:-1], seq)
+    return b'%b,"seq":%d}' % (frame[:-1], seq)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSnapshot:
+    """A conversation's seq and logged frames at one instant."""
+
+    seq: int
+    entries: list[tuple[int, bytes]]
+    complete_after: int  # every frame with a seq above this is in `entries`
+
+    def covers(self, after: int) -> bool:
+        """True when every frame with seq > `after` is in the log."""
+        return after >= self.complete_after or after >= self.seq
 
 
 async def connect_redis(url: str, attempts: int = 10) -> Redis:
@@ -87,40 +124,134 @@ class RedisStore:
         self.log_maxlen = log_maxlen
         self.log_ttl_s = log_ttl_s
         self._emit = client.register_script(_EMIT)
-        self._reserve = client.register_script(_RESERVE)
-        self._append = client.register_script(_APPEND)
+        self._snapshot = client.register_script(_SNAPSHOT)
         self._rate_limit = client.register_script(_RATE_LIMIT)
 
     async def ping(self) -> None:
         """Raise if Redis cannot answer."""
         await self.client.ping()
 
-    async def emit(self, conversation_id: str, frames: Sequence[bytes], floor: int) -> int:
-        """Number `frames` consecutively, log them, and return the first seq."""
+    # -- conversation events --------------------------------------------------------------------
+
+    async def emit(
+        self, conversation_id: str, frames: Sequence[bytes], floor: int, node: str, course_channel: str = ""
+    ) -> int:
+        """Number `frames` consecutively, log and publish them; return the first seq."""
+        keys = self.keys
         first = await self._emit(
-            keys=[self.keys.conversation_seq(conversation_id), self.keys.conversation_log(conversation_id)],
-            args=[floor, self.log_maxlen, self.log_ttl_s, *frames],
+            keys=[
+                keys.conversation_seq(conversation_id),
+                keys.conversation_log(conversation_id),
+                keys.conversation_log_start(conversation_id),
+            ],
+            args=[
+                floor, self.log_maxlen, self.log_ttl_s, node, keys.conversation_channel(conversation_id),
+                course_channel, *frames,
+            ],
         )
         return int(first)
 
-    async def reserve_seq(self, conversation_id: str, floor: int) -> int:
-        """Take the next seq of the conversation without logging a frame yet."""
-        return int(
-            await self._reserve(keys=[self.keys.conversation_seq(conversation_id)], args=[floor, self.log_ttl_s])
+    async def snapshot(self, conversation_id: str) -> LogSnapshot:
+        """The conversation's current seq and every frame still in its log."""
+        keys = self.keys
+        raw = await self._snapshot(
+            keys=[
+                keys.conversation_seq(conversation_id),
+                keys.conversation_log(conversation_id),
+                keys.conversation_log_start(conversation_id),
+            ]
         )
-
-    async def append(self, conversation_id: str, seq: int, frame: bytes) -> None:
-        """Log a frame whose seq was reserved earlier."""
-        await self._append(
-            keys=[self.keys.conversation_log(conversation_id)], args=[self.log_maxlen, seq, frame, self.log_ttl_s]
-        )
+        seq, start, length = int(raw[0]), int(raw[1]), int(raw[2])
+        entries = [(int(raw[i]), bytes(raw[i + 1])) for i in range(3, len(raw), 2)]
+        if not entries:
+            complete_after = seq
+        elif length >= self.log_maxlen:
+            complete_after = entries[0][0] - 1  # the cap may have dropped older frames
+        else:
+            complete_after = (start if start > 0 else entries[0][0]) - 1
+        return LogSnapshot(seq, entries, complete_after)
 
     async def current_seq(self, conversation_id: str) -> int | None:
         """The conversation's latest seq, or None when Redis has no counter for it."""
         value = await self.client.get(self.keys.conversation_seq(conversation_id))
         return int(value) if value is not None else None
 
+    async def publish_control(self, message: dict[str, object]) -> None:
+        """Tell every replica something (e.g. cancel an answer that another replica generates)."""
+        await self.client.publish(self.keys.control_channel(), orjson.dumps(message))
+
+    async def publish_course_event(self, tenant_id: str, course_id: str, node: str, frame: bytes) -> None:
+        """A course-level event (students joining or leaving) for teachers watching on any replica."""
+        await self.client.publish(self.keys.course_channel(tenant_id, course_id), b"%b 0 %b" % (node.encode(), frame))
+
+    # -- rate limits ----------------------------------------------------------------------------
+
     async def hit_rate_limit(self, tenant_id: str, user_id: str, limit: int, window_ms: int = 60_000) -> float:
         """Count one message; return 0 if allowed, else seconds until the user may send again."""
         wait_ms = await self._rate_limit(keys=[self.keys.rate_limit(tenant_id, user_id)], args=[limit, window_ms])
         return int(wait_ms) / 1000.0
+
+    # -- leases on answers being generated ------------------------------------------------------
+
+    async def renew_leases(self, members: Sequence[str], ttl_ms: int) -> None:
+        """Extend the lease of every answer this replica owns."""
+        if members:
+            expiry = now_ms() + ttl_ms
+            await self.client.zadd(self.keys.leases(), {m: expiry for m in members})
+
+    async def release_lease(self, member: str) -> None:
+        await self.client.zrem(self.keys.leases(), member)
+
+    async def claim_expired_leases(self, limit: int = 50) -> list[str]:
+        """Take over answers whose owner stopped renewing; each is returned to exactly one caller."""
+        expired = await self.client.zrangebyscore(self.keys.leases(), "-inf", now_ms(), start=0, num=limit)
+        claimed: list[str] = []
+        for raw in expired:
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if await self.client.zrem(self.keys.leases(), member):
+                claimed.append(member)
+        return claimed
+
+    # -- presence -------------------------------------------------------------------------------
+
+    async def announce(self, tenant_id: str, course_id: str, session_id: str, info: bytes, ttl_ms: int) -> None:
+        """Mark a session online in its course until the ttl runs out (renewed by heartbeats)."""
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(self.keys.presence(tenant_id, course_id), {session_id: now_ms() + ttl_ms})
+            pipe.hset(self.keys.presence_info(tenant_id, course_id), session_id, info)
+            await pipe.execute()
+
+    async def heartbeat(self, sessions: Sequence[tuple[str, str, str]], ttl_ms: int) -> None:
+        """Renew (tenant, course, session) presence entries in one round trip."""
+        if not sessions:
+            return
+        expiry = now_ms() + ttl_ms
+        async with self.client.pipeline(transaction=False) as pipe:
+            for tenant_id, course_id, session_id in sessions:
+                pipe.zadd(self.keys.presence(tenant_id, course_id), {session_id: expiry}, xx=True)
+            await pipe.execute()
+
+    async def depart(self, tenant_id: str, course_id: str, session_id: str) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.presence(tenant_id, course_id), session_id)
+            pipe.hdel(self.keys.presence_info(tenant_id, course_id), session_id)
+            await pipe.execute()
+
+    async def _zmembers(self, key: str, minimum: int) -> list[Any]:
+        return list(await self.client.zrangebyscore(key, minimum, "+inf"))
+
+    async def online(self, tenant_id: str, course_id: str) -> list[dict[str, object]]:
+        """Sessions online in the course, dropping the ones whose heartbeats stopped."""
+        zkey, hkey = self.keys.presence(tenant_id, course_id), self.keys.presence_info(tenant_id, course_id)
+        now = now_ms()
+        stale = await self.client.zrangebyscore(zkey, "-inf", now)
+        if stale:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.zremrangebyscore(zkey, "-inf", now)
+                pipe.hdel(hkey, *stale)
+                await pipe.execute()
+        live = [bytes(m) if not isinstance(m, str) else m.encode() for m in await self._zmembers(zkey, now)]
+        if not live:
+            return []
+        infos = await self.client.hmget(hkey, live)
+        return [orjson.loads(info) for info in infos if info is not None]

@@ -106,7 +106,7 @@ def test_serve_embedded_prints_a_working_url_and_keeps_data_across_restarts(tmp_
         again = asyncio.run(_chat(f"http://127.0.0.1:{port}/ws", url.split("token=")[1], ""))
         assert again["conversation_id"] == first["conversation_id"]
         history = again["history"]
-        assert isinstance(history, list) and [m["text"] for m in history][0] == "Does my data survive?"
+        assert isinstance(history, list) and history[0]["text"] == "Does my data survive?"
         assert history[1]["status"] == "complete"
     finally:
         _stop(proc)

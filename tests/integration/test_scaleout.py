@@ -1,0 +1,256 @@
+"""Shared state across replicas, in-process: two apps on one PostgreSQL and one Redis prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import orjson
+import pytest
+
+from server.app import drain
+from server.keys import CHAT, REDIS
+from tests.conftest import Serve, Server, answer_text, seed_course, token
+
+pytestmark = pytest.mark.integration
+
+TEACHER = {"role": "teacher", "courses": ["alg-1"]}
+
+
+async def _two_replicas(serve: Serve, **overrides: object) -> tuple[Server, Server]:
+    first = await serve(replica_id="replica-a", **overrides)
+    second = await serve(replica_id="replica-b", **overrides)
+    await seed_course(first.settings, "school-a", "alg-1", "Algebra I", "Equations.")
+    return first, second
+
+
+async def _committed(db: asyncpg.Connection, reply_id: int) -> asyncpg.Record:
+    async with asyncio.timeout(10):
+        while True:
+            row = await db.fetchrow("SELECT text, status FROM messages WHERE id = $1", reply_id)
+            if row is not None and row["status"] != "streaming":
+                return row
+            await asyncio.sleep(0.05)
+
+
+async def test_tabs_on_two_replicas_each_get_every_frame_once(serve: Serve, db: asyncpg.Connection) -> None:
+    a, b = await _two_replicas(serve, offline_tokens_per_s=200)
+    tab1 = await a.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(courses=["alg-1"]), "conversation_id": conversation})
+    await tab1.send(type="message", id="x1", text="What is a variable?")
+    frames1 = await tab1.until("done")
+    frames2 = await tab2.until("done")
+    assert [f["seq"] for f in frames1] == [f["seq"] for f in frames2]
+    assert len({f["seq"] for f in frames2}) == len(frames2)
+    reply_id = frames1[0]["reply_id"]
+    row = await _committed(db, reply_id)
+    assert answer_text(frames2, reply_id) == answer_text(frames1, reply_id) == row["text"]
+
+
+async def test_resume_on_another_replica_mid_answer(serve: Serve, db: asyncpg.Connection) -> None:
+    a, b = await _two_replicas(serve, offline_tokens_per_s=80)
+    sock = await a.connect({"token": token()})
+    conversation = sock.frames[0]["conversation_id"]
+    await sock.send(type="message", id="r1", text="Explain long division")
+    ack = await sock.expect("ack")
+    for _ in range(5):
+        await sock.expect("token")
+    await sock.close()
+    last_seq = max(f["seq"] for f in sock.frames if "seq" in f)
+
+    again = await b.connect({"token": token(), "conversation_id": conversation, "resume_from": last_seq})
+    assert again.frames[0]["resumed"] is True
+    frames = await again.until("done")
+    assert all(f["seq"] > last_seq for f in frames)
+    text = answer_text(sock.frames + frames, ack["reply_id"])
+    row = await _committed(db, ack["reply_id"])
+    assert row["status"] == "complete" and text == row["text"] and frames[-1]["length"] == len(text)
+
+
+async def test_fresh_hello_mid_answer_catches_up_the_text_so_far(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve(offline_tokens_per_s=80)
+    sock = await server.connect({"token": token()})
+    await sock.send(type="message", id="f1", text="Tell me about circles")
+    ack = await sock.expect("ack")
+    for _ in range(4):
+        await sock.expect("token")
+    late = await server.connect({"token": token()})
+    history = late.frames[0]["history"]
+    assert history[-1]["id"] == ack["reply_id"] and history[-1]["status"] == "streaming"
+    frames = await late.until("done")
+    row = await _committed(db, ack["reply_id"])
+    assert answer_text(frames, ack["reply_id"]) == row["text"]
+
+
+async def test_resume_from_a_seq_the_log_no_longer_holds(serve: Serve) -> None:
+    server = await serve(stream_maxlen=3, offline_tokens_per_s=1000)
+    sock = await server.connect({"token": token()})
+    conversation = sock.frames[0]["conversation_id"]
+    await sock.send(type="message", id="m1", text="hi")
+    await sock.until("done")
+    again = await server.connect({"token": token(), "conversation_id": conversation, "resume_from": 1})
+    welcome = again.frames[0]
+    assert welcome["resumed"] is False and len(welcome["history"]) == 2
+    assert welcome["history"][1]["status"] == "complete"
+    current = await server.connect({"token": token(), "conversation_id": conversation, "resume_from": welcome["seq"]})
+    assert current.frames[0]["resumed"] is True
+
+
+async def test_teacher_on_another_replica_sees_the_answer_live(serve: Serve, db: asyncpg.Connection) -> None:
+    a, b = await _two_replicas(serve, offline_tokens_per_s=200)
+    teacher = await b.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
+    await teacher.send(type="watch", course_id="alg-1")
+    snapshot = await teacher.expect("snapshot")
+    assert snapshot["students"] == []
+
+    student = await a.connect({"token": token("stu-9", name="Sam", courses=["alg-1"]), "course_id": "alg-1"})
+    joined = await teacher.expect("event")
+    assert joined["kind"] == "joined" and joined["student"]["user_id"] == "stu-9"
+    assert joined["student"]["replica"] == "replica-a" and joined["student"]["name"] == "Sam"
+    await student.send(type="message", id="q", text="Is zero even?")
+    student_frames = await student.until("done")
+    events = await teacher.until("event")
+    while events[-1]["frame"]["type"] != "done":
+        events += await teacher.until("event")
+    seen = [e["frame"] for e in events if e["kind"] == "frame"]
+    assert seen == student_frames
+
+    await teacher.send(type="unwatch", course_id="alg-1")
+    response = await a.client.get(
+        "/api/courses/alg-1/live", headers={"Authorization": f"Bearer {token('teach-1', **TEACHER)}"}  # type: ignore[arg-type]
+    )
+    live = await response.json()
+    assert response.status == 200 and [s["user_id"] for s in live["students"]] == ["stu-9"]
+    await student.close()
+    async with asyncio.timeout(5):
+        while (await (await a.client.get(
+            "/api/courses/alg-1/live", headers={"Authorization": f"Bearer {token('teach-1', **TEACHER)}"}  # type: ignore[arg-type]
+        )).json())["students"]:
+            await asyncio.sleep(0.05)
+
+
+async def test_teacher_permissions(serve: Serve) -> None:
+    a, _ = await _two_replicas(serve)
+    await seed_course(a.settings, "school-b", "bio-1", "Biology")
+    await seed_course(a.settings, "school-a", "geo-1", "Geometry")
+    cases = [
+        (token("stu", courses=["alg-1"]), "alg-1", "forbidden"),
+        (token("t", role="teacher", courses=["alg-1"]), "geo-1", "forbidden"),
+        (token("t", role="teacher", courses=["alg-1"]), "bio-1", "forbidden"),
+        (token("t", role="teacher"), "alg-1", "forbidden"),
+        (token("adm", role="admin"), "bio-1", "not_found"),
+        (token("t", role="teacher", courses=["alg-1", "nope"]), "nope", "not_found"),
+    ]
+    for who, course, code in cases:
+        sock = await a.connect({"token": who})
+        await sock.send(type="watch", course_id=course)
+        assert (await sock.expect("error"))["code"] == code, (who, course)
+    admin = await a.connect({"token": token("adm", role="admin")})
+    await admin.send(type="watch", course_id="geo-1")
+    assert (await admin.expect("snapshot"))["course_id"] == "geo-1"
+    response = await a.client.get("/api/courses/alg-1/live", headers={"Authorization": f"Bearer {token('stu')}"})
+    assert response.status == 403
+
+
+async def test_teacher_intervenes_and_pauses_the_ai(serve: Serve, db: asyncpg.Connection) -> None:
+    a, b = await _two_replicas(serve)
+    student = await a.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    conversation = student.frames[0]["conversation_id"]
+    teacher = await b.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
+
+    await teacher.send(
+        type="intervene", conversation_id=conversation, text="Remember the order of operations!", id="t1"
+    )
+    note = await student.expect("teacher_message")
+    assert note["text"] == "Remember the order of operations!" and note["conversation_id"] == conversation
+
+    await teacher.send(type="ai", conversation_id=conversation, paused=True)
+    assert (await student.expect("ai_state"))["paused"] is True
+    await student.send(type="message", id="p1", text="What is 2 + 3 * 4?")
+    ack = await student.expect("ack")
+    assert ack["reply_id"] is None
+    await student.send(type="ping")
+    await student.expect("pong")  # no answer while paused
+
+    await teacher.send(type="ai", conversation_id=conversation, paused=False)
+    assert (await student.expect("ai_state"))["paused"] is False
+    frames = await student.until("done")
+    reply_id = frames[-1]["reply_id"]
+    assert (await _committed(db, reply_id))["status"] == "complete"
+    roles = [r["role"] for r in await db.fetch(
+        "SELECT role FROM messages WHERE conversation_id = $1 ORDER BY id", conversation
+    )]
+    assert roles == ["teacher", "user", "assistant"]
+
+    # A student cannot do teacher things, and a teacher cannot reach another course's conversation.
+    await student.send(type="intervene", conversation_id=conversation, text="hi")
+    assert (await student.expect("error"))["code"] == "forbidden"
+    other = await a.connect({"token": token("stu-2")})
+    await teacher.send(type="ai", conversation_id=other.frames[0]["conversation_id"], paused=True)
+    assert (await teacher.expect("error"))["code"] == "not_found"
+
+
+async def test_abandoned_answer_is_taken_over_and_can_be_regenerated(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve(offline_tokens_per_s=50)
+    sock = await server.connect({"token": token()})
+    await sock.send(type="message", id="k1", text="A question for a replica that will die")
+    ack = await sock.expect("ack")
+    await sock.expect("token")
+    # Simulate the owner dying: its turn vanishes without committing, and its lease runs out.
+    chat = server.client.app[CHAT]
+    turn = chat._turns.pop(ack["reply_id"])
+    assert turn.stream_task is not None and turn.task is not None
+    turn.task.cancel()  # cancelling the bare task would commit; detach it first
+    store = server.client.app[REDIS]
+    member = orjson.dumps(["school-a", turn.user_id, turn.conversation_id, turn.reply_id, None]).decode()
+    turn.finished = True
+    await store.client.zadd(store.keys.leases(), {member: int(time.time() * 1000) - 1})
+    started = time.monotonic()
+    frames = await sock.until("done")
+    done = frames[-1]
+    assert done["status"] in ("interrupted",) and time.monotonic() - started < 10
+    row = await _committed(db, ack["reply_id"])
+    assert row["status"] == "interrupted"
+
+    await sock.send(type="regenerate", reply_id=ack["reply_id"])
+    again = await sock.expect("ack")
+    assert again["regenerated"] is True and again["reply_id"] != ack["reply_id"] and again["id"] == "k1"
+    frames = await sock.until("done")
+    assert frames[-1]["status"] == "complete"
+    await sock.send(type="regenerate", reply_id=again["reply_id"])
+    assert (await sock.expect("error"))["code"] == "bad_request"
+
+
+async def test_drain_tells_clients_to_reconnect_and_refuses_new_sockets(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve(offline_tokens_per_s=100)
+    sock = await server.connect({"token": token()})
+    await sock.send(type="message", id="d1", text="Finish me before you go")
+    ack = await sock.expect("ack")
+    await drain(server.client.app, 5.0)
+    frames = sock.frames + await sock.until("done")
+    assert any(f["type"] == "reconnect" and 0 < f["after_ms"] <= 3000 for f in frames)
+    assert (await _committed(db, ack["reply_id"]))["status"] == "complete"
+    response = await server.client.get("/ready")
+    assert response.status == 503 and (await response.json())["status"] == "draining"
+    response = await server.client.get("/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade",
+                                                       "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                                                       "Sec-WebSocket-Version": "13"})
+    assert response.status == 503
+    await sock.send(type="message", id="d2", text="too late")
+    assert (await sock.expect("error"))["code"] == "ai_unavailable"
+
+
+async def test_cancel_reaches_the_replica_that_generates(serve: Serve, db: asyncpg.Connection) -> None:
+    a, b = await _two_replicas(serve, offline_tokens_per_s=30)
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    await tab1.send(type="message", id="c1", text="Long answer")
+    ack = await tab1.expect("ack")
+    await tab2.until("token")
+    await tab2.send(type="cancel", reply_id=ack["reply_id"])
+    frames = await tab2.until("done")
+    assert frames[-1]["status"] == "stopped"
+    assert (await _committed(db, ack["reply_id"]))["status"] == "stopped"
