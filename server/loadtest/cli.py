@@ -541,12 +541,20 @@ class _JsonLogFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by test capture)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _configure_logging(level: str) -> None:
     logger = logging.getLogger("smartedu.loadtest")
     for handler in list(logger.handlers):
         if getattr(handler, "_loadtest", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_JsonLogFormatter())
     handler._loadtest = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

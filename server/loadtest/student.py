@@ -7,6 +7,7 @@ import logging
 import random
 import ssl
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -198,6 +199,8 @@ class RunContext:
         self.end_at = stats.started + config.duration
         self.drain_deadline = self.end_at + config.drain_timeout
         self.stop_event = asyncio.Event()
+        # Message ids are unique per conversation for the server; a later run may reuse the conversation.
+        self.run_id = uuid.uuid4().hex[:8]
 
     def stopping(self) -> bool:
         return self.stop_event.is_set() or self.clock() >= self.end_at
@@ -367,7 +370,7 @@ class Student:
 
     def new_turn(self, t0: float) -> Turn:
         self._next_turn += 1
-        turn = Turn(f"lt{self.index}-{self._next_turn}", t0)
+        turn = Turn(f"lt{self.ctx.run_id}-{self.index}-{self._next_turn}", t0)
         drop = self.ctx.config.drop_probability
         turn.plan_drop = drop > 0 and self.ctx.rng.random() < drop
         return turn
@@ -569,7 +572,14 @@ class Student:
         try:
             async for msg in ws:
                 if msg.type is aiohttp.WSMsgType.TEXT:
-                    if self._on_frame(msg.data):
+                    try:
+                        drop = self._on_frame(msg.data)
+                    except Exception:
+                        # A frame the checks did not foresee must not take the student down.
+                        log.exception("frame handling failed", extra={"student": self.index})
+                        self.ctx.stats.count("frame_handling_errors", self.ctx.clock())
+                        continue
+                    if drop:
                         self._dropping = True
                         await _close_quietly(ws, code=1001)
                         break
@@ -666,7 +676,9 @@ class Student:
                 self._backoff = 0.0
                 return True
             self._backoff = min(max(self._backoff * 2.0, _BACKOFF_FIRST), _BACKOFF_MAX)
-            self.wake.clear()
+            if not draining and ctx.stopping():
+                return False
+            self.wake.clear()  # no await between this and the wait: a stop cannot slip through
             await self._wait(min(ctx.clock() + self._backoff * ctx.rng.uniform(0.5, 1.0), deadline))
         return False
 

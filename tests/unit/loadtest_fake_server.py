@@ -1,0 +1,257 @@
+"""A small in-process protocol v1 server for testing the load tester, with injectable faults.
+
+It keeps every frame of a conversation so a socket can resume (`hello{conversation_id, resume_from}`),
+answers one message at a time per conversation (queued in order, acked at once, like the real core)
+and keeps generating an answer when the socket that asked for it goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+
+@dataclass
+class Behaviour:
+    tokens: int = 5
+    token_delay: float = 0.0
+    first_token_delay: float = 0.0
+    slow_every: int = 0  # every Nth answer waits slow_delay before its first token
+    slow_delay: float = 0.0
+    lose_token_in_turn: int | None = None  # answer number (1-based) that skips one middle token frame
+    lose_last_token_in_turn: int | None = None
+    duplicate_token_in_turn: int | None = None
+    error_every: int = 0  # every Nth message gets an error frame instead of an ack
+    error_code: str = "rate_limited"
+    stall_once: float = 0.0  # the first message of the server's life waits this long before anything
+    resume: bool = True
+    watch_events: bool = False  # False: `watch` gets error bad_request (not implemented)
+
+
+@dataclass
+class Conversation:
+    id: str
+    course_id: str
+    seq: int = 0
+    log: list[tuple[int, str]] = field(default_factory=list)
+    ws: web.WebSocketResponse | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    acks: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> ack, for resends
+    worker: asyncio.Task[None] | None = None
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+@dataclass
+class Counts:
+    hellos: int = 0
+    resumed: int = 0
+    messages: int = 0
+    errors_sent: int = 0
+    answers_done: int = 0
+    watches: int = 0
+    resends: int = 0
+
+
+def _subject(token: str) -> str:
+    """The token's `sub`, unverified: the fake trusts whoever calls it."""
+    payload = token.split(".")[1]
+    claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return str(claims["sub"])
+
+
+class FakeServer:
+    def __init__(self, behaviour: Behaviour | None = None) -> None:
+        self.behaviour = behaviour or Behaviour()
+        self.counts = Counts()
+        self.conversations: dict[str, Conversation] = {}
+        self._by_user_course: dict[tuple[str, str], str] = {}
+        self._ids = itertools.count(1)
+        self._answers = itertools.count(1)
+        self._stalled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/ws", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for conv in self.conversations.values():
+            if conv.worker is not None:
+                conv.worker.cancel()
+        workers = [c.worker for c in self.conversations.values() if c.worker is not None]
+        await asyncio.gather(*self._tasks, *workers, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _emit(self, conv: Conversation, frame: dict[str, Any]) -> None:
+        async with conv.lock:
+            frame["seq"] = conv.next_seq()
+            frame["conversation_id"] = conv.id
+            data = orjson.dumps(frame).decode()
+            conv.log.append((frame["seq"], data))
+            await self._send(conv.ws, data)
+
+    @staticmethod
+    async def _send(ws: web.WebSocketResponse | None, data: str) -> None:
+        if ws is None or ws.closed:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.send_str(data)
+
+    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        conv: Conversation | None = None
+        try:
+            first = await ws.receive()
+            if first.type is not WSMsgType.TEXT:
+                return ws
+            hello = orjson.loads(first.data)
+            if hello.get("type") != "hello" or not hello.get("token"):
+                await ws.send_str(orjson.dumps({"type": "error", "code": "unauthorized", "message": "no"}).decode())
+                await ws.close(code=4401)
+                return ws
+            self.counts.hellos += 1
+            conv = await self._welcome(ws, hello)
+            async for msg in ws:
+                if msg.type is not WSMsgType.TEXT:
+                    continue
+                frame = orjson.loads(msg.data)
+                if frame.get("type") == "message":
+                    await self._on_message(ws, conv, frame)
+                elif frame.get("type") == "watch":
+                    self._on_watch(ws)
+        finally:
+            if conv is not None and conv.ws is ws:
+                conv.ws = None
+        return ws
+
+    async def _welcome(self, ws: web.WebSocketResponse, hello: dict[str, Any]) -> Conversation:
+        course = str(hello.get("course_id") or "default")
+        user = _subject(str(hello["token"]))
+        conv_id = hello.get("conversation_id") or self._by_user_course.get((user, course))
+        conv = self.conversations.get(conv_id) if isinstance(conv_id, str) else None
+        if conv is None:
+            conv = Conversation(f"conv-{next(self._ids)}", course)
+            self.conversations[conv.id] = conv
+            self._by_user_course[(user, course)] = conv.id
+            conv.worker = asyncio.create_task(self._answer_loop(conv))
+        raw_resume = hello.get("resume_from")
+        resume_from = raw_resume if isinstance(raw_resume, int) else None
+        resumed = resume_from is not None and self.behaviour.resume
+        async with conv.lock:
+            welcome = {
+                "type": "welcome",
+                "session_id": f"s{next(self._ids)}",
+                "user": {"id": user, "role": "student", "tenant": "t", "name": "x"},
+                "conversation_id": conv.id,
+                "course_id": conv.course_id,
+                "history": [],
+                "seq": conv.seq,
+            }
+            if resume_from is not None:
+                welcome["resumed"] = resumed
+            await ws.send_str(orjson.dumps(welcome).decode())
+            if resume_from is not None and resumed:
+                self.counts.resumed += 1
+                for seq, data in conv.log:
+                    if seq > resume_from:
+                        await ws.send_str(data)
+            conv.ws = ws
+        return conv
+
+    async def _on_message(self, ws: web.WebSocketResponse, conv: Conversation, frame: dict[str, Any]) -> None:
+        b = self.behaviour
+        if b.stall_once and not self._stalled:
+            self._stalled = True
+            await asyncio.sleep(b.stall_once)
+        self.counts.messages += 1
+        client_id = str(frame.get("id"))
+        if client_id in conv.acks:
+            # Protocol v1: a resend with the same id gets the same ack and no second answer.
+            self.counts.resends += 1
+            await self._emit(conv, dict(conv.acks[client_id]))
+            return
+        if b.error_every and self.counts.messages % b.error_every == 0:
+            self.counts.errors_sent += 1
+            error = {"type": "error", "code": b.error_code, "message": "injected", "ref": frame.get("id")}
+            await ws.send_str(orjson.dumps(error).decode())
+            return
+        reply_id = next(self._ids) + 1000
+        ack = {"type": "ack", "id": client_id, "message_id": reply_id - 1, "reply_id": reply_id}
+        conv.acks[client_id] = dict(ack)
+        await self._emit(conv, ack)
+        conv.queue.put_nowait(reply_id)
+
+    def _on_watch(self, ws: web.WebSocketResponse) -> None:
+        self.counts.watches += 1
+        task = asyncio.create_task(self._watch(ws))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, ws: web.WebSocketResponse) -> None:
+        if not self.behaviour.watch_events:
+            error = {"type": "error", "code": "bad_request", "message": "watch is not implemented"}
+            await self._send(ws, orjson.dumps(error).decode())
+            return
+        while not ws.closed:
+            await self._send(ws, orjson.dumps({"type": "event", "kind": "message"}).decode())
+            await asyncio.sleep(0.05)
+
+    async def _answer_loop(self, conv: Conversation) -> None:
+        b = self.behaviour
+        while True:
+            reply_id = await conv.queue.get()
+            number = next(self._answers)
+            delay = b.first_token_delay
+            if b.slow_every and number % b.slow_every == 0:
+                delay = b.slow_delay
+            if delay:
+                await asyncio.sleep(delay)
+            offset = 0
+            for i in range(b.tokens):
+                text = f"word{i} "
+                skip = (number == b.lose_token_in_turn and i == b.tokens // 2) or (
+                    number == b.lose_last_token_in_turn and i == b.tokens - 1
+                )
+                token = {"type": "token", "reply_id": reply_id, "text": text, "offset": offset}
+                if not skip:
+                    await self._emit(conv, dict(token))
+                if number == b.duplicate_token_in_turn and i == b.tokens // 2:
+                    await self._emit(conv, dict(token))
+                offset += len(text)
+                if b.token_delay:
+                    await asyncio.sleep(b.token_delay)
+            done = {
+                "type": "done",
+                "reply_id": reply_id,
+                "status": "complete",
+                "length": offset,
+                "usage": {"prompt_tokens": 10, "output_tokens": b.tokens},
+            }
+            await self._emit(conv, done)
+            self.counts.answers_done += 1

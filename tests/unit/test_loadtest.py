@@ -1,0 +1,446 @@
+"""The load tester against an in-test protocol server: counting, percentiles, faults, gates, outputs."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from server.loadtest.cli import amain, check_target, is_loopback, main
+from server.loadtest.stats import LatencyHistogram, RunStats
+from server.loadtest.tokens import TokenError, minter_from_private_key, minter_from_secret, read_tokens_file
+from tests.unit.loadtest_fake_server import Behaviour, FakeServer
+
+SECRET = secrets.token_hex(32)
+ROOT = Path(__file__).resolve().parents[2]
+
+StartServer = Callable[[Behaviour], Awaitable[FakeServer]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    servers: list[FakeServer] = []
+
+    async def start(behaviour: Behaviour) -> FakeServer:
+        server = FakeServer(behaviour)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+_runs = itertools.count()
+
+
+def _base_args(server: FakeServer, *extra: str) -> list[str]:
+    return [
+        "--url",
+        server.url,
+        "--jwt-secret",
+        SECRET,
+        "--students",
+        "2",
+        "--duration",
+        "1",
+        "--ramp-rate",
+        "100",
+        "--think-time",
+        "0.01",
+        "--think-dist",
+        "constant",
+        "--drain-timeout",
+        "3",
+        "--seed",
+        "7",
+        "--quiet",
+        *extra,
+    ]
+
+
+async def _run(server: FakeServer, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / f"results-{next(_runs)}.json"
+    code = await amain([*_base_args(server, *extra), "--out", str(out)])
+    return code, json.loads(out.read_text())
+
+
+def _all(results: dict[str, Any]) -> dict[str, Any]:
+    phase: dict[str, Any] = results["phases"]["all"]
+    return phase
+
+
+# -- counting -----------------------------------------------------------------------------------------
+
+
+async def test_counts_turns_and_errors_by_code(start_server: StartServer, tmp_path: Path) -> None:
+    server = await start_server(Behaviour(tokens=4, error_every=3, error_code="rate_limited"))
+    code, results = await _run(server, tmp_path, "--students", "3")
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    counts = server.counts
+    assert counts.messages > 10
+    assert counters["turns_attempted"] == counters["turns_sent"] == counts.messages
+    assert counters["turns_ok"] == counters["turns_completed"] == counts.answers_done
+    assert phase["errors_by_code"] == {"rate_limited": counts.errors_sent}
+    assert counters["turns_failed"] == counts.errors_sent
+    assert counters.get("turns_unfinished", 0) == 0
+    assert counters["token_frames"] == 4 * counts.answers_done
+    assert counters["output_tokens"] == 4 * counts.answers_done
+    assert counters.get("lost_tokens", 0) == 0 and counters.get("duplicate_tokens", 0) == 0
+    assert phase["latency_ms"]["done"]["count"] == counts.answers_done
+    assert phase["latency_ms"]["connect"]["count"] == counters["connects_ok"] == 3
+    expected_rate = counts.errors_sent / (counts.messages + counters["connect_attempts"])
+    assert phase["error_rate"] == pytest.approx(expected_rate, abs=1e-6)
+    assert phase["done_status"] == {"complete": counts.answers_done}
+    # Phases split the run; their counts add up to the whole.
+    ramp, steady = results["phases"]["ramp-up"], results["phases"]["steady"]
+    assert ramp["counters"]["turns_attempted"] + steady["counters"]["turns_attempted"] == counts.messages
+    # Rates are over the load window (ramp-up + steady), not diluted by the drain.
+    answers = sum(results["phases"][name]["counters"].get("answers", 0) for name in ("ramp-up", "steady"))
+    assert phase["rates_per_s"]["turns"] == pytest.approx(answers / steady["window_s"][1], rel=1e-3)
+
+
+async def test_percentiles_follow_the_servers_latency(start_server: StartServer, tmp_path: Path) -> None:
+    # Every answer's first token waits 20 ms, every 10th waits 250 ms: p50 near 20, p99 past 250.
+    server = await start_server(Behaviour(tokens=2, first_token_delay=0.02, slow_every=10, slow_delay=0.25))
+    code, results = await _run(server, tmp_path, "--students", "4", "--think-time", "0", "--duration", "1.2")
+    assert code == 0
+    latency = _all(results)["latency_ms"]
+    ttft = latency["ttft"]
+    assert ttft["count"] == server.counts.answers_done >= 40
+    assert 20.0 <= ttft["p50"] < 60.0
+    assert 250.0 <= ttft["p99"] <= ttft["p99.9"] <= ttft["max"] < 500.0
+    assert latency["ack"]["p50"] < 20.0  # acks come at once, before the wait
+    assert latency["done"]["p50"] >= ttft["p50"]
+
+
+def test_histogram_percentiles_are_exact_within_precision() -> None:
+    hist = LatencyHistogram()
+    for ms in range(1, 1001):
+        hist.record(ms / 1000.0)
+    summary = hist.summary()
+    assert summary["count"] == 1000
+    assert summary["p50"] == pytest.approx(500.0, rel=0.002)
+    assert summary["p90"] == pytest.approx(900.0, rel=0.002)
+    assert summary["p99"] == pytest.approx(990.0, rel=0.002)
+    assert summary["p99.9"] == pytest.approx(999.0, rel=0.002)
+    assert summary["max"] == pytest.approx(1000.0, rel=0.002)
+    empty = LatencyHistogram().summary()
+    assert empty["count"] == 0 and empty["p99"] is None
+
+
+def test_phases_are_chosen_by_start_time() -> None:
+    stats = RunStats(started=100.0, ramp_end=110.0, end_at=130.0)
+    stats.record("ack", started=109.9, seconds=0.5, now=110.4)  # began in ramp-up, ended after it
+    stats.record("ack", started=110.0, seconds=0.1, now=110.1)
+    stats.record("reconnect", started=131.0, seconds=0.1, now=131.1)
+    assert stats.phases["ramp-up"].latency["ack"].count == 1
+    assert stats.phases["steady"].latency["ack"].count == 1
+    assert stats.phases["drain"].latency["reconnect"].count == 1
+    assert stats.combined().latency["ack"].count == 2
+    stats.finished = 134.0
+    assert stats.window("ramp-up") == (0.0, 10.0)
+    assert stats.window("steady") == (10.0, 30.0)
+    assert stats.window("drain") == (30.0, 34.0)
+    assert stats.window("all") == (0.0, 30.0)  # the load window: rates leave the drain out
+
+
+async def test_a_second_run_reuses_conversations_without_colliding_ids(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The same students come back to their most recent conversation; their message ids must not
+    # look like resends of the first run's (which get an ack but no answer).
+    server = await start_server(Behaviour(tokens=2))
+    for _ in range(2):
+        code, results = await _run(server, tmp_path, "--duration", "0.4", "--max-error-rate", "0")
+        assert code == 0
+        assert _all(results)["counters"]["turns_ok"] > 0
+    assert len(server.conversations) == 2
+    assert server.counts.resends == 0
+
+
+# -- faults -------------------------------------------------------------------------------------------
+
+
+async def test_detects_lost_and_duplicated_tokens(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Answer 2 misses a middle token (a gap in offsets), answer 4 misses its last one (short of
+    # done.length), answer 3 repeats a token (an offset seen twice). Each piece is "wordN " (6 chars).
+    server = await start_server(
+        Behaviour(tokens=6, lose_token_in_turn=2, lose_last_token_in_turn=4, duplicate_token_in_turn=3)
+    )
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.6", "--max-lost", "0", "--max-duplicated", "0"
+    )
+    counters = _all(results)["counters"]
+    assert server.counts.answers_done >= 4
+    assert counters["lost_tokens"] == 2
+    assert counters["lost_chars"] == 12
+    assert counters["duplicate_tokens"] == 1
+    assert counters["duplicate_chars"] == 6
+    assert code == 1
+    assert results["passed"] is False
+    err = capsys.readouterr().err
+    assert "threshold failed: lost tokens 2 > 0" in err
+    assert "threshold failed: duplicated tokens 1 > 0" in err
+
+
+async def test_open_loop_latency_counts_from_intended_send_time(start_server: StartServer, tmp_path: Path) -> None:
+    # The server stalls 1 s on the first question. Questions are due every 100 ms meanwhile: an open
+    # loop keeps sending them on schedule and charges them the wait; a closed loop would have sent
+    # none of them and shown a single slow answer out of ~25 (p90 would stay small).
+    server = await start_server(Behaviour(tokens=2, stall_once=1.0))
+    code, results = await _run(server, tmp_path, "--students", "1", "--rate", "10", "--duration", "2.5")
+    assert code == 0
+    phase = _all(results)
+    assert 22 <= phase["counters"]["turns_attempted"] <= 26
+    assert phase["counters"]["turns_ok"] == phase["counters"]["turns_attempted"]
+    done = phase["latency_ms"]["done"]
+    assert done["max"] >= 950.0
+    assert done["p90"] >= 500.0
+    assert done["p50"] < 100.0
+    assert phase["latency_ms"]["ack"]["p90"] >= 500.0
+    # The client sent on time all along: the latency belongs to the server.
+    assert phase["latency_ms"]["send_lag"]["p99"] < 200.0
+    assert results["config"]["mode"] == "open"
+
+
+async def test_resume_after_drop_checks_offsets_across_the_reconnect(start_server: StartServer, tmp_path: Path) -> None:
+    server = await start_server(Behaviour(tokens=6, token_delay=0.005))
+    code, results = await _run(server, tmp_path, "--drop-probability", "1", "--max-lost", "0", "--max-duplicated", "0")
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    assert counters["drops"] >= 3
+    assert counters["resumes_ok"] == counters["drops"] == server.counts.resumed
+    assert counters["turns_ok"] == counters["drops"]
+    assert counters.get("lost_tokens", 0) == 0 and counters.get("duplicate_tokens", 0) == 0
+    assert counters.get("disconnects", 0) == 0
+    assert phase["latency_ms"]["reconnect"]["count"] == counters["drops"]
+
+
+async def test_resume_miss_is_counted_but_not_an_error(start_server: StartServer, tmp_path: Path) -> None:
+    server = await start_server(Behaviour(tokens=6, token_delay=0.005, resume=False))
+    code, results = await _run(server, tmp_path, "--drop-probability", "1", "--max-error-rate", "0")
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    assert counters["resume_misses"] >= 3
+    assert counters["turns_abandoned"] == counters["resume_misses"]
+    assert counters.get("resumes_ok", 0) == 0
+    assert phase["errors_by_code"] == {}
+    assert phase["error_rate"] == 0.0
+    assert counters.get("unexpected_frames", 0) == 0  # the abandoned answers' late frames are expected
+
+
+@pytest.mark.parametrize("watch_events", [True, False])
+async def test_teachers_watching(start_server: StartServer, tmp_path: Path, watch_events: bool) -> None:
+    server = await start_server(Behaviour(tokens=2, watch_events=watch_events))
+    code, results = await _run(server, tmp_path, "--teachers", "2", "--duration", "0.5")
+    assert code == 0
+    phase = _all(results)
+    assert server.counts.watches == 2
+    if watch_events:
+        assert phase["counters"]["teacher_events"] >= 2
+        assert phase["watch_errors"] == {}
+    else:
+        assert phase["watch_errors"] == {"bad_request": 2}
+        assert phase["counters"].get("teacher_events", 0) == 0
+
+
+async def test_conversations_rotate_through_courses(start_server: StartServer, tmp_path: Path) -> None:
+    server = await start_server(Behaviour(tokens=2))
+    code, results = await _run(
+        server,
+        tmp_path,
+        *("--course", "algebra-1", "--course", "biology-2"),
+        *("--conversations", "2", "--turns-per-conversation", "2"),
+    )
+    assert code == 0
+    counters = _all(results)["counters"]
+    assert counters["conversation_switches"] >= 4
+    courses = {conv.course_id for conv in server.conversations.values()}
+    assert courses == {"algebra-1", "biology-2"}
+    assert len(server.conversations) == 4  # two students, one conversation per course each
+
+
+# -- gates and limits ---------------------------------------------------------------------------------
+
+
+async def test_thresholds_gate_the_exit_status(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await start_server(Behaviour(tokens=2, first_token_delay=0.01))
+    args = [*_base_args(server, "--duration", "0.5"), "--max-error-rate", "0.5", "--max-lost", "0"]
+    # main() runs its own (uvloop) event loop, so it gets a thread; the server keeps serving here.
+    assert await asyncio.to_thread(main, [*args, "--max-p99-ttft-ms", "5000"]) == 0
+    assert await asyncio.to_thread(main, [*args, "--max-p99-ttft-ms", "1", "--min-turns-per-s", "100000"]) == 1
+    err = capsys.readouterr().err
+    assert "threshold failed: p99 ttft" in err and "> 1 ms" in err
+    assert "threshold failed: turns per second" in err
+    assert "error rate" not in err
+
+
+async def test_a_gate_with_nothing_measured_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Nothing listens on this port: every connect fails, and a latency gate must not pass vacuously.
+    code = await amain(
+        [
+            *("--url", "ws://127.0.0.1:9/ws", "--jwt-secret", SECRET, "--students", "1"),
+            *("--duration", "0.3", "--quiet", "--max-p99-ttft-ms", "1000", "--connect-timeout", "0.5"),
+        ]
+    )
+    assert code == 1
+    assert "p99 ttft: nothing measured" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ws://10.0.0.5/ws",
+        "ws://example.com/ws",
+        "wss://192.168.1.2:8443/ws",
+        "ws://[2001:db8::1]/ws",
+        "ws://8.8.8.8/ws",
+    ],
+)
+def test_refuses_non_loopback_targets(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--url", url, "--jwt-secret", SECRET, "--duration", "1"]) == 2
+    assert "only loopback targets" in capsys.readouterr().err
+    check_target(url, allow_remote=True)  # allowed explicitly (nothing is connected here)
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "127.8.9.10", "localhost", "LOCALHOST.", "::1", "[::1]", "::ffff:127.0.0.1"]
+)
+def test_loopback_hosts_are_allowed(host: str) -> None:
+    assert is_loopback(host)
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SMARTEDU_JWT_SECRET", raising=False)
+    assert main(["--url", "http://127.0.0.1/ws", "--jwt-secret", SECRET]) == 2
+    assert main(["--url", "ws://127.0.0.1/ws"]) == 2  # no token source
+    assert main(["--url", "ws://127.0.0.1/ws", "--jwt-secret", SECRET, "--students", "20000"]) == 2
+    assert main(["--url", "ws://127.0.0.1/ws", "--jwt-secret", SECRET, "--duration", "100", "--ttl", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "ws:// or wss://" in err and "no tokens" in err and "capped" in err and "expire" in err
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+
+
+async def test_writes_json_results_and_png_plot(start_server: StartServer, tmp_path: Path) -> None:
+    server = await start_server(Behaviour(tokens=3))
+    out, plot = tmp_path / "results.json", tmp_path / "latency.png"
+    args = [*_base_args(server, "--duration", "0.8"), "--out", str(out), "--plot", str(plot), "--max-lost", "0"]
+    assert await amain(args) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.stat().st_size > 10_000
+    results = json.loads(out.read_text())
+    assert results["tool"] == "smartedu-loadtest" and results["passed"] is True
+    assert set(results["phases"]) == {"ramp-up", "steady", "drain", "all"}
+    ack = results["phases"]["all"]["latency_ms"]["ack"]
+    assert {"count", "p50", "p90", "p99", "p99.9", "max", "hdr"} <= set(ack)
+    assert results["timeseries"]["done"], "latency over time is recorded"
+    assert results["thresholds"] == [
+        {
+            "name": "lost tokens",
+            "phase": "all",
+            "limit": 0.0,
+            "kind": "max",
+            "value": 0.0,
+            "unit": "",
+            "passed": True,
+        }
+    ]
+    assert SECRET not in out.read_text()  # neither the secret nor tokens go into results
+
+
+# -- tokens -------------------------------------------------------------------------------------------
+
+
+def test_minted_tokens_carry_the_claims(tmp_path: Path) -> None:
+    minter = minter_from_secret(SECRET, tenant="school-1", courses=["algebra-1"], ttl=600)
+    claims = jwt.decode(minter.mint("loadtest-student-17", "student", "Load Student 17"), SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "loadtest-student-17"
+    assert claims["tid"] == "school-1" and claims["role"] == "student" and claims["courses"] == ["algebra-1"]
+    assert claims["name"] == "Load Student 17"
+    assert 590 <= claims["exp"] - claims["iat"] <= 600
+
+    for key, algorithm in (
+        (rsa.generate_private_key(65537, 2048), "RS256"),
+        (ec.generate_private_key(ec.SECP256R1()), "ES256"),
+    ):
+        pem = tmp_path / f"{algorithm}.pem"
+        pem.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        signed = minter_from_private_key(pem, tenant="t", courses=["c"], ttl=60, audience="chat")
+        assert signed.algorithm == algorithm
+        token = signed.mint("s", "teacher", "T")
+        decoded = jwt.decode(token, key.public_key(), algorithms=[algorithm], audience="chat")
+        assert decoded["role"] == "teacher"
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# students\n" + minter.mint("a", "student", "A") + "\n\n")
+    assert len(read_tokens_file(tokens)) == 1
+    tokens.write_text("not-a-jwt\n")
+    with pytest.raises(TokenError):
+        read_tokens_file(tokens)
+
+
+# -- the floor server ---------------------------------------------------------------------------------
+
+
+def _load_floor_module() -> Any:
+    spec = importlib.util.spec_from_file_location("floor_server", ROOT / "benchmarks" / "floor_server.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_floor_server_answers_a_turn() -> None:
+    floor = _load_floor_module()
+    runner = web.AppRunner(floor.create_app(tokens=3))
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with aiohttp.ClientSession() as session, session.ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.send_json({"type": "hello", "token": "x", "course_id": "c"})
+            welcome = await ws.receive_json(timeout=5)
+            assert welcome["type"] == "welcome" and welcome["seq"] == 0
+            await ws.send_json({"type": "message", "id": "m1", "text": "hi"})
+            frames = [await ws.receive_json(timeout=5) for _ in range(5)]
+        assert [f["type"] for f in frames] == ["ack", "token", "token", "token", "done"]
+        ack, *tokens, done = frames
+        assert ack["id"] == "m1" and ack["reply_id"] == done["reply_id"]
+        offset = 0
+        for token in tokens:
+            assert token["offset"] == offset and token["reply_id"] == ack["reply_id"]
+            offset += len(token["text"])
+        assert done["length"] == offset and done["status"] == "complete"
+        seqs = [f["seq"] for f in frames]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    finally:
+        await runner.cleanup()
