@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -73,7 +73,7 @@ class Provider(Protocol):
     name: str
     model: str
 
-    def stream(self, request: AIRequest) -> AsyncIterator[StreamItem]:
+    def stream(self, request: AIRequest) -> AsyncGenerator[StreamItem, None]:
         """Yield text chunks as they arrive, then exactly one `Usage`."""
         ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from .base import AIRequest, StreamItem, Usage, estimate_tokens
 
@@ -53,7 +53,7 @@ class OfflineProvider:
             words[-1] = words[-1].rstrip() + " "
         return words
 
-    async def stream(self, request: AIRequest) -> AsyncIterator[StreamItem]:
+    async def stream(self, request: AIRequest) -> AsyncGenerator[StreamItem, None]:
         words = self.split(compose_reply(request))
         if self.ttft:
             await asyncio.sleep(self.ttft)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ai.base import Provider
 from ai.factory import create_provider
-from handlers import api, health, pages, ws
+from handlers import api, documents, health, pages, ws
 from storage.keys import Keys
 from storage.postgres import Database, connect_pool
 from storage.redis_store import RedisStore, connect_redis
@@ -106,6 +106,8 @@ def create_app(
     app.router.add_get("/api/conversations", api.list_conversations)
     app.router.add_get("/api/conversations/{conversation_id}/messages", api.list_messages)
     app.router.add_get("/api/courses/{course_id}/live", api.live_course)
+    app.router.add_post("/api/courses/{course_id}/documents", documents.add_document)
+    app.router.add_get("/api/courses/{course_id}/documents", documents.list_documents)
     app.router.add_get("/", pages.chat_page)
     app.router.add_get("/chat", pages.chat_page)
     if settings.static_dir.is_dir():

@@ -14,9 +14,11 @@ from typing import Any
 
 import orjson
 
-from ai.base import AIError, AIRequest, CourseContext, Provider, Usage
+from ai.base import AIError, AIRequest, CourseContext, Provider, Usage, estimate_tokens
 from ai.base import Turn as HistoryTurn
-from storage.models import Conversation, Course, Message, MessageStatus, UsageRecord, User
+from ai.prompt import build_system_instruction
+from storage.documents import Documents
+from storage.models import Conversation, Course, Message, MessageStatus, TenantSettings, UsageRecord, User
 from storage.postgres import Database
 
 from .auth import Claims
@@ -51,6 +53,7 @@ class Session:
     joined: dict[str, Joined] = field(default_factory=dict)
     watching: set[str] = field(default_factory=set)
     presence: tuple[str, str] | None = None  # (tenant, course) where this session is announced
+    tenant: TenantSettings | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -72,6 +75,7 @@ class ChatService:
         self._sessions: dict[str, Session] = {}
         self._closing = False
         self._maintenance: asyncio.Task[None] | None = None
+        self.documents = Documents(db)
 
     async def start(self) -> None:
         await self.hub.start()
@@ -102,6 +106,7 @@ class ChatService:
             if conversation is None:
                 conversation = await self.db.create_conversation(claims.tenant, user.id, course_id)
         session = Session(peer=peer, claims=claims, user=user, current=conversation.id)
+        session.tenant = await self.db.get_tenant(claims.tenant)
         course = await self._course_of(conversation)
         session.joined[conversation.id] = Joined(conversation, course)
         # Subscribed and buffering before the snapshot: nothing published after it can be missed.
@@ -213,11 +218,14 @@ class ChatService:
             exc.ref = frame.id
             raise
         claims, conversation = session.claims, joined.conversation
-        limit = self.settings.messages_per_minute
-        wait = await self.hub.store.hit_rate_limit(claims.tenant, session.user.id, limit)
-        if wait > 0:
-            raise ChatError(ErrorCode.RATE_LIMITED, "too many messages; wait a moment", frame.id, retry_after=wait)
-        saved = await self.db.save_question(claims.tenant, conversation.id, frame.id, frame.text, session.user.id)
+        reservation = await self._admit(session, frame)
+        try:
+            saved = await self.db.save_question(claims.tenant, conversation.id, frame.id, frame.text, session.user.id)
+        except Exception:
+            await self._settle(reservation, 0, 0)
+            raise
+        if not saved.created or saved.reply is None:
+            await self._settle(reservation, 0, 0)  # nothing will be generated for this message
         ack: dict[str, Any] = {
             "type": "ack",
             "id": frame.id,
@@ -239,10 +247,19 @@ class ChatService:
         finally:
             # The question is committed: it gets its answer (or a final status) even if the ack failed.
             if saved.reply is not None:
-                self._start_turn(conversation, joined.course, saved.message, saved.reply.id)
+                turn = self._start_turn(conversation, joined.course, saved.message, saved.reply.id, session.tenant)
+                turn.reservation = reservation
 
-    def _start_turn(self, conversation: Conversation, course: Course | None, question: Message, reply_id: int) -> Turn:
+    def _start_turn(
+        self,
+        conversation: Conversation,
+        course: Course | None,
+        question: Message,
+        reply_id: int,
+        tenant: TenantSettings | None = None,
+    ) -> Turn:
         turn = Turn(
+            tenant_prompt=tenant.system_prompt if tenant else None,
             tenant_id=conversation.tenant_id,
             user_id=conversation.user_id,
             conversation_id=conversation.id,
@@ -254,6 +271,42 @@ class ChatService:
         self._turns[turn.reply_id] = turn
         turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
         return turn
+
+    async def _admit(self, session: Session, frame: SendMessage) -> Reservation:
+        """Rate limit and token budgets, checked and reserved in one Redis round trip."""
+        tenant = session.tenant or TenantSettings(session.claims.tenant)
+        settings = self.settings
+        tenant_limit, user_limit = tenant.daily_token_budget, tenant.user_daily_token_budget
+        limits = (
+            tenant_limit if tenant_limit is not None else settings.tenant_daily_tokens,
+            user_limit if user_limit is not None else settings.user_daily_tokens,
+        )
+        output = settings.max_output_tokens
+        amounts = (output + estimate_tokens(frame.text) + 1000, output)
+        day = time.strftime("%Y%m%d", time.gmtime())
+        code, wait = await self.hub.store.admit(
+            session.claims.tenant, session.user.id, day,
+            per_minute=settings.messages_per_minute, limits=limits, amounts=amounts,
+        )
+        if code == 1:
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many messages; wait a moment", frame.id, retry_after=wait)
+        if code in (2, 3):
+            whose = "your school's" if code == 2 else "your"
+            raise ChatError(
+                ErrorCode.QUOTA_EXCEEDED, f"{whose} daily tutor budget is used up", frame.id,
+                retry_after=_seconds_to_midnight(),
+            )
+        return Reservation(session.claims.tenant, session.user.id, day, amounts[0], amounts[1])
+
+    async def _settle(self, reservation: Reservation | None, total_tokens: int, output_tokens: int) -> None:
+        """Replace a reservation by what was really used."""
+        if reservation is None:
+            return
+        deltas = (total_tokens - reservation.tenant_tokens, output_tokens - reservation.user_tokens)
+        try:
+            await self.hub.store.adjust_tokens(reservation.tenant_id, reservation.user_id, reservation.day, deltas)
+        except Exception:
+            log.exception("could not reconcile a token reservation")
 
     async def cancel(self, session: Session, reply_id: int) -> None:
         """Stop the user's answer wherever it is generated; an answer that already ended is left as it is."""
@@ -338,6 +391,8 @@ class ChatService:
             if request is not None and turn.stop_reason is None:
                 turn.stream_task = asyncio.create_task(stream_answer(self.provider, request, turn, batcher))
                 usage = await turn.stream_task
+                if usage is not None and usage.blocked:
+                    await self._blocked(turn, batcher)
             status = "complete" if turn.stop_reason is None else _final(turn.stop_reason)
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -367,21 +422,56 @@ class ChatService:
         )
         # The question goes last, separately; unfinished answers are left out of the context.
         history = tuple(
-            HistoryTurn(m.role, m.text)
+            HistoryTurn(m.role, _unlabelled(m.text) if m.role == "user" else m.text)
             for m in recent
             if m.id != turn.question_id and m.text and (m.role != "assistant" or m.status == "complete")
         )[-self.settings.history_messages :]
         context = None
         if course is not None:
-            context = CourseContext(course.id, course.title, course.description, course.system_prompt)
+            names = await self.documents.names(turn.tenant_id, course.id)
+            passages = []
+            if names and self.settings.grounding_passages:
+                passages = await self.documents.search(
+                    turn.tenant_id, course.id, turn.question, self.settings.grounding_passages
+                )
+            turn.passage_ids = tuple(p.id for p in passages)
+            context = CourseContext(
+                course.id,
+                course.title,
+                course.description,
+                course.system_prompt,
+                document_names=tuple(names),
+                passages=tuple((p.id, p.document_name, p.body) for p in passages),
+            )
+        instruction = build_system_instruction(
+            context, turn.tenant_prompt, grounding_chars=self.settings.grounding_chars
+        )
         return AIRequest(
-            question=turn.question,
+            question=_unlabelled(turn.question),
             history=history,
             course=context,
+            system_instruction=instruction,
             tenant_id=turn.tenant_id,
             user_id=turn.user_id,
             conversation_id=turn.conversation_id,
+            request_id=f"reply-{turn.reply_id}",
         )
+
+    async def _blocked(self, turn: Turn, batcher: TokenBatcher) -> None:
+        """A safety block: the student gets a friendly message, and teachers get a flag."""
+        note = SAFETY_MESSAGE if not turn.parts else "\n\n" + SAFETY_MESSAGE
+        turn.parts.append(note)
+        batcher.push(note)
+        flag_id = await self.db.add_flag(turn.tenant_id, turn.conversation_id, turn.question_id, "safety_block")
+        flag = {
+            "type": "flag",
+            "conversation_id": turn.conversation_id,
+            "message_id": turn.question_id,
+            "reply_id": turn.reply_id,
+            "flag_id": flag_id,
+            "kind": "safety_block",
+        }
+        await self.hub.emit(turn.conversation_id, [encode(flag)], course=turn.course_key)
 
     async def _emit_token(self, turn: Turn, text: str, offset: int) -> None:
         frame = encode(
@@ -410,7 +500,11 @@ class ChatService:
                 output_tokens=usage.output_tokens if usage else len(turn.parts),
                 ttft_ms=(turn.first_token_at - turn.started) * 1000 if turn.first_token_at else None,
                 duration_ms=(now - turn.started) * 1000,
+                passage_ids=turn.passage_ids,
             )
+        used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
+        reservation, turn.reservation = turn.reservation, None
+        await self._settle(reservation, *used)
         committed = await self.db.finish_reply(
             turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq, record
         )
@@ -612,6 +706,34 @@ class ChatService:
         await self.hub.close()
         with contextlib.suppress(Exception):
             await self.provider.close()
+
+
+SAFETY_MESSAGE = (
+    "I can't help with that. Let's keep our conversation safe and about your learning. "
+    "If something is worrying you, please talk to your teacher or another adult you trust. "
+    "What would you like to work on in your course?"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Tokens reserved against today's budgets before an answer, settled after it."""
+
+    tenant_id: str
+    user_id: str
+    day: str
+    tenant_tokens: int
+    user_tokens: int
+
+
+def _unlabelled(text: str) -> str:
+    """A student cannot pass their words off as the teacher's: the label the providers use is defused."""
+    return text.replace("[Teacher message]", "[Teacher-message (typed by the student)]")
+
+
+def _seconds_to_midnight() -> float:
+    now = time.time()
+    return 86400 - now % 86400
 
 
 def _final(reason: str) -> MessageStatus:

@@ -99,6 +99,11 @@ class Settings:
     db_pool_min: int = 2
     db_pool_max: int = 10
     drain_seconds: float = 20.0
+    tenant_daily_tokens: int = 5_000_000
+    user_daily_tokens: int = 100_000
+    max_output_tokens: int = 1024
+    grounding_chars: int = 6000
+    grounding_passages: int = 4
     metrics_port: int | None = 9100
 
     @property
@@ -167,6 +172,11 @@ class Settings:
             db_pool_min=_int(env, "SMARTEDU_DB_POOL_MIN", defaults.db_pool_min, 1),
             db_pool_max=_int(env, "SMARTEDU_DB_POOL_MAX", defaults.db_pool_max, 1),
             drain_seconds=_float(env, "SMARTEDU_DRAIN_SECONDS", defaults.drain_seconds),
+            tenant_daily_tokens=_int(env, "SMARTEDU_TENANT_DAILY_TOKENS", defaults.tenant_daily_tokens),
+            user_daily_tokens=_int(env, "SMARTEDU_USER_DAILY_TOKENS", defaults.user_daily_tokens),
+            max_output_tokens=_int(env, "SMARTEDU_AI_MAX_OUTPUT_TOKENS", defaults.max_output_tokens, 1),
+            grounding_chars=_int(env, "SMARTEDU_GROUNDING_CHARS", defaults.grounding_chars),
+            grounding_passages=_int(env, "SMARTEDU_GROUNDING_PASSAGES", defaults.grounding_passages),
             metrics_port=_int(env, "SMARTEDU_METRICS_PORT", 9100) or None,
         )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ai.base import AIRequest, Provider, Usage
 
@@ -79,6 +81,9 @@ class Turn:
     finished: bool = False
     course_id: str | None = None
     last_seq: int = 0
+    tenant_prompt: str | None = None
+    passage_ids: tuple[int, ...] = ()
+    reservation: Any = None  # chat.Reservation, settled when the answer is committed
 
     @property
     def course_key(self) -> tuple[str, str] | None:
@@ -102,12 +107,13 @@ async def stream_answer(provider: Provider, request: AIRequest, turn: Turn, batc
     """Consume the provider's stream, recording text and handing each chunk to the batcher."""
     turn.started = time.monotonic()
     usage: Usage | None = None
-    async for item in provider.stream(request):
-        if isinstance(item, Usage):
-            usage = item
-            continue
-        if turn.first_token_at is None:
-            turn.first_token_at = time.monotonic()
-        turn.parts.append(item)
-        batcher.push(item)
+    async with contextlib.aclosing(provider.stream(request)) as stream:
+        async for item in stream:
+            if isinstance(item, Usage):
+                usage = item
+                continue
+            if turn.first_token_at is None:
+                turn.first_token_at = time.monotonic()
+            turn.parts.append(item)
+            batcher.push(item)
     return usage

@@ -38,7 +38,15 @@ class Keys:
         return f"{self.prefix}{{p:{tenant_id}:{course_id}}}:sessions"
 
     def rate_limit(self, tenant_id: str, user_id: str) -> str:
-        return f"{self.prefix}{{u:{tenant_id}:{user_id}}}:rate"
+        # Tagged by tenant so one script can rate-limit and reserve budgets on a Redis Cluster.
+        return f"{self.prefix}{{t:{tenant_id}}}:user:{user_id}:rate"
+
+    def tenant_tokens(self, tenant_id: str, day: str) -> str:
+        return f"{self.prefix}{{t:{tenant_id}}}:tokens:{day}"
+
+    def user_tokens(self, tenant_id: str, user_id: str, day: str) -> str:
+        # Tagged by tenant, not user, so one script can check both budgets on a Redis Cluster.
+        return f"{self.prefix}{{t:{tenant_id}}}:user:{user_id}:tokens:{day}"
 
     def leases(self) -> str:
         """Sorted set of answers being generated: member -> lease expiry (ms since the epoch)."""

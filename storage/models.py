@@ -21,6 +21,15 @@ class User:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantSettings:
+    id: str
+    system_prompt: str | None = None
+    daily_token_budget: int | None = None
+    user_daily_token_budget: int | None = None
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Course:
     tenant_id: str
     id: str

@@ -17,6 +17,7 @@ from .models import (
     Message,
     MessageStatus,
     SavedQuestion,
+    TenantSettings,
     UsageRecord,
     User,
 )
@@ -108,6 +109,48 @@ class Database:
             )
         assert row is not None
         return User(**dict(row))
+
+    async def get_tenant(self, tenant_id: str) -> TenantSettings:
+        """The tenant's own settings (defaults when it has none)."""
+        row = await self.pool.fetchrow(
+            "SELECT system_prompt, daily_token_budget, user_daily_token_budget, allowed_origins"
+            " FROM tenants WHERE id = $1",
+            tenant_id,
+        )
+        if row is None:
+            return TenantSettings(tenant_id)
+        return TenantSettings(
+            tenant_id,
+            row["system_prompt"],
+            row["daily_token_budget"],
+            row["user_daily_token_budget"],
+            tuple(row["allowed_origins"]),
+        )
+
+    async def update_tenant(
+        self,
+        tenant_id: str,
+        *,
+        system_prompt: str | None = None,
+        daily_token_budget: int | None = None,
+        user_daily_token_budget: int | None = None,
+        allowed_origins: list[str] | None = None,
+    ) -> None:
+        """Create the tenant if needed and set the given settings (None leaves a setting as it is)."""
+        await self.pool.execute(
+            "INSERT INTO tenants (id, system_prompt, daily_token_budget, user_daily_token_budget, allowed_origins)"
+            " VALUES ($1, $2, $3, $4, COALESCE($5, '{}'::text[]))"
+            " ON CONFLICT (id) DO UPDATE SET"
+            " system_prompt = COALESCE($2, tenants.system_prompt),"
+            " daily_token_budget = COALESCE($3, tenants.daily_token_budget),"
+            " user_daily_token_budget = COALESCE($4, tenants.user_daily_token_budget),"
+            " allowed_origins = COALESCE($5, tenants.allowed_origins)",
+            tenant_id,
+            system_prompt,
+            daily_token_budget,
+            user_daily_token_budget,
+            allowed_origins,
+        )
 
     # -- courses ------------------------------------------------------------------------------
 

@@ -62,16 +62,31 @@ end
 return out
 """
 
-# Fixed one-minute window per user; returns 0 when allowed, else the milliseconds until the window ends.
-_RATE_LIMIT = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if count > tonumber(ARGV[1]) then
-  local ttl = redis.call('PTTL', KEYS[1])
-  if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]); ttl = tonumber(ARGV[2]) end
-  return ttl
+# Admit one student message: count it against the per-minute rate limit, then reserve tokens against
+# the tenant's and the user's daily budgets (0 = unlimited), all or nothing.
+# Returns {0, 0} when admitted, {1, wait_ms} when rate limited, {2, 0} / {3, 0} when the tenant's / the
+# user's budget is spent.
+_ADMIT = """
+local rate_key, tenant_key, user_key = KEYS[1], KEYS[2], KEYS[3]
+local rate_limit, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
+local tenant_limit, user_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
+local tenant_amount, user_amount = tonumber(ARGV[5]), tonumber(ARGV[6])
+local count = redis.call('INCR', rate_key)
+if count == 1 then redis.call('PEXPIRE', rate_key, window_ms) end
+if count > rate_limit then
+  local ttl = redis.call('PTTL', rate_key)
+  if ttl < 0 then redis.call('PEXPIRE', rate_key, window_ms); ttl = window_ms end
+  return {1, ttl}
 end
-return 0
+local tenant_used = tonumber(redis.call('GET', tenant_key) or '0')
+local user_used = tonumber(redis.call('GET', user_key) or '0')
+if tenant_limit > 0 and tenant_used + tenant_amount > tenant_limit then return {2, 0} end
+if user_limit > 0 and user_used + user_amount > user_limit then return {3, 0} end
+redis.call('INCRBY', tenant_key, tenant_amount)
+redis.call('INCRBY', user_key, user_amount)
+redis.call('EXPIRE', tenant_key, 172800)
+redis.call('EXPIRE', user_key, 172800)
+return {0, 0}
 """
 
 
@@ -125,7 +140,7 @@ class RedisStore:
         self.log_ttl_s = log_ttl_s
         self._emit = client.register_script(_EMIT)
         self._snapshot = client.register_script(_SNAPSHOT)
-        self._rate_limit = client.register_script(_RATE_LIMIT)
+        self._admit = client.register_script(_ADMIT)
 
     async def ping(self) -> None:
         """Raise if Redis cannot answer."""
@@ -184,12 +199,46 @@ class RedisStore:
         """A course-level event (students joining or leaving) for teachers watching on any replica."""
         await self.client.publish(self.keys.course_channel(tenant_id, course_id), b"%b 0 %b" % (node.encode(), frame))
 
-    # -- rate limits ----------------------------------------------------------------------------
+    # -- token budgets --------------------------------------------------------------------------
 
-    async def hit_rate_limit(self, tenant_id: str, user_id: str, limit: int, window_ms: int = 60_000) -> float:
-        """Count one message; return 0 if allowed, else seconds until the user may send again."""
-        wait_ms = await self._rate_limit(keys=[self.keys.rate_limit(tenant_id, user_id)], args=[limit, window_ms])
-        return int(wait_ms) / 1000.0
+    async def admit(
+        self,
+        tenant_id: str,
+        user_id: str,
+        day: str,
+        *,
+        per_minute: int,
+        limits: tuple[int, int],
+        amounts: tuple[int, int],
+    ) -> tuple[int, float]:
+        """Rate-limit one message and reserve (tenant, user) tokens for it, atomically.
+
+        Returns (0, 0) when admitted, (1, seconds to wait) when rate limited, (2, 0) when the tenant's
+        daily budget is spent and (3, 0) when the user's is.
+        """
+        keys = self.keys
+        code, wait_ms = await self._admit(
+            keys=[
+                keys.rate_limit(tenant_id, user_id),
+                keys.tenant_tokens(tenant_id, day),
+                keys.user_tokens(tenant_id, user_id, day),
+            ],
+            args=[per_minute, 60_000, limits[0], limits[1], amounts[0], amounts[1]],
+        )
+        return int(code), int(wait_ms) / 1000.0
+
+    async def adjust_tokens(self, tenant_id: str, user_id: str, day: str, deltas: tuple[int, int]) -> None:
+        """Reconcile a reservation with what the answer really used."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.incrby(self.keys.tenant_tokens(tenant_id, day), deltas[0])
+            pipe.incrby(self.keys.user_tokens(tenant_id, user_id, day), deltas[1])
+            await pipe.execute()
+
+    async def tokens_used(self, tenant_id: str, user_id: str, day: str) -> tuple[int, int]:
+        tenant, user = await self.client.mget(
+            [self.keys.tenant_tokens(tenant_id, day), self.keys.user_tokens(tenant_id, user_id, day)]
+        )
+        return int(tenant or 0), int(user or 0)
 
     # -- leases on answers being generated ------------------------------------------------------
 

@@ -230,9 +230,10 @@ Serve = Callable[..., Awaitable[Server]]
 def serve(aiohttp_client: Any, settings: Settings) -> Serve:
     """Start the app with the test settings plus overrides (e.g. a slower offline tutor)."""
 
-    async def _serve(**overrides: Any) -> Server:
+    async def _serve(*, env: dict[str, str] | None = None, **overrides: Any) -> Server:
         current = replace(settings, **overrides)
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(current))
+        # Tests never read the machine's environment (no real API keys): `env` is all the provider sees.
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(current, env=env or {}))
         return Server(client, current)
 
     return _serve

@@ -230,7 +230,7 @@ async def test_redis_failure_gives_explicit_error_and_no_row(server: Server, db:
     healthy = store.client
     broken = Redis.from_url("unix:///nonexistent/redis.sock")
     store.client = broken
-    for script in (store._emit, store._snapshot, store._rate_limit):
+    for script in (store._emit, store._snapshot, store._admit):
         script.registered_client = broken
     try:
         await sock.send(type="message", id="r1", text="hello?")
@@ -240,7 +240,7 @@ async def test_redis_failure_gives_explicit_error_and_no_row(server: Server, db:
         assert response.status == 503 and (await response.json())["redis"].startswith("unavailable")
     finally:
         store.client = healthy
-        for script in (store._emit, store._snapshot, store._rate_limit):
+        for script in (store._emit, store._snapshot, store._admit):
             script.registered_client = healthy
         await broken.aclose()
     assert await db.fetchval("SELECT count(*) FROM messages") == 0

@@ -1,0 +1,60 @@
+"""Course documents for grounding: teachers of the course and admins of the tenant add and list them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from server.errors import ChatError, ErrorCode, bad_request
+from server.keys import CHAT
+
+from .common import require_claims
+
+MAX_DOCUMENT_CHARS = 200_000
+
+
+async def _document_from(request: web.Request) -> tuple[str, str]:
+    if request.content_type == "application/json":
+        try:
+            data: Any = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            raise bad_request("body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise bad_request("body must be a JSON object with 'name' and 'body'")
+        name, body = data.get("name"), data.get("body")
+    elif request.content_type in ("text/plain", "text/markdown"):
+        name, body = request.query.get("name"), await request.text()
+    else:
+        raise bad_request("send application/json {name, body}, or text/plain or text/markdown with ?name=")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise bad_request("'name' must be a non-empty string of at most 200 characters")
+    if not isinstance(body, str) or not body.strip():
+        raise bad_request("'body' must be non-empty text")
+    if len(body) > MAX_DOCUMENT_CHARS:
+        raise ChatError(ErrorCode.TOO_LARGE, f"documents are limited to {MAX_DOCUMENT_CHARS} characters")
+    return name.strip(), body
+
+
+async def add_document(request: web.Request) -> web.Response:
+    claims = require_claims(request)
+    chat = request.app[CHAT]
+    course = await chat.visible_course(claims, request.match_info["course_id"])
+    name, body = await _document_from(request)
+    document = await chat.documents.add(claims.tenant, course.id, name, body)
+    return web.json_response(
+        {"id": document.id, "course_id": course.id, "name": document.name, "chars": document.chars,
+         "passages": document.passages},
+        status=201,
+    )
+
+
+async def list_documents(request: web.Request) -> web.Response:
+    claims = require_claims(request)
+    chat = request.app[CHAT]
+    course = await chat.visible_course(claims, request.match_info["course_id"])
+    documents = await chat.documents.list_documents(claims.tenant, course.id)
+    return web.json_response(
+        {"documents": [{"id": d.id, "name": d.name, "chars": d.chars, "passages": d.passages} for d in documents]}
+    )

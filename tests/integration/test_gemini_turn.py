@@ -1,0 +1,254 @@
+"""The whole Gemini path over the socket: the real google-genai SDK against a local fake Gemini server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from server.chat import SAFETY_MESSAGE
+from server.keys import REDIS
+from tests.conftest import Serve, Server, answer_text, seed_course, token
+from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
+
+pytestmark = pytest.mark.integration
+
+TEACHER = token("teach-1", role="teacher", courses=["alg-1"])
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeGemini]:
+    async with start_fake_gemini(chunks=["Let's ", "solve ", "it ", "step ", "by ", "step."]) as running:
+        yield running
+
+
+def _env(fake: FakeGemini, **extra: str) -> dict[str, str]:
+    return {
+        "GEMINI_API_KEY": "test-key-not-secret",
+        "GEMINI_BASE_URL": fake.base_url,
+        "SMARTEDU_AI_FIRST_TOKEN_TIMEOUT_S": "5",
+        "SMARTEDU_AI_IDLE_TIMEOUT_S": "5",
+        "SMARTEDU_AI_TOTAL_TIMEOUT_S": "20",
+        **extra,
+    }
+
+
+async def _gemini(serve: Serve, fake: FakeGemini, *, env: dict[str, str] | None = None, **overrides: Any) -> Server:
+    server = await serve(ai_provider="gemini", env=env or _env(fake), **overrides)
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I", "Linear equations and their graphs.")
+    return server
+
+
+async def _ask(server: Server, text: str, client_id: str = "q1") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await sock.send(type="message", id=client_id, text=text)
+    ack = await sock.expect("ack")
+    return ack, await sock.until("done")
+
+
+async def test_tokens_usage_and_request_contents(serve: Serve, fake: FakeGemini, db: asyncpg.Connection) -> None:
+    server = await _gemini(serve, fake)
+    auth = {"Authorization": f"Bearer {TEACHER}"}
+    response = await server.client.post(
+        "/api/courses/alg-1/documents",
+        json={"name": "Chapter 3: slope", "body": "The slope of a line measures its steepness: rise over run."},
+        headers=auth,
+    )
+    assert response.status == 201 and (await response.json())["passages"] == 1
+    await server.client.post(
+        "/api/courses/alg-1/documents?name=Glossary", data="Intercept: where a line crosses an axis.",
+        headers={**auth, "Content-Type": "text/markdown"},
+    )
+    from storage.postgres import Database  # noqa: F401  (documents are committed through the API above)
+
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    for i in range(11):
+        await sock.send(type="message", id=f"m{i}", text=f"question {i}")
+        await sock.until("done")
+    await sock.send(type="message", id="last", text="How do I find the slope of a line?")
+    ack = await sock.expect("ack")
+    frames = await sock.until("done")
+    tokens = [f["text"] for f in frames if f["type"] == "token"]
+    assert "".join(tokens) == "Let's solve it step by step." == answer_text(frames, ack["reply_id"])
+    done = frames[-1]
+    assert done["status"] == "complete" and done["usage"] == {"prompt_tokens": 42, "output_tokens": 6}
+
+    body = fake.last_body
+    contents = body["contents"]
+    # The last ten turns (20 messages), then the question.
+    assert len(contents) == 21
+    assert contents[0]["role"] == "user" and contents[0]["parts"][0]["text"] == "question 1"
+    assert contents[1]["role"] == "model"
+    assert contents[-1] == {"role": "user", "parts": [{"text": "How do I find the slope of a line?"}]}
+    system = " ".join(p["text"] for p in body["systemInstruction"]["parts"])
+    for expected in ("Algebra I", "Linear equations and their graphs.", "Chapter 3: slope", "Glossary",
+                     "rise over run"):
+        assert expected in system, expected
+
+    usage = await db.fetchrow("SELECT * FROM ai_usage WHERE message_id = $1", ack["reply_id"])
+    assert usage is not None
+    assert (usage["provider"], usage["model"], usage["prompt_tokens"], usage["output_tokens"]) == (
+        "gemini", "gemini-2.5-flash", 42, 6
+    )
+    passage = await db.fetchval("SELECT id FROM document_passages WHERE body LIKE '%rise over run%'")
+    assert passage in usage["passage_ids"]
+
+
+async def test_teacher_messages_and_tenant_instructions_reach_the_model(
+    serve: Serve, fake: FakeGemini, db: asyncpg.Connection
+) -> None:
+    server = await _gemini(serve, fake)
+    await db.execute("UPDATE tenants SET system_prompt = 'Socratic: guide, do not give the final answer.'")
+    await db.execute("UPDATE courses SET system_prompt = 'Use metric units.'")
+    student = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    teacher = await server.connect({"token": TEACHER})
+    await teacher.send(type="intervene", conversation_id=student.frames[0]["conversation_id"], text="Show units.")
+    await student.expect("teacher_message")
+    student2 = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await student2.send(type="message", id="u1", text="How far is 3 km?")
+    await student2.until("done")
+    body = fake.last_body
+    system = " ".join(p["text"] for p in body["systemInstruction"]["parts"])
+    assert "Socratic: guide" in system and "Use metric units." in system
+    flattened = " ".join(part["text"] for content in body["contents"] for part in content["parts"])
+    assert "[Teacher message]" in flattened and "Show units." in flattened
+
+
+async def test_retry_before_first_token_and_no_retry_after(
+    serve: Serve, fake: FakeGemini, db: asyncpg.Connection
+) -> None:
+    server = await _gemini(serve, fake)
+    fake.fail_next(503, times=1)
+    _, frames = await _ask(server, "retry me")
+    assert frames[-1]["status"] == "complete" and fake.calls == 2
+
+    fake.drop_after = 3
+    calls = fake.calls
+    ack, frames = await _ask(server, "drop me", "q2")
+    statuses = [f for f in frames if f["type"] == "done"]
+    assert statuses[-1]["status"] == "failed" and fake.calls == calls + 1
+    partial = answer_text(frames, ack["reply_id"])
+    assert partial == "Let's solve it "
+    row = await db.fetchrow("SELECT text, status FROM messages WHERE id = $1", ack["reply_id"])
+    assert row is not None and (row["text"], row["status"]) == (partial, "failed")
+
+
+async def test_failure_after_first_token_sends_ai_unavailable(serve: Serve, fake: FakeGemini) -> None:
+    server = await _gemini(serve, fake)
+    fake.drop_after = 2
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await sock.send(type="message", id="x", text="hello")
+    await sock.until("done")
+    error = await sock.expect("error")
+    assert error["code"] == "ai_unavailable"
+
+
+async def test_cancel_closes_the_upstream_connection(serve: Serve, fake: FakeGemini, db: asyncpg.Connection) -> None:
+    fake.chunk_delay = 0.3
+    server = await _gemini(serve, fake)
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await sock.send(type="message", id="c", text="long one")
+    ack = await sock.expect("ack")
+    await sock.expect("token")
+    await sock.send(type="cancel", reply_id=ack["reply_id"])
+    assert await fake.wait_disconnect(within=1.5)
+    frames = await sock.until("done")
+    assert frames[-1]["status"] == "stopped"
+    row = await db.fetchrow("SELECT status FROM messages WHERE id = $1", ack["reply_id"])
+    assert row is not None and row["status"] == "stopped"
+
+
+@pytest.mark.parametrize("script", [{"finish_reason": "SAFETY"}, {"block_reason": "SAFETY"}])
+async def test_safety_block_gives_a_friendly_message_and_a_flag(
+    serve: Serve, fake: FakeGemini, db: asyncpg.Connection, script: dict[str, str]
+) -> None:
+    for key, value in script.items():
+        setattr(fake, key, value)
+    server = await _gemini(serve, fake)
+    teacher = await server.connect({"token": TEACHER})
+    await teacher.send(type="watch", course_id="alg-1")
+    await teacher.expect("snapshot")
+    ack, frames = await _ask(server, "something unsafe")
+    text = answer_text(frames, ack["reply_id"])
+    assert text.endswith(SAFETY_MESSAGE) and "[this text must never be shown]" not in text
+    assert any(f["type"] == "flag" and f["kind"] == "safety_block" for f in frames)
+    flag = await db.fetchrow("SELECT kind, message_id FROM message_flags")
+    assert flag is not None and (flag["kind"], flag["message_id"]) == ("safety_block", ack["message_id"])
+    events = await teacher.until("event")
+    while not (events[-1]["kind"] == "frame" and events[-1]["frame"]["type"] == "flag"):
+        events += await teacher.until("event")
+
+
+async def test_circuit_breaker_answers_at_once(serve: Serve, fake: FakeGemini) -> None:
+    env = _env(fake, SMARTEDU_AI_BREAKER_FAILURES="2", SMARTEDU_AI_MAX_RETRIES="0",
+               SMARTEDU_AI_BREAKER_COOLDOWN_S="30")
+    server = await _gemini(serve, fake, env=env)
+    fake.fail_next(500, times=10)
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    for i in range(2):
+        await sock.send(type="message", id=f"f{i}", text="fail")
+        assert (await sock.until("done"))[-1]["status"] == "failed"
+        assert (await sock.expect("error"))["code"] == "ai_unavailable"
+    calls = fake.calls
+    await sock.send(type="message", id="f3", text="fail fast")
+    assert (await sock.until("done"))[-1]["status"] == "failed"
+    error = await sock.expect("error")
+    assert error["code"] == "ai_unavailable" and error["retry_after"] > 0
+    assert fake.calls == calls  # the upstream was not called at all
+
+
+async def test_budgets_refuse_and_reconcile(serve: Serve, fake: FakeGemini, db: asyncpg.Connection) -> None:
+    server = await _gemini(serve, fake, user_daily_tokens=1500, max_output_tokens=1000)
+    store = server.client.app[REDIS]
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    user_id = sock.frames[0]["user"]["id"]
+    import time
+
+    day = time.strftime("%Y%m%d", time.gmtime())
+    for i in range(3):  # each reserves 1000 but uses 6: the reservations are given back
+        await sock.send(type="message", id=f"b{i}", text="hello")
+        await sock.until("done")
+    tenant_used, user_used = await store.tokens_used("school-a", user_id, day)
+    assert user_used == 18 and tenant_used == 3 * (42 + 6)
+
+    await db.execute("UPDATE tenants SET user_daily_token_budget = 500 WHERE id = 'school-a'")
+    fresh = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await fresh.send(type="message", id="over", text="one more")
+    error = await fresh.expect("error")
+    assert error["code"] == "quota_exceeded" and error["ref"] == "over" and 0 < error["retry_after"] <= 86400
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE client_id = 'over'") == 0
+
+    await db.execute("UPDATE tenants SET user_daily_token_budget = NULL, daily_token_budget = 10")
+    fresh = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await fresh.send(type="message", id="school", text="and another")
+    error = await fresh.expect("error")
+    assert error["code"] == "quota_exceeded" and "school" in error["message"]
+
+
+async def test_documents_api_is_scoped(serve: Serve, fake: FakeGemini) -> None:
+    server = await _gemini(serve, fake)
+    await seed_course(server.settings, "school-b", "bio-1", "Biology")
+    cases = [
+        (token("stu", courses=["alg-1"]), "alg-1", 403),
+        (TEACHER, "bio-1", 403),
+        (token("adm", role="admin"), "bio-1", 404),
+        (token("adm", role="admin", tenant="school-b"), "bio-1", 201),
+    ]
+    for who, course, status in cases:
+        response = await server.client.post(
+            f"/api/courses/{course}/documents", json={"name": "n", "body": "b"},
+            headers={"Authorization": f"Bearer {who}"},
+        )
+        assert response.status == status, (course, await response.text())
+    auth = {"Authorization": f"Bearer {TEACHER}"}
+    for payload, status in (({"name": "", "body": "x"}, 400), ({"name": "n"}, 400),
+                            ({"name": "n", "body": "x" * 200_001}, 413)):
+        response = await server.client.post("/api/courses/alg-1/documents", json=payload, headers=auth)
+        assert response.status == status
+    response = await server.client.post("/api/courses/alg-1/documents", data=b"{not json",
+                                        headers={**auth, "Content-Type": "application/json"})
+    assert response.status == 400
+    listing = await (await server.client.get("/api/courses/alg-1/documents", headers=auth)).json()
+    assert listing == {"documents": []}
