@@ -19,7 +19,7 @@ _BACKSTOP_S = 5.0
 def create_provider(settings: Settings, env: Mapping[str, str]) -> Provider:
     """Build the provider named by `settings.ai_provider`; errors name the missing variable."""
     if settings.ai_provider == "offline":
-        return OfflineProvider(settings.offline_ttft_ms, settings.offline_tokens_per_s)
+        return OfflineProvider(settings.offline_ttft_ms, settings.offline_tokens_per_s, settings.offline_reply_words)
     config = AIConfig.from_env(env)
     if settings.ai_provider == "gemini":
         if not config.gemini_api_key:

@@ -90,6 +90,7 @@ class Settings:
     history_page_max: int = 100
     offline_ttft_ms: float = 300.0
     offline_tokens_per_s: float = 40.0
+    offline_reply_words: int | None = None
     redis_prefix: str = "smartedu:"
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     stream_maxlen: int = 2000
@@ -165,6 +166,7 @@ class Settings:
             hello_timeout=_float(env, "SMARTEDU_HELLO_TIMEOUT", defaults.hello_timeout, 0.1),
             offline_ttft_ms=_float(env, "SMARTEDU_OFFLINE_TTFT_MS", defaults.offline_ttft_ms),
             offline_tokens_per_s=_float(env, "SMARTEDU_OFFLINE_TOKENS_PER_S", defaults.offline_tokens_per_s),
+            offline_reply_words=_int(env, "SMARTEDU_OFFLINE_REPLY_WORDS", 0) or None,
             redis_prefix=env.get("SMARTEDU_REDIS_PREFIX", defaults.redis_prefix),
             replica_id=env.get("SMARTEDU_REPLICA_ID") or defaults.replica_id,
             log_level=level,
