@@ -40,6 +40,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     except TimeoutError:
         if not deadline.expired():
             raise
+        session.hello_timed_out()
         await ws.close(code=CloseCode.HELLO_TIMEOUT, message=b"no hello in time")
     except Exception:
         log.exception("socket crashed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -12,6 +14,7 @@ from aiohttp import web
 
 from ai.base import Provider
 from ai.factory import create_provider
+from ai.resilience import ResilientProvider
 from handlers import api, documents, health, pages, ws
 from storage.keys import Keys
 from storage.postgres import Database, connect_pool
@@ -21,12 +24,17 @@ from .auth import TokenVerifier
 from .chat import ChatService
 from .errors import ChatError, CloseCode, ErrorCode
 from .hub import Hub
-from .keys import CHAT, DATABASE, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
+from .keys import CHAT, DATABASE, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
+from .metrics import Metrics, measure_loop_lag, serve_metrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Storage calls timed by the metrics (the hot ones; the storage modules stay free of metrics code).
+DB_TIMED = ("upsert_user", "save_question", "finish_reply", "recent_messages", "set_message_seq", "get_conversation")
+REDIS_TIMED = ("emit", "admit", "snapshot", "adjust_tokens")
 
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.BAD_REQUEST, 413: ErrorCode.TOO_LARGE}
 
@@ -62,12 +70,15 @@ def create_app(
     app[VERIFIER] = TokenVerifier(settings)
     app[SOCKETS] = weakref.WeakSet()
     app[STATE] = ProcessState()
+    metrics = app[METRICS] = Metrics(settings.replica_id)
 
     async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await connect_pool(database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
         try:
             db = Database(pool)
             await db.migrate()
+            metrics.instrument(db, metrics.db_ops, DB_TIMED)
+            metrics.watch_pool(lambda: (pool.get_size() - pool.get_idle_size(), pool.get_idle_size()))
             app[DATABASE] = db
             yield
         finally:
@@ -76,28 +87,46 @@ def create_app(
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         client = await connect_redis(redis_url)
         try:
-            app[REDIS] = RedisStore(
+            store = RedisStore(
                 client, Keys(settings.redis_prefix), log_maxlen=settings.stream_maxlen, log_ttl_s=settings.stream_ttl_s
             )
+            metrics.instrument(store, metrics.redis_ops, REDIS_TIMED)
+            app[REDIS] = store
             yield
         finally:
             await client.aclose()
 
     async def provider_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[PROVIDER] = provider or create_provider(settings, os.environ if env is None else env)
+        chosen = app[PROVIDER] = provider or create_provider(settings, os.environ if env is None else env)
+        if isinstance(chosen, ResilientProvider):
+            chosen.on_retry = lambda *_: metrics.ai_retries.inc()
+            chosen.breaker.on_change = lambda _old, new: metrics.circuit_open.set(1 if new == "open" else 0)
         yield
         # ChatService.close() closes the provider after its last turn.
 
     async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
-        chat = ChatService(settings, app[DATABASE], Hub(app[REDIS], settings.replica_id), app[PROVIDER])
+        chat = ChatService(settings, app[DATABASE], Hub(app[REDIS], settings.replica_id), app[PROVIDER], metrics)
         app[CHAT] = chat
+        checks = {"postgres": app[DATABASE].ping, "redis": app[REDIS].ping}
+        lag = asyncio.create_task(measure_loop_lag(metrics, checks), name="loop-lag")
         try:
             await chat.start()
             yield
         finally:
+            lag.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await lag
             await chat.close()
 
-    app.cleanup_ctx.extend([postgres_ctx, redis_ctx, provider_ctx, chat_ctx])
+    async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+        if settings.metrics_port is None:
+            yield
+            return
+        async with serve_metrics(metrics, settings.metrics_host or settings.host, settings.metrics_port) as port:
+            app[STATE].metrics_port = port
+            yield
+
+    app.cleanup_ctx.extend([metrics_ctx, postgres_ctx, redis_ctx, provider_ctx, chat_ctx])
     app.on_shutdown.append(_close_sockets)
 
     app.router.add_get("/health", health.health)

@@ -24,6 +24,7 @@ from storage.postgres import Database
 from .auth import Claims
 from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
+from .metrics import Metrics
 from .protocol import HistoryRequest, Intervene, SendMessage, SetAI, encode, error_frame
 from .settings import Settings
 from .turns import TokenBatcher, Turn, stream_answer
@@ -64,8 +65,11 @@ def _lease_member(turn: Turn) -> str:
 class ChatService:
     """Owns every turn and background task of this process; all are cancelled and awaited on close."""
 
-    def __init__(self, settings: Settings, db: Database, hub: Hub, provider: Provider):
+    def __init__(
+        self, settings: Settings, db: Database, hub: Hub, provider: Provider, metrics: Metrics | None = None
+    ):
         self.settings = settings
+        self.metrics = metrics or Metrics(settings.replica_id)
         self.db = db
         self.hub = hub
         self.provider = provider
@@ -133,6 +137,8 @@ class ChatService:
         }
         if resume_from is not None:
             welcome["resumed"] = resumed
+            self.metrics.resumes.labels(outcome="resumed" if resumed else "missed").inc()
+            self.metrics.replayed.inc(len(catch_up))
         await peer.send(encode(welcome))
         await self.hub.catch_up(member, catch_up, snapshot.seq)
         self._sessions[session.id] = session
@@ -288,6 +294,8 @@ class ChatService:
             session.claims.tenant, session.user.id, day,
             per_minute=settings.messages_per_minute, limits=limits, amounts=amounts,
         )
+        if code:
+            self.metrics.refusals.labels(reason="rate_limited" if code == 1 else "quota_exceeded").inc()
         if code == 1:
             raise ChatError(ErrorCode.RATE_LIMITED, "too many messages; wait a moment", frame.id, retry_after=wait)
         if code in (2, 3):
@@ -403,6 +411,7 @@ class ChatService:
             status = "interrupted" if cancelled else _final(turn.stop_reason or "stopped")
         except AIError as exc:
             failure, status = exc, "failed"
+            self.metrics.ai_errors.labels(kind=exc.kind).inc()
             log.warning("ai provider failed", extra={"kind": exc.kind, "reply_id": turn.reply_id})
         except Exception:
             log.exception("turn failed", extra={"reply_id": turn.reply_id})
@@ -509,6 +518,7 @@ class ChatService:
             turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq, record
         )
         turn.finished = True
+        self._observe(status, record)
         if not committed:
             return  # another replica already ended it (its lease had expired)
         await self._emit_done(turn.conversation_id, turn.reply_id, status, length, record, turn.course_key)
@@ -520,6 +530,17 @@ class ChatService:
                 retry_after=failure.retry_after,
             )
             await self.hub.deliver(turn.conversation_id, [(0, error_frame(error))])
+
+    def _observe(self, status: str, record: UsageRecord | None) -> None:
+        metrics = self.metrics
+        metrics.turns.labels(status=status).inc()
+        if record is None:
+            return
+        labels = {"provider": record.provider, "model": record.model}
+        if record.ttft_ms is not None:
+            metrics.ttft.labels(**labels).observe(record.ttft_ms / 1000)
+        metrics.duration.labels(**labels).observe(record.duration_ms / 1000)
+        metrics.tokens.inc(record.output_tokens)
 
     async def _emit_done(
         self,

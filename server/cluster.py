@@ -96,7 +96,7 @@ class Replica:
 
     replica_id: str
     port: int
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # holds the database URL and the JWT secret
     log_path: Path
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -472,7 +472,7 @@ def _announce(
     lines = [
         f"\nSmartEdu cluster: {len(replicas)} replicas behind NGINX ({settings.ai_provider} tutor).\n",
         f"  NGINX:          {base}",
-        *(f"  {r.replica_id + ':':<15} {r.url}" for r in replicas),
+        *(f"  {r.replica_id + ':':<15} {r.url}  (pid {r.process.pid if r.process else '-'})" for r in replicas),
         f"  Logs:           {logs} (NGINX: {nginx.prefix})",
     ]
     if secret is not None:

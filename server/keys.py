@@ -13,6 +13,7 @@ from storage.redis_store import RedisStore
 
 from .auth import TokenVerifier
 from .chat import ChatService
+from .metrics import Metrics
 from .settings import Settings
 
 
@@ -21,6 +22,7 @@ class ProcessState:
     """What the replica is doing: serving, or draining before it stops."""
 
     draining: bool = False
+    metrics_port: int | None = None
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -29,5 +31,6 @@ DATABASE = web.AppKey("database", Database)
 REDIS = web.AppKey("redis", RedisStore)
 PROVIDER = web.AppKey("provider", Provider)
 CHAT = web.AppKey("chat", ChatService)
+METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")

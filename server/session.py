@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import asyncpg
@@ -70,6 +71,7 @@ class SocketSession:
         self.peer = peer
         self.header_token = header_token
         self.session: Session | None = None
+        self.metrics = chat.metrics
 
     @property
     def ready(self) -> bool:
@@ -88,11 +90,19 @@ class SocketSession:
                 max_message_chars=self.settings.max_message_chars,
                 history_page_max=self.settings.history_page_max,
             )
-            await self._dispatch(frame)
+            if isinstance(frame, SendMessage):
+                started = time.perf_counter()
+                self.metrics.messages.inc()
+                await self._dispatch(frame)
+                self.metrics.ack_latency.observe(time.perf_counter() - started)
+            else:
+                await self._dispatch(frame)
         except ChatError as exc:
             await self.peer.send(error_frame(exc))
-            if self.session is None and exc.code in FATAL_CLOSE:
-                await self.peer.close(FATAL_CLOSE[exc.code], exc.message)
+            if self.session is None:
+                self.metrics.hellos.labels(outcome=exc.code.value).inc()
+                if exc.code in FATAL_CLOSE:
+                    await self.peer.close(FATAL_CLOSE[exc.code], exc.message)
         except _DEPENDENCY_ERRORS as exc:
             ref = uuid.uuid4().hex[:12]
             log.error("dependency failed", extra={"ref": ref, "error": repr(exc)})
@@ -107,6 +117,8 @@ class SocketSession:
             self.session = await self.chat.open_session(
                 self.peer, claims, frame.conversation_id, frame.course_id, frame.resume_from
             )
+            self.metrics.hellos.labels(outcome="ok").inc()
+            self.metrics.connections.labels(role=claims.role).inc()
             log.info(
                 "hello",
                 extra={"tenant": claims.tenant, "user_id": self.session.user.id,
@@ -135,4 +147,8 @@ class SocketSession:
 
     async def close(self) -> None:
         if self.session is not None:
+            self.metrics.connections.labels(role=self.session.claims.role).dec()
             await self.chat.close_session(self.session)
+
+    def hello_timed_out(self) -> None:
+        self.metrics.hellos.labels(outcome="timeout").inc()

@@ -105,7 +105,8 @@ class Settings:
     max_output_tokens: int = 1024
     grounding_chars: int = 6000
     grounding_passages: int = 4
-    metrics_port: int | None = 9100
+    metrics_port: int | None = None
+    metrics_host: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -179,7 +180,9 @@ class Settings:
             max_output_tokens=_int(env, "SMARTEDU_AI_MAX_OUTPUT_TOKENS", defaults.max_output_tokens, 1),
             grounding_chars=_int(env, "SMARTEDU_GROUNDING_CHARS", defaults.grounding_chars),
             grounding_passages=_int(env, "SMARTEDU_GROUNDING_PASSAGES", defaults.grounding_passages),
-            metrics_port=_int(env, "SMARTEDU_METRICS_PORT", 9100) or None,
+            # Off unless set (the container images set 9100), so several local replicas never clash.
+            metrics_port=_int(env, "SMARTEDU_METRICS_PORT", -1) if env.get("SMARTEDU_METRICS_PORT") else None,
+            metrics_host=env.get("SMARTEDU_METRICS_HOST") or None,
         )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
         return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))

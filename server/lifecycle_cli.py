@@ -1,0 +1,384 @@
+"""`smartedu backup | restore | purge | export-user | delete-user`: backups and the data lifecycle.
+
+Wiring into server/__main__.py (the commands need only `settings.database_url`, which `_services` fills in
+with the embedded server's in embedded mode; they never use Redis):
+
+    from . import lifecycle_cli
+
+    # in _parser(), after the other commands:
+    lifecycle_cli.add_commands(commands)
+
+    # in main(), first thing inside `with _services(settings) as ready:`
+    if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
+        return lifecycle_cli.run(args, ready)
+
+Exit status: 0 done, 1 refused or failed (the message on stderr says why), 130 interrupted. Results go to
+stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import asyncpg
+import orjson
+
+from storage.lifecycle import (
+    DEFAULT_BATCH_SIZE,
+    DataCounts,
+    Lifecycle,
+    LifecycleError,
+    backup_database,
+    restore_database,
+    retention_rules,
+)
+from storage.postgres import connect_pool
+
+from .errors import ConfigError
+from .settings import Settings
+
+T = TypeVar("T")
+
+LIFECYCLE_COMMANDS = frozenset({"backup", "restore", "purge", "export-user", "delete-user"})
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30d`, `12h`, `52w` (also `s`, `m`) as a positive timedelta."""
+    match = _DURATION.match(text.lower())
+    if match is None or int(match.group(1)) == 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: use a positive number and a unit, like 365d, 12h or 52w"
+        )
+    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add backup, restore, purge, export-user and delete-user to the `smartedu` command."""
+    raw = argparse.RawDescriptionHelpFormatter
+    pg_bin_help = (
+        "directory holding the PostgreSQL client programs to use (default: the embedded server's when new "
+        "enough, else those on PATH)"
+    )
+
+    backup = subparsers.add_parser(
+        "backup",
+        help="dump the database to a file (pg_dump custom format)",
+        formatter_class=raw,
+        description="Dump the whole database (DATABASE_URL, or the embedded server) with pg_dump -Fc.\n"
+        "The file is written as FILE.partial and renamed once complete; it is readable by you only.",
+        epilog="examples:\n  smartedu backup\n  smartedu backup --output /backups/smartedu-nightly.dump",
+    )
+    backup.add_argument(
+        "-o", "--output", type=Path, metavar="FILE",
+        help="where to write the backup (default smartedu-YYYYmmdd-HHMMSS.dump in the current directory, UTC)",
+    )
+    backup.add_argument("--pg-bin", type=Path, metavar="DIR", help=pg_bin_help)
+
+    restore = subparsers.add_parser(
+        "restore",
+        help="restore a backup into an empty database, then migrate",
+        formatter_class=raw,
+        description="Restore a `smartedu backup` file into the database (DATABASE_URL, or the embedded\n"
+        "server) in a single transaction, then apply pending migrations. The database must be empty\n"
+        "unless --clean is given. Stop the chat servers first.",
+        epilog="examples:\n  createdb smartedu_restored\n"
+        "  DATABASE_URL=postgresql://.../smartedu_restored smartedu restore smartedu-20250101-020000.dump",
+    )
+    restore.add_argument("file", type=Path, metavar="FILE", help="a backup written by `smartedu backup`")
+    restore.add_argument(
+        "--clean", action="store_true",
+        help="replace a non-empty database: drop the backup's tables before recreating them (all or nothing)",
+    )
+    restore.add_argument("--pg-bin", type=Path, metavar="DIR", help=pg_bin_help)
+
+    purge = subparsers.add_parser(
+        "purge",
+        help="delete conversations inactive for longer than the retention period",
+        formatter_class=raw,
+        description="Delete conversations (with their messages, AI usage rows and flags) whose last activity\n"
+        "is older than the retention period. A tenant's own tenants.retention_days wins over\n"
+        "--older-than; with --per-tenant only tenants that set one are purged. Deletes run in batches,\n"
+        "one transaction each, so an interrupted purge keeps what it did and can simply be run again.",
+        epilog="examples:\n  smartedu purge --older-than 365d --dry-run\n"
+        "  smartedu purge --older-than 52w --tenant school-a\n  smartedu purge --per-tenant",
+    )
+    limit = purge.add_mutually_exclusive_group(required=True)
+    limit.add_argument(
+        "--older-than", type=parse_duration, metavar="DURATION",
+        help="retention for tenants without their own: a number and s, m, h, d or w (365d, 12h, 52w)",
+    )
+    limit.add_argument("--per-tenant", action="store_true", help="apply only each tenant's own retention_days")
+    purge.add_argument("--tenant", metavar="T", help="purge only this tenant")
+    purge.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
+    purge.add_argument(
+        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+        help=f"conversations per transaction (default {DEFAULT_BATCH_SIZE})",
+    )
+
+    export = subparsers.add_parser(
+        "export-user",
+        help="write everything stored about a user as JSON (data-protection access request)",
+        formatter_class=raw,
+        description="Write the user's record, conversations, messages, flags and AI usage rows as one JSON\n"
+        "document (ISO 8601 timestamps). Only the given tenant is searched.",
+        epilog="example:\n  smartedu export-user --tenant school-a --user stu-42 --output stu-42.json",
+    )
+    export.add_argument("--tenant", required=True, metavar="T", help="the user's tenant (school) id")
+    export.add_argument("--user", required=True, metavar="EXTERNAL_ID", help="the user's id in the tokens (sub)")
+    export.add_argument(
+        "-o", "--output", type=Path, metavar="FILE.json", help="write here (mode 0600) instead of to stdout"
+    )
+
+    delete = subparsers.add_parser(
+        "delete-user",
+        help="delete a user and everything of theirs (data-protection erasure request)",
+        formatter_class=raw,
+        description="Delete the user, their conversations with every message, flag and AI usage row, in one\n"
+        "transaction. Messages they wrote in other users' conversations stay there without an author.\n"
+        "Only the given tenant is touched. Asks for confirmation unless --yes.",
+        epilog="example:\n  smartedu delete-user --tenant school-a --user stu-42",
+    )
+    delete.add_argument("--tenant", required=True, metavar="T", help="the user's tenant (school) id")
+    delete.add_argument("--user", required=True, metavar="EXTERNAL_ID", help="the user's id in the tokens (sub)")
+    delete.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run one lifecycle command against `settings.database_url`; return the exit status."""
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set")
+    handler = _HANDLERS[args.command]
+    try:
+        return handler(args, settings.database_url)
+    except LifecycleError as exc:
+        print(f"smartedu {args.command}: {exc}", file=sys.stderr)
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"smartedu {args.command}: database error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"smartedu {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def describe(counts: DataCounts) -> str:
+    """`3 conversations, 20 messages, 10 usage rows, 1 flag`."""
+    return ", ".join(
+        [
+            _plural(counts.conversations, "conversation"),
+            _plural(counts.messages, "message"),
+            _plural(counts.usage, "usage row"),
+            _plural(counts.flags, "flag"),
+        ]
+    )
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+class _Progress:
+    """One status line on stderr: redrawn in place on a terminal, plain lines (at most every 2 s) otherwise."""
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._drawn = False
+        self._last = 0.0
+
+    def update(self, text: str, *, final: bool = False) -> None:
+        if self._tty:
+            sys.stderr.write("\r\x1b[K" + text)
+            self._drawn = True
+        elif final or time.monotonic() - self._last >= 2.0:
+            sys.stderr.write(text + "\n")
+            self._last = time.monotonic()
+        sys.stderr.flush()
+
+    def table(self, verb: str) -> Callable[[str, int, int], None]:
+        def on_table(table: str, position: int, total: int) -> None:
+            self.update(f"  [{position:>{len(str(total))}}/{total}] {verb} {table}", final=True)
+
+        return on_table
+
+    def deletions(self, tenant: str, expected: int) -> Callable[[DataCounts], None]:
+        def on_batch(done: DataCounts) -> None:
+            self.update(f"  {tenant}: {done.conversations}/{expected} conversations deleted")
+
+        return on_batch
+
+    def done(self) -> None:
+        if self._drawn:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._drawn = False
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # Exports hold a person's messages: readable by the owner only.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _confirm(prompt: str) -> bool:
+    try:
+        return input(prompt).strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _backup(args: argparse.Namespace, dsn: str) -> int:
+    output: Path = args.output or Path(f"smartedu-{datetime.now(UTC):%Y%m%d-%H%M%S}.dump")
+    progress = _Progress()
+    try:
+        result = asyncio.run(backup_database(dsn, output, pg_bin=args.pg_bin, on_table=progress.table("dumped")))
+    finally:
+        progress.done()
+    contents = result.contents
+    print(
+        f"backup written to {result.path}: {_size(result.size)}, {_plural(len(contents.tables), 'table')}, "
+        f"{_plural(contents.conversations, 'conversation')}, {_plural(contents.messages, 'message')} "
+        f"(PostgreSQL {result.server_version}, pg_dump {result.tool.version} from {result.tool.origin}, "
+        f"{result.seconds:.1f} s)"
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace, dsn: str) -> int:
+    progress = _Progress()
+    try:
+        result = asyncio.run(
+            restore_database(dsn, args.file, clean=args.clean, pg_bin=args.pg_bin, on_table=progress.table("restored"))
+        )
+    finally:
+        progress.done()
+    for warning in result.warnings:
+        print(f"smartedu restore: warning: {warning}", file=sys.stderr)
+    contents = result.contents
+    migrations = ", ".join(str(v) for v in result.migrations) or "none pending"
+    print(
+        f"restored {args.file} (made from PostgreSQL {result.archive.dumped_from}) into PostgreSQL "
+        f"{result.server_version}: {_plural(len(contents.tables), 'table')}, "
+        f"{_plural(contents.conversations, 'conversation')}, {_plural(contents.messages, 'message')}; "
+        f"migrations applied: {migrations} (pg_restore {result.tool.version}, {result.seconds:.1f} s)"
+    )
+    return 0
+
+
+async def _purge(args: argparse.Namespace, lifecycle: Lifecycle) -> int:
+    policies = await lifecycle.retention_policies(args.tenant)
+    if args.tenant is not None and not policies:
+        raise LifecycleError(f"there is no tenant {args.tenant!r}")
+    rules = retention_rules(policies, await lifecycle.now(), None if args.per_tenant else args.older_than)
+    if not rules:
+        print("nothing to purge: no tenant sets its own retention_days" if args.per_tenant else "no tenants")
+        return 0
+    verb = "would delete" if args.dry_run else "deleted"
+    total = DataCounts()
+    for rule in rules:
+        cutoff = f"{rule.cutoff.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        expired = await lifecycle.count_expired(rule.tenant_id, rule.cutoff)
+        if not args.dry_run and expired.conversations:
+            progress = _Progress()
+            on_batch = progress.deletions(rule.tenant_id, expired.conversations)
+            try:
+                expired = await lifecycle.purge(rule, batch_size=args.batch_size, on_batch=on_batch)
+            finally:
+                progress.done()
+        total += expired
+        print(f"{rule.tenant_id}: inactive since before {cutoff} ({rule.source}): {verb} {describe(expired)}")
+    print(f"{'dry run: ' if args.dry_run else ''}{verb} {describe(total)} in {_plural(len(rules), 'tenant')}")
+    return 0
+
+
+async def _with_lifecycle(dsn: str, action: Callable[[Lifecycle], Awaitable[T]]) -> T:
+    """Run `action` with a small pool on a migrated database."""
+    pool = await connect_pool(dsn, min_size=1, max_size=2)
+    try:
+        lifecycle = Lifecycle(pool)
+        await lifecycle.migrate()
+        return await action(lifecycle)
+    finally:
+        await pool.close()
+
+
+def _no_user(args: argparse.Namespace) -> LifecycleError:
+    return LifecycleError(f"there is no user {args.user!r} in tenant {args.tenant!r}")
+
+
+def _export_user(args: argparse.Namespace, dsn: str) -> int:
+    export = asyncio.run(_with_lifecycle(dsn, lambda lc: lc.export_user(args.tenant, args.user)))
+    if export is None:
+        raise _no_user(args)
+    data = orjson.dumps(export.document(), option=orjson.OPT_INDENT_2) + b"\n"
+    counts = DataCounts(len(export.conversations), len(export.messages), len(export.usage), len(export.flags))
+    summary = f"exported user {args.user!r} of tenant {args.tenant!r}: {describe(counts)}"
+    if args.output is None or str(args.output) == "-":
+        sys.stdout.write(data.decode())
+        sys.stdout.flush()
+        print(summary, file=sys.stderr)
+    else:
+        _write_private(args.output, data)
+        print(f"{summary} -> {args.output}")
+    return 0
+
+
+def _delete_user(args: argparse.Namespace, dsn: str) -> int:
+    found = asyncio.run(_with_lifecycle(dsn, lambda lc: lc.count_user_data(args.tenant, args.user)))
+    if found is None:
+        raise _no_user(args)
+    elsewhere = (
+        f"; {_plural(found.authored_elsewhere, 'message')} they wrote in other users' conversations stay there "
+        "without an author" if found.authored_elsewhere else ""
+    )
+    print(f"user {args.user!r} ({found.user.role}) of tenant {args.tenant!r}: {describe(found.counts)}{elsewhere}")
+    if not args.yes and not _confirm("Delete this user and all of the above? This cannot be undone. [y/N] "):
+        print("nothing deleted", file=sys.stderr)
+        return 1
+    deleted = asyncio.run(_with_lifecycle(dsn, lambda lc: lc.delete_user(args.tenant, args.user)))
+    if deleted is None:
+        raise _no_user(args)
+    print(f"deleted user {args.user!r} of tenant {args.tenant!r}: {describe(deleted.counts)}")
+    return 0
+
+
+_HANDLERS: dict[str, Callable[[argparse.Namespace, str], int]] = {
+    "backup": _backup,
+    "restore": _restore,
+    "purge": lambda args, dsn: asyncio.run(_with_lifecycle(dsn, lambda lc: _purge(args, lc))),
+    "export-user": _export_user,
+    "delete-user": _delete_user,
+}
