@@ -25,6 +25,7 @@ from .chat import ChatService
 from .errors import ChatError, CloseCode, ErrorCode
 from .hub import Hub
 from .keys import CHAT, DATABASE, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
+from .logs import request_id
 from .metrics import Metrics, measure_loop_lag, serve_metrics
 from .settings import Settings
 
@@ -37,6 +38,21 @@ DB_TIMED = ("upsert_user", "save_question", "finish_reply", "recent_messages", "
 REDIS_TIMED = ("emit", "admit", "snapshot", "adjust_tokens")
 
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.BAD_REQUEST, 413: ErrorCode.TOO_LARGE}
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Accept a sane X-Request-ID (or make one), log under it, and echo it back."""
+    incoming = request.headers.get("X-Request-ID", "")
+    rid = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+    token = request_id.set(rid)
+    try:
+        response = await handler(request)
+    finally:
+        request_id.reset(token)
+    if not response.prepared:
+        response.headers["X-Request-ID"] = rid
+    return response
 
 
 @web.middleware
@@ -65,7 +81,7 @@ def create_app(
 ) -> web.Application:
     """Build the application; every resource starts in a cleanup context and stops in reverse order."""
     database_url, redis_url = settings.require_services()
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[request_id_middleware, error_middleware], client_max_size=1024 * 1024)
     app[SETTINGS] = settings
     app[VERIFIER] = TokenVerifier(settings)
     app[SOCKETS] = weakref.WeakSet()

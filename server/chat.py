@@ -24,6 +24,7 @@ from storage.postgres import Database
 from .auth import Claims
 from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
+from .logs import request_id
 from .metrics import Metrics
 from .protocol import HistoryRequest, Intervene, SendMessage, SetAI, encode, error_frame
 from .settings import Settings
@@ -463,7 +464,7 @@ class ChatService:
             tenant_id=turn.tenant_id,
             user_id=turn.user_id,
             conversation_id=turn.conversation_id,
-            request_id=f"reply-{turn.reply_id}",
+            request_id=request_id.get() or f"reply-{turn.reply_id}",
         )
 
     async def _blocked(self, turn: Turn, batcher: TokenBatcher) -> None:

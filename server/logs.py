@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import sys
 import time
 from typing import Any
 
 import orjson
+
+# Set per HTTP request or socket; copied into every task started from there (turns included).
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -25,6 +29,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "replica": self.replica,
         }
+        current = request_id.get()
+        if current is not None:
+            entry["request_id"] = current
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

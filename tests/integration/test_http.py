@@ -91,3 +91,32 @@ async def test_last_ten_turns_query_uses_the_index(server: Server, db: asyncpg.C
     )
     text = "\n".join(r[0] for r in plan)
     assert "messages_conversation_recent" in text and "Index" in text and "Sort" not in text, text
+
+
+async def test_request_id_is_echoed_or_generated(server: Server) -> None:
+    response = await server.client.get("/health", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] == "abc-123"
+    response = await server.client.get("/api/conversations")
+    generated = response.headers["X-Request-ID"]
+    assert response.status == 401 and len(generated) == 32
+    response = await server.client.get("/health", headers={"X-Request-ID": "x" * 500})
+    assert response.headers["X-Request-ID"] != "x" * 500
+
+
+def test_logs_are_json_lines_with_the_request_id() -> None:
+    import logging
+
+    import orjson
+
+    from server.logs import JsonFormatter, request_id
+
+    token = request_id.set("req-7")
+    try:
+        record = logging.LogRecord("smartedu", logging.INFO, __file__, 1, "turn finished", (), None)
+        record.reply_id = 42
+        line = JsonFormatter("replica-a").format(record)
+    finally:
+        request_id.reset(token)
+    entry = orjson.loads(line)
+    assert entry["event"] == "turn finished" and entry["request_id"] == "req-7" and entry["reply_id"] == 42
+    assert entry["replica"] == "replica-a" and entry["level"] == "info" and entry["ts"].endswith("Z")
