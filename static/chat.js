@@ -1,0 +1,1288 @@
+/* SmartEdu Tutor Chat: the chat client (WebSocket protocol v1) used by /chat and the /embed iframe.
+ *
+ * Three parts: Transport (one socket at a time, reconnect with capped exponential backoff and jitter,
+ * heartbeat), View (DOM built with createElement/textContent only; no inline styles or handlers, so it
+ * runs under the pages' strict CSP) and Client (protocol state: transcript, outbox, streaming answers).
+ * The token is kept in memory only; it arrives in the URL fragment or, in the iframe, by postMessage.
+ */
+(function () {
+  'use strict';
+
+  var ns = (window.SmartEdu = window.SmartEdu || {});
+  var ACTIVE = { waiting: true, streaming: true };
+  var FINAL = { complete: true, stopped: true, interrupted: true, failed: true };
+  var PING_EVERY_MS = 20000;
+  var WELCOME_LIMIT_MS = 15000;
+  var BACKOFF_BASE_MS = 500;
+  var BACKOFF_CAP_MS = 30000;
+  var STALE_STREAM_MS = 10 * 60 * 1000;
+  var HISTORY_WINDOW = 20;
+
+  /* ---- helpers --------------------------------------------------------------------------------- */
+
+  function newId() {
+    if (window.crypto && typeof window.crypto.randomUUID === 'function') return window.crypto.randomUUID();
+    var bytes = new Uint8Array(16);
+    if (window.crypto && window.crypto.getRandomValues) {
+      window.crypto.getRandomValues(bytes);
+    } else {
+      for (var i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
+    }
+    return Array.prototype.map.call(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join('');
+  }
+
+  // Offsets and lengths in the protocol count code points, not UTF-16 units.
+  function cpLength(s) { return Array.from(s).length; }
+  function cpSlice(s, from) { return Array.from(s).slice(from).join(''); }
+
+  function h(tag, props, children) {
+    var node = document.createElement(tag);
+    if (props) {
+      Object.keys(props).forEach(function (key) {
+        var value = props[key];
+        if (value == null || value === false) return;
+        if (key === 'className') node.className = value;
+        else if (key === 'text') node.textContent = value;
+        else if (key === 'hidden') node.hidden = true;
+        else node.setAttribute(key, value === true ? '' : String(value));
+      });
+    }
+    (children || []).forEach(function (child) {
+      if (child) node.appendChild(typeof child === 'string' ? document.createTextNode(child) : child);
+    });
+    return node;
+  }
+
+  function plainText(node) {
+    var out = [];
+    (function walk(n) {
+      if (n.nodeType === 3) { out.push(n.nodeValue); return; }
+      for (var c = n.firstChild; c; c = c.nextSibling) walk(c);
+      if (n.nodeType === 1 && /^(P|LI|PRE|H\d|TR|BLOCKQUOTE|BR|TD|TH)$/.test(n.nodeName)) out.push(' ');
+    })(node);
+    return out.join('').replace(/\s+/g, ' ').trim();
+  }
+
+  function formatTime(iso) {
+    var d = iso ? new Date(iso) : new Date();
+    if (isNaN(d.getTime())) return '';
+    return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  }
+
+  function seconds(value, fallback) {
+    var n = typeof value === 'number' && isFinite(value) && value > 0 ? value : fallback;
+    return Math.max(1, Math.ceil(n));
+  }
+
+  function storageGet(key) {
+    try { return window.sessionStorage.getItem(key); } catch (e) { return null; }
+  }
+  function storageSet(key, value) {
+    try {
+      if (value == null) window.sessionStorage.removeItem(key);
+      else window.sessionStorage.setItem(key, value);
+    } catch (e) { /* storage can be disabled; it only holds UI state */ }
+  }
+
+  /* ---- Transport ------------------------------------------------------------------------------- */
+
+  function Transport(url, hooks) {
+    this.url = url;
+    this.hooks = hooks; // onOpen(), onFrame(frame), onClose(code) -> 'stop' | delay ms | undefined, onState(state, untilMs)
+    this.ws = null;
+    this.attempt = 0;
+    this.timer = null;
+    this.ticker = null;
+    this.pinger = null;
+    this.lastRx = 0;
+    this.pingedAt = 0;
+    this.stopped = true;
+    this.welcomed = false;
+    this.connections = 0;
+    var self = this;
+    window.addEventListener('online', function () { if (!self.stopped) { self.attempt = 0; self.connect(); } });
+    window.addEventListener('offline', function () { if (!self.stopped) self.detach('offline'); });
+    document.addEventListener('visibilitychange', function () {
+      if (!document.hidden && !self.stopped && !self.ws && self.timer) self.connect();
+    });
+  }
+
+  Transport.prototype.start = function () {
+    this.stopped = false;
+    this.attempt = 0;
+    this.connect();
+  };
+
+  Transport.prototype.state = function (state, until) {
+    this.hooks.onState(state, until || 0);
+  };
+
+  Transport.prototype.clearTimers = function () {
+    clearTimeout(this.timer);
+    clearInterval(this.ticker);
+    this.timer = this.ticker = null;
+  };
+
+  Transport.prototype.connect = function () {
+    this.clearTimers();
+    if (this.stopped || this.ws) return;
+    if (navigator.onLine === false) {
+      this.state('offline');
+      return;
+    }
+    this.state('connecting');
+    var self = this;
+    var ws;
+    try {
+      ws = new WebSocket(this.url);
+    } catch (e) {
+      this.retry();
+      return;
+    }
+    this.ws = ws;
+    this.welcomed = false;
+    this.connections += 1;
+    ws.onopen = function () {
+      if (self.ws !== ws) return;
+      self.lastRx = Date.now();
+      self.pingedAt = 0;
+      self.hooks.onOpen();
+      clearInterval(self.pinger);
+      self.pinger = setInterval(function () { self.heartbeat(ws); }, PING_EVERY_MS);
+      self.timer = setTimeout(function () { if (self.ws === ws && !self.welcomed) self.detach(); }, WELCOME_LIMIT_MS);
+    };
+    ws.onmessage = function (event) {
+      if (self.ws !== ws || typeof event.data !== 'string') return;
+      self.lastRx = Date.now();
+      var frame;
+      try { frame = JSON.parse(event.data); } catch (e) { return; }
+      if (frame && typeof frame === 'object' && typeof frame.type === 'string') self.hooks.onFrame(frame);
+    };
+    ws.onclose = function (event) {
+      if (self.ws !== ws) return;
+      self.ws = null;
+      clearInterval(self.pinger);
+      var decision = self.hooks.onClose(event.code);
+      if (decision === 'stop') self.stop();
+      else self.retry(typeof decision === 'number' ? decision : undefined);
+    };
+    ws.onerror = function () { /* a close event follows */ };
+  };
+
+  // A socket that let a whole ping interval pass without a single frame is dead. Measured from the
+  // previous ping, not the clock, because background tabs run timers only once a minute.
+  Transport.prototype.heartbeat = function (ws) {
+    if (this.ws !== ws) return;
+    if (this.pingedAt && this.lastRx < this.pingedAt) {
+      this.detach();
+      return;
+    }
+    this.pingedAt = Date.now();
+    this.send({ type: 'ping' });
+  };
+
+  // Forget the socket now (a dead TCP connection can take minutes to report its close).
+  Transport.prototype.detach = function (state, delay) {
+    var ws = this.ws;
+    this.ws = null;
+    clearInterval(this.pinger);
+    this.clearTimers();
+    if (ws) {
+      ws.onclose = ws.onmessage = ws.onopen = null;
+      try { ws.close(4000, 'client reconnect'); } catch (e) { /* already closing */ }
+    }
+    this.hooks.onClose(0);
+    if (state === 'offline') this.state('offline');
+    else this.retry(delay);
+  };
+
+  Transport.prototype.welcome = function () {
+    this.welcomed = true;
+    this.attempt = 0;
+    this.clearTimers();
+    this.state('online');
+  };
+
+  Transport.prototype.retry = function (delay) {
+    if (this.stopped) return;
+    if (delay === undefined) {
+      var ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, this.attempt));
+      this.attempt = Math.min(this.attempt + 1, 16);
+      delay = ceiling / 2 + Math.random() * ceiling / 2; // "equal jitter": never zero, never in lockstep
+    }
+    this.clearTimers();
+    var until = Date.now() + delay;
+    var self = this;
+    this.state('reconnecting', until);
+    this.ticker = setInterval(function () { self.state('reconnecting', until); }, 1000);
+    this.timer = setTimeout(function () { self.connect(); }, delay);
+  };
+
+  Transport.prototype.reconnectNow = function () {
+    if (this.stopped) this.stopped = false;
+    this.attempt = 0;
+    if (!this.ws) this.connect();
+  };
+
+  Transport.prototype.stop = function () {
+    this.stopped = true;
+    this.clearTimers();
+    clearInterval(this.pinger);
+    var ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      ws.onclose = ws.onmessage = ws.onopen = null;
+      try { ws.close(1000, 'bye'); } catch (e) { /* ignore */ }
+    }
+  };
+
+  Transport.prototype.send = function (frame) {
+    if (!this.ws || this.ws.readyState !== 1) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  };
+
+  /* ---- View ------------------------------------------------------------------------------------ */
+
+  function View(root, options) {
+    this.root = root;
+    root.classList.add('se-app');
+    root.textContent = '';
+    var statusText = h('span', { className: 'se-status__text', text: 'Connecting' });
+    var countdown = h('span', { className: 'se-status__count', 'aria-hidden': 'true' });
+    var reconnect = h('button', { type: 'button', className: 'se-link-button', hidden: true, text: 'Reconnect now' });
+    var close = options.closable
+      ? h('button', { type: 'button', className: 'se-icon-button', 'aria-label': 'Close chat', title: 'Close' }, ['\u00d7'])
+      : null;
+    this.title = h('span', { className: 'se-title__course' });
+    this.whoami = h('span', { className: 'se-whoami' });
+    var header = h('header', { className: 'se-header' }, [
+      h('div', { className: 'se-title-wrap' }, [
+        h('h1', { className: 'se-title' }, [h('span', { text: 'Tutor' }), this.title]),
+        this.whoami,
+      ]),
+      h('div', { className: 'se-status', 'data-state': 'connecting' }, [
+        h('span', { className: 'se-status__dot', 'aria-hidden': 'true' }),
+        h('span', { role: 'status' }, [statusText]),
+        countdown,
+        reconnect,
+      ]),
+      close,
+    ]);
+    this.older = h('button', { type: 'button', className: 'se-older', hidden: true, text: 'Load older messages' });
+    this.list = h('ol', { className: 'se-messages' });
+    this.empty = h('p', { className: 'se-empty', hidden: true,
+      text: 'Ask your tutor anything about this course. Answers arrive as they are written; you can stop them at any time.' });
+    this.log = h('section', { className: 'se-log', 'aria-label': 'Conversation', tabindex: '0' },
+      [this.older, this.empty, this.list]);
+    this.notices = h('div', { className: 'se-notices', 'aria-live': 'polite' });
+    this.input = h('textarea', { id: options.idPrefix + 'input', className: 'se-input', rows: '1',
+      placeholder: 'Ask your tutor\u2026', 'aria-describedby': options.idPrefix + 'hint', autocomplete: 'off',
+      enterkeyhint: 'send' });
+    this.send = h('button', { type: 'submit', className: 'se-button se-button--send', text: 'Send' });
+    this.stop = h('button', { type: 'button', className: 'se-button se-button--stop', hidden: true,
+      text: 'Stop', 'aria-label': 'Stop the answer' });
+    this.form = h('form', { className: 'se-composer', 'aria-label': 'Ask a question' }, [
+      h('label', { className: 'se-sr-only', for: options.idPrefix + 'input', text: 'Your question' }),
+      this.input,
+      h('div', { className: 'se-composer__actions' }, [this.stop, this.send]),
+      h('p', { id: options.idPrefix + 'hint', className: 'se-hint', text: 'Enter to send \u00b7 Shift+Enter for a new line' }),
+    ]);
+    this.announcer = h('div', { className: 'se-sr-only', 'aria-live': 'polite', 'aria-atomic': 'true' });
+    root.appendChild(header);
+    root.appendChild(this.log);
+    root.appendChild(this.notices);
+    root.appendChild(this.form);
+    root.appendChild(this.announcer);
+    this.statusBox = header.querySelector('.se-status');
+    this.statusText = statusText;
+    this.countdown = countdown;
+    this.reconnect = reconnect;
+    this.close = close;
+    this.noticeByKey = {};
+    this.stick = true;
+    if (!(window.CSS && CSS.supports && CSS.supports('field-sizing', 'content'))) {
+      var input = this.input;
+      input.addEventListener('input', function () {
+        input.style.height = 'auto';
+        input.style.height = Math.min(input.scrollHeight, 200) + 'px';
+      });
+    }
+  }
+
+  View.prototype.setStatus = function (state, until) {
+    var labels = { connecting: 'Connecting', online: 'Online', reconnecting: 'Reconnecting', offline: 'Offline',
+      'signed-out': 'Signed out', waiting: 'Waiting for sign-in' };
+    this.statusBox.setAttribute('data-state', state);
+    var label = labels[state] || state;
+    if (this.statusText.textContent !== label) this.statusText.textContent = label;
+    var left = until ? Math.max(0, Math.ceil((until - Date.now()) / 1000)) : 0;
+    this.countdown.textContent = state === 'reconnecting' ? ' in ' + left + ' s' : '';
+    this.reconnect.hidden = !(state === 'reconnecting' || state === 'offline');
+  };
+
+  View.prototype.nearBottom = function () {
+    var log = this.log;
+    // A hidden panel has no layout; treat it as following the conversation.
+    return log.clientHeight === 0 || log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+  };
+
+  View.prototype.scrollToBottom = function () {
+    this.stick = true;
+    this.log.scrollTop = this.log.scrollHeight;
+  };
+
+  View.prototype.announce = function (text) {
+    var announcer = this.announcer;
+    announcer.textContent = '';
+    // A fresh text node after a tick is announced even when it equals the previous one.
+    setTimeout(function () { announcer.textContent = text; }, 60);
+  };
+
+  // A notice: {key, text, srText, until, actions:[{label, run}], tone}. Same key replaces.
+  View.prototype.notice = function (spec) {
+    var old = this.noticeByKey[spec.key];
+    if (old) old.dismiss();
+    var self = this;
+    var text = h('span', { className: 'se-notice__text' });
+    var count = h('span', { className: 'se-notice__count', 'aria-hidden': 'true' });
+    var sr = spec.srText ? h('span', { className: 'se-sr-only', text: spec.srText }) : null;
+    var dismiss = h('button', { type: 'button', className: 'se-icon-button', 'aria-label': 'Dismiss notice' }, ['\u00d7']);
+    var box = h('div', { className: 'se-notice se-notice--' + (spec.tone || 'info'), 'data-code': spec.key },
+      [h('span', { className: 'se-notice__msg' }, [text, count]), sr]);
+    (spec.actions || []).forEach(function (action) {
+      var b = h('button', { type: 'button', className: 'se-link-button', text: action.label });
+      b.addEventListener('click', function () { handle.dismiss(); action.run(); });
+      box.appendChild(b);
+    });
+    box.appendChild(dismiss);
+    if (sr) text.setAttribute('aria-hidden', 'true');
+    text.textContent = spec.text;
+    var timer = null;
+    var handle = {
+      dismiss: function () {
+        clearInterval(timer);
+        if (box.parentNode) box.parentNode.removeChild(box);
+        if (self.noticeByKey[spec.key] === handle) delete self.noticeByKey[spec.key];
+      },
+    };
+    dismiss.addEventListener('click', function () { handle.dismiss(); self.input.focus(); });
+    if (spec.until) {
+      var tick = function () {
+        var left = Math.ceil((spec.until - Date.now()) / 1000);
+        if (left <= 0) {
+          handle.dismiss();
+          if (spec.onEnd) spec.onEnd();
+          return;
+        }
+        count.textContent = ' ' + left + ' s';
+      };
+      tick();
+      timer = setInterval(tick, 1000);
+    } else if (spec.ttl) {
+      timer = setTimeout(handle.dismiss, spec.ttl);
+    }
+    this.noticeByKey[spec.key] = handle;
+    this.notices.appendChild(box);
+    return handle;
+  };
+
+  View.prototype.clearNotice = function (key) {
+    if (this.noticeByKey[key]) this.noticeByKey[key].dismiss();
+  };
+
+  /* ---- Client ---------------------------------------------------------------------------------- */
+
+  var ROLE_LABEL = { user: 'You', assistant: 'Tutor', teacher: 'Teacher' };
+
+  function Client(root, options) {
+    this.options = options;
+    this.token = options.token || null;
+    this.course = options.course || null;
+    this.storageKey = 'smartedu.conversation.' + (this.course || '-');
+    this.conversationId = options.conversationId || storageGet(this.storageKey);
+    this.lastSeq = 0;
+    this.ready = false;
+    this.everWelcomed = false;
+    this.features = {};
+    this.byServerId = new Map();
+    this.byClientId = new Map();
+    this.outbox = [];
+    this.oldestId = null;
+    this.hasMore = false;
+    this.loadingOlder = false;
+    this.rateUntil = 0;
+    this.rateTimer = null;
+    this.dirty = new Set();
+    this.frame = 0;
+    this.signedOut = false;
+    this.aiPaused = false;
+    this.visible = true;
+    this.view = new View(root, { closable: options.mode === 'embed', idPrefix: 'se-' + newId().slice(0, 6) + '-' });
+    if (this.course) this.view.title.textContent = this.course;
+    var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    var self = this;
+    this.transport = new Transport(options.socketUrl || scheme + '//' + location.host + '/ws', {
+      onOpen: function () { self.sendHello(); },
+      onFrame: function (frame) { self.onFrame(frame); },
+      onClose: function (code) { return self.onClose(code); },
+      onState: function (state, until) { if (!self.signedOut) self.view.setStatus(state, until); },
+    });
+    this.bindUi();
+  }
+
+  Client.prototype.start = function () {
+    if (!this.token) {
+      this.view.setStatus('waiting');
+      return;
+    }
+    this.transport.start();
+  };
+
+  Client.prototype.setToken = function (token) {
+    var had = this.token;
+    this.token = token;
+    if (this.signedOut || !had) {
+      this.signedOut = false;
+      this.view.clearNotice('unauthorized');
+      this.transport.reconnectNow();
+    }
+  };
+
+  Client.prototype.bindUi = function () {
+    var self = this;
+    var view = this.view;
+    view.form.addEventListener('submit', function (event) {
+      event.preventDefault();
+      self.submit();
+    });
+    view.input.addEventListener('keydown', function (event) {
+      if (event.key === 'Enter' && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+        event.preventDefault();
+        self.submit();
+      }
+    });
+    view.stop.addEventListener('click', function () { self.stopAnswer(); });
+    view.reconnect.addEventListener('click', function () { self.transport.reconnectNow(); });
+    view.older.addEventListener('click', function () { self.loadOlder(); });
+    view.log.addEventListener('scroll', function () {
+      view.stick = view.nearBottom();
+      if (view.log.scrollTop < 40 && self.hasMore) self.loadOlder();
+    }, { passive: true });
+    if (window.ResizeObserver) {
+      // Keep the newest message in view when the panel is resized, rotated or shown again.
+      new ResizeObserver(function () { if (view.stick) view.scrollToBottom(); }).observe(view.log);
+    }
+    if (view.close) {
+      view.close.addEventListener('click', function () { self.emit('close'); });
+    }
+  };
+
+  Client.prototype.emit = function (name, detail) {
+    if (this.options.onEvent) this.options.onEvent(name, detail || {});
+  };
+
+  /* -- connection ------------------------------------------------------------------------------- */
+
+  Client.prototype.sendHello = function () {
+    this.ready = false;
+    var hello = { type: 'hello', token: this.token };
+    if (this.course) hello.course_id = this.course;
+    if (this.conversationId) hello.conversation_id = this.conversationId;
+    if (this.conversationId && this.everWelcomed && this.lastSeq > 0) hello.resume_from = this.lastSeq;
+    this.transport.send(hello);
+  };
+
+  Client.prototype.onClose = function (code) {
+    this.ready = false;
+    this.updateStop();
+    if (code === 4401) {
+      this.signedOut = true;
+      this.view.setStatus('signed-out');
+      if (this.options.mode === 'embed') {
+        this.emit('token-expired');
+        this.view.notice({ key: 'unauthorized', tone: 'warn', text: 'Signing you in again\u2026' });
+      } else {
+        this.view.notice({ key: 'unauthorized', tone: 'error',
+          text: 'Your sign-in has expired. Open the tutor again from your school\u2019s site.' });
+      }
+      return 'stop';
+    }
+    if (code === 4403 || code === 1008) {
+      this.signedOut = true;
+      this.view.setStatus('signed-out');
+      return 'stop';
+    }
+    if (code === 1012) return 800 + Math.random() * 1500; // server restarting: come back soon, spread out
+    return undefined;
+  };
+
+  Client.prototype.onFrame = function (frame) {
+    if (typeof frame.seq === 'number' && frame.seq > this.lastSeq &&
+        (!frame.conversation_id || frame.conversation_id === this.conversationId)) {
+      this.lastSeq = frame.seq;
+    }
+    switch (frame.type) {
+      case 'welcome': this.onWelcome(frame); break;
+      case 'ack': this.onAck(frame); break;
+      case 'token': this.onToken(frame); break;
+      case 'done': this.onDone(frame); break;
+      case 'history': this.onHistory(frame); break;
+      case 'error': this.onError(frame); break;
+      case 'reconnect': this.onReconnect(frame); break;
+      case 'teacher_message': this.onTeacherMessage(frame); break;
+      case 'ai_state': this.onAiState(frame.paused === true, frame.conversation_id); break;
+      case 'message': this.onServerMessage(frame); break;
+      default: break; // pong and frame types from newer servers
+    }
+  };
+
+  Client.prototype.onWelcome = function (f) {
+    var firstConversation = this.conversationId;
+    this.conversationId = f.conversation_id || this.conversationId;
+    storageSet(this.storageKey, this.conversationId);
+    this.ready = true;
+    this.transport.welcome();
+    this.features = {};
+    (Array.isArray(f.features) ? f.features : []).forEach(function (name) { this.features[name] = true; }, this);
+    if (f.user) {
+      this.user = f.user;
+      this.view.whoami.textContent = f.user.name ? 'Signed in as ' + f.user.name : '';
+    }
+    if (f.course_title || f.course_id) this.view.title.textContent = f.course_title || f.course_id;
+    var resumed = f.resumed === true && this.everWelcomed && firstConversation === this.conversationId;
+    if (!resumed) {
+      this.resetTranscript(Array.isArray(f.history) ? f.history : [], f.has_more);
+      if (typeof f.seq === 'number') this.lastSeq = f.seq;
+    }
+    this.everWelcomed = true;
+    if (typeof f.ai_paused === 'boolean') this.onAiState(f.ai_paused, this.conversationId);
+    this.view.clearNotice('unauthorized');
+    this.view.clearNotice('forbidden');
+    this.flushOutbox(true);
+    var self = this;
+    this.byServerId.forEach(function (item) {
+      if (item.kind === 'assistant' && item.stopRequested && ACTIVE[item.status]) {
+        self.transport.send({ type: 'cancel', reply_id: item.id });
+      }
+    });
+    this.updateStop();
+    this.emit('ready');
+  };
+
+  Client.prototype.onReconnect = function (f) {
+    var after = typeof f.after_ms === 'number' && f.after_ms >= 0 ? f.after_ms : 1000;
+    this.transport.detach(undefined, after + Math.random() * Math.min(1000, after * 0.2 + 100));
+  };
+
+  /* -- transcript ------------------------------------------------------------------------------- */
+
+  Client.prototype.makeItem = function (m) {
+    var kind = m.role === 'assistant' || m.role === 'teacher' ? m.role : 'user';
+    var text = typeof m.text === 'string' ? m.text : '';
+    var status = m.status || 'complete';
+    if (kind === 'assistant' && status === 'streaming') {
+      var age = Date.now() - new Date(m.created_at).getTime();
+      status = age > STALE_STREAM_MS ? 'interrupted' : text ? 'streaming' : 'waiting';
+    }
+    return {
+      kind: kind, id: typeof m.id === 'number' ? m.id : null, clientId: null, text: text, len: cpLength(text),
+      pieces: new Map(), gap: false, status: kind === 'user' ? 'sent' : status, createdAt: m.created_at,
+      question: null, announced: FINAL[status] === true, stopRequested: false, retried: false, li: null,
+    };
+  };
+
+  Client.prototype.resetTranscript = function (history, hasMore) {
+    var previous = this.byServerId;
+    // Messages not yet acknowledged (queued, or refused with an Edit button) stay at the end, in order.
+    var local = Array.prototype.filter.call(this.view.list.children, function (li) { return !li.hasAttribute('data-id'); });
+    this.byServerId = new Map();
+    this.view.list.textContent = '';
+    var lastQuestion = null;
+    var self = this;
+    history.forEach(function (m) {
+      var item = self.makeItem(m);
+      var known = item.id != null ? previous.get(item.id) : null;
+      // The database has no text for an answer still streaming; keep what this page already showed.
+      if (known && known.kind === 'assistant' && ACTIVE[item.status] && known.len > item.len) {
+        item.text = known.text;
+        item.len = known.len;
+        item.pieces = known.pieces;
+        item.status = 'streaming';
+        item.stopRequested = known.stopRequested;
+      }
+      if (item.kind === 'user') lastQuestion = item.text;
+      else if (item.kind === 'assistant') item.question = lastQuestion;
+      self.append(item);
+    });
+    local.forEach(function (li) { self.view.list.appendChild(li); });
+    this.oldestId = history.length ? history[0].id : null;
+    this.hasMore = typeof hasMore === 'boolean' ? hasMore : history.length >= HISTORY_WINDOW;
+    this.view.older.hidden = !this.hasMore;
+    this.refreshEmpty();
+    this.view.scrollToBottom();
+  };
+
+  Client.prototype.refreshEmpty = function () {
+    this.view.empty.hidden = this.view.list.firstChild !== null;
+  };
+
+  Client.prototype.register = function (item) {
+    if (item.id != null) this.byServerId.set(item.id, item);
+    if (item.clientId) this.byClientId.set(item.clientId, item);
+  };
+
+  Client.prototype.append = function (item, after) {
+    this.register(item);
+    this.render(item);
+    var list = this.view.list;
+    if (after && after.li && after.li.parentNode === list) list.insertBefore(item.li, after.li.nextSibling);
+    else list.appendChild(item.li);
+    this.refreshEmpty();
+  };
+
+  Client.prototype.render = function (item) {
+    var self = this;
+    if (!item.li) {
+      item.body = h('div', { className: 'se-bubble__body' });
+      item.statusEl = h('span', { className: 'se-meta__status' });
+      item.actions = h('span', { className: 'se-meta__actions' });
+      var label = ROLE_LABEL[item.kind];
+      item.li = h('li', { className: 'se-msg se-msg--' + item.kind }, [
+        h('div', { className: 'se-bubble' }, [
+          item.kind === 'teacher'
+            ? h('span', { className: 'se-badge', text: item.name ? 'Teacher \u00b7 ' + item.name : 'Teacher' })
+            : h('span', { className: 'se-sr-only', text: label + ':' }),
+          item.body,
+        ]),
+        h('div', { className: 'se-meta' }, [
+          item.kind === 'teacher' ? null : h('span', { className: 'se-meta__who', 'aria-hidden': 'true', text: label }),
+          item.createdAt ? h('time', { datetime: item.createdAt, text: formatTime(item.createdAt) }) : null,
+          item.statusEl,
+          item.actions,
+        ]),
+      ]);
+      item.li.addEventListener('click', function (event) {
+        var target = event.target;
+        if (!(target instanceof HTMLElement) || !target.hasAttribute('data-action')) return;
+        self.action(item, target.getAttribute('data-action'));
+      });
+    }
+    item.li.setAttribute('data-status', item.status);
+    if (item.id != null) item.li.setAttribute('data-id', String(item.id));
+    if (item.clientId) item.li.setAttribute('data-client-id', item.clientId);
+    this.renderBody(item);
+    this.renderMeta(item);
+  };
+
+  Client.prototype.renderBody = function (item) {
+    var body = item.body;
+    if (item.kind === 'user') {
+      if (body.textContent !== item.text) body.textContent = item.text;
+      return;
+    }
+    body.textContent = '';
+    if (item.text) body.appendChild(ns.renderMarkdown(item.text));
+    var active = item.kind === 'assistant' && ACTIVE[item.status];
+    item.li.setAttribute('aria-busy', active ? 'true' : 'false');
+    if (active) {
+      var typing = h('span', { className: item.text ? 'se-caret' : 'se-typing', 'aria-hidden': 'true' },
+        item.text ? [] : [h('span'), h('span'), h('span')]);
+      var last = body.lastElementChild;
+      (last && /^(P|LI)$/.test(last.nodeName) ? last : body).appendChild(typing);
+      if (!item.text) body.appendChild(h('span', { className: 'se-sr-only', text: 'Tutor is typing' }));
+    }
+  };
+
+  var STATUS_TEXT = {
+    queued: 'Waiting for connection \u2014 will send automatically',
+    sending: 'Sending\u2026',
+    held: 'Waiting to send',
+    rejected: 'Not sent',
+    stopped: 'Stopped',
+    interrupted: 'Interrupted',
+    failed: 'The answer could not be completed',
+    waiting: 'Thinking\u2026',
+  };
+
+  Client.prototype.renderMeta = function (item) {
+    var text = STATUS_TEXT[item.status] || '';
+    if (item.status === 'rejected' && item.reason) text = 'Not sent: ' + item.reason;
+    if (item.stopRequested && ACTIVE[item.status]) text = 'Stopping\u2026';
+    if (item.gap && FINAL[item.status]) text = 'Loading the full answer\u2026';
+    item.statusEl.textContent = text;
+    item.actions.textContent = '';
+    if (item.kind === 'assistant' && (item.status === 'failed' || item.status === 'interrupted') && !item.retried && item.question) {
+      item.actions.appendChild(h('button', { type: 'button', className: 'se-link-button', 'data-action': 'retry',
+        text: 'Retry', 'aria-label': 'Retry this question' }));
+    }
+    if (item.kind === 'user' && item.status === 'rejected') {
+      item.actions.appendChild(h('button', { type: 'button', className: 'se-link-button', 'data-action': 'edit',
+        text: 'Edit', 'aria-label': 'Edit this message' }));
+      item.actions.appendChild(h('button', { type: 'button', className: 'se-link-button', 'data-action': 'resend',
+        text: 'Try again', 'aria-label': 'Send this message again' }));
+    }
+  };
+
+  Client.prototype.markDirty = function (item) {
+    this.dirty.add(item);
+    if (this.frame) return;
+    var self = this;
+    var flush = function () { self.frame = 0; self.flushRender(); };
+    // Hidden tabs get no animation frames; a timer keeps the transcript current there.
+    this.frame = document.hidden ? setTimeout(flush, 250) : requestAnimationFrame(flush);
+  };
+
+  Client.prototype.flushRender = function () {
+    if (this.frame) {
+      cancelAnimationFrame(this.frame);
+      clearTimeout(this.frame);
+      this.frame = 0;
+    }
+    var stick = this.view.stick || this.view.nearBottom();
+    var self = this;
+    this.dirty.forEach(function (item) { self.render(item); });
+    this.dirty.clear();
+    if (stick) this.view.scrollToBottom();
+  };
+
+  Client.prototype.action = function (item, name) {
+    if (name === 'retry') {
+      item.retried = true;
+      this.render(item);
+      if (this.features.regenerate && this.ready) {
+        // Answered with an ack (regenerated: true) that names the new reply.
+        this.transport.send({ type: 'regenerate', reply_id: item.id });
+      } else {
+        this.queue(item.question);
+      }
+      this.view.input.focus();
+    } else if (name === 'edit') {
+      this.view.input.value = item.text;
+      this.remove(item);
+      this.view.input.focus();
+    } else if (name === 'resend') {
+      item.status = 'queued';
+      item.attempts = 0;
+      if (this.outbox.indexOf(item) < 0) this.outbox.push(item);
+      this.render(item);
+      this.flushOutbox(false);
+    }
+  };
+
+  Client.prototype.remove = function (item) {
+    if (item.li && item.li.parentNode) item.li.parentNode.removeChild(item.li);
+    var at = this.outbox.indexOf(item);
+    if (at >= 0) this.outbox.splice(at, 1);
+    if (item.clientId) this.byClientId.delete(item.clientId);
+    if (item.id != null && this.byServerId.get(item.id) === item) this.byServerId.delete(item.id);
+    this.refreshEmpty();
+  };
+
+  /* -- sending ---------------------------------------------------------------------------------- */
+
+  Client.prototype.submit = function () {
+    var text = this.view.input.value;
+    if (!text.trim()) return;
+    if (this.signedOut && !this.token) return;
+    this.view.input.value = '';
+    this.view.input.style.height = '';
+    this.queue(text);
+    this.view.input.focus();
+  };
+
+  Client.prototype.queue = function (text) {
+    var item = this.makeItem({ role: 'user', text: text, created_at: new Date().toISOString() });
+    item.clientId = newId();
+    item.status = 'queued';
+    item.attempts = 0;
+    this.outbox.push(item);
+    this.append(item);
+    this.flushOutbox(false);
+    this.view.scrollToBottom();
+  };
+
+  // Send every unacknowledged message (all of them again after a new welcome: the server dedupes by id).
+  Client.prototype.flushOutbox = function (afterWelcome) {
+    if (!this.ready) return;
+    var wait = this.rateUntil - Date.now();
+    if (wait > 0) {
+      var self = this;
+      clearTimeout(this.rateTimer);
+      this.rateTimer = setTimeout(function () { self.flushOutbox(false); }, wait + 50);
+      this.outbox.forEach(function (item) {
+        if (item.status === 'queued') { item.status = 'held'; self.render(item); }
+      });
+      return;
+    }
+    for (var i = 0; i < this.outbox.length; i++) {
+      var item = this.outbox[i];
+      if (item.status === 'rejected') continue;
+      if (item.status === 'sending' && !afterWelcome) continue;
+      var frame = { type: 'message', id: item.clientId, text: item.text };
+      if (this.conversationId) frame.conversation_id = this.conversationId;
+      if (!this.transport.send(frame)) break;
+      item.status = 'sending';
+      this.render(item);
+    }
+    this.updateStop();
+  };
+
+  Client.prototype.onAck = function (f) {
+    if (f.conversation_id && this.conversationId && f.conversation_id !== this.conversationId) return;
+    var mine = typeof f.id === 'string' ? this.byClientId.get(f.id) : null;
+    var existing = this.byServerId.get(f.message_id);
+    var question;
+    if (mine && mine.kind === 'user') {
+      var at = this.outbox.indexOf(mine);
+      if (at >= 0) this.outbox.splice(at, 1);
+      if (existing && existing !== mine) {
+        // The committed question is already shown (from a welcome's history): drop the local copy.
+        this.remove(mine);
+        existing.clientId = mine.clientId;
+        existing.stopRequested = existing.stopRequested || mine.stopRequested;
+        question = existing;
+      } else if (mine.status !== 'sent') {
+        mine.id = f.message_id;
+        mine.status = 'sent';
+        this.register(mine);
+        this.render(mine);
+        question = mine;
+      } else {
+        question = mine;
+      }
+    } else if (existing) {
+      question = existing;
+    } else {
+      // A question sent from another tab or device of the same user.
+      question = this.makeItem({ role: 'user', id: f.message_id, text: typeof f.text === 'string' ? f.text : '',
+        created_at: new Date().toISOString() });
+      question.clientId = typeof f.id === 'string' ? f.id : null;
+      this.append(question);
+    }
+    // No reply_id: the teacher paused the tutor; the question waits and its answer starts with tokens.
+    var reply = typeof f.reply_id === 'number' ? this.byServerId.get(f.reply_id) : null;
+    if (!reply && typeof f.reply_id === 'number') {
+      reply = this.makeItem({ role: 'assistant', id: f.reply_id, text: '', status: 'streaming',
+        created_at: new Date().toISOString() });
+      reply.status = 'waiting';
+      reply.announced = false;
+      reply.question = question.text;
+      var stick = this.view.nearBottom();
+      // A regenerated answer is the newest row of the conversation, so it goes last (as after a reload).
+      this.append(reply, f.regenerated ? null : question);
+      if (stick) this.view.scrollToBottom();
+    }
+    if (reply && question.stopRequested && ACTIVE[reply.status] && !reply.stopRequested) {
+      question.stopRequested = false;
+      this.cancel(reply);
+    }
+    this.updateStop();
+  };
+
+  /* -- streaming -------------------------------------------------------------------------------- */
+
+  Client.prototype.onToken = function (f) {
+    if (f.conversation_id && f.conversation_id !== this.conversationId) return;
+    if (typeof f.text !== 'string' || typeof f.reply_id !== 'number') return;
+    var item = this.byServerId.get(f.reply_id);
+    if (!item) {
+      item = this.makeItem({ role: 'assistant', id: f.reply_id, text: '', status: 'streaming',
+        created_at: new Date().toISOString() });
+      item.status = 'streaming';
+      item.announced = false;
+      this.append(item);
+    }
+    if (item.kind !== 'assistant' || FINAL[item.status]) return;
+    this.addPiece(item, typeof f.offset === 'number' ? f.offset : item.len, f.text);
+    if (item.status === 'waiting') {
+      item.status = 'streaming';
+      this.updateStop();
+    }
+    this.markDirty(item);
+  };
+
+  // Place a piece of the answer at its code-point offset: drop what we already have, hold what
+  // comes after a gap until the gap is filled (a resumed stream) or the committed text is fetched.
+  Client.prototype.addPiece = function (item, offset, text) {
+    var length = cpLength(text);
+    if (offset + length <= item.len) return;
+    if (offset > item.len) {
+      if (!item.pieces.has(offset) || cpLength(item.pieces.get(offset)) < length) item.pieces.set(offset, text);
+      item.gap = true;
+      return;
+    }
+    item.text += offset === item.len ? text : cpSlice(text, item.len - offset);
+    item.len = offset + length;
+    var progress = true;
+    while (progress && item.pieces.size) {
+      progress = false;
+      item.pieces.forEach(function (piece, at) {
+        if (at <= item.len) {
+          item.pieces.delete(at);
+          if (at + cpLength(piece) > item.len) {
+            item.text += cpSlice(piece, item.len - at);
+            item.len = at + cpLength(piece);
+          }
+          progress = true;
+        }
+      });
+    }
+    item.gap = item.pieces.size > 0;
+  };
+
+  Client.prototype.onDone = function (f) {
+    if (f.conversation_id && f.conversation_id !== this.conversationId) return;
+    var item = this.byServerId.get(f.reply_id);
+    if (!item) {
+      item = this.makeItem({ role: 'assistant', id: f.reply_id, text: '', status: 'streaming',
+        created_at: new Date().toISOString() });
+      item.announced = false;
+      this.append(item);
+    }
+    if (item.kind !== 'assistant') return;
+    item.status = FINAL[f.status] ? f.status : 'complete';
+    item.stopRequested = false;
+    var complete = typeof f.length === 'number' ? item.len === f.length && !item.gap : !item.gap;
+    if (!complete) {
+      item.gap = true;
+      this.repair(item);
+    }
+    this.markDirty(item);
+    this.flushRender();
+    if (complete) this.finished(item);
+    this.updateStop();
+  };
+
+  // Fetch the committed text of an answer whose stream had a gap (v1 servers do not replay frames).
+  Client.prototype.repair = function (item) {
+    var self = this;
+    var url = '/api/conversations/' + encodeURIComponent(this.conversationId) + '/messages?limit=1&before=' + (item.id + 1);
+    var base = this.options.apiBase || '';
+    fetch(base + url, { headers: { Authorization: 'Bearer ' + this.token }, credentials: 'omit', cache: 'no-store' })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (page) {
+        var row = page && Array.isArray(page.messages) ? page.messages.filter(function (m) { return m.id === item.id; })[0] : null;
+        if (row && typeof row.text === 'string') {
+          item.text = row.text;
+          item.len = cpLength(row.text);
+          if (FINAL[row.status]) item.status = row.status;
+        }
+      })
+      .catch(function () { /* keep the partial text */ })
+      .then(function () {
+        item.gap = false;
+        item.pieces = new Map();
+        self.markDirty(item);
+        self.flushRender();
+        self.finished(item);
+      });
+  };
+
+  Client.prototype.finished = function (item) {
+    if (item.announced) return;
+    item.announced = true;
+    var words = {
+      complete: 'The tutor answered: ',
+      stopped: 'Answer stopped: ',
+      interrupted: 'The answer was interrupted. Use Retry to ask again. ',
+      failed: 'The answer could not be completed. Use Retry to ask again. ',
+    };
+    var plain = item.body ? plainText(item.body) : '';
+    this.view.announce((words[item.status] || '') + plain);
+    if (!this.visible) this.emit('unread');
+  };
+
+  Client.prototype.activeReplies = function () {
+    var replies = [];
+    this.byServerId.forEach(function (item) {
+      if (item.kind === 'assistant' && ACTIVE[item.status]) replies.push(item);
+    });
+    replies.sort(function (a, b) {
+      if (a.status !== b.status) return a.status === 'streaming' ? -1 : 1;
+      return a.id - b.id;
+    });
+    return replies;
+  };
+
+  Client.prototype.updateStop = function () {
+    var active = this.activeReplies().length > 0 ||
+      this.outbox.some(function (item) { return item.status === 'sending'; });
+    var stop = this.view.stop;
+    var hadFocus = document.activeElement === stop;
+    stop.hidden = !active;
+    stop.disabled = !active;
+    if (hadFocus && !active) this.view.input.focus();
+  };
+
+  Client.prototype.stopAnswer = function () {
+    var replies = this.activeReplies().filter(function (item) { return !item.stopRequested; });
+    if (replies.length) {
+      this.cancel(replies[0]);
+      return;
+    }
+    var sending = this.outbox.filter(function (item) { return item.status === 'sending'; });
+    if (sending.length) sending[sending.length - 1].stopRequested = true; // cancelled as soon as it is acked
+  };
+
+  Client.prototype.cancel = function (reply) {
+    reply.stopRequested = true;
+    this.transport.send({ type: 'cancel', reply_id: reply.id });
+    this.render(reply);
+  };
+
+  /* -- history ---------------------------------------------------------------------------------- */
+
+  Client.prototype.loadOlder = function () {
+    if (this.loadingOlder || !this.hasMore || !this.ready || this.oldestId == null) return;
+    this.loadingOlder = true;
+    this.view.older.disabled = true;
+    this.view.older.textContent = 'Loading\u2026';
+    this.transport.send({ type: 'history', conversation_id: this.conversationId, before: this.oldestId, limit: 20 });
+  };
+
+  Client.prototype.onHistory = function (f) {
+    this.loadingOlder = false;
+    var older = this.view.older;
+    older.disabled = false;
+    older.textContent = 'Load older messages';
+    if (f.conversation_id && f.conversation_id !== this.conversationId) return;
+    var messages = Array.isArray(f.messages) ? f.messages : [];
+    var log = this.view.log;
+    var before = log.scrollHeight - log.scrollTop;
+    var first = this.view.list.firstChild;
+    var lastQuestion = null;
+    var self = this;
+    var added = 0;
+    messages.forEach(function (m) {
+      if (typeof m.id !== 'number') return;
+      if (self.oldestId == null || m.id < self.oldestId) self.oldestId = m.id;
+      if (self.byServerId.has(m.id)) return;
+      var item = self.makeItem(m);
+      if (item.kind === 'user') lastQuestion = item.text;
+      else if (item.kind === 'assistant') item.question = lastQuestion;
+      self.register(item);
+      self.render(item);
+      self.view.list.insertBefore(item.li, first);
+      added += 1;
+    });
+    this.hasMore = f.has_more === true && messages.length > 0;
+    older.hidden = !this.hasMore;
+    this.refreshEmpty();
+    log.scrollTop = log.scrollHeight - before; // keep the message under the reader's eyes in place
+    if (added) this.view.announce('Loaded ' + added + ' older messages.');
+  };
+
+  Client.prototype.onTeacherMessage = function (f) {
+    if (f.conversation_id && f.conversation_id !== this.conversationId) return;
+    if (typeof f.message_id !== 'number' || typeof f.text !== 'string' || this.byServerId.has(f.message_id)) return;
+    var item = this.makeItem({ role: 'teacher', id: f.message_id, text: f.text, created_at: new Date().toISOString() });
+    item.name = typeof f.name === 'string' ? f.name : '';
+    var stick = this.view.nearBottom();
+    this.append(item);
+    if (stick) this.view.scrollToBottom();
+    this.view.announce((item.name ? 'Your teacher ' + item.name : 'Your teacher') + ' wrote: ' + plainText(item.body));
+    if (!this.visible) this.emit('unread');
+  };
+
+  Client.prototype.onAiState = function (paused, conversationId) {
+    if (conversationId && conversationId !== this.conversationId) return;
+    if (paused === this.aiPaused) return;
+    this.aiPaused = paused;
+    if (paused) {
+      this.view.notice({ key: 'ai-paused', tone: 'info',
+        text: 'Your teacher has paused the AI tutor. You can still write: your teacher sees your messages.' });
+    } else {
+      this.view.clearNotice('ai-paused');
+    }
+  };
+
+  Client.prototype.onServerMessage = function (f) {
+    // Newer servers may push messages (for instance a teacher's note) as {type:"message", message:{...}}.
+    var m = f.message && typeof f.message === 'object' ? f.message : f;
+    if (typeof m.id !== 'number' || typeof m.text !== 'string' || this.byServerId.has(m.id)) return;
+    if ((f.conversation_id || m.conversation_id) && (f.conversation_id || m.conversation_id) !== this.conversationId) return;
+    var item = this.makeItem(m);
+    item.announced = true;
+    var stick = this.view.nearBottom();
+    this.append(item);
+    if (stick) this.view.scrollToBottom();
+    if (item.kind === 'teacher') this.view.announce('Your teacher wrote: ' + plainText(item.body));
+  };
+
+  /* -- errors ----------------------------------------------------------------------------------- */
+
+  Client.prototype.onError = function (f) {
+    this.handleError(f);
+    this.updateStop();
+  };
+
+  Client.prototype.handleError = function (f) {
+    var code = f.code;
+    var ref = typeof f.ref === 'string' ? f.ref : null;
+    var item = ref ? this.byClientId.get(ref) : null;
+    if (item && item.kind !== 'user') item = null;
+    var view = this.view;
+    var self = this;
+    if (code === 'not_found' && !this.ready && this.conversationId) {
+      // The remembered conversation is gone (or belongs to someone else): start from the default one.
+      this.conversationId = null;
+      this.everWelcomed = false;
+      storageSet(this.storageKey, null);
+      this.sendHello();
+      return;
+    }
+    if (code === 'rate_limited' || (code === 'quota_exceeded' && seconds(f.retry_after, 30) <= 120)) {
+      var wait = seconds(f.retry_after, 10);
+      this.rateUntil = Math.max(this.rateUntil, Date.now() + wait * 1000);
+      if (item) {
+        item.status = 'held';
+        if (this.outbox.indexOf(item) < 0) this.outbox.unshift(item);
+        this.render(item);
+      }
+      view.notice({
+        key: 'rate', tone: 'warn', until: this.rateUntil,
+        text: code === 'rate_limited' ? 'You\u2019re sending messages quickly. Your message will be sent in'
+          : 'The tutor needs a short break. Your message will be sent in',
+        srText: 'Too many messages. Your message will be sent automatically in about ' + wait + ' seconds.',
+        onEnd: function () { self.flushOutbox(false); },
+      });
+      this.flushOutbox(false);
+      return;
+    }
+    if (item && (code === 'ai_unavailable' || code === 'internal') && (item.attempts || 0) < 3) {
+      // Transient (the server is restarting or a dependency hiccuped): send the same id again shortly.
+      item.attempts = (item.attempts || 0) + 1;
+      item.status = 'held';
+      this.render(item);
+      setTimeout(function () {
+        if (item.status === 'held') { item.status = 'queued'; self.flushOutbox(false); }
+      }, seconds(f.retry_after, 2) * 1000);
+      return;
+    }
+    var friendly = {
+      too_large: 'That message is too long. Please shorten it and send it again.',
+      bad_request: 'That message could not be sent.',
+      forbidden: 'You don\u2019t have access to this course. Ask your teacher for help.',
+      unauthorized: this.options.mode === 'embed' ? 'Signing you in again\u2026'
+        : 'Your sign-in has expired. Open the tutor again from your school\u2019s site.',
+      not_found: 'That conversation or message no longer exists.',
+      quota_exceeded: 'You\u2019ve used your tutor time for now.',
+      ai_unavailable: 'The tutor is unavailable right now. Please try again in a moment.',
+      internal: 'Something went wrong on our side.',
+    };
+    if (item) {
+      item.status = 'rejected';
+      item.reason = code === 'too_large' ? 'too long' : code === 'quota_exceeded' ? 'limit reached' : 'error';
+      var at = this.outbox.indexOf(item);
+      if (at >= 0) this.outbox.splice(at, 1);
+      this.render(item);
+      this.updateStop();
+    }
+    if (code === 'unauthorized' || code === 'forbidden') {
+      view.notice({ key: code, tone: code === 'unauthorized' && this.options.mode === 'embed' ? 'warn' : 'error',
+        text: friendly[code] });
+      return;
+    }
+    var text = friendly[code] || 'Something went wrong.';
+    if (code === 'quota_exceeded' && f.retry_after) {
+      text += ' Try again in about ' + Math.ceil(f.retry_after / 60) + ' min.';
+    }
+    if (code === 'internal' && f.ref && !item) text += ' (reference ' + String(f.ref).slice(0, 24) + ')';
+    var spec = { key: code, tone: code === 'ai_unavailable' ? 'warn' : 'error', text: text, ttl: 15000 };
+    if (code === 'ai_unavailable' && f.retry_after) {
+      spec.until = Date.now() + seconds(f.retry_after, 5) * 1000;
+      spec.text = 'The tutor is unavailable right now. Try again in';
+      spec.srText = 'The tutor is unavailable right now. Try again in about ' + seconds(f.retry_after, 5) + ' seconds.';
+    }
+    view.notice(spec);
+  };
+
+  /* ---- bootstrapping --------------------------------------------------------------------------- */
+
+  function applyTheme(root, vars) {
+    if (!vars || typeof vars !== 'object') return;
+    Object.keys(vars).forEach(function (name) {
+      var value = vars[name];
+      if (!/^--smartedu-[a-z0-9-]{1,40}$/.test(name) || typeof value !== 'string' || value.length > 100) return;
+      if (/[;{}<>\\]|url\(/i.test(value)) return;
+      root.style.setProperty(name, value.trim()); // CSSOM: allowed under style-src 'self'
+    });
+  }
+
+  function readFragment() {
+    var params = new URLSearchParams(location.hash.replace(/^#/, ''));
+    var token = params.get('token');
+    if (token) {
+      params.delete('token');
+      var rest = params.toString();
+      // Take the token out of the address bar (and so out of bookmarks and screenshots).
+      history.replaceState(history.state, '', location.pathname + location.search + (rest ? '#' + rest : ''));
+    }
+    return { token: token, course: params.get('course'), conversation: params.get('conversation') };
+  }
+
+  function boot() {
+    var root = document.querySelector('[data-smartedu-chat]');
+    if (!root || root.getAttribute('data-started')) return;
+    root.setAttribute('data-started', 'true');
+    var mode = root.getAttribute('data-mode') === 'embed' ? 'embed' : 'page';
+    var fragment = readFragment();
+    var query = new URLSearchParams(location.search);
+    var theme = query.get('theme');
+    if (theme === 'light' || theme === 'dark') document.documentElement.setAttribute('data-theme', theme);
+    var parentOrigin = null;
+    var client = new Client(root, {
+      mode: mode,
+      token: fragment.token,
+      course: fragment.course || query.get('course'),
+      conversationId: fragment.conversation,
+      onEvent: function (name, detail) {
+        if (mode !== 'embed' || window.parent === window) return;
+        var message = { type: 'smartedu:' + name };
+        Object.keys(detail).forEach(function (k) { message[k] = detail[k]; });
+        window.parent.postMessage(message, parentOrigin || '*'); // these messages carry no secrets
+      },
+    });
+    ns.client = client;
+    if (mode === 'embed') {
+      var meta = document.querySelector('meta[name="smartedu-parent-origin"]');
+      var expectedOrigin = meta && meta.content ? meta.content : null;
+      window.addEventListener('message', function (event) {
+        if (event.source !== window.parent || window.parent === window) return;
+        if (expectedOrigin && event.origin !== expectedOrigin) return;
+        var data = event.data;
+        if (!data || typeof data !== 'object' || typeof data.type !== 'string') return;
+        parentOrigin = event.origin;
+        if (data.type === 'smartedu:token' && typeof data.token === 'string' && data.token.length < 8192) {
+          client.setToken(data.token);
+        } else if (data.type === 'smartedu:theme') {
+          applyTheme(document.documentElement, data.vars);
+          if (data.scheme === 'light' || data.scheme === 'dark') document.documentElement.setAttribute('data-theme', data.scheme);
+        } else if (data.type === 'smartedu:visible') {
+          client.visible = data.open === true;
+          if (client.visible) client.view.input.focus();
+        }
+      });
+      document.addEventListener('keydown', function (event) {
+        if (event.key === 'Escape') client.emit('close');
+      });
+      client.visible = false;
+      client.emit('ready-for-token');
+    } else if (!fragment.token) {
+      client.signedOut = true;
+      client.view.setStatus('signed-out');
+      client.view.notice({ key: 'unauthorized', tone: 'error',
+        text: 'This page needs a sign-in link. For your safety the sign-in token is removed from the address bar, ' +
+          'so reloading signs you out: open the tutor again from your school\u2019s site.' });
+      client.view.input.disabled = true;
+      return;
+    }
+    client.start();
+  }
+
+  ns.Client = Client;
+  ns.renderMarkdown = ns.renderMarkdown || function (text) { return document.createTextNode(text); };
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
+  else boot();
+})();

@@ -1,0 +1,231 @@
+/* SmartEdu Tutor Chat: the one-tag embed for a school's own pages.
+ *
+ *   <script src="https://TUTOR_HOST/static/widget.js" data-course="algebra-1"
+ *           data-token-url="/smartedu/token" async></script>
+ *
+ * Adds a launcher button (in a shadow root, so host styles do not leak in) that opens the chat in an
+ * iframe served by the tutor host (/embed). The JWT is fetched from data-token-url on the host's own
+ * origin, handed to the iframe with postMessage addressed to the tutor origin only, and fetched again
+ * before it expires. The host page never talks to the tutor's WebSocket itself.
+ * Options (data-*): course, token-url (required); label, position (right|left), theme (light|dark),
+ * open ("true" to start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close().
+ */
+(function () {
+  'use strict';
+
+  if (window.SmartEduWidget) return;
+  var script = document.currentScript ||
+    document.querySelector('script[src*="/static/widget.js"][data-course]');
+  if (!script) return;
+
+  var config = script.dataset;
+  var tutorOrigin = new URL(script.src, location.href).origin;
+  if (!config.course || !config.tokenUrl) {
+    if (window.console) console.warn('SmartEdu widget: data-course and data-token-url are required');
+    return;
+  }
+  var THEME_VARS = ['--smartedu-accent', '--smartedu-on-accent', '--smartedu-bg', '--smartedu-surface',
+    '--smartedu-text', '--smartedu-muted', '--smartedu-border', '--smartedu-user-bg', '--smartedu-user-text',
+    '--smartedu-tutor-bg', '--smartedu-tutor-text', '--smartedu-teacher-bg', '--smartedu-teacher-text',
+    '--smartedu-teacher-accent', '--smartedu-font', '--smartedu-font-size', '--smartedu-radius', '--smartedu-focus'];
+  var CSS_TEXT = [
+    ':host{all:initial}',
+    '.launcher{position:fixed;bottom:20px;right:20px;z-index:2147483000;width:56px;height:56px;border-radius:50%;',
+    'border:0;cursor:pointer;display:grid;place-items:center;background:var(--smartedu-accent,#2f55c9);',
+    'color:var(--smartedu-on-accent,#fff);box-shadow:0 6px 20px rgba(0,0,0,.28)}',
+    '.launcher:hover{filter:brightness(1.08)}',
+    '.launcher:focus-visible{outline:3px solid var(--smartedu-focus,#1d4ed8);outline-offset:3px}',
+    '.launcher svg{width:28px;height:28px;fill:currentColor}',
+    '.badge{position:absolute;top:3px;right:3px;width:14px;height:14px;border-radius:50%;background:#d92d20;border:2px solid #fff}',
+    '.panel{position:fixed;bottom:88px;right:20px;z-index:2147483000;width:min(400px,calc(100vw - 40px));',
+    'height:min(640px,calc(100vh - 112px));border-radius:16px;overflow:hidden;background:var(--smartedu-bg,#f4f6fa);',
+    'box-shadow:0 12px 40px rgba(0,0,0,.3)}',
+    '.panel iframe{display:block;width:100%;height:100%;border:0}',
+    '.left .launcher,.left .panel{right:auto;left:20px}',
+    '[hidden]{display:none!important}',
+    '.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip-path:inset(50%);white-space:nowrap}',
+    '@media (max-width:480px){.panel{inset:0;width:100%;height:100%;border-radius:0}.open .launcher{display:none}}',
+    '@media (prefers-reduced-motion:no-preference){.panel{transition:opacity .15s}}',
+  ].join('');
+
+  var host = document.createElement('div');
+  host.id = 'smartedu-widget';
+  var shadow = host.attachShadow({ mode: 'open' });
+  if ('adoptedStyleSheets' in shadow && typeof CSSStyleSheet === 'function' && 'replaceSync' in CSSStyleSheet.prototype) {
+    var sheet = new CSSStyleSheet(); // constructed sheets need no 'unsafe-inline' in the host's CSP
+    sheet.replaceSync(CSS_TEXT);
+    shadow.adoptedStyleSheets = [sheet];
+  } else {
+    var style = document.createElement('style');
+    style.textContent = CSS_TEXT;
+    shadow.appendChild(style);
+  }
+
+  var wrap = document.createElement('div');
+  wrap.className = config.position === 'left' ? 'left' : '';
+  var label = config.label || 'Ask the tutor';
+  var launcher = document.createElement('button');
+  launcher.type = 'button';
+  launcher.className = 'launcher';
+  launcher.setAttribute('aria-expanded', 'false');
+  launcher.setAttribute('aria-controls', 'smartedu-panel');
+  launcher.setAttribute('aria-label', label);
+  launcher.title = label;
+  var svg = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+  svg.setAttribute('viewBox', '0 0 24 24');
+  svg.setAttribute('aria-hidden', 'true');
+  var path = document.createElementNS('http://www.w3.org/2000/svg', 'path');
+  path.setAttribute('d', 'M4 3h16a2 2 0 0 1 2 2v11a2 2 0 0 1-2 2H9l-5 4v-4a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2zm3 6a1.5 1.5 0 1 0 0 3 1.5 1.5 0 0 0 0-3zm5 0a1.5 1.5 0 1 0 0 3 1.5 1.5 0 0 0 0-3zm5 0a1.5 1.5 0 1 0 0 3 1.5 1.5 0 0 0 0-3z');
+  svg.appendChild(path);
+  var badge = document.createElement('span');
+  badge.className = 'badge';
+  badge.hidden = true;
+  var badgeText = document.createElement('span');
+  badgeText.className = 'sr';
+  badge.appendChild(badgeText);
+  launcher.appendChild(svg);
+  launcher.appendChild(badge);
+  var panel = document.createElement('div');
+  panel.className = 'panel';
+  panel.id = 'smartedu-panel';
+  panel.setAttribute('role', 'region');
+  panel.setAttribute('aria-label', 'Tutor chat');
+  panel.hidden = true;
+  wrap.appendChild(panel);
+  wrap.appendChild(launcher);
+  shadow.appendChild(wrap);
+
+  var iframe = null;
+  var frameReady = false; // set when the embed page asks for its token
+  var token = null;
+  var refreshTimer = null;
+  var failures = 0;
+  var isOpen = false;
+
+  function post(message) {
+    // Addressed to the tutor origin: a navigated-away frame never receives the token.
+    if (frameReady && iframe.contentWindow) iframe.contentWindow.postMessage(message, tutorOrigin);
+  }
+
+  function expiry(jwt) {
+    try {
+      var part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+      var payload = JSON.parse(atob(part + '==='.slice((part.length + 3) % 4)));
+      return typeof payload.exp === 'number' ? payload.exp * 1000 : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function schedule(delay) {
+    clearTimeout(refreshTimer);
+    refreshTimer = setTimeout(fetchToken, delay);
+  }
+
+  function fetchToken() {
+    clearTimeout(refreshTimer);
+    return fetch(config.tokenUrl, { credentials: 'same-origin', cache: 'no-store', headers: { Accept: 'application/json, text/plain' } })
+      .then(function (response) {
+        if (!response.ok) throw new Error('token endpoint answered ' + response.status);
+        var type = response.headers.get('Content-Type') || '';
+        return type.indexOf('json') >= 0
+          ? response.json().then(function (body) { return body && (body.token || body.access_token); })
+          : response.text().then(function (text) { return text.trim(); });
+      })
+      .then(function (value) {
+        if (typeof value !== 'string' || value.split('.').length !== 3) throw new Error('no token in the response');
+        token = value;
+        failures = 0;
+        post({ type: 'smartedu:token', token: token });
+        var exp = expiry(token);
+        if (exp) {
+          var left = exp - Date.now();
+          // Refresh a minute (or a tenth of the lifetime) early, so a reconnect never meets an expired token.
+          schedule(Math.max(5000, left - Math.max(60000, left * 0.1)));
+        }
+      })
+      .catch(function (error) {
+        failures += 1;
+        if (window.console) console.warn('SmartEdu widget: could not fetch a token:', error.message);
+        schedule(Math.min(300000, 5000 * Math.pow(2, failures - 1)));
+      });
+  }
+
+  function sendTheme() {
+    var styles = getComputedStyle(host);
+    var vars = {};
+    THEME_VARS.forEach(function (name) {
+      var value = styles.getPropertyValue(name).trim();
+      if (value) vars[name] = value;
+    });
+    var scheme = config.theme === 'light' || config.theme === 'dark' ? config.theme : null;
+    post({ type: 'smartedu:theme', vars: vars, scheme: scheme });
+  }
+
+  function ensureFrame() {
+    if (iframe) return;
+    var src = new URL(config.embedPath || '/embed', tutorOrigin);
+    src.searchParams.set('course', config.course);
+    if (config.theme === 'light' || config.theme === 'dark') src.searchParams.set('theme', config.theme);
+    iframe = document.createElement('iframe');
+    iframe.title = 'Tutor chat';
+    iframe.src = src.href;
+    iframe.setAttribute('allow', 'clipboard-write');
+    panel.appendChild(iframe);
+    fetchToken();
+  }
+
+  function open() {
+    ensureFrame();
+    isOpen = true;
+    panel.hidden = false;
+    wrap.classList.add('open');
+    launcher.setAttribute('aria-expanded', 'true');
+    badge.hidden = true;
+    post({ type: 'smartedu:visible', open: true });
+    iframe.focus();
+  }
+
+  function close() {
+    if (!isOpen) return;
+    isOpen = false;
+    panel.hidden = true;
+    wrap.classList.remove('open');
+    launcher.setAttribute('aria-expanded', 'false');
+    post({ type: 'smartedu:visible', open: false });
+    launcher.focus();
+  }
+
+  launcher.addEventListener('click', function () {
+    if (isOpen) close();
+    else open();
+  });
+
+  window.addEventListener('message', function (event) {
+    if (!iframe || event.source !== iframe.contentWindow || event.origin !== tutorOrigin) return;
+    var data = event.data;
+    if (!data || typeof data.type !== 'string') return;
+    if (data.type === 'smartedu:ready-for-token') {
+      frameReady = true;
+      sendTheme();
+      if (token) post({ type: 'smartedu:token', token: token });
+      post({ type: 'smartedu:visible', open: isOpen });
+    } else if (data.type === 'smartedu:token-expired') {
+      fetchToken();
+    } else if (data.type === 'smartedu:close') {
+      close();
+    } else if (data.type === 'smartedu:unread' && !isOpen) {
+      badge.hidden = false;
+      badgeText.textContent = 'New answer';
+    }
+  });
+
+  function mount() {
+    document.body.appendChild(host);
+    if (config.open === 'true') open();
+  }
+
+  window.SmartEduWidget = { open: open, close: close, refreshToken: fetchToken };
+  if (document.body) mount();
+  else document.addEventListener('DOMContentLoaded', mount);
+})();

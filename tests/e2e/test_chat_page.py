@@ -1,0 +1,258 @@
+"""The chat page in real headless Chromium against a running app (the `serve` fixture's live server).
+
+Chromium comes from the system (SMARTEDU_CHROMIUM, else `chromium` on PATH); Playwright never downloads
+a browser here. Without one the tests skip, or fail when CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Serve, Server, require_tool, seed_course, token
+
+pytestmark = pytest.mark.e2e
+
+try:
+    from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    async_playwright = None  # type: ignore[assignment]
+
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TENANT = "school-a"
+COURSE = "algebra-1"
+ANSWER_WAIT_MS = 20_000
+RENDERED_TEXT = (
+    "t => { const d = document.createElement('div'); d.appendChild(SmartEdu.renderMarkdown(t)); return d.textContent }"
+)
+
+
+def _chromium() -> str:
+    found = os.environ.get("SMARTEDU_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
+    return require_tool(found if async_playwright is not None else None, "Chromium with Python playwright")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    executable = _chromium()
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def _open_page(browser: Browser) -> tuple[Page, list[str]]:
+    page = await browser.new_page(viewport={"width": 900, "height": 700})
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("dialog", lambda dialog: problems.append(f"dialog: {dialog.message}"))
+    return page, problems
+
+
+async def _live(serve: Serve, **overrides: Any) -> tuple[Server, str]:
+    server = await serve(**overrides)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I", "Linear equations and **graphs**.")
+    jwt = token("stu-e2e", tenant=TENANT, name="Ada")
+    url = str(server.client.make_url("/chat")) + f"#course={COURSE}&token={jwt}"
+    return server, url
+
+
+async def _committed(server: Server, page: Page) -> list[dict[str, Any]]:
+    conversation = await page.evaluate("SmartEdu.client.conversationId")
+    jwt = token("stu-e2e", tenant=TENANT, name="Ada")
+    response = await server.client.get(
+        f"/api/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {jwt}"}
+    )
+    assert response.status == 200
+    body = await response.json()
+    messages: list[dict[str, Any]] = body["messages"]
+    return messages
+
+
+async def _ask(page: Page, text: str) -> None:
+    await page.fill(".se-input", text)
+    await page.press(".se-input", "Enter")
+
+
+async def _shown_as_committed(page: Page, reply_id: int, committed: str) -> None:
+    """The answer's bubble shows exactly what rendering the committed text shows."""
+    shown = await page.locator(f'.se-msg--assistant[data-id="{reply_id}"] .se-bubble__body').text_content()
+    expected = await page.evaluate(RENDERED_TEXT, committed)
+    assert shown == expected
+    streamed = await page.evaluate(f"SmartEdu.client.byServerId.get({reply_id}).text")
+    assert streamed == committed
+
+
+async def test_question_streams_the_committed_answer_and_survives_a_reload(serve: Serve, browser: Browser) -> None:
+    server, url = await _live(serve, offline_ttft_ms=50, offline_tokens_per_s=200)
+    page, problems = await _open_page(browser)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    assert "token=" not in page.url  # taken out of the address bar
+
+    await _ask(page, "What is a prime number?")
+    reply = page.locator(".se-msg--assistant").last
+    await reply.wait_for()
+    await page.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    messages = await _committed(server, page)
+    question, answer = messages[-2], messages[-1]
+    assert question["role"] == "user" and question["text"] == "What is a prime number?"
+    assert answer["role"] == "assistant" and answer["status"] == "complete" and answer["text"]
+    await _shown_as_committed(page, answer["id"], answer["text"])
+    # The live region announces the finished answer once, not token by token.
+    announced = await page.locator('[aria-live="polite"][aria-atomic="true"]').text_content()
+    assert announced and announced.startswith("The tutor answered:")
+
+    await page.goto("about:blank")
+    await page.goto(url)  # a reload needs the sign-in link again: the token is kept in memory only
+    await page.wait_for_selector(f'.se-msg--assistant[data-id="{answer["id"]}"][data-status="complete"]')
+    assert await page.locator(".se-msg--user .se-bubble__body").last.text_content() == "What is a prime number?"
+    await _shown_as_committed(page, answer["id"], answer["text"])
+    assert problems == []
+
+
+async def test_markup_in_a_question_is_shown_as_text_and_never_run(serve: Serve, browser: Browser) -> None:
+    server, url = await _live(serve, offline_ttft_ms=0, offline_tokens_per_s=0)
+    page, problems = await _open_page(browser)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    hostile = (
+        '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2; alert(1)">'
+        "[link](javascript:alert(3)) **bold**"
+    )
+    await _ask(page, hostile)
+    await page.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    await page.wait_for_timeout(200)  # an onerror handler would have run by now
+
+    assert await page.locator(".se-msg--user .se-bubble__body").last.text_content() == hostile
+    log = page.locator(".se-log")
+    assert await log.locator("script, img, iframe").count() == 0
+    assert await log.locator('a[href^="javascript:"]').count() == 0
+    assert await page.evaluate("typeof window.__pwned") == "undefined"
+    answer = (await _committed(server, page))[-1]
+    assert "<script>" in answer["text"]  # the offline tutor quotes the question back
+    await _shown_as_committed(page, answer["id"], answer["text"])
+    assert problems == []
+
+
+async def test_stop_ends_the_answer_and_keeps_the_partial_text(serve: Serve, browser: Browser) -> None:
+    server, url = await _live(serve, offline_ttft_ms=50, offline_tokens_per_s=15)
+    page, problems = await _open_page(browser)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    await _ask(page, "Explain slope slowly")
+    await page.wait_for_selector('.se-msg--assistant[data-status="streaming"]', timeout=ANSWER_WAIT_MS)
+    await page.wait_for_timeout(300)
+    stop = page.get_by_role("button", name="Stop the answer")
+    await stop.focus()
+    await page.keyboard.press("Enter")  # keyboard only
+    await page.wait_for_selector('.se-msg--assistant[data-status="stopped"]', timeout=ANSWER_WAIT_MS)
+    assert await stop.is_hidden()
+
+    answer = (await _committed(server, page))[-1]
+    assert answer["status"] == "stopped"
+    assert 0 < len(answer["text"]) < 200  # the whole offline answer is far longer
+    await _shown_as_committed(page, answer["id"], answer["text"])
+    assert problems == []
+
+
+async def test_reconnects_resumes_and_dedupes_on_a_scripted_socket(serve: Serve, browser: Browser) -> None:
+    """Frames a real server only sends under failure: a dropped socket, a resume with duplicates,
+    a teacher's message, a drain (`reconnect`) and a rate limit with a resend under the same id."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    hellos: list[dict[str, Any]] = []
+    sent: list[dict[str, Any]] = []
+    sockets: list[WebSocketRoute] = []
+
+    def script(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        number = len(sockets)
+
+        def send(**frame: Any) -> None:
+            ws.send(json.dumps(frame))
+
+        def on_message(raw: str | bytes) -> None:
+            frame = json.loads(raw)
+            if frame["type"] == "hello":
+                hellos.append(frame)
+                base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE, "user": {"name": "Ada"}}
+                if number == 1:
+                    send(**base, seq=10, history=[])
+                elif number == 2:
+                    send(**base, seq=13, resumed=True, history=[])
+                    send(type="token", conversation_id="c1", reply_id=5, offset=6, text="wörld", seq=13)
+                    send(type="token", conversation_id="c1", reply_id=5, offset=11, text=", again 😀", seq=14)
+                    send(type="done", conversation_id="c1", reply_id=5, status="complete", length=20, seq=15)
+                    send(type="teacher_message", conversation_id="c1", message_id=6, name="Mr Lee", text="Good!",
+                         seq=16)
+                    send(type="frame_from_the_future", seq=17)
+                    send(type="reconnect", after_ms=200)
+                else:
+                    send(**base, seq=16, resumed=True, history=[])
+            elif frame["type"] == "message":
+                sent.append(frame)
+                if number == 1:
+                    send(type="ack", id=frame["id"], message_id=4, reply_id=5, conversation_id="c1",
+                         text=frame["text"], seq=11)
+                    send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Hello ", seq=12)
+                    send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Hello ", seq=12)
+                    send(type="token", conversation_id="c1", reply_id=5, offset=6, text="wörld", seq=13)
+                elif len(sent) == 2:
+                    send(type="error", code="rate_limited", message="slow down", ref=frame["id"], retry_after=1)
+                elif len(sent) == 3:
+                    send(type="ack", id=frame["id"], message_id=7, reply_id=8, conversation_id="c1",
+                         text=frame["text"], seq=18)
+                    send(type="done", conversation_id="c1", reply_id=8, status="failed", length=0, seq=19)
+                else:
+                    send(type="ack", id=frame["id"], message_id=9, reply_id=10, conversation_id="c1",
+                         text=frame["text"], seq=20)
+
+        ws.on_message(on_message)
+
+    await page.route_web_socket(re.compile(r"/ws$"), script)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    await _ask(page, "Hi")
+    await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Hello wörld'")
+    await sockets[0].close(code=4000, reason="network blip")
+
+    await page.wait_for_selector('.se-msg--assistant[data-id="5"][data-status="complete"]')
+    body = page.locator('.se-msg--assistant[data-id="5"] .se-bubble__body')
+    assert await body.text_content() == "Hello wörld, again 😀"
+    assert await page.locator(".se-msg--teacher .se-badge").text_content() == "Teacher · Mr Lee"
+    await page.wait_for_function("() => document.querySelector('.se-status').dataset.state === 'online'")
+    await page.wait_for_function("() => SmartEdu.client.ready")
+    assert [(h.get("conversation_id"), h.get("resume_from")) for h in hellos[1:3]] == [("c1", 13), ("c1", 17)]
+
+    await _ask(page, "Again")
+    notice = page.locator('.se-notice[data-code="rate"]')
+    await notice.wait_for()
+    assert "sent in" in (await notice.text_content() or "")
+    await page.wait_for_selector('.se-msg--assistant[data-id="8"][data-status="failed"]', timeout=5000)
+    assert [f["text"] for f in sent] == ["Hi", "Again", "Again"]
+    assert sent[1]["id"] == sent[2]["id"]  # resent under the same client id after the countdown
+    await page.get_by_role("button", name="Retry this question").click()
+    await page.wait_for_function(
+        "() => SmartEdu.client.outbox.length === 0 && document.querySelectorAll('.se-msg--user').length === 3"
+    )
+    assert sent[3]["text"] == "Again" and sent[3]["id"] != sent[1]["id"]  # a retry is a new message id
+    assert problems == []
