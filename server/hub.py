@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import orjson
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterPubSub
 
 from storage.redis_store import RedisStore, splice_seq
 
@@ -63,7 +63,7 @@ class Hub:
         self._watchers: dict[tuple[str, str], dict[str, Peer]] = {}
         # channel -> ("c", conversation id, "") or ("w", tenant id, course id)
         self._channels: dict[str, tuple[str, str, str]] = {}
-        self._pubsub: PubSub | None = None
+        self._pubsub: PubSub | ClusterPubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._ready = asyncio.Event()
@@ -87,8 +87,7 @@ class Hub:
         delay = 0.1
         while True:
             try:
-                client: Redis = self.store.client
-                self._pubsub = client.pubsub()
+                self._pubsub = self.store.client.pubsub()
                 await self._pubsub.subscribe(self.store.keys.control_channel(), *self._channels)
                 self._ready.set()
                 delay = 0.1

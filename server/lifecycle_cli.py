@@ -253,7 +253,8 @@ def _write_private(path: Path, data: bytes) -> None:
 def _confirm(prompt: str) -> bool:
     try:
         return input(prompt).strip().lower() in ("y", "yes")
-    except EOFError:
+    except EOFError:  # nothing to read (stdin closed or not a terminal): the answer is no
+        print()
         return False
 
 

@@ -146,10 +146,15 @@ class Settings:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SMARTEDU_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
 
+        redis_url = _url(env, "REDIS_URL", ("redis", "rediss", "unix", "redis+cluster"))
+        cluster_urls = env.get("REDIS_CLUSTER_URLS", "").strip()
+        if cluster_urls and redis_url is None:
+            # host:port,host:port of some of the cluster's masters; the client discovers the rest.
+            redis_url = "redis+cluster://" + cluster_urls.replace("redis://", "").replace(" ", "")
         defaults = cls()
         settings = cls(
             database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
-            redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix", "redis+cluster")),
+            redis_url=redis_url,
             jwt_secret=secret,
             jwt_public_key=public_key,
             jwt_algorithm=algorithm,

@@ -11,7 +11,9 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 from .keys import Keys
 
@@ -112,17 +114,36 @@ class LogSnapshot:
         return after >= self.complete_after or after >= self.seq
 
 
-async def connect_redis(url: str, attempts: int = 10) -> Redis:
-    """Connect and ping, retrying with a log line per attempt while the server starts."""
-    client: Redis = Redis.from_url(url, health_check_interval=30)
+RedisClient = Redis | RedisCluster
+
+
+def _cluster_nodes(url: str) -> list[ClusterNode]:
+    """`redis+cluster://host:port,host:port` -> startup nodes."""
+    hosts = url.split("://", 1)[1].split("/", 1)[0]
+    nodes = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+    return nodes
+
+
+async def connect_redis(url: str, attempts: int = 10) -> RedisClient:
+    """Connect (a `redis+cluster://` URL selects Redis Cluster) and ping, retrying while the server starts."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
+        client: RedisClient
+        if url.startswith("redis+cluster://"):
+            client = RedisCluster(startup_nodes=_cluster_nodes(url), health_check_interval=30)
+        else:
+            client = Redis.from_url(url, health_check_interval=30)
         try:
+            if isinstance(client, RedisCluster):
+                await client.initialize()
             await client.ping()
             return client
-        except (RedisConnectionError, OSError) as exc:
+        except (RedisConnectionError, RedisClusterException, OSError) as exc:
+            await client.aclose()
             if attempt == attempts:
-                await client.aclose()
                 raise
             log.warning("redis not reachable, retrying", extra={"attempt": attempt, "error": str(exc)})
             await asyncio.sleep(delay)
@@ -133,7 +154,7 @@ async def connect_redis(url: str, attempts: int = 10) -> Redis:
 class RedisStore:
     """The product's Redis operations; scripts are atomic, so replicas can share them safely."""
 
-    def __init__(self, client: Redis, keys: Keys, *, log_maxlen: int = 2000, log_ttl_s: int = 3600):
+    def __init__(self, client: RedisClient, keys: Keys, *, log_maxlen: int = 2000, log_ttl_s: int = 3600):
         self.client = client
         self.keys = keys
         self.log_maxlen = log_maxlen

@@ -31,7 +31,9 @@ from server.settings import Settings
 TEST_SECRET = "test-secret-" + "x" * 60
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
-TABLES = "ai_usage, messages, conversations, course_documents, courses, users, tenants"
+TABLES = (
+    "message_flags, document_passages, ai_usage, messages, conversations, course_documents, courses, users, tenants"
+)
 
 
 def require_tool(path: str | None, what: str) -> str:
@@ -111,8 +113,8 @@ def services() -> Iterator[Services]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-@pytest.fixture
-async def settings(services: Services) -> Settings:
+async def clean_settings(services: Services, redis_url: str | None = None) -> Settings:
+    """Test settings on empty tables and a fresh Redis prefix."""
     conn = await asyncpg.connect(services.database_url)
     try:
         await conn.execute(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE")
@@ -120,7 +122,7 @@ async def settings(services: Services) -> Settings:
         await conn.close()
     return Settings(
         database_url=services.database_url,
-        redis_url=services.redis_url,
+        redis_url=redis_url or services.redis_url,
         jwt_secret=TEST_SECRET,
         redis_prefix=f"test:{uuid.uuid4().hex[:12]}:",
         offline_ttft_ms=0,
@@ -130,6 +132,11 @@ async def settings(services: Services) -> Settings:
         db_pool_max=5,
         replica_id="test",
     )
+
+
+@pytest.fixture
+async def settings(services: Services) -> Settings:
+    return await clean_settings(services)
 
 
 @pytest.fixture
