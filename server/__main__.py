@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser(
+        "cluster",
+        help="run N replicas behind NGINX on this machine (see `smartedu cluster --help`)",
+        add_help=False,
+        description="Run a local cluster.",
+    )
+    commands.add_parser(
         "loadtest",
         help="simulate students against a server (see `smartedu loadtest --help`)",
         add_help=False,
@@ -192,6 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .loadtest.cli import main as loadtest_main
 
         return loadtest_main(argv[1:])
+    if argv and argv[0] == "cluster":
+        from .cluster import main as cluster_main
+
+        return cluster_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)

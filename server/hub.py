@@ -45,11 +45,15 @@ class Member:
     buffer: list[Numbered] = field(default_factory=list)
 
 
-def event_frame(course_id: str, frame: bytes) -> bytes:
+def event_frame(course_id: str, frame: bytes, conversation_id: str | None = None) -> bytes:
     """Wrap a conversation frame for teachers watching the course."""
     if frame.startswith(b'{"type":"event"'):
         return frame
-    return b'{"type":"event","course_id":%b,"kind":"frame","frame":%b}' % (orjson.dumps(course_id), frame)
+    if conversation_id is None:
+        conversation_id = str(orjson.loads(frame).get("conversation_id", ""))
+    return b'{"type":"event","course_id":%b,"kind":"frame","conversation_id":%b,"frame":%b}' % (
+        orjson.dumps(course_id), orjson.dumps(conversation_id), frame
+    )
 
 
 class Hub:
@@ -215,7 +219,7 @@ class Hub:
         await self.deliver(conversation_id, numbered)
         if course is not None:
             for _, frame in numbered:
-                await self.deliver_watchers(course[0], course[1], frame)
+                await self.deliver_watchers(course[0], course[1], frame, conversation_id)
         return numbered
 
     # -- course watchers (teachers) ---------------------------------------------------------------
@@ -234,11 +238,13 @@ class Hub:
         if not watchers:
             del self._watchers[(tenant_id, course_id)]
 
-    async def deliver_watchers(self, tenant_id: str, course_id: str, frame: bytes) -> None:
+    async def deliver_watchers(
+        self, tenant_id: str, course_id: str, frame: bytes, conversation_id: str | None = None
+    ) -> None:
         watchers = self._watchers.get((tenant_id, course_id))
         if not watchers:
             return
-        wrapped = event_frame(course_id, frame)
+        wrapped = event_frame(course_id, frame, conversation_id)
         for peer in list(watchers.values()):
             if not await peer.send(wrapped):
                 self.unwatch(tenant_id, course_id, peer)
