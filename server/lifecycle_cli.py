@@ -170,8 +170,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return handler(args, settings.database_url)
     except LifecycleError as exc:
         print(f"smartedu {args.command}: {exc}", file=sys.stderr)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except asyncpg.PostgresError as exc:
         print(f"smartedu {args.command}: database error: {exc}", file=sys.stderr)
+    except OSError as exc:  # an unreachable database, an unwritable output file
+        print(f"smartedu {args.command}: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"smartedu {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -305,7 +307,8 @@ async def _purge(args: argparse.Namespace, lifecycle: Lifecycle) -> int:
         raise LifecycleError(f"there is no tenant {args.tenant!r}")
     rules = retention_rules(policies, await lifecycle.now(), None if args.per_tenant else args.older_than)
     if not rules:
-        print("nothing to purge: no tenant sets its own retention_days" if args.per_tenant else "no tenants")
+        whose = f"tenant {args.tenant!r} sets" if args.tenant else "no tenant sets its"
+        print(f"nothing to purge: {whose} own retention_days" if args.per_tenant else "nothing to purge: no tenants")
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     total = DataCounts()
@@ -372,7 +375,9 @@ def _delete_user(args: argparse.Namespace, dsn: str) -> int:
     deleted = asyncio.run(_with_lifecycle(dsn, lambda lc: lc.delete_user(args.tenant, args.user)))
     if deleted is None:
         raise _no_user(args)
-    print(f"deleted user {args.user!r} of tenant {args.tenant!r}: {describe(deleted.counts)}")
+    kept = deleted.authored_elsewhere
+    kept_note = f"; {_plural(kept, 'message')} in other users' conversations kept without an author" if kept else ""
+    print(f"deleted user {args.user!r} of tenant {args.tenant!r}: {describe(deleted.counts)}{kept_note}")
     return 0
 
 
