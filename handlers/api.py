@@ -12,7 +12,7 @@ from .common import query_int, require_claims
 
 
 async def list_conversations(request: web.Request) -> web.Response:
-    claims = require_claims(request)
+    claims = await require_claims(request)
     db = request.app[DATABASE]
     user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
     conversations = await db.list_conversations(claims.tenant, user.id)
@@ -33,7 +33,7 @@ async def list_conversations(request: web.Request) -> web.Response:
 
 
 async def list_messages(request: web.Request) -> web.Response:
-    claims = require_claims(request)
+    claims = await require_claims(request)
     db = request.app[DATABASE]
     limit_max = request.app[SETTINGS].history_page_max
     before = query_int(request, "before", None, 1, 2**62)
@@ -49,7 +49,7 @@ async def list_messages(request: web.Request) -> web.Response:
 
 async def live_course(request: web.Request) -> web.Response:
     """Students online in a course right now (teachers of the course, admins of the tenant)."""
-    claims = require_claims(request)
+    claims = await require_claims(request)
     snapshot = await request.app[CHAT].live_snapshot(claims, request.match_info["course_id"])
     snapshot.pop("type")
     return web.json_response(snapshot)

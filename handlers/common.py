@@ -7,6 +7,7 @@ from aiohttp import web
 from server.auth import Claims
 from server.errors import bad_request, unauthorized
 from server.keys import VERIFIER
+from server.websession import session_claims
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -15,12 +16,15 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
-def require_claims(request: web.Request) -> Claims:
-    """Verified claims from the `Authorization: Bearer` header, or 401."""
+async def require_claims(request: web.Request) -> Claims:
+    """Verified claims from the `Authorization: Bearer` header or the session cookie (with CSRF), or 401."""
     token = bearer_token(request)
-    if token is None:
-        raise unauthorized("an Authorization: Bearer token is required")
-    return request.app[VERIFIER].verify(token)
+    if token is not None:
+        return request.app[VERIFIER].verify(token)
+    claims = await session_claims(request)
+    if claims is None:
+        raise unauthorized("an Authorization: Bearer token or a session is required")
+    return claims
 
 
 def query_int(request: web.Request, name: str, default: int | None, minimum: int, maximum: int) -> int | None:

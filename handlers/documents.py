@@ -38,7 +38,7 @@ async def _document_from(request: web.Request) -> tuple[str, str]:
 
 
 async def add_document(request: web.Request) -> web.Response:
-    claims = require_claims(request)
+    claims = await require_claims(request)
     chat = request.app[CHAT]
     course = await chat.visible_course(claims, request.match_info["course_id"])
     name, body = await _document_from(request)
@@ -51,7 +51,7 @@ async def add_document(request: web.Request) -> web.Response:
 
 
 async def list_documents(request: web.Request) -> web.Response:
-    claims = require_claims(request)
+    claims = await require_claims(request)
     chat = request.app[CHAT]
     course = await chat.visible_course(claims, request.match_info["course_id"])
     documents = await chat.documents.list_documents(claims.tenant, course.id)

@@ -1,19 +1,64 @@
-"""HTML pages served from static/."""
+"""HTML pages served from static/, each with a strict Content-Security-Policy (no inline script)."""
 
 from __future__ import annotations
 
+import html
+
 from aiohttp import web
 
-from server.keys import SETTINGS
+from server.keys import DATABASE, SETTINGS
 
-PAGE_CSP = (
+_BASE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; object-src 'none'"
 )
+PAGE_CSP = f"{_BASE_CSP}; frame-ancestors 'none'"
+
+
+def _page(request: web.Request, name: str, csp: str = PAGE_CSP) -> web.FileResponse:
+    response = web.FileResponse(request.app[SETTINGS].static_dir / name)
+    response.headers["Content-Security-Policy"] = csp
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
 
 
 async def chat_page(request: web.Request) -> web.FileResponse:
-    response = web.FileResponse(request.app[SETTINGS].static_dir / "chat.html")
-    response.headers["Content-Security-Policy"] = PAGE_CSP
-    response.headers["Cache-Control"] = "no-cache"
-    return response
+    return _page(request, "chat.html")
+
+
+async def teacher_page(request: web.Request) -> web.FileResponse:
+    return _page(request, "teacher.html")
+
+
+async def embed_page(request: web.Request) -> web.Response:
+    """The iframe page: only the tenant's allowed origins (and the configured ones) may frame it."""
+    settings = request.app[SETTINGS]
+    origins = [o for o in settings.allowed_origins if o != "*"]
+    tenant_id = request.query.get("tenant", "")
+    if tenant_id and len(tenant_id) <= 100:
+        tenant = await request.app[DATABASE].get_tenant(tenant_id)
+        origins += [o for o in tenant.allowed_origins if o not in origins]
+    ancestors = " ".join(origins) if origins else "'none'"
+    body = (settings.static_dir / "embed.html").read_text(encoding="utf-8")
+    if len(origins) == 1:
+        # One possible parent: the page accepts postMessage tokens from that origin only.
+        body = body.replace(
+            '<meta name="smartedu-parent-origin" content="">',
+            f'<meta name="smartedu-parent-origin" content="{html.escape(origins[0])}">',
+        )
+    return web.Response(
+        text=body,
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": f"{_BASE_CSP}; frame-ancestors {ancestors}",
+            "Cache-Control": "no-cache",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
+
+
+async def protect_html(request: web.Request, response: web.StreamResponse) -> None:
+    """Every other HTML response (static files included) refuses framing and inline script."""
+    if response.content_type == "text/html" and "Content-Security-Policy" not in response.headers:
+        response.headers["Content-Security-Policy"] = PAGE_CSP

@@ -9,8 +9,9 @@ from aiohttp import WSMsgType, web
 
 from server.errors import ChatError, CloseCode, ErrorCode, forbidden
 from server.keys import CHAT, SETTINGS, SOCKETS, STATE, VERIFIER
-from server.origins import origin_allowed
+from server.origins import is_web_origin, origin_allowed
 from server.session import SocketSession, WebSocketPeer
+from server.websession import session_claims
 
 from .common import bearer_token
 
@@ -21,13 +22,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
     if request.app[STATE].draining:
         raise ChatError(ErrorCode.AI_UNAVAILABLE, "this replica is restarting; reconnect", retry_after=1.0)
-    if not origin_allowed(request.headers.get("Origin"), request.host, settings.allowed_origins):
+    origin = request.headers.get("Origin")
+    trusted = origin_allowed(origin, request.host, settings.allowed_origins)
+    if not trusted and not is_web_origin(origin):
         raise forbidden("this origin may not open a socket")
+    # The session cookie counts only from trusted origins; other origins must be a tenant's, checked at hello.
+    cookie_claims = await session_claims(request) if trusted and origin else None
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     peer = WebSocketPeer(ws)
-    session = SocketSession(settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request))
+    session = SocketSession(
+        settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request),
+        cookie_claims=cookie_claims, pending_origin=None if trusted else origin,
+    )
     try:
         async with asyncio.timeout(settings.hello_timeout) as deadline:
             async for msg in ws:

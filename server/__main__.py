@@ -14,9 +14,9 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, lifecycle_cli
 from .auth import ROLES, mint_token
-from .embedded import EmbeddedError, EmbeddedServices, jwt_secret
+from .embedded import EmbeddedError, EmbeddedServices, dev_session_key, jwt_secret
 from .errors import ConfigError
 from .logs import configure_logging
 from .settings import Settings
@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Create or refresh the demo tenant 'demo', course 'algebra-1' and its two users.",
     )
 
+    lifecycle_cli.add_commands(commands)
     commands.add_parser(
         "cluster",
         help="run N replicas behind NGINX on this machine (see `smartedu cluster --help`)",
@@ -89,6 +90,8 @@ def _services(settings: Settings) -> Iterator[Settings]:
         )
         if not settings.jwt_secret and not settings.jwt_public_key:
             settings = replace(settings, jwt_secret=jwt_secret(settings.data_dir))
+        if not settings.session_key:
+            settings = replace(settings, session_key=dev_session_key(settings.data_dir))
     try:
         yield settings
     finally:
@@ -211,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(settings, args)
         with _services(settings) as ready:
+            # Before _prepare: restore must find an empty database, not a freshly migrated one.
+            if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
+                return lifecycle_cli.run(args, ready)
             asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
         if args.command == "migrate":
             print("migrations applied")

@@ -10,12 +10,13 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+import aiohttp_cors
 from aiohttp import web
 
 from ai.base import Provider
 from ai.factory import create_provider
 from ai.resilience import ResilientProvider
-from handlers import api, documents, health, pages, ws
+from handlers import api, documents, health, pages, sessions, teacher, ws
 from storage.keys import Keys
 from storage.postgres import Database, connect_pool
 from storage.redis_store import RedisStore, connect_redis
@@ -28,6 +29,7 @@ from .keys import CHAT, DATABASE, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, S
 from .logs import request_id
 from .metrics import Metrics, measure_loop_lag, serve_metrics
 from .settings import Settings
+from .websession import new_session_key, setup_sessions
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,8 @@ def create_app(
 
     app.cleanup_ctx.extend([metrics_ctx, postgres_ctx, redis_ctx, provider_ctx, chat_ctx])
     app.on_shutdown.append(_close_sockets)
+    app.on_response_prepare.append(pages.protect_html)
+    setup_sessions(app, settings.session_key or new_session_key(), settings.session_ttl_s)
 
     app.router.add_get("/health", health.health)
     app.router.add_get("/ready", health.ready)
@@ -155,9 +159,34 @@ def create_app(
     app.router.add_get("/api/courses/{course_id}/documents", documents.list_documents)
     app.router.add_get("/", pages.chat_page)
     app.router.add_get("/chat", pages.chat_page)
+    app.router.add_get("/embed", pages.embed_page)
+    app.router.add_get("/teacher", pages.teacher_page)
+    app.router.add_get("/api/teacher/courses", teacher.teacher_courses)
+    app.router.add_get("/api/teacher/conversations/{conversation_id}/messages", teacher.teacher_messages)
+    app.router.add_post("/api/session", sessions.create_session)
+    app.router.add_get("/api/session", sessions.current_session)
+    app.router.add_delete("/api/session", sessions.delete_session)
     if settings.static_dir.is_dir():
         app.router.add_static("/static/", settings.static_dir, append_version=False)
+    _setup_cors(app, settings)
     return app
+
+
+def _setup_cors(app: web.Application, settings: Settings) -> None:
+    """CORS for the REST API from the configured origins (tenant origins apply to /embed and the socket)."""
+    origins = [o for o in settings.allowed_origins if o != "*"]
+    if not origins and "*" not in settings.allowed_origins:
+        return
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
+        allow_credentials=True,
+        expose_headers=("X-Request-ID",),
+        allow_headers=("Authorization", "Content-Type", "X-CSRF-Token", "X-Request-ID"),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults={o: options for o in origins or ["*"]})
+    for route in list(app.router.routes()):
+        if route.resource is not None and route.resource.canonical.startswith("/api/"):
+            cors.add(route)
 
 
 async def _close_sockets(app: web.Application) -> None:

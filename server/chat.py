@@ -117,7 +117,10 @@ class ChatService:
         # Subscribed and buffering before the snapshot: nothing published after it can be missed.
         member = await self.hub.join(conversation.id, peer, buffering=True)
         snapshot = await self.hub.store.snapshot(conversation.id)
-        history = await self.db.recent_messages(claims.tenant, conversation.id, self.settings.history_messages)
+        limit = self.settings.history_messages
+        history = await self.db.recent_messages(claims.tenant, conversation.id, limit + 1)
+        has_more = len(history) > limit
+        history = history[1:] if has_more else history
         resumed = resume_from is not None and snapshot.covers(resume_from)
         if resumed:
             assert resume_from is not None
@@ -132,7 +135,10 @@ class ChatService:
             "user": {"id": user.id, "role": user.role, "tenant": user.tenant_id, "name": user.display_name},
             "conversation_id": conversation.id,
             "course_id": conversation.course_id,
+            "course_title": course.title if course else None,
             "ai_paused": conversation.ai_paused,
+            "features": ["resume", "regenerate", "history"],
+            "has_more": has_more,
             "history": [m.to_wire() for m in history],
             "seq": max(snapshot.seq, conversation.last_seq),
         }
@@ -597,6 +603,11 @@ class ChatService:
             raise not_found("course")
         return course
 
+    async def origin_allowed_for(self, tenant_id: str, origin: str) -> bool:
+        """Whether a browser origin is one of the tenant's allowed embedding origins."""
+        tenant = await self.db.get_tenant(tenant_id)
+        return origin.rstrip("/") in tenant.allowed_origins
+
     async def live_snapshot(self, claims: Claims, course_id: str) -> dict[str, Any]:
         """Students online in a course right now, across replicas."""
         await self.visible_course(claims, course_id)
@@ -613,12 +624,16 @@ class ChatService:
         session.watching.add(course_id)
         await session.peer.send(encode(await self.live_snapshot(session.claims, course_id)))
 
-    async def _teacher_conversation(self, session: Session, conversation_id: str) -> Conversation:
-        conversation = await self.db.tenant_conversation(session.claims.tenant, conversation_id)
+    async def teacher_conversation(self, claims: Claims, conversation_id: str) -> Conversation:
+        """A conversation in a course the teacher may see (admins: any course of the tenant)."""
+        conversation = await self.db.tenant_conversation(claims.tenant, conversation_id)
         if conversation is None or conversation.course_id is None:
             raise not_found("conversation")
-        await self.visible_course(session.claims, conversation.course_id)
+        await self.visible_course(claims, conversation.course_id)
         return conversation
+
+    async def _teacher_conversation(self, session: Session, conversation_id: str) -> Conversation:
+        return await self.teacher_conversation(session.claims, conversation_id)
 
     async def intervene(self, session: Session, frame: Intervene) -> None:
         """A teacher's message in a student's conversation: committed, delivered live, part of the AI's context."""

@@ -7,12 +7,14 @@ process that started them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +29,27 @@ class EmbeddedError(RuntimeError):
     """An embedded server could not start; the message says what to install or set instead."""
 
 
-def jwt_secret(data_dir: Path) -> str:
-    """The development signing secret, created once under the data directory (mode 0600)."""
-    path = data_dir / "jwt-secret"
+def _dev_secret(path: Path, make: Callable[[], str]) -> str:
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(48)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = make()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(secret + "\n")
     return secret
+
+
+def jwt_secret(data_dir: Path) -> str:
+    """The development signing secret, created once under the data directory (mode 0600)."""
+    return _dev_secret(data_dir / "jwt-secret", lambda: secrets.token_urlsafe(48))
+
+
+def dev_session_key(data_dir: Path) -> str:
+    """The development cookie-session key (a Fernet key), kept so sessions survive a restart."""
+    return _dev_secret(
+        data_dir / "session-key", lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    )
 
 
 class EmbeddedServices:

@@ -15,3 +15,11 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     if host is None or origin == "null":
         return False
     return urlsplit(origin).netloc.lower() == host.lower()
+
+
+def is_web_origin(origin: str | None) -> bool:
+    """An http(s) origin that a tenant might allow (checked against the tenant once the token is known)."""
+    if not origin:
+        return False
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.path.strip("/")

@@ -10,9 +10,9 @@ import asyncpg
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
-from .auth import TokenVerifier
+from .auth import Claims, TokenVerifier
 from .chat import ChatService, Session
-from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request
+from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden
 from .protocol import (
     PONG,
     Cancel,
@@ -64,12 +64,17 @@ class SocketSession:
         verifier: TokenVerifier,
         peer: WebSocketPeer,
         header_token: str | None,
+        *,
+        cookie_claims: Claims | None = None,
+        pending_origin: str | None = None,
     ):
         self.settings = settings
         self.chat = chat
         self.verifier = verifier
         self.peer = peer
         self.header_token = header_token
+        self.cookie_claims = cookie_claims
+        self.pending_origin = pending_origin
         self.session: Session | None = None
         self.metrics = chat.metrics
 
@@ -113,7 +118,15 @@ class SocketSession:
         if self.session is None:
             if not isinstance(frame, Hello):
                 raise bad_request("the first frame must be hello")
-            claims = self.verifier.verify(frame.token or self.header_token)
+            token = frame.token or self.header_token
+            if token is None and self.cookie_claims is not None:
+                claims = self.cookie_claims
+            else:
+                claims = self.verifier.verify(token)
+            if self.pending_origin is not None and not await self.chat.origin_allowed_for(
+                claims.tenant, self.pending_origin
+            ):
+                raise forbidden("this origin may not open a socket for your school")
             self.session = await self.chat.open_session(
                 self.peer, claims, frame.conversation_id, frame.course_id, frame.resume_from
             )

@@ -64,6 +64,19 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+def _session_key(env: Mapping[str, str]) -> str | None:
+    raw = env.get("SMARTEDU_SESSION_KEY", "").strip()
+    if not raw:
+        return None
+    from .websession import session_key
+
+    try:
+        session_key(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to run; built by `from_env` or directly in tests."""
@@ -106,6 +119,8 @@ class Settings:
     grounding_chars: int = 6000
     grounding_passages: int = 4
     metrics_port: int | None = None
+    session_key: str | None = None
+    session_ttl_s: int = 8 * 3600
     metrics_host: str | None = None
 
     @property
@@ -188,6 +203,8 @@ class Settings:
             # Off unless set (the container images set 9100), so several local replicas never clash.
             metrics_port=_int(env, "SMARTEDU_METRICS_PORT", -1) if env.get("SMARTEDU_METRICS_PORT") else None,
             metrics_host=env.get("SMARTEDU_METRICS_HOST") or None,
+            session_key=_session_key(env),
+            session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", defaults.session_ttl_s, 60),
         )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
         return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))

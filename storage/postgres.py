@@ -183,6 +183,14 @@ class Database:
         assert row is not None
         return Course(**dict(row))
 
+    async def list_courses(self, tenant_id: str) -> list[Course]:
+        """Every course of the tenant, by title."""
+        rows = await self.pool.fetch(
+            "SELECT tenant_id, id, title, description, system_prompt FROM courses WHERE tenant_id = $1 ORDER BY title",
+            tenant_id,
+        )
+        return [Course(**dict(r)) for r in rows]
+
     # -- conversations ------------------------------------------------------------------------
 
     async def get_conversation(self, tenant_id: str, user_id: str, conversation_id: str) -> Conversation | None:

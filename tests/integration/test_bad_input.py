@@ -203,7 +203,7 @@ async def test_other_tenants_course_is_not_found_and_unlisted_course_forbidden(
     assert await db.fetchval("SELECT count(*) FROM conversations WHERE course_id IS NOT NULL") == 0
 
 
-async def test_origin_is_checked_for_browsers(serve: Serve) -> None:
+async def test_origin_is_checked_for_browsers(serve: Serve, db: asyncpg.Connection) -> None:
     server = await serve(allowed_origins=("https://lms.example.edu",))
     for origin in ("https://lms.example.edu", None):
         headers = {"Origin": origin} if origin else {}
@@ -212,8 +212,23 @@ async def test_origin_is_checked_for_browsers(serve: Serve) -> None:
     own = f"http://{server.client.host}:{server.client.port}"
     sock = await server.connect({"token": token()}, headers={"Origin": own})
     assert sock.frames[0]["type"] == "welcome"
+
+    # Another web origin may connect only if the token's school allows it; found out at hello.
+    evil = await server.connect({"token": token()}, headers={"Origin": "https://evil.example"}, welcome=False)
+    assert (await evil.expect("error"))["code"] == "forbidden"
+    assert await evil.close_code() == CloseCode.FORBIDDEN
+    await db.execute("INSERT INTO tenants (id, allowed_origins) VALUES ('school-a', ARRAY['https://school-a.example'])"
+                     " ON CONFLICT (id) DO UPDATE SET allowed_origins = EXCLUDED.allowed_origins")
+    school = await server.connect({"token": token()}, headers={"Origin": "https://school-a.example"})
+    assert school.frames[0]["type"] == "welcome"
+    other_school = await server.connect(
+        {"token": token(tenant="school-b")}, headers={"Origin": "https://school-a.example"}, welcome=False
+    )
+    assert (await other_school.expect("error"))["code"] == "forbidden"
+
+    # Not a web origin at all: refused before the upgrade.
     response = await server.client.get(
-        "/ws", headers={"Origin": "https://evil.example", "Upgrade": "websocket", "Connection": "Upgrade",
+        "/ws", headers={"Origin": "null", "Upgrade": "websocket", "Connection": "Upgrade",
                         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version": "13"}
     )
     assert response.status == 403

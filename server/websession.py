@@ -1,0 +1,112 @@
+"""First-party cookie sessions: a verified JWT exchanged for an encrypted HttpOnly cookie.
+
+State-changing requests authenticated by the cookie need the double-submit CSRF token (the readable
+`smartedu_csrf` cookie echoed in `X-CSRF-Token`). The WebSocket accepts the cookie only from an
+allowed Origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import secrets
+import time
+import warnings
+from typing import Any
+
+import aiohttp_session
+from aiohttp import web
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+
+from .auth import Claims
+from .errors import forbidden
+
+SESSION_COOKIE = "smartedu_session"
+CSRF_COOKIE = "smartedu_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def session_key(raw: str) -> bytes:
+    """Validate a Fernet key (32 bytes, URL-safe base64), as SMARTEDU_SESSION_KEY must be."""
+    try:
+        decoded = base64.urlsafe_b64decode(raw.encode())
+    except (ValueError, TypeError):
+        decoded = b""
+    if len(decoded) != 32:
+        raise ValueError("SMARTEDU_SESSION_KEY must be 32 bytes in URL-safe base64 (a Fernet key)")
+    return decoded
+
+
+def new_session_key() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
+def setup_sessions(app: web.Application, key: str, ttl_s: int) -> None:
+    # aiohttp-session keys requests with a plain string; aiohttp warns about it on every request.
+    warnings.filterwarnings("ignore", category=web.NotAppKeyWarning, module="aiohttp_session")
+    storage = EncryptedCookieStorage(
+        session_key(key), cookie_name=SESSION_COOKIE, max_age=ttl_s, secure=True, httponly=True,
+        samesite="Strict",
+    )
+    aiohttp_session.setup(app, storage)
+
+
+def _claims_to_dict(claims: Claims, expires: int) -> dict[str, Any]:
+    return {
+        "sub": claims.sub, "tid": claims.tenant, "role": claims.role, "name": claims.name,
+        "courses": list(claims.courses) if claims.courses is not None else None, "exp": expires,
+    }
+
+
+async def start_session(request: web.Request, claims: Claims, ttl_s: int) -> web.Response:
+    """Store the claims in a new session cookie and issue a fresh CSRF token."""
+    session = await aiohttp_session.new_session(request)
+    expires = int(time.time()) + ttl_s
+    session["claims"] = _claims_to_dict(claims, expires)
+    csrf = secrets.token_urlsafe(24)
+    session["csrf"] = csrf
+    response = web.json_response(
+        {"user": {"id": claims.sub, "tenant": claims.tenant, "role": claims.role, "name": claims.name},
+         "expires": expires, "csrf_token": csrf}
+    )
+    response.set_cookie(CSRF_COOKIE, csrf, max_age=ttl_s, secure=True, httponly=False, samesite="Strict", path="/")
+    return response
+
+
+async def end_session(request: web.Request) -> web.Response:
+    session = await aiohttp_session.get_session(request)
+    check_csrf(request, session.get("csrf"))
+    session.invalidate()
+    response = web.json_response({"status": "logged out"})
+    response.del_cookie(CSRF_COOKIE, path="/")
+    return response
+
+
+def check_csrf(request: web.Request, expected: object) -> None:
+    """Double submit: the header must equal both the readable cookie and the session's token."""
+    header = request.headers.get(CSRF_HEADER, "")
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    if not isinstance(expected, str) or not header or not (
+        hmac.compare_digest(header, expected) and hmac.compare_digest(cookie, expected)
+    ):
+        raise forbidden("a valid X-CSRF-Token header is required")
+
+
+async def session_claims(request: web.Request) -> Claims | None:
+    """Claims from the session cookie, or None (no cookie, expired, or sessions not configured)."""
+    if SESSION_COOKIE not in request.cookies:
+        return None
+    session = await aiohttp_session.get_session(request)
+    data = session.get("claims")
+    if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
+        return None
+    if request.method not in SAFE_METHODS:
+        check_csrf(request, session.get("csrf"))
+    courses = data.get("courses")
+    return Claims(
+        sub=str(data["sub"]), tenant=str(data["tid"]), role=str(data["role"]), exp=int(data["exp"]),
+        name=str(data.get("name") or ""), courses=tuple(courses) if isinstance(courses, list) else None,
+    )
+
+

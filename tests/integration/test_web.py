@@ -1,0 +1,159 @@
+"""Browser-facing HTTP: cookie sessions with CSRF, the embed page's frame-ancestors, teacher views, CORS."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from server.websession import CSRF_COOKIE, SESSION_COOKIE
+from tests.conftest import Serve, Server, seed_course, token
+
+pytestmark = pytest.mark.integration
+
+
+async def _login(server: Server, who: str) -> tuple[str, dict[str, str]]:
+    """Log in; returns the CSRF token and the Cookie header a browser would send back.
+
+    The test client (like any non-browser) does not send Secure cookies over plain http, so the
+    cookies are carried by hand; browsers treat 127.0.0.1 and localhost as secure.
+    """
+    response = await server.client.post("/api/session", json={"token": who})
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    cookie = response.cookies[SESSION_COOKIE]
+    assert cookie["httponly"] and cookie["secure"] and cookie["samesite"] == "Strict"
+    assert response.cookies[CSRF_COOKIE].value == body["csrf_token"]
+    jar = f"{SESSION_COOKIE}={cookie.value}; {CSRF_COOKIE}={body['csrf_token']}"
+    server.client.session.cookie_jar.clear()
+    return str(body["csrf_token"]), {"Cookie": jar}
+
+
+async def test_session_cookie_outlives_the_token_and_needs_csrf(serve: Serve) -> None:
+    server = await serve()
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra")
+    short = token("t1", role="teacher", courses=["alg-1"], ttl_s=2)
+    csrf, cookies = await _login(server, short)
+    await asyncio.sleep(2.5)  # the token has expired; the session has not
+    response = await server.client.get("/api/session", headers=cookies)
+    assert (await response.json())["user"] == {"id": "t1", "tenant": "school-a", "role": "teacher", "name": ""}
+    response = await server.client.get("/api/conversations", headers=cookies)  # GET with the cookie alone
+    assert response.status == 200
+    # State-changing requests with the cookie need the CSRF header.
+    document = {"name": "Notes", "body": "Slope is rise over run."}
+    response = await server.client.post("/api/courses/alg-1/documents", json=document, headers=cookies)
+    assert response.status == 403 and (await response.json())["error"]["code"] == "forbidden"
+    response = await server.client.post("/api/courses/alg-1/documents", json=document,
+                                        headers={**cookies, "X-CSRF-Token": "wrong"})
+    assert response.status == 403
+    response = await server.client.post("/api/courses/alg-1/documents", json=document,
+                                        headers={**cookies, "X-CSRF-Token": csrf})
+    assert response.status == 201
+    # The socket accepts the session cookie from the server's own origin, without a token...
+    own = f"http://{server.client.host}:{server.client.port}"
+    sock = await server.connect({}, headers={**cookies, "Origin": own})
+    assert sock.frames[0]["user"]["role"] == "teacher"
+    # ...but not without an Origin (a cookie is a browser credential).
+    sock = await server.connect({}, headers=cookies, welcome=False)
+    assert (await sock.expect("error"))["code"] == "unauthorized"
+    response = await server.client.delete("/api/session", headers=cookies)
+    assert response.status == 403
+    response = await server.client.delete("/api/session", headers={**cookies, "X-CSRF-Token": csrf})
+    assert response.status == 200
+    gone = response.cookies[SESSION_COOKIE].value
+    response = await server.client.get("/api/conversations", headers={"Cookie": f"{SESSION_COOKIE}={gone}"})
+    assert response.status == 401
+
+
+async def test_session_needs_a_valid_token(server: Server) -> None:
+    for body in ({"token": "nope"}, {"token": token(ttl_s=-10)}, {}):
+        response = await server.client.post("/api/session", json=body)
+        assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
+
+
+async def test_cookie_alone_does_not_open_a_socket_from_a_tenant_origin(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve()
+    _, cookies = await _login(server, token("stu-1"))
+    await db.execute("UPDATE tenants SET allowed_origins = ARRAY['https://lms.example'] WHERE id = 'school-a'")
+    sock = await server.connect({}, headers={**cookies, "Origin": "https://lms.example"}, welcome=False)
+    assert (await sock.expect("error"))["code"] == "unauthorized"
+
+
+async def test_embed_frame_ancestors_follow_the_tenant(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve(allowed_origins=("https://district.example",))
+    await db.execute("INSERT INTO tenants (id, allowed_origins) VALUES ('school-a', ARRAY['https://lms.school-a.example'])")
+    response = await server.client.get("/embed?course=alg-1&tenant=school-a")
+    csp = response.headers["Content-Security-Policy"]
+    assert response.status == 200
+    assert "frame-ancestors https://district.example https://lms.school-a.example" in csp
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    response = await server.client.get("/embed?tenant=unknown")
+    assert response.headers["Content-Security-Policy"].endswith("frame-ancestors https://district.example")
+    page = await (await server.client.get("/embed?tenant=unknown")).text()
+    assert 'name="smartedu-parent-origin" content="https://district.example"' in page
+
+    bare = await serve()
+    response = await bare.client.get("/embed")
+    assert response.headers["Content-Security-Policy"].endswith("frame-ancestors 'none'")
+    for path in ("/chat", "/teacher", "/static/chat.html"):
+        response = await bare.client.get(path)
+        assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"], path
+
+
+async def test_teacher_views(serve: Serve) -> None:
+    server = await serve()
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra")
+    await seed_course(server.settings, "school-a", "geo-1", "Geometry")
+    await seed_course(server.settings, "school-b", "bio-1", "Biology")
+    teacher = {"Authorization": f"Bearer {token('t', role='teacher', courses=['alg-1'])}"}
+    admin = {"Authorization": f"Bearer {token('a', role='admin')}"}
+    assert (await (await server.client.get("/api/teacher/courses", headers=teacher)).json()) == {
+        "courses": [{"id": "alg-1", "title": "Algebra"}]
+    }
+    courses = (await (await server.client.get("/api/teacher/courses", headers=admin)).json())["courses"]
+    assert [c["id"] for c in courses] == ["alg-1", "geo-1"]
+    response = await server.client.get("/api/teacher/courses", headers={"Authorization": f"Bearer {token()}"})
+    assert response.status == 403
+
+    student = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await student.send(type="message", id="q", text="What is x?")
+    await student.until("done")
+    conversation = student.frames[0]["conversation_id"]
+    response = await server.client.get(f"/api/teacher/conversations/{conversation}/messages", headers=teacher)
+    page = await response.json()
+    assert response.status == 200 and [m["role"] for m in page["messages"]] == ["user", "assistant"]
+    other_teacher = {"Authorization": f"Bearer {token('t2', role='teacher', courses=['geo-1'])}"}
+    response = await server.client.get(f"/api/teacher/conversations/{conversation}/messages", headers=other_teacher)
+    assert response.status == 403
+    foreign = {"Authorization": f"Bearer {token('a', role='admin', tenant='school-b')}"}
+    response = await server.client.get(f"/api/teacher/conversations/{conversation}/messages", headers=foreign)
+    assert response.status == 404
+
+
+async def test_cors_for_configured_origins(serve: Serve) -> None:
+    server = await serve(allowed_origins=("https://lms.example",))
+    response = await server.client.options(
+        "/api/conversations",
+        headers={"Origin": "https://lms.example", "Access-Control-Request-Method": "GET",
+                 "Access-Control-Request-Headers": "Authorization"},
+    )
+    assert response.status == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "https://lms.example"
+    response = await server.client.options(
+        "/api/conversations",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert response.status == 403
+    response = await server.client.get("/api/conversations", headers={
+        "Origin": "https://lms.example", "Authorization": f"Bearer {token()}"
+    })
+    assert response.headers["Access-Control-Allow-Origin"] == "https://lms.example"
+
+
+async def test_welcome_describes_the_conversation(server: Server) -> None:
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
+    sock = await server.connect({"token": token(), "course_id": "alg-1"})
+    welcome = sock.frames[0]
+    assert welcome["course_title"] == "Algebra I" and welcome["has_more"] is False
+    assert "regenerate" in welcome["features"] and welcome["ai_paused"] is False
