@@ -15,7 +15,8 @@ COPY handlers/ handlers/
 COPY storage/ storage/
 COPY ai/ ai/
 # The project and every dependency as wheels; the runtime stage installs from here with no index.
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The `backup` extra brings PostgreSQL 18 client binaries (pg_dump/pg_restore) for `smartedu backup`.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[backup]"
 
 
 FROM python:3.11.11-slim-bookworm AS runtime
