@@ -29,6 +29,7 @@ from .keys import CHAT, DATABASE, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, S
 from .logs import request_id
 from .metrics import Metrics, measure_loop_lag, serve_metrics
 from .settings import Settings
+from .tracing import create_tracer
 from .websession import new_session_key, setup_sessions
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,10 @@ def create_app(
         # ChatService.close() closes the provider after its last turn.
 
     async def chat_ctx(app: web.Application) -> AsyncIterator[None]:
-        chat = ChatService(settings, app[DATABASE], Hub(app[REDIS], settings.replica_id), app[PROVIDER], metrics)
+        tracer = create_tracer(os.environ if env is None else env, settings.replica_id)
+        chat = ChatService(
+            settings, app[DATABASE], Hub(app[REDIS], settings.replica_id), app[PROVIDER], metrics, tracer
+        )
         app[CHAT] = chat
         checks = {"postgres": app[DATABASE].ping, "redis": app[REDIS].ping}
         lag = asyncio.create_task(measure_loop_lag(metrics, checks), name="loop-lag")
@@ -135,6 +139,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await lag
             await chat.close()
+            await tracer.close()
 
     async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
         if settings.metrics_port is None:

@@ -28,6 +28,7 @@ from .logs import request_id
 from .metrics import Metrics
 from .protocol import HistoryRequest, Intervene, SendMessage, SetAI, encode, error_frame
 from .settings import Settings
+from .tracing import Tracer
 from .turns import TokenBatcher, Turn, stream_answer
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,17 @@ class ChatService:
     """Owns every turn and background task of this process; all are cancelled and awaited on close."""
 
     def __init__(
-        self, settings: Settings, db: Database, hub: Hub, provider: Provider, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        db: Database,
+        hub: Hub,
+        provider: Provider,
+        metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ):
         self.settings = settings
         self.metrics = metrics or Metrics(settings.replica_id)
+        self.tracer = tracer or Tracer()
         self.db = db
         self.hub = hub
         self.provider = provider
@@ -97,6 +105,17 @@ class ChatService:
         resume_from: int | None = None,
     ) -> Session:
         """Resolve `hello`, send `welcome` and the catch-up (replay), then let live frames through."""
+        with self.tracer.span("hello", tenant=claims.tenant, role=claims.role):
+            return await self._open_session(peer, claims, conversation_id, course_id, resume_from)
+
+    async def _open_session(
+        self,
+        peer: Peer,
+        claims: Claims,
+        conversation_id: str | None,
+        course_id: str | None,
+        resume_from: int | None,
+    ) -> Session:
         user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
         if conversation_id is not None:
             conversation = await self.db.get_conversation(claims.tenant, user.id, conversation_id)
@@ -233,7 +252,10 @@ class ChatService:
         claims, conversation = session.claims, joined.conversation
         reservation = await self._admit(session, frame)
         try:
-            saved = await self.db.save_question(claims.tenant, conversation.id, frame.id, frame.text, session.user.id)
+            with self.tracer.span("persist", conversation_id=conversation.id):
+                saved = await self.db.save_question(
+                    claims.tenant, conversation.id, frame.id, frame.text, session.user.id
+                )
         except Exception:
             await self._settle(reservation, 0, 0)
             raise
@@ -379,7 +401,8 @@ class ChatService:
             with contextlib.suppress(Exception):  # the maintenance loop renews it again in 2 s
                 await self.hub.store.renew_leases([member], LEASE_TTL_MS)
             async with lock:
-                await self._generate(turn, course)
+                with self.tracer.span("turn", conversation_id=turn.conversation_id, reply_id=turn.reply_id):
+                    await self._generate(turn, course)
         except asyncio.CancelledError:
             # Cancelled while queued behind another answer: it still needs a final status.
             if not turn.finished:
@@ -401,11 +424,13 @@ class ChatService:
         failure: AIError | None = None
         cancelled = False
         try:
-            request = await self._build_request(turn, course) if turn.stop_reason is None else None
+            with self.tracer.span("history"):
+                request = await self._build_request(turn, course) if turn.stop_reason is None else None
             # Checked again after the await: a cancel may have arrived while the history loaded.
             if request is not None and turn.stop_reason is None:
-                turn.stream_task = asyncio.create_task(stream_answer(self.provider, request, turn, batcher))
-                usage = await turn.stream_task
+                with self.tracer.span("ai", provider=self.provider.name, model=self.provider.model):
+                    turn.stream_task = asyncio.create_task(stream_answer(self.provider, request, turn, batcher))
+                    usage = await turn.stream_task
                 if usage is not None and usage.blocked:
                     await self._blocked(turn, batcher)
             status = "complete" if turn.stop_reason is None else _final(turn.stop_reason)
@@ -428,7 +453,8 @@ class ChatService:
         except Exception:
             log.exception("token delivery failed", extra={"reply_id": turn.reply_id})
             status = "failed" if status == "complete" else status
-        await self._finish(turn, status, usage, batcher.offset, failure)
+        with self.tracer.span("done", status=status):
+            await self._finish(turn, status, usage, batcher.offset, failure)
         if cancelled:
             raise asyncio.CancelledError
 
