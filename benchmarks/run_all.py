@@ -1,0 +1,1213 @@
+"""`make bench`: every benchmark scenario, several runs each, raw JSON under benchmarks/results/ and
+docs/benchmarks.md generated from them.
+
+    python benchmarks/run_all.py                      # everything, 3 runs each (about 25 minutes)
+    python benchmarks/run_all.py --quick              # smaller and shorter, 1 run each (under 5 minutes)
+    python benchmarks/run_all.py --scenarios throughput,floor --runs 5
+
+Scenarios: capacity (10,000 idle sockets), throughput (open-loop turn rate ladder), class (1,000
+students thinking 10 s), fanout (one teacher watching 200 students), floor (throughput and class against
+benchmarks/floor_server.py), nginx (two replicas behind NGINX), profile (py-spy during throughput and
+class). The server under test is a separate `smartedu serve` process on a fresh database and Redis prefix
+per run; PostgreSQL and Redis are the machine's own on 127.0.0.1 when reachable, else the embedded ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.fanout import FanoutConfig, run_fanout
+from benchmarks.harness import (
+    ROOT,
+    Backends,
+    BenchError,
+    ManagedProcess,
+    ProcessSample,
+    ServerSpec,
+    children_of,
+    free_port,
+    loadtest_command,
+    machine_info,
+    new_secret,
+    pids_with,
+    py_spy_start,
+    read_machine,
+    read_sample,
+    run_loadtest,
+    seed_demo,
+    spread,
+    start_floor,
+    start_nginx,
+    start_server,
+    summarize_profile,
+)
+from benchmarks.idle_sockets import IdleConfig, run_idle
+
+SCENARIOS = ("capacity", "throughput", "class", "fanout", "floor", "nginx", "profile")
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the file is regenerated -->", "<!-- /notes -->"
+
+# Targets from the load-testing issue.
+TARGET_CONNECTIONS = 10_000
+TARGET_KB_PER_CONNECTION = 30.0
+TARGET_ACK_P99_MS = 25.0
+TARGET_TURNS_PER_S = 300.0
+TARGET_CLASS_ADDED_P99_MS = 20.0
+TARGET_CLASS_CPU = 0.5
+TARGET_CLASS_RSS_MB = 256.0
+TARGET_FANOUT_P99_MS = 100.0
+CLASS_TTFT_MS = 300.0
+CLASS_TOKENS_PER_S = 40.0
+REPLY_WORDS = 50
+
+
+@dataclass(frozen=True)
+class Pacing:
+    """The offline provider's timing for a run."""
+
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0
+    reply_words: int = REPLY_WORDS
+
+
+ZERO_DELAY = Pacing()
+PACED = Pacing(CLASS_TTFT_MS, CLASS_TOKENS_PER_S)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and durations; `--quick` shrinks them."""
+
+    runs: int
+    idle_students: int = 10_000
+    idle_rate: float = 150.0
+    ladder: tuple[float, ...] = (50, 100, 150, 200, 250, 300, 400)
+    floor_ladder: tuple[float, ...] = (300, 600, 900, 1200)
+    step_s: float = 20.0
+    throughput_students: int = 200
+    class_students: int = 1000
+    class_duration_s: float = 60.0
+    class_ramp_rate: float = 100.0
+    fanout_students: int = 200
+    fanout_duration_s: float = 30.0
+    nginx_rate: float = 100.0
+    nginx_step_s: float = 20.0
+    nginx_students: int = 300
+    nginx_class_s: float = 40.0
+    profile_s: int = 20
+
+    @classmethod
+    def quick(cls, runs: int) -> Plan:
+        return cls(
+            runs=runs, idle_students=2000, idle_rate=150.0, ladder=(100, 200, 300), floor_ladder=(300, 900),
+            step_s=10.0, throughput_students=100, class_students=300, class_duration_s=25.0,
+            fanout_students=100, fanout_duration_s=12.0, nginx_rate=50.0, nginx_step_s=10.0,
+            nginx_students=100, nginx_class_s=20.0, profile_s=8,
+        )
+
+
+# -- sampling processes while a load runs ---------------------------------------------------------------
+
+
+@dataclass
+class Sampler:
+    """Reads /proc for some processes every `every` s in a thread; windows are chosen afterwards."""
+
+    pids: dict[str, Callable[[], list[int]]]
+    every: float = 0.5
+    samples: list[tuple[float, dict[str, ProcessSample]]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> Sampler:
+        self._take()
+        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._take()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._take()
+
+    def _take(self) -> None:
+        wall = time.time()
+        taken: dict[str, ProcessSample] = {"machine": read_machine()}
+        for name, pids in self.pids.items():
+            parts = []
+            for pid in pids():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    parts.append(read_sample(pid))
+            if parts:
+                taken[name] = ProcessSample(
+                    parts[0].at, sum(p.cpu_s for p in parts), sum(p.rss_kb for p in parts),
+                    sum(p.hwm_kb for p in parts), sum(p.fds for p in parts),
+                )
+        self.samples.append((wall, taken))
+
+    def window(self, name: str, start: float, end: float) -> dict[str, float | None]:
+        """CPU cores used and RSS (MB, max and last) of `name` between two wall-clock times."""
+        inside = [(w, s[name]) for w, s in self.samples if start <= w <= end and name in s]
+        if len(inside) < 2:
+            return {"cpu_cores": None, "rss_max_mb": None, "rss_end_mb": None}
+        first, last = inside[0][1], inside[-1][1]
+        return {
+            "cpu_cores": (last.cpu_s - first.cpu_s) / max(last.at - first.at, 1e-9),
+            "rss_max_mb": max(s.rss_kb for _, s in inside) / 1024,
+            "rss_end_mb": last.rss_kb / 1024,
+        }
+
+
+def _pids_of(pid: int) -> Callable[[], list[int]]:
+    return lambda: [pid]
+
+
+def _loadgen() -> list[int]:
+    return pids_with("server.loadtest")
+
+
+def _postgres_backends(database: str) -> Callable[[], list[int]]:
+    """PostgreSQL backend processes serving one database (their CPU is the database's share)."""
+    needle = f" {database} ".encode()
+
+    def find() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                if cmdline.startswith(b"postgres:") and needle in cmdline:
+                    found.append(int(entry.name))
+        return found
+
+    return find
+
+
+def _redis_pid(url: str) -> Callable[[], list[int]]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        pid = int(client.info("server")["process_id"])
+    finally:
+        client.close()
+    return lambda: [pid] if Path(f"/proc/{pid}").exists() else []
+
+
+# -- Redis and PostgreSQL work counters -----------------------------------------------------------------
+
+
+def redis_counts(url: str) -> dict[str, int]:
+    """Calls per command since Redis started (commands run by scripts included), and the total."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+        total = int(client.info("stats")["total_commands_processed"])
+    finally:
+        client.close()
+    counts = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+    counts["_total"] = total
+    return counts
+
+
+def pg_counts(admin_dsn: str, database: str) -> dict[str, int]:
+    """Transactions and rows of one database (pg_stat_database; backends flush when they exit)."""
+    import asyncio
+
+    import asyncpg
+
+    async def read() -> dict[str, int]:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            row = await conn.fetchrow(
+                "SELECT xact_commit, xact_rollback, tup_returned, tup_fetched, tup_inserted, tup_updated,"
+                " tup_deleted FROM pg_stat_database WHERE datname = $1",
+                database,
+            )
+            wal = await conn.fetchrow("SELECT wal_records, wal_bytes FROM pg_stat_wal")
+        finally:
+            await conn.close()
+        out = {k: int(v) for k, v in dict(row or {}).items()}
+        if wal is not None:
+            out["wal_records_cluster"] = int(wal["wal_records"])
+            out["wal_bytes_cluster"] = int(wal["wal_bytes"])
+        return out
+
+    return asyncio.run(read())
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
+# -- one run's servers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Bench:
+    """What every scenario shares: where results go, the backends, the secret."""
+
+    plan: Plan
+    backends: Backends
+    out: Path
+    secret: str = field(default_factory=new_secret)
+
+    @property
+    def secret_file(self) -> Path:
+        path = self.out / "jwt-secret.txt"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.secret + "\n")
+        return path
+
+    def log(self, name: str) -> Path:
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        return self.out / "logs" / name
+
+    def save(self, name: str, data: object) -> Path:
+        path = self.out / name
+        path.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+        return path
+
+    @contextlib.contextmanager
+    def servers(
+        self, label: str, pacing: Pacing, replicas: int = 1
+    ) -> Iterator[tuple[list[ManagedProcess], list[int], ServerSpec, str]]:
+        """Fresh database + Redis prefix, seeded, with `replicas` servers; everything is removed afterwards."""
+        with self.backends.database(label) as database_url, self.backends.redis_prefix(label) as prefix:
+            spec = ServerSpec(
+                database_url, self.backends.redis_url, prefix, self.secret,
+                ttft_ms=pacing.ttft_ms, tokens_per_s=pacing.tokens_per_s, reply_words=pacing.reply_words,
+            )
+            seed_demo(spec, self.log(f"{label}-seed.log"))
+            processes: list[ManagedProcess] = []
+            ports: list[int] = []
+            try:
+                for index in range(replicas):
+                    port = free_port()
+                    replica = ServerSpec(**{**spec.__dict__, "replica_id": f"bench-{index + 1}"})
+                    processes.append(start_server(replica, port, self.log(f"{label}-server{index + 1}.log")))
+                    ports.append(port)
+                yield processes, ports, spec, database_url.rsplit("/", 1)[1]
+            finally:
+                for process in processes:
+                    code = process.stop()
+                    if code not in (0, None, -signal.SIGINT):
+                        print(f"  warning: {process.name} exited with {code}; see {process.log_path}", flush=True)
+
+
+def _loadtest(
+    bench: Bench, url: str, name: str, args: Sequence[str], sampler: Sampler | None, timeout: float
+) -> dict[str, Any]:
+    """Run the load tester; attach the sampled CPU/RSS of the steady phase and the whole load."""
+    out = bench.out / f"{name}.json"
+    results = run_loadtest(url, bench.secret_file, out, args, bench.log(f"{name}.log"), timeout)
+    ended = time.time()
+    started = ended - float(results["wall_time_s"])
+    results["command"] = loadtest_command(url, args)
+    if sampler is not None:
+        config = results["config"]
+        ramp, duration = float(config["ramp_up_s"]), float(config["duration_s"])
+        results["sampled"] = {
+            name: {
+                "steady": sampler.window(name, started + ramp, started + duration),
+                "load": sampler.window(name, started, started + duration),
+            }
+            for name in (*sampler.pids, "machine")
+        }
+    return results
+
+
+def _phase(results: dict[str, Any], phase: str = "steady") -> dict[str, Any]:
+    phases: dict[str, dict[str, Any]] = results["phases"]
+    return phases[phase] if phase in phases else phases["all"]
+
+
+def _lat(results: dict[str, Any], metric: str, stat: str = "p99", phase: str = "steady") -> float | None:
+    entry = _phase(results, phase)["latency_ms"].get(metric)
+    if not entry or entry.get(stat) is None:
+        return None
+    return float(entry[stat])
+
+
+def _counter(results: dict[str, Any], name: str, phase: str = "all") -> int:
+    return int(_phase(results, phase)["counters"].get(name, 0))
+
+
+def _slim(results: dict[str, Any]) -> dict[str, Any]:
+    """What the summary keeps of a loadtest result (the full file stays next to it)."""
+    keep: dict[str, Any] = {"command": results.get("command"), "exit_status": results.get("exit_status")}
+    for phase in ("steady", "all"):
+        if phase not in results["phases"]:
+            continue
+        data = results["phases"][phase]
+        keep[phase] = {
+            "latency_ms": {
+                m: {k: v for k, v in s.items() if k != "hdr"} for m, s in data["latency_ms"].items() if s
+            },
+            "rates_per_s": data["rates_per_s"],
+            "error_rate": data["error_rate"],
+            "errors_by_code": data["errors_by_code"],
+            "counters": {k: v for k, v in data["counters"].items() if v},
+        }
+    keep["sampled"] = results.get("sampled")
+    return keep
+
+
+# -- scenario 1: capacity -------------------------------------------------------------------------------
+
+
+def scenario_capacity(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    label = f"cap{run}"
+    with bench.servers(label, PACED) as (procs, ports, _, db):
+        server = procs[0]
+        # A few sockets first, so one-off lazy set-up is not charged to the 10,000.
+        url = f"ws://127.0.0.1:{ports[0]}/ws"
+        run_idle(IdleConfig(url, bench.secret, 20, 100.0, procs=1, settle=0.5), None)
+        redis_before, pg_before = redis_counts(bench.backends.redis_url), pg_counts(bench.backends.admin_dsn, db)
+        config = IdleConfig(url, bench.secret, plan.idle_students, plan.idle_rate, procs=2, settle=5.0, hold=5.0)
+        result = run_idle(config, server.pid)
+        redis_after = redis_counts(bench.backends.redis_url)
+        server.stop()  # its backends exit and flush their statistics
+        time.sleep(0.5)
+        pg_after = pg_counts(bench.backends.admin_dsn, db)
+    hellos = max(result["connected"], 1)
+    result["redis_per_hello"] = {k: v / hellos for k, v in _delta(redis_after, redis_before).items()}
+    result["pg_per_hello"] = {k: v / hellos for k, v in _delta(pg_after, pg_before).items()}
+    result["command"] = (
+        f"python benchmarks/idle_sockets.py --url ws://127.0.0.1:PORT/ws --jwt-secret-file secret.txt "
+        f"--students {plan.idle_students} --rate {plan.idle_rate:g} --procs 2 --settle 5 --hold 5 --server-pid PID"
+    )
+    return result
+
+
+# -- scenario 2: throughput ladder ---------------------------------------------------------------------
+
+
+def _ladder(bench: Bench, url: str, name: str, ladder: Sequence[float], sampler: Sampler, pid_name: str,
+            students: int, step_s: float) -> dict[str, Any]:
+    steps = []
+    for rate in ladder:
+        args = [
+            "--students", str(students), "--ramp-rate", str(students * 2), "--rate", f"{rate:g}",
+            "--duration", f"{step_s + students / (students * 2):g}", "--drain-timeout", "5", "--seed", "1",
+            "--turn-timeout", "30",
+        ]
+        results = _loadtest(bench, url, f"{name}-rate{rate:g}", args, sampler, step_s * 3 + 120)
+        ack_p99 = _lat(results, "ack")
+        steady = _phase(results)
+        achieved = float(steady["rates_per_s"]["turns"])
+        lost = _counter(results, "lost_tokens") + _counter(results, "duplicate_tokens")
+        send_lag = _lat(results, "send_lag")
+        passed = (
+            ack_p99 is not None and ack_p99 < TARGET_ACK_P99_MS and achieved >= 0.95 * rate
+            and (steady["error_rate"] or 0) == 0 and lost == 0
+        )
+        steps.append({
+            "rate": rate, "passed": passed, "achieved_turns_per_s": achieved, "ack_p99_ms": ack_p99,
+            "ack_p50_ms": _lat(results, "ack", "p50"), "done_p99_ms": _lat(results, "done"),
+            "send_lag_p99_ms": send_lag, "error_rate": steady["error_rate"], "lost_or_duplicated": lost,
+            "frames_per_s": steady["rates_per_s"]["frames"], "turns": _counter(results, "turns_completed"),
+            "hellos": _counter(results, "connects_ok"),
+            "server": results["sampled"][pid_name]["steady"], "loadgen_note": None, "detail": _slim(results),
+        })
+        print(
+            f"    {name} rate {rate:g}/s: achieved {achieved:.1f}/s, p99 ack "
+            f"{ack_p99 if ack_p99 is not None else float('nan'):.1f} ms, server "
+            f"{(results['sampled'][pid_name]['steady']['cpu_cores'] or 0):.2f} cores, send_lag p99 "
+            f"{send_lag if send_lag is not None else float('nan'):.1f} ms -> {'pass' if passed else 'FAIL'}",
+            flush=True,
+        )
+        if not passed:
+            break
+    best = max((s["rate"] for s in steps if s["passed"]), default=0.0)
+    return {"steps": steps, "max_turns_per_s": best, "command": steps[0]["detail"]["command"] if steps else None}
+
+
+def scenario_throughput(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    label = f"tp{run}"
+    with bench.servers(label, ZERO_DELAY) as (procs, ports, _, db):
+        sampler_pids = {
+            "server": _pids_of(procs[0].pid), "postgres": _postgres_backends(db),
+            "redis": _redis_pid(bench.backends.redis_url), "loadgen": _loadgen,
+        }
+        redis_before = redis_counts(bench.backends.redis_url)
+        pg_before = pg_counts(bench.backends.admin_dsn, db)
+        with Sampler(sampler_pids) as sampler:
+            result = _ladder(bench, f"ws://127.0.0.1:{ports[0]}/ws", f"{label}", plan.ladder, sampler, "server",
+                             plan.throughput_students, plan.step_s)
+        redis_after = redis_counts(bench.backends.redis_url)
+        procs[0].stop()  # its backends exit and flush their statistics
+        time.sleep(0.5)
+        pg_after = pg_counts(bench.backends.admin_dsn, db)
+    result["redis_delta"] = _delta(redis_after, redis_before)
+    result["pg_delta"] = _delta(pg_after, pg_before)
+    result["turns"] = sum(s["turns"] for s in result["steps"])
+    result["hellos"] = sum(s["hellos"] for s in result["steps"])
+    return result
+
+
+def scenario_floor_throughput(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    port = free_port()
+    # ack + 1 token frame + done per answer, like the full server with zero delay (all 50 words coalesce).
+    floor = start_floor(port, bench.log(f"floor-tp{run}.log"), tokens=1)
+    try:
+        with Sampler({"floor": _pids_of(floor.pid), "loadgen": _loadgen}) as sampler:
+            return _ladder(bench, f"ws://127.0.0.1:{port}/ws", f"floor-tp{run}", plan.floor_ladder, sampler,
+                           "floor", plan.throughput_students, plan.step_s)
+    finally:
+        floor.stop()
+
+
+# -- scenario 3: a realistic class ----------------------------------------------------------------------
+
+
+def _class_args(plan: Plan, students: int, duration: float, extra: Sequence[str] = ()) -> list[str]:
+    return [
+        "--students", str(students), "--ramp-rate", f"{plan.class_ramp_rate:g}", "--think-time", "10",
+        "--duration", f"{duration:g}", "--drain-timeout", "10", "--seed", "1", *extra,
+    ]
+
+
+def _class_summary(results: dict[str, Any], pid_name: str, ttft_ms: float) -> dict[str, Any]:
+    steady = _phase(results)
+    ttft = _lat(results, "ttft")
+    sampled = results["sampled"][pid_name]
+    return {
+        "ack_p99_ms": _lat(results, "ack"), "ack_p50_ms": _lat(results, "ack", "p50"),
+        "ttft_p99_ms": ttft, "ttft_p50_ms": _lat(results, "ttft", "p50"),
+        "added_ttft_p99_ms": ttft - ttft_ms if ttft is not None else None,
+        "done_p99_ms": _lat(results, "done"), "welcome_p99_ms": _lat(results, "welcome", phase="all"),
+        "turns_per_s": steady["rates_per_s"]["turns"], "frames_per_s": steady["rates_per_s"]["frames"],
+        "error_rate": _phase(results, "all")["error_rate"],
+        "lost": _counter(results, "lost_tokens"), "duplicated": _counter(results, "duplicate_tokens"),
+        "cpu_cores": sampled["steady"]["cpu_cores"], "cpu_cores_with_ramp": sampled["load"]["cpu_cores"],
+        "rss_max_mb": sampled["load"]["rss_max_mb"], "rss_end_mb": sampled["load"]["rss_end_mb"],
+        "others": {k: v["steady"] for k, v in results["sampled"].items() if k != pid_name},
+        "detail": _slim(results),
+    }
+
+
+def scenario_class(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    label = f"class{run}"
+    with bench.servers(label, PACED) as (procs, ports, _, db):
+        pids = {
+            "server": _pids_of(procs[0].pid), "postgres": _postgres_backends(db),
+            "redis": _redis_pid(bench.backends.redis_url), "loadgen": _loadgen,
+        }
+        redis_before = redis_counts(bench.backends.redis_url)
+        pg_before = pg_counts(bench.backends.admin_dsn, db)
+        with Sampler(pids) as sampler:
+            results = _loadtest(bench, f"ws://127.0.0.1:{ports[0]}/ws", label,
+                                _class_args(plan, plan.class_students, plan.class_duration_s), sampler,
+                                plan.class_duration_s * 2 + 120)
+        redis_after = redis_counts(bench.backends.redis_url)
+        procs[0].stop()
+        time.sleep(0.5)
+        pg_after = pg_counts(bench.backends.admin_dsn, db)
+    summary = _class_summary(results, "server", CLASS_TTFT_MS)
+    summary["command"] = results["command"]
+    summary["redis_delta"] = _delta(redis_after, redis_before)
+    summary["pg_delta"] = _delta(pg_after, pg_before)
+    summary["turns"] = _counter(results, "turns_completed")
+    summary["hellos"] = _counter(results, "connects_ok")
+    return summary
+
+
+def scenario_floor_class(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    port = free_port()
+    floor = start_floor(port, bench.log(f"floor-class{run}.log"), tokens=REPLY_WORDS)
+    try:
+        with Sampler({"floor": _pids_of(floor.pid), "loadgen": _loadgen}) as sampler:
+            results = _loadtest(bench, f"ws://127.0.0.1:{port}/ws", f"floor-class{run}",
+                                _class_args(plan, plan.class_students, plan.class_duration_s), sampler,
+                                plan.class_duration_s * 2 + 120)
+    finally:
+        floor.stop()
+    summary = _class_summary(results, "floor", 0.0)
+    summary["command"] = results["command"]
+    return summary
+
+
+# -- scenario 4: teacher fan-out -----------------------------------------------------------------------
+
+
+def scenario_fanout(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    with bench.servers(f"fan{run}", PACED) as (procs, ports, _, _db):
+        url = f"ws://127.0.0.1:{ports[0]}/ws"
+        with Sampler({"server": _pids_of(procs[0].pid)}) as sampler:
+            started = time.time()
+            result = run_fanout(FanoutConfig(url, url, bench.secret, plan.fanout_students, plan.fanout_duration_s,
+                                             think_time=5.0, seed=run))
+        result["server"] = sampler.window("server", started, started + plan.fanout_duration_s)
+    result["command"] = (
+        f"python benchmarks/fanout.py --url ws://127.0.0.1:PORT/ws --jwt-secret-file secret.txt "
+        f"--students {plan.fanout_students} --duration {plan.fanout_duration_s:g} --think-time 5 --seed {run}"
+    )
+    return result
+
+
+# -- scenario 6: NGINX and two replicas ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _nginx(bench: Bench, name: str, ports: Sequence[int], round_robin: bool) -> Iterator[tuple[ManagedProcess, int]]:
+    listen = free_port()
+    process = start_nginx(bench.out / name, listen, ports, round_robin=round_robin)
+    try:
+        yield process, listen
+    finally:
+        process.stop()
+
+
+def _replica_spread(bench: Bench, name: str) -> dict[str, int]:
+    """How many /ws upgrades each replica got, from NGINX's access log."""
+    counts: dict[str, int] = {}
+    log = bench.out / name / "access.log"
+    with contextlib.suppress(OSError):
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                entry = orjson.loads(line)
+                if entry.get("uri") == "/ws":
+                    for upstream in str(entry.get("upstream", "")).split(", "):
+                        counts[upstream] = counts.get(upstream, 0) + 1
+    return counts
+
+
+def scenario_nginx(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    out: dict[str, Any] = {}
+    # (a) turn throughput at a moderate rate, NGINX exactly as rendered (ip_hash).
+    with bench.servers(f"ngx{run}a", ZERO_DELAY, replicas=2) as (procs, ports, _, _db), \
+            _nginx(bench, f"nginx{run}a", ports, round_robin=False) as (nginx, listen):
+        pids = {"replicas": lambda: [p.pid for p in procs], "nginx": lambda: [nginx.pid, *children_of(nginx.pid)]}
+        with Sampler(pids) as sampler:
+            students = plan.throughput_students
+            args = [
+                "--students", str(students), "--ramp-rate", str(students * 2), "--rate", f"{plan.nginx_rate:g}",
+                "--duration", f"{plan.nginx_step_s + 0.5:g}", "--drain-timeout", "5", "--seed", "1",
+                "--max-lost", "0", "--max-duplicated", "0", "--max-error-rate", "0",
+            ]
+            results = _loadtest(bench, f"ws://127.0.0.1:{listen}/ws", f"ngx{run}a", args, sampler,
+                                plan.nginx_step_s * 3 + 120)
+        out["throughput"] = {
+            "rate": plan.nginx_rate, "turns_per_s": _phase(results)["rates_per_s"]["turns"],
+            "ack_p99_ms": _lat(results, "ack"), "done_p99_ms": _lat(results, "done"),
+            "error_rate": _phase(results, "all")["error_rate"], "lost": _counter(results, "lost_tokens"),
+            "duplicated": _counter(results, "duplicate_tokens"), "passed": results["exit_status"] == 0,
+            "replicas_cpu": results["sampled"]["replicas"]["steady"]["cpu_cores"],
+            "nginx_cpu": results["sampled"]["nginx"]["steady"]["cpu_cores"],
+            "upgrades_by_replica": _replica_spread(bench, f"nginx{run}a"), "command": results["command"],
+            "detail": _slim(results),
+        }
+    # (b) a smaller class with drops and resumes; round robin, so a resume often lands on the other replica.
+    with bench.servers(f"ngx{run}b", PACED, replicas=2) as (procs, ports, _, _db), \
+            _nginx(bench, f"nginx{run}b", ports, round_robin=True) as (nginx, listen):
+        pids = {"replicas": lambda: [p.pid for p in procs], "nginx": lambda: [nginx.pid, *children_of(nginx.pid)]}
+        extra = ["--drop-probability", "0.1", "--max-lost", "0", "--max-duplicated", "0", "--max-error-rate", "0"]
+        with Sampler(pids) as sampler:
+            results = _loadtest(bench, f"ws://127.0.0.1:{listen}/ws", f"ngx{run}b",
+                                _class_args(plan, plan.nginx_students, plan.nginx_class_s, extra), sampler,
+                                plan.nginx_class_s * 2 + 120)
+        out["class"] = {
+            "students": plan.nginx_students, "turns_per_s": _phase(results)["rates_per_s"]["turns"],
+            "ack_p99_ms": _lat(results, "ack"), "ttft_p99_ms": _lat(results, "ttft"),
+            "error_rate": _phase(results, "all")["error_rate"], "lost": _counter(results, "lost_tokens"),
+            "duplicated": _counter(results, "duplicate_tokens"), "drops": _counter(results, "drops"),
+            "resumes_ok": _counter(results, "resumes_ok"), "resume_misses": _counter(results, "resume_misses"),
+            "passed": results["exit_status"] == 0, "upgrades_by_replica": _replica_spread(bench, f"nginx{run}b"),
+            "replicas_cpu": results["sampled"]["replicas"]["steady"]["cpu_cores"],
+            "nginx_cpu": results["sampled"]["nginx"]["steady"]["cpu_cores"], "command": results["command"],
+            "detail": _slim(results),
+        }
+        # (c) cross-replica fan-out: students on replica 1, their teacher on replica 2 (Redis pub/sub between).
+        fan = run_fanout(FanoutConfig(
+            f"ws://127.0.0.1:{ports[0]}/ws", f"ws://127.0.0.1:{ports[1]}/ws", bench.secret,
+            students=min(100, plan.fanout_students), duration=min(15.0, plan.fanout_duration_s), think_time=5.0,
+            seed=run,
+        ))
+        out["cross_replica_fanout"] = fan
+    return out
+
+
+# -- profiles -------------------------------------------------------------------------------------------
+
+
+def scenario_profile(bench: Bench, rate: float) -> dict[str, Any]:
+    """py-spy on the server during a throughput step and during a class (separate runs, not measured)."""
+    plan = bench.plan
+    out: dict[str, Any] = {}
+    with bench.servers("proftp", ZERO_DELAY) as (procs, ports, _, _db):
+        raw = bench.out / "profile-throughput.txt"
+        students = plan.throughput_students
+        args = ["--students", str(students), "--ramp-rate", str(students * 2), "--rate", f"{rate:g}",
+                "--duration", f"{plan.profile_s + 4:g}", "--drain-timeout", "5", "--seed", "1"]
+        spy = py_spy_start(procs[0].pid, plan.profile_s, raw, bench.log("py-spy-throughput.log"))
+        if spy is None:
+            return {"error": "py-spy is not installed"}
+        try:
+            results = _loadtest(bench, f"ws://127.0.0.1:{ports[0]}/ws", "profile-throughput", args, None, 180)
+        finally:
+            spy.popen.wait(plan.profile_s + 30)
+            spy.stop()
+        out["throughput"] = {"rate": rate, "summary": summarize_profile(raw), "samples_per_s": 200,
+                             "seconds": plan.profile_s, "command": results["command"]}
+    with bench.servers("profclass", PACED) as (procs, ports, _, _db):
+        raw = bench.out / "profile-class.txt"
+        ramp = plan.class_students / plan.class_ramp_rate
+        holder: dict[str, ManagedProcess | None] = {}
+
+        def later() -> None:
+            time.sleep(ramp + 2.0)
+            holder["spy"] = py_spy_start(procs[0].pid, plan.profile_s, raw, bench.log("py-spy-class.log"))
+
+        timer = threading.Thread(target=later, daemon=True)
+        timer.start()
+        try:
+            results = _loadtest(
+                bench, f"ws://127.0.0.1:{ports[0]}/ws", "profile-class",
+                _class_args(plan, plan.class_students, ramp + plan.profile_s + 6), None, 300,
+            )
+        finally:
+            timer.join()
+            spy = holder.get("spy")
+            if spy is not None:
+                spy.popen.wait(plan.profile_s + 30)
+                spy.stop()
+        out["class"] = {"summary": summarize_profile(raw), "samples_per_s": 200, "seconds": plan.profile_s,
+                        "command": results["command"]}
+    return out
+
+
+# -- aggregation and the document ----------------------------------------------------------------------
+
+
+def _fmt(value: object, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _mmm(values: Sequence[float | None], digits: int = 1) -> str:
+    s = spread(values)
+    return f"{_fmt(s['min'], digits)} / {_fmt(s['median'], digits)} / {_fmt(s['max'], digits)}"
+
+
+def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= target if higher_is_better else value <= target
+    if met:
+        return "**met**"
+    gap = (target - value) / target if higher_is_better else (value - target) / target
+    return f"**missed** by {gap * 100:.0f} %"
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    return spread(values)["median"]
+
+
+def render_doc(summary: dict[str, Any], notes: str) -> str:
+    machine = summary.get("machine", {})
+    backends = summary.get("backends", {})
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python benchmarks/run_all.py`) from the raw results in "
+        "`benchmarks/results/` (not committed); every number below was measured on the machine described "
+        "here. Each scenario ran several times: cells show **min / median / max** over the runs. How to "
+        "run, and what each scenario does: [benchmarks/README.md](../benchmarks/README.md). Sizing built "
+        "on these numbers: [capacity.md](capacity.md).",
+        "",
+        "## Machine",
+        "",
+        f"- `nproc`: {machine.get('nproc')}; CPU: {machine.get('cpu_model')}; Python {machine.get('python')}, "
+        f"Linux {machine.get('kernel')}",
+        f"- packages: {', '.join(f'{k} {v}' for k, v in machine.get('packages', {}).items())}",
+        f"- PostgreSQL {backends.get('postgres')} ({backends.get('postgres_kind')}), "
+        f"Redis {backends.get('redis')} ({backends.get('redis_kind')})",
+        f"- code: commit `{machine.get('commit')}`"
+        + (f" plus uncommitted changes in {', '.join(machine.get('uncommitted', []))}" if machine.get("uncommitted")
+           else ""),
+        "- The server, PostgreSQL, Redis, NGINX and the load generators all share these cores: every "
+        "figure is a lower bound of what a replica does on a machine of its own.",
+        "",
+        "```",
+        f"$ free -g\n{machine.get('free_g', '')}",
+        "```",
+        "",
+    ]
+    updated = summary.get("updated", {})
+    scen = summary.get("scenarios", {})
+
+    if "capacity" in scen:
+        runs = scen["capacity"]["runs"]
+        per_conn = [r.get("server", {}).get("rss_per_connection_kb") for r in runs]
+        connected = [float(r["connected"]) for r in runs]
+        all_connected = all(r["failed"] == 0 and r["connected"] >= TARGET_CONNECTIONS for r in runs)
+        lines += [
+            "## 1. Capacity: idle authenticated sockets on one replica",
+            "",
+            f"_Measured {updated.get('capacity', '?')}, {len(runs)} runs._ Each socket upgrades, sends "
+            "`hello {token, course_id}` (a new student each: user upsert, new conversation, presence, a Redis "
+            "subscription) and waits for `welcome`, on an open-loop schedule; then all stay idle.",
+            "",
+            "| metric | min / median / max | target | verdict |",
+            "|---|---|---|---|",
+            f"| sockets connected (of {runs[0]['students']:,}) | {_mmm(connected, 0)} | "
+            f"{TARGET_CONNECTIONS:,}, 0 failures | "
+            f"{'**met**' if all_connected else '**missed**'} |",
+            f"| failures | {_mmm([float(r['failed']) for r in runs], 0)} | 0 | |",
+            f"| RSS per connection (KB) | {_mmm(per_conn)} | ≤ {TARGET_KB_PER_CONNECTION:g} | "
+            f"{_verdict(_median(per_conn), TARGET_KB_PER_CONNECTION, False)} |",
+            f"| server RSS before → after (MB) | "
+            f"{_mmm([r['server']['rss_before_kb'] / 1024 for r in runs])} → "
+            f"{_mmm([r['server']['rss_after_kb'] / 1024 for r in runs])} | | |",
+            f"| `welcome` p50 during the ramp (ms) | {_mmm([r['welcome_ms']['p50'] for r in runs])} | | |",
+            f"| `welcome` p99 during the ramp (ms) | {_mmm([r['welcome_ms']['p99'] for r in runs])} | | |",
+            f"| `welcome` max (ms) | {_mmm([r['welcome_ms']['max'] for r in runs])} | | |",
+            f"| upgrade p99 (ms) | {_mmm([r['connect_ms']['p99'] for r in runs])} | | |",
+            f"| ramp rate (connects/s) / ramp length (s) | {runs[0]['rate']:g} / "
+            f"{_mmm([r['ramp_s'] for r in runs])} | | |",
+            f"| server CPU per `hello` (ms) | "
+            f"{_mmm([1000 * r['server']['cpu_s_ramp'] / max(r['connected'], 1) for r in runs], 2)} | | |",
+            f"| server CPU during the ramp (cores) | {_mmm([r['server']['cpu_cores_ramp'] for r in runs], 2)} | | |",
+            f"| sockets lost while idle | {_mmm([float(r['lost_while_idle']) for r in runs], 0)} | 0 | |",
+            "",
+            f"Command: `{runs[0]['command']}`",
+            "",
+        ]
+        per_hello = runs[-1].get("redis_per_hello", {})
+        if per_hello:
+            top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(per_hello.items(), key=lambda kv: -kv[1])[:10])
+            lines += [f"Redis commands per `hello` (last run, commandstats): {top}.", ""]
+
+    if "throughput" in scen:
+        runs = scen["throughput"]["runs"]
+        best = [float(r["max_turns_per_s"]) for r in runs]
+        lines += [
+            "## 2. Turn throughput of one replica",
+            "",
+            f"_Measured {updated.get('throughput', '?')}, {len(runs)} runs._ Offline provider with zero delay "
+            f"and {REPLY_WORDS}-word answers (`SMARTEDU_OFFLINE_REPLY_WORDS={REPLY_WORDS}`; with zero delay the "
+            "batcher coalesces them into one `token` frame, so a turn is `ack` + 1 `token` + `done`). "
+            "Open loop; each step is a fresh `smartedu loadtest` of "
+            f"{runs[0]['steps'][0]['detail']['command'].split('--students ')[1].split()[0]} students for the "
+            "step's length after a short ramp; figures are of the steady phase. A step passes when p99 `ack` "
+            f"< {TARGET_ACK_P99_MS:g} ms, the achieved rate is ≥ 95 % of the offered one, and there are no "
+            "errors, lost or duplicated tokens. The ladder stops at the first failing step. Persistence, history, "
+            "rate limits and the resumable log are on.",
+            "",
+            "| metric | min / median / max | target | verdict |",
+            "|---|---|---|---|",
+            f"| highest passing rate (turns/s) | {_mmm(best, 0)} | ≥ {TARGET_TURNS_PER_S:g} | "
+            f"{_verdict(_median(best), TARGET_TURNS_PER_S, True)} |",
+            "",
+            "Every step of every run:",
+            "",
+            "| run | offered/s | achieved/s | p50 ack ms | p99 ack ms | p99 done ms | server cores | PG cores | "
+            "Redis cores | loadgen cores | machine busy cores | send_lag p99 ms | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for index, run in enumerate(runs, 1):
+            for step in run["steps"]:
+                cores = _cores(step["detail"].get("sampled") or {})
+                lines.append(
+                    f"| {index} | {step['rate']:g} | {_fmt(step['achieved_turns_per_s'])} | {_fmt(step['ack_p50_ms'])}"
+                    f" | {_fmt(step['ack_p99_ms'])} | {_fmt(step['done_p99_ms'])} | "
+                    f"{_fmt(step['server']['cpu_cores'], 2)} | {cores['postgres']} | {cores['redis']} | "
+                    f"{cores['loadgen']} | {cores['machine']} | "
+                    f"{_fmt(step['send_lag_p99_ms'])} | {'pass' if step['passed'] else 'fail'} |"
+                )
+        lines += ["", f"Command (one step): `{runs[0]['command']}`", ""]
+        lines += _work_per_turn(runs, scen.get("capacity"))
+
+    if "class" in scen:
+        runs = scen["class"]["runs"]
+        added = [r["added_ttft_p99_ms"] for r in runs]
+        acks = [r["ack_p99_ms"] for r in runs]
+        cpu = [r["cpu_cores"] for r in runs]
+        rss = [r["rss_max_mb"] for r in runs]
+        lines += [
+            "## 3. A realistic class",
+            "",
+            f"_Measured {updated.get('class', '?')}, {len(runs)} runs._ Closed loop: students ask, read the "
+            f"answer, think (exponential, mean 10 s), ask again. Offline provider at {CLASS_TTFT_MS:g} ms to first "
+            f"token and {CLASS_TOKENS_PER_S:g} tokens/s, {REPLY_WORDS}-word answers (one `token` frame per word). "
+            "Latencies and CPU are of the steady phase (after the ramp-up); RSS is the peak over the load. "
+            "Server-added latency: p99 `ack`, and p99 first token minus the provider's 300 ms.",
+            "",
+            "| metric | min / median / max | target | verdict |",
+            "|---|---|---|---|",
+            f"| p99 server-added first-token latency (ms) | {_mmm(added)} | < {TARGET_CLASS_ADDED_P99_MS:g} | "
+            f"{_verdict(_median(added), TARGET_CLASS_ADDED_P99_MS, False)} |",
+            f"| p99 `ack` (ms) | {_mmm(acks)} | < {TARGET_CLASS_ADDED_P99_MS:g} | "
+            f"{_verdict(_median(acks), TARGET_CLASS_ADDED_P99_MS, False)} |",
+            f"| replica CPU (cores) | {_mmm(cpu, 2)} | < {TARGET_CLASS_CPU:g} | "
+            f"{_verdict(_median(cpu), TARGET_CLASS_CPU, False)} |",
+            f"| replica RSS, peak (MB) | {_mmm(rss)} | < {TARGET_CLASS_RSS_MB:g} | "
+            f"{_verdict(_median(rss), TARGET_CLASS_RSS_MB, False)} |",
+            f"| p50 `ack` / p50 first token (ms) | {_mmm([r['ack_p50_ms'] for r in runs])} / "
+            f"{_mmm([r['ttft_p50_ms'] for r in runs])} | | |",
+            f"| p99 `done` (ms) | {_mmm([r['done_p99_ms'] for r in runs])} | | |",
+            f"| p99 `welcome` over the whole run (ms) | {_mmm([r['welcome_p99_ms'] for r in runs])} | | |",
+            f"| answers/s, frames/s | {_mmm([r['turns_per_s'] for r in runs])}, "
+            f"{_mmm([r['frames_per_s'] for r in runs], 0)} | | |",
+            f"| replica CPU including the ramp-up (cores) | {_mmm([r['cpu_cores_with_ramp'] for r in runs], 2)} | | |",
+            f"| PostgreSQL backends / Redis / load generator CPU (cores) | "
+            f"{_mmm([r['others'].get('postgres', {}).get('cpu_cores') for r in runs], 2)} / "
+            f"{_mmm([r['others'].get('redis', {}).get('cpu_cores') for r in runs], 2)} / "
+            f"{_mmm([r['others'].get('loadgen', {}).get('cpu_cores') for r in runs], 2)} | | |",
+            f"| whole machine busy (cores of {machine.get('nproc')}) | "
+            f"{_mmm([r['others'].get('machine', {}).get('cpu_cores') for r in runs], 2)} | | |",
+            f"| error rate, lost, duplicated | {_mmm([r['error_rate'] for r in runs], 4)}, "
+            f"{_mmm([float(r['lost']) for r in runs], 0)}, {_mmm([float(r['duplicated']) for r in runs], 0)} | 0 | |",
+            "",
+            f"Command: `{runs[0]['command']}`",
+            "",
+        ]
+
+    if "fanout" in scen:
+        runs = scen["fanout"]["runs"]
+        p99 = [r["lag_ms"]["p99"] for r in runs]
+        lines += [
+            "## 4. Teacher fan-out",
+            "",
+            f"_Measured {updated.get('fanout', '?')}, {len(runs)} runs._ One teacher `watch`es the course while "
+            f"{runs[0]['students']} students ask (think time exponential, mean {runs[0]['think_time_s']:g} s; "
+            f"{CLASS_TTFT_MS:g} ms / {CLASS_TOKENS_PER_S:g} tokens/s). Students and teacher are separate "
+            "processes; each token is stamped on arrival at the student and at the teacher (one monotonic clock) "
+            "and matched by (conversation_id, seq). A negative lag means the teacher's process read its copy "
+            "before the students' process read the original.",
+            "",
+            "| metric | min / median / max | target | verdict |",
+            "|---|---|---|---|",
+            f"| p99 lag student → teacher (ms) | {_mmm(p99)} | < {TARGET_FANOUT_P99_MS:g} | "
+            f"{_verdict(_median(p99), TARGET_FANOUT_P99_MS, False)} |",
+            f"| p50 / max lag (ms) | {_mmm([r['lag_ms']['p50'] for r in runs])} / "
+            f"{_mmm([r['lag_ms']['max'] for r in runs])} | | |",
+            f"| tokens at the teacher per second | {_mmm([r['teacher_token_rate_per_s'] for r in runs], 0)} | | |",
+            f"| tokens missing at the teacher, duplicated | {_mmm([float(r['missing_at_teacher']) for r in runs], 0)}, "
+            f"{_mmm([float(r['teacher_duplicates']) for r in runs], 0)} | 0 | |",
+            f"| replica CPU (cores) | {_mmm([r['server']['cpu_cores'] for r in runs], 2)} | | |",
+            "",
+            f"Command: `{runs[0]['command']}`",
+            "",
+        ]
+
+    if "floor" in scen:
+        runs = scen["floor"]["runs"]
+        floor_best = [float(r["throughput"]["max_turns_per_s"]) for r in runs if "throughput" in r]
+        lines += [
+            "## 5. The floor: the same loads against `benchmarks/floor_server.py`",
+            "",
+            f"_Measured {updated.get('floor', '?')}, {len(runs)} runs._ The floor is aiohttp + uvloop speaking the "
+            "protocol with no database, Redis or AI. For the throughput ladder it sends 1 `token` frame per "
+            "answer (`--tokens 1`), like the full server does with zero delay; for the class it sends the "
+            f"{REPLY_WORDS} frames at once (`--tokens {REPLY_WORDS}`), with no pacing, so its first token comes "
+            "at once.",
+            "",
+            "| metric | full server (median) | floor (min / median / max) | ours / floor |",
+            "|---|---|---|---|",
+        ]
+        ours_best = _median([float(r["max_turns_per_s"]) for r in scen.get("throughput", {}).get("runs", [])])
+        floor_med = _median(floor_best)
+        ratio = ours_best / floor_med if ours_best is not None and floor_med else None
+        lines.append(
+            f"| highest passing rate (turns/s) | {_fmt(ours_best, 0)} | {_mmm(floor_best, 0)} | "
+            f"{_fmt(ratio, 2)} (target ≥ 0.5: {_verdict(ratio, 0.5, True)}) |"
+        )
+        floor_class = [r["class"] for r in runs if "class" in r]
+        ours_class = scen.get("class", {}).get("runs", [])
+        for label, key, digits in (
+            ("class: p99 `ack` (ms)", "ack_p99_ms", 1),
+            ("class: p99 first token (ms; ours minus 300 ms)", "ttft_p99_ms", 1),
+            ("class: CPU (cores)", "cpu_cores", 2),
+            ("class: RSS peak (MB)", "rss_max_mb", 1),
+        ):
+            if key == "ttft_p99_ms":
+                ours = _median([r["added_ttft_p99_ms"] for r in ours_class])
+            else:
+                ours = _median([r[key] for r in ours_class])
+            theirs = [r[key] for r in floor_class]
+            mid = _median(theirs)
+            lines.append(
+                f"| {label} | {_fmt(ours, digits)} | {_mmm(theirs, digits)} | "
+                f"{_fmt(ours / mid if ours is not None and mid else None, 2)} |"
+            )
+        lines.append("")
+        if runs and "throughput" in runs[0]:
+            lines += ["Floor ladder steps:", "", "| run | offered/s | achieved/s | p99 ack ms | floor cores | "
+                      "send_lag p99 ms | result |", "|---|---|---|---|---|---|---|"]
+            for index, run in enumerate(runs, 1):
+                for step in run.get("throughput", {}).get("steps", []):
+                    lines.append(
+                        f"| {index} | {step['rate']:g} | {_fmt(step['achieved_turns_per_s'])} | "
+                        f"{_fmt(step['ack_p99_ms'])} | {_fmt(step['server']['cpu_cores'], 2)} | "
+                        f"{_fmt(step['send_lag_p99_ms'])} | {'pass' if step['passed'] else 'fail'} |"
+                    )
+            lines.append("")
+
+    if "nginx" in scen:
+        runs = scen["nginx"]["runs"]
+        lines += [
+            "## 6. Through NGINX with two replicas",
+            "",
+            f"_Measured {updated.get('nginx', '?')}, {len(runs)} runs._ Configuration rendered by "
+            "`deploy/nginx/render.py` with `--ws-conn-per-ip 60000 --ws-rate 60000 --ws-burst 60000`. "
+            "Correctness under load, not a scaling claim: both replicas, PostgreSQL, Redis, NGINX and the "
+            "generator share two cores. (a) uses the configuration as rendered (`ip_hash`: every benchmark "
+            "socket comes from 127.0.0.1, so one replica takes them all); (b) removes `ip_hash` (round robin) "
+            "and drops 10 % of answers after their first token, so resumes often land on the other replica; "
+            "(c) students on replica 1, their teacher on replica 2.",
+            "",
+            "| check | min / median / max | required |",
+            "|---|---|---|",
+        ]
+        a = [r["throughput"] for r in runs]
+        b = [r["class"] for r in runs]
+        c = [r["cross_replica_fanout"] for r in runs]
+        lines += [
+            f"| (a) {a[0]['rate']:g} turns/s: achieved turns/s | {_mmm([x['turns_per_s'] for x in a])} | |",
+            f"| (a) p99 `ack` / p99 `done` (ms) | {_mmm([x['ack_p99_ms'] for x in a])} / "
+            f"{_mmm([x['done_p99_ms'] for x in a])} | |",
+            f"| (a) lost + duplicated tokens, error rate | "
+            f"{_mmm([float(x['lost'] + x['duplicated']) for x in a], 0)}, "
+            f"{_mmm([x['error_rate'] for x in a], 4)} | 0 |",
+            f"| (a) upgrades per replica (last run) | {a[-1]['upgrades_by_replica']} | |",
+            f"| (b) {b[0]['students']} students: answers/s | {_mmm([x['turns_per_s'] for x in b])} | |",
+            f"| (b) drops / resumed / resume misses | {_mmm([float(x['drops']) for x in b], 0)} / "
+            f"{_mmm([float(x['resumes_ok']) for x in b], 0)} / {_mmm([float(x['resume_misses']) for x in b], 0)} | "
+            "misses 0 |",
+            f"| (b) lost + duplicated tokens, error rate | "
+            f"{_mmm([float(x['lost'] + x['duplicated']) for x in b], 0)}, "
+            f"{_mmm([x['error_rate'] for x in b], 4)} | 0 |",
+            f"| (b) p99 `ack` / p99 first token (ms) | {_mmm([x['ack_p99_ms'] for x in b])} / "
+            f"{_mmm([x['ttft_p99_ms'] for x in b])} | |",
+            f"| (b) upgrades per replica (last run) | {b[-1]['upgrades_by_replica']} | |",
+            f"| (c) p99 lag student (replica 1) → teacher (replica 2) (ms) | "
+            f"{_mmm([x['lag_ms']['p99'] for x in c])} | < {TARGET_FANOUT_P99_MS:g} |",
+            f"| (c) tokens missing / duplicated at the teacher | "
+            f"{_mmm([float(x['missing_at_teacher']) for x in c], 0)} / "
+            f"{_mmm([float(x['teacher_duplicates']) for x in c], 0)} | 0 |",
+            f"| all gates passed (`--max-lost 0 --max-duplicated 0 --max-error-rate 0`) | "
+            f"{sum(1 for x in a + b if x['passed'])} of {len(a) + len(b)} loads | all |",
+            "",
+            f"Commands: `{a[0]['command']}`; `{b[0]['command']}`",
+            "",
+        ]
+
+    if "profile" in scen:
+        prof = scen["profile"]["runs"][-1]
+        lines += ["## Profiles (py-spy)", "",
+                  f"_Measured {updated.get('profile', '?')}._ `py-spy record --rate 200 --nonblocking --format raw` "
+                  "on the replica, in separate runs from the measured ones. Shares are of the samples in which the "
+                  "server was busy (idle time is not sampled). \"Area\" charges each sample to the innermost frame "
+                  "that belongs to a known library or to our code.", ""]
+        for key, title in (("throughput", "Turn throughput"), ("class", "Realistic class")):
+            entry = prof.get(key)
+            if not entry or not entry.get("summary", {}).get("samples"):
+                continue
+            s = entry["summary"]
+            busy = s["samples"] / (entry["samples_per_s"] * entry["seconds"])
+            rate = f" at {entry['rate']:g} turns/s" if "rate" in entry else ""
+            lines += [f"### {title}{rate}", "",
+                      f"{s['samples']:,} samples in {entry['seconds']} s: the process was busy about "
+                      f"{busy * 100:.0f} % of the time.", "",
+                      "| area | share |", "|---|---|"]
+            lines += [f"| {name} | {share:.1f} % |" for name, share in s["areas"][:10]]
+            lines += ["", "| function (self time) | share |", "|---|---|"]
+            lines += [f"| `{name}` | {share:.1f} % |" for name, share in s["self"][:12]]
+            lines += [""]
+
+    lines += ["## Notes and optimisations", "", NOTES_BEGIN, notes.strip("\n"), NOTES_END, ""]
+    return "\n".join(lines)
+
+
+def _cores(sampled: dict[str, Any]) -> dict[str, str]:
+    """Steady-phase CPU of the helpers sampled next to the server, formatted."""
+    return {
+        name: _fmt(((sampled.get(name) or {}).get("steady") or {}).get("cpu_cores"), 2)
+        for name in ("postgres", "redis", "loadgen", "machine")
+    }
+
+
+def _work_per_turn(runs: Sequence[dict[str, Any]], capacity: dict[str, Any] | None) -> list[str]:
+    """Redis commands and PostgreSQL transactions per turn, with the per-hello share taken out."""
+    run = runs[-1]
+    turns, hellos = run.get("turns", 0), run.get("hellos", 0)
+    if not turns:
+        return []
+    per_hello: dict[str, float] = {}
+    if capacity and capacity.get("runs"):
+        per_hello = capacity["runs"][-1].get("redis_per_hello", {})
+    redis = run.get("redis_delta", {})
+    rows = []
+    for name, count in sorted(redis.items(), key=lambda kv: -kv[1]):
+        net = count - per_hello.get(name, 0.0) * hellos
+        if net / turns >= 0.05:
+            rows.append(f"| {name} | {net / turns:.2f} |")
+    pg = run.get("pg_delta", {})
+    lines = [
+        f"Work per turn, last run ({turns:,} turns and {hellos:,} `hello`s; Redis counts are server-wide "
+        "`INFO commandstats` deltas, commands run inside scripts included, minus the per-`hello` share measured "
+        "in scenario 1; PostgreSQL from `pg_stat_database` of the run's own database, hellos included):",
+        "",
+        "| Redis command | calls per turn |",
+        "|---|---|",
+        *rows,
+        "",
+        "| PostgreSQL | per turn |",
+        "|---|---|",
+    ]
+    for key in ("xact_commit", "tup_inserted", "tup_updated", "tup_fetched", "tup_returned"):
+        if key in pg:
+            lines.append(f"| {key} | {pg[key] / turns:.2f} |")
+    lines.append("")
+    return lines
+
+
+# -- main -----------------------------------------------------------------------------------------------
+
+
+def _load_summary() -> dict[str, Any]:
+    path = RESULTS / "summary.json"
+    if path.exists():
+        data: dict[str, Any] = orjson.loads(path.read_bytes())
+        return data
+    return {"scenarios": {}, "updated": {}}
+
+
+def _existing_notes() -> str:
+    if not DOC.exists():
+        return "(none yet)"
+    text = DOC.read_text()
+    if NOTES_BEGIN in text and NOTES_END in text:
+        return text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0]
+    return "(none yet)"
+
+
+def _runs(bench: Bench, name: str, fn: Callable[[Bench, int], dict[str, Any]]) -> list[dict[str, Any]]:
+    results = []
+    for run in range(1, bench.plan.runs + 1):
+        started = time.monotonic()
+        print(f"  {name} run {run}/{bench.plan.runs}", flush=True)
+        result = fn(bench, run)
+        result["wall_s"] = time.monotonic() - started
+        bench.save(f"{name}-run{run}.json", result)
+        results.append(result)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the SmartEdu benchmarks and write docs/benchmarks.md.")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {', '.join(SCENARIOS)} (default: all)")
+    parser.add_argument("--runs", type=int, help="runs per scenario (default 3; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smaller loads, shorter steps (under 5 minutes)")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(chosen) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    runs = args.runs if args.runs is not None else (1 if args.quick else 3)
+    if not 1 <= runs <= 20:
+        parser.error("--runs must be 1..20")
+    plan = Plan.quick(runs) if args.quick else Plan(runs=runs)
+
+    # SIGTERM ends the run like Ctrl-C: every finally block stops what it started.
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / stamp
+    out.mkdir(parents=True, exist_ok=True)
+    summary = _load_summary()
+    summary["machine"] = machine_info()
+    print(f"benchmarks -> {out}", flush=True)
+    backends = Backends.start()
+    failures: dict[str, str] = {}
+    started = time.monotonic()
+    try:
+        summary["backends"] = {**backends.versions(), "postgres_kind": backends.postgres_kind,
+                               "redis_kind": backends.redis_kind}
+        bench = Bench(plan, backends, out)
+        table: dict[str, Callable[[Bench, int], dict[str, Any]]] = {
+            "capacity": scenario_capacity, "throughput": scenario_throughput, "class": scenario_class,
+            "fanout": scenario_fanout, "nginx": scenario_nginx,
+        }
+        for name in SCENARIOS:
+            if name not in chosen:
+                continue
+            print(f"{name} ({time.monotonic() - started:.0f} s elapsed)", flush=True)
+            try:
+                if name == "floor":
+                    results = _runs(bench, "floor", lambda b, r: {
+                        "throughput": scenario_floor_throughput(b, r), "class": scenario_floor_class(b, r)})
+                elif name == "profile":
+                    rate = 300.0 if not args.quick else 100.0
+                    results = [scenario_profile(bench, rate)]
+                    bench.save("profile.json", results[0])
+                else:
+                    results = _runs(bench, name, table[name])
+            except (BenchError, OSError, TimeoutError, RuntimeError, ValueError) as exc:
+                failures[name] = repr(exc)
+                print(f"  {name} failed: {exc!r}", flush=True)
+                continue
+            summary["scenarios"][name] = {"runs": results, "quick": args.quick, "results_dir": out.name}
+            summary["updated"][name] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC") + (
+                " (--quick)" if args.quick else "")
+            (RESULTS / "summary.json").write_bytes(
+                orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+            if not args.no_doc:
+                DOC.write_text(render_doc(summary, _existing_notes()))
+    except KeyboardInterrupt:
+        print("interrupted: everything started has been stopped", file=sys.stderr)
+        return 130
+    finally:
+        backends.stop()
+    failed = f"; failed: {failures}" if failures else ""
+    print(f"done in {time.monotonic() - started:.0f} s; results in {out}{failed}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
