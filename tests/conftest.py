@@ -155,7 +155,7 @@ def token(
     role: str = "student",
     tenant: str = "school-a",
     courses: list[str] | None = None,
-    ttl_s: int = 600,
+    ttl_s: int = 3600,
     secret: str = TEST_SECRET,
     name: str | None = None,
 ) -> str:

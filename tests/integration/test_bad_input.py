@@ -109,14 +109,14 @@ async def test_hello_deadline_does_not_apply_after_hello(serve: Serve) -> None:
 
 
 def _none_alg_token() -> str:
-    payload = {"sub": "stu-1", "tid": "school-a", "role": "student", "exp": int(time.time()) + 600}
+    payload = {"sub": "stu-1", "tid": "school-a", "role": "student", "exp": int(time.time()) + 3600}
     return jwt.encode(payload, None, algorithm="none")
 
 
 def _es256_token() -> str:
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    payload = {"sub": "stu-1", "tid": "school-a", "role": "student", "exp": int(time.time()) + 600}
+    payload = {"sub": "stu-1", "tid": "school-a", "role": "student", "exp": int(time.time()) + 3600}
     return jwt.encode(payload, pem, algorithm="ES256")
 
 
@@ -128,12 +128,12 @@ def _es256_token() -> str:
         (token(ttl_s=-60), "expired"),
         (token(secret="another-secret-" + "z" * 40), "invalid token"),
         (_none_alg_token(), "invalid token"),
-        (jwt.encode({"sub": "u", "tid": "t", "role": "student", "exp": int(time.time()) + 60}, TEST_SECRET,
+        (jwt.encode({"sub": "u", "tid": "t", "role": "student", "exp": int(time.time()) + 3600}, TEST_SECRET,
                     algorithm="HS512"), "invalid token"),
         (_es256_token(), "invalid token"),
-        (jwt.encode({"sub": "u", "tid": "t", "role": "janitor", "exp": int(time.time()) + 60}, TEST_SECRET,
+        (jwt.encode({"sub": "u", "tid": "t", "role": "janitor", "exp": int(time.time()) + 3600}, TEST_SECRET,
                     algorithm="HS256"), "role"),
-        (jwt.encode({"sub": "u", "role": "student", "exp": int(time.time()) + 60}, TEST_SECRET,
+        (jwt.encode({"sub": "u", "role": "student", "exp": int(time.time()) + 3600}, TEST_SECRET,
                     algorithm="HS256"), "tid"),
         (jwt.encode({"sub": "u", "tid": "t", "role": "student"}, TEST_SECRET, algorithm="HS256"), "exp"),
     ],

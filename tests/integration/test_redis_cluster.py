@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -34,15 +35,25 @@ from tests.integration.test_turn import (  # noqa: F401
 pytestmark = pytest.mark.integration
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """Ports whose cluster-bus port (port + 10000) is free and valid too."""
+    ports: list[int] = []
+    candidates = random.sample(range(20000, 40000), 400)
+    for port in candidates:
+        if _bindable(port) and _bindable(port + 10000):
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise AssertionError("no free ports for a redis cluster")
 
 
 @pytest.fixture(scope="module")
