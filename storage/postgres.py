@@ -287,33 +287,15 @@ class Database:
         While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
         """
         async with self._transaction() as conn:
-            row = await conn.fetchrow(
-                "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
-                " VALUES ($1, $2, 'user', $3, 'complete', $4, $5)"
-                " ON CONFLICT (conversation_id, client_id) DO NOTHING"
-                f" RETURNING {_MESSAGE_COLUMNS}",
-                tenant_id,
-                conversation_id,
-                text,
-                client_id,
-                author_id,
-            )
-            if row is None:
-                existing = await conn.fetchrow(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                    " WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3",
-                    conversation_id,
-                    client_id,
-                    tenant_id,
-                )
-                assert existing is not None
+            row, created = await self._insert_once(conn, tenant_id, conversation_id, "user", text, client_id, author_id)
+            if not created:
                 reply = await conn.fetchrow(
                     f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_to = $1 AND tenant_id = $2"
                     " ORDER BY id DESC LIMIT 1",
-                    existing["id"],
+                    row["id"],
                     tenant_id,
                 )
-                return SavedQuestion(_message(existing), _message(reply) if reply else None, created=False)
+                return SavedQuestion(_message(row), _message(reply) if reply else None, created=False)
             paused = await conn.fetchval(
                 "UPDATE conversations SET updated_at = now(),"
                 " title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
@@ -326,6 +308,40 @@ class Database:
             if not paused:
                 placeholder = await self._insert_reply(conn, tenant_id, conversation_id, row["id"])
         return SavedQuestion(_message(row), placeholder, created=True)
+
+    @staticmethod
+    async def _insert_once(
+        conn: PoolConnectionProxy,
+        tenant_id: str,
+        conversation_id: str,
+        role: str,
+        text: str,
+        client_id: str | None,
+        author_id: str,
+    ) -> tuple[asyncpg.Record, bool]:
+        """Insert a written message unless its client id is already in the conversation; (row, created)."""
+        row = await conn.fetchrow(
+            "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
+            " VALUES ($1, $2, $3, $4, 'complete', $5, $6)"
+            " ON CONFLICT (conversation_id, client_id) DO NOTHING"
+            f" RETURNING {_MESSAGE_COLUMNS}",
+            tenant_id,
+            conversation_id,
+            role,
+            text,
+            client_id,
+            author_id,
+        )
+        if row is not None:
+            return row, True
+        existing = await conn.fetchrow(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3",
+            conversation_id,
+            client_id,
+            tenant_id,
+        )
+        assert existing is not None
+        return existing, False
 
     @staticmethod
     async def _insert_reply(
@@ -370,27 +386,11 @@ class Database:
     ) -> tuple[Message, bool]:
         """Commit a teacher's message to a student's conversation (idempotent on the client id)."""
         async with self._transaction() as conn:
-            row = await conn.fetchrow(
-                "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
-                " VALUES ($1, $2, 'teacher', $3, 'complete', $4, $5)"
-                " ON CONFLICT (conversation_id, client_id) DO NOTHING"
-                f" RETURNING {_MESSAGE_COLUMNS}",
-                tenant_id,
-                conversation_id,
-                text,
-                client_id,
-                author_id,
+            row, created = await self._insert_once(
+                conn, tenant_id, conversation_id, "teacher", text, client_id, author_id
             )
-            if row is None:
-                existing = await conn.fetchrow(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-                    " WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3",
-                    conversation_id,
-                    client_id,
-                    tenant_id,
-                )
-                assert existing is not None
-                return _message(existing), False
+            if not created:
+                return _message(row), False
             await conn.execute(
                 "UPDATE conversations SET updated_at = now() WHERE id = $1 AND tenant_id = $2",
                 conversation_id,
