@@ -50,6 +50,6 @@ async def list_messages(request: web.Request) -> web.Response:
 async def live_course(request: web.Request) -> web.Response:
     """Students online in a course right now (teachers of the course, admins of the tenant)."""
     claims = await require_claims(request)
-    snapshot = await request.app[CHAT].live_snapshot(claims, request.match_info["course_id"])
+    snapshot = await request.app[CHAT].classroom.live_snapshot(claims, request.match_info["course_id"])
     snapshot.pop("type")
     return web.json_response(snapshot)

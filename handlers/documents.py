@@ -40,9 +40,9 @@ async def _document_from(request: web.Request) -> tuple[str, str]:
 async def add_document(request: web.Request) -> web.Response:
     claims = await require_claims(request)
     chat = request.app[CHAT]
-    course = await chat.visible_course(claims, request.match_info["course_id"])
+    course = await chat.classroom.visible_course(claims, request.match_info["course_id"])
     name, body = await _document_from(request)
-    document = await chat.documents.add(claims.tenant, course.id, name, body)
+    document = await chat.answers.documents.add(claims.tenant, course.id, name, body)
     return web.json_response(
         {"id": document.id, "course_id": course.id, "name": document.name, "chars": document.chars,
          "passages": document.passages},
@@ -53,8 +53,8 @@ async def add_document(request: web.Request) -> web.Response:
 async def list_documents(request: web.Request) -> web.Response:
     claims = await require_claims(request)
     chat = request.app[CHAT]
-    course = await chat.visible_course(claims, request.match_info["course_id"])
-    documents = await chat.documents.list_documents(claims.tenant, course.id)
+    course = await chat.classroom.visible_course(claims, request.match_info["course_id"])
+    documents = await chat.answers.documents.list_documents(claims.tenant, course.id)
     return web.json_response(
         {"documents": [{"id": d.id, "name": d.name, "chars": d.chars, "passages": d.passages} for d in documents]}
     )

@@ -25,7 +25,7 @@ async def teacher_courses(request: web.Request) -> web.Response:
 async def teacher_messages(request: web.Request) -> web.Response:
     claims = await require_claims(request)
     chat = request.app[CHAT]
-    conversation = await chat.teacher_conversation(claims, request.match_info["conversation_id"])
+    conversation = await chat.classroom.teacher_conversation(claims, request.match_info["conversation_id"])
     before = query_int(request, "before", None, 1, 2**62)
     limit = query_int(request, "limit", 20, 1, request.app[SETTINGS].history_page_max) or 20
     page = await chat.history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))

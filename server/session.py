@@ -150,11 +150,11 @@ class SocketSession:
         elif isinstance(frame, Regenerate):
             await self.chat.regenerate(session, frame.reply_id)
         elif isinstance(frame, Watch):
-            await self.chat.watch(session, frame.course_id, frame.watch)
+            await self.chat.classroom.watch(session, frame.course_id, frame.watch)
         elif isinstance(frame, Intervene):
-            await self.chat.intervene(session, frame)
+            await self.chat.classroom.intervene(session, frame)
         elif isinstance(frame, SetAI):
-            await self.chat.set_ai(session, frame)
+            await self.chat.classroom.set_ai(session, frame)
         else:
             raise bad_request("hello was already received")
 

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from server.chat import SAFETY_MESSAGE
+from server.answers import SAFETY_MESSAGE
 from server.keys import REDIS
 from tests.conftest import Serve, Server, answer_text, seed_course, token
 from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini

@@ -200,7 +200,7 @@ async def test_abandoned_answer_is_taken_over_and_can_be_regenerated(serve: Serv
     await sock.expect("token")
     # Simulate the owner dying: its turn vanishes without committing, and its lease runs out.
     chat = server.client.app[CHAT]
-    turn = chat._turns.pop(ack["reply_id"])
+    turn = chat.answers._turns.pop(ack["reply_id"])
     assert turn.stream_task is not None and turn.task is not None
     turn.task.cancel()  # cancelling the bare task would commit; detach it first
     store = server.client.app[REDIS]

@@ -1,0 +1,377 @@
+"""Answers: generated in their own tasks, streamed as numbered frames, committed with a final status.
+
+Each answer holds a lease in Redis while it runs; a replica that finds an expired lease commits that
+answer as interrupted (with the text logged so far) and tells its sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import orjson
+
+from ai.base import AIError, AIRequest, CourseContext, Provider, Usage
+from ai.base import Turn as HistoryTurn
+from ai.prompt import build_system_instruction
+from storage.documents import Documents
+from storage.models import Conversation, Course, Message, MessageStatus, TenantSettings, UsageRecord
+from storage.postgres import Database
+
+from .budgets import Budgets, Reservation
+from .errors import ChatError, ErrorCode
+from .hub import Hub
+from .logs import request_id
+from .metrics import Metrics
+from .protocol import encode, error_frame
+from .settings import Settings
+from .tracing import Tracer
+from .turns import TokenBatcher, Turn, stream_answer
+
+log = logging.getLogger(__name__)
+
+LEASE_TTL_MS = 6000
+
+SAFETY_MESSAGE = (
+    "I can't help with that. Let's keep our conversation safe and about your learning. "
+    "If something is worrying you, please talk to your teacher or another adult you trust. "
+    "What would you like to work on in your course?"
+)
+
+
+def _lease_member(turn: Turn) -> str:
+    return orjson.dumps([turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.course_id]).decode()
+
+
+class Answers:
+    """Owns every answer this process generates: started, queued per conversation, leased, committed."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        hub: Hub,
+        provider: Provider,
+        budgets: Budgets,
+        metrics: Metrics,
+        tracer: Tracer,
+    ):
+        self.settings = settings
+        self.db = db
+        self.hub = hub
+        self.provider = provider
+        self.budgets = budgets
+        self.metrics = metrics
+        self.tracer = tracer
+        self.documents = Documents(db)
+        self._turns: dict[int, Turn] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def start(
+        self,
+        conversation: Conversation,
+        course: Course | None,
+        question: Message,
+        reply_id: int,
+        tenant: TenantSettings | None = None,
+        reservation: Reservation | None = None,
+    ) -> Turn:
+        """Run an answer for a committed question (queued behind the conversation's current one)."""
+        turn = Turn(
+            tenant_prompt=tenant.system_prompt if tenant else None,
+            tenant_id=conversation.tenant_id,
+            user_id=conversation.user_id,
+            conversation_id=conversation.id,
+            question_id=question.id,
+            reply_id=reply_id,
+            question=question.text,
+            course_id=conversation.course_id,
+            reservation=reservation,
+        )
+        self._turns[turn.reply_id] = turn
+        turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
+        return turn
+
+    def stop(self, reply_id: int, tenant_id: str, user_id: str) -> bool:
+        """Stop the user's answer if this process generates it."""
+        turn = self._turns.get(reply_id)
+        if turn is None or turn.tenant_id != tenant_id or turn.user_id != user_id:
+            return False
+        turn.stop("stopped")
+        return True
+
+    def _lock(self, conversation_id: str) -> asyncio.Lock:
+        lock = self._locks.get(conversation_id)
+        if lock is None:
+            lock = self._locks[conversation_id] = asyncio.Lock()
+        return lock
+
+    async def _run_turn(self, turn: Turn, course: Course | None) -> None:
+        lock = self._lock(turn.conversation_id)
+        member = _lease_member(turn)
+        try:
+            with contextlib.suppress(Exception):  # the maintenance loop renews it again in 2 s
+                await self.hub.store.renew_leases([member], LEASE_TTL_MS)
+            async with lock:
+                with self.tracer.span("turn", conversation_id=turn.conversation_id, reply_id=turn.reply_id):
+                    await self._generate(turn, course)
+        except asyncio.CancelledError:
+            # Cancelled while queued behind another answer: it still needs a final status.
+            if not turn.finished:
+                await self._finish(turn, "interrupted", None, 0, None)
+            raise
+        except Exception:
+            log.exception("turn could not be finished", extra={"reply_id": turn.reply_id})
+        finally:
+            self._turns.pop(turn.reply_id, None)
+            if not lock.locked() and self._locks.get(turn.conversation_id) is lock:
+                del self._locks[turn.conversation_id]
+            with contextlib.suppress(Exception):
+                await self.hub.store.release_lease(member)
+
+    async def _generate(self, turn: Turn, course: Course | None) -> None:
+        batcher = TokenBatcher(lambda text, offset: self._emit_token(turn, text, offset))
+        status: MessageStatus = "complete"
+        usage: Usage | None = None
+        failure: AIError | None = None
+        cancelled = False
+        try:
+            with self.tracer.span("history"):
+                request = await self._build_request(turn, course) if turn.stop_reason is None else None
+            # Checked again after the await: a cancel may have arrived while the history loaded.
+            if request is not None and turn.stop_reason is None:
+                with self.tracer.span("ai", provider=self.provider.name, model=self.provider.model):
+                    turn.stream_task = asyncio.create_task(stream_answer(self.provider, request, turn, batcher))
+                    usage = await turn.stream_task
+                if usage is not None and usage.blocked:
+                    await self._blocked(turn, batcher)
+            status = "complete" if turn.stop_reason is None else _final(turn.stop_reason)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            cancelled = task is not None and task.cancelling() > 0
+            if turn.stream_task is not None:
+                turn.stream_task.cancel()
+                await asyncio.wait([turn.stream_task])
+            status = "interrupted" if cancelled else _final(turn.stop_reason or "stopped")
+        except AIError as exc:
+            failure, status = exc, "failed"
+            self.metrics.ai_errors.labels(kind=exc.kind).inc()
+            log.warning("ai provider failed", extra={"kind": exc.kind, "reply_id": turn.reply_id})
+        except Exception:
+            log.exception("turn failed", extra={"reply_id": turn.reply_id})
+            status = "failed"
+        try:
+            await batcher.flush()
+        except Exception:
+            log.exception("token delivery failed", extra={"reply_id": turn.reply_id})
+            status = "failed" if status == "complete" else status
+        with self.tracer.span("done", status=status):
+            await self._finish(turn, status, usage, batcher.offset, failure)
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _build_request(self, turn: Turn, course: Course | None) -> AIRequest:
+        recent = await self.db.recent_messages(
+            turn.tenant_id, turn.conversation_id, self.settings.history_messages + 1, before=turn.reply_id
+        )
+        # The question goes last, separately; unfinished answers are left out of the context.
+        history = tuple(
+            HistoryTurn(m.role, _unlabelled(m.text) if m.role == "user" else m.text)
+            for m in recent
+            if m.id != turn.question_id and m.text and (m.role != "assistant" or m.status == "complete")
+        )[-self.settings.history_messages :]
+        context = None
+        if course is not None:
+            names = await self.documents.names(turn.tenant_id, course.id)
+            passages = []
+            if names and self.settings.grounding_passages:
+                passages = await self.documents.search(
+                    turn.tenant_id, course.id, turn.question, self.settings.grounding_passages
+                )
+            turn.passage_ids = tuple(p.id for p in passages)
+            context = CourseContext(
+                course.id,
+                course.title,
+                course.description,
+                course.system_prompt,
+                document_names=tuple(names),
+                passages=tuple((p.id, p.document_name, p.body) for p in passages),
+            )
+        instruction = build_system_instruction(
+            context, turn.tenant_prompt, grounding_chars=self.settings.grounding_chars
+        )
+        return AIRequest(
+            question=_unlabelled(turn.question),
+            history=history,
+            course=context,
+            system_instruction=instruction,
+            tenant_id=turn.tenant_id,
+            user_id=turn.user_id,
+            conversation_id=turn.conversation_id,
+            request_id=request_id.get() or f"reply-{turn.reply_id}",
+        )
+
+    async def _blocked(self, turn: Turn, batcher: TokenBatcher) -> None:
+        """A safety block: the student gets a friendly message, and teachers get a flag."""
+        note = SAFETY_MESSAGE if not turn.parts else "\n\n" + SAFETY_MESSAGE
+        turn.parts.append(note)
+        batcher.push(note)
+        flag_id = await self.db.add_flag(turn.tenant_id, turn.conversation_id, turn.question_id, "safety_block")
+        flag = {
+            "type": "flag",
+            "conversation_id": turn.conversation_id,
+            "message_id": turn.question_id,
+            "reply_id": turn.reply_id,
+            "flag_id": flag_id,
+            "kind": "safety_block",
+        }
+        await self.hub.emit(turn.conversation_id, [encode(flag)], course=turn.course_key)
+
+    async def _emit_token(self, turn: Turn, text: str, offset: int) -> None:
+        frame = encode(
+            {
+                "type": "token",
+                "reply_id": turn.reply_id,
+                "conversation_id": turn.conversation_id,
+                "offset": offset,
+                "text": text,
+            }
+        )
+        [(seq, _)] = await self.hub.emit(turn.conversation_id, [frame], course=turn.course_key)
+        turn.last_seq = seq
+
+    async def _finish(
+        self, turn: Turn, status: MessageStatus, usage: Usage | None, length: int, failure: AIError | None
+    ) -> None:
+        """Commit the answer's final state, then tell every joined socket (`done`)."""
+        now = time.monotonic()
+        record = None
+        if turn.started:
+            record = UsageRecord(
+                provider=self.provider.name,
+                model=self.provider.model,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                output_tokens=usage.output_tokens if usage else len(turn.parts),
+                ttft_ms=(turn.first_token_at - turn.started) * 1000 if turn.first_token_at else None,
+                duration_ms=(now - turn.started) * 1000,
+                passage_ids=turn.passage_ids,
+            )
+        used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
+        reservation, turn.reservation = turn.reservation, None
+        await self.budgets.settle(reservation, *used)
+        committed = await self.db.finish_reply(
+            turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq, record
+        )
+        turn.finished = True
+        self._observe(status, record)
+        if not committed:
+            return  # another replica already ended it (its lease had expired)
+        await self._emit_done(turn.conversation_id, turn.reply_id, status, length, record, turn.course_key)
+        if failure is not None:
+            error = ChatError(
+                ErrorCode.AI_UNAVAILABLE,
+                "the tutor is unavailable right now; please try again",
+                ref=str(turn.reply_id),
+                retry_after=failure.retry_after,
+            )
+            await self.hub.deliver(turn.conversation_id, [(0, error_frame(error))])
+
+    def _observe(self, status: str, record: UsageRecord | None) -> None:
+        metrics = self.metrics
+        metrics.turns.labels(status=status).inc()
+        if record is None:
+            return
+        labels = {"provider": record.provider, "model": record.model}
+        if record.ttft_ms is not None:
+            metrics.ttft.labels(**labels).observe(record.ttft_ms / 1000)
+        metrics.duration.labels(**labels).observe(record.duration_ms / 1000)
+        metrics.tokens.inc(record.output_tokens)
+
+    async def _emit_done(
+        self,
+        conversation_id: str,
+        reply_id: int,
+        status: str,
+        length: int,
+        record: UsageRecord | None,
+        course: tuple[str, str] | None,
+    ) -> None:
+        done = {
+            "type": "done",
+            "reply_id": reply_id,
+            "conversation_id": conversation_id,
+            "status": status,
+            "length": length,
+            "usage": {
+                "prompt_tokens": record.prompt_tokens if record else 0,
+                "output_tokens": record.output_tokens if record else 0,
+            },
+        }
+        await self.hub.emit(conversation_id, [encode(done)], course=course)
+
+    async def renew_leases(self) -> None:
+        """Keep the leases of this process's answers alive (every 2 s; they last 6 s)."""
+        await self.hub.store.renew_leases([_lease_member(t) for t in self._turns.values()], LEASE_TTL_MS)
+
+    async def take_over_expired(self) -> None:
+        """Answers whose replica stopped renewing its lease end as interrupted, with the text logged so far."""
+        for member in await self.hub.store.claim_expired_leases():
+            tenant_id, user_id, conversation_id, reply_id, course_id = orjson.loads(member)
+            if reply_id in self._turns:
+                continue  # ours after all (a slow renewal); the next renewal restores the lease
+            snapshot = await self.hub.store.snapshot(conversation_id)
+            text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
+            committed = await self.db.finish_reply(
+                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", snapshot.seq, None
+            )
+            if committed:
+                log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
+                course = (tenant_id, course_id) if course_id else None
+                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course)
+
+    @property
+    def active(self) -> int:
+        return len(self._turns)
+
+    async def wait_idle(self, deadline_s: float) -> None:
+        """Wait until no answer runs, or the deadline passes."""
+        deadline = time.monotonic() + deadline_s
+        while self._turns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """Interrupt every answer still running and wait until each is committed."""
+        turns = list(self._turns.values())
+        for turn in turns:
+            turn.stop("interrupted")
+            if turn.task is not None:
+                turn.task.cancel()
+        tasks = [t.task for t in turns if t.task is not None]
+        if tasks:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    log.error("turn ended with an error at shutdown", exc_info=result)
+
+
+def _unlabelled(text: str) -> str:
+    """A student cannot pass their words off as the teacher's: the label the providers use is defused."""
+    return text.replace("[Teacher message]", "[Teacher-message (typed by the student)]")
+
+
+def _final(reason: str) -> MessageStatus:
+    return "interrupted" if reason == "interrupted" else "stopped"
+
+
+def _token_text(frame: bytes, reply_id: int) -> str:
+    if not frame.startswith(b'{"type":"token"'):
+        return ""
+    data = orjson.loads(frame)
+    return str(data["text"]) if data.get("reply_id") == reply_id else ""
+
+
+def course_key(conversation: Conversation) -> tuple[str, str] | None:
+    """(tenant, course) of a conversation, for the course channel that teachers watch."""
+    return (conversation.tenant_id, conversation.course_id) if conversation.course_id else None

@@ -1,0 +1,85 @@
+"""Per-minute rate limits and daily token budgets, shared by all replicas through Redis.
+
+A message reserves the most its answer could cost before it is committed (one atomic script with the
+rate limit); when the answer is committed the reservation is replaced by what it really used.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from ai.base import estimate_tokens
+from storage.models import TenantSettings
+from storage.redis_store import RedisStore
+
+from .errors import ChatError, ErrorCode
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Tokens reserved against today's budgets before an answer, settled after it."""
+
+    tenant_id: str
+    user_id: str
+    day: str
+    tenant_tokens: int
+    user_tokens: int
+
+
+class Budgets:
+    """Admits messages against the limits and settles their reservations."""
+
+    def __init__(self, settings: Settings, store: RedisStore, metrics: Metrics):
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+
+    async def admit(
+        self, tenant: TenantSettings, user_id: str, text: str, client_id: str
+    ) -> Reservation:
+        """Rate limit and token budgets, checked and reserved in one Redis round trip."""
+        settings = self.settings
+        tenant_limit, user_limit = tenant.daily_token_budget, tenant.user_daily_token_budget
+        limits = (
+            tenant_limit if tenant_limit is not None else settings.tenant_daily_tokens,
+            user_limit if user_limit is not None else settings.user_daily_tokens,
+        )
+        output = settings.max_output_tokens
+        amounts = (output + estimate_tokens(text) + 1000, output)
+        day = time.strftime("%Y%m%d", time.gmtime())
+        code, wait = await self.store.admit(
+            tenant.id, user_id, day,
+            per_minute=settings.messages_per_minute, limits=limits, amounts=amounts,
+        )
+        if code:
+            self.metrics.refusals.labels(reason="rate_limited" if code == 1 else "quota_exceeded").inc()
+        if code == 1:
+            raise ChatError(ErrorCode.RATE_LIMITED, "too many messages; wait a moment", client_id, retry_after=wait)
+        if code in (2, 3):
+            whose = "your school's" if code == 2 else "your"
+            raise ChatError(
+                ErrorCode.QUOTA_EXCEEDED, f"{whose} daily tutor budget is used up", client_id,
+                retry_after=_seconds_to_midnight(),
+            )
+        return Reservation(tenant.id, user_id, day, amounts[0], amounts[1])
+
+    async def settle(self, reservation: Reservation | None, total_tokens: int, output_tokens: int) -> None:
+        """Replace a reservation by what was really used."""
+        if reservation is None:
+            return
+        deltas = (total_tokens - reservation.tenant_tokens, output_tokens - reservation.user_tokens)
+        try:
+            await self.store.adjust_tokens(reservation.tenant_id, reservation.user_id, reservation.day, deltas)
+        except Exception:
+            log.exception("could not reconcile a token reservation")
+
+
+def _seconds_to_midnight() -> float:
+    now = time.time()
+    return 86400 - now % 86400
