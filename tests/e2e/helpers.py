@@ -1,0 +1,131 @@
+"""Shared pieces of the browser tests: the system Chromium, pages that record their errors, a second
+web origin (a tiny host-page server), and the committed messages of a conversation.
+
+Chromium comes from the system (SMARTEDU_CHROMIUM, else `chromium` on PATH); Playwright never downloads
+a browser here. Without one the tests skip, or fail when CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.conftest import Server, require_tool
+
+try:
+    from playwright.async_api import Browser, BrowserContext, Frame, Page, async_playwright
+except ImportError:  # pragma: no cover - depends on the environment
+    async_playwright = None  # type: ignore[assignment]
+
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ANSWER_WAIT_MS = 20_000
+
+
+def chromium() -> str:
+    found = os.environ.get("SMARTEDU_CHROMIUM") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
+    return require_tool(found if async_playwright is not None else None, "Chromium with Python playwright")
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    executable = chromium()
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+class Problems(list[str]):
+    """Page errors, dialogs and CSP violations a page reported; a test ends by asserting there are none."""
+
+    def watch(self, page: Page, label: str = "") -> Page:
+        prefix = f"{label}: " if label else ""
+        page.on("pageerror", lambda error: self.append(f"{prefix}page error: {error}"))
+        page.on("dialog", lambda dialog: self.append(f"{prefix}dialog: {dialog.message}"))
+        page.on(
+            "console",
+            lambda msg: (
+                self.append(f"{prefix}console: {msg.text}")
+                if msg.type == "error" and "Content Security Policy" in msg.text
+                else None
+            ),
+        )
+        return page
+
+
+async def new_page(owner: Browser | BrowserContext, problems: Problems, label: str = "", **options: Any) -> Page:
+    """A page with a desktop viewport (unless given) whose errors land in `problems`."""
+    if isinstance(owner, BrowserContext):
+        page = await owner.new_page()
+        if "viewport" in options:
+            await page.set_viewport_size(options["viewport"])
+    else:
+        options.setdefault("viewport", {"width": 1100, "height": 760})
+        page = await owner.new_page(**options)
+    return problems.watch(page, label)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@asynccontextmanager
+async def host_site(pages: dict[str, str], host: str = "localhost", port: int | None = None) -> AsyncIterator[str]:
+    """A school's own web site on another origin: serves the given HTML pages; yields its origin."""
+    app = web.Application()
+    for path, body in pages.items():
+
+        async def handler(_: web.Request, body: str = body) -> web.Response:
+            return web.Response(text=body, content_type="text/html")
+
+        app.router.add_get(path, handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        chosen = port or free_port()
+        site = web.TCPSite(runner, "127.0.0.1", chosen)
+        await site.start()
+        yield f"http://{host}:{chosen}"
+    finally:
+        await runner.cleanup()
+
+
+async def committed(server: Server, path: str, jwt: str) -> list[dict[str, Any]]:
+    """The messages the server committed, from a REST path such as /api/conversations/{id}/messages."""
+    response = await server.client.get(path, headers={"Authorization": f"Bearer {jwt}"})
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    messages: list[dict[str, Any]] = body["messages"]
+    return messages
+
+
+RENDERED_TEXT = (
+    "t => { const d = document.createElement('div'); d.appendChild(SmartEdu.renderMarkdown(t)); return d.textContent }"
+)
+
+
+async def rendered(where: Page | Frame, markdown: str) -> str:
+    """What the page's (or frame's) Markdown renderer shows for `markdown`, as text."""
+    text: str = await where.evaluate(RENDERED_TEXT, markdown)
+    return text

@@ -1,0 +1,287 @@
+"""The teacher dashboard (/teacher) in real headless Chromium against a running app.
+
+A student chats on /chat in a second page while the teacher watches: the answer streams into the
+dashboard, the teacher's message reaches the student, and pausing the AI holds the student's question
+until the teacher resumes it. Flags cannot be raised with the offline tutor, so they (and reconnecting)
+are tested on a scripted socket.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.conftest import Serve, Server, seed_course, token
+from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, browser, committed, new_page, rendered
+
+if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
+    from playwright.async_api import Browser, Page, WebSocketRoute
+
+pytestmark = pytest.mark.e2e
+__all__ = ["browser"]  # the fixture, imported for the tests below
+
+TENANT = "school-a"
+COURSE = "algebra-1"
+TEACHER = token("tea-1", role="teacher", tenant=TENANT, courses=[COURSE], name="Ms Rivera")
+STUDENT = token("stu-1", tenant=TENANT, name="Ada")
+
+
+async def _open_dashboard(server: Server, browser: Browser, problems: Problems, jwt: str = TEACHER) -> Page:
+    page = await new_page(browser, problems, "teacher")
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={jwt}")
+    assert "token=" not in page.url  # kept in memory only
+    await page.wait_for_selector('.st-status[data-state="online"]')
+    return page
+
+
+async def _open_chat(server: Server, browser: Browser, problems: Problems) -> Page:
+    page = await new_page(browser, problems, "student", viewport={"width": 700, "height": 700})
+    await page.goto(str(server.client.make_url("/chat")) + f"#course={COURSE}&token={STUDENT}")
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    return page
+
+
+async def _ask(page: Page, text: str) -> None:
+    await page.fill(".se-input", text)
+    await page.press(".se-input", "Enter")
+
+
+async def test_teacher_watches_the_stream_writes_to_the_student_and_pauses_the_ai(
+    serve: Serve, browser: Browser
+) -> None:
+    server = await serve(offline_ttft_ms=100, offline_tokens_per_s=60)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    teacher = await _open_dashboard(server, browser, problems)
+    course = teacher.locator(f'.st-course[data-course-id="{COURSE}"]')
+    await course.get_by_text("Algebra I").wait_for()  # the title from /api/teacher/courses
+    await course.get_by_text("No students online right now.").wait_for()
+
+    student = await _open_chat(server, browser, problems)
+    row = teacher.get_by_role("button", name=re.compile(r"^Ada"))
+    await row.wait_for()
+    assert await course.locator(".st-course__count").text_content() == "1 online"
+    await row.press("Enter")  # keyboard: the row is a button
+    await teacher.wait_for_function("() => document.activeElement.id === 'st-convo-title'")
+    assert await teacher.locator("#st-convo-title").text_content() == "Ada"
+
+    # The student's question and its answer, live in the dashboard while it streams.
+    await _ask(student, "What is a prime number?")
+    await teacher.wait_for_selector('.st-messages .se-msg--user:has-text("What is a prime number?")')
+    await teacher.wait_for_selector('.st-messages .se-msg--assistant[data-status="streaming"]', timeout=ANSWER_WAIT_MS)
+    assert await row.locator(".st-chip").first.text_content() in ("Answer streaming", "Tutor typing")
+    await teacher.wait_for_selector('.st-messages .se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    conversation = await student.evaluate("SmartEdu.client.conversationId")
+    messages = await committed(server, f"/api/teacher/conversations/{conversation}/messages", TEACHER)
+    answer = messages[-1]
+    assert answer["role"] == "assistant" and answer["status"] == "complete"
+    shown = await teacher.locator(f'.se-msg--assistant[data-id="{answer["id"]}"] .se-bubble__body').text_content()
+    assert shown == await rendered(teacher, answer["text"])
+    await teacher.wait_for_function("() => document.querySelector('.st-chip[data-state]').dataset.state === 'idle'")
+
+    # A teacher's message: confirmed in the dashboard, shown to the student with the teacher's name.
+    await teacher.fill("#st-input", "Great question, **Ada**!")
+    await teacher.press("#st-input", "Enter")
+    note = student.locator(".se-msg--teacher")
+    await note.wait_for()
+    assert await note.locator(".se-badge").text_content() == "Teacher · Ms Rivera"
+    assert await note.locator(".se-bubble__body").text_content() == "Great question, Ada!"
+    await teacher.wait_for_selector(".st-messages .se-msg--teacher[data-id]:not([data-pending])")
+
+    # Pause: the student is told, their next question waits, and the dashboard says so.
+    toggle = teacher.locator(".st-ai__toggle")
+    assert await toggle.text_content() == "Pause AI"
+    await toggle.click()
+    await teacher.wait_for_selector('.st-ai__state[data-paused="true"]')
+    assert await toggle.text_content() == "Resume AI"
+    await student.wait_for_selector('.se-notice[data-code="ai-paused"]')
+    await _ask(student, "Is 1 prime?")
+    await teacher.wait_for_selector('.st-messages .se-msg--user:has-text("Is 1 prime?")')
+    await teacher.wait_for_selector('.st-student .st-chip[data-state="unanswered"]')
+    assert await row.locator(".st-chip--paused").is_visible()
+    await teacher.wait_for_timeout(500)
+    assert await teacher.locator(".st-messages .se-msg--assistant").count() == 1  # nothing is answered
+
+    # Resume: the waiting question is answered, on both pages.
+    await toggle.click()
+    await teacher.wait_for_selector('.st-ai__state[data-paused="false"]')
+    await student.wait_for_function("() => !document.querySelector('.se-notice[data-code=\"ai-paused\"]')")
+    await teacher.wait_for_function(
+        "() => [...document.querySelectorAll('.st-messages .se-msg--assistant')]"
+        ".filter(li => li.dataset.status === 'complete').length === 2",
+        timeout=ANSWER_WAIT_MS,
+    )
+    await student.wait_for_function(
+        "() => document.querySelectorAll('.se-msg--assistant[data-status=\"complete\"]').length === 2",
+        timeout=ANSWER_WAIT_MS,
+    )
+    messages = await committed(server, f"/api/teacher/conversations/{conversation}/messages", TEACHER)
+    assert [m["role"] for m in messages] == ["user", "assistant", "teacher", "user", "assistant"]
+    assert messages[2]["text"] == "Great question, **Ada**!"
+    last = messages[-1]
+    shown = await teacher.locator(f'.se-msg--assistant[data-id="{last["id"]}"] .se-bubble__body').text_content()
+    assert shown == await rendered(teacher, last["text"])
+
+    # The student leaves: the row goes (it is open, so it stays, marked as gone).
+    await student.close()
+    await teacher.wait_for_selector(".st-student .st-chip--gone:visible")
+    assert await course.locator(".st-course__count").text_content() == "0 online"
+    assert problems == []
+
+
+async def test_flags_failures_and_reconnect_on_a_scripted_socket(serve: Serve, browser: Browser) -> None:
+    """A safety flag and a failed answer (the offline tutor raises neither), duplicate tokens, a dropped
+    socket with a re-watch and a fresh snapshot, and an intervention the server refuses."""
+    server = await serve()
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    watches: list[dict[str, Any]] = []
+    interventions: list[dict[str, Any]] = []
+    sockets: list[WebSocketRoute] = []
+    ada = {
+        "session_id": "s-ada",
+        "user_id": "u-ada",
+        "name": "Ada",
+        "role": "student",
+        "conversation_id": "c-ada",
+        "replica": "r1",
+        "since": 0,
+    }
+    ben = {**ada, "session_id": "s-ben", "user_id": "u-ben", "name": "Ben", "conversation_id": "c-ben"}
+
+    def script(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        number = len(sockets)
+
+        def send(**frame: Any) -> None:
+            ws.send(json.dumps(frame))
+
+        def event(conversation: str, **frame: Any) -> None:
+            send(
+                type="event",
+                course_id=COURSE,
+                kind="frame",
+                conversation_id=conversation,
+                frame={"conversation_id": conversation, **frame},
+            )
+
+        def on_message(raw: str | bytes) -> None:
+            frame = json.loads(raw)
+            if frame["type"] == "hello":
+                send(
+                    type="welcome",
+                    conversation_id="own",
+                    course_id=None,
+                    history=[],
+                    seq=0,
+                    user={"name": "Ms Rivera", "role": "teacher"},
+                )
+            elif frame["type"] == "watch":
+                watches.append(frame)
+                send(type="snapshot", course_id=COURSE, students=[ada, ben] if number == 1 else [ben])
+                if number == 2:
+                    event("c-ben", type="ack", id="x", message_id=21, reply_id=22, text="Second try", seq=9)
+            elif frame["type"] == "intervene":
+                interventions.append(frame)
+                send(type="error", code="not_found", message="conversation not found")
+
+        ws.on_message(on_message)
+
+    await page.route_web_socket(re.compile(r"/ws$"), script)
+    # The course list is unavailable: the dashboard falls back to the token's `courses` claim.
+    await page.route("**/api/teacher/courses", lambda route: route.fulfill(status=503, body="unavailable"))
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")
+    await page.wait_for_selector('.st-status[data-state="online"]')
+    course = page.locator(f'.st-course[data-course-id="{COURSE}"]')
+    await course.wait_for()
+    assert "showing course ids from your sign-in" in (await page.locator(".st-notices").text_content() or "")
+    await page.get_by_role("button", name=re.compile(r"^Ben")).wait_for()
+    assert await course.locator(".st-course__count").text_content() == "2 online"
+    names = await course.locator(".st-student__name").all_text_contents()
+    assert names == ["Ada", "Ben"]
+
+    ws = sockets[0]
+
+    def event(conversation: str, **frame: Any) -> None:
+        ws.send(
+            json.dumps(
+                {
+                    "type": "event",
+                    "course_id": COURSE,
+                    "kind": "frame",
+                    "conversation_id": conversation,
+                    "frame": {"conversation_id": conversation, **frame},
+                }
+            )
+        )
+
+    await page.get_by_role("button", name=re.compile(r"^Ada")).click()
+    # The transcript endpoint does not know this scripted conversation: an error state, live frames still shown.
+    await page.locator(".st-load-error").wait_for()
+    event("c-ada", type="ack", id="q1", message_id=11, reply_id=12, text="How do I hurt someone?", seq=1)
+    event("c-ada", type="token", reply_id=12, offset=0, text="I can", seq=2)
+    event("c-ada", type="token", reply_id=12, offset=0, text="I can", seq=2)  # a duplicate
+    event("c-ada", type="token", reply_id=12, offset=5, text="\u2019t help 😀", seq=3)
+    await page.wait_for_function(
+        "() => document.querySelector('.se-msg--assistant[data-id=\"12\"] .se-bubble__body')?.textContent"
+        " === 'I can\u2019t help 😀'"
+    )
+    event("c-ada", type="flag", kind="safety_block", message_id=11, reply_id=12, flag_id=1, seq=4)
+    event("c-ada", type="done", reply_id=12, status="complete", length=12, seq=5)
+    ada_row = page.get_by_role("button", name=re.compile(r"^Ada"))
+    await ada_row.locator(".st-badge--attention").get_by_text("Flagged").wait_for()
+    assert await course.locator(".st-course__head .st-badge--attention").text_content() == "1 needs attention"
+    assert await page.locator(".st-attention-total").text_content() == "1 conversation needs attention"
+    assert await page.locator('.se-msg--user[data-id="11"] .st-badge--attention').text_content() == (
+        "Flagged: safety block"
+    )
+    await page.wait_for_function(
+        "() => document.querySelector('.st-announcer').textContent.includes("
+        "'Flag in algebra-1: Ada\u2019s question was blocked by the safety filter.')"
+    )
+
+    # A failed answer in a conversation that is not open still needs attention.
+    event("c-ben", type="ack", id="q2", message_id=13, reply_id=14, text="Explain slopes", seq=1)
+    event("c-ben", type="done", reply_id=14, status="failed", length=0, seq=2)
+    ben_row = page.get_by_role("button", name=re.compile(r"^Ben"))
+    await ben_row.locator('.st-badge--attention[data-kind="failed"]').wait_for()
+    assert await page.locator(".st-attention-total").text_content() == "2 conversations need attention"
+
+    # A message the server refuses is marked and can be sent again.
+    await page.fill("#st-input", "Let's talk after class.")
+    await page.press("#st-input", "Enter")
+    await page.wait_for_selector('.se-msg--teacher[data-status="rejected"]')
+    assert interventions[0]["conversation_id"] == "c-ada" and interventions[0]["text"] == "Let's talk after class."
+
+    # The socket drops: the dashboard reconnects, watches again and takes the new snapshot (Ada left;
+    # her row stays because it is open and flagged).
+    await ws.close(code=4000, reason="network blip")
+    await page.wait_for_function(
+        "() => document.querySelector('.st-status').dataset.state === 'online'"
+        " && document.querySelectorAll('.st-chip--gone:not([hidden])').length === 1",
+        timeout=10_000,
+    )
+    assert [w["course_id"] for w in watches] == [COURSE, COURSE]
+    await ben_row.locator('.st-chip[data-state="waiting"]').wait_for()
+    assert await course.locator(".st-course__count").text_content() == "1 online"
+    await page.get_by_role("button", name="Mark as reviewed").click()
+    await page.wait_for_function(
+        "() => document.querySelector('.st-attention-total').textContent === '1 conversation needs attention'"
+    )
+    assert problems == []
+
+
+async def test_without_a_token_the_page_says_how_to_sign_in(serve: Serve, browser: Browser) -> None:
+    server = await serve()
+    problems = Problems()
+    page = await new_page(browser, problems)
+    await page.goto(str(server.client.make_url("/teacher")))
+    await page.wait_for_selector('.st-status[data-state="signed-out"]')
+    assert "needs a sign-in link" in (await page.locator(".st-notices").text_content() or "")
+    student_page = await new_page(browser, problems)
+    await student_page.goto(str(server.client.make_url("/teacher")) + f"#token={STUDENT}")
+    await student_page.wait_for_selector('.se-notice:has-text("This dashboard is for teachers")')
+    assert problems == []
