@@ -71,6 +71,10 @@ class Hub:
         self._listener: asyncio.Task[None] | None = None
         self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._ready = asyncio.Event()
+        # The last seq received from other replicas, per conversation: pub/sub frames at or below it are
+        # duplicates of a catch-up, and after a reconnect the log fills in what was published meanwhile.
+        self._remote_seq: dict[str, int] = {}
+        self._recovering: set[str] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -92,6 +96,8 @@ class Hub:
         while True:
             try:
                 self._pubsub = self.store.client.pubsub()
+                if self._ready.is_set():
+                    self._recovering = set(self._channels)
                 await self._pubsub.subscribe(self.store.keys.control_channel(), *self._channels)
                 self._ready.set()
                 delay = 0.1
@@ -119,6 +125,11 @@ class Hub:
             waiter = self._subscribed.pop(channel, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+            if channel in self._recovering:
+                self._recovering.discard(channel)
+                target = self._channels.get(channel)
+                if target is not None and target[0] == "c":
+                    await self._recover(target[1])
             return
         if kind != "message":
             return
@@ -134,7 +145,11 @@ class Hub:
         if target is None:
             return
         if target[0] == "c":
-            await self.deliver(target[1], [(int(seq_text), frame)])
+            seq = int(seq_text)
+            if seq <= self._remote_seq.get(target[1], 0):
+                return  # already delivered by a catch-up from the log
+            self._remote_seq[target[1]] = seq
+            await self.deliver(target[1], [(seq, frame)])
         else:
             await self.deliver_watchers(target[1], target[2], frame)
 
@@ -150,12 +165,28 @@ class Hub:
         except TimeoutError:
             log.warning("subscription not confirmed in time", extra={"channel": channel})
 
+    async def _recover(self, conversation_id: str) -> None:
+        """After a reconnect: deliver what other replicas published while this one was not listening."""
+        snapshot = await self.store.snapshot(conversation_id)
+        last = self._remote_seq.get(conversation_id, snapshot.seq)
+        missed = [
+            entry
+            for entry, node in zip(snapshot.entries, snapshot.nodes, strict=True)
+            if entry[0] > last and node != self.node
+        ]
+        self._remote_seq[conversation_id] = max(last, snapshot.seq)
+        if missed:
+            log.info("recovered frames after a pub/sub reconnect", extra={"frames": len(missed)})
+            await self.deliver(conversation_id, missed)
+
     async def prune(self) -> None:
         """Unsubscribe from channels no local socket needs any more (called periodically)."""
         for channel, (kind, first, second) in list(self._channels.items()):
             needed = first in self._members if kind == "c" else (first, second) in self._watchers
             if not needed:
                 self._channels.pop(channel, None)
+                if kind == "c":
+                    self._remote_seq.pop(first, None)
                 if self._pubsub is not None:
                     with contextlib.suppress(Exception):
                         await self._pubsub.unsubscribe(channel)
@@ -170,6 +201,7 @@ class Hub:
         channel = self.store.keys.conversation_channel(conversation_id)
         if channel not in self._channels:
             await self._subscribe(channel, ("c", conversation_id, ""))
+            self._remote_seq[conversation_id] = await self.store.current_seq(conversation_id) or 0
         return member
 
     async def catch_up(self, member: Member, frames: Sequence[Numbered], live_after: int) -> None:

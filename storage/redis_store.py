@@ -6,11 +6,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
@@ -33,7 +33,7 @@ if redis.call('EXISTS', log_key) == 0 then redis.call('SET', start_key, first) e
 for i = 7, #ARGV do
   local seq = first + i - 7
   local frame = string.sub(ARGV[i], 1, -2) .. ',"seq":' .. seq .. '}'
-  redis.call('XADD', log_key, 'MAXLEN', maxlen, '*', 's', seq, 'f', frame)
+  redis.call('XADD', log_key, 'MAXLEN', maxlen, '*', 's', seq, 'f', frame, 'n', node)
   local envelope = node .. ' ' .. seq .. ' ' .. frame
   redis.call('PUBLISH', channel, envelope)
   if course_channel ~= '' then redis.call('PUBLISH', course_channel, envelope) end
@@ -54,12 +54,14 @@ local entries = redis.call('XRANGE', KEYS[2], '-', '+')
 local out = {seq, start, length}
 for _, entry in ipairs(entries) do
   local fields = entry[2]
-  local s, f
+  local s, f, n = '0', '{}', ''
   for i = 1, #fields, 2 do
-    if fields[i] == 's' then s = fields[i + 1] elseif fields[i] == 'f' then f = fields[i + 1] end
+    if fields[i] == 's' then s = fields[i + 1] elseif fields[i] == 'f' then f = fields[i + 1]
+    elseif fields[i] == 'n' then n = fields[i + 1] end
   end
   out[#out + 1] = s
   out[#out + 1] = f
+  out[#out + 1] = n
 end
 return out
 """
@@ -108,6 +110,7 @@ class LogSnapshot:
     seq: int
     entries: list[tuple[int, bytes]]
     complete_after: int  # every frame with a seq above this is in `entries`
+    nodes: list[str] = field(default_factory=list)  # the replica that emitted each entry
 
     def covers(self, after: int) -> bool:
         """True when every frame with seq > `after` is in the log."""
@@ -115,6 +118,20 @@ class LogSnapshot:
 
 
 RedisClient = Redis | RedisCluster
+
+# redis-py's default asyncio pool raises MaxConnectionsError as soon as 100 commands are in flight, which
+# under load failed turns and lost tokens (benchmarks/, docs/benchmarks.md). A blocking pool makes a
+# command wait for a free connection instead; Redis runs one command at a time, so more sockets than this
+# would not answer sooner.
+POOL_SIZE = 64
+POOL_TIMEOUT_S = 10.0
+
+
+def _client(url: str) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=POOL_SIZE, timeout=POOL_TIMEOUT_S, health_check_interval=30
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
 def _cluster_nodes(url: str) -> list[ClusterNode]:
@@ -135,7 +152,7 @@ async def connect_redis(url: str, attempts: int = 10) -> RedisClient:
         if url.startswith("redis+cluster://"):
             client = RedisCluster(startup_nodes=_cluster_nodes(url), health_check_interval=30)
         else:
-            client = Redis.from_url(url, health_check_interval=30)
+            client = _client(url)
         try:
             if isinstance(client, RedisCluster):
                 await client.initialize()
@@ -198,14 +215,15 @@ class RedisStore:
             ]
         )
         seq, start, length = int(raw[0]), int(raw[1]), int(raw[2])
-        entries = [(int(raw[i]), bytes(raw[i + 1])) for i in range(3, len(raw), 2)]
+        entries = [(int(raw[i]), bytes(raw[i + 1])) for i in range(3, len(raw), 3)]
+        nodes = [bytes(raw[i + 2]).decode() for i in range(3, len(raw), 3)]
         if not entries:
             complete_after = seq
         elif length >= self.log_maxlen:
             complete_after = entries[0][0] - 1  # the cap may have dropped older frames
         else:
             complete_after = (start if start > 0 else entries[0][0]) - 1
-        return LogSnapshot(seq, entries, complete_after)
+        return LogSnapshot(seq, entries, complete_after, nodes)
 
     async def current_seq(self, conversation_id: str) -> int | None:
         """The conversation's latest seq, or None when Redis has no counter for it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import asyncpg
@@ -254,3 +255,26 @@ async def test_cancel_reaches_the_replica_that_generates(serve: Serve, db: async
     frames = await tab2.until("done")
     assert frames[-1]["status"] == "stopped"
     assert (await _committed(db, ack["reply_id"]))["status"] == "stopped"
+
+
+async def test_pubsub_reconnect_fills_the_gap_from_the_log(
+    serve: Serve, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="server.hub")
+    a, b = await _two_replicas(serve, offline_tokens_per_s=100)
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    await tab1.send(type="message", id="g1", text="Keep talking while Redis hiccups")
+    ack = await tab1.expect("ack")
+    await tab2.until("token")
+    store = b.client.app[REDIS]
+    # Drop every pub/sub connection: frames published until the listeners are back are not pushed.
+    await store.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await tab2.until("done")
+    frames2 = tab2.frames  # every frame the tab received, the welcome included
+    seqs = [f["seq"] for f in frames2[1:] if f.get("conversation_id") == conversation]
+    assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+    row = await _committed(db, ack["reply_id"])
+    assert answer_text(frames2, ack["reply_id"]) == row["text"]
+    assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
