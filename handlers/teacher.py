@@ -30,4 +30,5 @@ async def teacher_messages(request: web.Request) -> web.Response:
     limit = query_int(request, "limit", 20, 1, request.app[SETTINGS].history_page_max) or 20
     page = await chat.history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))
     page.pop("type")
+    page["ai_paused"] = conversation.ai_paused
     return web.json_response(page)

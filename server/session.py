@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 
 import asyncpg
 from aiohttp import WSMsgType, web
@@ -150,11 +151,11 @@ class SocketSession:
         elif isinstance(frame, Regenerate):
             await self.chat.regenerate(session, frame.reply_id)
         elif isinstance(frame, Watch):
-            await self.chat.classroom.watch(session, frame.course_id, frame.watch)
+            await _referenced(frame.course_id, self.chat.classroom.watch(session, frame.course_id, frame.watch))
         elif isinstance(frame, Intervene):
-            await self.chat.classroom.intervene(session, frame)
+            await _referenced(frame.id or frame.conversation_id, self.chat.classroom.intervene(session, frame))
         elif isinstance(frame, SetAI):
-            await self.chat.classroom.set_ai(session, frame)
+            await _referenced(frame.conversation_id, self.chat.classroom.set_ai(session, frame))
         else:
             raise bad_request("hello was already received")
 
@@ -165,3 +166,13 @@ class SocketSession:
 
     def hello_timed_out(self) -> None:
         self.metrics.hellos.labels(outcome="timeout").inc()
+
+
+async def _referenced(ref: str, action: Awaitable[None]) -> None:
+    """Errors of a teacher action name what they are about (course, client id or conversation)."""
+    try:
+        await action
+    except ChatError as exc:
+        if exc.ref is None:
+            exc.ref = ref
+        raise

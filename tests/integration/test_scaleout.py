@@ -147,7 +147,8 @@ async def test_teacher_permissions(serve: Serve) -> None:
     for who, course, code in cases:
         sock = await a.connect({"token": who})
         await sock.send(type="watch", course_id=course)
-        assert (await sock.expect("error"))["code"] == code, (who, course)
+        error = await sock.expect("error")
+        assert error["code"] == code and error["ref"] == course, (who, course)
     admin = await a.connect({"token": token("adm", role="admin")})
     await admin.send(type="watch", course_id="geo-1")
     assert (await admin.expect("snapshot"))["course_id"] == "geo-1"

@@ -123,6 +123,7 @@ async def test_teacher_views(serve: Serve) -> None:
     response = await server.client.get(f"/api/teacher/conversations/{conversation}/messages", headers=teacher)
     page = await response.json()
     assert response.status == 200 and [m["role"] for m in page["messages"]] == ["user", "assistant"]
+    assert page["ai_paused"] is False
     other_teacher = {"Authorization": f"Bearer {token('t2', role='teacher', courses=['geo-1'])}"}
     response = await server.client.get(f"/api/teacher/conversations/{conversation}/messages", headers=other_teacher)
     assert response.status == 403
