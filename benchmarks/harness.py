@@ -34,6 +34,59 @@ from urllib.parse import urlsplit
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
+# The code under test: the working tree, or a commit exported by `export_code` (so that other people's
+# half-finished edits in the working tree do not end up in the numbers).
+_code: dict[str, str] = {"dir": str(ROOT), "label": "working tree"}
+
+
+def code_dir() -> Path:
+    return Path(_code["dir"])
+
+
+def code_label() -> str:
+    return str(_code["label"])
+
+
+@contextlib.contextmanager
+def export_code(ref: str | None, directory: Path | None = None) -> Iterator[Path]:
+    """Use the working tree (ref None), `git archive REF` unpacked in a temporary directory, or a copy of the
+    project in `directory` (for A/B experiments with a change that is not committed)."""
+    if directory is not None:
+        if not (directory / "server" / "__main__.py").exists():
+            raise BenchError(f"{directory} does not hold the project (no server/__main__.py)")
+        previous = dict(_code)
+        _code.update(dir=str(directory.resolve()), label=f"copy in {directory.name}/")
+        try:
+            yield directory
+        finally:
+            _code.update(previous)
+        return
+    if ref is None:
+        commit = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        _code.update(dir=str(ROOT), label=f"working tree at {commit}" + (" with uncommitted changes" if dirty else ""))
+        yield ROOT
+        return
+    commit = _git("rev-parse", "--short", ref)
+    if not commit:
+        raise BenchError(f"unknown git ref {ref!r}")
+    with tempfile.TemporaryDirectory(prefix="smartedu-bench-code-") as tmp:
+        archive = subprocess.run(["git", "archive", "--format=tar", commit], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        previous = dict(_code)
+        _code.update(dir=tmp, label=f"commit {commit}")
+        try:
+            yield Path(tmp)
+        finally:
+            _code.update(previous)
+
+
+def _git(*args: str) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=False)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return ""
 BIN = Path(sys.executable).parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -126,15 +179,8 @@ def machine_info() -> dict[str, Any]:
             from importlib.metadata import version
 
             versions[name] = version(name)
-    commit = dirty = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
     return {
-        "commit": commit,
-        "uncommitted": [line[3:] for line in dirty.splitlines()],
+        "code": code_label(),
         "nproc": os.cpu_count(),
         "cpu_model": model,
         "free_g": free,
@@ -277,7 +323,7 @@ def spawn(
     log = log_path.open("ab")
     try:
         popen = subprocess.Popen(
-            list(argv), cwd=ROOT, env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL,
+            list(argv), cwd=code_dir(), env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True,
         )
     except BaseException:
@@ -509,7 +555,9 @@ def seed_demo(spec: ServerSpec, log_path: Path) -> None:
     """`smartedu seed-demo` against the run's database: tenant `demo`, course `algebra-1`."""
     with log_path.open("ab") as log:
         done = subprocess.run(
-            [str(BIN / "smartedu"), "seed-demo"], cwd=ROOT, env=spec.env(0), stdout=log, stderr=subprocess.STDOUT,
+            # Run from the code under test (`python -c` puts the working directory first on sys.path).
+            [sys.executable, "-c", "import sys; from server.__main__ import main; sys.exit(main(['seed-demo']))"],
+            cwd=code_dir(), env=spec.env(0), stdout=log, stderr=subprocess.STDOUT,
             timeout=120, check=False,
         )
     if done.returncode != 0:
@@ -536,7 +584,8 @@ def start_server(spec: ServerSpec, port: int, log_path: Path, files: int = 20000
 
 
 def start_floor(port: int, log_path: Path, tokens: int = 50) -> ManagedProcess:
-    argv = [sys.executable, str(ROOT / "benchmarks" / "floor_server.py"), "--port", str(port), "--tokens", str(tokens)]
+    script = code_dir() / "benchmarks" / "floor_server.py"
+    argv = [sys.executable, str(script), "--port", str(port), "--tokens", str(tokens)]
     process = spawn(f"floor:{port}", argv, log_path)
     try:
         wait_port(port, process)
@@ -555,7 +604,8 @@ def start_nginx(workdir: Path, listen_port: int, upstreams: Sequence[int], round
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
         raise BenchError("nginx is not installed (apt-get install -y nginx)")
-    spec = importlib.util.spec_from_file_location("smartedu_nginx_render", ROOT / "deploy" / "nginx" / "render.py")
+    renderer = code_dir() / "deploy" / "nginx" / "render.py"
+    spec = importlib.util.spec_from_file_location("smartedu_nginx_render", renderer)
     if spec is None or spec.loader is None:
         raise BenchError("cannot load deploy/nginx/render.py")
     render = importlib.util.module_from_spec(spec)
@@ -571,7 +621,7 @@ def start_nginx(workdir: Path, listen_port: int, upstreams: Sequence[int], round
     options = render.NginxOptions(
         upstreams=tuple(f"127.0.0.1:{port}" for port in upstreams),
         listen=f"127.0.0.1:{listen_port}",
-        static_root=str(ROOT / "static"),
+        static_root=str(code_dir() / "static"),
         pid=str(workdir / "nginx.pid"),
         error_log=str(workdir / "error.log"),
         access_log=str(workdir / "access.log"),
@@ -611,7 +661,7 @@ def run_loadtest(
         log.write(("$ " + " ".join(argv) + "\n").encode())
         log.flush()
         done = subprocess.run(
-            argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+            argv, cwd=code_dir(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False,
             preexec_fn=_die_with_parent,
         )
     if not out.exists():

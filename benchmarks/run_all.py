@@ -41,6 +41,8 @@ from benchmarks.harness import (
     ProcessSample,
     ServerSpec,
     children_of,
+    code_label,
+    export_code,
     free_port,
     loadtest_command,
     machine_info,
@@ -99,27 +101,28 @@ class Plan:
     idle_students: int = 10_000
     idle_rate: float = 150.0
     ladder: tuple[float, ...] = (50, 100, 150, 200, 250, 300, 400)
-    floor_ladder: tuple[float, ...] = (300, 600, 900, 1200)
+    floor_ladder: tuple[float, ...] = (400, 800, 1200)
     step_s: float = 20.0
     throughput_students: int = 200
     class_students: int = 1000
     class_duration_s: float = 60.0
-    class_ramp_rate: float = 100.0
+    class_ramp_rate: float = 50.0
     fanout_students: int = 200
-    fanout_duration_s: float = 30.0
-    nginx_rate: float = 100.0
-    nginx_step_s: float = 20.0
-    nginx_students: int = 300
-    nginx_class_s: float = 40.0
+    fanout_duration_s: float = 25.0
+    nginx_rate: float = 50.0
+    nginx_step_s: float = 15.0
+    nginx_students: int = 200
+    nginx_class_s: float = 30.0
+    cross_fanout_s: float = 10.0
     profile_s: int = 20
 
     @classmethod
     def quick(cls, runs: int) -> Plan:
         return cls(
-            runs=runs, idle_students=2000, idle_rate=150.0, ladder=(100, 200, 300), floor_ladder=(300, 900),
-            step_s=10.0, throughput_students=100, class_students=300, class_duration_s=25.0,
-            fanout_students=100, fanout_duration_s=12.0, nginx_rate=50.0, nginx_step_s=10.0,
-            nginx_students=100, nginx_class_s=20.0, profile_s=8,
+            runs=runs, idle_students=2000, ladder=(100, 200, 300), floor_ladder=(400, 1200), step_s=10.0,
+            throughput_students=100, class_students=300, class_duration_s=25.0, fanout_students=100,
+            fanout_duration_s=12.0, nginx_rate=50.0, nginx_step_s=10.0, nginx_students=100, nginx_class_s=20.0,
+            cross_fanout_s=8.0, profile_s=8,
         )
 
 
@@ -655,7 +658,7 @@ def scenario_nginx(bench: Bench, run: int) -> dict[str, Any]:
         # (c) cross-replica fan-out: students on replica 1, their teacher on replica 2 (Redis pub/sub between).
         fan = run_fanout(FanoutConfig(
             f"ws://127.0.0.1:{ports[0]}/ws", f"ws://127.0.0.1:{ports[1]}/ws", bench.secret,
-            students=min(100, plan.fanout_students), duration=min(15.0, plan.fanout_duration_s), think_time=5.0,
+            students=min(100, plan.fanout_students), duration=plan.cross_fanout_s, think_time=5.0,
             seed=run,
         ))
         out["cross_replica_fanout"] = fan
@@ -762,9 +765,7 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
         f"- packages: {', '.join(f'{k} {v}' for k, v in machine.get('packages', {}).items())}",
         f"- PostgreSQL {backends.get('postgres')} ({backends.get('postgres_kind')}), "
         f"Redis {backends.get('redis')} ({backends.get('redis_kind')})",
-        f"- code: commit `{machine.get('commit')}`"
-        + (f" plus uncommitted changes in {', '.join(machine.get('uncommitted', []))}" if machine.get("uncommitted")
-           else ""),
+        f"- code under test: {machine.get('code')}",
         "- The server, PostgreSQL, Redis, NGINX and the load generators all share these cores: every "
         "figure is a lower bound of what a replica does on a machine of its own.",
         "",
@@ -842,8 +843,8 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "Every step of every run:",
             "",
             "| run | offered/s | achieved/s | p50 ack ms | p99 ack ms | p99 done ms | server cores | PG cores | "
-            "Redis cores | loadgen cores | machine busy cores | send_lag p99 ms | result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "Redis cores | loadgen cores | machine busy cores | unrelated jobs cores | send_lag p99 ms | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for index, run in enumerate(runs, 1):
             for step in run["steps"]:
@@ -852,7 +853,7 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
                     f"| {index} | {step['rate']:g} | {_fmt(step['achieved_turns_per_s'])} | {_fmt(step['ack_p50_ms'])}"
                     f" | {_fmt(step['ack_p99_ms'])} | {_fmt(step['done_p99_ms'])} | "
                     f"{_fmt(step['server']['cpu_cores'], 2)} | {cores['postgres']} | {cores['redis']} | "
-                    f"{cores['loadgen']} | {cores['machine']} | "
+                    f"{cores['loadgen']} | {cores['machine']} | {cores['unrelated']} | "
                     f"{_fmt(step['send_lag_p99_ms'])} | {'pass' if step['passed'] else 'fail'} |"
                 )
         lines += ["", f"Command (one step): `{runs[0]['command']}`", ""]
@@ -894,8 +895,9 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             f"{_mmm([r['others'].get('postgres', {}).get('cpu_cores') for r in runs], 2)} / "
             f"{_mmm([r['others'].get('redis', {}).get('cpu_cores') for r in runs], 2)} / "
             f"{_mmm([r['others'].get('loadgen', {}).get('cpu_cores') for r in runs], 2)} | | |",
-            f"| whole machine busy (cores of {machine.get('nproc')}) | "
-            f"{_mmm([r['others'].get('machine', {}).get('cpu_cores') for r in runs], 2)} | | |",
+            f"| whole machine busy (cores of {machine.get('nproc')}) / of which unrelated jobs | "
+            f"{_mmm([r['others'].get('machine', {}).get('cpu_cores') for r in runs], 2)} / "
+            f"{_mmm([_unrelated(r) for r in runs], 2)} | | |",
             f"| error rate, lost, duplicated | {_mmm([r['error_rate'] for r in runs], 4)}, "
             f"{_mmm([float(r['lost']) for r in runs], 0)}, {_mmm([float(r['duplicated']) for r in runs], 0)} | 0 | |",
             "",
@@ -1061,11 +1063,23 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
 
 
 def _cores(sampled: dict[str, Any]) -> dict[str, str]:
-    """Steady-phase CPU of the helpers sampled next to the server, formatted."""
-    return {
-        name: _fmt(((sampled.get(name) or {}).get("steady") or {}).get("cpu_cores"), 2)
-        for name in ("postgres", "redis", "loadgen", "machine")
-    }
+    """Steady-phase CPU of everything sampled next to the server, formatted; `unrelated` is what the rest of
+    the machine (other people's jobs) used meanwhile."""
+    values = {name: ((sampled.get(name) or {}).get("steady") or {}).get("cpu_cores") for name in sampled}
+    out = {name: _fmt(values.get(name), 2) for name in ("postgres", "redis", "loadgen", "machine")}
+    machine = values.get("machine")
+    ours = [v for k, v in values.items() if k != "machine" and v is not None]
+    out["unrelated"] = _fmt(max(0.0, machine - sum(ours)), 2) if machine is not None else "-"
+    return out
+
+
+def _unrelated(run: dict[str, Any]) -> float | None:
+    machine: float | None = run["others"].get("machine", {}).get("cpu_cores")
+    if machine is None:
+        return None
+    ours = [run.get("cpu_cores")] + [v.get("cpu_cores") for k, v in run["others"].items() if k != "machine"]
+    rest: float = machine - sum(float(x) for x in ours if x is not None)
+    return max(0.0, rest)
 
 
 def _work_per_turn(runs: Sequence[dict[str, Any]], capacity: dict[str, Any] | None) -> list[str]:
@@ -1135,6 +1149,26 @@ def _runs(bench: Bench, name: str, fn: Callable[[Bench, int], dict[str, Any]]) -
     return results
 
 
+_TABLE: dict[str, Callable[[Bench, int], dict[str, Any]]] = {
+    "capacity": scenario_capacity, "throughput": scenario_throughput, "class": scenario_class,
+    "fanout": scenario_fanout, "nginx": scenario_nginx,
+}
+
+
+def _scenario(bench: Bench, name: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    if name == "floor":
+        return _runs(bench, "floor", lambda b, r: {
+            "throughput": scenario_floor_throughput(b, r), "class": scenario_floor_class(b, r)})
+    if name == "profile":
+        # At the highest rate the throughput ladder passed (what dominates when the replica is busiest).
+        measured = summary.get("scenarios", {}).get("throughput", {}).get("runs", [])
+        rate = _median([float(r["max_turns_per_s"]) for r in measured]) or 100.0
+        result = scenario_profile(bench, rate)
+        bench.save("profile.json", result)
+        return [result]
+    return _runs(bench, name, _TABLE[name])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the SmartEdu benchmarks and write docs/benchmarks.md.")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
@@ -1142,14 +1176,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="runs per scenario (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true", help="smaller loads, shorter steps (under 5 minutes)")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--ref", help="benchmark this git commit (exported to a temporary directory) instead of "
+                        "the working tree")
+    parser.add_argument("--code-dir", type=Path, help="benchmark a copy of the project in this directory (A/B "
+                        "experiments with uncommitted changes)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if args.quick and args.scenarios == parser.get_default("scenarios"):
+        chosen.remove("profile")  # profiles are read, not compared: --scenarios profile asks for one
     unknown = set(chosen) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     runs = args.runs if args.runs is not None else (1 if args.quick else 3)
     if not 1 <= runs <= 20:
         parser.error("--runs must be 1..20")
+    if args.ref and args.code_dir:
+        parser.error("give --ref or --code-dir, not both")
     plan = Plan.quick(runs) if args.quick else Plan(runs=runs)
 
     # SIGTERM ends the run like Ctrl-C: every finally block stops what it started.
@@ -1161,49 +1203,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = RESULTS / stamp
     out.mkdir(parents=True, exist_ok=True)
     summary = _load_summary()
-    summary["machine"] = machine_info()
     print(f"benchmarks -> {out}", flush=True)
-    backends = Backends.start()
     failures: dict[str, str] = {}
     started = time.monotonic()
+    backends: Backends | None = None
     try:
-        summary["backends"] = {**backends.versions(), "postgres_kind": backends.postgres_kind,
-                               "redis_kind": backends.redis_kind}
-        bench = Bench(plan, backends, out)
-        table: dict[str, Callable[[Bench, int], dict[str, Any]]] = {
-            "capacity": scenario_capacity, "throughput": scenario_throughput, "class": scenario_class,
-            "fanout": scenario_fanout, "nginx": scenario_nginx,
-        }
-        for name in SCENARIOS:
-            if name not in chosen:
-                continue
-            print(f"{name} ({time.monotonic() - started:.0f} s elapsed)", flush=True)
-            try:
-                if name == "floor":
-                    results = _runs(bench, "floor", lambda b, r: {
-                        "throughput": scenario_floor_throughput(b, r), "class": scenario_floor_class(b, r)})
-                elif name == "profile":
-                    rate = 300.0 if not args.quick else 100.0
-                    results = [scenario_profile(bench, rate)]
-                    bench.save("profile.json", results[0])
-                else:
-                    results = _runs(bench, name, table[name])
-            except (BenchError, OSError, TimeoutError, RuntimeError, ValueError) as exc:
-                failures[name] = repr(exc)
-                print(f"  {name} failed: {exc!r}", flush=True)
-                continue
-            summary["scenarios"][name] = {"runs": results, "quick": args.quick, "results_dir": out.name}
-            summary["updated"][name] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC") + (
-                " (--quick)" if args.quick else "")
-            (RESULTS / "summary.json").write_bytes(
-                orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
-            if not args.no_doc:
-                DOC.write_text(render_doc(summary, _existing_notes()))
+        with export_code(args.ref, args.code_dir):
+            summary["machine"] = machine_info()
+            backends = Backends.start()
+            summary["backends"] = {**backends.versions(), "postgres_kind": backends.postgres_kind,
+                                   "redis_kind": backends.redis_kind}
+            bench = Bench(plan, backends, out)
+            for name in SCENARIOS:
+                if name not in chosen:
+                    continue
+                print(f"{name} ({time.monotonic() - started:.0f} s elapsed; {code_label()})", flush=True)
+                try:
+                    results = _scenario(bench, name, summary)
+                except (BenchError, OSError, TimeoutError, RuntimeError, ValueError) as exc:
+                    failures[name] = repr(exc)
+                    print(f"  {name} failed: {exc!r}", flush=True)
+                    continue
+                summary["scenarios"][name] = {"runs": results, "quick": args.quick, "results_dir": out.name,
+                                              "code": code_label()}
+                summary["updated"][name] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC") + (
+                    " (--quick)" if args.quick else "")
+                (RESULTS / "summary.json").write_bytes(
+                    orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+                if not args.no_doc:
+                    DOC.write_text(render_doc(summary, _existing_notes()))
     except KeyboardInterrupt:
         print("interrupted: everything started has been stopped", file=sys.stderr)
         return 130
     finally:
-        backends.stop()
+        if backends is not None:
+            backends.stop()
     failed = f"; failed: {failures}" if failures else ""
     print(f"done in {time.monotonic() - started:.0f} s; results in {out}{failed}")
     return 1 if failures else 0
