@@ -1,0 +1,34 @@
+"""With PROMETHEUS_MULTIPROC_DIR, counters from several worker processes add up at the endpoint."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = """
+from server.metrics import Metrics
+m = Metrics("replica-a")
+m.turns.labels(status="complete").inc({count})
+m.connections.labels(role="student").inc({count})
+"""
+
+COLLECT = """
+from server.metrics import Metrics
+print(Metrics("replica-a").exposition().decode())
+"""
+
+
+def _python(code: str, directory: Path) -> str:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    return subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_workers_add_up(tmp_path: Path) -> None:
+    _python(WORKER.format(count=2), tmp_path)
+    _python(WORKER.format(count=3), tmp_path)
+    text = _python(COLLECT, tmp_path)
+    assert 'smartedu_turns_total{status="complete"} 5.0' in text
+    assert 'smartedu_ws_connections{role="student"} 5.0' in text
+    assert 'smartedu_replica_info{replica="replica-a"' in text
