@@ -131,9 +131,9 @@ def _print_demo(settings: Settings, host: str, port: int) -> None:
     print(
         "\nSmartEdu Tutor Chat is running (embedded PostgreSQL and Redis, "
         f"{settings.ai_provider} tutor).\n\n"
-        f"  Student chat:  {base}/chat#course={DEMO_COURSE}&token={student}\n\n"
-        f"  Teacher token: {teacher}\n\n"
-        "Press Ctrl-C to stop.\n",
+        f"  Student chat:       {base}/chat#course={DEMO_COURSE}&token={student}\n\n"
+        f"  Teacher dashboard:  {base}/teacher#token={teacher}\n\n"
+        "Tokens last a week; `smartedu token --help` mints others. Press Ctrl-C to stop.\n",
         flush=True,
     )
 

@@ -488,7 +488,7 @@ def _announce(
             "",
             f"  Student chat:   {base}/chat#course={DEMO_COURSE}&token={student}",
             "",
-            f"  Teacher token:  {teacher}",
+            f"  Teacher dashboard:  {base}/teacher#token={teacher}",
         ]
     lines += ["", "Press Ctrl-C to stop.\n"]
     print("\n".join(lines), flush=True)
