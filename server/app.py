@@ -23,6 +23,7 @@ from storage.redis_store import RedisStore, connect_redis
 
 from .auth import TokenVerifier
 from .chat import ChatService
+from .cors import TenantOrigins, tenant_cors_middleware
 from .errors import ChatError, CloseCode, ErrorCode
 from .hub import Hub
 from .keys import CHAT, DATABASE, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
@@ -84,7 +85,10 @@ def create_app(
 ) -> web.Application:
     """Build the application; every resource starts in a cleanup context and stops in reverse order."""
     database_url, redis_url = settings.require_services()
-    app = web.Application(middlewares=[request_id_middleware, error_middleware], client_max_size=1024 * 1024)
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware, tenant_cors_middleware(TenantOrigins())],
+        client_max_size=1024 * 1024,
+    )
     app[SETTINGS] = settings
     app[VERIFIER] = TokenVerifier(settings)
     app[SOCKETS] = weakref.WeakSet()

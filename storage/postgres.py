@@ -127,6 +127,11 @@ class Database:
             tuple(row["allowed_origins"]),
         )
 
+    async def origin_is_allowed(self, origin: str) -> bool:
+        """Whether any tenant lists this browser origin as one of its embedding origins."""
+        found = await self.pool.fetchval("SELECT 1 FROM tenants WHERE $1 = ANY(allowed_origins) LIMIT 1", origin)
+        return found is not None
+
     async def update_tenant(
         self,
         tenant_id: str,

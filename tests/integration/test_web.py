@@ -158,3 +158,24 @@ async def test_welcome_describes_the_conversation(server: Server) -> None:
     welcome = sock.frames[0]
     assert welcome["course_title"] == "Algebra I" and welcome["has_more"] is False
     assert "regenerate" in welcome["features"] and welcome["ai_paused"] is False
+
+
+async def test_cors_for_tenant_origins_from_the_database(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve()
+    await db.execute("INSERT INTO tenants (id, allowed_origins) VALUES ('school-a', ARRAY['https://lms.school-a.example'])")
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "Authorization"}
+    response = await server.client.options(
+        "/api/conversations", headers={"Origin": "https://lms.school-a.example", **preflight}
+    )
+    assert response.status == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "https://lms.school-a.example"
+    assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
+    response = await server.client.get("/api/conversations", headers={
+        "Origin": "https://lms.school-a.example", "Authorization": f"Bearer {token()}"
+    })
+    assert response.status == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "https://lms.school-a.example"
+    response = await server.client.get("/api/conversations", headers={
+        "Origin": "https://unknown.example", "Authorization": f"Bearer {token()}"
+    })
+    assert "Access-Control-Allow-Origin" not in response.headers
