@@ -16,7 +16,7 @@ from aiohttp import web
 from ai.base import Provider
 from ai.factory import create_provider
 from ai.resilience import ResilientProvider
-from handlers import api, documents, health, pages, sessions, teacher, ws
+from handlers import api, documents, health, lti, pages, sessions, teacher, ws
 from storage.keys import Keys
 from storage.postgres import Database, connect_pool
 from storage.redis_store import RedisStore, connect_redis
@@ -26,8 +26,9 @@ from .chat import ChatService
 from .cors import TenantOrigins, tenant_cors_middleware
 from .errors import ChatError, CloseCode, ErrorCode
 from .hub import Hub
-from .keys import CHAT, DATABASE, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
+from .keys import CHAT, DATABASE, LTI_KEYS, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
 from .logs import request_id
+from .lti import JwksCache
 from .metrics import Metrics, measure_loop_lag, serve_metrics
 from .settings import Settings
 from .tracing import create_tracer
@@ -93,6 +94,7 @@ def create_app(
     app[VERIFIER] = TokenVerifier(settings)
     app[SOCKETS] = weakref.WeakSet()
     app[STATE] = ProcessState()
+    app[LTI_KEYS] = JwksCache()
     metrics = app[METRICS] = Metrics(settings.replica_id)
 
     async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -175,6 +177,9 @@ def create_app(
     app.router.add_post("/api/session", sessions.create_session)
     app.router.add_get("/api/session", sessions.current_session)
     app.router.add_delete("/api/session", sessions.delete_session)
+    app.router.add_get("/lti/login", lti.login, allow_head=False)
+    app.router.add_post("/lti/login", lti.login)
+    app.router.add_post("/lti/launch", lti.launch)
     if settings.static_dir.is_dir():
         app.router.add_static("/static/", settings.static_dir, append_version=False)
     _setup_cors(app, settings)

@@ -13,6 +13,7 @@ from storage.redis_store import RedisStore
 
 from .auth import TokenVerifier
 from .chat import ChatService
+from .lti import JwksCache
 from .metrics import Metrics
 from .settings import Settings
 
@@ -33,4 +34,5 @@ PROVIDER = web.AppKey("provider", Provider)
 CHAT = web.AppKey("chat", ChatService)
 METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
+LTI_KEYS = web.AppKey("lti_keys", JwksCache)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")

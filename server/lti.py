@@ -1,0 +1,442 @@
+"""LTI 1.3 resource-link launches: OIDC login initiation, id_token verification, mapping to our users.
+
+Transport-agnostic: handlers pass the request's parameters as plain mappings and get back the URL to
+redirect to (login) or a `Launch` describing where the browser goes next (launch). Every refusal is a
+`ChatError` from the catalogue; nothing is written for a refused launch except using up its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import jwt
+
+from storage.lti import LtiStore, PendingLogin, Platform
+from storage.postgres import Database
+
+from .auth import mint_token
+from .errors import ChatError, ErrorCode, bad_request, forbidden, unauthorized
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOGIN_TTL_S = 600  # from /lti/login to /lti/launch: the user's browser goes to the LMS and back
+TOKEN_TTL_S = 3600  # our JWT; when it has expired, the student opens the tutor again from the LMS
+LEEWAY_S = 60  # clock skew allowed between the LMS and us
+JWKS_MAX_BYTES = 256 * 1024
+JWKS_TIMEOUT_S = 5.0
+
+LTI_CLAIM = "https://purl.imsglobal.org/spec/lti/claim/"
+MESSAGE_TYPE_CLAIM = LTI_CLAIM + "message_type"
+VERSION_CLAIM = LTI_CLAIM + "version"
+DEPLOYMENT_CLAIM = LTI_CLAIM + "deployment_id"
+ROLES_CLAIM = LTI_CLAIM + "roles"
+CONTEXT_CLAIM = LTI_CLAIM + "context"
+
+MEMBERSHIP = "http://purl.imsglobal.org/vocab/lis/v2/membership"
+# Context (course) roles only: an institution-wide LMS administrator is not thereby a tutor admin.
+ROLE_MAP: dict[str, str] = {
+    f"{MEMBERSHIP}#Administrator": "admin",
+    f"{MEMBERSHIP}#Instructor": "teacher",
+    f"{MEMBERSHIP}/Instructor#TeachingAssistant": "teacher",
+    f"{MEMBERSHIP}#Learner": "student",
+}
+_RANK = {"student": 0, "teacher": 1, "admin": 2}
+_SAFE_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,150}")
+_PLAIN_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?")
+
+
+class LtiUnavailableError(ChatError):
+    """LTI cannot work right now (no HS256 secret to mint with, the platform's keys unreachable): 503."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.INTERNAL, message)
+
+    @property
+    def http_status(self) -> int:
+        return 503
+
+
+class JwksFetchError(Exception):
+    """A platform's key set could not be fetched or read."""
+
+
+# -- platform keys ---------------------------------------------------------------------------------
+
+JwksFetch = Callable[[str], Awaitable[Mapping[str, Any]]]
+
+
+async def fetch_jwks(url: str) -> Mapping[str, Any]:
+    """GET a JWKS document (bounded in time and size)."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT_S)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, headers={"Accept": "application/json"}) as response,
+        ):
+            if response.status != 200:
+                raise JwksFetchError(f"HTTP {response.status}")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > JWKS_MAX_BYTES:
+                    raise JwksFetchError("key set too large")
+        document = json.loads(body)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        raise JwksFetchError(str(exc) or type(exc).__name__) from None
+    if not isinstance(document, dict):
+        raise JwksFetchError("key set is not a JSON object")
+    return document
+
+
+def parse_jwks(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The RS256 signing keys of a JWKS document, by kid (other keys are ignored)."""
+    entries = document.get("keys")
+    if not isinstance(entries, list):
+        raise JwksFetchError("key set has no 'keys' list")
+    keys: dict[str, Any] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("kty") != "RSA":
+            continue
+        if entry.get("use", "sig") != "sig" or entry.get("alg", "RS256") != "RS256":
+            continue
+        kid = entry.get("kid")
+        if not isinstance(kid, str) or not kid:
+            continue
+        try:
+            keys[kid] = jwt.PyJWK(entry, algorithm="RS256").key
+        except (jwt.PyJWKError, jwt.InvalidKeyError):
+            log.warning("unusable key in a platform's key set", extra={"kid": kid})
+    return keys
+
+
+@dataclass(frozen=True, slots=True)
+class _KeySet:
+    keys: dict[str, Any]
+    fetched_at: float
+    forced_at: float = -math.inf
+
+
+class JwksCache:
+    """Platforms' signing keys per JWKS URL, cached for `ttl_s`.
+
+    An unknown kid refetches the set once (the platform may have rotated its key), at most once per
+    `refetch_s` per URL, so tokens with made-up kids cannot make us hammer the platform. If a refresh
+    fails, keys already known keep working and the refresh is retried after `refetch_s`.
+    """
+
+    def __init__(self, *, ttl_s: float = 300.0, refetch_s: float = 10.0, fetch: JwksFetch | None = None):
+        self.ttl_s = ttl_s
+        self.refetch_s = refetch_s
+        self._fetch = fetch or fetch_jwks
+        self._sets: dict[str, _KeySet] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def key(self, url: str, kid: str) -> Any:
+        """The public key for `kid` from the key set at `url`, or `unauthorized`."""
+        # One lock per URL: concurrent launches share one fetch instead of each making their own.
+        async with self._locks.setdefault(url, asyncio.Lock()):
+            now = time.monotonic()
+            current = self._sets.get(url)
+            just_fetched = False
+            if current is None or now - current.fetched_at >= self.ttl_s:
+                current = await self._refresh(url, current, now)
+                just_fetched = True
+            found = current.keys.get(kid)
+            if found is None and not just_fetched and now - current.forced_at >= self.refetch_s:
+                current = await self._refresh(url, current, now, forced=True)
+                found = current.keys.get(kid)
+        if found is None:
+            raise unauthorized("the id_token's key id (kid) is not in the platform's key set")
+        return found
+
+    async def _refresh(self, url: str, previous: _KeySet | None, now: float, *, forced: bool = False) -> _KeySet:
+        try:
+            keys = parse_jwks(await self._fetch(url))
+        except JwksFetchError as exc:
+            log.warning("could not fetch a platform's key set", extra={"url": url, "error": str(exc)})
+            if previous is None:
+                raise LtiUnavailableError("could not fetch the platform's signing keys; try again later") from None
+            # Keep the keys we have; try again after refetch_s rather than on every launch.
+            current = replace(previous, fetched_at=now - self.ttl_s + self.refetch_s, forced_at=now)
+        else:
+            current = _KeySet(keys, now, now if forced else -math.inf)
+        self._sets[url] = current
+        return current
+
+
+# -- login and launch ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Launch:
+    """A verified launch: where the browser goes next and who may frame the page that sends it there."""
+
+    target: str  # a path on this server; the token is in its fragment
+    new_window: bool  # the teacher dashboard refuses framing: in an LMS iframe it opens in a new tab
+    frame_ancestors: tuple[str, ...]
+    tenant_id: str
+    course_id: str
+    user_id: str
+    role: str
+
+
+class LtiService:
+    """LTI 1.3 for one request: the platform registrations and logins in PostgreSQL, keys in `keys`."""
+
+    def __init__(self, settings: Settings, database: Database, keys: JwksCache):
+        self.settings = settings
+        self.database = database
+        self.store = LtiStore(database.pool)
+        self.keys = keys
+
+    def _signing_secret(self) -> str:
+        if not self.settings.jwt_secret:
+            raise LtiUnavailableError(
+                "LTI launches need SMARTEDU_JWT_SECRET: this server only has a public key, so it cannot mint tokens"
+            )
+        return self.settings.jwt_secret
+
+    async def login(self, params: Mapping[str, str], base_url: str) -> str:
+        """Check a third-party initiated login and return the platform's authorization URL to redirect to."""
+        self._signing_secret()
+        issuer = _param(params, "iss", 500)
+        login_hint = _param(params, "login_hint", 4096)
+        target_link_uri = _param(params, "target_link_uri", 2048)
+        client_id = _optional_param(params, "client_id", 500)
+        message_hint = _optional_param(params, "lti_message_hint", 8192)
+        deployment_id = _optional_param(params, "lti_deployment_id", 500)
+        if not _same_host(target_link_uri, base_url):
+            raise bad_request("target_link_uri must be a URL of this tutor")
+        platform = await self.store.find_platform(issuer, client_id)
+        if platform is None:
+            raise bad_request("no LTI platform is registered for this iss and client_id")
+        if deployment_id is not None and platform.deployment_id not in (None, deployment_id):
+            raise forbidden("this LTI deployment is not registered")
+        state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        await self.store.start_login(platform, state, nonce, LOGIN_TTL_S)
+        query = {
+            "scope": "openid",
+            "response_type": "id_token",
+            "response_mode": "form_post",
+            "prompt": "none",
+            "client_id": platform.client_id,
+            "redirect_uri": f"{base_url}/lti/launch",
+            "login_hint": login_hint,
+            "state": state,
+            "nonce": nonce,
+        }
+        if message_hint is not None:
+            query["lti_message_hint"] = message_hint
+        log.info("lti login", extra={"tenant": platform.tenant_id, "platform": platform.id})
+        return _with_query(platform.auth_login_url, query)
+
+    async def launch(self, form: Mapping[str, str]) -> Launch:
+        """Verify the platform's form post (id_token, state), create the course if needed and mint our token."""
+        secret = self._signing_secret()
+        id_token = _param(form, "id_token", 64 * 1024)
+        state = _param(form, "state", 200)
+        pending = await self.store.take_login(state)
+        if pending is None or not pending.live:
+            raise unauthorized("unknown or expired state: open the tutor again from the LMS")
+        try:
+            return await self._launch(secret, pending, id_token)
+        except ChatError as exc:
+            log.info(
+                "lti launch refused",
+                extra={"tenant": pending.tenant_id, "platform": pending.platform_id, "reason": exc.message},
+            )
+            raise
+
+    async def _launch(self, secret: str, pending: PendingLogin, id_token: str) -> Launch:
+        platform = await self.store.get_platform(pending.tenant_id, pending.platform_id)
+        if platform is None:
+            raise unauthorized("the LTI platform of this login is no longer registered")
+        claims = await self._verify(platform, id_token)
+        deployment_id = claims.get(DEPLOYMENT_CLAIM)
+        if not isinstance(deployment_id, str) or not deployment_id:
+            raise bad_request("the id_token has no deployment_id claim")
+        if platform.deployment_id is not None and deployment_id != platform.deployment_id:
+            raise forbidden("this LTI deployment is not registered")
+        if claims.get(MESSAGE_TYPE_CLAIM) != "LtiResourceLinkRequest":
+            raise bad_request("only LtiResourceLinkRequest launches are supported")
+        if claims.get(VERSION_CLAIM) != "1.3.0":
+            raise bad_request("only LTI version 1.3.0 is supported")
+        nonce = claims["nonce"]
+        if not isinstance(nonce, str) or not await self.store.consume_nonce(platform.tenant_id, platform.id, nonce):
+            raise unauthorized("the id_token's nonce is unknown, expired or already used")
+        if not secrets.compare_digest(nonce, pending.nonce):
+            raise unauthorized("the id_token's nonce belongs to another login")
+
+        role = map_role(claims.get(ROLES_CLAIM))
+        user_id = lti_user_id(platform, claims["sub"])
+        context_id, title = _context(claims.get(CONTEXT_CLAIM))
+        course_id = lti_course_id(platform, context_id)
+        await self.store.ensure_course(platform.tenant_id, course_id, title)
+        token = mint_token(
+            secret,
+            user=user_id,
+            tenant=platform.tenant_id,
+            role=role,
+            name=_display_name(claims) or None,
+            courses=[course_id],
+            ttl_s=TOKEN_TTL_S,
+            issuer=self.settings.jwt_issuer,
+            audience=self.settings.jwt_audience,
+        )
+        if role == "student":
+            query = urlencode({"course": course_id, "tenant": platform.tenant_id})
+            target = f"/embed?{query}#{urlencode({'token': token, 'course': course_id})}"
+        else:
+            target = f"/teacher#{urlencode({'token': token})}"
+        log.info(
+            "lti launch",
+            extra={"tenant": platform.tenant_id, "platform": platform.id, "course": course_id, "role": role},
+        )
+        return Launch(
+            target=target,
+            new_window=role != "student",
+            frame_ancestors=await self._frame_ancestors(platform),
+            tenant_id=platform.tenant_id,
+            course_id=course_id,
+            user_id=user_id,
+            role=role,
+        )
+
+    async def _verify(self, platform: Platform, id_token: str) -> dict[str, Any]:
+        """Signature (RS256, the platform's JWKS), iss, aud/azp, exp/iat and the claims we rely on."""
+        try:
+            header = jwt.get_unverified_header(id_token)
+        except jwt.InvalidTokenError:
+            raise unauthorized("the id_token is not a JWT") from None
+        if header.get("alg") != "RS256":
+            raise unauthorized("the id_token must be signed with RS256")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise unauthorized("the id_token has no key id (kid)")
+        key = await self.keys.key(platform.jwks_url, kid)
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                id_token,
+                key,
+                algorithms=["RS256"],
+                audience=platform.client_id,
+                issuer=platform.issuer,
+                leeway=LEEWAY_S,
+                options={"require": ["iss", "aud", "sub", "exp", "iat", "nonce"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise unauthorized("the id_token has expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise unauthorized(f"invalid id_token: {exc}") from None
+        audience, azp = claims["aud"], claims.get("azp")
+        # OIDC: with several audiences azp must name us; an azp that is present must always name us.
+        several = isinstance(audience, list) and len(audience) > 1
+        if (several or azp is not None) and azp != platform.client_id:
+            raise unauthorized("the id_token's azp must be this tool's client_id")
+        sub = claims["sub"]
+        if not isinstance(sub, str) or not sub or len(sub) > 255:
+            raise unauthorized("the id_token's sub must be a non-empty string")
+        return claims
+
+    async def _frame_ancestors(self, platform: Platform) -> tuple[str, ...]:
+        """Who may frame the launch page: as for /embed, plus the platform's own origin."""
+        origins = [o for o in self.settings.allowed_origins if o != "*"]
+        tenant = await self.database.get_tenant(platform.tenant_id)
+        candidates = [*tenant.allowed_origins, _origin(platform.issuer)]
+        origins += [o for o in candidates if o and o not in origins]
+        return tuple(origins)
+
+
+# -- mapping ---------------------------------------------------------------------------------------
+
+
+def map_role(roles: object) -> str:
+    """Our role for the LTI roles claim: Administrator > Instructor/TA > Learner, or `forbidden`."""
+    if not isinstance(roles, list):
+        raise bad_request("the id_token has no roles claim")
+    mapped = [ROLE_MAP[r] for r in roles if isinstance(r, str) and r in ROLE_MAP]
+    if not mapped:
+        raise forbidden("the tutor is for a course's learners, instructors and administrators")
+    return max(mapped, key=lambda role: _RANK[role])
+
+
+def lti_user_id(platform: Platform, sub: str) -> str:
+    """Our user id for a platform's `sub`: unique per platform, within the 200 characters tokens allow."""
+    user = f"lti:{platform.id}:{sub}"
+    return user if len(user) <= 200 else f"lti:{platform.id}:sha256:{hashlib.sha256(sub.encode()).hexdigest()}"
+
+
+def lti_course_id(platform: Platform, context_id: str) -> str:
+    """Our course id for a platform's context id: readable when the id is short and plain, else hashed."""
+    if _SAFE_ID.fullmatch(context_id):
+        return f"lti-{platform.id}-{context_id}"
+    return f"lti-{platform.id}-h{hashlib.sha256(context_id.encode()).hexdigest()[:40]}"
+
+
+def _context(context: object) -> tuple[str, str]:
+    if not isinstance(context, dict):
+        raise bad_request("the launch has no course context")
+    context_id = context.get("id")
+    if not isinstance(context_id, str) or not context_id or len(context_id) > 255:
+        raise bad_request("the launch's context has no id")
+    title = next((t for t in (context.get("title"), context.get("label")) if isinstance(t, str) and t.strip()), "")
+    return context_id, (title.strip() or "Course")[:200]
+
+
+def _display_name(claims: Mapping[str, Any]) -> str:
+    name = claims.get("name")
+    if not isinstance(name, str) or not name.strip():
+        parts = [claims.get("given_name"), claims.get("family_name")]
+        name = " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
+    return name.strip()[:200]
+
+
+# -- parameters and URLs ---------------------------------------------------------------------------
+
+
+def _optional_param(params: Mapping[str, str], name: str, max_chars: int) -> str | None:
+    value = params.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > max_chars:
+        raise bad_request(f"'{name}' is too long")
+    return value
+
+
+def _param(params: Mapping[str, str], name: str, max_chars: int) -> str:
+    value = _optional_param(params, name, max_chars)
+    if value is None:
+        raise bad_request(f"'{name}' is required")
+    return value
+
+
+def _same_host(url: str, base_url: str) -> bool:
+    # Only the host is compared: behind a TLS-terminating proxy the scheme we see may differ.
+    target = urlsplit(url)
+    return target.scheme in ("http", "https") and target.hostname == urlsplit(base_url).hostname
+
+
+def _origin(url: str) -> str | None:
+    # The result goes into a CSP header: anything but a plain scheme://host[:port] is dropped.
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc.lower()}"
+    return origin if _PLAIN_ORIGIN.fullmatch(origin) else None
+
+
+def _with_query(url: str, params: Mapping[str, str]) -> str:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True) + list(params.items())
+    return urlunsplit(parts._replace(query=urlencode(query)))

@@ -1,0 +1,151 @@
+"""LTI 1.3 storage: platform registrations per tenant, logins in flight (state) and issued nonces.
+
+A platform is found by (issuer, client_id) before its tenant is known; every other query carries the
+tenant taken from that registration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+_PLATFORM_COLUMNS = "id, tenant_id, issuer, client_id, deployment_id, auth_login_url, jwks_url"
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    """An LMS registered for a tenant (one row of lti_platforms)."""
+
+    id: int
+    tenant_id: str
+    issuer: str
+    client_id: str
+    deployment_id: str | None
+    auth_login_url: str
+    jwks_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLogin:
+    """What /lti/login remembered for its state; `live` is False once the state has expired."""
+
+    tenant_id: str
+    platform_id: int
+    nonce: str
+    live: bool
+
+
+def _platform(row: asyncpg.Record) -> Platform:
+    return Platform(**dict(row))
+
+
+class LtiStore:
+    """The LTI queries over the product's asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+
+    async def add_platform(
+        self,
+        tenant_id: str,
+        issuer: str,
+        client_id: str,
+        auth_login_url: str,
+        jwks_url: str,
+        deployment_id: str | None = None,
+    ) -> Platform:
+        """Register a platform for the tenant (created if needed)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant_id)
+            row = await conn.fetchrow(
+                "INSERT INTO lti_platforms (tenant_id, issuer, client_id, deployment_id, auth_login_url, jwks_url)"
+                f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_PLATFORM_COLUMNS}",
+                tenant_id,
+                issuer,
+                client_id,
+                deployment_id,
+                auth_login_url,
+                jwks_url,
+            )
+        assert row is not None
+        return _platform(row)
+
+    async def find_platform(self, issuer: str, client_id: str | None) -> Platform | None:
+        """The platform registered for (issuer, client_id); without a client id, the issuer's only one."""
+        if client_id is not None:
+            row = await self.pool.fetchrow(
+                f"SELECT {_PLATFORM_COLUMNS} FROM lti_platforms WHERE issuer = $1 AND client_id = $2",
+                issuer,
+                client_id,
+            )
+            return _platform(row) if row else None
+        rows = await self.pool.fetch(
+            f"SELECT {_PLATFORM_COLUMNS} FROM lti_platforms WHERE issuer = $1 LIMIT 2", issuer
+        )
+        return _platform(rows[0]) if len(rows) == 1 else None
+
+    async def get_platform(self, tenant_id: str, platform_id: int) -> Platform | None:
+        """The tenant's platform by id, or None (deleted since the login)."""
+        row = await self.pool.fetchrow(
+            f"SELECT {_PLATFORM_COLUMNS} FROM lti_platforms WHERE id = $1 AND tenant_id = $2",
+            platform_id,
+            tenant_id,
+        )
+        return _platform(row) if row else None
+
+    async def start_login(self, platform: Platform, state: str, nonce: str, ttl_s: int) -> None:
+        """Remember a login's state and issue its nonce; purge the tenant's expired ones on the way."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "DELETE FROM lti_login_states WHERE tenant_id = $1 AND expires_at < now()", platform.tenant_id
+            )
+            await conn.execute("DELETE FROM lti_nonces WHERE tenant_id = $1 AND expires_at < now()", platform.tenant_id)
+            await conn.execute(
+                "INSERT INTO lti_login_states (state, tenant_id, platform_id, nonce, expires_at)"
+                " VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
+                state,
+                platform.tenant_id,
+                platform.id,
+                nonce,
+                float(ttl_s),
+            )
+            await conn.execute(
+                "INSERT INTO lti_nonces (nonce, tenant_id, platform_id, expires_at)"
+                " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+                nonce,
+                platform.tenant_id,
+                platform.id,
+                float(ttl_s),
+            )
+
+    async def take_login(self, state: str) -> PendingLogin | None:
+        """Delete and return the login behind a state (each state works once), or None if unknown."""
+        row = await self.pool.fetchrow(
+            "DELETE FROM lti_login_states WHERE state = $1"
+            " RETURNING tenant_id, platform_id, nonce, expires_at > now() AS live",
+            state,
+        )
+        return PendingLogin(**dict(row)) if row else None
+
+    async def consume_nonce(self, tenant_id: str, platform_id: int, nonce: str) -> bool:
+        """Use up a nonce this server issued to the platform; False if unknown, expired or already used."""
+        live = await self.pool.fetchval(
+            "DELETE FROM lti_nonces WHERE nonce = $1 AND tenant_id = $2 AND platform_id = $3"
+            " RETURNING expires_at > now()",
+            nonce,
+            tenant_id,
+            platform_id,
+        )
+        return bool(live)
+
+    async def ensure_course(self, tenant_id: str, course_id: str, title: str) -> bool:
+        """Create the course if the tenant does not have it yet (an existing one is left as it is)."""
+        created = await self.pool.fetchval(
+            "INSERT INTO courses (tenant_id, id, title) VALUES ($1, $2, $3)"
+            " ON CONFLICT (tenant_id, id) DO NOTHING RETURNING true",
+            tenant_id,
+            course_id,
+            title,
+        )
+        return bool(created)

@@ -1,0 +1,448 @@
+"""LTI 1.3 launches against a fake platform (its own RSA keys, JWKS and id_tokens): the whole login →
+authorization redirect → launch flow, and every refusal (a 4xx JSON error that writes nothing)."""
+
+from __future__ import annotations
+
+import functools
+import html
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import jwt
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from server.auth import Claims, TokenVerifier
+from tests.conftest import Serve, Server
+
+pytestmark = pytest.mark.integration
+
+TENANT = "school-lti"
+CLIENT_ID = "tutor-client-1"
+DEPLOYMENT = "deployment-1"
+LTI = "https://purl.imsglobal.org/spec/lti/claim/"
+MEMBERSHIP = "http://purl.imsglobal.org/vocab/lis/v2/membership"
+LEARNER, INSTRUCTOR = f"{MEMBERSHIP}#Learner", f"{MEMBERSHIP}#Instructor"
+
+
+@functools.cache
+def rsa_key(name: str) -> rsa.RSAPrivateKey:
+    """RSA keys are slow to make: one per name for the whole run."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+class FakePlatform:
+    """An LMS: publishes its JWKS (counting fetches) and signs id_tokens with its private key."""
+
+    def __init__(self) -> None:
+        self.kid = "platform-key-1"
+        self.published: dict[str, rsa.RSAPrivateKey] = {self.kid: rsa_key("platform")}
+        self.jwks_fetches = 0
+        self.server: TestServer | None = None
+
+    def app(self) -> web.Application:
+        async def jwks(request: web.Request) -> web.Response:
+            self.jwks_fetches += 1
+            keys = []
+            for kid, private in self.published.items():
+                jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+                keys.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
+            # An encryption key in the set is ignored.
+            keys.append({"kty": "RSA", "use": "enc", "kid": "enc-1", "n": "AQAB", "e": "AQAB"})
+            return web.json_response({"keys": keys})
+
+        app = web.Application()
+        app.router.add_get("/jwks", jwks)
+        return app
+
+    @property
+    def issuer(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    def claims(self, nonce: str, /, **overrides: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": CLIENT_ID,
+            "sub": "user-42",
+            "iat": now,
+            "exp": now + 300,
+            "nonce": nonce,
+            "name": "Ada Lovelace",
+            LTI + "message_type": "LtiResourceLinkRequest",
+            LTI + "version": "1.3.0",
+            LTI + "deployment_id": DEPLOYMENT,
+            LTI + "target_link_uri": "https://tutor.example/lti",
+            LTI + "resource_link": {"id": "link-1"},
+            LTI + "roles": [LEARNER],
+            LTI + "context": {"id": "c-101", "label": "ALG", "title": "Algebra I"},
+        }
+        claims.update(overrides)
+        return {name: value for name, value in claims.items() if value is not None}
+
+    def id_token(self, nonce: str, /, *, key: rsa.RSAPrivateKey | None = None, kid: str | None = None,
+                 **overrides: Any) -> str:
+        kid = kid or self.kid
+        signing = key or self.published.get(kid) or rsa_key("platform")
+        return jwt.encode(self.claims(nonce, **overrides), signing, algorithm="RS256", headers={"kid": kid})
+
+
+@dataclass
+class Lti:
+    """A running tutor with one registered fake platform, and the steps of a launch."""
+
+    server: Server
+    platform: FakePlatform
+    platform_id: int
+    db: asyncpg.Connection
+
+    def login_params(self, **overrides: str | None) -> dict[str, str]:
+        params: dict[str, str | None] = {
+            "iss": self.platform.issuer,
+            "login_hint": "hint-42",
+            "target_link_uri": str(self.server.client.make_url("/lti/launch")),
+            "client_id": CLIENT_ID,
+            "lti_message_hint": "message-hint-7",
+            "lti_deployment_id": DEPLOYMENT,
+        }
+        params.update(overrides)
+        return {name: value for name, value in params.items() if value is not None}
+
+    async def login(self, **overrides: str | None) -> tuple[str, str]:
+        """Log in and follow nothing: return the state and nonce the tutor sent to the platform."""
+        response = await self.server.client.get("/lti/login", params=self.login_params(**overrides),
+                                                allow_redirects=False)
+        assert response.status == 302, await response.text()
+        query = parse_qs(urlsplit(response.headers["Location"]).query)
+        return query["state"][0], query["nonce"][0]
+
+    async def launch(self, id_token: str, state: str) -> ClientResponse:
+        return await self.server.client.post("/lti/launch", data={"id_token": id_token, "state": state})
+
+    async def launch_ok(self, **claims: Any) -> tuple[str, str]:
+        """A whole successful launch; returns the page's target and its data-lti-window."""
+        state, nonce = await self.login()
+        response = await self.launch(self.platform.id_token(nonce, **claims), state)
+        assert response.status == 200, await response.text()
+        return launch_target(await response.text())
+
+    def verify(self, token: str) -> Claims:
+        return TokenVerifier(self.server.settings).verify(token)
+
+
+async def register(db: asyncpg.Connection, platform: FakePlatform, tenant: str, deployment_id: str | None) -> int:
+    """Register the platform the way docs/lti.md tells an operator to."""
+    await db.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant)
+    platform_id = await db.fetchval(
+        "INSERT INTO lti_platforms (tenant_id, issuer, client_id, deployment_id, auth_login_url, jwks_url)"
+        " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        tenant,
+        platform.issuer,
+        CLIENT_ID,
+        deployment_id,
+        f"{platform.issuer}/auth?lms=1",
+        f"{platform.issuer}/jwks",
+    )
+    return int(platform_id)
+
+
+@pytest.fixture
+async def lti(serve: Serve, db: asyncpg.Connection, aiohttp_server: Any) -> Lti:
+    platform = FakePlatform()
+    platform.server = await aiohttp_server(platform.app())
+    server = await serve()
+    return Lti(server, platform, await register(db, platform, TENANT, DEPLOYMENT), db)
+
+
+def launch_target(page: str) -> tuple[str, str]:
+    match = re.search(r'data-lti-target="([^"]*)" data-lti-window="(same|new)"', page)
+    assert match, page
+    return html.unescape(match.group(1)), match.group(2)
+
+
+def fragment(target: str) -> dict[str, str]:
+    return {name: values[0] for name, values in parse_qs(urlsplit(target).fragment).items()}
+
+
+async def count(db: asyncpg.Connection, table: str) -> int:
+    return int(await db.fetchval(f"SELECT count(*) FROM {table}"))
+
+
+async def test_student_launch_ends_in_the_embed_with_a_token_in_the_fragment(lti: Lti) -> None:
+    response = await lti.server.client.get("/lti/login", params=lti.login_params(), allow_redirects=False)
+    assert response.status == 302 and response.headers["Cache-Control"] == "no-store"
+    location = urlsplit(response.headers["Location"])
+    assert f"{location.scheme}://{location.netloc}{location.path}" == f"{lti.platform.issuer}/auth"
+    query = {name: values[0] for name, values in parse_qs(location.query).items()}
+    state, nonce = query.pop("state"), query.pop("nonce")
+    assert len(state) >= 40 and len(nonce) >= 40 and state != nonce
+    assert query == {
+        "lms": "1",  # the platform's own query is kept
+        "scope": "openid",
+        "response_type": "id_token",
+        "response_mode": "form_post",
+        "prompt": "none",
+        "client_id": CLIENT_ID,
+        "redirect_uri": str(lti.server.client.make_url("/lti/launch")),
+        "login_hint": "hint-42",
+        "lti_message_hint": "message-hint-7",
+    }
+    assert await lti.db.fetchval("SELECT tenant_id FROM lti_login_states WHERE state = $1", state) == TENANT
+
+    response = await lti.launch(lti.platform.id_token(nonce), state)
+    assert response.status == 200, await response.text()
+    assert response.content_type == "text/html" and response.headers["Cache-Control"] == "no-store"
+    csp = response.headers["Content-Security-Policy"]
+    assert "script-src 'self';" in csp and "unsafe-inline" not in csp
+    assert csp.endswith(f"frame-ancestors {lti.platform.issuer}")  # the LMS may frame the launch page
+    page = await response.text()
+    assert re.findall(r"<script[^>]*>", page) == ['<script src="/static/lti-launch.js" defer>']
+    target, window = launch_target(page)
+    course = f"lti-{lti.platform_id}-c-101"
+    parts = urlsplit(target)
+    assert (parts.scheme, parts.netloc, parts.path, window) == ("", "", "/embed", "same")
+    assert parse_qs(parts.query) == {"course": [course], "tenant": [TENANT]}  # and no token in the query
+    assert fragment(target)["course"] == course
+    claims = lti.verify(fragment(target)["token"])
+    assert claims.sub == f"lti:{lti.platform_id}:user-42" and claims.tenant == TENANT
+    assert (claims.role, claims.name, claims.courses) == ("student", "Ada Lovelace", (course,))
+    assert claims.exp - time.time() <= 3600
+    row = await lti.db.fetchrow("SELECT tenant_id, title FROM courses WHERE id = $1", course)
+    assert row is not None and dict(row) == {"tenant_id": TENANT, "title": "Algebra I"}
+    assert await count(lti.db, "lti_login_states") == 0 and await count(lti.db, "lti_nonces") == 0
+
+    script = await lti.server.client.get("/static/lti-launch.js")
+    assert script.status == 200 and "location.replace" in await script.text()
+    # The embed page takes the student on: the token is accepted by the socket.
+    sock = await lti.server.connect({"token": fragment(target)["token"], "course_id": course})
+    assert (sock.frames[0]["user"]["name"], sock.frames[0]["user"]["role"]) == ("Ada Lovelace", "student")
+    user = await lti.db.fetchrow("SELECT tenant_id, external_id FROM users")
+    assert user is not None and dict(user) == {"tenant_id": TENANT, "external_id": f"lti:{lti.platform_id}:user-42"}
+    assert sock.frames[0]["course_title"] == "Algebra I"
+    await sock.close()
+
+
+async def test_teacher_launch_opens_the_dashboard_for_an_existing_course(
+    serve: Serve, db: asyncpg.Connection, aiohttp_server: Any
+) -> None:
+    platform = FakePlatform()
+    platform.server = await aiohttp_server(platform.app())
+    # Any deployment (NULL), another tenant; the course exists already and keeps its title.
+    platform_id = await register(db, platform, "school-t", None)
+    lti = Lti(await serve(), platform, platform_id, db)
+    await db.execute("INSERT INTO courses (tenant_id, id, title) VALUES ('school-t', $1, 'Kept')",
+                     f"lti-{platform_id}-c-101")
+    params = lti.login_params(lti_deployment_id="any", lti_message_hint=None, client_id=None)
+    response = await lti.server.client.post("/lti/login", data=params, allow_redirects=False)
+    assert response.status == 302
+    query = parse_qs(urlsplit(response.headers["Location"]).query)
+    assert "lti_message_hint" not in query and query["client_id"] == [CLIENT_ID]
+    id_token = platform.id_token(query["nonce"][0], name=None, given_name="Grace", family_name="Hopper",
+                                 **{LTI + "roles": [LEARNER, INSTRUCTOR], LTI + "deployment_id": "another"})
+    response = await lti.launch(id_token, query["state"][0])
+    assert response.status == 200, await response.text()
+    target, window = launch_target(await response.text())
+    assert target.startswith("/teacher#token=") and "?" not in target and window == "new"
+    claims = lti.verify(fragment(target)["token"])
+    assert (claims.role, claims.tenant, claims.name) == ("teacher", "school-t", "Grace Hopper")
+    assert claims.courses == (f"lti-{platform_id}-c-101",)
+    assert await db.fetchval("SELECT title FROM courses WHERE tenant_id = 'school-t'") == "Kept"
+
+    # An administrator of the course is an admin; an odd context id becomes a hashed course id.
+    target, _ = await lti.launch_ok(**{
+        LTI + "roles": [f"{MEMBERSHIP}#Administrator", INSTRUCTOR],
+        LTI + "context": {"id": "Kurs 7/β", "title": "Physik"},
+    })
+    claims = lti.verify(fragment(target)["token"])
+    assert claims.role == "admin" and claims.courses is not None
+    assert re.fullmatch(rf"lti-{platform_id}-h[0-9a-f]{{40}}", claims.courses[0])
+    assert await db.fetchval("SELECT title FROM courses WHERE id = $1", claims.courses[0]) == "Physik"
+
+
+async def test_a_rotated_platform_key_is_fetched_once(lti: Lti) -> None:
+    await lti.launch_ok()
+    assert lti.platform.jwks_fetches == 1
+    await lti.launch_ok()
+    assert lti.platform.jwks_fetches == 1  # cached
+    lti.platform.kid = "platform-key-2"
+    lti.platform.published = {"platform-key-2": rsa_key("rotated")}
+    await lti.launch_ok()
+    assert lti.platform.jwks_fetches == 2
+
+
+async def _assert_refused(response: ClientResponse, status: int, code: str, words: str) -> None:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    error = (await response.json())["error"]
+    assert error["code"] == code and words.lower() in error["message"].lower(), error
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "code", "words"),
+    [
+        ({"iss": "https://unknown.example"}, 400, "bad_request", "no LTI platform"),
+        ({"client_id": "someone-else"}, 400, "bad_request", "no LTI platform"),
+        ({"login_hint": None}, 400, "bad_request", "'login_hint' is required"),
+        ({"iss": None}, 400, "bad_request", "'iss' is required"),
+        ({"target_link_uri": None}, 400, "bad_request", "'target_link_uri' is required"),
+        ({"target_link_uri": "https://elsewhere.example/lti"}, 400, "bad_request", "target_link_uri"),
+        ({"lti_deployment_id": "deployment-2"}, 403, "forbidden", "deployment"),
+    ],
+    ids=["unknown-issuer", "unknown-client", "no-login-hint", "no-iss", "no-target", "foreign-target",
+         "wrong-deployment"],
+)
+async def test_login_refusals(lti: Lti, overrides: dict[str, str | None], status: int, code: str,
+                              words: str) -> None:
+    response = await lti.server.client.get("/lti/login", params=lti.login_params(**overrides),
+                                           allow_redirects=False)
+    await _assert_refused(response, status, code, words)
+    assert await count(lti.db, "lti_login_states") == 0 and await count(lti.db, "lti_nonces") == 0
+
+
+Refusal = Callable[[Lti], Awaitable[ClientResponse]]
+
+
+async def _bad_state(lti: Lti) -> ClientResponse:
+    _, nonce = await lti.login()
+    return await lti.launch(lti.platform.id_token(nonce), "no-such-state")
+
+
+async def _expired_then_used_state(lti: Lti) -> ClientResponse:
+    state, nonce = await lti.login()
+    await lti.db.execute("UPDATE lti_login_states SET expires_at = now() - interval '1 second'")
+    expired = await lti.launch(lti.platform.id_token(nonce), state)
+    await _assert_refused(expired, 401, "unauthorized", "unknown or expired state")
+    return await lti.launch(lti.platform.id_token(nonce), state)  # and a state works once, even refused
+
+
+async def _reused_nonce(lti: Lti) -> ClientResponse:
+    state, nonce = await lti.login()
+    first = lti.platform.id_token(nonce, **{LTI + "context": {"id": "c-100", "title": "First"}})
+    assert (await lti.launch(first, state)).status == 200
+    state, _ = await lti.login()
+    return await lti.launch(lti.platform.id_token(nonce), state)
+
+
+async def _nonce_of_another_login(lti: Lti) -> ClientResponse:
+    _, other_nonce = await lti.login()
+    state, _ = await lti.login()
+    return await lti.launch(lti.platform.id_token(other_nonce), state)
+
+
+def _with_claims(**claims: Any) -> Refusal:
+    async def refusal(lti: Lti) -> ClientResponse:
+        state, nonce = await lti.login()
+        return await lti.launch(lti.platform.id_token(nonce, **claims), state)
+
+    return refusal
+
+
+async def _expired(lti: Lti) -> ClientResponse:
+    now = int(time.time())
+    return await _with_claims(iat=now - 900, exp=now - 600)(lti)
+
+
+async def _issued_in_the_future(lti: Lti) -> ClientResponse:
+    now = int(time.time())
+    return await _with_claims(iat=now + 600, exp=now + 900)(lti)
+
+
+async def _other_key(lti: Lti) -> ClientResponse:
+    state, nonce = await lti.login()
+    return await lti.launch(lti.platform.id_token(nonce, key=rsa_key("attacker")), state)
+
+
+async def _unknown_kid(lti: Lti) -> ClientResponse:
+    await lti.launch_ok(**{LTI + "context": {"id": "c-100", "title": "First"}})  # the key set is cached
+    assert lti.platform.jwks_fetches == 1
+    for attempt in range(2):
+        state, nonce = await lti.login()
+        response = await lti.launch(lti.platform.id_token(nonce, key=rsa_key("attacker"), kid="made-up"), state)
+        # The first unknown kid refetches the set once; another one soon after does not.
+        assert lti.platform.jwks_fetches == 2
+        if attempt == 0:
+            await _assert_refused(response, 401, "unauthorized", "kid")
+    return response
+
+
+async def _hs256(lti: Lti) -> ClientResponse:
+    state, nonce = await lti.login()
+    forged = jwt.encode(lti.platform.claims(nonce), "a-shared-secret-" * 4, algorithm="HS256",
+                        headers={"kid": lti.platform.kid})
+    return await lti.launch(forged, state)
+
+
+async def _not_a_jwt(lti: Lti) -> ClientResponse:
+    state, _ = await lti.login()
+    return await lti.launch("not.a.jwt", state)
+
+
+async def _missing_id_token(lti: Lti) -> ClientResponse:
+    state, _ = await lti.login()
+    return await lti.server.client.post("/lti/launch", data={"state": state})
+
+
+@pytest.mark.parametrize(
+    ("refusal", "status", "code", "words"),
+    [
+        (_bad_state, 401, "unauthorized", "unknown or expired state"),
+        (_expired_then_used_state, 401, "unauthorized", "unknown or expired state"),
+        (_reused_nonce, 401, "unauthorized", "nonce is unknown, expired or already used"),
+        (_nonce_of_another_login, 401, "unauthorized", "nonce belongs to another login"),
+        (_expired, 401, "unauthorized", "expired"),
+        (_issued_in_the_future, 401, "unauthorized", "invalid id_token"),
+        (_with_claims(aud="another-tool"), 401, "unauthorized", "audience"),
+        (_with_claims(aud=[CLIENT_ID, "another-tool"]), 401, "unauthorized", "azp"),
+        (_with_claims(aud=[CLIENT_ID, "another-tool"], azp="another-tool"), 401, "unauthorized", "azp"),
+        (_with_claims(iss="https://impostor.example"), 401, "unauthorized", "issuer"),
+        (_other_key, 401, "unauthorized", "Signature verification failed"),
+        (_unknown_kid, 401, "unauthorized", "kid"),
+        (_hs256, 401, "unauthorized", "RS256"),
+        (_not_a_jwt, 401, "unauthorized", "not a JWT"),
+        (_missing_id_token, 400, "bad_request", "'id_token' is required"),
+        (_with_claims(nonce=None), 401, "unauthorized", "nonce"),
+        (_with_claims(**{LTI + "deployment_id": "deployment-2"}), 403, "forbidden", "deployment"),
+        (_with_claims(**{LTI + "deployment_id": None}), 400, "bad_request", "deployment_id"),
+        (_with_claims(**{LTI + "message_type": "LtiDeepLinkingRequest"}), 400, "bad_request", "LtiResourceLink"),
+        (_with_claims(**{LTI + "version": "1.1"}), 400, "bad_request", "1.3.0"),
+        (_with_claims(**{LTI + "roles": [f"{MEMBERSHIP}#Mentor"]}), 403, "forbidden", "learners"),
+        (_with_claims(**{LTI + "context": None}), 400, "bad_request", "context"),
+    ],
+    ids=["bad-state", "expired-or-used-state", "reused-nonce", "nonce-of-another-login", "expired",
+         "issued-in-the-future", "wrong-audience", "audiences-without-azp", "wrong-azp", "wrong-issuer",
+         "other-key", "unknown-kid", "hs256", "not-a-jwt", "no-id-token", "no-nonce", "wrong-deployment",
+         "no-deployment", "wrong-message-type", "wrong-version", "no-usable-role", "no-context"],
+)
+async def test_launch_refusals(lti: Lti, refusal: Refusal, status: int, code: str, words: str) -> None:
+    assert await count(lti.db, "courses") == 0
+    response = await refusal(lti)
+    await _assert_refused(response, status, code, words)
+    # Some refusals start with a good launch (course c-100); the refused launch (c-101) writes nothing.
+    courses = {row["id"] for row in await lti.db.fetch("SELECT id FROM courses")}
+    assert courses <= {f"lti-{lti.platform_id}-c-100"}
+    assert await count(lti.db, "users") == 0
+    assert [row["id"] for row in await lti.db.fetch("SELECT id FROM tenants")] == [TENANT]
+
+
+async def test_without_a_secret_lti_is_unavailable(serve: Serve) -> None:
+    public_pem = rsa_key("tutor").public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    server = await serve(jwt_secret=None, jwt_public_key=public_pem, jwt_algorithm="RS256")
+    for response in (
+        await server.client.get("/lti/login", params={"iss": "x"}, allow_redirects=False),
+        await server.client.post("/lti/launch", data={"id_token": "x", "state": str(uuid.uuid4())}),
+    ):
+        assert response.status == 503
+        error = (await response.json())["error"]
+        assert "SMARTEDU_JWT_SECRET" in error["message"], error
