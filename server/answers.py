@@ -77,6 +77,7 @@ class Answers:
         reply_id: int,
         tenant: TenantSettings | None = None,
         reservation: Reservation | None = None,
+        question_seq: int = 0,
     ) -> Turn:
         """Run an answer for a committed question (queued behind the conversation's current one)."""
         turn = Turn(
@@ -89,6 +90,7 @@ class Answers:
             question=question.text,
             course_id=conversation.course_id,
             reservation=reservation,
+            question_seq=question_seq,
         )
         self._turns[turn.reply_id] = turn
         turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
@@ -262,7 +264,8 @@ class Answers:
         reservation, turn.reservation = turn.reservation, None
         await self.budgets.settle(reservation, *used)
         committed = await self.db.finish_reply(
-            turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq, record
+            turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq, record,
+            question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
         )
         turn.finished = True
         self._observe(status, record)

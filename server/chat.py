@@ -262,16 +262,19 @@ class ChatService:
             ack["seq"] = saved.message.seq
             await session.peer.send(encode(ack))
             return
+        seq = 0
         try:
             [(seq, _)] = await self.hub.emit(
                 conversation.id, [encode(ack)], floor=conversation.last_seq, course=course_key(conversation)
             )
-            await self.db.set_message_seq(claims.tenant, saved.message.id, seq)
+            if saved.reply is None:
+                await self.db.set_message_seq(claims.tenant, saved.message.id, seq)
         finally:
             # The question is committed: it gets its answer (or a final status) even if the ack failed.
+            # Its ack's seq is stored with the answer (one statement), so a resend gets the same ack.
             if saved.reply is not None:
                 self.answers.start(
-                    conversation, joined.course, saved.message, saved.reply.id, session.tenant, reservation
+                    conversation, joined.course, saved.message, saved.reply.id, session.tenant, reservation, seq
                 )
 
     async def cancel(self, session: Session, reply_id: int) -> None:

@@ -83,7 +83,8 @@ class Turn:
     last_seq: int = 0
     tenant_prompt: str | None = None
     passage_ids: tuple[int, ...] = ()
-    reservation: Any = None  # chat.Reservation, settled when the answer is committed
+    reservation: Any = None  # budgets.Reservation, settled when the answer is committed
+    question_seq: int = 0  # the seq of the question's ack, stored with the answer
 
     @property
     def course_key(self) -> tuple[str, str] | None:

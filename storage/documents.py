@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from .postgres import Database
@@ -56,8 +57,13 @@ def split_passages(body: str, size: int = PASSAGE_CHARS) -> list[str]:
 class Documents:
     """Course material for grounding; every query is scoped by tenant and course."""
 
+    # Document names go into every answer's instructions; they change rarely, so each replica keeps
+    # them for half a minute (a document added on another replica shows up within that time).
+    NAMES_TTL_S = 30.0
+
     def __init__(self, db: Database):
         self.pool = db.pool
+        self._names: dict[tuple[str, str], tuple[float, list[str]]] = {}
 
     async def add(self, tenant_id: str, course_id: str, name: str, body: str) -> Document:
         """Store a document and its passages in one transaction."""
@@ -75,6 +81,7 @@ class Documents:
                 " VALUES ($1, $2, $3, $4, $5)",
                 [(tenant_id, course_id, document_id, i, text) for i, text in enumerate(passages)],
             )
+        self._names.pop((tenant_id, course_id), None)
         return Document(int(document_id), course_id, name, len(body), len(passages))
 
     async def list_documents(self, tenant_id: str, course_id: str) -> list[Document]:
@@ -89,14 +96,22 @@ class Documents:
         return [Document(r["id"], r["course_id"], r["name"], r["chars"], r["passages"]) for r in rows]
 
     async def names(self, tenant_id: str, course_id: str, limit: int = 50) -> list[str]:
-        """Document names for the system instruction."""
+        """Document names for the system instruction (cached briefly)."""
+        now = time.monotonic()
+        cached = self._names.get((tenant_id, course_id))
+        if cached is not None and cached[0] > now:
+            return cached[1]
         rows = await self.pool.fetch(
             "SELECT name FROM course_documents WHERE tenant_id = $1 AND course_id = $2 ORDER BY id LIMIT $3",
             tenant_id,
             course_id,
             limit,
         )
-        return [r["name"] for r in rows]
+        names = [r["name"] for r in rows]
+        if len(self._names) > 10_000:
+            self._names.clear()
+        self._names[(tenant_id, course_id)] = (now + self.NAMES_TTL_S, names)
+        return names
 
     async def search(self, tenant_id: str, course_id: str, query: str, limit: int = 4) -> list[Passage]:
         """The passages most relevant to `query`, best first (any word may match)."""

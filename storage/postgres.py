@@ -38,6 +38,10 @@ def _message(row: asyncpg.Record) -> Message:
     return Message(**dict(row))
 
 
+def _message_of(row: asyncpg.Record) -> Message:
+    return Message(**{k: v for k, v in row.items() if k != "is_reply"})
+
+
 def _conversation(row: asyncpg.Record) -> Conversation:
     return Conversation(**dict(row))
 
@@ -53,12 +57,19 @@ def _is_uuid(value: str) -> bool:
     return value.count("-") == 4
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Nothing to undo: queries leave no session state (advisory locks are released where taken,
+    nothing LISTENs), so the default reset, a round trip on every release, is skipped."""
+
+
 async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attempts: int = 10) -> asyncpg.Pool:
     """Create a pool, retrying with a log line per attempt while the server starts."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, command_timeout=30)
+            pool = await asyncpg.create_pool(
+                dsn, min_size=min_size, max_size=max_size, command_timeout=30, reset=_keep_session
+            )
             assert pool is not None
             return pool
         except (OSError, asyncpg.CannotConnectNowError, asyncpg.PostgresConnectionError) as exc:
@@ -290,29 +301,42 @@ class Database:
         """Commit a student's message and its reply placeholder; a repeated client id returns the first rows.
 
         While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
+        One statement (one round trip): the question, the conversation's update and the placeholder.
         """
-        async with self._transaction() as conn:
-            row, created = await self._insert_once(conn, tenant_id, conversation_id, "user", text, client_id, author_id)
-            if not created:
-                reply = await conn.fetchrow(
-                    f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_to = $1 AND tenant_id = $2"
-                    " ORDER BY id DESC LIMIT 1",
-                    row["id"],
-                    tenant_id,
-                )
-                return SavedQuestion(_message(row), _message(reply) if reply else None, created=False)
-            paused = await conn.fetchval(
-                "UPDATE conversations SET updated_at = now(),"
-                " title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
-                " WHERE id = $1 AND tenant_id = $2 RETURNING ai_paused",
-                conversation_id,
+        rows = await self.pool.fetch(
+            "WITH q AS ("
+            "  INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
+            "  VALUES ($1, $2, 'user', $3, 'complete', $4, $5)"
+            f"  ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
+            " c AS ("
+            "  UPDATE conversations SET updated_at = now(),"
+            "  title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
+            "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM q) RETURNING ai_paused),"
+            " r AS ("
+            "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
+            "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"
+            f"  RETURNING {_MESSAGE_COLUMNS})"
+            " SELECT false AS is_reply, * FROM q UNION ALL SELECT true, * FROM r",
+            tenant_id,
+            conversation_id,
+            text,
+            client_id,
+            author_id,
+        )
+        if rows:
+            question = next(_message_of(r) for r in rows if not r["is_reply"])
+            reply = next((_message_of(r) for r in rows if r["is_reply"]), None)
+            return SavedQuestion(question, reply, created=True)
+        # A resend: the first rows, and no second answer.
+        async with self.pool.acquire() as conn:
+            row, _ = await self._insert_once(conn, tenant_id, conversation_id, "user", text, client_id, author_id)
+            existing = await conn.fetchrow(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_to = $1 AND tenant_id = $2"
+                " ORDER BY id DESC LIMIT 1",
+                row["id"],
                 tenant_id,
-                text,
             )
-            placeholder = None
-            if not paused:
-                placeholder = await self._insert_reply(conn, tenant_id, conversation_id, row["id"])
-        return SavedQuestion(_message(row), placeholder, created=True)
+        return SavedQuestion(_message(row), _message(existing) if existing else None, created=False)
 
     @staticmethod
     async def _insert_once(
@@ -447,48 +471,41 @@ class Database:
         status: MessageStatus,
         seq: int,
         usage: UsageRecord | None,
+        question: tuple[int, int] | None = None,
     ) -> bool:
-        """Commit the answer's final text and status (only if still streaming) and its usage row."""
-        async with self._transaction() as conn:
-            updated = await conn.fetchval(
-                "UPDATE messages SET text = $4, status = $5, seq = $6, prompt_tokens = $7, output_tokens = $8,"
-                " updated_at = clock_timestamp()"
-                " WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND status = 'streaming'"
-                " RETURNING id",
-                reply_id,
-                conversation_id,
-                tenant_id,
-                text,
-                status,
-                seq,
-                usage.prompt_tokens if usage else None,
-                usage.output_tokens if usage else None,
-            )
-            if updated is None:
-                return False
-            if usage is not None:
-                await conn.execute(
-                    "INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
-                    " prompt_tokens, output_tokens, ttft_ms, duration_ms, status, passage_ids)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                    tenant_id,
-                    user_id,
-                    conversation_id,
-                    reply_id,
-                    usage.provider,
-                    usage.model,
-                    usage.prompt_tokens,
-                    usage.output_tokens,
-                    usage.ttft_ms,
-                    usage.duration_ms,
-                    status,
-                    list(usage.passage_ids),
-                )
-            await conn.execute(
-                "UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $3)"
-                " WHERE id = $1 AND tenant_id = $2",
-                conversation_id,
-                tenant_id,
-                seq,
-            )
-        return True
+        """Commit the answer's final text and status (only if still streaming), its usage row and the
+        question's ack seq (`question` = (id, seq)), in one statement; False if it had already ended."""
+        updated = await self.pool.fetchval(
+            "WITH m AS ("
+            "  UPDATE messages SET text = $4, status = $5, seq = $6, prompt_tokens = $7, output_tokens = $8,"
+            "  updated_at = clock_timestamp()"
+            "  WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND status = 'streaming' RETURNING id),"
+            " u AS ("
+            "  INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
+            "  prompt_tokens, output_tokens, ttft_ms, duration_ms, status, passage_ids)"
+            "  SELECT $3, $9, $2, m.id, $10, $11, $7, $8, $12, $13, $5, $14 FROM m WHERE $10::text IS NOT NULL),"
+            " q AS ("
+            "  UPDATE messages SET seq = $16 WHERE id = $15 AND tenant_id = $3 AND $16::bigint > 0"
+            "  AND EXISTS (SELECT 1 FROM m)),"
+            " c AS ("
+            "  UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $6)"
+            "  WHERE id = $2 AND tenant_id = $3 AND EXISTS (SELECT 1 FROM m))"
+            " SELECT id FROM m",
+            reply_id,
+            conversation_id,
+            tenant_id,
+            text,
+            status,
+            seq,
+            usage.prompt_tokens if usage else None,
+            usage.output_tokens if usage else None,
+            user_id,
+            usage.provider if usage else None,
+            usage.model if usage else None,
+            usage.ttft_ms if usage else None,
+            usage.duration_ms if usage else None,
+            list(usage.passage_ids) if usage else [],
+            question[0] if question else 0,
+            question[1] if question else 0,
+        )
+        return updated is not None
