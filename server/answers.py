@@ -41,8 +41,13 @@ SAFETY_MESSAGE = (
 )
 
 
+def lease_member(tenant_id: str, user_id: str, conversation_id: str, reply_id: int, course_id: str | None) -> str:
+    """The lease of one answer, as stored in the leases index: everything a takeover needs."""
+    return orjson.dumps([tenant_id, user_id, conversation_id, reply_id, course_id]).decode()
+
+
 def _lease_member(turn: Turn) -> str:
-    return orjson.dumps([turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.course_id]).decode()
+    return lease_member(turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.course_id)
 
 
 class Answers:
@@ -78,6 +83,7 @@ class Answers:
         tenant: TenantSettings | None = None,
         reservation: Reservation | None = None,
         question_seq: int = 0,
+        leased: bool = False,
     ) -> Turn:
         """Run an answer for a committed question (queued behind the conversation's current one)."""
         turn = Turn(
@@ -91,6 +97,7 @@ class Answers:
             course_id=conversation.course_id,
             reservation=reservation,
             question_seq=question_seq,
+            leased=leased,
         )
         self._turns[turn.reply_id] = turn
         turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
@@ -114,8 +121,10 @@ class Answers:
         lock = self._lock(turn.conversation_id)
         member = _lease_member(turn)
         try:
-            with contextlib.suppress(Exception):  # the maintenance loop renews it again in 2 s
-                await self.hub.store.renew_leases([member], LEASE_TTL_MS)
+            if not turn.leased:  # usually taken with the ack, in the same round trip
+                with contextlib.suppress(Exception):  # the maintenance loop renews it again in 2 s
+                    await self.hub.store.renew_leases([member], LEASE_TTL_MS)
+                turn.leased = True
             async with lock:
                 with self.tracer.span("turn", conversation_id=turn.conversation_id, reply_id=turn.reply_id):
                     await self._generate(turn, course)
@@ -130,8 +139,9 @@ class Answers:
             self._turns.pop(turn.reply_id, None)
             if not lock.locked() and self._locks.get(turn.conversation_id) is lock:
                 del self._locks[turn.conversation_id]
-            with contextlib.suppress(Exception):
-                await self.hub.store.release_lease(member)
+            if turn.leased:  # usually dropped with the `done`, in the same round trip
+                with contextlib.suppress(Exception):
+                    await self.hub.store.release_lease(member)
 
     async def _generate(self, turn: Turn, course: Course | None) -> None:
         batcher = TokenBatcher(lambda text, offset: self._emit_token(turn, text, offset))
@@ -271,7 +281,10 @@ class Answers:
         self._observe(status, record)
         if not committed:
             return  # another replica already ended it (its lease had expired)
-        await self._emit_done(turn.conversation_id, turn.reply_id, status, length, record, turn.course_key)
+        await self._emit_done(
+            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, release=_lease_member(turn)
+        )
+        turn.leased = False
         if failure is not None:
             error = ChatError(
                 ErrorCode.AI_UNAVAILABLE,
@@ -300,6 +313,7 @@ class Answers:
         length: int,
         record: UsageRecord | None,
         course: tuple[str, str] | None,
+        release: str | None = None,
     ) -> None:
         done = {
             "type": "done",
@@ -312,11 +326,12 @@ class Answers:
                 "output_tokens": record.output_tokens if record else 0,
             },
         }
-        await self.hub.emit(conversation_id, [encode(done)], course=course)
+        await self.hub.emit(conversation_id, [encode(done)], course=course, release=release)
 
     async def renew_leases(self) -> None:
         """Keep the leases of this process's answers alive (every 2 s; they last 6 s)."""
-        await self.hub.store.renew_leases([_lease_member(t) for t in self._turns.values()], LEASE_TTL_MS)
+        members = [_lease_member(t) for t in self._turns.values() if not t.finished]
+        await self.hub.store.renew_leases(members, LEASE_TTL_MS)
 
     async def take_over_expired(self) -> None:
         """Answers whose replica stopped renewing its lease end as interrupted, with the text logged so far."""

@@ -19,7 +19,7 @@ from ai.base import Provider
 from storage.models import Conversation, Course, Message, TenantSettings, User
 from storage.postgres import Database
 
-from .answers import Answers, course_key
+from .answers import Answers, course_key, lease_member
 from .auth import Claims
 from .budgets import Budgets
 from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
@@ -262,11 +262,18 @@ class ChatService:
             ack["seq"] = saved.message.seq
             await session.peer.send(encode(ack))
             return
-        seq = 0
+        seq, leased = 0, False
+        lease = None
+        if saved.reply is not None:
+            lease = lease_member(
+                conversation.tenant_id, conversation.user_id, conversation.id, saved.reply.id, conversation.course_id
+            )
         try:
             [(seq, _)] = await self.hub.emit(
-                conversation.id, [encode(ack)], floor=conversation.last_seq, course=course_key(conversation)
+                conversation.id, [encode(ack)], floor=conversation.last_seq, course=course_key(conversation),
+                lease=lease,
             )
+            leased = lease is not None
             if saved.reply is None:
                 await self.db.set_message_seq(claims.tenant, saved.message.id, seq)
         finally:
@@ -274,7 +281,8 @@ class ChatService:
             # Its ack's seq is stored with the answer (one statement), so a resend gets the same ack.
             if saved.reply is not None:
                 self.answers.start(
-                    conversation, joined.course, saved.message, saved.reply.id, session.tenant, reservation, seq
+                    conversation, joined.course, saved.message, saved.reply.id, session.tenant, reservation, seq,
+                    leased=leased,
                 )
 
     async def cancel(self, session: Session, reply_id: int) -> None:

@@ -242,11 +242,23 @@ class Hub:
                     break
 
     async def emit(
-        self, conversation_id: str, frames: Sequence[bytes], *, floor: int = 0, course: tuple[str, str] | None = None
+        self,
+        conversation_id: str,
+        frames: Sequence[bytes],
+        *,
+        floor: int = 0,
+        course: tuple[str, str] | None = None,
+        lease: str | None = None,
+        release: str | None = None,
     ) -> list[Numbered]:
-        """Number frames with the conversation's next seqs, log and publish them, deliver them here."""
+        """Number frames with the conversation's next seqs, log and publish them, deliver them here.
+
+        `lease` / `release` take or drop an answer's lease in the same round trip.
+        """
         course_channel = self.store.keys.course_channel(*course) if course else ""
-        first = await self.store.emit(conversation_id, frames, floor, self.node, course_channel)
+        first = await self.store.emit(
+            conversation_id, frames, floor, self.node, course_channel, lease=lease, release=release
+        )
         numbered = [(first + i, splice_seq(frame, first + i)) for i, frame in enumerate(frames)]
         await self.deliver(conversation_id, numbered)
         if course is not None:

@@ -85,6 +85,7 @@ class Turn:
     passage_ids: tuple[int, ...] = ()
     reservation: Any = None  # budgets.Reservation, settled when the answer is committed
     question_seq: int = 0  # the seq of the question's ack, stored with the answer
+    leased: bool = False  # whether this answer's lease is (believed to be) held in Redis
 
     @property
     def course_key(self) -> tuple[str, str] | None:

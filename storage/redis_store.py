@@ -187,22 +187,48 @@ class RedisStore:
     # -- conversation events --------------------------------------------------------------------
 
     async def emit(
-        self, conversation_id: str, frames: Sequence[bytes], floor: int, node: str, course_channel: str = ""
+        self,
+        conversation_id: str,
+        frames: Sequence[bytes],
+        floor: int,
+        node: str,
+        course_channel: str = "",
+        *,
+        lease: str | None = None,
+        release: str | None = None,
+        lease_ttl_ms: int = 6000,
     ) -> int:
-        """Number `frames` consecutively, log and publish them; return the first seq."""
+        """Number `frames` consecutively, log and publish them; return the first seq.
+
+        `lease` / `release` take or drop an answer's lease in the same round trip (a pipeline: the
+        lease index lives in another hash slot, so it cannot join the script on a Redis Cluster).
+        """
         keys = self.keys
-        first = await self._emit(
-            keys=[
-                keys.conversation_seq(conversation_id),
-                keys.conversation_log(conversation_id),
-                keys.conversation_log_start(conversation_id),
-            ],
-            args=[
-                floor, self.log_maxlen, self.log_ttl_s, node, keys.conversation_channel(conversation_id),
-                course_channel, *frames,
-            ],
-        )
-        return int(first)
+        script_keys = [
+            keys.conversation_seq(conversation_id),
+            keys.conversation_log(conversation_id),
+            keys.conversation_log_start(conversation_id),
+        ]
+        args: list[bytes | str | int] = [
+            floor, self.log_maxlen, self.log_ttl_s, node, keys.conversation_channel(conversation_id),
+            course_channel, *frames,
+        ]
+        client = self.client
+        if (lease is None and release is None) or isinstance(client, RedisCluster):
+            first = int(await self._emit(keys=script_keys, args=args))
+            if lease is not None:
+                await client.zadd(keys.leases(), {lease: now_ms() + lease_ttl_ms})
+            if release is not None:
+                await client.zrem(keys.leases(), release)
+            return first
+        async with client.pipeline(transaction=False) as pipe:
+            await self._emit(keys=script_keys, args=args, client=pipe)
+            if lease is not None:
+                pipe.zadd(keys.leases(), {lease: now_ms() + lease_ttl_ms})
+            if release is not None:
+                pipe.zrem(keys.leases(), release)
+            results = await pipe.execute()
+        return int(results[0])
 
     async def snapshot(self, conversation_id: str) -> LogSnapshot:
         """The conversation's current seq and every frame still in its log."""
