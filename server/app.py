@@ -118,6 +118,7 @@ def create_app(
             metrics.instrument(store, metrics.redis_ops, REDIS_TIMED)
             app[REDIS] = store
             yield
+            await store.close()
         finally:
             await client.aclose()
 

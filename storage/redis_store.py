@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -11,9 +12,10 @@ from typing import Any
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException
 
 from .keys import Keys
 
@@ -103,6 +105,18 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass(slots=True)
+class _Emit:
+    """One emit waiting for the next pipeline."""
+
+    keys: tuple[str, str, str]
+    args: tuple[bytes | str | int, ...]
+    lease: str | None
+    release: str | None
+    lease_ttl_ms: int
+    future: asyncio.Future[int] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class LogSnapshot:
     """A conversation's seq and logged frames at one instant."""
@@ -179,6 +193,8 @@ class RedisStore:
         self._emit = client.register_script(_EMIT)
         self._snapshot = client.register_script(_SNAPSHOT)
         self._admit = client.register_script(_ADMIT)
+        self._queued: list[_Emit] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     async def ping(self) -> None:
         """Raise if Redis cannot answer."""
@@ -200,35 +216,89 @@ class RedisStore:
     ) -> int:
         """Number `frames` consecutively, log and publish them; return the first seq.
 
-        `lease` / `release` take or drop an answer's lease in the same round trip (a pipeline: the
-        lease index lives in another hash slot, so it cannot join the script on a Redis Cluster).
+        `lease` / `release` take or drop an answer's lease in the same round trip. Emits from every
+        answer of this process share round trips: while one pipeline is on its way to Redis, the next
+        ones queue up and go together (so a busy replica pays one write and one read for many frames).
         """
         keys = self.keys
-        script_keys = [
-            keys.conversation_seq(conversation_id),
-            keys.conversation_log(conversation_id),
-            keys.conversation_log_start(conversation_id),
-        ]
-        args: list[bytes | str | int] = [
-            floor, self.log_maxlen, self.log_ttl_s, node, keys.conversation_channel(conversation_id),
-            course_channel, *frames,
-        ]
-        client = self.client
-        if (lease is None and release is None) or isinstance(client, RedisCluster):
-            first = int(await self._emit(keys=script_keys, args=args))
-            if lease is not None:
-                await client.zadd(keys.leases(), {lease: now_ms() + lease_ttl_ms})
-            if release is not None:
-                await client.zrem(keys.leases(), release)
+        call = _Emit(
+            keys=(
+                keys.conversation_seq(conversation_id),
+                keys.conversation_log(conversation_id),
+                keys.conversation_log_start(conversation_id),
+            ),
+            args=(
+                floor, self.log_maxlen, self.log_ttl_s, node, keys.conversation_channel(conversation_id),
+                course_channel, *frames,
+            ),
+            lease=lease,
+            release=release,
+            lease_ttl_ms=lease_ttl_ms,
+        )
+        if isinstance(self.client, RedisCluster):
+            # Scripts cannot ride in a cluster pipeline here: one call each.
+            first = int(await self._emit(keys=call.keys, args=call.args))
+            await self._lease_ops(self.client, [call])
             return first
-        async with client.pipeline(transaction=False) as pipe:
-            await self._emit(keys=script_keys, args=args, client=pipe)
-            if lease is not None:
-                pipe.zadd(keys.leases(), {lease: now_ms() + lease_ttl_ms})
-            if release is not None:
-                pipe.zrem(keys.leases(), release)
-            results = await pipe.execute()
-        return int(results[0])
+        call.future = asyncio.get_running_loop().create_future()
+        self._queued.append(call)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="redis-emit-flusher")
+        return await call.future
+
+    async def _flush(self) -> None:
+        """Send queued emits in pipelines, one at a time, until the queue is empty."""
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                firsts = await self._run_emits(batch)
+            except Exception as exc:
+                for call in batch:
+                    if call.future is not None and not call.future.done():
+                        call.future.set_exception(exc)
+                continue
+            for call, first in zip(batch, firsts, strict=True):
+                if call.future is not None and not call.future.done():
+                    call.future.set_result(first)
+
+    async def _run_emits(self, batch: list[_Emit]) -> list[int]:
+        sha = self._emit.sha
+        for attempt in (1, 2):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for call in batch:
+                    pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
+                await self._lease_ops(pipe, batch)
+                results = await pipe.execute(raise_on_error=False)
+            firsts = results[: len(batch)]
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in firsts):
+                # Redis lost its script cache (restart, SCRIPT FLUSH): nothing ran; load and go again.
+                await self.client.script_load(_EMIT)
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return [int(r) for r in firsts]
+        raise RuntimeError("unreachable")
+
+    async def _lease_ops(self, client: Any, calls: Sequence[_Emit]) -> None:
+        leases = self.keys.leases()
+        expiry = now_ms()
+        taken = {c.lease: expiry + c.lease_ttl_ms for c in calls if c.lease is not None}
+        dropped = [c.release for c in calls if c.release is not None]
+        if taken:
+            result = client.zadd(leases, taken)
+            if not isinstance(client, Pipeline):
+                await result
+        if dropped:
+            result = client.zrem(leases, *dropped)
+            if not isinstance(client, Pipeline):
+                await result
+
+    async def close(self) -> None:
+        """Wait for emits already queued (their callers are waiting for them)."""
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
 
     async def snapshot(self, conversation_id: str) -> LogSnapshot:
         """The conversation's current seq and every frame still in its log."""
