@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -649,9 +649,19 @@ def start_nginx(workdir: Path, listen_port: int, upstreams: Sequence[int], round
 
 
 def run_loadtest(
-    url: str, secret_file: Path, out: Path, args: Sequence[str], log_path: Path, timeout: float
+    url: str,
+    secret_file: Path,
+    out: Path,
+    args: Sequence[str],
+    log_path: Path,
+    timeout: float,
+    during: tuple[float, Callable[[], object]] | None = None,
 ) -> dict[str, Any]:
-    """`python -m server.loadtest` (= `smartedu loadtest`) as its own process; returns its JSON results."""
+    """`python -m server.loadtest` (= `smartedu loadtest`) as its own process; returns its JSON results.
+
+    `during = (seconds, action)` runs `action` that long after the start, from this thread (children must
+    be started from the main thread: PR_SET_PDEATHSIG fires when the thread that forked them ends).
+    """
     check_loopback(url)
     argv = [
         sys.executable, "-m", "server.loadtest", "--url", url, "--jwt-secret-file", str(secret_file),
@@ -660,14 +670,26 @@ def run_loadtest(
     with log_path.open("ab") as log:
         log.write(("$ " + " ".join(argv) + "\n").encode())
         log.flush()
-        done = subprocess.run(
-            argv, cwd=code_dir(), stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False,
-            preexec_fn=_die_with_parent,
+        process = subprocess.Popen(
+            argv, cwd=code_dir(), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
+        try:
+            started = time.monotonic()
+            if during is not None:
+                delay, action = during
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(delay)
+                if process.poll() is None:
+                    action()
+            process.wait(max(1.0, timeout - (time.monotonic() - started)))
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
     if not out.exists():
-        raise BenchError(f"loadtest wrote no results (exit {done.returncode}); see {log_path}")
+        raise BenchError(f"loadtest wrote no results (exit {process.returncode}); see {log_path}")
     results: dict[str, Any] = orjson.loads(out.read_bytes())
-    results["exit_status"] = done.returncode
+    results["exit_status"] = process.returncode
     return results
 
 
@@ -749,8 +771,15 @@ _AREAS = (
 )
 
 
+_LOOP_LEAVES = ("Runner.run (", "BaseEventLoop.run_forever (", "BaseEventLoop.run_until_complete (")
+
+
 def _area(frames: Sequence[str]) -> str:
     """The innermost frame that names a known library or module decides the area of a sample."""
+    if frames[-1].startswith(_LOOP_LEAVES):
+        # uvloop runs its loop in C under Runner.run: polling, timers, transport callbacks, and also
+        # waiting, which py-spy cannot tell apart from work there.
+        return "event loop (uvloop's C loop; includes waiting for I/O)"
     for frame in reversed(frames):
         for needle, label in _AREAS:
             if needle in frame:
