@@ -31,6 +31,8 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.conftest import require_tool as conftest_require_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 NGINX_DIR = DEPLOY / "nginx"
@@ -88,12 +90,7 @@ ALERT_EXTRA_METRICS = frozenset({"up", "process_start_time_seconds"})
 def require_tool(name: str) -> str:
     """Path of an external tool (venv first, then PATH); missing: fail when CI=true, otherwise skip."""
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if found is None:
-        reason = f"{name} is not installed (apt-get install -y nginx prometheus provides nginx and promtool)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must install it")
-        pytest.skip(reason)
-    return found
+    return conftest_require_tool(found, f"{name} (apt-get install -y nginx prometheus provides nginx and promtool)")
 
 
 def run_tool(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
