@@ -740,42 +740,38 @@ def summarize_profile(raw: Path, top: int = 15) -> dict[str, Any]:
 
 
 def _short(frame: str) -> str:
-    # "function (path/to/module.py:123)" -> "function (module.py)"
+    # "function (path/to/module.py:123)" -> "function (path/to/module.py)"; py-spy already shortens paths
+    # to the package ("redis/asyncio/client.py", "asyncio/streams.py", "server/chat.py").
     name, _, where = frame.partition(" (")
-    where = where.rstrip(")")
-    path = where.rsplit(":", 1)[0]
-    parts = Path(path).parts
-    if "site-packages" in parts:
-        index = parts.index("site-packages")
-        module = "/".join(parts[index + 1 : index + 3])
-    else:
-        module = "/".join(parts[-2:])
-    return f"{name} ({module})"
+    return f"{name} ({where.rstrip(')').rsplit(':', 1)[0]})"
 
 
+# Checked in order against each frame, innermost first; the first library that matches owns the sample.
 _AREAS = (
-    ("asyncpg", "PostgreSQL client (asyncpg)"),
-    ("redis/", "Redis client (redis-py)"),
-    ("aiohttp/web_ws", "WebSocket server (aiohttp)"),
-    ("aiohttp/_websocket", "WebSocket server (aiohttp)"),
-    ("aiohttp/http_websocket", "WebSocket server (aiohttp)"),
-    ("aiohttp/web_protocol", "HTTP server (aiohttp)"),
-    ("aiohttp/", "aiohttp (other)"),
-    ("logging/", "logging"),
-    ("server/logs.py", "logging"),
-    ("jwt/", "JWT verification"),
-    ("ai/", "offline AI provider / prompt"),
-    ("orjson", "JSON"),
-    ("uvloop", "event loop (uvloop)"),
-    ("asyncio/", "asyncio (tasks, locks, futures)"),
+    ("(asyncpg/", "PostgreSQL client (asyncpg)"),
+    ("(redis/", "Redis client (redis-py)"),
+    ("(aiohttp/web_ws", "WebSocket (aiohttp)"),
+    ("(aiohttp/_websocket", "WebSocket (aiohttp)"),
+    ("(aiohttp/http_websocket", "WebSocket (aiohttp)"),
+    ("(aiohttp/", "aiohttp (HTTP, middleware)"),
+    ("(aiohttp_session/", "aiohttp (HTTP, middleware)"),
+    ("(prometheus_client/", "metrics (prometheus_client)"),
+    ("(opentelemetry/", "tracing (OpenTelemetry)"),
+    ("(logging/", "logging"),
+    ("(jwt/", "JWT verification"),
+    ("(ai/", "offline AI provider / prompt"),
+    ("(server/", "SmartEdu code (server/, storage/, handlers/)"),
+    ("(storage/", "SmartEdu code (server/, storage/, handlers/)"),
+    ("(handlers/", "SmartEdu code (server/, storage/, handlers/)"),
 )
-
-
+# Standard-library plumbing is charged to whoever called it (redis-py's socket writes go through
+# asyncio streams, every `async with` through contextlib, ...).
+_PLUMBING = ("(asyncio/", "(contextlib.py", "(typing.py", "(functools.py", "(<string>", "(abc.py", "(enum.py")
 _LOOP_LEAVES = ("Runner.run (", "BaseEventLoop.run_forever (", "BaseEventLoop.run_until_complete (")
 
 
 def _area(frames: Sequence[str]) -> str:
-    """The innermost frame that names a known library or module decides the area of a sample."""
+    """The innermost frame outside standard-library plumbing decides the area of a sample."""
     if frames[-1].startswith(_LOOP_LEAVES):
         # uvloop runs its loop in C under Runner.run: polling, timers, transport callbacks, and also
         # waiting, which py-spy cannot tell apart from work there.
@@ -784,6 +780,6 @@ def _area(frames: Sequence[str]) -> str:
         for needle, label in _AREAS:
             if needle in frame:
                 return label
-        if "/server/" in frame or "/storage/" in frame or "/handlers/" in frame:
-            return "SmartEdu code (server/, storage/, handlers/)"
-    return "other (interpreter, idle)"
+        if not any(p in frame for p in _PLUMBING):
+            return "other libraries"
+    return "asyncio (tasks, futures, locks)"

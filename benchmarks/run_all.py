@@ -426,50 +426,80 @@ def scenario_capacity(bench: Bench, run: int) -> dict[str, Any]:
 # -- scenario 2: throughput ladder ---------------------------------------------------------------------
 
 
+NOISY_SEND_LAG_MS = 10.0  # the load generator itself fell behind: the step measured the machine
+NOISY_UNRELATED_CORES = 0.25  # other people's jobs took this much of the machine during the step
+
+
 def _ladder(bench: Bench, url: str, name: str, ladder: Sequence[float], sampler: Sampler, pid_name: str,
             students: int, step_s: float) -> dict[str, Any]:
-    steps = []
+    steps: list[dict[str, Any]] = []
     for rate in ladder:
-        # Each step is a new load-tester process whose students all say `hello` again (~5 ms of replica CPU
-        # each): a slow ramp keeps that storm out of the steady phase, which is what the step measures.
-        ramp_s = students / THROUGHPUT_RAMP_RATE
-        args = [
-            "--students", str(students), "--ramp-rate", f"{THROUGHPUT_RAMP_RATE:g}", "--rate", f"{rate:g}",
-            "--duration", f"{step_s + ramp_s:g}", "--drain-timeout", "5", "--seed", "1", "--turn-timeout", "30",
-        ]
-        results = _loadtest(bench, url, f"{name}-rate{rate:g}", args, sampler, step_s * 3 + 120)
-        ack_p99 = _lat(results, "ack")
-        steady = _phase(results)
-        achieved = float(steady["rates_per_s"]["turns"])
-        lost = _counter(results, "lost_tokens") + _counter(results, "duplicate_tokens")
-        send_lag = _lat(results, "send_lag")
-        attempted = _counter(results, "turns_attempted", "steady")
-        completed = _counter(results, "turns_completed", "steady")
-        # The load tester's ramp can start a little late, so the bar is the questions it actually asked in
-        # the steady phase (all answered) and 90 % of the nominal rate.
-        passed = (
-            ack_p99 is not None and ack_p99 < TARGET_ACK_P99_MS and achieved >= 0.9 * rate
-            and completed >= attempted and (steady["error_rate"] or 0) == 0 and lost == 0
-        )
-        steps.append({
-            "rate": rate, "passed": passed, "achieved_turns_per_s": achieved, "ack_p99_ms": ack_p99,
-            "ack_p50_ms": _lat(results, "ack", "p50"), "done_p99_ms": _lat(results, "done"),
-            "send_lag_p99_ms": send_lag, "error_rate": steady["error_rate"], "lost_or_duplicated": lost,
-            "frames_per_s": steady["rates_per_s"]["frames"], "turns": _counter(results, "turns_completed"),
-            "hellos": _counter(results, "connects_ok"),
-            "server": results["sampled"][pid_name]["steady"], "loadgen_note": None, "detail": _slim(results),
-        })
-        print(
-            f"    {name} rate {rate:g}/s: achieved {achieved:.1f}/s, p99 ack "
-            f"{ack_p99 if ack_p99 is not None else float('nan'):.1f} ms, server "
-            f"{(results['sampled'][pid_name]['steady']['cpu_cores'] or 0):.2f} cores, send_lag p99 "
-            f"{send_lag if send_lag is not None else float('nan'):.1f} ms -> {'pass' if passed else 'FAIL'}",
-            flush=True,
-        )
-        if not passed:
+        step = _step(bench, url, name, rate, sampler, pid_name, students, step_s, attempt=1)
+        if not step["passed"] and step["noisy"]:
+            # A failure while the generator was starved or unrelated jobs took the cores says nothing about
+            # the replica: the step is run once more and both attempts are reported.
+            steps.append(step)
+            step = _step(bench, url, name, rate, sampler, pid_name, students, step_s, attempt=2)
+        steps.append(step)
+        if not step["passed"]:
             break
     best = max((s["rate"] for s in steps if s["passed"]), default=0.0)
     return {"steps": steps, "max_turns_per_s": best, "command": steps[0]["detail"]["command"] if steps else None}
+
+
+def _step(bench: Bench, url: str, name: str, rate: float, sampler: Sampler, pid_name: str, students: int,
+          step_s: float, attempt: int) -> dict[str, Any]:
+    # Each step is a new load-tester process whose students all say `hello` again (~5 ms of replica CPU
+    # each): a slow ramp keeps that storm out of the steady phase, which is what the step measures.
+    ramp_s = students / THROUGHPUT_RAMP_RATE
+    args = [
+        "--students", str(students), "--ramp-rate", f"{THROUGHPUT_RAMP_RATE:g}", "--rate", f"{rate:g}",
+        "--duration", f"{step_s + ramp_s:g}", "--drain-timeout", "5", "--seed", "1", "--turn-timeout", "30",
+    ]
+    label = f"{name}-rate{rate:g}" + (f"-attempt{attempt}" if attempt > 1 else "")
+    results = _loadtest(bench, url, label, args, sampler, step_s * 3 + 120)
+    ack_p99 = _lat(results, "ack")
+    steady = _phase(results)
+    achieved = float(steady["rates_per_s"]["turns"])
+    lost = _counter(results, "lost_tokens") + _counter(results, "duplicate_tokens")
+    send_lag = _lat(results, "send_lag")
+    attempted = _counter(results, "turns_attempted", "steady")
+    completed = _counter(results, "turns_completed", "steady")
+    # The load tester's ramp can start a little late, so the bar is the questions it actually asked in
+    # the steady phase (all answered) and 90 % of the nominal rate.
+    passed = (
+        ack_p99 is not None and ack_p99 < TARGET_ACK_P99_MS and achieved >= 0.9 * rate
+        and completed >= attempted and (steady["error_rate"] or 0) == 0 and lost == 0
+    )
+    sampled = results["sampled"]
+    unrelated = _unrelated_cores(sampled)
+    noisy = (send_lag or 0) > NOISY_SEND_LAG_MS or (unrelated or 0) > NOISY_UNRELATED_CORES
+    worst = max((point[3] for point in results["timeseries"]["ack"] if point[3] is not None), default=None)
+    print(
+        f"    {name} rate {rate:g}/s{' (again)' if attempt > 1 else ''}: achieved {achieved:.1f}/s, p99 ack "
+        f"{ack_p99 if ack_p99 is not None else float('nan'):.1f} ms, server "
+        f"{(sampled[pid_name]['steady']['cpu_cores'] or 0):.2f} cores, send_lag p99 "
+        f"{send_lag if send_lag is not None else float('nan'):.1f} ms, unrelated {unrelated or 0:.2f} cores"
+        f" -> {'pass' if passed else 'FAIL'}{' (noisy)' if noisy and not passed else ''}",
+        flush=True,
+    )
+    return {
+        "rate": rate, "attempt": attempt, "passed": passed, "noisy": noisy, "achieved_turns_per_s": achieved,
+        "ack_p99_ms": ack_p99, "ack_p50_ms": _lat(results, "ack", "p50"), "done_p99_ms": _lat(results, "done"),
+        "worst_second_ack_p99_ms": worst, "send_lag_p99_ms": send_lag, "error_rate": steady["error_rate"],
+        "lost_or_duplicated": lost, "frames_per_s": steady["rates_per_s"]["frames"],
+        "turns": _counter(results, "turns_completed"), "hellos": _counter(results, "connects_ok"),
+        "unrelated_cores": unrelated, "server": sampled[pid_name]["steady"], "detail": _slim(results),
+    }
+
+
+def _unrelated_cores(sampled: dict[str, Any]) -> float | None:
+    steady = {name: (entry.get("steady") or {}).get("cpu_cores") for name, entry in sampled.items()}
+    machine = steady.get("machine")
+    if machine is None:
+        return None
+    ours = sum(float(v) for k, v in steady.items() if k != "machine" and v is not None)
+    return max(0.0, float(machine) - ours)
 
 
 def scenario_throughput(bench: Bench, run: int) -> dict[str, Any]:
@@ -866,21 +896,29 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "",
             "Every step of every run:",
             "",
-            "| run | offered/s | achieved/s | p50 ack ms | p99 ack ms | p99 done ms | server cores | PG cores | "
-            "Redis cores | loadgen cores | machine busy cores | unrelated jobs cores | send_lag p99 ms | result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| run | offered/s | achieved/s | p50 ack ms | p99 ack ms | worst second p99 ack ms | p99 done ms | "
+            "server cores | PG cores | Redis cores | loadgen cores | machine busy cores | unrelated jobs cores | "
+            "send_lag p99 ms | result |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for index, run in enumerate(runs, 1):
             for step in run["steps"]:
                 cores = _cores(step["detail"].get("sampled") or {})
+                result = "pass" if step["passed"] else ("fail (noisy, run again)" if step.get("noisy")
+                                                        and step is not run["steps"][-1] else "fail")
                 lines.append(
                     f"| {index} | {step['rate']:g} | {_fmt(step['achieved_turns_per_s'])} | {_fmt(step['ack_p50_ms'])}"
-                    f" | {_fmt(step['ack_p99_ms'])} | {_fmt(step['done_p99_ms'])} | "
+                    f" | {_fmt(step['ack_p99_ms'])} | {_fmt(step.get('worst_second_ack_p99_ms'))} | "
+                    f"{_fmt(step['done_p99_ms'])} | "
                     f"{_fmt(step['server']['cpu_cores'], 2)} | {cores['postgres']} | {cores['redis']} | "
                     f"{cores['loadgen']} | {cores['machine']} | {cores['unrelated']} | "
-                    f"{_fmt(step['send_lag_p99_ms'])} | {'pass' if step['passed'] else 'fail'} |"
+                    f"{_fmt(step['send_lag_p99_ms'])} | {result} |"
                 )
-        lines += ["", f"Command (one step): `{runs[0]['command']}`", ""]
+        lines += ["", "\"Worst second\" is the highest of the per-second p99s of `ack` (the load tester's time "
+                  "series): a step that fails on one short stall shows it there. A step that fails while the load "
+                  f"generator lagged (send_lag p99 > {NOISY_SEND_LAG_MS:g} ms) or unrelated jobs took more than "
+                  f"{NOISY_UNRELATED_CORES:g} cores is run once more.", ""]
+        lines += [f"Command (one step): `{runs[0]['command']}`", ""]
         lines += _work_per_turn(runs, scen.get("capacity"))
 
     if "class" in scen:
