@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from server.errors import ChatError, CloseCode, ErrorCode, forbidden
 from server.keys import CHAT, SETTINGS, SOCKETS, STATE, VERIFIER
@@ -37,22 +38,41 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         cookie_claims=cookie_claims, pending_origin=None if trusted else origin,
     )
     try:
-        async with asyncio.timeout(settings.hello_timeout) as deadline:
+        if await _hello_in_time(ws, session, settings.hello_timeout):
             async for msg in ws:
-                if msg.type == WSMsgType.TEXT:
-                    await session.on_text(msg.data)
-                elif msg.type == WSMsgType.BINARY:
-                    await session.on_binary()
-                if session.ready and deadline.when() is not None:
-                    deadline.reschedule(None)
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        session.hello_timed_out()
-        await ws.close(code=CloseCode.HELLO_TIMEOUT, message=b"no hello in time")
+                await _handle(session, msg)
     except Exception:
         log.exception("socket crashed")
         await ws.close(code=CloseCode.CRASH, message=b"internal error")
     finally:
         await session.close()
     return ws
+
+
+async def _handle(session: SocketSession, msg: WSMessage) -> None:
+    if msg.type == WSMsgType.TEXT:
+        await session.on_text(msg.data)
+    elif msg.type == WSMsgType.BINARY:
+        await session.on_binary()
+
+
+async def _hello_in_time(ws: web.WebSocketResponse, session: SocketSession, timeout: float) -> bool:
+    """Handle frames until `hello` succeeds. The deadline bounds waiting for frames, not handling them
+    (a slow database must not turn a timely hello into a 4408). False when the socket is done."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not session.ready:
+        remaining = deadline - loop.time()
+        msg = None
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                msg = await ws.receive(timeout=remaining)
+        if msg is None:
+            session.hello_timed_out()
+            await ws.close(code=CloseCode.HELLO_TIMEOUT, message=b"no hello in time")
+            return False
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            return False
+        await _handle(session, msg)
+    return True
+

@@ -261,3 +261,21 @@ async def test_redis_failure_gives_explicit_error_and_no_row(server: Server, db:
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
     await sock.send(type="message", id="r1", text="hello?")
     assert (await sock.expect("ack"))["id"] == "r1"
+
+
+async def test_a_timely_hello_that_is_slow_to_process_is_not_timed_out(serve: Serve) -> None:
+    from server.keys import CHAT
+
+    server = await serve(hello_timeout=0.3)
+    chat = server.client.app[CHAT]
+    original = chat.open_session
+
+    async def slow_open_session(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.6)  # e.g. a busy database, after the hello arrived in time
+        return await original(*args, **kwargs)
+
+    chat.open_session = slow_open_session  # type: ignore[method-assign]
+    sock = await server.connect({"token": token()})
+    assert sock.frames[0]["type"] == "welcome"
+    await sock.send(type="ping")
+    assert (await sock.expect("pong"))["type"] == "pong"
