@@ -6,57 +6,26 @@ a browser here. Without one the tests skip, or fail when CI=true.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import re
-import shutil
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import Serve, Server, require_tool, seed_course, token
+from tests.conftest import Serve, Server, seed_course, token
+from tests.e2e.helpers import ANSWER_WAIT_MS
 
 pytestmark = pytest.mark.e2e
 
-try:
-    from playwright.async_api import Browser, Page, WebSocketRoute, async_playwright
-except ImportError:  # pragma: no cover - depends on the environment
-    async_playwright = None  # type: ignore[assignment]
+with contextlib.suppress(ImportError):  # without playwright, the `browser` fixture skips (or fails in CI)
+    from playwright.async_api import Browser, Page, WebSocketRoute
 
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 TENANT = "school-a"
 COURSE = "algebra-1"
-ANSWER_WAIT_MS = 20_000
 RENDERED_TEXT = (
     "t => { const d = document.createElement('div'); d.appendChild(SmartEdu.renderMarkdown(t)); return d.textContent }"
 )
-
-
-def _chromium() -> str:
-    found = os.environ.get("SMARTEDU_CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
-    )
-    return require_tool(found if async_playwright is not None else None, "Chromium with Python playwright")
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    executable = _chromium()
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 async def _open_page(browser: Browser) -> tuple[Page, list[str]]:
