@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -1273,6 +1274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the working tree")
     parser.add_argument("--code-dir", type=Path, help="benchmark a copy of the project in this directory (A/B "
                         "experiments with uncommitted changes)")
+    parser.add_argument("--rates", help="comma-separated turns/s for the throughput ladder (default "
+                        f"{','.join(f'{r:g}' for r in Plan.ladder)}; experiments)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if args.quick and args.scenarios == parser.get_default("scenarios"):
@@ -1286,6 +1289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ref and args.code_dir:
         parser.error("give --ref or --code-dir, not both")
     plan = Plan.quick(runs) if args.quick else Plan(runs=runs)
+    if args.rates:
+        try:
+            ladder = tuple(float(r) for r in args.rates.split(",") if r.strip())
+        except ValueError:
+            parser.error("--rates takes numbers, e.g. 250,300")
+        if not ladder or min(ladder) <= 0:
+            parser.error("--rates takes positive numbers, e.g. 250,300")
+        plan = dataclasses.replace(plan, ladder=ladder)
 
     # SIGTERM ends the run like Ctrl-C: every finally block stops what it started.
     def interrupted(signum: int, frame: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -20,6 +21,10 @@ from .embedded import EmbeddedError, EmbeddedServices, dev_session_key, jwt_secr
 from .errors import ConfigError
 from .logs import configure_logging
 from .settings import Settings
+
+# Allocations between young-generation collections (CPython's default is 700): a streaming frame allocates
+# a few dozen objects, so the default collects hundreds of times a second under load.
+GC_YOUNG_THRESHOLD = 20_000
 
 log = logging.getLogger("smartedu")
 
@@ -165,6 +170,7 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
         await site.start()
+        _settle_heap()
         log.info("serving", extra={"host": settings.host, "port": settings.port, "ai": settings.ai_provider})
         if announce:
             _print_demo(settings, settings.host, settings.port)
@@ -178,6 +184,16 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
         log.info("stopping")
     finally:
         await runner.cleanup()
+
+
+def _settle_heap() -> None:
+    """After start-up: the modules, the app and the pools are long-lived, so move them out of the garbage
+    collector's sight (gc.freeze) and collect the young generation less often. Full collections then walk
+    only what sockets and answers allocate, instead of pausing every socket for the whole heap
+    (docs/benchmarks.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from ai.prompt import build_system_instruction
 from storage.documents import Documents
 from storage.models import Conversation, Course, Message, MessageStatus, TenantSettings, UsageRecord
 from storage.postgres import Database
+from storage.redis_store import TokenAdjustment
 
 from .budgets import Budgets, Reservation
 from .errors import ChatError, ErrorCode
@@ -84,6 +85,7 @@ class Answers:
         reservation: Reservation | None = None,
         question_seq: int = 0,
         leased: bool = False,
+        history: list[Message] | None = None,
     ) -> Turn:
         """Run an answer for a committed question (queued behind the conversation's current one)."""
         turn = Turn(
@@ -98,6 +100,7 @@ class Answers:
             reservation=reservation,
             question_seq=question_seq,
             leased=leased,
+            history=history,
         )
         self._turns[turn.reply_id] = turn
         turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
@@ -144,7 +147,9 @@ class Answers:
                     await self.hub.store.release_lease(member)
 
     async def _generate(self, turn: Turn, course: Course | None) -> None:
-        batcher = TokenBatcher(lambda text, offset: self._emit_token(turn, text, offset))
+        batcher = TokenBatcher(
+            lambda text, offset: self._emit_token(turn, text, offset), self.settings.frame_interval_ms / 1000
+        )
         status: MessageStatus = "complete"
         usage: Usage | None = None
         failure: AIError | None = None
@@ -185,9 +190,13 @@ class Answers:
             raise asyncio.CancelledError
 
     async def _build_request(self, turn: Turn, course: Course | None) -> AIRequest:
-        recent = await self.db.recent_messages(
-            turn.tenant_id, turn.conversation_id, self.settings.history_messages + 1, before=turn.reply_id
-        )
+        recent: list[Message] = turn.history
+        if recent is None or any(m.status == "streaming" for m in recent):
+            # Not read with the question, or another answer was still being written then: read it now
+            # (this turn holds the conversation's lock, so every earlier answer has its final text).
+            recent = await self.db.recent_messages(
+                turn.tenant_id, turn.conversation_id, self.settings.history_messages + 1, before=turn.reply_id
+            )
         # The question goes last, separately; unfinished answers are left out of the context.
         history = tuple(
             HistoryTurn(m.role, _unlabelled(m.text) if m.role == "user" else m.text)
@@ -272,17 +281,23 @@ class Answers:
             )
         used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
         reservation, turn.reservation = turn.reservation, None
-        await self.budgets.settle(reservation, *used)
-        committed = await self.db.finish_reply(
-            turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq, record,
-            question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
-        )
+        try:
+            committed = await self.db.finish_reply(
+                turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq,
+                record, question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
+            )
+        except BaseException:
+            await self.budgets.settle(reservation, *used)
+            raise
         turn.finished = True
         self._observe(status, record)
         if not committed:
+            await self.budgets.settle(reservation, *used)
             return  # another replica already ended it (its lease had expired)
+        # The reservation is settled and the lease dropped in the `done`'s round trip.
         await self._emit_done(
-            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, release=_lease_member(turn)
+            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, release=_lease_member(turn),
+            adjust=self.budgets.adjustment(reservation, *used),
         )
         turn.leased = False
         if failure is not None:
@@ -314,6 +329,7 @@ class Answers:
         record: UsageRecord | None,
         course: tuple[str, str] | None,
         release: str | None = None,
+        adjust: TokenAdjustment | None = None,
     ) -> None:
         done = {
             "type": "done",
@@ -326,7 +342,7 @@ class Answers:
                 "output_tokens": record.output_tokens if record else 0,
             },
         }
-        await self.hub.emit(conversation_id, [encode(done)], course=course, release=release)
+        await self.hub.emit(conversation_id, [encode(done)], course=course, release=release, adjust=adjust)
 
     async def renew_leases(self) -> None:
         """Keep the leases of this process's answers alive (every 2 s; they last 6 s)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ai.base import estimate_tokens
 from storage.models import TenantSettings
-from storage.redis_store import RedisStore
+from storage.redis_store import RedisStore, TokenAdjustment
 
 from .errors import ChatError, ErrorCode
 from .metrics import Metrics
@@ -69,13 +69,23 @@ class Budgets:
             )
         return Reservation(tenant.id, user_id, day, amounts[0], amounts[1])
 
-    async def settle(self, reservation: Reservation | None, total_tokens: int, output_tokens: int) -> None:
-        """Replace a reservation by what was really used."""
+    @staticmethod
+    def adjustment(reservation: Reservation | None, total_tokens: int, output_tokens: int) -> TokenAdjustment | None:
+        """What replaces a reservation by what was really used (to ride along with the answer's `done`)."""
         if reservation is None:
+            return None
+        return TokenAdjustment(
+            reservation.tenant_id, reservation.user_id, reservation.day,
+            total_tokens - reservation.tenant_tokens, output_tokens - reservation.user_tokens,
+        )
+
+    async def settle(self, reservation: Reservation | None, total_tokens: int, output_tokens: int) -> None:
+        """Replace a reservation by what was really used, on its own round trip."""
+        adjust = self.adjustment(reservation, total_tokens, output_tokens)
+        if adjust is None:
             return
-        deltas = (total_tokens - reservation.tenant_tokens, output_tokens - reservation.user_tokens)
         try:
-            await self.store.adjust_tokens(reservation.tenant_id, reservation.user_id, reservation.day, deltas)
+            await self.store.adjust_tokens(adjust)
         except Exception:
             log.exception("could not reconcile a token reservation")
 

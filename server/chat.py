@@ -18,6 +18,7 @@ import orjson
 from ai.base import Provider
 from storage.models import Conversation, Course, Message, TenantSettings, User
 from storage.postgres import Database
+from storage.roundtrips import RoundTrips
 
 from .answers import Answers, course_key, lease_member
 from .auth import Claims
@@ -80,6 +81,8 @@ class ChatService:
         self.classroom = Classroom(db, hub, self.answers)
         self.hub.on_control = self._on_control
         self._sessions: dict[str, Session] = {}
+        # Sockets close in crowds (a class ends, a network drops): their departures share round trips.
+        self._departures: RoundTrips[tuple[str, str, str, bytes], None] = RoundTrips(self._depart, "departures")
         self._closing = False
         self._maintenance: asyncio.Task[None] | None = None
 
@@ -198,12 +201,17 @@ class ChatService:
             self.hub.unwatch(session.claims.tenant, course_id, session.peer)
         if session.presence is not None:
             tenant_id, course_id = session.presence
-            with contextlib.suppress(Exception):
-                await self.hub.store.depart(tenant_id, course_id, session.id)
-                await self.hub.course_event(
-                    tenant_id, course_id, encode({"type": "event", "course_id": course_id, "kind": "left",
-                                                  "student": {"session_id": session.id, "user_id": session.claims.sub}})
-                )
+            left = encode({"type": "event", "course_id": course_id, "kind": "left",
+                           "student": {"session_id": session.id, "user_id": session.claims.sub}})
+            await self.hub.deliver_watchers(tenant_id, course_id, left)
+            try:
+                await self._departures.submit((tenant_id, course_id, session.id, left))
+            except Exception as exc:  # the presence entry expires with its heartbeat within 15 s
+                log.warning("could not record a departure", extra={"error": repr(exc)})
+
+    async def _depart(self, departures: list[tuple[str, str, str, bytes]]) -> list[None]:
+        await self.hub.store.depart(departures, self.hub.node)
+        return [None] * len(departures)
 
     def _presence_info(self, session: Session, conversation: Conversation) -> dict[str, Any]:
         return {
@@ -242,7 +250,8 @@ class ChatService:
         try:
             with self.tracer.span("persist", conversation_id=conversation.id):
                 saved = await self.db.save_question(
-                    claims.tenant, conversation.id, frame.id, frame.text, session.user.id
+                    claims.tenant, conversation.id, frame.id, frame.text, session.user.id,
+                    history=self.settings.history_messages,
                 )
         except Exception:
             await self.budgets.settle(reservation, 0, 0)
@@ -282,7 +291,7 @@ class ChatService:
             if saved.reply is not None:
                 self.answers.start(
                     conversation, joined.course, saved.message, saved.reply.id, session.tenant, reservation, seq,
-                    leased=leased,
+                    leased=leased, history=saved.history,
                 )
 
     async def cancel(self, session: Session, reply_id: int) -> None:

@@ -1,10 +1,13 @@
 """Fan-out of conversation frames across replicas.
 
 Frames are numbered, logged and published by one Redis script, so every replica sees one order. This
-replica delivers its own frames to its sockets directly and other replicas' frames from a pub/sub
-listener (the node id in each envelope tells them apart), subscribing to a conversation's channel while
-at least one local socket has joined it. A socket that joins while frames are flowing buffers them
-until its catch-up (welcome, replay) is sent, so nothing arrives twice or out of place.
+replica delivers its own frames to its sockets directly. Other replicas' frames reach it on its own node
+channel: while at least one local socket has joined a conversation, the replica's node id is in that
+conversation's nodes set, and the emit script publishes each frame to the node channel of every replica
+in the set except the emitter (with ip_hash the set is usually just the emitter, and nothing is
+published at all). Teachers' course channels are ordinary channels, subscribed while a teacher watches.
+A socket that joins while frames are flowing buffers them until its catch-up (welcome, replay) is sent,
+so nothing arrives twice or out of place.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import orjson
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterPubSub
 
-from storage.redis_store import RedisStore, splice_seq
+from storage.redis_store import RedisStore, TokenAdjustment, splice_seq
 
 log = logging.getLogger(__name__)
 
 Numbered = tuple[int, bytes]
+
+# How often a replica renews its entries in the nodes sets of the conversations it holds.
+HOLD_REFRESH_S = 600.0
 
 
 class Peer(Protocol):
@@ -65,8 +71,13 @@ class Hub:
         self.on_control = on_control
         self._members: dict[str, dict[str, Member]] = {}
         self._watchers: dict[tuple[str, str], dict[str, Peer]] = {}
-        # channel -> ("c", conversation id, "") or ("w", tenant id, course id)
-        self._channels: dict[str, tuple[str, str, str]] = {}
+        self._node_channel = store.keys.node_channel(self.node)
+        # Course channels subscribed for watching teachers: channel -> (tenant id, course id)
+        self._channels: dict[str, tuple[str, str]] = {}
+        # Conversations whose frames other replicas publish to this node (done once the future is).
+        self._held: dict[str, asyncio.Future[None]] = {}
+        self._held_refreshed = 0.0
+        self._releasing: asyncio.Future[None] | None = None  # a release on its way: holds wait for it
         self._pubsub: PubSub | ClusterPubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._subscribed: dict[str, asyncio.Future[None]] = {}
@@ -74,7 +85,7 @@ class Hub:
         # The last seq received from other replicas, per conversation: pub/sub frames at or below it are
         # duplicates of a catch-up, and after a reconnect the log fills in what was published meanwhile.
         self._remote_seq: dict[str, int] = {}
-        self._recovering: set[str] = set()
+        self._reconnected = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -96,9 +107,8 @@ class Hub:
         while True:
             try:
                 self._pubsub = self.store.client.pubsub()
-                if self._ready.is_set():
-                    self._recovering = set(self._channels)
-                await self._pubsub.subscribe(self.store.keys.control_channel(), *self._channels)
+                self._reconnected = self._ready.is_set()
+                await self._pubsub.subscribe(self.store.keys.control_channel(), self._node_channel, *self._channels)
                 self._ready.set()
                 delay = 0.1
                 async for message in self._pubsub.listen():
@@ -125,35 +135,31 @@ class Hub:
             waiter = self._subscribed.pop(channel, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            if channel in self._recovering:
-                self._recovering.discard(channel)
-                target = self._channels.get(channel)
-                if target is not None and target[0] == "c":
-                    await self._recover(target[1])
+            if channel == self._node_channel and self._reconnected:
+                self._reconnected = False
+                await self._recover_all()
             return
         if kind != "message":
             return
         data: bytes = message["data"]
+        if channel == self._node_channel:
+            conversation, seq_text, frame = data.split(b" ", 2)
+            conversation_id, seq = conversation.decode(), int(seq_text)
+            if seq <= self._remote_seq.get(conversation_id, 0):
+                return  # already delivered by a catch-up from the log
+            self._remote_seq[conversation_id] = seq
+            await self.deliver(conversation_id, [(seq, frame)])
+            return
         if channel == self.store.keys.control_channel():
             if self.on_control is not None:
                 self.on_control(orjson.loads(data))
             return
-        node, seq_text, frame = data.split(b" ", 2)
-        if node.decode() == self.node:
-            return  # this replica delivered it already
+        node, _, frame = data.split(b" ", 2)
         target = self._channels.get(channel)
-        if target is None:
-            return
-        if target[0] == "c":
-            seq = int(seq_text)
-            if seq <= self._remote_seq.get(target[1], 0):
-                return  # already delivered by a catch-up from the log
-            self._remote_seq[target[1]] = seq
-            await self.deliver(target[1], [(seq, frame)])
-        else:
-            await self.deliver_watchers(target[1], target[2], frame)
+        if target is not None and node.decode() != self.node:  # this replica delivered its own already
+            await self.deliver_watchers(target[0], target[1], frame)
 
-    async def _subscribe(self, channel: str, target: tuple[str, str, str]) -> None:
+    async def _subscribe(self, channel: str, target: tuple[str, str]) -> None:
         self._channels[channel] = target
         if self._pubsub is None:
             return  # the listener subscribes everything in _channels when it reconnects
@@ -165,8 +171,15 @@ class Hub:
         except TimeoutError:
             log.warning("subscription not confirmed in time", extra={"channel": channel})
 
+    async def _recover_all(self) -> None:
+        """After a reconnect: hold every conversation again (Redis may have restarted and lost the sets) and
+        deliver what other replicas published while this one was not listening."""
+        conversations = list(self._members)
+        await self.store.hold(conversations, self.node)
+        for conversation_id in conversations:
+            await self._recover(conversation_id)
+
     async def _recover(self, conversation_id: str) -> None:
-        """After a reconnect: deliver what other replicas published while this one was not listening."""
         snapshot = await self.store.snapshot(conversation_id)
         last = self._remote_seq.get(conversation_id, snapshot.seq)
         missed = [
@@ -180,16 +193,31 @@ class Hub:
             await self.deliver(conversation_id, missed)
 
     async def prune(self) -> None:
-        """Unsubscribe from channels no local socket needs any more (called periodically)."""
-        for channel, (kind, first, second) in list(self._channels.items()):
-            needed = first in self._members if kind == "c" else (first, second) in self._watchers
-            if not needed:
+        """Let go of conversations and course channels no local socket needs any more, and renew the hold on
+        the others now and then (called periodically)."""
+        for channel, target in list(self._channels.items()):
+            if target not in self._watchers:
                 self._channels.pop(channel, None)
-                if kind == "c":
-                    self._remote_seq.pop(first, None)
                 if self._pubsub is not None:
                     with contextlib.suppress(Exception):
                         await self._pubsub.unsubscribe(channel)
+        unused = [c for c, held in self._held.items() if held.done() and c not in self._members]
+        for conversation_id in unused:
+            del self._held[conversation_id]
+            self._remote_seq.pop(conversation_id, None)
+        if unused:
+            # A socket joining one of them meanwhile must not have its hold overtaken by this release.
+            self._releasing = asyncio.get_running_loop().create_future()
+            try:
+                await self.store.release(unused, self.node)
+            finally:
+                self._releasing.set_result(None)
+                self._releasing = None
+        now = asyncio.get_running_loop().time()
+        if now - self._held_refreshed > HOLD_REFRESH_S:
+            # The sets expire a day after the conversation's last frame; a socket can stay longer.
+            self._held_refreshed = now
+            await self.store.hold([c for c, held in self._held.items() if held.done()], self.node)
 
     # -- conversations --------------------------------------------------------------------------
 
@@ -198,10 +226,22 @@ class Hub:
         member = members.get(peer.id)
         if member is None:
             member = members[peer.id] = Member(peer, buffering=buffering)
-        channel = self.store.keys.conversation_channel(conversation_id)
-        if channel not in self._channels:
-            await self._subscribe(channel, ("c", conversation_id, ""))
-            self._remote_seq[conversation_id] = await self.store.current_seq(conversation_id) or 0
+        held = self._held.get(conversation_id)
+        if held is None:
+            held = self._held[conversation_id] = asyncio.get_running_loop().create_future()
+            try:
+                if self._releasing is not None:
+                    await asyncio.shield(self._releasing)
+                [seq] = await self.store.hold([conversation_id], self.node)
+            except BaseException as exc:
+                del self._held[conversation_id]
+                held.set_exception(exc)
+                held.exception()  # retrieved: later joiners retry instead of failing on it
+                raise
+            self._remote_seq[conversation_id] = seq
+            held.set_result(None)
+        elif not held.done():
+            await asyncio.shield(held)  # another socket is joining it right now
         return member
 
     async def catch_up(self, member: Member, frames: Sequence[Numbered], live_after: int) -> None:
@@ -250,14 +290,16 @@ class Hub:
         course: tuple[str, str] | None = None,
         lease: str | None = None,
         release: str | None = None,
+        adjust: TokenAdjustment | None = None,
     ) -> list[Numbered]:
         """Number frames with the conversation's next seqs, log and publish them, deliver them here.
 
-        `lease` / `release` take or drop an answer's lease in the same round trip.
+        `lease` / `release` take or drop an answer's lease and `adjust` settles its tokens in the same round
+        trip.
         """
         course_channel = self.store.keys.course_channel(*course) if course else ""
         first = await self.store.emit(
-            conversation_id, frames, floor, self.node, course_channel, lease=lease, release=release
+            conversation_id, frames, floor, self.node, course_channel, lease=lease, release=release, adjust=adjust
         )
         numbered = [(first + i, splice_seq(frame, first + i)) for i, frame in enumerate(frames)]
         await self.deliver(conversation_id, numbered)
@@ -272,7 +314,7 @@ class Hub:
         self._watchers.setdefault((tenant_id, course_id), {})[peer.id] = peer
         channel = self.store.keys.course_channel(tenant_id, course_id)
         if channel not in self._channels:
-            await self._subscribe(channel, ("w", tenant_id, course_id))
+            await self._subscribe(channel, (tenant_id, course_id))
 
     def unwatch(self, tenant_id: str, course_id: str, peer: Peer) -> None:
         watchers = self._watchers.get((tenant_id, course_id))

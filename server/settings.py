@@ -101,6 +101,7 @@ class Settings:
     hello_timeout: float = 10.0
     history_messages: int = 20
     history_page_max: int = 100
+    frame_interval_ms: float = 100.0
     offline_ttft_ms: float = 300.0
     offline_tokens_per_s: float = 40.0
     offline_reply_words: int | None = None
@@ -185,6 +186,7 @@ class Settings:
             max_message_chars=_int(env, "SMARTEDU_MAX_MESSAGE_CHARS", defaults.max_message_chars, 1),
             messages_per_minute=_int(env, "SMARTEDU_MESSAGES_PER_MINUTE", defaults.messages_per_minute, 1),
             hello_timeout=_float(env, "SMARTEDU_HELLO_TIMEOUT", defaults.hello_timeout, 0.1),
+            frame_interval_ms=_float(env, "SMARTEDU_FRAME_INTERVAL_MS", defaults.frame_interval_ms),
             offline_ttft_ms=_float(env, "SMARTEDU_OFFLINE_TTFT_MS", defaults.offline_ttft_ms),
             offline_tokens_per_s=_float(env, "SMARTEDU_OFFLINE_TOKENS_PER_S", defaults.offline_tokens_per_s),
             offline_reply_words=_int(env, "SMARTEDU_OFFLINE_REPLY_WORDS", 0) or None,

@@ -23,8 +23,13 @@ class Keys:
     def conversation_log_start(self, conversation_id: str) -> str:
         return f"{self.prefix}{{c:{conversation_id}}}:logstart"
 
-    def conversation_channel(self, conversation_id: str) -> str:
-        return f"{self.prefix}{{c:{conversation_id}}}:events"
+    def conversation_nodes(self, conversation_id: str) -> str:
+        """Set: the replicas (node ids) with a socket in the conversation, which its frames are published to."""
+        return f"{self.prefix}{{c:{conversation_id}}}:nodes"
+
+    def node_channel(self, node: str) -> str:
+        """The channel one replica listens on for other replicas' frames of the conversations it holds."""
+        return f"{self.prefix}node:{node}"
 
     def course_channel(self, tenant_id: str, course_id: str) -> str:
         return f"{self.prefix}{{p:{tenant_id}:{course_id}}}:events"

@@ -84,6 +84,9 @@ class SavedQuestion:
     message: Message
     reply: Message | None
     created: bool
+    # The messages before the question, oldest first, read in the same statement (None when not asked for):
+    # the answer's history, if nothing else is answered in the conversation first.
+    history: list[Message] | None = None
 
 
 @dataclass(frozen=True, slots=True)

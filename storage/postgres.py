@@ -39,7 +39,7 @@ def _message(row: asyncpg.Record) -> Message:
 
 
 def _message_of(row: asyncpg.Record) -> Message:
-    return Message(**{k: v for k, v in row.items() if k != "is_reply"})
+    return Message(**{k: v for k, v in row.items() if k != "part"})
 
 
 def _conversation(row: asyncpg.Record) -> Conversation:
@@ -296,12 +296,13 @@ class Database:
         return _message(row) if row else None
 
     async def save_question(
-        self, tenant_id: str, conversation_id: str, client_id: str, text: str, author_id: str
+        self, tenant_id: str, conversation_id: str, client_id: str, text: str, author_id: str, history: int = 0
     ) -> SavedQuestion:
         """Commit a student's message and its reply placeholder; a repeated client id returns the first rows.
 
         While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
-        One statement (one round trip): the question, the conversation's update and the placeholder.
+        One statement (one round trip): the question, the conversation's update, the placeholder and up to
+        `history` messages before the question (the statement's snapshot does not see its own inserts).
         """
         rows = await self.pool.fetch(
             "WITH q AS ("
@@ -315,18 +316,23 @@ class Database:
             " r AS ("
             "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
             "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"
-            f"  RETURNING {_MESSAGE_COLUMNS})"
-            " SELECT false AS is_reply, * FROM q UNION ALL SELECT true, * FROM r",
+            f"  RETURNING {_MESSAGE_COLUMNS}),"
+            f" h AS (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $2 AND tenant_id = $1"
+            "  AND EXISTS (SELECT 1 FROM r) ORDER BY id DESC LIMIT $6)"
+            " SELECT 'q' AS part, * FROM q UNION ALL SELECT 'r', * FROM r UNION ALL SELECT 'h', * FROM h",
             tenant_id,
             conversation_id,
             text,
             client_id,
             author_id,
+            history,
         )
         if rows:
-            question = next(_message_of(r) for r in rows if not r["is_reply"])
-            reply = next((_message_of(r) for r in rows if r["is_reply"]), None)
-            return SavedQuestion(question, reply, created=True)
+            question = next(_message_of(r) for r in rows if r["part"] == "q")
+            reply = next((_message_of(r) for r in rows if r["part"] == "r"), None)
+            before = sorted((_message_of(r) for r in rows if r["part"] == "h"), key=lambda m: m.id)
+            prefetched = before if reply is not None and history > 0 else None
+            return SavedQuestion(question, reply, created=True, history=prefetched)
         # A resend: the first rows, and no second answer.
         async with self.pool.acquire() as conn:
             row, _ = await self._insert_once(conn, tenant_id, conversation_id, "user", text, client_id, author_id)

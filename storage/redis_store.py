@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -18,29 +17,40 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisClusterException
 
 from .keys import Keys
+from .roundtrips import RoundTrips
 
 log = logging.getLogger(__name__)
 
-# Number a batch of frames with the conversation's next seqs, append them to its log and publish them,
-# atomically: the log, the channel and the seqs all agree on one order. Each frame is a JSON object;
-# the script splices `"seq":N` in before its closing brace. Envelopes are "<node> <seq> <frame>".
+# Number a batch of frames with the conversation's next seqs, append them to its log and publish them to
+# the other replicas holding a socket in it (its nodes set) and to the course's teachers, atomically: the
+# log, the channels and the seqs all agree on one order. Each frame is a JSON object; the script splices
+# `"seq":N` in before its closing brace. Envelopes are "<conversation> <seq> <frame>" on node channels and
+# "<node> <seq> <frame>" on course channels. The emitting replica delivers to its own sockets itself, so
+# nothing is published back to it.
 _EMIT = """
-local seq_key, log_key, start_key = KEYS[1], KEYS[2], KEYS[3]
+local seq_key, log_key, start_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local node, channel, course_channel = ARGV[4], ARGV[5], ARGV[6]
-local count = #ARGV - 6
+local node, node_prefix, course_channel, conversation = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local count = #ARGV - 7
 if redis.call('EXISTS', seq_key) == 0 then redis.call('SET', seq_key, floor) end
 local first = redis.call('INCRBY', seq_key, count) - count + 1
 if redis.call('EXISTS', log_key) == 0 then redis.call('SET', start_key, first) end
-for i = 7, #ARGV do
-  local seq = first + i - 7
+local targets = {}
+for _, other in ipairs(redis.call('SMEMBERS', nodes_key)) do
+  if other ~= node then targets[#targets + 1] = node_prefix .. other end
+end
+for i = 8, #ARGV do
+  local seq = first + i - 8
   local frame = string.sub(ARGV[i], 1, -2) .. ',"seq":' .. seq .. '}'
   redis.call('XADD', log_key, 'MAXLEN', maxlen, '*', 's', seq, 'f', frame, 'n', node)
-  local envelope = node .. ' ' .. seq .. ' ' .. frame
-  redis.call('PUBLISH', channel, envelope)
-  if course_channel ~= '' then redis.call('PUBLISH', course_channel, envelope) end
+  if #targets > 0 then
+    local envelope = conversation .. ' ' .. seq .. ' ' .. frame
+    for _, channel in ipairs(targets) do redis.call('PUBLISH', channel, envelope) end
+  end
+  if course_channel ~= '' then redis.call('PUBLISH', course_channel, node .. ' ' .. seq .. ' ' .. frame) end
 end
 redis.call('EXPIRE', seq_key, ttl * 24)
+redis.call('EXPIRE', nodes_key, ttl * 24)
 redis.call('EXPIRE', log_key, ttl)
 redis.call('EXPIRE', start_key, ttl)
 return first
@@ -105,16 +115,27 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenAdjustment:
+    """Tokens to add to (or, negative, give back to) a tenant's and a user's budgets for one day."""
+
+    tenant_id: str
+    user_id: str
+    day: str
+    tenant_delta: int
+    user_delta: int
+
+
 @dataclass(slots=True)
 class _Emit:
     """One emit waiting for the next pipeline."""
 
-    keys: tuple[str, str, str]
+    keys: tuple[str, str, str, str]
     args: tuple[bytes | str | int, ...]
     lease: str | None
     release: str | None
     lease_ttl_ms: int
-    future: asyncio.Future[int] | None = None
+    adjust: TokenAdjustment | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +160,9 @@ RedisClient = Redis | RedisCluster
 # would not answer sooner.
 POOL_SIZE = 64
 POOL_TIMEOUT_S = 10.0
+# Emits go through a pool of their own: a burst of other commands (a thousand sockets closing at once)
+# must not make every answer's next frame wait for a free connection. The flusher uses one at a time.
+EMIT_POOL_SIZE = 2
 
 
 def _client(url: str) -> Redis:
@@ -193,8 +217,16 @@ class RedisStore:
         self._emit = client.register_script(_EMIT)
         self._snapshot = client.register_script(_SNAPSHOT)
         self._admit = client.register_script(_ADMIT)
-        self._queued: list[_Emit] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._emits: RoundTrips[_Emit, int] = RoundTrips(self._run_emits, "redis-emit-flusher")
+        self._emit_client: Redis | None = None
+        if isinstance(client, Redis):
+            pool = client.connection_pool
+            self._emit_client = Redis.from_pool(
+                BlockingConnectionPool(
+                    connection_class=pool.connection_class, max_connections=EMIT_POOL_SIZE, timeout=POOL_TIMEOUT_S,
+                    **pool.connection_kwargs,
+                )
+            )
 
     async def ping(self) -> None:
         """Raise if Redis cannot answer."""
@@ -213,10 +245,12 @@ class RedisStore:
         lease: str | None = None,
         release: str | None = None,
         lease_ttl_ms: int = 6000,
+        adjust: TokenAdjustment | None = None,
     ) -> int:
         """Number `frames` consecutively, log and publish them; return the first seq.
 
-        `lease` / `release` take or drop an answer's lease in the same round trip. Emits from every
+        `lease` / `release` take or drop an answer's lease, and `adjust` settles its token reservation, in
+        the same round trip. Emits from every
         answer of this process share round trips: while one pipeline is on its way to Redis, the next
         ones queue up and go together (so a busy replica pays one write and one read for many frames).
         """
@@ -226,48 +260,32 @@ class RedisStore:
                 keys.conversation_seq(conversation_id),
                 keys.conversation_log(conversation_id),
                 keys.conversation_log_start(conversation_id),
+                keys.conversation_nodes(conversation_id),
             ),
             args=(
-                floor, self.log_maxlen, self.log_ttl_s, node, keys.conversation_channel(conversation_id),
-                course_channel, *frames,
+                floor, self.log_maxlen, self.log_ttl_s, node, keys.node_channel(""), course_channel,
+                conversation_id, *frames,
             ),
             lease=lease,
             release=release,
             lease_ttl_ms=lease_ttl_ms,
+            adjust=adjust,
         )
         if isinstance(self.client, RedisCluster):
             # Scripts cannot ride in a cluster pipeline here: one call each.
             first = int(await self._emit(keys=call.keys, args=call.args))
-            await self._lease_ops(self.client, [call])
+            await self._side_ops(self.client, [call])
             return first
-        call.future = asyncio.get_running_loop().create_future()
-        self._queued.append(call)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="redis-emit-flusher")
-        return await call.future
-
-    async def _flush(self) -> None:
-        """Send queued emits in pipelines, one at a time, until the queue is empty."""
-        while self._queued:
-            batch, self._queued = self._queued, []
-            try:
-                firsts = await self._run_emits(batch)
-            except Exception as exc:
-                for call in batch:
-                    if call.future is not None and not call.future.done():
-                        call.future.set_exception(exc)
-                continue
-            for call, first in zip(batch, firsts, strict=True):
-                if call.future is not None and not call.future.done():
-                    call.future.set_result(first)
+        return await self._emits.submit(call)
 
     async def _run_emits(self, batch: list[_Emit]) -> list[int]:
         sha = self._emit.sha
+        client = self._emit_client or self.client
         for attempt in (1, 2):
-            async with self.client.pipeline(transaction=False) as pipe:
+            async with client.pipeline(transaction=False) as pipe:
                 for call in batch:
                     pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
-                await self._lease_ops(pipe, batch)
+                await self._side_ops(pipe, batch)
                 results = await pipe.execute(raise_on_error=False)
             firsts = results[: len(batch)]
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in firsts):
@@ -280,25 +298,36 @@ class RedisStore:
             return [int(r) for r in firsts]
         raise RuntimeError("unreachable")
 
-    async def _lease_ops(self, client: Any, calls: Sequence[_Emit]) -> None:
+    async def _side_ops(self, client: Any, calls: Sequence[_Emit]) -> None:
+        """The lease and budget changes that ride along with emits (queued on a pipeline, or run one by one)."""
         leases = self.keys.leases()
         expiry = now_ms()
         taken = {c.lease: expiry + c.lease_ttl_ms for c in calls if c.lease is not None}
         dropped = [c.release for c in calls if c.release is not None]
+        pending = []
         if taken:
-            result = client.zadd(leases, taken)
-            if not isinstance(client, Pipeline):
-                await result
+            pending.append(client.zadd(leases, taken))
         if dropped:
-            result = client.zrem(leases, *dropped)
-            if not isinstance(client, Pipeline):
+            pending.append(client.zrem(leases, *dropped))
+        for call in calls:
+            if call.adjust is not None:
+                pending.extend(self._adjust(client, call.adjust))
+        if not isinstance(client, Pipeline):
+            for result in pending:
                 await result
 
+    def _adjust(self, client: Any, adjust: TokenAdjustment) -> list[Any]:
+        keys = self.keys
+        return [
+            client.incrby(keys.tenant_tokens(adjust.tenant_id, adjust.day), adjust.tenant_delta),
+            client.incrby(keys.user_tokens(adjust.tenant_id, adjust.user_id, adjust.day), adjust.user_delta),
+        ]
+
     async def close(self) -> None:
-        """Wait for emits already queued (their callers are waiting for them)."""
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
+        """Wait for emits already queued (their callers are waiting for them), then close the emit pool."""
+        await self._emits.wait()
+        if self._emit_client is not None:
+            await self._emit_client.aclose()
 
     async def snapshot(self, conversation_id: str) -> LogSnapshot:
         """The conversation's current seq and every frame still in its log."""
@@ -325,6 +354,35 @@ class RedisStore:
         """The conversation's latest seq, or None when Redis has no counter for it."""
         value = await self.client.get(self.keys.conversation_seq(conversation_id))
         return int(value) if value is not None else None
+
+    async def hold(self, conversation_ids: Sequence[str], node: str) -> list[int]:
+        """Ask for other replicas' frames of these conversations on `node`'s channel; their current seqs.
+
+        Frames emitted after this returns are published to the node (0 = no counter yet).
+        """
+        if not conversation_ids:
+            return []
+        ttl = self.log_ttl_s * 24
+        seqs: list[int] = []
+        for start in range(0, len(conversation_ids), 500):
+            chunk = conversation_ids[start : start + 500]
+            async with self.client.pipeline(transaction=False) as pipe:
+                for conversation_id in chunk:
+                    nodes = self.keys.conversation_nodes(conversation_id)
+                    pipe.sadd(nodes, node)
+                    pipe.expire(nodes, ttl)
+                    pipe.get(self.keys.conversation_seq(conversation_id))
+                results = await pipe.execute()
+            seqs.extend(int(value) if value is not None else 0 for value in results[2::3])
+        return seqs
+
+    async def release(self, conversation_ids: Sequence[str], node: str) -> None:
+        """Stop publishing these conversations' frames to `node` (no socket there needs them any more)."""
+        for start in range(0, len(conversation_ids), 500):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for conversation_id in conversation_ids[start : start + 500]:
+                    pipe.srem(self.keys.conversation_nodes(conversation_id), node)
+                await pipe.execute()
 
     async def publish_control(self, message: dict[str, object]) -> None:
         """Tell every replica something (e.g. cancel an answer that another replica generates)."""
@@ -362,11 +420,10 @@ class RedisStore:
         )
         return int(code), int(wait_ms) / 1000.0
 
-    async def adjust_tokens(self, tenant_id: str, user_id: str, day: str, deltas: tuple[int, int]) -> None:
+    async def adjust_tokens(self, adjust: TokenAdjustment) -> None:
         """Reconcile a reservation with what the answer really used."""
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.incrby(self.keys.tenant_tokens(tenant_id, day), deltas[0])
-            pipe.incrby(self.keys.user_tokens(tenant_id, user_id, day), deltas[1])
+            self._adjust(pipe, adjust)
             await pipe.execute()
 
     async def tokens_used(self, tenant_id: str, user_id: str, day: str) -> tuple[int, int]:
@@ -406,20 +463,33 @@ class RedisStore:
             await pipe.execute()
 
     async def heartbeat(self, sessions: Sequence[tuple[str, str, str]], ttl_ms: int) -> None:
-        """Renew (tenant, course, session) presence entries in one round trip."""
+        """Renew (tenant, course, session) presence entries in one round trip: one ZADD per course, since
+        building a command per session held the event loop for milliseconds with a thousand of them."""
         if not sessions:
             return
         expiry = now_ms() + ttl_ms
+        courses: dict[tuple[str, str], dict[str, int]] = {}
+        for tenant_id, course_id, session_id in sessions:
+            courses.setdefault((tenant_id, course_id), {})[session_id] = expiry
         async with self.client.pipeline(transaction=False) as pipe:
-            for tenant_id, course_id, session_id in sessions:
-                pipe.zadd(self.keys.presence(tenant_id, course_id), {session_id: expiry}, xx=True)
+            for (tenant_id, course_id), members in courses.items():
+                pipe.zadd(self.keys.presence(tenant_id, course_id), members, xx=True)
             await pipe.execute()
 
-    async def depart(self, tenant_id: str, course_id: str, session_id: str) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.keys.presence(tenant_id, course_id), session_id)
-            pipe.hdel(self.keys.presence_info(tenant_id, course_id), session_id)
+    async def depart(self, departures: Sequence[tuple[str, str, str, bytes]], node: str) -> None:
+        """Take (tenant, course, session) entries off the presence lists and publish each one's `left` event
+        frame to the course's teachers, in one round trip (sockets tend to close in crowds)."""
+        cluster = isinstance(self.client, RedisCluster)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for tenant_id, course_id, session_id, frame in departures:
+                pipe.zrem(self.keys.presence(tenant_id, course_id), session_id)
+                pipe.hdel(self.keys.presence_info(tenant_id, course_id), session_id)
+                if not cluster:  # a cluster pipeline routes commands by key, and PUBLISH has none
+                    pipe.publish(self.keys.course_channel(tenant_id, course_id), b"%b 0 %b" % (node.encode(), frame))
             await pipe.execute()
+        if cluster:
+            for tenant_id, course_id, _, frame in departures:
+                await self.publish_course_event(tenant_id, course_id, node, frame)
 
     async def _zmembers(self, key: str, minimum: int) -> list[Any]:
         return list(await self.client.zrangebyscore(key, minimum, "+inf"))

@@ -199,6 +199,22 @@ async def test_circuit_breaker_answers_at_once(serve: Serve, fake: FakeGemini) -
     assert fake.calls == calls  # the upstream was not called at all
 
 
+async def test_a_queued_question_sees_the_answer_it_waited_for(serve: Serve, fake: FakeGemini) -> None:
+    """The history read with a question is stale while another answer streams: the queued answer reads it
+    again once it runs, so the model sees the answer before it."""
+    server = await _gemini(serve, fake)
+    fake.chunks, fake.chunk_delay = ["First ", "answer ", "in ", "full."], 0.1
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await sock.send(type="message", id="w1", text="first question")
+    await sock.expect("ack")
+    await sock.expect("token")
+    await sock.send(type="message", id="w2", text="second question")  # queued behind the first answer
+    await sock.until("done")
+    await sock.until("done")
+    contents = fake.last_body["contents"]
+    assert [c["parts"][0]["text"] for c in contents] == ["first question", "First answer in full.", "second question"]
+
+
 async def test_budgets_refuse_and_reconcile(serve: Serve, fake: FakeGemini, db: asyncpg.Connection) -> None:
     server = await _gemini(serve, fake, user_daily_tokens=1500, max_output_tokens=1000)
     store = server.client.app[REDIS]

@@ -86,7 +86,7 @@ async def test_fresh_hello_mid_answer_catches_up_the_text_so_far(serve: Serve, d
 
 
 async def test_resume_from_a_seq_the_log_no_longer_holds(serve: Serve) -> None:
-    server = await serve(stream_maxlen=3, offline_tokens_per_s=1000)
+    server = await serve(stream_maxlen=3, offline_tokens_per_s=1000, frame_interval_ms=5)
     sock = await server.connect({"token": token()})
     conversation = sock.frames[0]["conversation_id"]
     await sock.send(type="message", id="m1", text="hi")
@@ -279,3 +279,67 @@ async def test_pubsub_reconnect_fills_the_gap_from_the_log(
     row = await _committed(db, ack["reply_id"])
     assert answer_text(frames2, ack["reply_id"]) == row["text"]
     assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
+
+
+async def test_frames_are_published_only_to_the_other_replicas_holding_the_conversation(serve: Serve) -> None:
+    a, b = await _two_replicas(serve, offline_tokens_per_s=0, offline_ttft_ms=0)
+    store = a.client.app[REDIS]
+    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    listener = store.client.pubsub()
+    await listener.subscribe(store.keys.node_channel(hub_a.node), store.keys.node_channel(hub_b.node))
+
+    async def published() -> list[tuple[str, bytes]]:
+        """Everything published on the two node channels until they have been quiet for 0.3 s."""
+        out = []
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 0.3:
+            message = await listener.get_message(timeout=0.1)
+            if message is not None and message["type"] == "message":
+                out.append((message["channel"].decode(), message["data"]))
+                quiet_since = time.monotonic()
+        return out
+
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    nodes = store.keys.conversation_nodes(conversation)
+    assert await store.client.smembers(nodes) == {hub_a.node.encode()}
+    await tab1.send(type="message", id="n1", text="Only replica A holds this")
+    await tab1.until("done")
+    assert await published() == []  # the emitter delivers to its own sockets; nothing goes back to it
+
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    assert await store.client.smembers(nodes) == {hub_a.node.encode(), hub_b.node.encode()}
+    await tab1.send(type="message", id="n2", text="Now B holds it too")
+    frames = await tab1.until("done")
+    await tab2.until("done")
+    messages = await published()
+    assert {channel for channel, _ in messages} == {store.keys.node_channel(hub_b.node)}
+    assert [int(data.split(b" ", 2)[1]) for _, data in messages] == [f["seq"] for f in frames]
+    assert all(data.startswith(conversation.encode() + b" ") for _, data in messages)
+
+    await tab2.close()
+    async with asyncio.timeout(5):
+        while hub_b.members(conversation):
+            await asyncio.sleep(0.02)
+    await hub_b.prune()
+    assert await store.client.smembers(nodes) == {hub_a.node.encode()}
+    await listener.aclose()
+
+
+async def test_a_crowd_leaving_at_once_is_seen_by_the_teacher(serve: Serve) -> None:
+    a, b = await _two_replicas(serve)
+    teacher = await b.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
+    await teacher.send(type="watch", course_id="alg-1")
+    await teacher.expect("snapshot")
+    students = [
+        await a.connect({"token": token(f"stu-{i}", courses=["alg-1"]), "course_id": "alg-1"}) for i in range(12)
+    ]
+    for _ in students:
+        assert (await teacher.expect("event"))["kind"] == "joined"
+    await asyncio.gather(*(s.close() for s in students))  # their departures share round trips
+    left = {(await teacher.expect("event"))["student"]["user_id"] for _ in students}
+    assert left == {f"stu-{i}" for i in range(12)}
+    response = await a.client.get(
+        "/api/courses/alg-1/live", headers={"Authorization": f"Bearer {token('teach-1', **TEACHER)}"}  # type: ignore[arg-type]
+    )
+    assert (await response.json())["students"] == []

@@ -71,3 +71,10 @@ def test_missing_auth_and_services_are_named() -> None:
         settings.require_auth()
     with pytest.raises(ConfigError, match="DATABASE_URL"):
         settings.require_services()
+
+
+def test_frame_interval_defaults_to_100_ms_and_names_its_variable() -> None:
+    assert Settings.from_env({}).frame_interval_ms == 100
+    assert Settings.from_env({"SMARTEDU_FRAME_INTERVAL_MS": "40"}).frame_interval_ms == 40
+    with pytest.raises(ConfigError, match="SMARTEDU_FRAME_INTERVAL_MS"):
+        Settings.from_env({"SMARTEDU_FRAME_INTERVAL_MS": "soon"})

@@ -1,0 +1,44 @@
+"""RedisStore operations that the socket tests only exercise indirectly."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from server.settings import Settings
+from storage.keys import Keys
+from storage.redis_store import RedisStore, connect_redis, now_ms
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[RedisStore]:
+    assert settings.redis_url is not None
+    client = await connect_redis(settings.redis_url)
+    yield RedisStore(client, Keys(settings.redis_prefix))
+    await client.aclose()
+
+
+async def test_heartbeat_renews_known_sessions_per_course_and_adds_none(store: RedisStore) -> None:
+    for course, session in (("alg-1", "s1"), ("alg-1", "s2"), ("geo-1", "s3")):
+        await store.announce("school-a", course, session, b'{"session_id": "%b"}' % session.encode(), ttl_ms=50)
+    before = now_ms()
+    await store.heartbeat([("school-a", "alg-1", "s1"), ("school-a", "alg-1", "s2"),
+                           ("school-a", "geo-1", "s3"), ("school-a", "geo-1", "gone")], ttl_ms=60_000)
+    alg = dict(await store.client.zrange(store.keys.presence("school-a", "alg-1"), 0, -1, withscores=True))
+    geo = dict(await store.client.zrange(store.keys.presence("school-a", "geo-1"), 0, -1, withscores=True))
+    assert set(alg) == {b"s1", b"s2"} and set(geo) == {b"s3"}  # "gone" was not announced: not added
+    assert all(score >= before + 59_000 for score in (*alg.values(), *geo.values()))
+
+
+async def test_hold_and_release_a_conversation(store: RedisStore) -> None:
+    await store.client.set(store.keys.conversation_seq("c-1"), 7)
+    assert await store.hold(["c-1", "c-2"], "node-a") == [7, 0]
+    await store.hold(["c-1"], "node-b")
+    assert await store.client.smembers(store.keys.conversation_nodes("c-1")) == {b"node-a", b"node-b"}
+    assert await store.client.ttl(store.keys.conversation_nodes("c-1")) > 3600
+    await store.release(["c-1", "c-2"], "node-a")
+    assert await store.client.smembers(store.keys.conversation_nodes("c-1")) == {b"node-b"}
+    assert not await store.client.exists(store.keys.conversation_nodes("c-2"))
