@@ -11,10 +11,10 @@ from typing import Any
 
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException
+from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from .keys import Keys
 from .roundtrips import RoundTrips
@@ -160,9 +160,6 @@ RedisClient = Redis | RedisCluster
 # would not answer sooner.
 POOL_SIZE = 64
 POOL_TIMEOUT_S = 10.0
-# Emits go through a pool of their own: a burst of other commands (a thousand sockets closing at once)
-# must not make every answer's next frame wait for a free connection. The flusher uses one at a time.
-EMIT_POOL_SIZE = 2
 
 
 def _client(url: str) -> Redis:
@@ -218,15 +215,12 @@ class RedisStore:
         self._snapshot = client.register_script(_SNAPSHOT)
         self._admit = client.register_script(_ADMIT)
         self._emits: RoundTrips[_Emit, int] = RoundTrips(self._run_emits, "redis-emit-flusher")
-        self._emit_client: Redis | None = None
+        # The emit flusher's own connection (single-node Redis; on a cluster each emit is a call of its own):
+        # a burst of other commands, say a thousand sockets closing at once, cannot hold up the answers.
+        self._emit_conn: AbstractConnection | None = None
         if isinstance(client, Redis):
             pool = client.connection_pool
-            self._emit_client = Redis.from_pool(
-                BlockingConnectionPool(
-                    connection_class=pool.connection_class, max_connections=EMIT_POOL_SIZE, timeout=POOL_TIMEOUT_S,
-                    **pool.connection_kwargs,
-                )
-            )
+            self._emit_conn = pool.connection_class(**pool.connection_kwargs)
 
     async def ping(self) -> None:
         """Raise if Redis cannot answer."""
@@ -274,19 +268,18 @@ class RedisStore:
         if isinstance(self.client, RedisCluster):
             # Scripts cannot ride in a cluster pipeline here: one call each.
             first = int(await self._emit(keys=call.keys, args=call.args))
-            await self._side_ops(self.client, [call])
+            for command in self._side_commands([call]):
+                await self.client.execute_command(*command)
             return first
         return await self._emits.submit(call)
 
     async def _run_emits(self, batch: list[_Emit]) -> list[int]:
+        """One round trip on the emit connection: every emit script of the batch, then the side commands."""
         sha = self._emit.sha
-        client = self._emit_client or self.client
+        commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in batch]
+        commands += self._side_commands(batch)
         for attempt in (1, 2):
-            async with client.pipeline(transaction=False) as pipe:
-                for call in batch:
-                    pipe.execute_command("EVALSHA", sha, len(call.keys), *call.keys, *call.args)
-                await self._side_ops(pipe, batch)
-                results = await pipe.execute(raise_on_error=False)
+            results = await self._round_trip(commands)
             firsts = results[: len(batch)]
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in firsts):
                 # Redis lost its script cache (restart, SCRIPT FLUSH): nothing ran; load and go again.
@@ -298,36 +291,54 @@ class RedisStore:
             return [int(r) for r in firsts]
         raise RuntimeError("unreachable")
 
-    async def _side_ops(self, client: Any, calls: Sequence[_Emit]) -> None:
-        """The lease and budget changes that ride along with emits (queued on a pipeline, or run one by one)."""
+    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send commands in one write and read every reply (an error reply in its place) on the emit
+        connection, which only the emit flusher uses (one batch at a time): no pool checkout, no pipeline
+        object per batch. A connection error or a cancellation drops the connection; the next batch
+        reconnects."""
+        conn = self._emit_conn
+        assert conn is not None  # emits on a cluster do not come here
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            results: list[Any] = []
+            for _ in commands:
+                try:
+                    results.append(await conn.read_response())
+                except ResponseError as exc:
+                    results.append(exc)
+            return results
+        except BaseException:
+            await conn.disconnect()
+            raise
+
+    def _side_commands(self, calls: Sequence[_Emit]) -> list[tuple[Any, ...]]:
+        """The lease and budget changes that ride along with emits."""
         leases = self.keys.leases()
         expiry = now_ms()
-        taken = {c.lease: expiry + c.lease_ttl_ms for c in calls if c.lease is not None}
-        dropped = [c.release for c in calls if c.release is not None]
-        pending = []
+        commands: list[tuple[Any, ...]] = []
+        taken = [(expiry + c.lease_ttl_ms, c.lease) for c in calls if c.lease is not None]
         if taken:
-            pending.append(client.zadd(leases, taken))
+            commands.append(("ZADD", leases, *(part for pair in taken for part in pair)))
+        dropped = [c.release for c in calls if c.release is not None]
         if dropped:
-            pending.append(client.zrem(leases, *dropped))
+            commands.append(("ZREM", leases, *dropped))
         for call in calls:
             if call.adjust is not None:
-                pending.extend(self._adjust(client, call.adjust))
-        if not isinstance(client, Pipeline):
-            for result in pending:
-                await result
+                commands += self._adjust(call.adjust)
+        return commands
 
-    def _adjust(self, client: Any, adjust: TokenAdjustment) -> list[Any]:
+    def _adjust(self, adjust: TokenAdjustment) -> list[tuple[Any, ...]]:
         keys = self.keys
         return [
-            client.incrby(keys.tenant_tokens(adjust.tenant_id, adjust.day), adjust.tenant_delta),
-            client.incrby(keys.user_tokens(adjust.tenant_id, adjust.user_id, adjust.day), adjust.user_delta),
+            ("INCRBY", keys.tenant_tokens(adjust.tenant_id, adjust.day), adjust.tenant_delta),
+            ("INCRBY", keys.user_tokens(adjust.tenant_id, adjust.user_id, adjust.day), adjust.user_delta),
         ]
 
     async def close(self) -> None:
         """Wait for emits already queued (their callers are waiting for them), then close the emit pool."""
         await self._emits.wait()
-        if self._emit_client is not None:
-            await self._emit_client.aclose()
+        if self._emit_conn is not None:
+            await self._emit_conn.disconnect()
 
     async def snapshot(self, conversation_id: str) -> LogSnapshot:
         """The conversation's current seq and every frame still in its log."""
@@ -423,7 +434,8 @@ class RedisStore:
     async def adjust_tokens(self, adjust: TokenAdjustment) -> None:
         """Reconcile a reservation with what the answer really used."""
         async with self.client.pipeline(transaction=False) as pipe:
-            self._adjust(pipe, adjust)
+            for command in self._adjust(adjust):
+                pipe.execute_command(*command)
             await pipe.execute()
 
     async def tokens_used(self, tenant_id: str, user_id: str, day: str) -> tuple[int, int]:

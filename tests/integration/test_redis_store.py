@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.settings import Settings
 from storage.keys import Keys
@@ -42,3 +44,21 @@ async def test_hold_and_release_a_conversation(store: RedisStore) -> None:
     await store.release(["c-1", "c-2"], "node-a")
     assert await store.client.smembers(store.keys.conversation_nodes("c-1")) == {b"node-b"}
     assert not await store.client.exists(store.keys.conversation_nodes("c-2"))
+
+
+async def test_emits_survive_a_script_flush_and_a_killed_connection(store: RedisStore) -> None:
+    first = await store.emit("c-9", [b'{"type":"token","text":"a"}'], 0, "node-a", lease="lease-1")
+    assert first == 1
+    await store.client.script_flush()  # Redis forgot the script: it is loaded again and the batch re-sent
+    assert await store.emit("c-9", [b'{"type":"token","text":"b"}', b'{"type":"done"}'], 0, "node-a") == 2
+    await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    # The emit connection was killed under it: this one fails with a connection error (or reconnects).
+    with contextlib.suppress(RedisConnectionError):
+        await store.emit("c-9", [b'{"type":"token","text":"c"}'], 0, "node-a")
+    # The next emit goes through; the lease taken with the first one and the seqs are all there.
+    assert await store.emit("c-9", [b'{"type":"done"}'], 0, "node-a", release="lease-1") in (4, 5)
+    snapshot = await store.snapshot("c-9")
+    assert [seq for seq, _ in snapshot.entries][:3] == [1, 2, 3]
+    assert snapshot.entries[1][1] == b'{"type":"token","text":"b","seq":2}'
+    assert await store.client.zscore(store.keys.leases(), "lease-1") is None
+    await store.close()
