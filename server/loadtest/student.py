@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
@@ -199,11 +200,26 @@ class RunContext:
         self.end_at = stats.started + config.duration
         self.drain_deadline = self.end_at + config.drain_timeout
         self.stop_event = asyncio.Event()
+        # Students whose answers are still in flight. The others keep their sockets open until this reaches
+        # zero (or the drain deadline), so that a crowd of sockets closing at the end does not slow down
+        # the answers still being measured, on the server or in this process.
+        self.in_flight = 0
+        self.drained = asyncio.Event()
         # Message ids are unique per conversation for the server; a later run may reuse the conversation.
         self.run_id = uuid.uuid4().hex[:8]
 
     def stopping(self) -> bool:
         return self.stop_event.is_set() or self.clock() >= self.end_at
+
+    def done_draining(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight <= 0 and self.stopping():
+            self.drained.set()
+
+    async def all_drained(self) -> None:
+        """Wait until every student has drained, at most until the drain deadline."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.drained.wait(), max(0.0, self.drain_deadline - self.clock()))
 
 
 class ConnectFailed(Exception):
@@ -726,12 +742,17 @@ class Student:
 
     async def run(self) -> None:
         ctx = self.ctx
+        ctx.in_flight += 1
         try:
-            if ctx.config.open_loop:
-                await self._run_open()
-            else:
-                await self._run_closed()
-            await self._drain()
+            try:
+                if ctx.config.open_loop:
+                    await self._run_open()
+                else:
+                    await self._run_closed()
+                await self._drain()
+            finally:
+                ctx.done_draining()
+            await ctx.all_drained()  # then every socket closes together
         finally:
             await self.close()
 
@@ -987,6 +1008,8 @@ async def run_load(
             stats.end_at = ctx.end_at
             ctx.drain_deadline = ctx.end_at + config.drain_timeout
             ctx.stop_event.set()
+            if ctx.in_flight <= 0:
+                ctx.drained.set()
             for student in students:
                 student.wake.set()
             await _cancel_all(helpers[:2] if config.open_loop else helpers[:1])

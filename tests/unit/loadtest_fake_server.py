@@ -59,6 +59,8 @@ class Counts:
     messages: int = 0
     errors_sent: int = 0
     answers_done: int = 0
+    done_at: list[float] = field(default_factory=list)  # loop time of each `done`
+    closed_at: list[float] = field(default_factory=list)  # loop time each socket was gone
     watches: int = 0
     resends: int = 0
 
@@ -146,6 +148,7 @@ class FakeServer:
                 elif frame.get("type") == "watch":
                     self._on_watch(ws)
         finally:
+            self.counts.closed_at.append(asyncio.get_running_loop().time())
             if conv is not None and conv.ws is ws:
                 conv.ws = None
         return ws
@@ -255,3 +258,4 @@ class FakeServer:
             }
             await self._emit(conv, done)
             self.counts.answers_done += 1
+            self.counts.done_at.append(asyncio.get_running_loop().time())

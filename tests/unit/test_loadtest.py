@@ -115,6 +115,19 @@ async def test_counts_turns_and_errors_by_code(start_server: StartServer, tmp_pa
     assert phase["rates_per_s"]["turns"] == pytest.approx(answers / steady["window_s"][1], rel=1e-3)
 
 
+async def test_sockets_close_together_after_the_answers_in_flight(start_server: StartServer, tmp_path: Path) -> None:
+    # Answers take 0.8 s and students think 0.5 s on average: at the end some are idle and some wait for
+    # an answer. The idle ones keep their sockets until the last answer is done, so closing cannot disturb it.
+    server = await start_server(Behaviour(tokens=8, token_delay=0.1))
+    code, results = await _run(server, tmp_path, "--students", "8", "--think-time", "0.5", "--think-dist",
+                               "exponential", "--duration", "2")
+    assert code == 0 and _all(results)["counters"].get("turns_unfinished", 0) == 0
+    counts = server.counts
+    assert len(counts.closed_at) == 8 and counts.done_at
+    assert min(counts.closed_at) >= max(counts.done_at)
+    assert max(counts.done_at) - min(counts.done_at[-8:]) > 0.2  # answers really were still ending apart
+
+
 async def test_percentiles_follow_the_servers_latency(start_server: StartServer, tmp_path: Path) -> None:
     # Every answer's first token waits 20 ms, every 10th waits 250 ms: p50 near 20, p99 past 250.
     server = await start_server(Behaviour(tokens=2, first_token_delay=0.02, slow_every=10, slow_delay=0.25))
