@@ -301,18 +301,22 @@ class Database:
         """Commit a student's message and its reply placeholder; a repeated client id returns the first rows.
 
         While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
-        One statement (one round trip): the question, the conversation's update, the placeholder and up to
-        `history` messages before the question (the statement's snapshot does not see its own inserts).
+        One statement (one round trip): the question, the placeholder and up to `history` messages before
+        the question (the statement's snapshot does not see its own inserts). The conversation row is only
+        written here for its first message (the title) or while the AI is paused; otherwise committing the
+        answer bumps `updated_at` (each write of that row touches its four indexes).
         """
         rows = await self.pool.fetch(
             "WITH q AS ("
             "  INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
             "  VALUES ($1, $2, 'user', $3, 'complete', $4, $5)"
             f"  ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
-            " c AS ("
+            " c AS (SELECT ai_paused, title = '' AS untitled FROM conversations"
+            "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM q)),"
+            " u AS ("
             "  UPDATE conversations SET updated_at = now(),"
             "  title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
-            "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM q) RETURNING ai_paused),"
+            "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM c WHERE c.ai_paused OR c.untitled)),"
             " r AS ("
             "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
             "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"

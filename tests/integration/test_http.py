@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from tests.conftest import Server, token
+from tests.conftest import Server, seed_course, token
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +53,24 @@ async def test_conversations_and_messages_are_the_users_own(server: Server) -> N
         assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
         listing = await server.client.get("/api/conversations", headers={"Authorization": f"Bearer {other}"})
         assert (await listing.json())["conversations"] == []
+
+
+async def test_conversations_are_listed_by_latest_activity(server: Server) -> None:
+    """The conversation row is written when an answer is committed (not again for every question)."""
+    for course in ("alg-1", "geo-1"):
+        await seed_course(server.settings, "school-a", course, course.title())
+    student = token(courses=["alg-1", "geo-1"])
+    ids = {}
+    for course in ("alg-1", "geo-1", "alg-1"):
+        sock = await server.connect({"token": student, "course_id": course})
+        ids[course] = sock.frames[0]["conversation_id"]
+        await sock.send(type="message", id=f"q-{course}-{len(ids)}", text=f"about {course}")
+        await sock.until("done")
+        await sock.close()
+    response = await server.client.get("/api/conversations", headers={"Authorization": f"Bearer {student}"})
+    listed = (await response.json())["conversations"]
+    assert [c["id"] for c in listed] == [ids["alg-1"], ids["geo-1"]]
+    assert [c["title"] for c in listed] == ["about alg-1", "about geo-1"]  # the first question names it
 
 
 @pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=1000", "before=-1", "before=x"])
