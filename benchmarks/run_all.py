@@ -838,8 +838,9 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "## 1. Capacity: idle authenticated sockets on one replica",
             "",
             f"_Measured {updated.get('capacity', '?')}, {len(runs)} runs._ Each socket upgrades, sends "
-            "`hello {token, course_id}` (a new student each: user upsert, new conversation, presence, a Redis "
-            "subscription) and waits for `welcome`, on an open-loop schedule; then all stay idle.",
+            "`hello {token, course_id}` (a new student each: user upsert, new conversation, presence, the "
+            "replica's entry in the conversation's nodes set) and waits for `welcome`, on an open-loop "
+            "schedule; then all stay idle.",
             "",
             "| metric | min / median / max | target | verdict |",
             "|---|---|---|---|",
@@ -933,7 +934,8 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "",
             f"_Measured {updated.get('class', '?')}, {len(runs)} runs._ Closed loop: students ask, read the "
             f"answer, think (exponential, mean 10 s), ask again. Offline provider at {CLASS_TTFT_MS:g} ms to first "
-            f"token and {CLASS_TOKENS_PER_S:g} tokens/s, {REPLY_WORDS}-word answers (one `token` frame per word). "
+            f"token and {CLASS_TOKENS_PER_S:g} tokens/s, {REPLY_WORDS}-word answers, one chunk per word (the "
+            "replica sends the first at once and then coalesces them into at most one `token` frame per 100 ms). "
             "Latencies and CPU are of the steady phase (after the ramp-up); RSS is the peak over the load. "
             "Server-added latency: p99 `ack`, and p99 first token minus the provider's 300 ms.",
             "",

@@ -35,11 +35,14 @@ _CONVERSATION_COLUMNS = (
 
 
 def _message(row: asyncpg.Record) -> Message:
-    return Message(**dict(row))
+    # Positional: _MESSAGE_COLUMNS lists Message's fields in order (tests/unit/test_storage_columns.py);
+    # building a dict per row was a visible share of a turn with twenty messages of history.
+    return Message(*row.values())
 
 
 def _message_of(row: asyncpg.Record) -> Message:
-    return Message(**{k: v for k, v in row.items() if k != "part"})
+    """A message row prefixed with save_question's `part` column."""
+    return Message(*tuple(row.values())[1:])
 
 
 def _conversation(row: asyncpg.Record) -> Conversation:
