@@ -1,57 +1,24 @@
 /* SmartEdu Tutor Chat: the chat client (WebSocket protocol v1) used by /chat and the /embed iframe.
  *
- * Three parts: Transport (one socket at a time, reconnect with capped exponential backoff and jitter,
- * heartbeat), View (DOM built with createElement/textContent only; no inline styles or handlers, so it
- * runs under the pages' strict CSP) and Client (protocol state: transcript, outbox, streaming answers).
+ * Two parts, over common.js's Socket (one socket at a time, reconnect with capped exponential backoff
+ * and jitter, heartbeat): View (DOM built with createElement/textContent only; no inline styles or
+ * handlers, so it runs under the pages' strict CSP) and Client (protocol state: transcript, outbox,
+ * streaming answers).
  * The token is kept in memory only; it arrives in the URL fragment or, in the iframe, by postMessage.
  */
 (function () {
   'use strict';
 
   var ns = (window.SmartEdu = window.SmartEdu || {});
+  var common = ns.common; // common.js
+  var newId = common.newId, cpLength = common.cpLength, cpSlice = common.cpSlice, h = common.h;
+  var formatTime = common.formatTime, Transport = common.Socket;
   var ACTIVE = { waiting: true, streaming: true };
   var FINAL = { complete: true, stopped: true, interrupted: true, failed: true };
-  var PING_EVERY_MS = 20000;
-  var WELCOME_LIMIT_MS = 15000;
-  var BACKOFF_BASE_MS = 500;
-  var BACKOFF_CAP_MS = 30000;
   var STALE_STREAM_MS = 10 * 60 * 1000;
   var HISTORY_WINDOW = 20;
 
   /* ---- helpers --------------------------------------------------------------------------------- */
-
-  function newId() {
-    if (window.crypto && typeof window.crypto.randomUUID === 'function') return window.crypto.randomUUID();
-    var bytes = new Uint8Array(16);
-    if (window.crypto && window.crypto.getRandomValues) {
-      window.crypto.getRandomValues(bytes);
-    } else {
-      for (var i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
-    }
-    return Array.prototype.map.call(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join('');
-  }
-
-  // Offsets and lengths in the protocol count code points, not UTF-16 units.
-  function cpLength(s) { return Array.from(s).length; }
-  function cpSlice(s, from) { return Array.from(s).slice(from).join(''); }
-
-  function h(tag, props, children) {
-    var node = document.createElement(tag);
-    if (props) {
-      Object.keys(props).forEach(function (key) {
-        var value = props[key];
-        if (value == null || value === false) return;
-        if (key === 'className') node.className = value;
-        else if (key === 'text') node.textContent = value;
-        else if (key === 'hidden') node.hidden = true;
-        else node.setAttribute(key, value === true ? '' : String(value));
-      });
-    }
-    (children || []).forEach(function (child) {
-      if (child) node.appendChild(typeof child === 'string' ? document.createTextNode(child) : child);
-    });
-    return node;
-  }
 
   function plainText(node) {
     var out = [];
@@ -61,12 +28,6 @@
       if (n.nodeType === 1 && /^(P|LI|PRE|H\d|TR|BLOCKQUOTE|BR|TD|TH)$/.test(n.nodeName)) out.push(' ');
     })(node);
     return out.join('').replace(/\s+/g, ' ').trim();
-  }
-
-  function formatTime(iso) {
-    var d = iso ? new Date(iso) : new Date();
-    if (isNaN(d.getTime())) return '';
-    return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
   function seconds(value, fallback) {
@@ -83,164 +44,6 @@
       else window.sessionStorage.setItem(key, value);
     } catch (e) { /* storage can be disabled; it only holds UI state */ }
   }
-
-  /* ---- Transport ------------------------------------------------------------------------------- */
-
-  function Transport(url, hooks) {
-    this.url = url;
-    this.hooks = hooks; // onOpen(), onFrame(frame), onClose(code) -> 'stop' | delay ms | undefined, onState(state, untilMs)
-    this.ws = null;
-    this.attempt = 0;
-    this.timer = null;
-    this.ticker = null;
-    this.pinger = null;
-    this.lastRx = 0;
-    this.pingedAt = 0;
-    this.stopped = true;
-    this.welcomed = false;
-    this.connections = 0;
-    var self = this;
-    window.addEventListener('online', function () { if (!self.stopped) { self.attempt = 0; self.connect(); } });
-    window.addEventListener('offline', function () { if (!self.stopped) self.detach('offline'); });
-    document.addEventListener('visibilitychange', function () {
-      if (!document.hidden && !self.stopped && !self.ws && self.timer) self.connect();
-    });
-  }
-
-  Transport.prototype.start = function () {
-    this.stopped = false;
-    this.attempt = 0;
-    this.connect();
-  };
-
-  Transport.prototype.state = function (state, until) {
-    this.hooks.onState(state, until || 0);
-  };
-
-  Transport.prototype.clearTimers = function () {
-    clearTimeout(this.timer);
-    clearInterval(this.ticker);
-    this.timer = this.ticker = null;
-  };
-
-  Transport.prototype.connect = function () {
-    this.clearTimers();
-    if (this.stopped || this.ws) return;
-    if (navigator.onLine === false) {
-      this.state('offline');
-      return;
-    }
-    this.state('connecting');
-    var self = this;
-    var ws;
-    try {
-      ws = new WebSocket(this.url);
-    } catch (e) {
-      this.retry();
-      return;
-    }
-    this.ws = ws;
-    this.welcomed = false;
-    this.connections += 1;
-    ws.onopen = function () {
-      if (self.ws !== ws) return;
-      self.lastRx = Date.now();
-      self.pingedAt = 0;
-      self.hooks.onOpen();
-      clearInterval(self.pinger);
-      self.pinger = setInterval(function () { self.heartbeat(ws); }, PING_EVERY_MS);
-      self.timer = setTimeout(function () { if (self.ws === ws && !self.welcomed) self.detach(); }, WELCOME_LIMIT_MS);
-    };
-    ws.onmessage = function (event) {
-      if (self.ws !== ws || typeof event.data !== 'string') return;
-      self.lastRx = Date.now();
-      var frame;
-      try { frame = JSON.parse(event.data); } catch (e) { return; }
-      if (frame && typeof frame === 'object' && typeof frame.type === 'string') self.hooks.onFrame(frame);
-    };
-    ws.onclose = function (event) {
-      if (self.ws !== ws) return;
-      self.ws = null;
-      clearInterval(self.pinger);
-      var decision = self.hooks.onClose(event.code);
-      if (decision === 'stop') self.stop();
-      else self.retry(typeof decision === 'number' ? decision : undefined);
-    };
-    ws.onerror = function () { /* a close event follows */ };
-  };
-
-  // A socket that let a whole ping interval pass without a single frame is dead. Measured from the
-  // previous ping, not the clock, because background tabs run timers only once a minute.
-  Transport.prototype.heartbeat = function (ws) {
-    if (this.ws !== ws) return;
-    if (this.pingedAt && this.lastRx < this.pingedAt) {
-      this.detach();
-      return;
-    }
-    this.pingedAt = Date.now();
-    this.send({ type: 'ping' });
-  };
-
-  // Forget the socket now (a dead TCP connection can take minutes to report its close).
-  Transport.prototype.detach = function (state, delay) {
-    var ws = this.ws;
-    this.ws = null;
-    clearInterval(this.pinger);
-    this.clearTimers();
-    if (ws) {
-      ws.onclose = ws.onmessage = ws.onopen = null;
-      try { ws.close(4000, 'client reconnect'); } catch (e) { /* already closing */ }
-    }
-    this.hooks.onClose(0);
-    if (state === 'offline') this.state('offline');
-    else this.retry(delay);
-  };
-
-  Transport.prototype.welcome = function () {
-    this.welcomed = true;
-    this.attempt = 0;
-    this.clearTimers();
-    this.state('online');
-  };
-
-  Transport.prototype.retry = function (delay) {
-    if (this.stopped) return;
-    if (delay === undefined) {
-      var ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, this.attempt));
-      this.attempt = Math.min(this.attempt + 1, 16);
-      delay = ceiling / 2 + Math.random() * ceiling / 2; // "equal jitter": never zero, never in lockstep
-    }
-    this.clearTimers();
-    var until = Date.now() + delay;
-    var self = this;
-    this.state('reconnecting', until);
-    this.ticker = setInterval(function () { self.state('reconnecting', until); }, 1000);
-    this.timer = setTimeout(function () { self.connect(); }, delay);
-  };
-
-  Transport.prototype.reconnectNow = function () {
-    if (this.stopped) this.stopped = false;
-    this.attempt = 0;
-    if (!this.ws) this.connect();
-  };
-
-  Transport.prototype.stop = function () {
-    this.stopped = true;
-    this.clearTimers();
-    clearInterval(this.pinger);
-    var ws = this.ws;
-    this.ws = null;
-    if (ws) {
-      ws.onclose = ws.onmessage = ws.onopen = null;
-      try { ws.close(1000, 'bye'); } catch (e) { /* ignore */ }
-    }
-  };
-
-  Transport.prototype.send = function (frame) {
-    if (!this.ws || this.ws.readyState !== 1) return false;
-    this.ws.send(JSON.stringify(frame));
-    return true;
-  };
 
   /* ---- View ------------------------------------------------------------------------------------ */
 

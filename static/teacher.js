@@ -12,11 +12,10 @@
   'use strict';
 
   var ns = (window.SmartEdu = window.SmartEdu || {});
+  var common = ns.common; // common.js
+  var newId = common.newId, cpLength = common.cpLength, cpSlice = common.cpSlice, h = common.h;
+  var formatTime = common.formatTime;
   var FINAL = { complete: true, stopped: true, interrupted: true, failed: true };
-  var PING_EVERY_MS = 20000;
-  var WELCOME_LIMIT_MS = 15000;
-  var BACKOFF_BASE_MS = 500;
-  var BACKOFF_CAP_MS = 30000;
   var RESNAPSHOT_MS = 60000; // presence of a replica that died ends without a `left` event
   var PAGE = 50;
   var KEEP_MESSAGES = 300; // per conversation that is not open
@@ -44,33 +43,6 @@
 
   /* ---- helpers --------------------------------------------------------------------------------- */
 
-  function newId() {
-    if (window.crypto && typeof window.crypto.randomUUID === 'function') return window.crypto.randomUUID();
-    var bytes = new Uint8Array(16);
-    window.crypto.getRandomValues(bytes);
-    return Array.prototype.map.call(bytes, function (b) { return (b + 256).toString(16).slice(1); }).join('');
-  }
-
-  // Offsets and lengths in the protocol count code points, not UTF-16 units.
-  function cpLength(s) { return Array.from(s).length; }
-  function cpSlice(s, from) { return Array.from(s).slice(from).join(''); }
-
-  function h(tag, props, children) {
-    var node = document.createElement(tag);
-    Object.keys(props || {}).forEach(function (key) {
-      var value = props[key];
-      if (value == null || value === false) return;
-      if (key === 'className') node.className = value;
-      else if (key === 'text') node.textContent = value;
-      else if (key === 'hidden') node.hidden = true;
-      else node.setAttribute(key, value === true ? '' : String(value));
-    });
-    (children || []).forEach(function (child) {
-      if (child) node.appendChild(typeof child === 'string' ? document.createTextNode(child) : child);
-    });
-    return node;
-  }
-
   function $(root, selector) { return root.querySelector(selector); }
 
   function setText(node, text) {
@@ -80,11 +52,6 @@
   function plainText(text, max) {
     var flat = String(text || '').replace(/\s+/g, ' ').trim();
     return flat.length > max ? flat.slice(0, max - 1) + '\u2026' : flat;
-  }
-
-  function formatTime(iso) {
-    var d = iso ? new Date(iso) : new Date();
-    return isNaN(d.getTime()) ? '' : d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
   // The token's claims, read without verifying (the server verifies): only for the name and the
@@ -112,142 +79,6 @@
     }
     return token;
   }
-
-  /* ---- Connection: one socket, reconnect with capped exponential backoff and equal jitter ------ */
-
-  function Connection(url, hooks) {
-    this.url = url;
-    this.hooks = hooks; // open(), frame(f), close(code) -> 'stop' | delay | undefined, state(name, untilMs)
-    this.ws = null;
-    this.attempt = 0;
-    this.timer = null;
-    this.ticker = null;
-    this.pinger = null;
-    this.lastRx = 0;
-    this.pingedAt = 0;
-    this.stopped = true;
-    var self = this;
-    window.addEventListener('online', function () { if (!self.stopped) { self.attempt = 0; self.connect(); } });
-    window.addEventListener('offline', function () { if (!self.stopped) self.drop('offline'); });
-  }
-
-  Connection.prototype.start = function () {
-    this.stopped = false;
-    this.attempt = 0;
-    this.connect();
-  };
-
-  Connection.prototype.clearTimers = function () {
-    clearTimeout(this.timer);
-    clearInterval(this.ticker);
-    this.timer = this.ticker = null;
-  };
-
-  Connection.prototype.connect = function () {
-    this.clearTimers();
-    if (this.stopped || this.ws) return;
-    if (navigator.onLine === false) { this.hooks.state('offline'); return; }
-    this.hooks.state('connecting');
-    var self = this;
-    var ws;
-    try { ws = new WebSocket(this.url); } catch (e) { this.retry(); return; }
-    this.ws = ws;
-    ws.onopen = function () {
-      if (self.ws !== ws) return;
-      self.lastRx = Date.now();
-      self.pingedAt = 0;
-      clearInterval(self.pinger);
-      self.pinger = setInterval(function () { self.heartbeat(ws); }, PING_EVERY_MS);
-      // A socket that opens but never says welcome is as good as dead.
-      self.timer = setTimeout(function () { if (self.ws === ws && !self.welcomed) self.drop(); }, WELCOME_LIMIT_MS);
-      self.welcomed = false;
-      self.hooks.open();
-    };
-    ws.onmessage = function (event) {
-      if (self.ws !== ws || typeof event.data !== 'string') return;
-      self.lastRx = Date.now();
-      var frame;
-      try { frame = JSON.parse(event.data); } catch (e) { return; }
-      if (frame && typeof frame === 'object' && typeof frame.type === 'string') self.hooks.frame(frame);
-    };
-    ws.onclose = function (event) {
-      if (self.ws !== ws) return;
-      self.ws = null;
-      clearInterval(self.pinger);
-      var decision = self.hooks.close(event.code);
-      if (decision === 'stop') self.stop();
-      else self.retry(typeof decision === 'number' ? decision : undefined);
-    };
-    ws.onerror = function () { /* a close event follows */ };
-  };
-
-  // No frame at all since the previous ping: the connection is dead even if TCP has not noticed.
-  Connection.prototype.heartbeat = function (ws) {
-    if (this.ws !== ws) return;
-    if (this.pingedAt && this.lastRx < this.pingedAt) { this.drop(); return; }
-    this.pingedAt = Date.now();
-    this.send({ type: 'ping' });
-  };
-
-  Connection.prototype.drop = function (state, delay) {
-    var ws = this.ws;
-    this.ws = null;
-    clearInterval(this.pinger);
-    this.clearTimers();
-    if (ws) {
-      ws.onclose = ws.onmessage = ws.onopen = null;
-      try { ws.close(4000, 'client reconnect'); } catch (e) { /* already closing */ }
-    }
-    this.hooks.close(0);
-    if (state === 'offline') this.hooks.state('offline');
-    else this.retry(delay);
-  };
-
-  Connection.prototype.welcome = function () {
-    this.welcomed = true;
-    this.attempt = 0;
-    this.clearTimers();
-    this.hooks.state('online');
-  };
-
-  Connection.prototype.retry = function (delay) {
-    if (this.stopped) return;
-    if (delay === undefined) {
-      var ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * Math.pow(2, this.attempt));
-      this.attempt = Math.min(this.attempt + 1, 16);
-      delay = ceiling / 2 + Math.random() * ceiling / 2;
-    }
-    this.clearTimers();
-    var until = Date.now() + delay;
-    var self = this;
-    this.hooks.state('reconnecting', until);
-    this.ticker = setInterval(function () { self.hooks.state('reconnecting', until); }, 1000);
-    this.timer = setTimeout(function () { self.connect(); }, delay);
-  };
-
-  Connection.prototype.reconnectNow = function () {
-    this.stopped = false;
-    this.attempt = 0;
-    if (!this.ws) this.connect();
-  };
-
-  Connection.prototype.stop = function () {
-    this.stopped = true;
-    this.clearTimers();
-    clearInterval(this.pinger);
-    var ws = this.ws;
-    this.ws = null;
-    if (ws) {
-      ws.onclose = ws.onmessage = ws.onopen = null;
-      try { ws.close(1000, 'bye'); } catch (e) { /* ignore */ }
-    }
-  };
-
-  Connection.prototype.send = function (frame) {
-    if (!this.ws || this.ws.readyState !== 1) return false;
-    this.ws.send(JSON.stringify(frame));
-    return true;
-  };
 
   /* ---- Dashboard ------------------------------------------------------------------------------- */
 
@@ -304,11 +135,11 @@
     };
     var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     var self = this;
-    this.connection = new Connection(scheme + '//' + location.host + '/ws', {
-      open: function () { self.connection.send({ type: 'hello', token: self.token }); },
-      frame: function (f) { self.onFrame(f); },
-      close: function (code) { return self.onClose(code); },
-      state: function (state, until) { self.setStatus(state, until); },
+    this.connection = new common.Socket(scheme + '//' + location.host + '/ws', {
+      onOpen: function () { self.connection.send({ type: 'hello', token: self.token }); },
+      onFrame: function (f) { self.onFrame(f); },
+      onClose: function (code) { return self.onClose(code); },
+      onState: function (state, until) { self.setStatus(state, until); },
     });
     this.bind();
   }
@@ -675,7 +506,7 @@
       case 'error': this.onError(f); break;
       case 'reconnect':
         var after = typeof f.after_ms === 'number' && f.after_ms >= 0 ? f.after_ms : 1000;
-        this.connection.drop(undefined, after + Math.random() * Math.min(1000, after * 0.2 + 100));
+        this.connection.detach(undefined, after + Math.random() * Math.min(1000, after * 0.2 + 100));
         break;
       case 'teacher_message': // a resent intervention comes back to this socket only
         var convo = this.convos.get(f.conversation_id);
