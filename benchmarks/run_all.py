@@ -503,25 +503,35 @@ def _unrelated_cores(sampled: dict[str, Any]) -> float | None:
     return max(0.0, float(machine) - ours)
 
 
-def scenario_throughput(bench: Bench, run: int) -> dict[str, Any]:
-    plan = bench.plan
-    label = f"tp{run}"
-    with bench.servers(label, ZERO_DELAY) as (procs, ports, _, db):
-        sampler_pids = {
+@contextlib.contextmanager
+def _measured(bench: Bench, label: str, pacing: Pacing) -> Iterator[tuple[str, Sampler, dict[str, Any]]]:
+    """One server, with its CPU and RSS sampled (and its database's, Redis's and the generator's); yields its
+    URL, the sampler and a dict that gets the run's Redis command and PostgreSQL counters (`redis_delta`,
+    `pg_delta`) once the server has stopped."""
+    deltas: dict[str, Any] = {}
+    with bench.servers(label, pacing) as (procs, ports, _, db):
+        pids = {
             "server": _pids_of(procs[0].pid), "postgres": _postgres_backends(db),
             "redis": _redis_pid(bench.backends.redis_url), "loadgen": _loadgen,
         }
         redis_before = redis_counts(bench.backends.redis_url)
         pg_before = pg_counts(bench.backends.admin_dsn, db)
-        with Sampler(sampler_pids) as sampler:
-            result = _ladder(bench, f"ws://127.0.0.1:{ports[0]}/ws", f"{label}", plan.ladder, sampler, "server",
-                             plan.throughput_students, plan.step_s)
+        with Sampler(pids) as sampler:
+            yield f"ws://127.0.0.1:{ports[0]}/ws", sampler, deltas
         redis_after = redis_counts(bench.backends.redis_url)
         procs[0].stop()  # its backends exit and flush their statistics
         time.sleep(0.5)
         pg_after = pg_counts(bench.backends.admin_dsn, db)
-    result["redis_delta"] = _delta(redis_after, redis_before)
-    result["pg_delta"] = _delta(pg_after, pg_before)
+    deltas["redis_delta"] = _delta(redis_after, redis_before)
+    deltas["pg_delta"] = _delta(pg_after, pg_before)
+
+
+def scenario_throughput(bench: Bench, run: int) -> dict[str, Any]:
+    plan = bench.plan
+    label = f"tp{run}"
+    with _measured(bench, label, ZERO_DELAY) as (url, sampler, deltas):
+        result = _ladder(bench, url, label, plan.ladder, sampler, "server", plan.throughput_students, plan.step_s)
+    result.update(deltas)
     result["turns"] = sum(s["turns"] for s in result["steps"])
     result["hellos"] = sum(s["hellos"] for s in result["steps"])
     return result
@@ -572,25 +582,12 @@ def _class_summary(results: dict[str, Any], pid_name: str, ttft_ms: float) -> di
 def scenario_class(bench: Bench, run: int) -> dict[str, Any]:
     plan = bench.plan
     label = f"class{run}"
-    with bench.servers(label, PACED) as (procs, ports, _, db):
-        pids = {
-            "server": _pids_of(procs[0].pid), "postgres": _postgres_backends(db),
-            "redis": _redis_pid(bench.backends.redis_url), "loadgen": _loadgen,
-        }
-        redis_before = redis_counts(bench.backends.redis_url)
-        pg_before = pg_counts(bench.backends.admin_dsn, db)
-        with Sampler(pids) as sampler:
-            results = _loadtest(bench, f"ws://127.0.0.1:{ports[0]}/ws", label,
-                                _class_args(plan, plan.class_students, plan.class_duration_s), sampler,
-                                plan.class_duration_s * 2 + 120)
-        redis_after = redis_counts(bench.backends.redis_url)
-        procs[0].stop()
-        time.sleep(0.5)
-        pg_after = pg_counts(bench.backends.admin_dsn, db)
+    with _measured(bench, label, PACED) as (url, sampler, deltas):
+        results = _loadtest(bench, url, label, _class_args(plan, plan.class_students, plan.class_duration_s),
+                            sampler, plan.class_duration_s * 2 + 120)
     summary = _class_summary(results, "server", CLASS_TTFT_MS)
     summary["command"] = results["command"]
-    summary["redis_delta"] = _delta(redis_after, redis_before)
-    summary["pg_delta"] = _delta(pg_after, pg_before)
+    summary.update(deltas)
     summary["turns"] = _counter(results, "turns_completed")
     summary["hellos"] = _counter(results, "connects_ok")
     return summary
