@@ -190,7 +190,7 @@ class Answers:
             raise asyncio.CancelledError
 
     async def _build_request(self, turn: Turn, course: Course | None) -> AIRequest:
-        recent: list[Message] = turn.history
+        recent = turn.history
         if recent is None or any(m.status == "streaming" for m in recent):
             # Not read with the question, or another answer was still being written then: read it now
             # (this turn holds the conversation's lock, so every earlier answer has its final text).

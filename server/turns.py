@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai.base import AIRequest, Provider, Usage
+from storage.models import Message
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class Turn:
     reservation: Any = None  # budgets.Reservation, settled when the answer is committed
     question_seq: int = 0  # the seq of the question's ack, stored with the answer
     leased: bool = False  # whether this answer's lease is (believed to be) held in Redis
-    history: Any = None  # list[storage.models.Message] read with the question, or None (read when needed)
+    history: list[Message] | None = None  # read with the question; None: read when the answer starts
 
     @property
     def course_key(self) -> tuple[str, str] | None:

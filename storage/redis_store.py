@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,17 @@ return {0, 0}
 def splice_seq(frame: bytes, seq: int) -> bytes:
     """The same splice the emit script does, for frames delivered locally."""
     return b'%b,"seq":%d}' % (frame[:-1], seq)
+
+
+def _course_envelope(node: str, frame: bytes) -> bytes:
+    """A course-level event on a course channel: "<node> 0 <frame>" (seq 0: not a conversation frame)."""
+    return b"%b 0 %b" % (node.encode(), frame)
+
+
+def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+    """Pipelines of bounded size: a replica holding 10,000 conversations does not build one of 30,000."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def now_ms() -> int:
@@ -361,11 +372,6 @@ class RedisStore:
             complete_after = (start if start > 0 else entries[0][0]) - 1
         return LogSnapshot(seq, entries, complete_after, nodes)
 
-    async def current_seq(self, conversation_id: str) -> int | None:
-        """The conversation's latest seq, or None when Redis has no counter for it."""
-        value = await self.client.get(self.keys.conversation_seq(conversation_id))
-        return int(value) if value is not None else None
-
     async def hold(self, conversation_ids: Sequence[str], node: str) -> list[int]:
         """Ask for other replicas' frames of these conversations on `node`'s channel; their current seqs.
 
@@ -375,8 +381,7 @@ class RedisStore:
             return []
         ttl = self.log_ttl_s * 24
         seqs: list[int] = []
-        for start in range(0, len(conversation_ids), 500):
-            chunk = conversation_ids[start : start + 500]
+        for chunk in _chunks(conversation_ids):
             async with self.client.pipeline(transaction=False) as pipe:
                 for conversation_id in chunk:
                     nodes = self.keys.conversation_nodes(conversation_id)
@@ -389,9 +394,9 @@ class RedisStore:
 
     async def release(self, conversation_ids: Sequence[str], node: str) -> None:
         """Stop publishing these conversations' frames to `node` (no socket there needs them any more)."""
-        for start in range(0, len(conversation_ids), 500):
+        for chunk in _chunks(conversation_ids):
             async with self.client.pipeline(transaction=False) as pipe:
-                for conversation_id in conversation_ids[start : start + 500]:
+                for conversation_id in chunk:
                     pipe.srem(self.keys.conversation_nodes(conversation_id), node)
                 await pipe.execute()
 
@@ -401,7 +406,7 @@ class RedisStore:
 
     async def publish_course_event(self, tenant_id: str, course_id: str, node: str, frame: bytes) -> None:
         """A course-level event (students joining or leaving) for teachers watching on any replica."""
-        await self.client.publish(self.keys.course_channel(tenant_id, course_id), b"%b 0 %b" % (node.encode(), frame))
+        await self.client.publish(self.keys.course_channel(tenant_id, course_id), _course_envelope(node, frame))
 
     # -- token budgets --------------------------------------------------------------------------
 
@@ -497,7 +502,7 @@ class RedisStore:
                 pipe.zrem(self.keys.presence(tenant_id, course_id), session_id)
                 pipe.hdel(self.keys.presence_info(tenant_id, course_id), session_id)
                 if not cluster:  # a cluster pipeline routes commands by key, and PUBLISH has none
-                    pipe.publish(self.keys.course_channel(tenant_id, course_id), b"%b 0 %b" % (node.encode(), frame))
+                    pipe.publish(self.keys.course_channel(tenant_id, course_id), _course_envelope(node, frame))
             await pipe.execute()
         if cluster:
             for tenant_id, course_id, _, frame in departures:
