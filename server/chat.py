@@ -386,8 +386,8 @@ class ChatService:
         """Interrupt every answer still running, commit it, and stop the background work."""
         self._closing = True
         await self.answers.close()
-        for session in list(self._sessions.values()):
-            await self.close_session(session)
+        # Together, so that their departures share round trips (one after the other, each waited for its own).
+        await asyncio.gather(*(self.close_session(session) for session in list(self._sessions.values())))
         if self._maintenance is not None:
             self._maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -226,6 +226,7 @@ class RedisStore:
         self._snapshot = client.register_script(_SNAPSHOT)
         self._admit = client.register_script(_ADMIT)
         self._emits: RoundTrips[_Emit, int] = RoundTrips(self._run_emits, "redis-emit-flusher")
+        self._node_prefix = keys.node_channel("")  # the emit script appends each target node's id
         # The emit flusher's own connection (single-node Redis; on a cluster each emit is a call of its own):
         # a burst of other commands, say a thousand sockets closing at once, cannot hold up the answers.
         self._emit_conn: AbstractConnection | None = None
@@ -268,7 +269,7 @@ class RedisStore:
                 keys.conversation_nodes(conversation_id),
             ),
             args=(
-                floor, self.log_maxlen, self.log_ttl_s, node, keys.node_channel(""), course_channel,
+                floor, self.log_maxlen, self.log_ttl_s, node, self._node_prefix, course_channel,
                 conversation_id, *frames,
             ),
             lease=lease,
