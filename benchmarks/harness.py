@@ -318,6 +318,7 @@ def spawn(
     log_path: Path,
     env: Mapping[str, str] | None = None,
     stop_signal: int = signal.SIGINT,
+    user: str | None = None,
 ) -> ManagedProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
@@ -325,6 +326,7 @@ def spawn(
         popen = subprocess.Popen(
             list(argv), cwd=code_dir(), env=dict(env) if env is not None else None, stdin=subprocess.DEVNULL,
             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, start_new_session=True,
+            user=user, group=user,
         )
     except BaseException:
         log.close()
@@ -457,18 +459,137 @@ class Backends:
                 delete_redis_prefix(self.redis_url, prefix)
 
 
-def _pg_trust() -> bool:
+# -- the disk under PostgreSQL, and a PostgreSQL without one -----------------------------------------------
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def fsync_probe(directory: Path, seconds: float = 10.0, pause_s: float = 0.002) -> dict[str, Any]:
+    """The latency of `fdatasync` after an 8 KB overwrite in `directory`, which is what each PostgreSQL commit
+    waits for (the WAL flush): percentiles in ms over `seconds`, a write every `pause_s`."""
+    fd, name = tempfile.mkstemp(prefix="fsync-probe-", dir=directory)
+    block = os.urandom(8192)
+    latencies: list[float] = []
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            os.pwrite(fd, block, 0)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(pause_s)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    ordered = sorted(latencies)
+    return {
+        "directory": str(directory), "seconds": seconds, "syncs": len(ordered),
+        "p50_ms": _percentile(ordered, 0.5), "p99_ms": _percentile(ordered, 0.99),
+        "p999_ms": _percentile(ordered, 0.999), "max_ms": ordered[-1],
+        "over_20_ms": sum(1 for v in ordered if v > 20), "over_50_ms": sum(1 for v in ordered if v > 50),
+    }
+
+
+def postgres_data_directory(admin_dsn: str) -> Path | None:
+    """Where the server keeps its data (needs a superuser, as the benchmarks' trust login is)."""
+    async def read() -> str | None:
+        import asyncpg
+
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            return str(await conn.fetchval("SHOW data_directory"))
+        except Exception:
+            return None
+        finally:
+            await conn.close()
+
+    found = asyncio.run(read())
+    return Path(found) if found else None
+
+
+def _postgres_bindir(admin_dsn: str) -> Path:
+    """The binaries of the same major version as the server at `admin_dsn` (Debian: /usr/lib/postgresql/N/bin)."""
+    async def major() -> str:
+        import asyncpg
+
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            return str(await conn.fetchval("SHOW server_version")).split(".")[0]
+        finally:
+            await conn.close()
+
+    version = asyncio.run(major())
+    for candidate in (Path(f"/usr/lib/postgresql/{version}/bin"), Path(f"/usr/pgsql-{version}/bin")):
+        if (candidate / "initdb").exists():
+            return candidate
+    raise BenchError(f"no initdb of PostgreSQL {version} found (Debian: apt-get install postgresql-{version})")
+
+
+@contextlib.contextmanager
+def memory_postgres(admin_dsn: str, log_path: Path) -> Iterator[str]:
+    """A throwaway PostgreSQL cluster of the same version as the one at `admin_dsn`, with default settings
+    (fsync on), whose data directory is on tmpfs (/dev/shm): every commit still flushes its WAL, but the
+    flush does not wait for a disk. Yields its admin DSN; the cluster is deleted afterwards."""
+    bindir = _postgres_bindir(admin_dsn)
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        raise BenchError("/dev/shm (tmpfs) is not available")
+    workdir = Path(tempfile.mkdtemp(prefix="smartedu-bench-pg-", dir=shm))
+    user = None
+    if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+        import pwd
+
+        user = "postgres"
+        owner = pwd.getpwnam(user)
+        os.chown(workdir, owner.pw_uid, owner.pw_gid)
+    data = workdir / "data"
+    process: ManagedProcess | None = None
+    try:
+        with log_path.open("ab") as log:
+            subprocess.run(
+                [str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, timeout=120, check=True,
+                user=user, group=user, cwd=workdir,
+            )
+        port = free_port()
+        argv = [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
+                "-c", f"listen_addresses={PG_HOST}"]
+        # SIGINT: PostgreSQL's fast shutdown.
+        process = spawn("postgres-in-memory", argv, log_path, user=user)
+        wait_port(port, process)
+        dsn = f"postgresql://postgres@{PG_HOST}:{port}/postgres"
+        deadline = time.monotonic() + 30
+        while not _accepts(dsn):
+            if time.monotonic() > deadline:
+                raise BenchError(f"the in-memory PostgreSQL did not accept connections; see {log_path}")
+            time.sleep(0.2)
+        yield dsn
+    except subprocess.SubprocessError as exc:
+        raise BenchError(f"initdb failed ({exc}); see {log_path}") from exc
+    finally:
+        if process is not None:
+            process.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _accepts(dsn: str) -> bool:
     async def probe() -> bool:
         import asyncpg
 
         try:
-            conn = await asyncpg.connect(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres", timeout=3)
+            conn = await asyncpg.connect(dsn, timeout=3)
         except Exception:
             return False
         await conn.close()
         return True
 
     return asyncio.run(probe())
+
+
+def _pg_trust() -> bool:
+    return _accepts(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres")
 
 
 def _with_database(dsn: str, name: str) -> str:

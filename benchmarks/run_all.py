@@ -46,10 +46,13 @@ from benchmarks.harness import (
     code_label,
     export_code,
     free_port,
+    fsync_probe,
     loadtest_command,
     machine_info,
+    memory_postgres,
     new_secret,
     pids_with,
+    postgres_data_directory,
     py_spy_start,
     read_machine,
     read_sample,
@@ -63,7 +66,7 @@ from benchmarks.harness import (
 )
 from benchmarks.idle_sockets import IdleConfig, run_idle
 
-SCENARIOS = ("capacity", "throughput", "class", "fanout", "floor", "nginx", "profile")
+SCENARIOS = ("capacity", "throughput", "throughput_tmpfs", "class", "fanout", "floor", "nginx", "profile")
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the file is regenerated -->", "<!-- /notes -->"
@@ -103,7 +106,7 @@ class Plan:
     runs: int
     idle_students: int = 10_000
     idle_rate: float = 150.0
-    ladder: tuple[float, ...] = (100, 150, 200, 250, 300, 400)
+    ladder: tuple[float, ...] = (100, 150, 200, 250, 300, 350, 400)
     floor_ladder: tuple[float, ...] = (400, 800, 1200)
     step_s: float = 20.0
     throughput_students: int = 200
@@ -118,6 +121,7 @@ class Plan:
     nginx_class_s: float = 30.0
     cross_fanout_s: float = 10.0
     profile_s: int = 20
+    fsync_probe_s: float = 15.0
 
     @classmethod
     def quick(cls, runs: int) -> Plan:
@@ -125,7 +129,7 @@ class Plan:
             runs=runs, idle_students=2000, ladder=(100, 200, 300), floor_ladder=(400, 1200), step_s=8.0,
             throughput_students=100, class_students=300, class_duration_s=25.0, fanout_students=100,
             fanout_duration_s=12.0, nginx_rate=50.0, nginx_step_s=10.0, nginx_students=100, nginx_class_s=20.0,
-            cross_fanout_s=8.0, profile_s=8,
+            cross_fanout_s=8.0, profile_s=8, fsync_probe_s=5.0,
         )
 
 
@@ -526,15 +530,28 @@ def _measured(bench: Bench, label: str, pacing: Pacing) -> Iterator[tuple[str, S
     deltas["pg_delta"] = _delta(pg_after, pg_before)
 
 
-def scenario_throughput(bench: Bench, run: int) -> dict[str, Any]:
+def scenario_throughput(bench: Bench, run: int, label: str = "") -> dict[str, Any]:
     plan = bench.plan
-    label = f"tp{run}"
+    label = label or f"tp{run}"
     with _measured(bench, label, ZERO_DELAY) as (url, sampler, deltas):
         result = _ladder(bench, url, label, plan.ladder, sampler, "server", plan.throughput_students, plan.step_s)
     result.update(deltas)
     result["turns"] = sum(s["turns"] for s in result["steps"])
     result["hellos"] = sum(s["hellos"] for s in result["steps"])
     return result
+
+
+def scenario_throughput_tmpfs(bench: Bench, run: int) -> dict[str, Any]:
+    """The same ladder against a PostgreSQL of the same version whose data directory is in memory: commits
+    still flush their WAL, but not to this machine's disk, whose fsync tail (see Machine) sets the p99 `ack`
+    on the machine's own PostgreSQL. What the replica and its round trips do, apart from the disk."""
+    label = f"tpm{run}"
+    with memory_postgres(bench.backends.admin_dsn, bench.log(f"{label}-postgres.log")) as admin_dsn:
+        backends = dataclasses.replace(
+            bench.backends, admin_dsn=admin_dsn, postgres_kind="PostgreSQL with its data directory on tmpfs",
+            _embedded=None, _tmp=None,
+        )
+        return scenario_throughput(dataclasses.replace(bench, backends=backends), run, label)
 
 
 def scenario_floor_throughput(bench: Bench, run: int) -> dict[str, Any]:
@@ -815,6 +832,7 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
         f"- PostgreSQL {backends.get('postgres')} ({backends.get('postgres_kind')}), "
         f"Redis {backends.get('redis')} ({backends.get('redis_kind')})",
         f"- code under test: {machine.get('code')}",
+        *_fsync_lines(machine.get("fsync")),
         "- The server, PostgreSQL, Redis, NGINX and the load generators all share these cores: every "
         "figure is a lower bound of what a replica does on a machine of its own.",
         "",
@@ -872,7 +890,6 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
 
     if "throughput" in scen:
         runs = scen["throughput"]["runs"]
-        best = [float(r["max_turns_per_s"]) for r in runs]
         lines += [
             "## 2. Turn throughput of one replica",
             "",
@@ -888,37 +905,25 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "stops at the first failing step. Persistence, history, "
             "rate limits and the resumable log are on.",
             "",
-            "| metric | min / median / max | target | verdict |",
-            "|---|---|---|---|",
-            f"| highest passing rate (turns/s) | {_mmm(best, 0)} | ≥ {TARGET_TURNS_PER_S:g} | "
-            f"{_verdict(_median(best), TARGET_TURNS_PER_S, True)} |",
-            "",
-            "Every step of every run:",
-            "",
-            "| run | offered/s | achieved/s | p50 ack ms | p99 ack ms | worst second p99 ack ms | p99 done ms | "
-            "server cores | PG cores | Redis cores | loadgen cores | machine busy cores | unrelated jobs cores | "
-            "send_lag p99 ms | result |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for index, run in enumerate(runs, 1):
-            for step in run["steps"]:
-                cores = _cores(step["detail"].get("sampled") or {})
-                result = "pass" if step["passed"] else ("fail (noisy, run again)" if step.get("noisy")
-                                                        and step is not run["steps"][-1] else "fail")
-                lines.append(
-                    f"| {index} | {step['rate']:g} | {_fmt(step['achieved_turns_per_s'])} | {_fmt(step['ack_p50_ms'])}"
-                    f" | {_fmt(step['ack_p99_ms'])} | {_fmt(step.get('worst_second_ack_p99_ms'))} | "
-                    f"{_fmt(step['done_p99_ms'])} | "
-                    f"{_fmt(step['server']['cpu_cores'], 2)} | {cores['postgres']} | {cores['redis']} | "
-                    f"{cores['loadgen']} | {cores['machine']} | {cores['unrelated']} | "
-                    f"{_fmt(step['send_lag_p99_ms'])} | {result} |"
-                )
-        lines += ["", "\"Worst second\" is the highest of the per-second p99s of `ack` (the load tester's time "
-                  "series): a step that fails on one short stall shows it there. A step that fails while the load "
-                  f"generator lagged (send_lag p99 > {NOISY_SEND_LAG_MS:g} ms) or unrelated jobs took more than "
-                  f"{NOISY_UNRELATED_CORES:g} cores is run once more.", ""]
-        lines += [f"Command (one step): `{runs[0]['command']}`", ""]
+        lines += _ladder_table(runs)
         lines += _work_per_turn(runs, scen.get("capacity"))
+
+    if "throughput_tmpfs" in scen:
+        runs = scen["throughput_tmpfs"]["runs"]
+        lines += [
+            "## 2b. Turn throughput with PostgreSQL's data directory in memory",
+            "",
+            f"_Measured {updated.get('throughput_tmpfs', '?')}, {len(runs)} runs._ The ladder of section 2, "
+            "step for step, against a second PostgreSQL of the same version and default settings (`fsync` "
+            "on) whose data directory is on tmpfs (`/dev/shm`), started for the run and deleted afterwards. "
+            "Every question and answer is still committed before it is acknowledged; only the WAL flush "
+            "no longer waits for this machine's disk, whose `fdatasync` tail (see Machine) sets section 2's "
+            "p99 `ack`. This separates what the replica and its round trips do from what the disk does; it "
+            "is not a configuration to deploy.",
+            "",
+        ]
+        lines += _ladder_table(runs)
 
     if "class" in scen:
         runs = scen["class"]["runs"]
@@ -1027,6 +1032,15 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             f"| highest passing rate (turns/s) | {_fmt(ours_best, 0)} | {_mmm(floor_best, 0)}{capped} | "
             f"{'≤ ' if capped else ''}{_fmt(ratio, 2)} (target ≥ 0.5: {_verdict(ratio, 0.5, True)}) |"
         )
+        in_memory = _median([float(r["max_turns_per_s"])
+                             for r in scen.get("throughput_tmpfs", {}).get("runs", [])])
+        if in_memory is not None:
+            memory_ratio = in_memory / floor_med if floor_med else None
+            lines.append(
+                f"| highest passing rate, PostgreSQL data in memory (section 2b) | {_fmt(in_memory, 0)} | "
+                f"{_mmm(floor_best, 0)}{capped} | {'≤ ' if capped else ''}{_fmt(memory_ratio, 2)} "
+                f"(target ≥ 0.5: {_verdict(memory_ratio, 0.5, True)}) |"
+            )
         floor_class = [r["class"] for r in runs if "class" in r]
         ours_class = scen.get("class", {}).get("runs", [])
         for label, key, digits in (
@@ -1130,6 +1144,57 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
     return "\n".join(lines)
 
 
+def _fsync_lines(probe: dict[str, Any] | None) -> list[str]:
+    """The disk under PostgreSQL: every commit waits for one WAL flush like these."""
+    if not probe:
+        return []
+    where = "PostgreSQL's data directory" if probe.get("same_filesystem") else f"`{probe.get('directory')}`"
+    return [
+        f"- the disk: `fdatasync` after an 8 KB write on the filesystem of {where}, "
+        f"{probe['syncs']:,} times in {probe['seconds']:g} s with nothing else running: p50 "
+        f"{_fmt(probe['p50_ms'], 2)} ms, p99 {_fmt(probe['p99_ms'], 2)} ms, p99.9 {_fmt(probe['p999_ms'], 1)} ms, "
+        f"max {_fmt(probe['max_ms'], 1)} ms ({probe['over_20_ms']} over 20 ms). A commit waits for one such "
+        "flush, so a stall here holds up every `ack` behind it.",
+    ]
+
+
+def _ladder_table(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """A throughput ladder's verdict, every step of every run, how to read them, and the command."""
+    best = [float(r["max_turns_per_s"]) for r in runs]
+    lines = [
+        "| metric | min / median / max | target | verdict |",
+        "|---|---|---|---|",
+        f"| highest passing rate (turns/s) | {_mmm(best, 0)} | ≥ {TARGET_TURNS_PER_S:g} | "
+        f"{_verdict(_median(best), TARGET_TURNS_PER_S, True)} |",
+        "",
+        "Every step of every run:",
+        "",
+        "| run | offered/s | achieved/s | p50 ack ms | p99 ack ms | worst second p99 ack ms | p99 done ms | "
+        "server cores | PG cores | Redis cores | loadgen cores | machine busy cores | unrelated jobs cores | "
+        "send_lag p99 ms | result |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for index, run in enumerate(runs, 1):
+        for step in run["steps"]:
+            cores = _cores(step["detail"].get("sampled") or {})
+            result = "pass" if step["passed"] else ("fail (noisy, run again)" if step.get("noisy")
+                                                    and step is not run["steps"][-1] else "fail")
+            lines.append(
+                f"| {index} | {step['rate']:g} | {_fmt(step['achieved_turns_per_s'])} | {_fmt(step['ack_p50_ms'])}"
+                f" | {_fmt(step['ack_p99_ms'])} | {_fmt(step.get('worst_second_ack_p99_ms'))} | "
+                f"{_fmt(step['done_p99_ms'])} | "
+                f"{_fmt(step['server']['cpu_cores'], 2)} | {cores['postgres']} | {cores['redis']} | "
+                f"{cores['loadgen']} | {cores['machine']} | {cores['unrelated']} | "
+                f"{_fmt(step['send_lag_p99_ms'])} | {result} |"
+            )
+    lines += ["", "\"Worst second\" is the highest of the per-second p99s of `ack` (the load tester's time "
+              "series): a step that fails on one short stall shows it there. A step that fails while the load "
+              f"generator lagged (send_lag p99 > {NOISY_SEND_LAG_MS:g} ms) or unrelated jobs took more than "
+              f"{NOISY_UNRELATED_CORES:g} cores is run once more.", ""]
+    lines += [f"Command (one step): `{runs[0]['command']}`", ""]
+    return lines
+
+
 def _cores(sampled: dict[str, Any]) -> dict[str, str]:
     """Steady-phase CPU of everything sampled next to the server, formatted; `unrelated` is what the rest of
     the machine (other people's jobs) used meanwhile."""
@@ -1229,6 +1294,20 @@ def _existing_notes() -> str:
     return "(none yet)"
 
 
+def _probe_disk(admin_dsn: str, out: Path, seconds: float) -> dict[str, Any]:
+    """fdatasync latency on the filesystem of PostgreSQL's data directory (the results directory when that is
+    the same filesystem, else the data directory's parent), measured while nothing else runs."""
+    print(f"fsync probe ({seconds:g} s)", flush=True)
+    data = postgres_data_directory(admin_dsn)
+    where = out
+    if data is not None and data.exists() and os.stat(data).st_dev != os.stat(out).st_dev:
+        where = data.parent
+    probe = fsync_probe(where, seconds)
+    probe["postgres_data_directory"] = str(data) if data else None
+    probe["same_filesystem"] = data is not None and data.exists() and os.stat(data).st_dev == os.stat(where).st_dev
+    return probe
+
+
 def _runs(bench: Bench, name: str, fn: Callable[[Bench, int], dict[str, Any]]) -> list[dict[str, Any]]:
     results = []
     for run in range(1, bench.plan.runs + 1):
@@ -1242,7 +1321,8 @@ def _runs(bench: Bench, name: str, fn: Callable[[Bench, int], dict[str, Any]]) -
 
 
 _TABLE: dict[str, Callable[[Bench, int], dict[str, Any]]] = {
-    "capacity": scenario_capacity, "throughput": scenario_throughput, "class": scenario_class,
+    "capacity": scenario_capacity, "throughput": scenario_throughput,
+    "throughput_tmpfs": scenario_throughput_tmpfs, "class": scenario_class,
     "fanout": scenario_fanout, "nginx": scenario_nginx,
 }
 
@@ -1316,6 +1396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backends = Backends.start()
             summary["backends"] = {**backends.versions(), "postgres_kind": backends.postgres_kind,
                                    "redis_kind": backends.redis_kind}
+            summary["machine"]["fsync"] = _probe_disk(backends.admin_dsn, out, plan.fsync_probe_s)
             bench = Bench(plan, backends, out)
             for name in SCENARIOS:
                 if name not in chosen:

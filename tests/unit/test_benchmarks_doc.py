@@ -1,0 +1,61 @@
+"""The benchmark report: the disk probe and how ladder results become docs/benchmarks.md rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import fsync_probe
+from benchmarks.run_all import render_doc
+
+
+def test_fsync_probe_reports_ordered_percentiles_and_leaves_no_file(tmp_path: Path) -> None:
+    probe = fsync_probe(tmp_path, seconds=0.3, pause_s=0.0)
+    assert probe["syncs"] > 10
+    assert 0 < probe["p50_ms"] <= probe["p99_ms"] <= probe["p999_ms"] <= probe["max_ms"]
+    assert probe["over_50_ms"] <= probe["over_20_ms"] <= probe["syncs"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def _step(rate: float, passed: bool, ack_p99: float) -> dict[str, Any]:
+    sampled = {name: {"steady": {"cpu_cores": cores}} for name, cores in
+               (("postgres", 0.3), ("redis", 0.1), ("loadgen", 0.15), ("machine", 1.2))}
+    return {
+        "rate": rate, "passed": passed, "noisy": False, "achieved_turns_per_s": rate, "ack_p50_ms": 3.0,
+        "ack_p99_ms": ack_p99, "worst_second_ack_p99_ms": ack_p99 * 2, "done_p99_ms": ack_p99 + 5,
+        "send_lag_p99_ms": 1.5, "server": {"cpu_cores": 0.5},
+        "detail": {"sampled": sampled, "command": "smartedu loadtest --students 200 --rate 300"},
+    }
+
+
+def _ladder(best: float, failed_at: float) -> dict[str, Any]:
+    return {
+        "steps": [_step(best, True, 12.0), _step(failed_at, False, 60.0)],
+        "max_turns_per_s": best, "command": "smartedu loadtest --rate 300", "turns": 0, "hellos": 0,
+    }
+
+
+def test_in_memory_ladder_gets_its_own_section_and_floor_ratio() -> None:
+    summary = {
+        "machine": {"fsync": {"directory": "/x", "seconds": 15, "syncs": 6000, "p50_ms": 0.17, "p99_ms": 1.0,
+                              "p999_ms": 24.2, "max_ms": 151.7, "over_20_ms": 11, "over_50_ms": 2,
+                              "same_filesystem": True}},
+        "backends": {},
+        "updated": {"throughput": "t1", "throughput_tmpfs": "t2", "floor": "t3"},
+        "scenarios": {
+            "throughput": {"runs": [_ladder(200, 250), _ladder(250, 300), _ladder(250, 300)]},
+            "throughput_tmpfs": {"runs": [_ladder(350, 400), _ladder(300, 350), _ladder(350, 400)]},
+            "floor": {"runs": [{"throughput": _ladder(1200, 1600)} for _ in range(3)]},
+        },
+    }
+    doc = render_doc(summary, "\nnotes\n")
+
+    assert "p99.9 24.2 ms, max 151.7 ms (11 over 20 ms)" in doc
+    section_2, section_2b = doc.split("## 2. ")[1].split("## 2b. ")
+    assert "| highest passing rate (turns/s) | 200 / 250 / 250 | ≥ 300 | **missed**" in section_2
+    assert "| highest passing rate (turns/s) | 300 / 350 / 350 | ≥ 300 | **met** |" in section_2b
+    # Every step of every run, passed or not.
+    assert section_2b.count("| 400 | 400 |") == 2 and section_2b.count("| 350 | 350 |") == 3
+    # Ours / floor for both ladders: 250 / 1200 and 350 / 1200.
+    assert "| highest passing rate (turns/s) | 250 | 1,200 / 1,200 / 1,200 | 0.21" in doc
+    assert "| highest passing rate, PostgreSQL data in memory (section 2b) | 350 | 1,200 / 1,200 / 1,200 | 0.29" in doc
