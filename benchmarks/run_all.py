@@ -107,7 +107,7 @@ class Plan:
     idle_students: int = 10_000
     idle_rate: float = 150.0
     ladder: tuple[float, ...] = (100, 150, 200, 250, 300, 350, 400)
-    floor_ladder: tuple[float, ...] = (400, 800, 1200)
+    floor_ladder: tuple[float, ...] = (400, 800, 1200, 1600, 2000)
     step_s: float = 20.0
     throughput_students: int = 200
     class_students: int = 1000
