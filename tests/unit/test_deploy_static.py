@@ -458,6 +458,8 @@ def test_nginx_accepts_rendered_config(tmp_path: Path) -> None:
         [nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log"), "-g", "daemon off;"]
     )
     assert result.returncode == 0, result.stderr
+    # No warnings either (a MIME type listed twice, a directive in the wrong place).
+    assert "[warn]" not in result.stderr, result.stderr
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
