@@ -445,6 +445,7 @@ class Backends:
         # What earlier runs left dirty in shared buffers (10,000 users after capacity) is written now, not by
         # the checkpointer during this run, where its writes stall the WAL flushes every commit waits for.
         asyncio.run(_admin(self.admin_dsn, "CHECKPOINT"))
+        os.sync()
         try:
             yield _with_database(self.admin_dsn, name)
         finally:
