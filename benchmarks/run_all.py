@@ -919,6 +919,7 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "",
         ]
         lines += _ladder_table(runs)
+        lines += _disk_then(scen["throughput"])
         lines += _work_per_turn(runs, scen.get("capacity"))
 
     if "throughput_tmpfs" in scen:
@@ -951,6 +952,7 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "",
         ]
         lines += _class_table(runs, machine.get("nproc"))
+        lines += _disk_then(scen["class"])
 
     if "class_tmpfs" in scen:
         runs = scen["class_tmpfs"]["runs"]
@@ -1175,6 +1177,19 @@ def _class_table(runs: Sequence[dict[str, Any]], nproc: object) -> list[str]:
     ]
 
 
+def _disk_then(entry: dict[str, Any]) -> list[str]:
+    """The disk probe taken just before this scenario's runs (the disk's tail varies from hour to hour)."""
+    probe = entry.get("fsync")
+    if not probe:
+        return []
+    return [
+        f"The disk just before these runs (`fdatasync`, {probe['seconds']:g} s idle): p99 "
+        f"{_fmt(probe['p99_ms'], 2)} ms, p99.9 {_fmt(probe['p999_ms'], 1)} ms, max {_fmt(probe['max_ms'], 1)} ms, "
+        f"{probe['over_20_ms']} over 20 ms.",
+        "",
+    ]
+
+
 def _fsync_lines(probe: dict[str, Any] | None) -> list[str]:
     """The disk under PostgreSQL: every commit waits for one WAL flush like these."""
     if not probe:
@@ -1184,7 +1199,8 @@ def _fsync_lines(probe: dict[str, Any] | None) -> list[str]:
         f"- the disk: `fdatasync` after an 8 KB write on the filesystem of {where}, "
         f"{probe['syncs']:,} times in {probe['seconds']:g} s with nothing else running: p50 "
         f"{_fmt(probe['p50_ms'], 2)} ms, p99 {_fmt(probe['p99_ms'], 2)} ms, p99.9 {_fmt(probe['p999_ms'], 1)} ms, "
-        f"max {_fmt(probe['max_ms'], 1)} ms ({probe['over_20_ms']} over 20 ms). A commit waits for one such "
+        f"max {_fmt(probe['max_ms'], 1)} ms ({probe['over_20_ms']} over 20 ms), at the last `run_all.py` "
+        "invocation; sections 2 and 3 show the probe taken before their own runs. A commit waits for one such "
         "flush, so a stall here holds up every `ack` behind it.",
     ]
 
@@ -1444,7 +1460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"  {name} failed: {exc!r}", flush=True)
                     continue
                 summary["scenarios"][name] = {"runs": results, "quick": args.quick, "results_dir": out.name,
-                                              "code": code_label()}
+                                              "code": code_label(), "fsync": summary["machine"]["fsync"]}
                 summary["updated"][name] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC") + (
                     " (--quick)" if args.quick else "")
                 bench.save(f"{name}-summary.json", summary["scenarios"][name] | {"updated": summary["updated"][name]})
