@@ -1,13 +1,14 @@
 """`make bench`: every benchmark scenario, several runs each, raw JSON under benchmarks/results/ and
 docs/benchmarks.md generated from them.
 
-    python benchmarks/run_all.py                      # everything, 3 runs each (about 25 minutes)
+    python benchmarks/run_all.py                      # everything, 3 runs each (about 40 minutes)
     python benchmarks/run_all.py --quick              # smaller and shorter, 1 run each (under 5 minutes)
     python benchmarks/run_all.py --scenarios throughput,floor --runs 5
 
-Scenarios: capacity (10,000 idle sockets), throughput (open-loop turn rate ladder), class (1,000
-students thinking 10 s), fanout (one teacher watching 200 students), floor (throughput and class against
-benchmarks/floor_server.py), nginx (two replicas behind NGINX), profile (py-spy during throughput and
+Scenarios: capacity (10,000 idle sockets), throughput (open-loop turn rate ladder), throughput_tmpfs (the
+same against a PostgreSQL whose data directory is in memory), class (1,000 students thinking 10 s),
+class_tmpfs (the same in memory), fanout (one teacher watching 200 students), floor (throughput and class
+against benchmarks/floor_server.py), nginx (two replicas behind NGINX), profile (py-spy during throughput and
 class). The server under test is a separate `smartedu serve` process on a fresh database and Redis prefix
 per run; PostgreSQL and Redis are the machine's own on 127.0.0.1 when reachable, else the embedded ones.
 """
