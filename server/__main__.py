@@ -163,7 +163,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _run_until_signal(app: web.Application, settings: Settings, announce: bool) -> None:
     """Serve until a signal: SIGTERM drains first (rolling restarts), SIGINT stops at once."""
-    from .app import drain
+    from .app import drain, stop
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
@@ -183,7 +183,7 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
             await drain(app, settings.drain_seconds)
         log.info("stopping")
     finally:
-        await runner.cleanup()
+        await stop(runner)
 
 
 def _settle_heap() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import uuid
@@ -213,6 +214,72 @@ async def _close_sockets(app: web.Application) -> None:
         *(socket.close(code=CloseCode.SERVICE_RESTART, message=b"server restarting") for socket in list(sockets)),
         return_exceptions=True,
     )
+
+
+# How long stopping may take once it starts (closing sockets, committing interrupted answers, closing the
+# pools): inside the margin compose (10 s) and the Kubernetes manifests (15 s) leave after the drain.
+STOP_DEADLINE_S = 8.0
+
+
+async def stop(runner: web.BaseRunner, deadline_s: float = STOP_DEADLINE_S) -> bool:
+    """Clean up the app within `deadline_s`; True when it finished.
+
+    Past the deadline, log what was still pending (for the next investigation) and give up so the process
+    exits before the orchestrator's SIGKILL: acknowledged messages are committed already, and other
+    replicas take over answers whose lease lapses.
+    """
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    done, _ = await asyncio.wait({cleanup}, timeout=deadline_s)
+    if done:
+        cleanup.result()
+        return True
+    current = asyncio.current_task()
+    pending = [t for t in asyncio.all_tasks() if t is not current and not t.done()]  # the cleanup first of all
+    log.error(
+        "stopping took longer than its deadline; exiting with work pending",
+        extra={"deadline_s": deadline_s, "pending_tasks": len(pending), "pending": _describe(pending)},
+    )
+    cleanup.cancel()
+    await asyncio.wait({cleanup}, timeout=1.0)
+    return False
+
+
+def _describe(tasks: list[asyncio.Task[object]], most: int = 10) -> list[str]:
+    """The most common places pending tasks wait at: "count x name at file:line function"."""
+    places: dict[str, int] = {}
+    for task in tasks:
+        key = f"{task.get_name().rstrip('0123456789-')} at {_innermost(task)}"
+        places[key] = places.get(key, 0) + 1
+    return [f"{n} x {key}" for key, n in sorted(places.items(), key=lambda kv: -kv[1])[:most]]
+
+
+def _innermost(task: asyncio.Task[object]) -> str:
+    """Where a suspended task waits: the innermost coroutine of its await chain outside asyncio and
+    contextlib, and the innermost of all (Task.get_stack shows only the outermost one)."""
+    places: list[tuple[str, bool]] = []
+    awaited: object = task.get_coro()
+    for _ in range(100):
+        if awaited is None:
+            break
+        if type(awaited).__name__ == "async_generator_asend":
+            # `await anext(gen)` (contextlib, cleanup contexts): the generator is only reachable this way.
+            awaited = next((o for o in gc.get_referents(awaited) if hasattr(o, "ag_frame")), None)
+            continue
+        frame = next((getattr(awaited, a) for a in ("cr_frame", "gi_frame", "ag_frame") if getattr(awaited, a, None)),
+                     None)
+        if frame is not None:
+            path = frame.f_code.co_filename
+            plumbing = f"{os.sep}asyncio{os.sep}" in path or path.endswith("contextlib.py")
+            places.append((f"{frame.f_code.co_name} ({os.path.basename(path)}:{frame.f_lineno})", plumbing))
+        awaited = next((getattr(awaited, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                        if getattr(awaited, a, None) is not None), None)
+    if not places:
+        return "?"
+    ours = [place for place, plumbing in places if not plumbing]
+    innermost = places[-1][0]
+    if ours and ours[-1] != innermost:
+        return f"{ours[-1]} > {innermost}"
+    return innermost
 
 
 async def drain(app: web.Application, deadline_s: float) -> None:
