@@ -31,6 +31,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from server.app import STOP_DEADLINE_S
 from tests.conftest import require_tool as conftest_require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -309,8 +310,8 @@ def test_compose_app_settings(services: dict[str, dict[str, Any]]) -> None:
         assert int(env["SMARTEDU_DRAIN_SECONDS"]) == DRAIN_SECONDS
         assert env["DATABASE_URL"].startswith("postgresql://") and "@postgres:5432/" in env["DATABASE_URL"]
         assert env["REDIS_URL"].startswith("redis://") and "@redis:6379" in env["REDIS_URL"]
-        # Docker sends SIGKILL after stop_grace_period; the drain must finish first.
-        assert duration_seconds(service["stop_grace_period"]) >= DRAIN_SECONDS + 5
+        # Docker sends SIGKILL after stop_grace_period; the drain and the bounded stop after it must finish first.
+        assert duration_seconds(service["stop_grace_period"]) > DRAIN_SECONDS + STOP_DEADLINE_S
         assert service["read_only"] is True and "/tmp" in service["tmpfs"]
         assert service["cap_drop"] == ["ALL"]
 
@@ -758,7 +759,7 @@ def test_k8s_deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> Non
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     # preStop, then the drain, then a margin, all before SIGKILL.
-    assert spec["terminationGracePeriodSeconds"] >= int(pre_stop[1]) + DRAIN_SECONDS + 5
+    assert spec["terminationGracePeriodSeconds"] > int(pre_stop[1]) + DRAIN_SECONDS + STOP_DEADLINE_S
 
     for resource in ("cpu", "memory"):
         assert resource in container["resources"]["requests"] and resource in container["resources"]["limits"]
