@@ -409,15 +409,6 @@ class Backends:
         )
 
     def versions(self) -> dict[str, str]:
-        async def pg() -> str:
-            import asyncpg
-
-            conn = await asyncpg.connect(self.admin_dsn)
-            try:
-                return str(await conn.fetchval("SHOW server_version"))
-            finally:
-                await conn.close()
-
         import redis
 
         client = redis.Redis.from_url(self.redis_url)
@@ -425,7 +416,7 @@ class Backends:
             redis_version = str(client.info("server").get("redis_version"))
         finally:
             client.close()
-        return {"postgres": asyncio.run(pg()), "redis": redis_version}
+        return {"postgres": str(_scalar(self.admin_dsn, "SHOW server_version")), "redis": redis_version}
 
     def stop(self) -> None:
         if self._embedded is not None:
@@ -498,33 +489,15 @@ def fsync_probe(directory: Path, seconds: float = 10.0, pause_s: float = 0.002) 
 
 def postgres_data_directory(admin_dsn: str) -> Path | None:
     """Where the server keeps its data (needs a superuser, as the benchmarks' trust login is)."""
-    async def read() -> str | None:
-        import asyncpg
-
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            return str(await conn.fetchval("SHOW data_directory"))
-        except Exception:
-            return None
-        finally:
-            await conn.close()
-
-    found = asyncio.run(read())
-    return Path(found) if found else None
+    try:
+        return Path(str(_scalar(admin_dsn, "SHOW data_directory")))
+    except Exception:
+        return None
 
 
 def _postgres_bindir(admin_dsn: str) -> Path:
     """The binaries of the same major version as the server at `admin_dsn` (Debian: /usr/lib/postgresql/N/bin)."""
-    async def major() -> str:
-        import asyncpg
-
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            return str(await conn.fetchval("SHOW server_version")).split(".")[0]
-        finally:
-            await conn.close()
-
-    version = asyncio.run(major())
+    version = str(_scalar(admin_dsn, "SHOW server_version")).split(".")[0]
     for candidate in (Path(f"/usr/lib/postgresql/{version}/bin"), Path(f"/usr/pgsql-{version}/bin")):
         if (candidate / "initdb").exists():
             return candidate
@@ -599,6 +572,20 @@ def _pg_trust() -> bool:
 def _with_database(dsn: str, name: str) -> str:
     parts = urlsplit(dsn)
     return parts._replace(path=f"/{name}").geturl()
+
+
+def _scalar(dsn: str, query: str) -> Any:
+    """One value from one query, on a connection of its own."""
+    async def fetch() -> Any:
+        import asyncpg
+
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval(query)
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
 
 
 async def _admin(dsn: str, statement: str) -> None:

@@ -1010,25 +1010,20 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
             "| metric | full server (median) | floor (min / median / max) | ours / floor |",
             "|---|---|---|---|",
         ]
-        ours_best = _median([float(r["max_turns_per_s"]) for r in scen.get("throughput", {}).get("runs", [])])
         floor_med = _median(floor_best)
-        ratio = ours_best / floor_med if ours_best is not None and floor_med else None
         ladder_top = runs[0]["throughput"]["steps"][-1]["rate"] if runs and "throughput" in runs[0] else 0.0
         capped = ""
         if floor_best and min(floor_best) >= ladder_top:
             capped = " (every step passed: the floor's limit is higher)"
-        lines.append(
-            f"| highest passing rate (turns/s) | {_fmt(ours_best, 0)} | {_mmm(floor_best, 0)}{capped} | "
-            f"{'≤ ' if capped else ''}{_fmt(ratio, 2)} (target ≥ 0.5: {_verdict(ratio, 0.5, True)}) |"
-        )
-        in_memory = _median([float(r["max_turns_per_s"])
-                             for r in scen.get("throughput_tmpfs", {}).get("runs", [])])
-        if in_memory is not None:
-            memory_ratio = in_memory / floor_med if floor_med else None
+        for label, ladder in (("highest passing rate (turns/s)", "throughput"),
+                              ("highest passing rate, PostgreSQL data in memory (section 2b)", "throughput_tmpfs")):
+            ours_best = _median([float(r["max_turns_per_s"]) for r in scen.get(ladder, {}).get("runs", [])])
+            if ours_best is None and ladder != "throughput":
+                continue
+            ratio = ours_best / floor_med if ours_best is not None and floor_med else None
             lines.append(
-                f"| highest passing rate, PostgreSQL data in memory (section 2b) | {_fmt(in_memory, 0)} | "
-                f"{_mmm(floor_best, 0)}{capped} | {'≤ ' if capped else ''}{_fmt(memory_ratio, 2)} "
-                f"(target ≥ 0.5: {_verdict(memory_ratio, 0.5, True)}) |"
+                f"| {label} | {_fmt(ours_best, 0)} | {_mmm(floor_best, 0)}{capped} | "
+                f"{'≤ ' if capped else ''}{_fmt(ratio, 2)} (target ≥ 0.5: {_verdict(ratio, 0.5, True)}) |"
             )
         floor_class = [r["class"] for r in runs if "class" in r]
         ours_class = scen.get("class", {}).get("runs", [])
@@ -1183,12 +1178,12 @@ def _disk_then(entry: dict[str, Any]) -> list[str]:
     probe = entry.get("fsync")
     if not probe:
         return []
-    return [
-        f"The disk just before these runs (`fdatasync`, {probe['seconds']:g} s idle): p99 "
-        f"{_fmt(probe['p99_ms'], 2)} ms, p99.9 {_fmt(probe['p999_ms'], 1)} ms, max {_fmt(probe['max_ms'], 1)} ms, "
-        f"{probe['over_20_ms']} over 20 ms.",
-        "",
-    ]
+    return [f"The disk just before these runs (`fdatasync`, {probe['seconds']:g} s idle): {_tail(probe)}.", ""]
+
+
+def _tail(probe: dict[str, Any]) -> str:
+    return (f"p99 {_fmt(probe['p99_ms'], 2)} ms, p99.9 {_fmt(probe['p999_ms'], 1)} ms, "
+            f"max {_fmt(probe['max_ms'], 1)} ms ({probe['over_20_ms']} over 20 ms)")
 
 
 def _fsync_lines(probe: dict[str, Any] | None) -> list[str]:
@@ -1199,8 +1194,7 @@ def _fsync_lines(probe: dict[str, Any] | None) -> list[str]:
     return [
         f"- the disk: `fdatasync` after an 8 KB write on the filesystem of {where}, "
         f"{probe['syncs']:,} times in {probe['seconds']:g} s with nothing else running: p50 "
-        f"{_fmt(probe['p50_ms'], 2)} ms, p99 {_fmt(probe['p99_ms'], 2)} ms, p99.9 {_fmt(probe['p999_ms'], 1)} ms, "
-        f"max {_fmt(probe['max_ms'], 1)} ms ({probe['over_20_ms']} over 20 ms), at the last `run_all.py` "
+        f"{_fmt(probe['p50_ms'], 2)} ms, {_tail(probe)}, at the last `run_all.py` "
         "invocation; sections 2 and 3 show the probe taken before their own runs. A commit waits for one such "
         "flush, so a stall here holds up every `ack` behind it.",
     ]
@@ -1347,12 +1341,11 @@ def _probe_disk(admin_dsn: str, out: Path, seconds: float) -> dict[str, Any]:
     the same filesystem, else the data directory's parent), measured while nothing else runs."""
     print(f"fsync probe ({seconds:g} s)", flush=True)
     data = postgres_data_directory(admin_dsn)
-    where = out
-    if data is not None and data.exists() and os.stat(data).st_dev != os.stat(out).st_dev:
-        where = data.parent
+    device = os.stat(data).st_dev if data is not None and data.exists() else None
+    where = data.parent if data is not None and device is not None and device != os.stat(out).st_dev else out
     probe = fsync_probe(where, seconds)
     probe["postgres_data_directory"] = str(data) if data else None
-    probe["same_filesystem"] = data is not None and data.exists() and os.stat(data).st_dev == os.stat(where).st_dev
+    probe["same_filesystem"] = device is not None and device == os.stat(where).st_dev
     return probe
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import uuid
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp_cors
@@ -246,11 +247,8 @@ async def stop(runner: web.BaseRunner, deadline_s: float = STOP_DEADLINE_S) -> b
 
 def _describe(tasks: list[asyncio.Task[object]], most: int = 10) -> list[str]:
     """The most common places pending tasks wait at: "count x name at file:line function"."""
-    places: dict[str, int] = {}
-    for task in tasks:
-        key = f"{task.get_name().rstrip('0123456789-')} at {_innermost(task)}"
-        places[key] = places.get(key, 0) + 1
-    return [f"{n} x {key}" for key, n in sorted(places.items(), key=lambda kv: -kv[1])[:most]]
+    places = Counter(f"{task.get_name().rstrip('0123456789-')} at {_innermost(task)}" for task in tasks)
+    return [f"{n} x {place}" for place, n in places.most_common(most)]
 
 
 def _innermost(task: asyncio.Task[object]) -> str:
