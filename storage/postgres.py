@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -21,16 +23,19 @@ from .models import (
     UsageRecord,
     User,
 )
+from .roundtrips import RoundTrips
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id::text AS conversation_id, role, text, status, client_id, reply_to, seq, created_at,"
     " prompt_tokens, output_tokens"
 )
 _CONVERSATION_COLUMNS = (
-    "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at,"
-    " ai_paused"
+    "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at, ai_paused"
 )
 
 
@@ -40,9 +45,80 @@ def _message(row: asyncpg.Record) -> Message:
     return Message(*row.values())
 
 
-def _message_of(row: asyncpg.Record) -> Message:
-    """A message row prefixed with save_question's `part` column."""
-    return Message(*tuple(row.values())[1:])
+@dataclass(frozen=True, slots=True)
+class _Question:
+    """A student's message waiting for its batch's commit."""
+
+    tenant_id: str
+    conversation_id: str
+    client_id: str
+    text: str
+    author_id: str
+    history: int
+
+    def params(self) -> tuple[Any, ...]:
+        """The statements' parameters, in order ($1..$6)."""
+        return (self.tenant_id, self.conversation_id, self.text, self.client_id, self.author_id, self.history)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """An answer's final state waiting for its batch's commit."""
+
+    tenant_id: str
+    user_id: str
+    conversation_id: str
+    reply_id: int
+    text: str
+    status: MessageStatus
+    seq: int
+    usage: UsageRecord | None
+    question: tuple[int, int]  # (id, seq of its ack); (0, 0): nothing to store
+
+    def params(self) -> tuple[Any, ...]:
+        """The statements' parameters, in order ($1..$16); the passages as an array literal (a batch
+        cannot pass arrays of arrays of different lengths)."""
+        u = self.usage
+        return (
+            self.reply_id, self.conversation_id, self.tenant_id, self.text, self.status, self.seq,
+            u.prompt_tokens if u else None, u.output_tokens if u else None, self.user_id,
+            u.provider if u else None, u.model if u else None, u.ttft_ms if u else None,
+            u.duration_ms if u else None, "{" + ",".join(map(str, u.passage_ids)) + "}" if u else "{}",
+            self.question[0], self.question[1],
+        )
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Parameter tuples, one per item -> one array per parameter (for the batch statements' unnest)."""
+    return [list(column) for column in zip(*rows, strict=True)]
+
+
+async def _each_alone_on_failure(
+    run: Callable[[list[T]], Awaitable[Sequence[R]]], items: list[T]
+) -> list[R | Exception]:
+    """`run` on the whole batch; if that fails, on each item alone, so one bad item fails by itself and
+    the others are still committed."""
+    try:
+        return list(await run(items))
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc]
+    results: list[R | Exception] = []
+    for item in items:
+        try:
+            [result] = await run([item])
+            results.append(result)
+        except Exception as exc:
+            results.append(exc)
+    return results
+
+
+# A committed question, None for a resend (its client id was already there), or why it failed.
+_Saved = SavedQuestion | Exception | None
+
+# Questions in one statement at most; more wait for the next (a bigger statement would hold the first
+# ones' acks back longer than the commits it saves).
+QUESTION_BATCH = 64
 
 
 def _conversation(row: asyncpg.Record) -> Conversation:
@@ -84,11 +160,126 @@ async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attem
     raise RuntimeError("unreachable")
 
 
+# Committing questions: each question, its reply placeholder (none while a teacher has paused the AI) and up
+# to `history` messages before it (the statement's snapshot does not see its own inserts), as rows of
+# (n: the question's place in the batch, part: q / r / h, the message). The conversation row is only written
+# for its first message (the title) or while the AI is paused; otherwise committing the answer bumps
+# `updated_at` (each write of that row touches its four indexes).
+#
+# One question alone: plain parameters. PostgreSQL plans the batch form for every call, which costs twice
+# the single form's server time for one question and less from two on (docs/benchmarks.md).
+_SAVE_ONE = (
+    "WITH q AS ("
+    "  INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
+    "  VALUES ($1, $2, 'user', $3, 'complete', $4, $5)"
+    f"  ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
+    " c AS (SELECT ai_paused, title = '' AS untitled FROM conversations"
+    "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM q)),"
+    " u AS ("
+    "  UPDATE conversations SET updated_at = now(),"
+    "  title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
+    "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM c WHERE c.ai_paused OR c.untitled)),"
+    " r AS ("
+    "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
+    "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"
+    f"  RETURNING {_MESSAGE_COLUMNS}),"
+    f" h AS (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $2 AND tenant_id = $1"
+    "  AND EXISTS (SELECT 1 FROM r) ORDER BY id DESC LIMIT $6)"
+    " SELECT 1 AS n, 'q' AS part, * FROM q UNION ALL SELECT 1, 'r', * FROM r UNION ALL SELECT 1, 'h', * FROM h"
+)
+# A batch of questions of distinct conversations. Conversations are looked up by primary key only, through
+# LATERAL ... LIMIT 1 and a tenant check the planner cannot turn into an index scan on tenant_id: with
+# fresh statistics it took the tenant's index and read every conversation of the tenant for each one.
+_SAVE_MANY = (
+    "WITH i AS ("
+    "  SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::int[])"
+    "  WITH ORDINALITY AS i(tenant_id, conversation_id, text, client_id, author_id, history, n)),"
+    " q AS ("
+    "  INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
+    "  SELECT tenant_id, conversation_id, 'user', text, 'complete', client_id, author_id FROM i ORDER BY n"
+    f"  ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
+    " c AS ("
+    "  SELECT i.n, i.tenant_id, i.conversation_id, i.text, i.history, q.id AS question_id, v.ai_paused,"
+    "  v.title = '' AS untitled FROM i JOIN q ON q.conversation_id = i.conversation_id::text"
+    "  CROSS JOIN LATERAL (SELECT ai_paused, title FROM conversations"
+    "  WHERE id = i.conversation_id AND tenant_id = i.tenant_id LIMIT 1) v),"
+    " u AS ("
+    "  UPDATE conversations v SET updated_at = now(),"
+    "  title = CASE WHEN v.title = '' THEN left(c.text, 80) ELSE v.title END"
+    "  FROM c WHERE v.id = c.conversation_id AND v.tenant_id IS NOT DISTINCT FROM c.tenant_id"
+    "  AND (c.ai_paused OR c.untitled)),"
+    " r AS ("
+    "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
+    "  SELECT tenant_id, conversation_id, 'assistant', 'streaming', question_id FROM c WHERE NOT ai_paused"
+    f"  ORDER BY n RETURNING {_MESSAGE_COLUMNS})"
+    " SELECT i.n, 'q' AS part, q.* FROM q JOIN i ON q.conversation_id = i.conversation_id::text"
+    " UNION ALL SELECT c.n, 'r', r.* FROM r JOIN c ON r.conversation_id = c.conversation_id::text"
+    " UNION ALL SELECT c.n, 'h', h.* FROM c CROSS JOIN LATERAL ("
+    f"  SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = c.conversation_id"
+    "  AND m.tenant_id = c.tenant_id ORDER BY m.id DESC LIMIT c.history) h WHERE NOT c.ai_paused"
+)
+
+
+# Committing answers: the answer's final text and status (only if still streaming), its usage row, its
+# question's ack seq, and its conversation's `updated_at` and `last_seq`; the ids of the answers updated.
+_FINISH_ONE = (
+    "WITH m AS ("
+    "  UPDATE messages SET text = $4, status = $5, seq = $6, prompt_tokens = $7, output_tokens = $8,"
+    "  updated_at = clock_timestamp()"
+    "  WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND status = 'streaming' RETURNING id),"
+    " u AS ("
+    "  INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
+    "  prompt_tokens, output_tokens, ttft_ms, duration_ms, status, passage_ids)"
+    "  SELECT $3, $9, $2, m.id, $10, $11, $7, $8, $12, $13, $5, $14::text::bigint[] FROM m"
+    "  WHERE $10::text IS NOT NULL),"
+    " q AS ("
+    "  UPDATE messages SET seq = $16 WHERE id = $15 AND tenant_id = $3 AND $16::bigint > 0"
+    "  AND EXISTS (SELECT 1 FROM m)),"
+    " c AS ("
+    "  UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $6)"
+    "  WHERE id = $2 AND tenant_id = $3 AND EXISTS (SELECT 1 FROM m))"
+    " SELECT id FROM m"
+)
+_FINISH_MANY = (
+    "WITH i AS ("
+    "  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],"
+    "  $7::int[], $8::int[], $9::uuid[], $10::text[], $11::text[], $12::float8[], $13::float8[],"
+    "  $14::text[], $15::bigint[], $16::bigint[])"
+    "  AS i(reply_id, conversation_id, tenant_id, text, status, seq, prompt_tokens, output_tokens,"
+    "  user_id, provider, model, ttft_ms, duration_ms, passage_ids, question_id, question_seq)),"
+    " m AS ("
+    "  UPDATE messages m SET text = i.text, status = i.status, seq = i.seq, prompt_tokens = i.prompt_tokens,"
+    "  output_tokens = i.output_tokens, updated_at = clock_timestamp() FROM i"
+    "  WHERE m.id = i.reply_id AND m.conversation_id = i.conversation_id AND m.tenant_id = i.tenant_id"
+    "  AND m.status = 'streaming' RETURNING m.id),"
+    " f AS (SELECT i.* FROM i JOIN m ON m.id = i.reply_id),"
+    " u AS ("
+    "  INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
+    "  prompt_tokens, output_tokens, ttft_ms, duration_ms, status, passage_ids)"
+    "  SELECT tenant_id, user_id, conversation_id, reply_id, provider, model, prompt_tokens, output_tokens,"
+    "  ttft_ms, duration_ms, status, passage_ids::bigint[] FROM f WHERE provider IS NOT NULL),"
+    " q AS ("
+    "  UPDATE messages m SET seq = f.question_seq FROM f"
+    "  WHERE m.id = f.question_id AND m.tenant_id IS NOT DISTINCT FROM f.tenant_id AND f.question_seq > 0),"
+    " c AS ("
+    "  UPDATE conversations v SET updated_at = now(), last_seq = GREATEST(v.last_seq, s.seq)"
+    "  FROM (SELECT tenant_id, conversation_id, max(seq) AS seq FROM f GROUP BY 1, 2) s"
+    "  WHERE v.id = s.conversation_id AND v.tenant_id IS NOT DISTINCT FROM s.tenant_id)"
+    " SELECT id FROM m"
+)
+
+
 class Database:
     """The product's queries over one asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
+        self._questions: RoundTrips[_Question, _Saved] = RoundTrips(
+            self._save_questions, "question-commits", limit=QUESTION_BATCH
+        )
+        self._replies: RoundTrips[_Reply, bool | Exception] = RoundTrips(
+            self._finish_replies, "answer-commits", limit=QUESTION_BATCH
+        )
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations."""
@@ -304,42 +495,14 @@ class Database:
         """Commit a student's message and its reply placeholder; a repeated client id returns the first rows.
 
         While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
-        One statement (one round trip): the question, the placeholder and up to `history` messages before
-        the question (the statement's snapshot does not see its own inserts). The conversation row is only
-        written here for its first message (the title) or while the AI is paused; otherwise committing the
-        answer bumps `updated_at` (each write of that row touches its four indexes).
+        Questions submitted while another batch is being committed are committed together, in one statement
+        and one commit (`_save_questions`); each returns as soon as its own batch is durable.
         """
-        rows = await self.pool.fetch(
-            "WITH q AS ("
-            "  INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
-            "  VALUES ($1, $2, 'user', $3, 'complete', $4, $5)"
-            f"  ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
-            " c AS (SELECT ai_paused, title = '' AS untitled FROM conversations"
-            "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM q)),"
-            " u AS ("
-            "  UPDATE conversations SET updated_at = now(),"
-            "  title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
-            "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM c WHERE c.ai_paused OR c.untitled)),"
-            " r AS ("
-            "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
-            "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"
-            f"  RETURNING {_MESSAGE_COLUMNS}),"
-            f" h AS (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $2 AND tenant_id = $1"
-            "  AND EXISTS (SELECT 1 FROM r) ORDER BY id DESC LIMIT $6)"
-            " SELECT 'q' AS part, * FROM q UNION ALL SELECT 'r', * FROM r UNION ALL SELECT 'h', * FROM h",
-            tenant_id,
-            conversation_id,
-            text,
-            client_id,
-            author_id,
-            history,
-        )
-        if rows:
-            question = next(_message_of(r) for r in rows if r["part"] == "q")
-            reply = next((_message_of(r) for r in rows if r["part"] == "r"), None)
-            before = sorted((_message_of(r) for r in rows if r["part"] == "h"), key=lambda m: m.id)
-            prefetched = before if reply is not None and history > 0 else None
-            return SavedQuestion(question, reply, created=True, history=prefetched)
+        saved = await self._questions.submit(_Question(tenant_id, conversation_id, client_id, text, author_id, history))
+        if isinstance(saved, Exception):
+            raise saved
+        if saved is not None:
+            return saved
         # A resend: the first rows, and no second answer.
         async with self.pool.acquire() as conn:
             row, _ = await self._insert_once(conn, tenant_id, conversation_id, "user", text, client_id, author_id)
@@ -350,6 +513,56 @@ class Database:
                 tenant_id,
             )
         return SavedQuestion(_message(row), _message(existing) if existing else None, created=False)
+
+    async def _save_questions(self, batch: list[_Question]) -> list[_Saved]:
+        """Group commit: a batch of questions in as few statements as possible.
+
+        A conversation's second question in a batch goes in the next statement, which sees the first (its
+        history and the title). When a statement fails, its questions are tried one at a time, so one bad
+        question fails alone and the others are still committed.
+        """
+        results: list[_Saved] = [None] * len(batch)
+        left = list(range(len(batch)))
+        while left:
+            seen: set[str] = set()
+            now: list[int] = []
+            later: list[int] = []
+            for i in left:
+                (later if batch[i].conversation_id in seen else now).append(i)
+                seen.add(batch[i].conversation_id)
+            outcomes = await _each_alone_on_failure(self._insert_questions, [batch[i] for i in now])
+            for i, outcome in zip(now, outcomes, strict=True):
+                results[i] = outcome
+            left = later
+        return results
+
+    async def _insert_questions(self, questions: list[_Question]) -> list[SavedQuestion | None]:
+        """One statement (one round trip, one commit) for questions of distinct conversations: each
+        question, its placeholder and up to `history` messages before it (the statement's snapshot does
+        not see its own inserts). None for a question whose client id was already in its conversation.
+
+        The conversation row is only written here for its first message (the title) or while the AI is
+        paused; otherwise committing the answer bumps `updated_at` (each write of that row touches its four
+        indexes).
+        """
+        if len(questions) == 1:
+            rows = await self.pool.fetch(_SAVE_ONE, *questions[0].params())
+        else:
+            rows = await self.pool.fetch(_SAVE_MANY, *_columns([q.params() for q in questions]))
+        parts: list[dict[str, list[Message]]] = [{"q": [], "r": [], "h": []} for _ in questions]
+        for row in rows:
+            values = tuple(row.values())
+            parts[values[0] - 1][values[1]].append(Message(*values[2:]))
+        saved: list[SavedQuestion | None] = []
+        for question, part in zip(questions, parts, strict=True):
+            if not part["q"]:
+                saved.append(None)
+                continue
+            reply = part["r"][0] if part["r"] else None
+            before = sorted(part["h"], key=lambda m: m.id)
+            prefetched = before if reply is not None and question.history > 0 else None
+            saved.append(SavedQuestion(part["q"][0], reply, created=True, history=prefetched))
+        return saved
 
     @staticmethod
     async def _insert_once(
@@ -487,38 +700,23 @@ class Database:
         question: tuple[int, int] | None = None,
     ) -> bool:
         """Commit the answer's final text and status (only if still streaming), its usage row and the
-        question's ack seq (`question` = (id, seq)), in one statement; False if it had already ended."""
-        updated = await self.pool.fetchval(
-            "WITH m AS ("
-            "  UPDATE messages SET text = $4, status = $5, seq = $6, prompt_tokens = $7, output_tokens = $8,"
-            "  updated_at = clock_timestamp()"
-            "  WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND status = 'streaming' RETURNING id),"
-            " u AS ("
-            "  INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
-            "  prompt_tokens, output_tokens, ttft_ms, duration_ms, status, passage_ids)"
-            "  SELECT $3, $9, $2, m.id, $10, $11, $7, $8, $12, $13, $5, $14 FROM m WHERE $10::text IS NOT NULL),"
-            " q AS ("
-            "  UPDATE messages SET seq = $16 WHERE id = $15 AND tenant_id = $3 AND $16::bigint > 0"
-            "  AND EXISTS (SELECT 1 FROM m)),"
-            " c AS ("
-            "  UPDATE conversations SET updated_at = now(), last_seq = GREATEST(last_seq, $6)"
-            "  WHERE id = $2 AND tenant_id = $3 AND EXISTS (SELECT 1 FROM m))"
-            " SELECT id FROM m",
-            reply_id,
-            conversation_id,
-            tenant_id,
-            text,
-            status,
-            seq,
-            usage.prompt_tokens if usage else None,
-            usage.output_tokens if usage else None,
-            user_id,
-            usage.provider if usage else None,
-            usage.model if usage else None,
-            usage.ttft_ms if usage else None,
-            usage.duration_ms if usage else None,
-            list(usage.passage_ids) if usage else [],
-            question[0] if question else 0,
-            question[1] if question else 0,
+        question's ack seq (`question` = (id, seq)); False if it had already ended. Answers finishing
+        while another batch is being committed are committed together (`_finish_replies`)."""
+        finished = await self._replies.submit(
+            _Reply(tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0))
         )
-        return updated is not None
+        if isinstance(finished, Exception):
+            raise finished
+        return finished
+
+    async def _finish_replies(self, batch: list[_Reply]) -> list[bool | Exception]:
+        return await _each_alone_on_failure(self._update_replies, batch)
+
+    async def _update_replies(self, replies: list[_Reply]) -> list[bool]:
+        """One statement (one round trip, one commit) for a batch of answers: each answer's row, its
+        usage row, its question's ack seq and its conversation's `updated_at` and `last_seq`."""
+        if len(replies) == 1:
+            return [await self.pool.fetchval(_FINISH_ONE, *replies[0].params()) is not None]
+        rows = await self.pool.fetch(_FINISH_MANY, *_columns([r.params() for r in replies]))
+        done = {row[0] for row in rows}
+        return [r.reply_id in done for r in replies]

@@ -149,6 +149,10 @@ class _Emit:
     adjust: TokenAdjustment | None = None
 
 
+# An admit script's (keys, args).
+_Admit = tuple[tuple[str, str, str], tuple[int, ...]]
+
+
 @dataclass(frozen=True, slots=True)
 class LogSnapshot:
     """A conversation's seq and logged frames at one instant."""
@@ -226,13 +230,18 @@ class RedisStore:
         self._snapshot = client.register_script(_SNAPSHOT)
         self._admit = client.register_script(_ADMIT)
         self._emits: RoundTrips[_Emit, int] = RoundTrips(self._run_emits, "redis-emit-flusher")
+        # Messages arriving together share the admit's round trip too.
+        self._admits: RoundTrips[_Admit, Any] = RoundTrips(self._run_admits, "redis-admits", limit=256)
         self._node_prefix = keys.node_channel("")  # the emit script appends each target node's id
         # The emit flusher's own connection (single-node Redis; on a cluster each emit is a call of its own):
         # a burst of other commands, say a thousand sockets closing at once, cannot hold up the answers.
         self._emit_conn: AbstractConnection | None = None
+        # Likewise the admits': the first step of every message, it does not queue behind a pool checkout.
+        self._admit_conn: AbstractConnection | None = None
         if isinstance(client, Redis):
             pool = client.connection_pool
             self._emit_conn = pool.connection_class(**pool.connection_kwargs)
+            self._admit_conn = pool.connection_class(**pool.connection_kwargs)
 
     async def ping(self) -> None:
         """Raise if Redis cannot answer."""
@@ -303,12 +312,12 @@ class RedisStore:
             return [int(r) for r in firsts]
         raise RuntimeError("unreachable")
 
-    async def _round_trip(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send commands in one write and read every reply (an error reply in its place) on the emit
-        connection, which only the emit flusher uses (one batch at a time): no pool checkout, no pipeline
-        object per batch. A connection error or a cancellation drops the connection; the next batch
-        reconnects."""
-        conn = self._emit_conn
+    async def _round_trip(self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None = None) -> list[Any]:
+        """Send commands in one write and read every reply (an error reply in its place) on `conn`, by
+        default the emit connection, which only the emit flusher uses (one batch at a time): no pool
+        checkout, no pipeline object per batch. A connection error or a cancellation drops the connection;
+        the next batch reconnects."""
+        conn = conn if conn is not None else self._emit_conn
         assert conn is not None  # emits on a cluster do not come here
         try:
             await conn.send_packed_command(conn.pack_commands(commands))
@@ -347,10 +356,13 @@ class RedisStore:
         ]
 
     async def close(self) -> None:
-        """Wait for emits already queued (their callers are waiting for them), then close the emit pool."""
+        """Wait for emits and admits already queued (their callers are waiting for them), then close their
+        connections."""
         await self._emits.wait()
-        if self._emit_conn is not None:
-            await self._emit_conn.disconnect()
+        await self._admits.wait()
+        for conn in (self._emit_conn, self._admit_conn):
+            if conn is not None:
+                await conn.disconnect()
 
     async def snapshot(self, conversation_id: str) -> LogSnapshot:
         """The conversation's current seq and every frame still in its log."""
@@ -427,15 +439,33 @@ class RedisStore:
         daily budget is spent and (3, 0) when the user's is.
         """
         keys = self.keys
-        code, wait_ms = await self._admit(
-            keys=[
+        call = (
+            (
                 keys.rate_limit(tenant_id, user_id),
                 keys.tenant_tokens(tenant_id, day),
                 keys.user_tokens(tenant_id, user_id, day),
-            ],
-            args=[per_minute, 60_000, limits[0], limits[1], amounts[0], amounts[1]],
+            ),
+            (per_minute, 60_000, limits[0], limits[1], amounts[0], amounts[1]),
         )
+        if isinstance(self.client, RedisCluster):
+            reply = await self._admit(keys=call[0], args=call[1])
+        else:
+            reply = await self._admits.submit(call)
+            if isinstance(reply, Exception):
+                raise reply
+        code, wait_ms = reply
         return int(code), int(wait_ms) / 1000.0
+
+    async def _run_admits(self, batch: list[_Admit]) -> list[Any]:
+        """The admit scripts of messages that arrived together, in one round trip on the admit connection;
+        an error reply fails only its own message."""
+        commands = [("EVALSHA", self._admit.sha, 3, *keys, *args) for keys, args in batch]
+        results = await self._round_trip(commands, self._admit_conn)
+        if any(isinstance(r, NoScriptError) for r in results):
+            # Redis lost its script cache (restart, SCRIPT FLUSH): nothing ran; load and go again.
+            await self.client.script_load(_ADMIT)
+            results = await self._round_trip(commands, self._admit_conn)
+        return results
 
     async def adjust_tokens(self, adjust: TokenAdjustment) -> None:
         """Reconcile a reservation with what the answer really used."""

@@ -19,9 +19,10 @@ class RoundTrips(Generic[T, R]):
     if it raises, every item of that batch gets the exception.
     """
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], name: str):
+    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], name: str, limit: int | None = None):
         self._run = run
         self._name = name
+        self._limit = limit  # at most this many items a batch (the rest wait for the next one)
         self._queued: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -34,7 +35,8 @@ class RoundTrips(Generic[T, R]):
 
     async def _drain(self) -> None:
         while self._queued:
-            batch, self._queued = self._queued, []
+            cut = len(self._queued) if self._limit is None else self._limit
+            batch, self._queued = self._queued[:cut], self._queued[cut:]
             try:
                 results = await self._run([item for item, _ in batch])
             except Exception as exc:

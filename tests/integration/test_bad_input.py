@@ -247,6 +247,11 @@ async def test_redis_failure_gives_explicit_error_and_no_row(server: Server, db:
     store.client = broken
     for script in (store._emit, store._snapshot, store._admit):
         script.registered_client = broken
+    # The admits and the emits have connections of their own: those lose Redis too.
+    dedicated = {name: getattr(store, name) for name in ("_admit_conn", "_emit_conn")}
+    pool = broken.connection_pool
+    for name in dedicated:
+        setattr(store, name, pool.connection_class(**pool.connection_kwargs))
     try:
         await sock.send(type="message", id="r1", text="hello?")
         error = await sock.expect("error")
@@ -257,6 +262,8 @@ async def test_redis_failure_gives_explicit_error_and_no_row(server: Server, db:
         store.client = healthy
         for script in (store._emit, store._snapshot, store._admit):
             script.registered_client = healthy
+        for name, conn in dedicated.items():
+            setattr(store, name, conn)
         await broken.aclose()
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
     await sock.send(type="message", id="r1", text="hello?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -61,4 +62,22 @@ async def test_emits_survive_a_script_flush_and_a_killed_connection(store: Redis
     assert [seq for seq, _ in snapshot.entries][:3] == [1, 2, 3]
     assert snapshot.entries[1][1] == b'{"type":"token","text":"b","seq":2}'
     assert await store.client.zscore(store.keys.leases(), "lease-1") is None
+    await store.close()
+
+
+async def test_admits_arriving_together_each_keep_their_own_outcome(store: RedisStore) -> None:
+    async def admit(user: str, per_minute: int = 2) -> tuple[int, float]:
+        return await store.admit("school-a", user, "20261127", per_minute=per_minute, limits=(10_000, 700),
+                                 amounts=(400, 300))
+
+    outcomes = await asyncio.gather(*(admit("u1") for _ in range(3)), *(admit("u2", 10) for _ in range(3)))
+    assert [code for code, _ in outcomes] == [0, 0, 1, 0, 0, 3]  # u1's third: rate limit; u2's third: budget
+    assert 0 < outcomes[2][1] <= 60.0
+    assert await store.client.get(store.keys.user_tokens("school-a", "u2", "20261127")) == b"600"
+    await store.client.script_flush()  # Redis forgot the script: it is loaded again and the batch re-sent
+    assert [code for code, _ in await asyncio.gather(admit("u3"), admit("u4"))] == [0, 0]
+    await store.client.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    with contextlib.suppress(RedisConnectionError):  # the admit connection was killed under it
+        await admit("u5")
+    assert (await admit("u6"))[0] == 0
     await store.close()
