@@ -19,7 +19,8 @@ async def ready(request: web.Request) -> web.Response:
     checks: dict[str, str] = {}
     for name, ping in (("postgres", request.app[DATABASE].ping), ("redis", request.app[REDIS].ping)):
         try:
-            await asyncio.wait_for(ping(), timeout=2.0)
+            async with asyncio.timeout(2.0):
+                await ping()
             checks[name] = "ok"
         except Exception as exc:
             checks[name] = f"unavailable: {type(exc).__name__}"

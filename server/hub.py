@@ -91,7 +91,8 @@ class Hub:
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="hub-listener")
-        await asyncio.wait_for(self._ready.wait(), timeout=10)
+        async with asyncio.timeout(10):  # not wait_for, which can drop a cancellation (server/metrics.py)
+            await self._ready.wait()
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -167,7 +168,8 @@ class Hub:
         waiter = self._subscribed.setdefault(channel, loop.create_future())
         await self._pubsub.subscribe(channel)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout=5)
+            async with asyncio.timeout(5):
+                await asyncio.shield(waiter)
         except TimeoutError:
             log.warning("subscription not confirmed in time", extra={"channel": channel})
 

@@ -219,7 +219,8 @@ class RunContext:
     async def all_drained(self) -> None:
         """Wait until every student has drained, at most until the drain deadline."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.drained.wait(), max(0.0, self.drain_deadline - self.clock()))
+            async with asyncio.timeout(max(0.0, self.drain_deadline - self.clock())):
+                await self.drained.wait()
 
 
 class ConnectFailed(Exception):

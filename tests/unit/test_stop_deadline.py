@@ -59,3 +59,22 @@ async def test_a_prompt_cleanup_runs_to_the_end() -> None:
 
     assert await stop(runner, deadline_s=5.0) is True
     assert torn_down == ["resource"]
+
+
+async def test_the_loop_lag_task_stops_when_cancelled_just_as_a_health_check_finishes() -> None:
+    """The hang after 10,000 disconnects: stopping cancelled the loop-lag task at the moment its health
+    check had finished but had not yet handed back its result. Python 3.11's wait_for then returned the
+    result and dropped the cancellation, the task slept on, and stopping awaited it for ever."""
+    from server.metrics import Metrics, measure_loop_lag
+
+    task: asyncio.Task[None] | None = None
+
+    async def check() -> None:
+        # Scheduled before this coroutine's completion wakes its awaiter: the cancel lands in between.
+        assert task is not None
+        asyncio.get_running_loop().call_soon(task.cancel)
+
+    task = asyncio.create_task(measure_loop_lag(Metrics("test"), {"postgres": check}))
+    done, _ = await asyncio.wait({task}, timeout=3.0)
+    assert done, "the cancelled task kept running"
+    assert task.cancelled()
