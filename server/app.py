@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import os
@@ -33,6 +32,7 @@ from .logs import request_id
 from .lti import JwksCache
 from .metrics import Metrics, measure_loop_lag, serve_metrics
 from .settings import Settings
+from .tasks import cancel_and_wait
 from .tracing import create_tracer
 from .websession import new_session_key, setup_sessions
 
@@ -144,9 +144,7 @@ def create_app(
             await chat.start()
             yield
         finally:
-            lag.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag
+            await cancel_and_wait(lag)
             await chat.close()
             await tracer.close()
 

@@ -28,6 +28,7 @@ from .hub import Hub, Peer
 from .metrics import Metrics
 from .protocol import HistoryRequest, SendMessage, encode
 from .settings import Settings
+from .tasks import cancel_and_wait
 from .teacher import Classroom
 from .tracing import Tracer
 
@@ -389,9 +390,7 @@ class ChatService:
         # Together, so that their departures share round trips (one after the other, each waited for its own).
         await asyncio.gather(*(self.close_session(session) for session in list(self._sessions.values())))
         if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+            await cancel_and_wait(self._maintenance)
         await self.hub.close()
         with contextlib.suppress(Exception):
             await self.answers.provider.close()

@@ -26,6 +26,8 @@ from redis.asyncio.cluster import ClusterPubSub
 
 from storage.redis_store import RedisStore, TokenAdjustment, splice_seq
 
+from .tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 Numbered = tuple[int, bytes]
@@ -96,9 +98,7 @@ class Hub:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 

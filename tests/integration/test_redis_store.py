@@ -81,3 +81,25 @@ async def test_admits_arriving_together_each_keep_their_own_outcome(store: Redis
         await admit("u5")
     assert (await admit("u6"))[0] == 0
     await store.close()
+
+
+async def test_a_task_cancelled_while_it_talks_to_redis_is_stopped(store: RedisStore) -> None:
+    """redis-py sends under asyncio.wait_for, which on Python 3.11 can drop a cancellation: cancelled in
+    the middle of its pipelines, such a task sometimes carried on into its next sleep. cancel_and_wait
+    (server/tasks.py) stops it every time."""
+    from server.tasks import cancel_and_wait
+
+    conversations = [f"c-{n}" for n in range(1500)]
+
+    async def maintenance() -> None:
+        while True:
+            await store.hold(conversations, "node-a")
+            await store.release(conversations, "node-a")
+            await asyncio.sleep(10)
+
+    for delay in (0.0, 0.002, 0.005, 0.01, 0.02, 0.03):
+        task = asyncio.create_task(maintenance())
+        await asyncio.sleep(delay)
+        await asyncio.wait_for(cancel_and_wait(task), timeout=3.0)
+        assert task.done()
+    await store.close()
