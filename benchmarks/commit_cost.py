@@ -94,7 +94,7 @@ async def run(args: argparse.Namespace) -> None:
     admin = await asyncpg.connect(args.database_url)
     name = f"smartedu_commit_cost_{uuid.uuid4().hex[:8]}"
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = args.database_url.rsplit("/", 1)[0] + "/" + name
+    url = urlsplit(args.database_url)._replace(path=f"/{name}").geturl()  # keeps ?host=/socket/dir
     try:
         pool = await storage.connect_pool(url, min_size=1, max_size=1)
         await storage.Database(pool).migrate()
