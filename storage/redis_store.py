@@ -175,6 +175,8 @@ RedisClient = Redis | RedisCluster
 # would not answer sooner.
 POOL_SIZE = 64
 POOL_TIMEOUT_S = 10.0
+# The longest an emit or admit round trip may take (redis-py's default socket timeout, 5 s).
+DEFAULT_ROUND_TRIP_TIMEOUT_S = 5.0
 
 
 def _client(url: str) -> Redis:
@@ -238,10 +240,17 @@ class RedisStore:
         self._emit_conn: AbstractConnection | None = None
         # Likewise the admits': the first step of every message, it does not queue behind a pool checkout.
         self._admit_conn: AbstractConnection | None = None
+        # Their round trips are bounded by `_round_trip` itself: without a socket timeout, redis-py sends
+        # directly instead of under asyncio.wait_for, which costs a task per send and, on Python 3.11, can
+        # drop a cancellation (server/tasks.py).
+        self._round_trip_timeout_s = DEFAULT_ROUND_TRIP_TIMEOUT_S
         if isinstance(client, Redis):
             pool = client.connection_pool
-            self._emit_conn = pool.connection_class(**pool.connection_kwargs)
-            self._admit_conn = pool.connection_class(**pool.connection_kwargs)
+            kwargs = dict(pool.connection_kwargs)
+            self._round_trip_timeout_s = kwargs.get("socket_timeout") or DEFAULT_ROUND_TRIP_TIMEOUT_S
+            kwargs["socket_timeout"] = None
+            self._emit_conn = pool.connection_class(**kwargs)
+            self._admit_conn = pool.connection_class(**kwargs)
 
     async def ping(self) -> None:
         """Raise if Redis cannot answer."""
@@ -315,18 +324,19 @@ class RedisStore:
     async def _round_trip(self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None = None) -> list[Any]:
         """Send commands in one write and read every reply (an error reply in its place) on `conn`, by
         default the emit connection, which only the emit flusher uses (one batch at a time): no pool
-        checkout, no pipeline object per batch. A connection error or a cancellation drops the connection;
-        the next batch reconnects."""
+        checkout, no pipeline object per batch. A connection error, a timeout or a cancellation drops the
+        connection; the next batch reconnects."""
         conn = conn if conn is not None else self._emit_conn
         assert conn is not None  # emits on a cluster do not come here
         try:
-            await conn.send_packed_command(conn.pack_commands(commands))
-            results: list[Any] = []
-            for _ in commands:
-                try:
-                    results.append(await conn.read_response())
-                except ResponseError as exc:
-                    results.append(exc)
+            async with asyncio.timeout(self._round_trip_timeout_s):
+                await conn.send_packed_command(conn.pack_commands(commands))
+                results: list[Any] = []
+                for _ in commands:
+                    try:
+                        results.append(await conn.read_response())
+                    except ResponseError as exc:
+                        results.append(exc)
             return results
         except BaseException:
             await conn.disconnect()

@@ -103,3 +103,27 @@ async def test_a_task_cancelled_while_it_talks_to_redis_is_stopped(store: RedisS
         await asyncio.wait_for(cancel_and_wait(task), timeout=3.0)
         assert task.done()
     await store.close()
+
+
+async def test_a_redis_that_never_answers_fails_an_admit_at_the_socket_timeout() -> None:
+    """The admit and emit connections send without redis-py's per-send wait_for; their round trips are
+    bounded by the socket timeout all the same, and fail with an error the socket turns into `internal`."""
+    from redis.asyncio import Redis
+
+    accepted: list[asyncio.StreamWriter] = []
+    silent = await asyncio.start_server(lambda _, writer: accepted.append(writer), "127.0.0.1", 0)  # never answers
+    port = silent.sockets[0].getsockname()[1]
+    client = Redis.from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3")
+    store = RedisStore(client, Keys("silent:"))
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await store.admit("school-a", "u1", "20261127", per_minute=5, limits=(0, 0), amounts=(1, 1))
+        assert asyncio.get_running_loop().time() - started < 2.0
+    finally:
+        await store.close()
+        await client.aclose()
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
