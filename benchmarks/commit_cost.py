@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
-import os
 import sys
 import time
 import uuid
@@ -29,26 +29,21 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import ROOT, read_sample, with_database
 
 
 def postgres_cpu_s() -> float:
     """CPU seconds used so far by every process named `postgres` on this machine."""
-    ticks = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        name, _, rest = data.partition(") ")
-        if not name.endswith("(postgres"):
-            continue
-        fields = rest.split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):  # a process that ended meanwhile
+                if (entry / "comm").read_text().strip() == "postgres":
+                    total += read_sample(int(entry.name)).cpu_s
+    return total
 
 
 async def measure(storage: Any, url: str, in_flight: int, turns: int) -> dict[str, float]:
@@ -94,7 +89,7 @@ async def run(args: argparse.Namespace) -> None:
     admin = await asyncpg.connect(args.database_url)
     name = f"smartedu_commit_cost_{uuid.uuid4().hex[:8]}"
     await admin.execute(f'CREATE DATABASE "{name}"')
-    url = urlsplit(args.database_url)._replace(path=f"/{name}").geturl()  # keeps ?host=/socket/dir
+    url = with_database(args.database_url, name)
     try:
         pool = await storage.connect_pool(url, min_size=1, max_size=1)
         await storage.Database(pool).migrate()

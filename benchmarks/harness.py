@@ -400,7 +400,7 @@ class Backends:
             embedded = EmbeddedServices(Path(tmp.name))
             embedded.start(postgres=not use_pg, redis=not use_redis)
             if not use_pg:
-                admin_dsn = _with_database(embedded.database_url, "postgres")
+                admin_dsn = with_database(embedded.database_url, "postgres")
             if not use_redis:
                 redis_url = embedded.redis_url
         return cls(
@@ -438,7 +438,7 @@ class Backends:
         asyncio.run(_admin(self.admin_dsn, "CHECKPOINT"))
         os.sync()
         try:
-            yield _with_database(self.admin_dsn, name)
+            yield with_database(self.admin_dsn, name)
         finally:
             with contextlib.suppress(Exception):
                 asyncio.run(_admin(self.admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -569,7 +569,8 @@ def _pg_trust() -> bool:
     return _accepts(f"postgresql://postgres@{PG_HOST}:{PG_PORT}/postgres")
 
 
-def _with_database(dsn: str, name: str) -> str:
+def with_database(dsn: str, name: str) -> str:
+    """The same server, another database (a socket directory in the query is kept)."""
     parts = urlsplit(dsn)
     return parts._replace(path=f"/{name}").geturl()
 

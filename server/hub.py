@@ -93,7 +93,7 @@ class Hub:
 
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="hub-listener")
-        async with asyncio.timeout(10):  # not wait_for, which can drop a cancellation (server/metrics.py)
+        async with asyncio.timeout(10):  # not wait_for, which can drop a cancellation (server/tasks.py)
             await self._ready.wait()
 
     async def close(self) -> None:

@@ -139,9 +139,7 @@ async def measure_loop_lag(metrics: Metrics, checks: Mapping[str, Callable[[], A
         if tick % 10 == 1:
             for name, check in checks.items():
                 try:
-                    # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the result and drops a
-                    # cancellation that arrives just as the check finishes, and then stopping waited on this
-                    # task for ever (the hang after 10,000 disconnects in docs/benchmarks.md).
+                    # Not wait_for, which can drop the cancellation that stops this task (server/tasks.py).
                     async with asyncio.timeout(2.0):
                         await check()
                     metrics.dependency_up.labels(dependency=name).set(1)

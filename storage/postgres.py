@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -35,7 +36,8 @@ _MESSAGE_COLUMNS = (
     " prompt_tokens, output_tokens"
 )
 _CONVERSATION_COLUMNS = (
-    "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at, ai_paused"
+    "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at,"
+    " ai_paused"
 )
 
 
@@ -116,9 +118,9 @@ async def _each_alone_on_failure(
 # A committed question, None for a resend (its client id was already there), or why it failed.
 _Saved = SavedQuestion | Exception | None
 
-# Questions in one statement at most; more wait for the next (a bigger statement would hold the first
-# ones' acks back longer than the commits it saves).
-QUESTION_BATCH = 64
+# Questions (or answers) in one statement at most; more wait for the next (a bigger statement would hold
+# the first ones' acks back longer than the commits it saves).
+COMMIT_BATCH = 64
 
 
 def _conversation(row: asyncpg.Record) -> Conversation:
@@ -274,11 +276,11 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
-        self._questions: RoundTrips[_Question, _Saved] = RoundTrips(
-            self._save_questions, "question-commits", limit=QUESTION_BATCH
+        self._questions: RoundTrips[_Question, SavedQuestion | None] = RoundTrips(
+            self._save_questions, "question-commits", limit=COMMIT_BATCH
         )
-        self._replies: RoundTrips[_Reply, bool | Exception] = RoundTrips(
-            self._finish_replies, "answer-commits", limit=QUESTION_BATCH
+        self._replies: RoundTrips[_Reply, bool] = RoundTrips(
+            partial(_each_alone_on_failure, self._update_replies), "answer-commits", limit=COMMIT_BATCH
         )
 
     async def migrate(self) -> list[int]:
@@ -499,8 +501,6 @@ class Database:
         and one commit (`_save_questions`); each returns as soon as its own batch is durable.
         """
         saved = await self._questions.submit(_Question(tenant_id, conversation_id, client_id, text, author_id, history))
-        if isinstance(saved, Exception):
-            raise saved
         if saved is not None:
             return saved
         # A resend: the first rows, and no second answer.
@@ -702,15 +702,9 @@ class Database:
         """Commit the answer's final text and status (only if still streaming), its usage row and the
         question's ack seq (`question` = (id, seq)); False if it had already ended. Answers finishing
         while another batch is being committed are committed together (`_finish_replies`)."""
-        finished = await self._replies.submit(
+        return await self._replies.submit(
             _Reply(tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0))
         )
-        if isinstance(finished, Exception):
-            raise finished
-        return finished
-
-    async def _finish_replies(self, batch: list[_Reply]) -> list[bool | Exception]:
-        return await _each_alone_on_failure(self._update_replies, batch)
 
     async def _update_replies(self, replies: list[_Reply]) -> list[bool]:
         """One statement (one round trip, one commit) for a batch of answers: each answer's row, its

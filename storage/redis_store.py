@@ -309,7 +309,7 @@ class RedisStore:
         commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in batch]
         commands += self._side_commands(batch)
         for attempt in (1, 2):
-            results = await self._round_trip(commands)
+            results = await self._round_trip(commands, self._emit_conn)
             firsts = results[: len(batch)]
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in firsts):
                 # Redis lost its script cache (restart, SCRIPT FLUSH): nothing ran; load and go again.
@@ -321,13 +321,12 @@ class RedisStore:
             return [int(r) for r in firsts]
         raise RuntimeError("unreachable")
 
-    async def _round_trip(self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None = None) -> list[Any]:
-        """Send commands in one write and read every reply (an error reply in its place) on `conn`, by
-        default the emit connection, which only the emit flusher uses (one batch at a time): no pool
-        checkout, no pipeline object per batch. A connection error, a timeout or a cancellation drops the
-        connection; the next batch reconnects."""
-        conn = conn if conn is not None else self._emit_conn
-        assert conn is not None  # emits on a cluster do not come here
+    async def _round_trip(self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None) -> list[Any]:
+        """Send commands in one write and read every reply (an error reply in its place) on `conn`, the emit
+        or the admit connection, each used by one flusher only (one batch at a time): no pool checkout, no
+        pipeline object per batch. A connection error, a timeout or a cancellation drops the connection;
+        the next batch reconnects."""
+        assert conn is not None  # emits and admits on a cluster do not come here
         try:
             async with asyncio.timeout(self._round_trip_timeout_s):
                 await conn.send_packed_command(conn.pack_commands(commands))
@@ -461,8 +460,6 @@ class RedisStore:
             reply = await self._admit(keys=call[0], args=call[1])
         else:
             reply = await self._admits.submit(call)
-            if isinstance(reply, Exception):
-                raise reply
         code, wait_ms = reply
         return int(code), int(wait_ms) / 1000.0
 

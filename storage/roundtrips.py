@@ -15,11 +15,14 @@ class RoundTrips(Generic[T, R]):
     """Runs `run` on batches of submitted items, one batch at a time, until nothing is waiting.
 
     A lone item goes at once; under load, items queue while the previous batch is in flight, so a busy
-    process pays one round trip for many items instead of one each. `run` returns one result per item;
-    if it raises, every item of that batch gets the exception.
+    process pays one round trip for many items instead of one each. `run` returns one result per item; a
+    result that is an exception fails only its own item, and if `run` raises, every item of that batch
+    gets the exception.
     """
 
-    def __init__(self, run: Callable[[list[T]], Awaitable[Sequence[R]]], name: str, limit: int | None = None):
+    def __init__(
+        self, run: Callable[[list[T]], Awaitable[Sequence[R | Exception]]], name: str, limit: int | None = None
+    ):
         self._run = run
         self._name = name
         self._limit = limit  # at most this many items a batch (the rest wait for the next one)
@@ -45,7 +48,11 @@ class RoundTrips(Generic[T, R]):
                         future.set_exception(exc)
                 continue
             for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
                     future.set_result(result)
 
     async def wait(self) -> None:
