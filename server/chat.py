@@ -112,6 +112,7 @@ class ChatService:
         resume_from: int | None,
     ) -> Session:
         user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
+        course: Course | None = None
         if conversation_id is not None:
             conversation = await self.db.get_conversation(claims.tenant, user.id, conversation_id)
             if conversation is None:
@@ -120,13 +121,14 @@ class ChatService:
                 raise forbidden("this course is not in your token's courses")
         else:
             if course_id is not None:
-                await self._course(claims, course_id)
+                course = await self._course(claims, course_id)  # the conversation's course, read once
             conversation = await self.db.latest_conversation(claims.tenant, user.id, course_id)
             if conversation is None:
                 conversation = await self.db.create_conversation(claims.tenant, user.id, course_id)
         session = Session(peer=peer, claims=claims, user=user, current=conversation.id)
         session.tenant = await self.db.get_tenant(claims.tenant)
-        course = await self._course_of(conversation)
+        if course is None:
+            course = await self._course_of(conversation)
         session.joined[conversation.id] = Joined(conversation, course)
         # Subscribed and buffering before the snapshot: nothing published after it can be missed.
         member = await self.hub.join(conversation.id, peer, buffering=True)

@@ -271,6 +271,15 @@ _FINISH_MANY = (
 )
 
 
+_UPSERT_USER = (
+    "WITH tenant AS (INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING)"
+    " INSERT INTO users (tenant_id, external_id, role, display_name) VALUES ($1, $2, $3, $4)"
+    " ON CONFLICT (tenant_id, external_id) DO UPDATE"
+    " SET role = EXCLUDED.role, display_name = EXCLUDED.display_name, last_seen_at = now()"
+    " RETURNING id::text AS id, tenant_id, external_id, role, display_name"
+)
+
+
 class Database:
     """The product's queries over one asyncpg pool."""
 
@@ -301,19 +310,11 @@ class Database:
     # -- identities ---------------------------------------------------------------------------
 
     async def upsert_user(self, tenant_id: str, external_id: str, role: str, display_name: str) -> User:
-        """Create or refresh the tenant and user named by verified token claims."""
-        async with self._transaction() as conn:
-            await conn.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant_id)
-            row = await conn.fetchrow(
-                "INSERT INTO users (tenant_id, external_id, role, display_name) VALUES ($1, $2, $3, $4)"
-                " ON CONFLICT (tenant_id, external_id) DO UPDATE"
-                " SET role = EXCLUDED.role, display_name = EXCLUDED.display_name, last_seen_at = now()"
-                " RETURNING id::text AS id, tenant_id, external_id, role, display_name",
-                tenant_id,
-                external_id,
-                role,
-                display_name,
-            )
+        """Create or refresh the tenant and user named by verified token claims.
+
+        One statement, so one round trip and one commit on every `hello`: the user's foreign key is checked
+        at the end of the statement, which sees the tenant its first part inserted."""
+        row = await self.pool.fetchrow(_UPSERT_USER, tenant_id, external_id, role, display_name)
         assert row is not None
         return User(**dict(row))
 

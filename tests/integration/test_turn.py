@@ -48,6 +48,22 @@ async def test_full_turn_commits_before_ack_and_done(server: Server, db: asyncpg
     assert usage["duration_ms"] >= 0 and usage["ttft_ms"] is not None
 
 
+async def test_first_hello_of_a_new_school_creates_it_and_later_hellos_refresh_the_user(
+    server: Server, db: asyncpg.Connection
+) -> None:
+    # The tenant and the user are written by one statement: the user's foreign key must see the new tenant.
+    first = await server.connect({"token": token("t-1", tenant="school-new", role="teacher", name="Ms Ada")})
+    user = first.frames[0]["user"]
+    assert (user["tenant"], user["role"], user["name"]) == ("school-new", "teacher", "Ms Ada")
+    assert await db.fetchval("SELECT count(*) FROM tenants WHERE id = 'school-new'") == 1
+
+    again = await server.connect({"token": token("t-1", tenant="school-new", role="admin", name="Dr Ada")})
+    refreshed = again.frames[0]["user"]
+    assert refreshed["id"] == user["id"] and (refreshed["role"], refreshed["name"]) == ("admin", "Dr Ada")
+    rows = await db.fetch("SELECT role, display_name FROM users WHERE tenant_id = 'school-new'")
+    assert [tuple(r) for r in rows] == [("admin", "Dr Ada")]
+
+
 async def test_welcome_after_reconnect_has_last_ten_turns_oldest_first(server: Server, db: asyncpg.Connection) -> None:
     sock = await server.connect({"token": token()})
     for i in range(12):
