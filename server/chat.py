@@ -232,11 +232,13 @@ class ChatService:
             return
         tenant_id, course_id = session.claims.tenant, conversation.course_id
         info = self._presence_info(session, conversation)
-        await self.hub.store.announce(tenant_id, course_id, session.id, orjson.dumps(info), PRESENCE_TTL_MS)
-        session.presence = (tenant_id, course_id)
-        await self.hub.course_event(
-            tenant_id, course_id, encode({"type": "event", "course_id": course_id, "kind": "joined", "student": info})
+        joined = encode({"type": "event", "course_id": course_id, "kind": "joined", "student": info})
+        # Presence and the `joined` event for other replicas' teachers: one round trip.
+        await self.hub.store.announce(
+            tenant_id, course_id, session.id, orjson.dumps(info), PRESENCE_TTL_MS, event=(self.hub.node, joined)
         )
+        session.presence = (tenant_id, course_id)
+        await self.hub.deliver_watchers(tenant_id, course_id, joined)
 
     async def submit(self, session: Session, frame: SendMessage) -> None:
         """Validate, rate-limit, commit, ack, then start (or queue) the answer."""

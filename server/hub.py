@@ -336,8 +336,3 @@ class Hub:
         for peer in list(watchers.values()):
             if not await peer.send(wrapped):
                 self.unwatch(tenant_id, course_id, peer)
-
-    async def course_event(self, tenant_id: str, course_id: str, frame: bytes) -> None:
-        """A course-level event (joined/left, flags) for watchers here and on every other replica."""
-        await self.deliver_watchers(tenant_id, course_id, frame)
-        await self.store.publish_course_event(tenant_id, course_id, self.node, frame)

@@ -510,12 +510,26 @@ class RedisStore:
 
     # -- presence -------------------------------------------------------------------------------
 
-    async def announce(self, tenant_id: str, course_id: str, session_id: str, info: bytes, ttl_ms: int) -> None:
-        """Mark a session online in its course until the ttl runs out (renewed by heartbeats)."""
+    async def announce(
+        self,
+        tenant_id: str,
+        course_id: str,
+        session_id: str,
+        info: bytes,
+        ttl_ms: int,
+        event: tuple[str, bytes] | None = None,
+    ) -> None:
+        """Mark a session online in its course until the ttl runs out (renewed by heartbeats); `event`, a
+        (node, frame) course event for teachers on any replica, is published in the same round trip."""
+        cluster = isinstance(self.client, RedisCluster)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.zadd(self.keys.presence(tenant_id, course_id), {session_id: now_ms() + ttl_ms})
             pipe.hset(self.keys.presence_info(tenant_id, course_id), session_id, info)
+            if event is not None and not cluster:  # a cluster pipeline routes commands by key; PUBLISH has none
+                pipe.publish(self.keys.course_channel(tenant_id, course_id), _course_envelope(*event))
             await pipe.execute()
+        if event is not None and cluster:
+            await self.publish_course_event(tenant_id, course_id, *event)
 
     async def heartbeat(self, sessions: Sequence[tuple[str, str, str]], ttl_ms: int) -> None:
         """Renew (tenant, course, session) presence entries in one round trip: one ZADD per course, since
@@ -539,7 +553,7 @@ class RedisStore:
             for tenant_id, course_id, session_id, frame in departures:
                 pipe.zrem(self.keys.presence(tenant_id, course_id), session_id)
                 pipe.hdel(self.keys.presence_info(tenant_id, course_id), session_id)
-                if not cluster:  # a cluster pipeline routes commands by key, and PUBLISH has none
+                if not cluster:  # as in `announce`
                     pipe.publish(self.keys.course_channel(tenant_id, course_id), _course_envelope(node, frame))
             await pipe.execute()
         if cluster:
