@@ -168,6 +168,12 @@ async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attem
 # for its first message (the title) or while the AI is paused; otherwise committing the answer bumps
 # `updated_at` (each write of that row touches its four indexes).
 #
+# The history is read by conversation only: the conversation was found in the caller's tenant (`c`), and
+# without `r` (which needs `c`) there is none. A tenant filter on the messages themselves made PostgreSQL
+# multiply the two estimates: with no statistics yet, or several tenants in the table, it expected about
+# one row and read and sorted every message of the conversation instead of the last few through the index
+# (docs/benchmarks.md, third round). `_RECENT` reads the history pages the same way.
+#
 # One question alone: plain parameters. PostgreSQL plans the batch form for every call, which costs twice
 # the single form's server time for one question and less from two on (docs/benchmarks.md).
 _SAVE_ONE = (
@@ -185,7 +191,7 @@ _SAVE_ONE = (
     "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
     "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"
     f"  RETURNING {_MESSAGE_COLUMNS}),"
-    f" h AS (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $2 AND tenant_id = $1"
+    f" h AS (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $2"
     "  AND EXISTS (SELECT 1 FROM r) ORDER BY id DESC LIMIT $6)"
     " SELECT 1 AS n, 'q' AS part, * FROM q UNION ALL SELECT 1, 'r', * FROM r UNION ALL SELECT 1, 'h', * FROM h"
 )
@@ -218,7 +224,7 @@ _SAVE_MANY = (
     " UNION ALL SELECT c.n, 'r', r.* FROM r JOIN c ON r.conversation_id = c.conversation_id::text"
     " UNION ALL SELECT c.n, 'h', h.* FROM c CROSS JOIN LATERAL ("
     f"  SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = c.conversation_id"
-    "  AND m.tenant_id = c.tenant_id ORDER BY m.id DESC LIMIT c.history) h WHERE NOT c.ai_paused"
+    "  ORDER BY m.id DESC LIMIT c.history) h WHERE NOT c.ai_paused"
 )
 
 
@@ -271,6 +277,18 @@ _FINISH_MANY = (
 )
 
 
+# A page of a conversation's messages, newest first: the tenant is checked on the conversation (by primary
+# key), and the messages are read through their index, at most `limit` of them (see the history above).
+# The newest page has no `id <` bound: without statistics PostgreSQL guesses that a range keeps a third
+# of the rows, and for a small guess it reads and sorts the whole conversation.
+_RECENT = (
+    "SELECT h.* FROM conversations v CROSS JOIN LATERAL ("
+    f"  SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = $1 {{before}}"
+    "  ORDER BY m.id DESC LIMIT $3) h"
+    " WHERE v.id = $1 AND v.tenant_id = $2 ORDER BY h.id DESC"
+)
+_RECENT_NEWEST = _RECENT.format(before="")
+_RECENT_BEFORE = _RECENT.format(before="AND m.id < $4")
 _UPSERT_USER = (
     "WITH tenant AS (INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING)"
     " INSERT INTO users (tenant_id, external_id, role, display_name) VALUES ($1, $2, $3, $4)"
@@ -459,15 +477,10 @@ class Database:
         self, tenant_id: str, conversation_id: str, limit: int, before: int | None = None
     ) -> list[Message]:
         """Up to `limit` messages older than `before` (or the newest), oldest first; one index scan."""
-        rows = await self.pool.fetch(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages"
-            " WHERE conversation_id = $1 AND tenant_id = $2 AND id < $3"
-            " ORDER BY id DESC LIMIT $4",
-            conversation_id,
-            tenant_id,
-            before if before is not None else 2**62,
-            limit,
-        )
+        if before is None:
+            rows = await self.pool.fetch(_RECENT_NEWEST, conversation_id, tenant_id, limit)
+        else:
+            rows = await self.pool.fetch(_RECENT_BEFORE, conversation_id, tenant_id, limit, before)
         return [_message(r) for r in reversed(rows)]
 
     async def get_message(self, tenant_id: str, conversation_id: str, message_id: int) -> Message | None:
@@ -702,7 +715,7 @@ class Database:
     ) -> bool:
         """Commit the answer's final text and status (only if still streaming), its usage row and the
         question's ack seq (`question` = (id, seq)); False if it had already ended. Answers finishing
-        while another batch is being committed are committed together (`_finish_replies`)."""
+        while another batch is being committed are committed together (`_update_replies`)."""
         return await self._replies.submit(
             _Reply(tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0))
         )
