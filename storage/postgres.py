@@ -552,13 +552,8 @@ class Database:
 
     async def _insert_questions(self, questions: list[_Question]) -> list[SavedQuestion | None]:
         """One statement (one round trip, one commit) for questions of distinct conversations: each
-        question, its placeholder and up to `history` messages before it (the statement's snapshot does
-        not see its own inserts). None for a question whose client id was already in its conversation.
-
-        The conversation row is only written here for its first message (the title) or while the AI is
-        paused; otherwise committing the answer bumps `updated_at` (each write of that row touches its four
-        indexes).
-        """
+        question, its placeholder and its history (`_SAVE_ONE`, `_SAVE_MANY`). None for a question whose
+        client id was already in its conversation."""
         if len(questions) == 1:
             rows = await self.pool.fetch(_SAVE_ONE, *questions[0].params())
         else:

@@ -308,18 +308,22 @@ class RedisStore:
         sha = self._emit.sha
         commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in batch]
         commands += self._side_commands(batch)
-        for attempt in (1, 2):
-            results = await self._round_trip(commands, self._emit_conn)
-            firsts = results[: len(batch)]
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in firsts):
-                # Redis lost its script cache (restart, SCRIPT FLUSH): nothing ran; load and go again.
-                await self.client.script_load(_EMIT)
-                continue
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-            return [int(r) for r in firsts]
-        raise RuntimeError("unreachable")
+        results = await self._scripts_round_trip(commands, self._emit_conn, _EMIT, len(batch))
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [int(r) for r in results[: len(batch)]]
+
+    async def _scripts_round_trip(
+        self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None, source: str, scripts: int
+    ) -> list[Any]:
+        """`_round_trip` of commands whose first `scripts` are `EVALSHA`s of `source`. If Redis lost its
+        script cache (restart, SCRIPT FLUSH), none of them ran: the script is loaded and they go again."""
+        results = await self._round_trip(commands, conn)
+        if any(isinstance(r, NoScriptError) for r in results[:scripts]):
+            await self.client.script_load(source)
+            results = await self._round_trip(commands, conn)
+        return results
 
     async def _round_trip(self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None) -> list[Any]:
         """Send commands in one write and read every reply (an error reply in its place) on `conn`, the emit
@@ -467,12 +471,7 @@ class RedisStore:
         """The admit scripts of messages that arrived together, in one round trip on the admit connection;
         an error reply fails only its own message."""
         commands = [("EVALSHA", self._admit.sha, 3, *keys, *args) for keys, args in batch]
-        results = await self._round_trip(commands, self._admit_conn)
-        if any(isinstance(r, NoScriptError) for r in results):
-            # Redis lost its script cache (restart, SCRIPT FLUSH): nothing ran; load and go again.
-            await self.client.script_load(_ADMIT)
-            results = await self._round_trip(commands, self._admit_conn)
-        return results
+        return await self._scripts_round_trip(commands, self._admit_conn, _ADMIT, len(commands))
 
     async def adjust_tokens(self, adjust: TokenAdjustment) -> None:
         """Reconcile a reservation with what the answer really used."""
