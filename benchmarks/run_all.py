@@ -109,7 +109,9 @@ class Plan:
     runs: int
     idle_students: int = 10_000
     idle_rate: float = 150.0
-    ladder: tuple[float, ...] = (100, 150, 200, 250, 300, 350, 400)
+    # Steps of 50 around the target, then of 100 until the replica fails: the ladder stops at its first failing
+    # step, so a fast machine runs the longer steps and a slow one never gets there.
+    ladder: tuple[float, ...] = (100, 150, 200, 250, 300, 350, 400, 500, 600, 700, 800, 900, 1000)
     floor_ladder: tuple[float, ...] = (400, 800, 1200, 1600, 2000)
     step_s: float = 20.0
     throughput_students: int = 200
@@ -1203,10 +1205,12 @@ def _fsync_lines(probe: dict[str, Any] | None) -> list[str]:
 def _ladder_table(runs: Sequence[dict[str, Any]]) -> list[str]:
     """A throughput ladder's verdict, every step of every run, how to read them, and the command."""
     best = [float(r["max_turns_per_s"]) for r in runs]
+    top = max((float(r["steps"][-1]["rate"]) for r in runs if r["steps"]), default=0.0)
+    capped = " (every step passed in some run: the limit is higher)" if best and max(best) >= top else ""
     lines = [
         "| metric | min / median / max | target | verdict |",
         "|---|---|---|---|",
-        f"| highest passing rate (turns/s) | {_mmm(best, 0)} | ≥ {TARGET_TURNS_PER_S:g} | "
+        f"| highest passing rate (turns/s) | {_mmm(best, 0)}{capped} | ≥ {TARGET_TURNS_PER_S:g} | "
         f"{_verdict(_median(best), TARGET_TURNS_PER_S, True)} |",
         "",
         "Every step of every run:",

@@ -7,11 +7,12 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.settings import Settings
 from storage.keys import Keys
-from storage.redis_store import RedisStore, connect_redis, now_ms
+from storage.redis_store import RedisStore, connect_redis, now_ms, pack
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,9 @@ pytestmark = pytest.mark.integration
 async def store(settings: Settings) -> AsyncIterator[RedisStore]:
     assert settings.redis_url is not None
     client = await connect_redis(settings.redis_url)
-    yield RedisStore(client, Keys(settings.redis_prefix))
+    store = RedisStore(client, Keys(settings.redis_prefix))
+    yield store
+    await store.close()
     await client.aclose()
 
 
@@ -127,3 +130,16 @@ async def test_a_redis_that_never_answers_fails_an_admit_at_the_socket_timeout()
             writer.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def test_emitted_frames_reach_redis_byte_for_byte(store: RedisStore) -> None:
+    """The emit round trip packs its commands itself (hiredis): text outside ASCII, a multi-byte frame and
+    numbers arrive exactly as sent, as redis-py's own packing sends them."""
+    frame = '{"type":"token","text":"Größe → 2π, 数学 ✓","n":1}'.encode()
+    commands = [("SET", "k", 7), ("EVALSHA", "a" * 40, 1, "ключ", -1, frame)]
+    assert pack(commands) == b"".join(Connection().pack_commands(commands))
+    first = await store.emit("conv-é", [frame, b'{"type":"done"}'], 0, "node-a")
+    snapshot = await store.snapshot("conv-é")
+    assert [f for _, f in snapshot.entries] == [
+        frame[:-1] + b',"seq":%d}' % first, b'{"type":"done","seq":%d}' % (first + 1)
+    ]
