@@ -148,6 +148,11 @@ class Sampler:
     pids: dict[str, Callable[[], list[int]]]
     every: float = 0.5
     samples: list[tuple[float, dict[str, ProcessSample]]] = field(default_factory=list)
+    # Per group: CPU seconds used since the first sample, and each process's CPU at the last sample. A group's
+    # processes come and go (PostgreSQL backends, one load generator per step): summing their CPU as it
+    # stands would drop when one exits, and a window across that would show negative cores.
+    _used: dict[str, float] = field(default_factory=dict)
+    _last: dict[str, dict[int, float]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -170,15 +175,25 @@ class Sampler:
     def _take(self) -> None:
         wall = time.time()
         taken: dict[str, ProcessSample] = {"machine": read_machine()}
+        first = not self.samples
         for name, pids in self.pids.items():
-            parts = []
+            parts: dict[int, ProcessSample] = {}
             for pid in pids():
                 with contextlib.suppress(OSError, ValueError, IndexError):
-                    parts.append(read_sample(pid))
+                    parts[pid] = read_sample(pid)
+            last = self._last.get(name, {})
+            # A process seen before adds what it used since; one that appeared since the last sample adds all
+            # it has used (it started meanwhile); the processes of the first sample are the baseline.
+            self._used[name] = self._used.get(name, 0.0) + sum(
+                max(0.0, p.cpu_s - last[pid]) if pid in last else (0.0 if first else p.cpu_s)
+                for pid, p in parts.items()
+            )
+            self._last[name] = {pid: p.cpu_s for pid, p in parts.items()}
             if parts:
+                samples = list(parts.values())
                 taken[name] = ProcessSample(
-                    parts[0].at, sum(p.cpu_s for p in parts), sum(p.rss_kb for p in parts),
-                    sum(p.hwm_kb for p in parts), sum(p.fds for p in parts),
+                    samples[0].at, self._used[name], sum(p.rss_kb for p in samples),
+                    sum(p.hwm_kb for p in samples), sum(p.fds for p in samples),
                 )
         self.samples.append((wall, taken))
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import fsync_probe
+import pytest
+
+from benchmarks import run_all
+from benchmarks.harness import ProcessSample, fsync_probe
 from benchmarks.run_all import render_doc
 
 
@@ -77,3 +81,25 @@ def test_a_ladder_that_never_failed_says_its_limit_is_higher() -> None:
     assert ("| highest passing rate (turns/s) | 800 / 900 / 1,000 (every step passed in some run: the limit is "
             "higher) | ≥ 300 | **met** |") in section_2
     assert "| highest passing rate (turns/s) | 700 / 800 / 800 | ≥ 300 | **met** |" in section_2b
+
+
+def test_sampler_cpu_of_a_group_never_drops_when_a_process_exits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL backends and load generators come and go during a run: a group's CPU counts what its
+    processes used while sampled, so a window across an exit is not negative (nor a new process's past
+    missed)."""
+    cpu = {1: 10.0, 2: 5.0}
+    alive = [1, 2]
+    monkeypatch.setattr(run_all, "read_sample", lambda pid: ProcessSample(time.monotonic(), cpu[pid], 1, 1, 1))
+    sampler = run_all.Sampler({"postgres": lambda: list(alive)})
+    sampler._take()  # the baseline
+    cpu[1], cpu[2] = 11.0, 6.0
+    sampler._take()  # +2
+    alive.remove(2)
+    cpu[1] = 11.5
+    sampler._take()  # +0.5: the second backend exited
+    alive.append(3)
+    cpu[3] = 0.25
+    sampler._take()  # +0.25: a new backend's CPU so far
+    assert [taken["postgres"].cpu_s for _, taken in sampler.samples] == [0.0, 2.0, 2.5, 2.75]
+    start, end = sampler.samples[1][0], sampler.samples[2][0]
+    assert sampler.window("postgres", start, end)["cpu_cores"] >= 0  # type: ignore[operator]
