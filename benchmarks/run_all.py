@@ -109,10 +109,11 @@ class Plan:
     runs: int
     idle_students: int = 10_000
     idle_rate: float = 150.0
-    # Steps of 50 around the target, then of 100 until the replica fails: the ladder stops at its first failing
-    # step, so a fast machine runs the longer steps and a slow one never gets there.
-    ladder: tuple[float, ...] = (100, 150, 200, 250, 300, 350, 400, 500, 600, 700, 800, 900, 1000)
-    floor_ladder: tuple[float, ...] = (400, 800, 1200, 1600, 2000)
+    # Steps of 50 around the target, then wider ones until the replica fails: the ladder stops at its first
+    # failing step, so a fast machine climbs the higher steps and a slow one never gets there. The floor's goes
+    # on until the floor or the generator gives out (a ladder that never failed only bounds the limit).
+    ladder: tuple[float, ...] = (100, 200, 250, 300, 350, 400, 500, 600, 800, 1000, 1200, 1400, 1600, 2000)
+    floor_ladder: tuple[float, ...] = (400, 800, 1200, 1600, 2000, 2500, 3000, 4000)
     step_s: float = 20.0
     throughput_students: int = 200
     class_students: int = 1000
