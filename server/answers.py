@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 import orjson
 
@@ -17,7 +18,7 @@ from ai.base import AIError, AIRequest, CourseContext, Provider, Usage
 from ai.base import Turn as HistoryTurn
 from ai.prompt import build_system_instruction
 from storage.documents import Documents
-from storage.models import Conversation, Course, Message, MessageStatus, TenantSettings, UsageRecord
+from storage.models import Conversation, Course, Message, MessageStatus, PastMessage, TenantSettings, UsageRecord
 from storage.postgres import Database
 from storage.redis_store import TokenAdjustment
 
@@ -85,7 +86,7 @@ class Answers:
         reservation: Reservation | None = None,
         question_seq: int = 0,
         leased: bool = False,
-        history: list[Message] | None = None,
+        history: list[PastMessage] | None = None,
     ) -> Turn:
         """Run an answer for a committed question (queued behind the conversation's current one)."""
         turn = Turn(
@@ -190,7 +191,7 @@ class Answers:
             raise asyncio.CancelledError
 
     async def _build_request(self, turn: Turn, course: Course | None) -> AIRequest:
-        recent = turn.history
+        recent: Sequence[PastMessage | Message] | None = turn.history
         if recent is None or any(m.status == "streaming" for m in recent):
             # Not read with the question, or another answer was still being written then: read it now
             # (this turn holds the conversation's lock, so every earlier answer has its final text).

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai.base import AIRequest, Provider, Usage
-from storage.models import Message
+from storage.models import PastMessage
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class Turn:
     reservation: Any = None  # budgets.Reservation, settled when the answer is committed
     question_seq: int = 0  # the seq of the question's ack, stored with the answer
     leased: bool = False  # whether this answer's lease is (believed to be) held in Redis
-    history: list[Message] | None = None  # read with the question; None: read when the answer starts
+    history: list[PastMessage] | None = None  # read with the question; None: read when the answer starts
 
     @property
     def course_key(self) -> tuple[str, str] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 MessageRole = Literal["user", "assistant", "teacher"]
 MessageStatus = Literal["streaming", "complete", "stopped", "interrupted", "failed"]
@@ -76,6 +76,15 @@ class Message:
         }
 
 
+class PastMessage(NamedTuple):
+    """A message of the history read with a question: what the answer's prompt needs of it, no more."""
+
+    id: int
+    role: MessageRole
+    text: str
+    status: MessageStatus
+
+
 @dataclass(frozen=True, slots=True)
 class SavedQuestion:
     """The result of committing a student's message: the row, its reply placeholder (None while the AI
@@ -86,7 +95,7 @@ class SavedQuestion:
     created: bool
     # The messages before the question, oldest first, read in the same statement (None when not asked for):
     # the answer's history, if nothing else is answered in the conversation first.
-    history: list[Message] | None = None
+    history: list[PastMessage] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import operator
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from .models import (
     Course,
     Message,
     MessageStatus,
+    PastMessage,
     SavedQuestion,
     TenantSettings,
     UsageRecord,
@@ -35,6 +37,7 @@ _MESSAGE_COLUMNS = (
     "id, conversation_id::text AS conversation_id, role, text, status, client_id, reply_to, seq, created_at,"
     " prompt_tokens, output_tokens"
 )
+_HISTORY_COLUMNS = "h.id, NULL, h.role, h.text, h.status, NULL, NULL, NULL, NULL, NULL, NULL"
 _CONVERSATION_COLUMNS = (
     "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at,"
     " ai_paused"
@@ -45,6 +48,9 @@ def _message(row: asyncpg.Record) -> Message:
     # Positional: _MESSAGE_COLUMNS lists Message's fields in order (tests/unit/test_storage_columns.py);
     # building a dict per row was a visible share of a turn with twenty messages of history.
     return Message(*row.values())
+
+
+_by_id = operator.itemgetter(0)  # a PastMessage's id
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +180,11 @@ async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attem
 # one row and read and sorted every message of the conversation instead of the last few through the index
 # (docs/benchmarks.md, third round). `_RECENT` reads the history pages the same way.
 #
+# A history row carries only what the answer's prompt needs, in the places of `_MESSAGE_COLUMNS`, the other
+# columns NULL: decoding twenty full rows (uuids, timestamps) and building a model of each cost the replica
+# about 0.04 ms of CPU per turn, a sixteenth of its whole turn at 1,000 turns/s (docs/benchmarks.md, fifth
+# round).
+#
 # One question alone: plain parameters. PostgreSQL plans the batch form for every call, which costs twice
 # the single form's server time for one question and less from two on (docs/benchmarks.md).
 _SAVE_ONE = (
@@ -191,9 +202,10 @@ _SAVE_ONE = (
     "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
     "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"
     f"  RETURNING {_MESSAGE_COLUMNS}),"
-    f" h AS (SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $2"
+    " h AS (SELECT id, role, text, status FROM messages WHERE conversation_id = $2"
     "  AND EXISTS (SELECT 1 FROM r) ORDER BY id DESC LIMIT $6)"
-    " SELECT 1 AS n, 'q' AS part, * FROM q UNION ALL SELECT 1, 'r', * FROM r UNION ALL SELECT 1, 'h', * FROM h"
+    " SELECT 1 AS n, 'q' AS part, * FROM q UNION ALL SELECT 1, 'r', * FROM r"
+    f" UNION ALL SELECT 1, 'h', {_HISTORY_COLUMNS} FROM h"
 )
 # A batch of questions of distinct conversations. Conversations are looked up by primary key only, through
 # LATERAL ... LIMIT 1 and a tenant check the planner cannot turn into an index scan on tenant_id: with
@@ -222,8 +234,8 @@ _SAVE_MANY = (
     f"  ORDER BY n RETURNING {_MESSAGE_COLUMNS})"
     " SELECT i.n, 'q' AS part, q.* FROM q JOIN i ON q.conversation_id = i.conversation_id::text"
     " UNION ALL SELECT c.n, 'r', r.* FROM r JOIN c ON r.conversation_id = c.conversation_id::text"
-    " UNION ALL SELECT c.n, 'h', h.* FROM c CROSS JOIN LATERAL ("
-    f"  SELECT {_MESSAGE_COLUMNS} FROM messages m WHERE m.conversation_id = c.conversation_id"
+    f" UNION ALL SELECT c.n, 'h', {_HISTORY_COLUMNS} FROM c CROSS JOIN LATERAL ("
+    "  SELECT id, role, text, status FROM messages m WHERE m.conversation_id = c.conversation_id"
     "  ORDER BY m.id DESC LIMIT c.history) h WHERE NOT c.ai_paused"
 )
 
@@ -558,18 +570,22 @@ class Database:
             rows = await self.pool.fetch(_SAVE_ONE, *questions[0].params())
         else:
             rows = await self.pool.fetch(_SAVE_MANY, *_columns([q.params() for q in questions]))
-        parts: list[dict[str, list[Message]]] = [{"q": [], "r": [], "h": []} for _ in questions]
+        parts: list[dict[str, list[Message]]] = [{"q": [], "r": []} for _ in questions]
+        histories: list[list[PastMessage]] = [[] for _ in questions]
         for row in rows:
-            values = tuple(row.values())
-            parts[values[0] - 1][values[1]].append(Message(*values[2:]))
+            n, part = row[0] - 1, row[1]
+            if part == "h":
+                histories[n].append(PastMessage(row[2], row[4], row[5], row[6]))
+            else:
+                parts[n][part].append(Message(*tuple(row.values())[2:]))
         saved: list[SavedQuestion | None] = []
-        for question, part in zip(questions, parts, strict=True):
+        for question, part, history in zip(questions, parts, histories, strict=True):
             if not part["q"]:
                 saved.append(None)
                 continue
             reply = part["r"][0] if part["r"] else None
-            before = sorted(part["h"], key=lambda m: m.id)
-            prefetched = before if reply is not None and question.history > 0 else None
+            history.sort(key=_by_id)
+            prefetched = history if reply is not None and question.history > 0 else None
             saved.append(SavedQuestion(part["q"][0], reply, created=True, history=prefetched))
         return saved
 

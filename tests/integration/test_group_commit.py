@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from server.settings import Settings
-from storage.models import Conversation, UsageRecord, User
+from storage.models import Conversation, PastMessage, UsageRecord, User
 from storage.postgres import Database, connect_pool
 
 pytestmark = pytest.mark.integration
@@ -67,6 +67,27 @@ async def test_a_conversations_second_question_in_a_batch_sees_the_first(databas
     assert first.message.id < first.reply.id < second.message.id < second.reply.id
     assert second.history is not None
     assert [m.id for m in second.history] == [first.message.id, first.reply.id]
+
+
+async def test_the_history_comes_back_with_what_a_prompt_needs_alone_and_in_a_batch(database: Database) -> None:
+    user, conversations = await _student(database, conversations=2)
+    expected: dict[str, list[PastMessage]] = {}
+    for n, conversation in enumerate(conversations):
+        first = await database.save_question("school-a", conversation.id, "m-1", f"what is {n}?", user.id)
+        assert first.reply is not None
+        await database.finish_reply("school-a", user.id, conversation.id, first.reply.id, f"{n} is a number",
+                                    "complete", 3, None)
+        expected[conversation.id] = [PastMessage(first.message.id, "user", f"what is {n}?", "complete"),
+                                     PastMessage(first.reply.id, "assistant", f"{n} is a number", "complete")]
+    alone = await database.save_question("school-a", conversations[0].id, "m-2", "and?", user.id, history=10)
+    together = await asyncio.gather(*(  # one statement for both: the batch form
+        database.save_question("school-a", c.id, "m-3", "so?", user.id, history=10) for c in conversations
+    ))
+    assert alone.history == expected[conversations[0].id]
+    assert alone.reply is not None
+    latest = [*expected[conversations[0].id], PastMessage(alone.message.id, "user", "and?", "complete"),
+              PastMessage(alone.reply.id, "assistant", "", "streaming")]
+    assert [s.history for s in together] == [latest, expected[conversations[1].id]]
 
 
 async def test_a_resend_in_the_same_batch_gets_the_first_rows(database: Database) -> None:
