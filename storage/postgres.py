@@ -182,8 +182,7 @@ async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attem
 #
 # A history row carries only what the answer's prompt needs, in the places of `_MESSAGE_COLUMNS`, the other
 # columns NULL: decoding twenty full rows (uuids, timestamps) and building a model of each cost the replica
-# about 0.04 ms of CPU per turn, a sixteenth of its whole turn at 1,000 turns/s (docs/benchmarks.md, fifth
-# round).
+# 0.04-0.07 ms of CPU per turn, about 6 % of all it spends on a turn (docs/benchmarks.md, fifth round).
 #
 # One question alone: plain parameters. PostgreSQL plans the batch form for every call, which costs twice
 # the single form's server time for one question and less from two on (docs/benchmarks.md).
