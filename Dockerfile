@@ -1,7 +1,10 @@
 # syntax=docker/dockerfile:1.7
 # SmartEdu Tutor Chat: wheels are built in one stage, the runtime installs only those wheels.
 
-FROM python:3.11.11-slim-bookworm AS builder
+# Python 3.12: its asyncio.wait_for no longer drops a cancellation that lands as the awaited call ends,
+# which on 3.11 could keep a stopping replica waiting (server/tasks.py). .ci/run runs the whole suite on
+# this minor version too, read from the FROM lines below.
+FROM python:3.12.11-slim-bookworm AS builder
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -19,7 +22,7 @@ COPY ai/ ai/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[backup]"
 
 
-FROM python:3.11.11-slim-bookworm AS runtime
+FROM python:3.12.11-slim-bookworm AS runtime
 
 LABEL org.opencontainers.image.title="smartedu-tutor-chat" \
       org.opencontainers.image.description="SmartEdu Tutor Chat WebSocket server" \

@@ -618,7 +618,8 @@ def test_dockerfile_structure() -> None:
     stages = [args for keyword, args in instructions if keyword == "FROM"]
     assert len(stages) == 2
     for stage in stages:
-        assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm AS \w+", stage), stage
+        assert re.fullmatch(r"python:3\.12\.\d+-slim-bookworm AS \w+", stage), stage
+    assert len({stage.split()[0] for stage in stages}) == 1  # wheels built on the runtime's own Python
     final_start = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
     final = instructions[final_start:]
     final_text = "\n".join(f"{keyword} {args}" for keyword, args in final)
