@@ -384,7 +384,7 @@
     convo = {
       id: id, course: course, name: '', userId: '', sessions: new Set(), state: 'idle', paused: null,
       aiPending: null, attention: [], messages: new Map(), teacherPending: new Map(), row: null,
-      oldestId: null, hasMore: false, loading: false, loaded: false,
+      oldestId: null, hasMore: false, loading: false, loaded: false, aiFrames: 0,
     };
     this.convos.set(id, convo);
     course.convos.add(convo);
@@ -688,6 +688,7 @@
         this.settle(function (o) { return o.kind === 'ai' && o.convo === convo; });
         convo.paused = f.paused;
         convo.aiPending = null;
+        convo.aiFrames += 1;  // newer than any transcript requested before it (loadTranscript)
         if (!f.paused && convo.state === 'unanswered') convo.state = 'idle';
         if (isOpen) this.announce('AI tutor ' + (f.paused ? 'paused' : 'resumed') + ' for ' + name + '.');
         break;
@@ -1043,11 +1044,16 @@
     var log = ui.log;
     var fromBottom = log.scrollHeight - log.scrollTop;
     var query = 'limit=' + PAGE + (older ? '&before=' + convo.oldestId : '');
+    // The page comes over HTTP and the AI's state changes over the socket: a page read before a change
+    // can arrive after the change's frame, and then its `ai_paused` is the older of the two.
+    var aiFrames = convo.aiFrames;
     this.fetchJson(this.messagesPath(convo, query)).then(function (page) {
       convo.loading = false;
       if (convo !== self.open) return;
       var rows = page && Array.isArray(page.messages) ? page.messages : [];
-      if (typeof page.ai_paused === 'boolean' && convo.aiPending === null) convo.paused = page.ai_paused;
+      if (typeof page.ai_paused === 'boolean' && convo.aiPending === null && convo.aiFrames === aiFrames) {
+        convo.paused = page.ai_paused;
+      }
       self.merge(convo, rows);
       if (!older || rows.length) convo.hasMore = page.has_more === true;
       convo.loaded = true;
