@@ -223,6 +223,7 @@ class ChatService:
             "name": session.user.display_name,
             "role": session.user.role,
             "conversation_id": conversation.id,
+            "ai_paused": conversation.ai_paused,  # as it was at `hello`; snapshots read it again
             "replica": self.settings.replica_id,
             "since": int(time.time()),
         }

@@ -39,9 +39,14 @@ class Classroom:
         return course
 
     async def live_snapshot(self, claims: Claims, course_id: str) -> dict[str, Any]:
-        """Students online in a course right now, across replicas."""
+        """Students online in a course right now, across replicas, each with whether the AI is paused for
+        them now (read after the presence, which keeps what it was when they joined)."""
         await self.visible_course(claims, course_id)
         students = await self.hub.store.online(claims.tenant, course_id)
+        ids = [c for c in (s.get("conversation_id") for s in students) if isinstance(c, str)]
+        paused = await self.db.paused_conversations(claims.tenant, ids)
+        for student in students:
+            student["ai_paused"] = student.get("conversation_id") in paused
         return {"type": "snapshot", "course_id": course_id, "students": students}
 
     async def watch(self, session: Session, course_id: str, watch: bool) -> None:

@@ -88,6 +88,11 @@
     this.claims = decodeClaims(token);
     this.ready = false;
     this.welcomes = 0;
+    // `ai_state` frames received so far, and how many there had been at the last `welcome`: the AI's
+    // state also comes in snapshots, joins and transcripts read at some moment, and a frame that came
+    // after that moment is the newer news (see `joined` and `loadTranscript`).
+    this.aiFrames = 0;
+    this.aiFramesAtWelcome = 0;
     this.courses = new Map();   // course id -> course
     this.sessions = new Map();  // student session id -> conversation
     this.convos = new Map();    // conversation id -> conversation
@@ -325,14 +330,15 @@
 
   Dashboard.prototype.watch = function (course) {
     if (this.connection.send({ type: 'watch', course_id: course.id })) {
-      this.pending.push({ kind: 'watch', course: course });
+      this.pending.push({ kind: 'watch', course: course, aiFrames: this.aiFrames });
     }
   };
 
   Dashboard.prototype.onSnapshot = function (f) {
     var course = this.courses.get(f.course_id);
     if (!course) return;
-    this.settle(function (op) { return op.kind === 'watch' && op.course === course; });
+    var op = this.settle(function (o) { return o.kind === 'watch' && o.course === course; });
+    var asked = op ? op.aiFrames : this.aiFramesAtWelcome;
     course.state = 'live';
     course.error = null;
     var seen = new Set();
@@ -340,7 +346,7 @@
     (Array.isArray(f.students) ? f.students : []).forEach(function (student) {
       if (student && typeof student.session_id === 'string') {
         seen.add(student.session_id);
-        self.joined(course, student);
+        self.joined(course, student, asked);
       }
     });
     // The snapshot is the truth about who is here: sessions it does not list have gone.
@@ -384,7 +390,7 @@
     convo = {
       id: id, course: course, name: '', userId: '', sessions: new Set(), state: 'idle', paused: null,
       aiPending: null, attention: [], messages: new Map(), teacherPending: new Map(), row: null,
-      oldestId: null, hasMore: false, loading: false, loaded: false, aiFrames: 0,
+      oldestId: null, hasMore: false, loading: false, loaded: false, aiFrameAt: 0,
     };
     this.convos.set(id, convo);
     course.convos.add(convo);
@@ -395,12 +401,16 @@
     return convo.name || (convo.userId ? 'Student ' + convo.userId : 'A student');
   };
 
-  Dashboard.prototype.joined = function (course, student) {
+  // `asked`: how many `ai_state` frames had arrived when this news was asked for; its `ai_paused` is
+  // older than a frame for the conversation that arrived since.
+  Dashboard.prototype.joined = function (course, student, asked) {
     if (typeof student.conversation_id !== 'string') return;
     var convo = this.convo(student.conversation_id, course);
     if (typeof student.name === 'string' && student.name) convo.name = student.name;
     if (typeof student.user_id === 'string') convo.userId = student.user_id;
-    if (typeof student.ai_paused === 'boolean' && convo.aiPending === null) convo.paused = student.ai_paused;
+    if (typeof student.ai_paused === 'boolean' && convo.aiPending === null && convo.aiFrameAt <= asked) {
+      convo.paused = student.ai_paused;
+    }
     convo.sessions.add(student.session_id);
     this.sessions.set(student.session_id, convo);
     this.renderRow(convo);
@@ -520,6 +530,7 @@
     var again = this.welcomes > 0;
     this.welcomes += 1;
     this.ready = true;
+    this.aiFramesAtWelcome = this.aiFrames;  // frames may have been missed while away
     this.connection.welcome();
     this.clearNotice('signed-out');
     if (again) {
@@ -544,7 +555,7 @@
     var course = this.courses.get(f.course_id);
     if (!course) return;
     if (f.kind === 'joined' && f.student && typeof f.student.session_id === 'string') {
-      this.joined(course, f.student);
+      this.joined(course, f.student, this.aiFramesAtWelcome);
     } else if (f.kind === 'left' && f.student && typeof f.student.session_id === 'string') {
       this.left(f.student.session_id);
     } else if (f.kind === 'frame' && f.frame && typeof f.frame === 'object') {
@@ -688,7 +699,8 @@
         this.settle(function (o) { return o.kind === 'ai' && o.convo === convo; });
         convo.paused = f.paused;
         convo.aiPending = null;
-        convo.aiFrames += 1;  // newer than any transcript requested before it (loadTranscript)
+        this.aiFrames += 1;
+        convo.aiFrameAt = this.aiFrames;
         if (!f.paused && convo.state === 'unanswered') convo.state = 'idle';
         if (isOpen) this.announce('AI tutor ' + (f.paused ? 'paused' : 'resumed') + ' for ' + name + '.');
         break;
@@ -1046,12 +1058,12 @@
     var query = 'limit=' + PAGE + (older ? '&before=' + convo.oldestId : '');
     // The page comes over HTTP and the AI's state changes over the socket: a page read before a change
     // can arrive after the change's frame, and then its `ai_paused` is the older of the two.
-    var aiFrames = convo.aiFrames;
+    var asked = this.aiFrames;
     this.fetchJson(this.messagesPath(convo, query)).then(function (page) {
       convo.loading = false;
       if (convo !== self.open) return;
       var rows = page && Array.isArray(page.messages) ? page.messages : [];
-      if (typeof page.ai_paused === 'boolean' && convo.aiPending === null && convo.aiFrames === aiFrames) {
+      if (typeof page.ai_paused === 'boolean' && convo.aiPending === null && convo.aiFrameAt <= asked) {
         convo.paused = page.ai_paused;
       }
       self.merge(convo, rows);

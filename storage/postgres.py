@@ -685,6 +685,18 @@ class Database:
             paused,
         )
 
+    async def paused_conversations(self, tenant_id: str, conversation_ids: Sequence[str]) -> set[str]:
+        """Which of these conversations of the tenant have the AI paused now (ids of other tenants: none)."""
+        ids = [c for c in dict.fromkeys(conversation_ids) if _is_uuid(c)]
+        if not ids:
+            return set()
+        rows = await self.pool.fetch(
+            "SELECT id::text FROM conversations WHERE tenant_id = $1 AND id = any($2::uuid[]) AND ai_paused",
+            tenant_id,
+            ids,
+        )
+        return {row[0] for row in rows}
+
     async def tenant_conversation(self, tenant_id: str, conversation_id: str) -> Conversation | None:
         """Any conversation of the tenant (for teachers; the caller checks the course)."""
         if not _is_uuid(conversation_id):

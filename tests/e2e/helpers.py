@@ -7,10 +7,11 @@ a browser here. Without one the tests skip, or fail when CI=true.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,7 +21,7 @@ from aiohttp import web
 from tests.conftest import Server, require_tool
 
 try:
-    from playwright.async_api import Browser, BrowserContext, Frame, Page, async_playwright
+    from playwright.async_api import Browser, BrowserContext, Frame, Page, WebSocketRoute, async_playwright
 except ImportError:  # pragma: no cover - depends on the environment
     async_playwright = None  # type: ignore[assignment]
 
@@ -129,3 +130,25 @@ async def rendered(where: Page | Frame, markdown: str) -> str:
     """What the page's (or frame's) Markdown renderer shows for `markdown`, as text."""
     text: str = await where.evaluate(RENDERED_TEXT, markdown)
     return text
+
+
+Send = Callable[..., None]
+
+
+def scripted_server(
+    sockets: list[WebSocketRoute], answer: Callable[[int, dict[str, Any], Send], None]
+) -> Callable[[WebSocketRoute], None]:
+    """A `page.route_web_socket` handler that plays the server: each socket the page opens is appended to
+    `sockets`, and every frame the page sends on its `number`th one (from 1) goes to
+    `answer(number, frame, send)`, where `send(**frame)` writes a JSON frame back on that socket."""
+
+    def script(ws: WebSocketRoute) -> None:
+        sockets.append(ws)
+        number = len(sockets)
+
+        def send(**frame: Any) -> None:
+            ws.send(json.dumps(frame))
+
+        ws.on_message(lambda raw: answer(number, json.loads(raw), send))
+
+    return script

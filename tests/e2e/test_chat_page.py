@@ -7,14 +7,13 @@ a browser here. Without one the tests skip, or fail when CI=true.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from typing import Any
 
 import pytest
 
 from tests.conftest import Serve, Server, seed_course, token
-from tests.e2e.helpers import ANSWER_WAIT_MS
+from tests.e2e.helpers import ANSWER_WAIT_MS, Send, scripted_server
 
 pytestmark = pytest.mark.e2e
 
@@ -152,52 +151,42 @@ async def test_reconnects_resumes_and_dedupes_on_a_scripted_socket(serve: Serve,
     sent: list[dict[str, Any]] = []
     sockets: list[WebSocketRoute] = []
 
-    def script(ws: WebSocketRoute) -> None:
-        sockets.append(ws)
-        number = len(sockets)
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            hellos.append(frame)
+            base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE, "user": {"name": "Ada"}}
+            if number == 1:
+                send(**base, seq=10, history=[])
+            elif number == 2:
+                send(**base, seq=13, resumed=True, history=[])
+                send(type="token", conversation_id="c1", reply_id=5, offset=6, text="wörld", seq=13)
+                send(type="token", conversation_id="c1", reply_id=5, offset=11, text=", again 😀", seq=14)
+                send(type="done", conversation_id="c1", reply_id=5, status="complete", length=20, seq=15)
+                send(type="teacher_message", conversation_id="c1", message_id=6, name="Mr Lee", text="Good!",
+                     seq=16)
+                send(type="frame_from_the_future", seq=17)
+                send(type="reconnect", after_ms=200)
+            else:
+                send(**base, seq=16, resumed=True, history=[])
+        elif frame["type"] == "message":
+            sent.append(frame)
+            if number == 1:
+                send(type="ack", id=frame["id"], message_id=4, reply_id=5, conversation_id="c1",
+                     text=frame["text"], seq=11)
+                send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Hello ", seq=12)
+                send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Hello ", seq=12)
+                send(type="token", conversation_id="c1", reply_id=5, offset=6, text="wörld", seq=13)
+            elif len(sent) == 2:
+                send(type="error", code="rate_limited", message="slow down", ref=frame["id"], retry_after=1)
+            elif len(sent) == 3:
+                send(type="ack", id=frame["id"], message_id=7, reply_id=8, conversation_id="c1",
+                     text=frame["text"], seq=18)
+                send(type="done", conversation_id="c1", reply_id=8, status="failed", length=0, seq=19)
+            else:
+                send(type="ack", id=frame["id"], message_id=9, reply_id=10, conversation_id="c1",
+                     text=frame["text"], seq=20)
 
-        def send(**frame: Any) -> None:
-            ws.send(json.dumps(frame))
-
-        def on_message(raw: str | bytes) -> None:
-            frame = json.loads(raw)
-            if frame["type"] == "hello":
-                hellos.append(frame)
-                base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE, "user": {"name": "Ada"}}
-                if number == 1:
-                    send(**base, seq=10, history=[])
-                elif number == 2:
-                    send(**base, seq=13, resumed=True, history=[])
-                    send(type="token", conversation_id="c1", reply_id=5, offset=6, text="wörld", seq=13)
-                    send(type="token", conversation_id="c1", reply_id=5, offset=11, text=", again 😀", seq=14)
-                    send(type="done", conversation_id="c1", reply_id=5, status="complete", length=20, seq=15)
-                    send(type="teacher_message", conversation_id="c1", message_id=6, name="Mr Lee", text="Good!",
-                         seq=16)
-                    send(type="frame_from_the_future", seq=17)
-                    send(type="reconnect", after_ms=200)
-                else:
-                    send(**base, seq=16, resumed=True, history=[])
-            elif frame["type"] == "message":
-                sent.append(frame)
-                if number == 1:
-                    send(type="ack", id=frame["id"], message_id=4, reply_id=5, conversation_id="c1",
-                         text=frame["text"], seq=11)
-                    send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Hello ", seq=12)
-                    send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Hello ", seq=12)
-                    send(type="token", conversation_id="c1", reply_id=5, offset=6, text="wörld", seq=13)
-                elif len(sent) == 2:
-                    send(type="error", code="rate_limited", message="slow down", ref=frame["id"], retry_after=1)
-                elif len(sent) == 3:
-                    send(type="ack", id=frame["id"], message_id=7, reply_id=8, conversation_id="c1",
-                         text=frame["text"], seq=18)
-                    send(type="done", conversation_id="c1", reply_id=8, status="failed", length=0, seq=19)
-                else:
-                    send(type="ack", id=frame["id"], message_id=9, reply_id=10, conversation_id="c1",
-                         text=frame["text"], seq=20)
-
-        ws.on_message(on_message)
-
-    await page.route_web_socket(re.compile(r"/ws$"), script)
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
     await page.goto(url)
     await page.wait_for_selector('.se-status[data-state="online"]')
     await _ask(page, "Hi")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.conftest import Serve, Server, seed_course, token
-from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, browser, committed, new_page, rendered
+from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, Send, browser, committed, new_page, rendered, scripted_server
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
     from playwright.async_api import Browser, Page, Route, WebSocketRoute
@@ -162,6 +162,56 @@ async def test_a_transcript_read_before_a_pause_does_not_undo_it(serve: Serve, b
     assert problems == []
 
 
+async def test_a_dashboard_opened_later_shows_whom_the_ai_is_paused_for(serve: Serve, browser: Browser) -> None:
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    first = await _open_dashboard(server, browser, problems)
+    await _open_chat(server, browser, problems)
+    await first.get_by_role("button", name=re.compile(r"^Ada")).click()
+    await first.locator(".st-ai__toggle").click()
+    await first.wait_for_selector('.st-ai__state[data-paused="true"]')
+    # Another dashboard (or this one reloaded): the list says so before any conversation is opened.
+    later = await _open_dashboard(server, browser, problems)
+    await later.locator(".st-student .st-chip--paused").wait_for()
+    assert await later.locator("#st-convo-title").text_content() == "No conversation open"
+    assert problems == []
+
+
+async def test_a_snapshot_older_than_an_ai_state_frame_does_not_undo_it(serve: Serve, browser: Browser) -> None:
+    """On a scripted socket: the AI is paused for Ada between the server reading a snapshot and sending
+    it, so the `ai_state` frame comes first and the snapshot's `ai_paused` is the older news. After a
+    reconnect, the new snapshot was asked for after that frame, so its word is taken."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    sockets: list[WebSocketRoute] = []
+    ada = {"session_id": "s-ada", "user_id": "u-ada", "name": "Ada", "role": "student", "conversation_id": "c-ada",
+           "replica": "r1", "since": 0, "ai_paused": False}
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="own", course_id=None, history=[], seq=0,
+                 user={"name": "Ms Rivera", "role": "teacher"})
+        elif frame["type"] == "watch":
+            if number == 1:
+                paused = {"type": "ai_state", "conversation_id": "c-ada", "paused": True, "seq": 7}
+                send(type="event", course_id=COURSE, kind="frame", conversation_id="c-ada", frame=paused)
+            send(type="snapshot", course_id=COURSE, students=[ada])
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")
+    row = page.get_by_role("button", name=re.compile(r"^Ada"))
+    await row.wait_for()
+    assert await row.locator(".st-chip--paused").is_visible()  # the frame's word, not the snapshot's
+    await sockets[0].close(code=4000, reason="network blip")
+    await page.wait_for_function("() => document.querySelectorAll('.st-chip--paused:not([hidden])').length === 0",
+                                 timeout=10_000)
+    assert len(sockets) == 2
+    assert problems == []
+
+
 async def test_flags_failures_and_reconnect_on_a_scripted_socket(serve: Serve, browser: Browser) -> None:
     """A safety flag and a failed answer (the offline tutor raises neither), duplicate tokens, a dropped
     socket with a re-watch and a fresh snapshot, and an intervention the server refuses."""
@@ -182,45 +232,35 @@ async def test_flags_failures_and_reconnect_on_a_scripted_socket(serve: Serve, b
     }
     ben = {**ada, "session_id": "s-ben", "user_id": "u-ben", "name": "Ben", "conversation_id": "c-ben"}
 
-    def script(ws: WebSocketRoute) -> None:
-        sockets.append(ws)
-        number = len(sockets)
-
-        def send(**frame: Any) -> None:
-            ws.send(json.dumps(frame))
-
-        def event(conversation: str, **frame: Any) -> None:
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        def event(conversation: str, **inner: Any) -> None:
             send(
                 type="event",
                 course_id=COURSE,
                 kind="frame",
                 conversation_id=conversation,
-                frame={"conversation_id": conversation, **frame},
+                frame={"conversation_id": conversation, **inner},
             )
 
-        def on_message(raw: str | bytes) -> None:
-            frame = json.loads(raw)
-            if frame["type"] == "hello":
-                send(
-                    type="welcome",
-                    conversation_id="own",
-                    course_id=None,
-                    history=[],
-                    seq=0,
-                    user={"name": "Ms Rivera", "role": "teacher"},
-                )
-            elif frame["type"] == "watch":
-                watches.append(frame)
-                send(type="snapshot", course_id=COURSE, students=[ada, ben] if number == 1 else [ben])
-                if number == 2:
-                    event("c-ben", type="ack", id="x", message_id=21, reply_id=22, text="Second try", seq=9)
-            elif frame["type"] == "intervene":
-                interventions.append(frame)
-                send(type="error", code="not_found", message="conversation not found")
+        if frame["type"] == "hello":
+            send(
+                type="welcome",
+                conversation_id="own",
+                course_id=None,
+                history=[],
+                seq=0,
+                user={"name": "Ms Rivera", "role": "teacher"},
+            )
+        elif frame["type"] == "watch":
+            watches.append(frame)
+            send(type="snapshot", course_id=COURSE, students=[ada, ben] if number == 1 else [ben])
+            if number == 2:
+                event("c-ben", type="ack", id="x", message_id=21, reply_id=22, text="Second try", seq=9)
+        elif frame["type"] == "intervene":
+            interventions.append(frame)
+            send(type="error", code="not_found", message="conversation not found")
 
-        ws.on_message(on_message)
-
-    await page.route_web_socket(re.compile(r"/ws$"), script)
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
     # The course list is unavailable: the dashboard falls back to the token's `courses` claim.
     await page.route("**/api/teacher/courses", lambda route: route.fulfill(status=503, body="unavailable"))
     await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")

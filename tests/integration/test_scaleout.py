@@ -194,6 +194,37 @@ async def test_teacher_intervenes_and_pauses_the_ai(serve: Serve, db: asyncpg.Co
     assert (await teacher.expect("error"))["code"] == "not_found"
 
 
+async def test_snapshots_say_whether_the_ai_is_paused_now(serve: Serve) -> None:
+    a, b = await _two_replicas(serve)
+    await seed_course(a.settings, "school-b", "alg-1", "Algebra I (school B)")
+    sam = await a.connect({"token": token("stu-1", name="Sam", courses=["alg-1"]), "course_id": "alg-1"})
+    ada = await a.connect({"token": token("stu-2", name="Ada", courses=["alg-1"]), "course_id": "alg-1"})
+    other = await a.connect({"token": token("stu-1", tenant="school-b", courses=["alg-1"]), "course_id": "alg-1"})
+    paused = sam.frames[0]["conversation_id"]
+    teacher = await b.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
+    # Paused after Sam joined: his presence still says what it was then, the snapshot says what it is now.
+    await teacher.send(type="ai", conversation_id=paused, paused=True)
+    assert (await sam.expect("ai_state"))["paused"] is True
+    await teacher.send(type="watch", course_id="alg-1")
+    snapshot = await teacher.expect("snapshot")
+    by_user = {s["user_id"]: s for s in snapshot["students"]}
+    assert {u: (s["conversation_id"], s["ai_paused"]) for u, s in by_user.items()} == {
+        "stu-1": (paused, True),
+        "stu-2": (ada.frames[0]["conversation_id"], False),
+    }
+    live = await (await a.client.get(
+        "/api/courses/alg-1/live", headers={"Authorization": f"Bearer {token('teach-1', **TEACHER)}"}  # type: ignore[arg-type]
+    )).json()
+    assert {s["user_id"]: s["ai_paused"] for s in live["students"]} == {"stu-1": True, "stu-2": False}
+    # A `joined` event carries it as read at `hello`.
+    again = await a.connect({"token": token("stu-1", name="Sam", courses=["alg-1"]), "conversation_id": paused})
+    joined = await teacher.expect("event")
+    assert joined["kind"] == "joined" and joined["student"]["session_id"] == again.frames[0]["session_id"]
+    assert joined["student"]["ai_paused"] is True
+    # The other school's course of the same id, with the same user id, is not in it.
+    assert other.frames[0]["conversation_id"] not in {s["conversation_id"] for s in snapshot["students"]}
+
+
 async def test_abandoned_answer_is_taken_over_and_can_be_regenerated(serve: Serve, db: asyncpg.Connection) -> None:
     server = await serve(offline_tokens_per_s=50)
     sock = await server.connect({"token": token()})
