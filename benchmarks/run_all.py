@@ -1393,19 +1393,27 @@ _TABLE: dict[str, Callable[[Bench, int], dict[str, Any]]] = {
 }
 
 
-def _scenario(bench: Bench, name: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
+def profile_rate(summary: dict[str, Any], asked: float | None = None) -> float:
+    """The throughput step to profile: `asked` (--profile-rate), else the highest median rate a throughput
+    ladder passed (what dominates when the replica is busiest), this invocation's ladders or the last
+    `make bench`'s. The in-memory ladder counts too, since the disk's stalls can fail the other at any rate."""
+    if asked is not None:
+        return asked
+    medians = [
+        _median([float(r["max_turns_per_s"]) for r in summary.get("scenarios", {}).get(ladder, {}).get("runs", [])])
+        for ladder in ("throughput", "throughput_tmpfs")
+    ]
+    return max((m for m in medians if m), default=None) or TARGET_TURNS_PER_S
+
+
+def _scenario(
+    bench: Bench, name: str, summary: dict[str, Any], rate: float | None = None
+) -> list[dict[str, Any]]:
     if name == "floor":
         return _runs(bench, "floor", lambda b, r: {
             "throughput": scenario_floor_throughput(b, r), "class": scenario_floor_class(b, r)})
     if name == "profile":
-        # At the highest rate a throughput ladder passed (what dominates when the replica is busiest); the
-        # in-memory ladder counts too, since the disk's stalls can fail the other one at any rate.
-        medians = [
-            _median([float(r["max_turns_per_s"]) for r in summary.get("scenarios", {}).get(ladder, {}).get("runs", [])])
-            for ladder in ("throughput", "throughput_tmpfs")
-        ]
-        rate = max((m for m in medians if m), default=None) or TARGET_TURNS_PER_S
-        result = scenario_profile(bench, rate)
+        result = scenario_profile(bench, profile_rate(summary, rate))
         bench.save("profile.json", result)
         return [result]
     return _runs(bench, name, _TABLE[name])
@@ -1425,6 +1433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "experiments with uncommitted changes)")
     parser.add_argument("--rates", help="comma-separated turns/s for the throughput ladder (default "
                         f"{','.join(f'{r:g}' for r in Plan.ladder)}; experiments)")
+    parser.add_argument("--profile-rate", type=float, metavar="PER_S", help="turns/s of the profiled throughput "
+                        "step (default: the highest median rate a throughput ladder passed, in this invocation "
+                        "or the last make bench)")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if args.quick and args.scenarios == parser.get_default("scenarios"):
@@ -1446,6 +1457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not ladder or min(ladder) <= 0:
             parser.error("--rates takes positive numbers, e.g. 250,300")
         plan = dataclasses.replace(plan, ladder=ladder)
+    if args.profile_rate is not None and args.profile_rate <= 0:
+        parser.error("--profile-rate takes a positive number of turns/s")
 
     # SIGTERM ends the run like Ctrl-C: every finally block stops what it started.
     def interrupted(signum: int, frame: object) -> None:
@@ -1473,7 +1486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     continue
                 print(f"{name} ({time.monotonic() - started:.0f} s elapsed; {code_label()})", flush=True)
                 try:
-                    results = _scenario(bench, name, summary)
+                    results = _scenario(bench, name, summary, args.profile_rate)
                 except (BenchError, OSError, TimeoutError, RuntimeError, ValueError) as exc:
                     failures[name] = repr(exc)
                     print(f"  {name} failed: {exc!r}", flush=True)

@@ -103,3 +103,15 @@ def test_sampler_cpu_of_a_group_never_drops_when_a_process_exits(monkeypatch: py
     assert [taken["postgres"].cpu_s for _, taken in sampler.samples] == [0.0, 2.0, 2.5, 2.75]
     start, end = sampler.samples[1][0], sampler.samples[2][0]
     assert sampler.window("postgres", start, end)["cpu_cores"] >= 0  # type: ignore[operator]
+
+
+def test_the_profiled_rate_is_the_one_asked_for_else_the_best_ladder_median() -> None:
+    summary: dict[str, Any] = {
+        "scenarios": {
+            "throughput": {"runs": [_ladder(600, 800), _ladder(600, 800), _ladder(800, 1000)]},
+            "throughput_tmpfs": {"runs": [_ladder(200, 250), _ladder(400, 500), _ladder(600, 800)]},
+        },
+    }
+    assert run_all.profile_rate(summary) == 600  # the disk ladder's median beats the in-memory one's 400
+    assert run_all.profile_rate(summary, 400) == 400  # --profile-rate wins
+    assert run_all.profile_rate({"scenarios": {}}) == run_all.TARGET_TURNS_PER_S  # no ladder ran yet
