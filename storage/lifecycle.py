@@ -539,6 +539,18 @@ def _rowcount(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+# The tenant's conversations last active before the cutoff ($1 tenant, $2 cutoff, `c` the conversation).
+# Saving a question does not touch conversations.updated_at (a write per turn saved; its answer's commit
+# does), so a conversation with a message from after the cutoff is in use: its answer may be generated now.
+# OFFSET 0 keeps the check a filter on each conversation, read through messages' conversation index:
+# as an anti join PostgreSQL checked every expired conversation of the tenant, then sorted them, for each
+# batch, instead of reading the oldest ones in index order up to the batch's size.
+_EXPIRED = (
+    "c.tenant_id = $1 AND c.updated_at < $2 AND NOT EXISTS ("
+    "SELECT 1 FROM messages m WHERE m.conversation_id = c.id AND m.created_at >= $2 OFFSET 0)"
+)
+
+
 class Lifecycle:
     """Retention purges and data-protection requests over one asyncpg pool."""
 
@@ -565,7 +577,7 @@ class Lifecycle:
     async def count_expired(self, tenant_id: str, cutoff: datetime) -> DataCounts:
         """What a purge of the tenant's conversations last active before `cutoff` would delete."""
         row = await self.pool.fetchrow(
-            "WITH expired AS (SELECT id FROM conversations WHERE tenant_id = $1 AND updated_at < $2)"
+            f"WITH expired AS (SELECT id FROM conversations c WHERE {_EXPIRED})"
             " SELECT (SELECT count(*) FROM expired) AS conversations,"
             " (SELECT count(*) FROM messages WHERE tenant_id = $1 AND conversation_id IN (SELECT id FROM expired))"
             " AS messages,"
@@ -582,19 +594,34 @@ class Lifecycle:
     async def purge_batch(self, tenant_id: str, cutoff: datetime, batch_size: int = DEFAULT_BATCH_SIZE) -> DataCounts:
         """Delete up to `batch_size` of the tenant's expired conversations (and their rows) in one transaction."""
         async with self.pool.acquire() as conn, conn.transaction():
-            # Oldest first; a row locked right now belongs to a conversation in use, which is not expired.
-            ids = [
-                r["id"]
-                for r in await conn.fetch(
-                    "SELECT id FROM conversations WHERE tenant_id = $1 AND updated_at < $2"
-                    " ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED",
-                    tenant_id,
-                    cutoff,
-                    batch_size,
-                )
-            ]
-            if not ids:
-                return DataCounts()
+            while True:
+                # Oldest first; a row locked right now belongs to a conversation in use (a message being
+                # inserted holds a key-share lock on it), which is not expired.
+                ids = [
+                    r["id"]
+                    for r in await conn.fetch(
+                        f"SELECT id FROM conversations c WHERE {_EXPIRED}"
+                        " ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+                        tenant_id,
+                        cutoff,
+                        batch_size,
+                    )
+                ]
+                if not ids:
+                    return DataCounts()
+                # A message committed after that statement's snapshot and before its lock was not seen; none
+                # can be added now that the rows are locked, and a new statement sees every committed one.
+                ids = [
+                    r["id"]
+                    for r in await conn.fetch(
+                        f"SELECT id FROM conversations c WHERE {_EXPIRED} AND id = ANY($3::uuid[])",
+                        tenant_id,
+                        cutoff,
+                        ids,
+                    )
+                ]
+                if ids:
+                    break
             # The foreign keys cascade anyway; deleting the children explicitly first gives exact counts.
             usage = await conn.execute(
                 "DELETE FROM ai_usage WHERE tenant_id = $1 AND conversation_id = ANY($2::uuid[])", tenant_id, ids

@@ -32,6 +32,7 @@ from storage.lifecycle import (
     pick_dump_tool,
     retention_rules,
 )
+from storage.postgres import Database, connect_pool
 from tests.conftest import Server, Services, token
 
 pytestmark = pytest.mark.integration
@@ -82,14 +83,15 @@ async def seed_user(
             tenant, seeded.user_id, f"{tenant}/{user} #{i}", age_days,
         )
         question = await db.fetchval(
-            "INSERT INTO messages (tenant_id, conversation_id, role, text, status, author_id)"
-            " VALUES ($1, $2, 'user', $3, 'complete', $4) RETURNING id",
-            tenant, conversation, f"question from {tenant}/{user}", seeded.user_id,
+            "INSERT INTO messages (tenant_id, conversation_id, role, text, status, author_id, created_at)"
+            " VALUES ($1, $2, 'user', $3, 'complete', $4, now() - make_interval(days => $5)) RETURNING id",
+            tenant, conversation, f"question from {tenant}/{user}", seeded.user_id, age_days,
         )
         answer = await db.fetchval(
-            "INSERT INTO messages (tenant_id, conversation_id, role, text, status, reply_to)"
-            " VALUES ($1, $2, 'assistant', 'an answer', 'complete', $3) RETURNING id",
-            tenant, conversation, question,
+            "INSERT INTO messages (tenant_id, conversation_id, role, text, status, reply_to, created_at)"
+            " VALUES ($1, $2, 'assistant', 'an answer', 'complete', $3, now() - make_interval(days => $4))"
+            " RETURNING id",
+            tenant, conversation, question, age_days,
         )
         seeded.usage.append(await db.fetchval(
             "INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model, status)"
@@ -291,6 +293,40 @@ async def test_purge_deletes_only_expired_conversations_of_the_tenant(
 
     assert await _cli(settings, "purge", "--older-than", "1d", "--tenant", "nowhere") == 1
     assert "no tenant 'nowhere'" in capsys.readouterr().err
+
+
+async def test_a_purge_keeps_a_conversation_whose_new_question_is_being_answered(
+    settings: Settings, db: asyncpg.Connection, lifecycle: Lifecycle
+) -> None:
+    # Saving a question does not touch conversations.updated_at (only its answer's commit does): an idle
+    # conversation asked something while its answer is generated still looks expired by updated_at alone.
+    busy = await seed_user(db, "school-a", "stu-1", conversations=1, age_days=400)
+    asking = await seed_user(db, "school-a", "stu-2", conversations=1, age_days=400)
+    idle = await seed_user(db, "school-a", "stu-3", conversations=1, age_days=400)
+    pool = await connect_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        database = Database(pool)
+        saved = await database.save_question("school-a", busy.conversations[0], "q-new", "and now?", busy.user_id)
+        assert saved.created and saved.reply is not None
+        cutoff = await lifecycle.now() - timedelta(days=365)
+        assert await lifecycle.count_expired("school-a", cutoff) == DataCounts(2, 4, 2, 2)  # not `busy`
+        # A question still being committed holds a key-share lock on its conversation: skipped, and kept
+        # afterwards for the message it added.
+        async with db.transaction():
+            await db.execute(
+                "INSERT INTO messages (tenant_id, conversation_id, role, text, status) VALUES ($1, $2, 'user', 'hi',"
+                " 'complete')", "school-a", asking.conversations[0],
+            )
+            assert await lifecycle.purge_batch("school-a", cutoff) == DataCounts(1, 2, 1, 1)
+        assert await lifecycle.purge(RetentionRule("school-a", cutoff, "test")) == DataCounts()
+        assert await _ids(db, "conversations") == {busy.conversations[0], asking.conversations[0]}
+        assert idle.conversations[0] not in await _ids(db, "conversations")
+        committed = await database.finish_reply(
+            "school-a", busy.user_id, busy.conversations[0], saved.reply.id, "an answer", "complete", 2, None
+        )
+        assert committed
+    finally:
+        await pool.close()
 
 
 # -- data-protection requests ---------------------------------------------------------------------
