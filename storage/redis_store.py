@@ -326,11 +326,15 @@ class RedisStore:
         self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None, source: str, scripts: int
     ) -> list[Any]:
         """`_round_trip` of commands whose first `scripts` are `EVALSHA`s of `source`. If Redis lost its
-        script cache (restart, SCRIPT FLUSH), none of them ran: the script is loaded and they go again."""
+        script cache (restart, SCRIPT FLUSH), those scripts did not run: the script is loaded and they go
+        again. The other commands did run (each budget INCRBY counts once), so they are not sent again."""
         results = await self._round_trip(commands, conn)
-        if any(isinstance(r, NoScriptError) for r in results[:scripts]):
+        missed = [i for i, result in enumerate(results[:scripts]) if isinstance(result, NoScriptError)]
+        if missed:
             await self.client.script_load(source)
-            results = await self._round_trip(commands, conn)
+            again = await self._round_trip([commands[i] for i in missed], conn)
+            for i, result in zip(missed, again, strict=True):
+                results[i] = result
         return results
 
     async def _round_trip(self, commands: list[tuple[Any, ...]], conn: AbstractConnection | None) -> list[Any]:

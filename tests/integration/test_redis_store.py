@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.settings import Settings
 from storage.keys import Keys
-from storage.redis_store import RedisStore, connect_redis, now_ms, pack
+from storage.redis_store import RedisStore, TokenAdjustment, connect_redis, now_ms, pack
 
 pytestmark = pytest.mark.integration
 
@@ -66,6 +66,23 @@ async def test_emits_survive_a_script_flush_and_a_killed_connection(store: Redis
     assert snapshot.entries[1][1] == b'{"type":"token","text":"b","seq":2}'
     assert await store.client.zscore(store.keys.leases(), "lease-1") is None
     await store.close()
+
+
+async def test_side_commands_of_an_emit_run_once_when_redis_lost_its_scripts(store: RedisStore) -> None:
+    """The lease and budget commands ride in the emit's round trip; when the scripts come back NOSCRIPT
+    only the scripts go again, so a budget adjustment is not counted twice after a Redis restart."""
+    keys = store.keys
+    adjust = TokenAdjustment("school-a", "u1", "20261127", tenant_delta=-300, user_delta=-200)
+    await store.emit("c-7", [b'{"type":"token","text":"a"}'], 0, "node-a", lease="lease-2")
+    await store.client.script_flush()
+    assert await store.emit("c-7", [b'{"type":"done"}'], 0, "node-a", release="lease-2", adjust=adjust) == 2
+    assert await store.client.get(keys.tenant_tokens("school-a", "20261127")) == b"-300"
+    assert await store.client.get(keys.user_tokens("school-a", "u1", "20261127")) == b"-200"
+    assert await store.client.zscore(keys.leases(), "lease-2") is None
+    await store.client.script_flush()
+    assert await store.emit("c-8", [b'{"type":"token","text":"b"}'], 0, "node-a", lease="lease-3") == 1
+    assert await store.client.zscore(keys.leases(), "lease-3") is not None
+    assert [seq for seq, _ in (await store.snapshot("c-7")).entries] == [1, 2]
 
 
 async def test_admits_arriving_together_each_keep_their_own_outcome(store: RedisStore) -> None:
