@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from ai.base import Provider
+from storage.errors import ClientIdTakenError
 from storage.models import Conversation, Course, Message, TenantSettings, User
 from storage.postgres import Database
 from storage.roundtrips import RoundTrips
@@ -259,8 +260,10 @@ class ChatService:
                     claims.tenant, conversation.id, frame.id, frame.text, session.user.id,
                     history=self.settings.history_messages,
                 )
-        except Exception:
+        except Exception as exc:
             await self.budgets.settle(reservation, 0, 0)
+            if isinstance(exc, ClientIdTakenError):
+                raise bad_request(str(exc), frame.id) from None
             raise
         if not saved.created or saved.reply is None:
             await self.budgets.settle(reservation, 0, 0)  # nothing will be generated for this message

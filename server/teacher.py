@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from storage.errors import ClientIdTakenError
 from storage.models import Conversation, Course
 from storage.postgres import Database
 
 from .answers import Answers, course_key
 from .auth import Claims
-from .errors import forbidden, not_found
+from .errors import bad_request, forbidden, not_found
 from .hub import Hub
 from .protocol import Intervene, SetAI, encode
 
@@ -73,9 +74,12 @@ class Classroom:
     async def intervene(self, session: Session, frame: Intervene) -> None:
         """A teacher's message in a student's conversation: committed, delivered live, part of the AI's context."""
         conversation = await self._teacher_conversation(session, frame.conversation_id)
-        message, created = await self.db.save_teacher_message(
-            session.claims.tenant, conversation.id, frame.id, frame.text, session.user.id
-        )
+        try:
+            message, created = await self.db.save_teacher_message(
+                session.claims.tenant, conversation.id, frame.id, frame.text, session.user.id
+            )
+        except ClientIdTakenError as exc:
+            raise bad_request(str(exc), frame.id) from None
         body = {
             "type": "teacher_message",
             "conversation_id": conversation.id,

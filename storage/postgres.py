@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from .errors import ClientIdTakenError
 from .migrate import apply_migrations
 from .models import (
     Conversation,
@@ -519,7 +520,8 @@ class Database:
     async def save_question(
         self, tenant_id: str, conversation_id: str, client_id: str, text: str, author_id: str, history: int = 0
     ) -> SavedQuestion:
-        """Commit a student's message and its reply placeholder; a repeated client id returns the first rows.
+        """Commit a student's message and its reply placeholder; a repeated client id returns the first rows
+        (`ClientIdTakenError` if the id names a message that is not this student's question).
 
         While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
         Questions submitted while another batch is being committed are committed together, in one statement
@@ -598,7 +600,10 @@ class Database:
         client_id: str | None,
         author_id: str,
     ) -> tuple[asyncpg.Record, bool]:
-        """Insert a written message unless its client id is already in the conversation; (row, created)."""
+        """Insert a written message unless its client id is already in the conversation; (row, created).
+
+        The row already there is a resend only if it is of the same role and author: students see teachers'
+        ids, and any id is allowed, so another author's message is refused (`ClientIdTakenError`)."""
         row = await conn.fetchrow(
             "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
             " VALUES ($1, $2, $3, $4, 'complete', $5, $6)"
@@ -614,12 +619,16 @@ class Database:
         if row is not None:
             return row, True
         existing = await conn.fetchrow(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3",
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3"
+            " AND role = $4 AND author_id = $5",
             conversation_id,
             client_id,
             tenant_id,
+            role,
+            author_id,
         )
-        assert existing is not None
+        if existing is None:
+            raise ClientIdTakenError(f"the id {client_id!r} already names another message in the conversation")
         return existing, False
 
     @staticmethod
@@ -663,7 +672,8 @@ class Database:
     async def save_teacher_message(
         self, tenant_id: str, conversation_id: str, client_id: str | None, text: str, author_id: str
     ) -> tuple[Message, bool]:
-        """Commit a teacher's message to a student's conversation (idempotent on the client id)."""
+        """Commit a teacher's message to a student's conversation (idempotent on the client id;
+        `ClientIdTakenError` if the id names a message that is not this teacher's)."""
         async with self._transaction() as conn:
             row, created = await self._insert_once(
                 conn, tenant_id, conversation_id, "teacher", text, client_id, author_id

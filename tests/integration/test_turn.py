@@ -98,6 +98,38 @@ async def test_resend_with_same_id_is_idempotent(server: Server, db: asyncpg.Con
     assert await db.fetchval("SELECT count(*) FROM messages WHERE role = 'assistant'") == 1
 
 
+async def test_an_id_that_names_someone_elses_message_is_refused_not_acked(
+    server: Server, db: asyncpg.Connection
+) -> None:
+    """Students see teachers' ids in teacher_message frames; a message with one is not a resend of it (nor
+    a teacher's message with a student's id): refused with bad_request, and nothing else is stored."""
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
+    student = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    conversation = student.frames[0]["conversation_id"]
+    teacher = await server.connect({"token": token("teach-1", role="teacher", courses=["alg-1"])})
+    await teacher.send(type="intervene", conversation_id=conversation, text="Units, please.", id="t1")
+    note = await student.expect("teacher_message")
+
+    await student.send(type="message", id=note["id"], text="Why units?")
+    error = await student.expect("error")
+    assert (error["code"], error["ref"]) == ("bad_request", "t1")
+    await student.send(type="message", id="s1", text="What are units?")
+    await student.until("done")
+    await teacher.send(type="intervene", conversation_id=conversation, text="Metres, say.", id="s1")
+    error = await teacher.expect("error")
+    assert (error["code"], error["ref"]) == ("bad_request", "s1")
+
+    # Resends by the same author are still resends.
+    await teacher.send(type="intervene", conversation_id=conversation, text="Units, please.", id="t1")
+    again = await teacher.expect("teacher_message")
+    assert (again["message_id"], again["text"]) == (note["message_id"], "Units, please.")
+    await student.send(type="message", id="s1", text="What are units?")
+    assert (await student.expect("ack"))["text"] == "What are units?"
+    rows = await db.fetch("SELECT role, text, client_id FROM messages ORDER BY id")
+    assert [(r["role"], r["client_id"]) for r in rows] == [("teacher", "t1"), ("user", "s1"), ("assistant", None)]
+    assert [r["text"] for r in rows[:2]] == ["Units, please.", "What are units?"]
+
+
 async def test_cancel_mid_answer_keeps_partial_text_as_stopped(serve: Serve, db: asyncpg.Connection) -> None:
     server = await serve(offline_tokens_per_s=40)
     sock = await server.connect({"token": token()})

@@ -1,0 +1,11 @@
+"""The storage layer's domain errors: callers map them to the error catalogue (server/errors.py)."""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """A request the data cannot satisfy (as opposed to a database failure)."""
+
+
+class ClientIdTakenError(StorageError):
+    """The client id already names another author's message, or another kind of message, in the conversation."""
