@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from importlib import resources
 
@@ -14,6 +15,10 @@ log = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same in every replica.
 _LOCK_KEY = 0x5EDC_0001
+# How long one migration, or the wait for another replica's, may take. Migrations run on connections of the
+# product's pool, whose command timeout (30 s) is for its queries: an index build on a big table outlasts
+# it, and a replica that gave up waiting for the lock would crash-loop while another one migrates.
+MIGRATION_TIMEOUT_S = 24 * 3600.0
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -41,7 +46,11 @@ def load_migrations() -> list[Migration]:
 async def apply_migrations(conn: asyncpg.Connection | PoolConnectionProxy) -> list[int]:
     """Apply every pending migration, each in its own transaction; return the versions applied."""
     applied: list[int] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
+        log.info("waiting for the migration lock")  # another replica is migrating
+        started = time.monotonic()
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY, timeout=MIGRATION_TIMEOUT_S)
+        log.info("migration lock taken", extra={"waited_s": round(time.monotonic() - started, 3)})
     try:
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -53,7 +62,7 @@ async def apply_migrations(conn: asyncpg.Connection | PoolConnectionProxy) -> li
             if migration.version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(migration.sql)
+                await conn.execute(migration.sql, timeout=MIGRATION_TIMEOUT_S)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
                     migration.version,
