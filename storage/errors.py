@@ -9,3 +9,7 @@ class StorageError(Exception):
 
 class ClientIdTakenError(StorageError):
     """The client id already names another author's message, or another kind of message, in the conversation."""
+
+
+class NotFoundError(StorageError):
+    """The row a write refers to does not exist for this tenant (and user): nothing was written."""

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from .errors import ClientIdTakenError
+from .errors import ClientIdTakenError, NotFoundError
 from .migrate import apply_migrations
 from .models import (
     Conversation,
@@ -175,6 +175,10 @@ async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attem
 # for its first message (the title) or while the AI is paused; otherwise committing the answer bumps
 # `updated_at` (each write of that row touches its four indexes).
 #
+# A question is only inserted into a conversation of its tenant and its author (`o`, read by primary key
+# before the insert instead of after it): nothing is written into a conversation named by a guessed id, and
+# the caller sees it as not found (`NotFoundError`, from `save_question`'s resend path).
+#
 # The history is read by conversation only: the conversation was found in the caller's tenant (`c`), and
 # without `r` (which needs `c`) there is none. A tenant filter on the messages themselves made PostgreSQL
 # multiply the two estimates: with no statistics yet, or several tenants in the table, it expected about
@@ -188,12 +192,13 @@ async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attem
 # One question alone: plain parameters. PostgreSQL plans the batch form for every call, which costs twice
 # the single form's server time for one question and less from two on (docs/benchmarks.md).
 _SAVE_ONE = (
-    "WITH q AS ("
+    "WITH o AS (SELECT ai_paused, title = '' AS untitled FROM conversations"
+    "  WHERE id = $2 AND tenant_id = $1 AND user_id = $5),"
+    " q AS ("
     "  INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
-    "  VALUES ($1, $2, 'user', $3, 'complete', $4, $5)"
+    "  SELECT $1, $2, 'user', $3, 'complete', $4, $5 FROM o"
     f"  ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
-    " c AS (SELECT ai_paused, title = '' AS untitled FROM conversations"
-    "  WHERE id = $2 AND tenant_id = $1 AND EXISTS (SELECT 1 FROM q)),"
+    " c AS (SELECT * FROM o WHERE EXISTS (SELECT 1 FROM q)),"
     " u AS ("
     "  UPDATE conversations SET updated_at = now(),"
     "  title = CASE WHEN title = '' THEN left($3, 80) ELSE title END"
@@ -214,15 +219,17 @@ _SAVE_MANY = (
     "WITH i AS ("
     "  SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::uuid[], $6::int[])"
     "  WITH ORDINALITY AS i(tenant_id, conversation_id, text, client_id, author_id, history, n)),"
+    " o AS ("
+    "  SELECT i.*, v.ai_paused, v.title = '' AS untitled FROM i CROSS JOIN LATERAL ("
+    "  SELECT ai_paused, title FROM conversations"
+    "  WHERE id = i.conversation_id AND tenant_id = i.tenant_id AND user_id = i.author_id LIMIT 1) v),"
     " q AS ("
     "  INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
-    "  SELECT tenant_id, conversation_id, 'user', text, 'complete', client_id, author_id FROM i ORDER BY n"
+    "  SELECT tenant_id, conversation_id, 'user', text, 'complete', client_id, author_id FROM o ORDER BY n"
     f"  ON CONFLICT (conversation_id, client_id) DO NOTHING RETURNING {_MESSAGE_COLUMNS}),"
     " c AS ("
-    "  SELECT i.n, i.tenant_id, i.conversation_id, i.text, i.history, q.id AS question_id, v.ai_paused,"
-    "  v.title = '' AS untitled FROM i JOIN q ON q.conversation_id = i.conversation_id::text"
-    "  CROSS JOIN LATERAL (SELECT ai_paused, title FROM conversations"
-    "  WHERE id = i.conversation_id AND tenant_id = i.tenant_id LIMIT 1) v),"
+    "  SELECT o.n, o.tenant_id, o.conversation_id, o.text, o.history, q.id AS question_id, o.ai_paused,"
+    "  o.untitled FROM o JOIN q ON q.conversation_id = o.conversation_id::text),"
     " u AS ("
     "  UPDATE conversations v SET updated_at = now(),"
     "  title = CASE WHEN v.title = '' THEN left(c.text, 80) ELSE v.title END"
@@ -521,7 +528,8 @@ class Database:
         self, tenant_id: str, conversation_id: str, client_id: str, text: str, author_id: str, history: int = 0
     ) -> SavedQuestion:
         """Commit a student's message and its reply placeholder; a repeated client id returns the first rows
-        (`ClientIdTakenError` if the id names a message that is not this student's question).
+        (`ClientIdTakenError` if the id names a message that is not this student's question, `NotFoundError`
+        if the conversation is not this student's in this tenant).
 
         While a teacher has paused the AI for the conversation, no placeholder is made: the question waits.
         Questions submitted while another batch is being committed are committed together, in one statement
@@ -530,9 +538,9 @@ class Database:
         saved = await self._questions.submit(_Question(tenant_id, conversation_id, client_id, text, author_id, history))
         if saved is not None:
             return saved
-        # A resend: the first rows, and no second answer.
+        # Not inserted: a resend (the first rows, and no second answer), or not the student's conversation.
         async with self.pool.acquire() as conn:
-            row, _ = await self._insert_once(conn, tenant_id, conversation_id, "user", text, client_id, author_id)
+            row = await self._resent(conn, tenant_id, conversation_id, "user", client_id, author_id, owner=author_id)
             existing = await conn.fetchrow(
                 f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE reply_to = $1 AND tenant_id = $2"
                 " ORDER BY id DESC LIMIT 1",
@@ -600,13 +608,12 @@ class Database:
         client_id: str | None,
         author_id: str,
     ) -> tuple[asyncpg.Record, bool]:
-        """Insert a written message unless its client id is already in the conversation; (row, created).
-
-        The row already there is a resend only if it is of the same role and author: students see teachers'
-        ids, and any id is allowed, so another author's message is refused (`ClientIdTakenError`)."""
+        """Insert a written message into a conversation of the tenant unless its client id is already there;
+        (row, created)."""
         row = await conn.fetchrow(
             "INSERT INTO messages (tenant_id, conversation_id, role, text, status, client_id, author_id)"
-            " VALUES ($1, $2, $3, $4, 'complete', $5, $6)"
+            " SELECT $1, $2, $3, $4, 'complete', $5, $6"
+            " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2 AND tenant_id = $1)"
             " ON CONFLICT (conversation_id, client_id) DO NOTHING"
             f" RETURNING {_MESSAGE_COLUMNS}",
             tenant_id,
@@ -618,7 +625,23 @@ class Database:
         )
         if row is not None:
             return row, True
-        existing = await conn.fetchrow(
+        return await Database._resent(conn, tenant_id, conversation_id, role, client_id, author_id), False
+
+    @staticmethod
+    async def _resent(
+        conn: PoolConnectionProxy,
+        tenant_id: str,
+        conversation_id: str,
+        role: str,
+        client_id: str | None,
+        author_id: str,
+        owner: str | None = None,
+    ) -> asyncpg.Record:
+        """The message a resend repeats: the conversation's message with this client id, role and author.
+
+        Another author's message with the id is not one: students see teachers' ids, and any id is allowed
+        (`ClientIdTakenError`). `NotFoundError` if the conversation is not the tenant's (or `owner`'s)."""
+        row = await conn.fetchrow(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND client_id = $2 AND tenant_id = $3"
             " AND role = $4 AND author_id = $5",
             conversation_id,
@@ -627,9 +650,17 @@ class Database:
             role,
             author_id,
         )
-        if existing is None:
-            raise ClientIdTakenError(f"the id {client_id!r} already names another message in the conversation")
-        return existing, False
+        if row is not None:
+            return row
+        found = await conn.fetchval(
+            "SELECT 1 FROM conversations WHERE id = $1 AND tenant_id = $2 AND ($3::uuid IS NULL OR user_id = $3)",
+            conversation_id,
+            tenant_id,
+            owner,
+        )
+        if found is None:
+            raise NotFoundError("conversation")
+        raise ClientIdTakenError(f"the id {client_id!r} already names another message in the conversation")
 
     @staticmethod
     async def _insert_reply(
@@ -637,17 +668,21 @@ class Database:
     ) -> Message:
         reply = await conn.fetchrow(
             "INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
-            " VALUES ($1, $2, 'assistant', 'streaming', $3)"
+            " SELECT $1, $2, 'assistant', 'streaming', $3 WHERE EXISTS ("
+            "  SELECT 1 FROM messages q JOIN conversations c ON c.id = q.conversation_id"
+            "  WHERE q.id = $3 AND q.conversation_id = $2 AND q.tenant_id = $1 AND c.tenant_id = $1)"
             f" RETURNING {_MESSAGE_COLUMNS}",
             tenant_id,
             conversation_id,
             question_id,
         )
-        assert reply is not None
+        if reply is None:
+            raise NotFoundError("question")
         return _message(reply)
 
     async def create_reply(self, tenant_id: str, conversation_id: str, question_id: int) -> Message:
-        """A new answer placeholder for an existing question (regenerate, or after the AI is resumed)."""
+        """A new answer placeholder for an existing question (regenerate, or after the AI is resumed);
+        `NotFoundError` unless the question is in this conversation of the tenant."""
         async with self._transaction() as conn:
             return await self._insert_reply(conn, tenant_id, conversation_id, question_id)
 
@@ -672,8 +707,9 @@ class Database:
     async def save_teacher_message(
         self, tenant_id: str, conversation_id: str, client_id: str | None, text: str, author_id: str
     ) -> tuple[Message, bool]:
-        """Commit a teacher's message to a student's conversation (idempotent on the client id;
-        `ClientIdTakenError` if the id names a message that is not this teacher's)."""
+        """Commit a teacher's message to a student's conversation of the tenant (idempotent on the client id;
+        `ClientIdTakenError` if the id names a message that is not this teacher's, `NotFoundError` if the
+        conversation is not the tenant's)."""
         async with self._transaction() as conn:
             row, created = await self._insert_once(
                 conn, tenant_id, conversation_id, "teacher", text, client_id, author_id
@@ -721,16 +757,22 @@ class Database:
     async def add_flag(
         self, tenant_id: str, conversation_id: str, message_id: int | None, kind: str, detail: str = ""
     ) -> int:
-        """Record something a teacher should see (a safety block, repeated failures)."""
+        """Record something a teacher should see (a safety block, repeated failures); `NotFoundError` unless
+        the conversation (and the message, if given) is the tenant's."""
         flag_id = await self.pool.fetchval(
             "INSERT INTO message_flags (tenant_id, conversation_id, message_id, kind, detail)"
-            " VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            " SELECT $1, $2, $3, $4, $5"
+            " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2 AND tenant_id = $1) AND ($3::bigint IS NULL"
+            " OR EXISTS (SELECT 1 FROM messages WHERE id = $3 AND conversation_id = $2 AND tenant_id = $1))"
+            " RETURNING id",
             tenant_id,
             conversation_id,
             message_id,
             kind,
             detail,
         )
+        if flag_id is None:
+            raise NotFoundError("conversation")
         return int(flag_id)
 
     async def finish_reply(

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from server.settings import Settings
+from storage.errors import NotFoundError
 from storage.models import Conversation, PastMessage, UsageRecord, User
 from storage.postgres import Database, connect_pool
 
@@ -102,15 +103,18 @@ async def test_a_resend_in_the_same_batch_gets_the_first_rows(database: Database
 
 
 async def test_one_bad_question_fails_alone(database: Database, db: asyncpg.Connection) -> None:
-    user, conversations = await _student(database, conversations=3)
-    gone = str(uuid.uuid4())  # no such conversation: the batch's statement fails on the foreign key
+    user, conversations = await _student(database, conversations=4)
+    gone = str(uuid.uuid4())  # no such conversation: not found, and nothing written
     outcomes = await asyncio.gather(
         database.save_question("school-a", conversations[0].id, "m-1", "one", user.id),
         database.save_question("school-a", gone, "m-2", "lost", user.id),
         database.save_question("school-a", conversations[1].id, "m-3", "three", user.id),
+        # PostgreSQL refuses a NUL in text: the batch's statement fails, and each question is tried alone.
+        database.save_question("school-a", conversations[2].id, "m-4", "nul \x00", user.id),
         return_exceptions=True,
     )
-    assert isinstance(outcomes[1], asyncpg.ForeignKeyViolationError)
+    assert isinstance(outcomes[1], NotFoundError)
+    assert isinstance(outcomes[3], asyncpg.PostgresError)
     assert [o.message.text for o in (outcomes[0], outcomes[2]) if not isinstance(o, BaseException)] == ["one", "three"]
     texts = await db.fetch("SELECT text FROM messages WHERE role = 'user' ORDER BY id")
     assert [r["text"] for r in texts] == ["one", "three"]
@@ -170,3 +174,38 @@ async def test_an_answer_already_ended_or_invalid_fails_alone(database: Database
     assert isinstance(outcomes[1], asyncpg.CheckViolationError)
     # The failed one is still streaming and can be finished properly.
     assert await database.finish_reply("school-a", user.id, conversations[1].id, replies[1], "ok", "complete", 3, None)
+
+
+async def test_a_guessed_conversation_of_another_tenant_or_student_is_never_written(
+    database: Database, db: asyncpg.Connection
+) -> None:
+    """Callers check the conversation first; the storage layer refuses on its own all the same (every
+    write is scoped by tenant), alone and in a batch, for questions, teachers' messages, replies and flags."""
+    user, [mine, other] = await _student(database, conversations=2)
+    classmate, _ = await _student(database)
+    stranger = await database.upsert_user("school-b", "stranger", "teacher", "Eve")
+    question = await database.save_question("school-a", mine.id, "m-1", "mine", user.id)
+    before = await db.fetchval("SELECT count(*) FROM messages")
+
+    with pytest.raises(NotFoundError):
+        await database.save_question("school-b", mine.id, "m-2", "leak", stranger.id)
+    with pytest.raises(NotFoundError):  # same tenant, another student's conversation
+        await database.save_question("school-a", mine.id, "m-3", "leak", classmate.id)
+    together = await asyncio.gather(
+        database.save_question("school-a", other.id, "m-4", "fine", user.id),
+        database.save_question("school-b", mine.id, "m-5", "leak", stranger.id),
+        return_exceptions=True,
+    )
+    assert not isinstance(together[0], BaseException) and together[0].created
+    assert isinstance(together[1], NotFoundError)
+    with pytest.raises(NotFoundError):
+        await database.save_teacher_message("school-b", mine.id, "t-1", "leak", stranger.id)
+    with pytest.raises(NotFoundError):
+        await database.create_reply("school-b", mine.id, question.message.id)
+    with pytest.raises(NotFoundError):
+        await database.add_flag("school-b", mine.id, question.message.id, "safety_block")
+
+    rows = await db.fetch("SELECT tenant_id, text FROM messages WHERE text <> '' ORDER BY id")
+    assert [(r["tenant_id"], r["text"]) for r in rows] == [("school-a", "mine"), ("school-a", "fine")]
+    assert await db.fetchval("SELECT count(*) FROM messages") == before + 2  # "fine" and its placeholder
+    assert await db.fetchval("SELECT count(*) FROM message_flags") == 0
