@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import operator
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -143,6 +144,15 @@ def _is_uuid(value: str) -> bool:
     except ValueError:
         return False
     return value.count("-") == 4
+
+
+def _canonical(conversation_id: str) -> str:
+    """The id as PostgreSQL prints it (lower case, hyphens): batches group questions by conversation on
+    the string, and the statements compare ids as uuids. `NotFoundError` for anything else."""
+    try:
+        return str(uuid.UUID(conversation_id))
+    except ValueError:
+        raise NotFoundError("conversation") from None
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -535,6 +545,7 @@ class Database:
         Questions submitted while another batch is being committed are committed together, in one statement
         and one commit (`_save_questions`); each returns as soon as its own batch is durable.
         """
+        conversation_id = _canonical(conversation_id)
         saved = await self._questions.submit(_Question(tenant_id, conversation_id, client_id, text, author_id, history))
         if saved is not None:
             return saved

@@ -209,3 +209,22 @@ async def test_a_guessed_conversation_of_another_tenant_or_student_is_never_writ
     assert [(r["tenant_id"], r["text"]) for r in rows] == [("school-a", "mine"), ("school-a", "fine")]
     assert await db.fetchval("SELECT count(*) FROM messages") == before + 2  # "fine" and its placeholder
     assert await db.fetchval("SELECT count(*) FROM message_flags") == 0
+
+
+async def test_a_conversation_id_in_capitals_is_the_same_conversation_in_a_batch(
+    database: Database, db: asyncpg.Connection
+) -> None:
+    """A batch puts a conversation's second question in the next statement; ids that differ only in case
+    (PostgreSQL compares them as uuids) are one conversation, so they do not share a statement."""
+    user, [conversation] = await _student(database)
+    first, second = await asyncio.gather(
+        database.save_question("school-a", conversation.id, "m-1", "first", user.id, history=10),
+        database.save_question("school-a", conversation.id.upper(), "m-2", "second", user.id, history=10),
+    )
+    assert (first.message.text, second.message.text) == ("first", "second")
+    assert first.reply is not None and second.reply is not None
+    assert (first.reply.reply_to, second.reply.reply_to) == (first.message.id, second.message.id)
+    assert second.history is not None and [m.id for m in second.history] == [first.message.id, first.reply.id]
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE role = 'assistant'") == 2
+    with pytest.raises(NotFoundError):
+        await database.save_question("school-a", "not-a-uuid", "m-3", "lost", user.id)
