@@ -185,6 +185,9 @@ POOL_SIZE = 64
 POOL_TIMEOUT_S = 10.0
 # The longest an emit or admit round trip may take (redis-py's default socket timeout, 5 s).
 DEFAULT_ROUND_TRIP_TIMEOUT_S = 5.0
+# A course's presence keys live this many presence ttls after their last announce or heartbeat: a replica
+# that crashed never takes its sessions off, and a course no teacher opens is never cleaned by `online`.
+PRESENCE_KEY_TTLS = 4
 
 
 def _client(url: str) -> Redis:
@@ -533,9 +536,12 @@ class RedisStore:
         """Mark a session online in its course until the ttl runs out (renewed by heartbeats); `event`, a
         (node, frame) course event for teachers on any replica, is published in the same round trip."""
         cluster = isinstance(self.client, RedisCluster)
+        zset, hash_ = self.keys.presence(tenant_id, course_id), self.keys.presence_info(tenant_id, course_id)
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.zadd(self.keys.presence(tenant_id, course_id), {session_id: now_ms() + ttl_ms})
-            pipe.hset(self.keys.presence_info(tenant_id, course_id), session_id, info)
+            pipe.zadd(zset, {session_id: now_ms() + ttl_ms})
+            pipe.hset(hash_, session_id, info)
+            pipe.pexpire(zset, ttl_ms * PRESENCE_KEY_TTLS)
+            pipe.pexpire(hash_, ttl_ms * PRESENCE_KEY_TTLS)
             if event is not None and not cluster:  # a cluster pipeline routes commands by key; PUBLISH has none
                 pipe.publish(self.keys.course_channel(tenant_id, course_id), _course_envelope(*event))
             await pipe.execute()
@@ -543,8 +549,9 @@ class RedisStore:
             await self.publish_course_event(tenant_id, course_id, *event)
 
     async def heartbeat(self, sessions: Sequence[tuple[str, str, str]], ttl_ms: int) -> None:
-        """Renew (tenant, course, session) presence entries in one round trip: one ZADD per course, since
-        building a command per session held the event loop for milliseconds with a thousand of them."""
+        """Renew (tenant, course, session) presence entries, and their course's keys, in one round trip: one
+        ZADD per course, since building a command per session held the event loop for milliseconds with a
+        thousand of them."""
         if not sessions:
             return
         expiry = now_ms() + ttl_ms
@@ -553,7 +560,10 @@ class RedisStore:
             courses.setdefault((tenant_id, course_id), {})[session_id] = expiry
         async with self.client.pipeline(transaction=False) as pipe:
             for (tenant_id, course_id), members in courses.items():
-                pipe.zadd(self.keys.presence(tenant_id, course_id), members, xx=True)
+                zset = self.keys.presence(tenant_id, course_id)
+                pipe.zadd(zset, members, xx=True)
+                pipe.pexpire(zset, ttl_ms * PRESENCE_KEY_TTLS)
+                pipe.pexpire(self.keys.presence_info(tenant_id, course_id), ttl_ms * PRESENCE_KEY_TTLS)
             await pipe.execute()
 
     async def depart(self, departures: Sequence[tuple[str, str, str, bytes]], node: str) -> None:

@@ -12,7 +12,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.settings import Settings
 from storage.keys import Keys
-from storage.redis_store import RedisStore, TokenAdjustment, connect_redis, now_ms, pack
+from storage.redis_store import (
+    PRESENCE_KEY_TTLS,
+    RedisStore,
+    TokenAdjustment,
+    connect_redis,
+    now_ms,
+    pack,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +44,17 @@ async def test_heartbeat_renews_known_sessions_per_course_and_adds_none(store: R
     geo = dict(await store.client.zrange(store.keys.presence("school-a", "geo-1"), 0, -1, withscores=True))
     assert set(alg) == {b"s1", b"s2"} and set(geo) == {b"s3"}  # "gone" was not announced: not added
     assert all(score >= before + 59_000 for score in (*alg.values(), *geo.values()))
+
+
+async def test_presence_keys_expire_unless_a_replica_renews_them(store: RedisStore) -> None:
+    """A crashed replica never takes its sessions off: the keys of a course no one renews must go."""
+    zset, info = store.keys.presence("school-a", "alg-1"), store.keys.presence_info("school-a", "alg-1")
+    await store.announce("school-a", "alg-1", "s1", b'{"session_id": "s1"}', ttl_ms=1000)
+    assert all(0 < ttl <= PRESENCE_KEY_TTLS * 1000 for ttl in (await store.client.pttl(zset),
+                                                              await store.client.pttl(info)))
+    await store.heartbeat([("school-a", "alg-1", "s1")], ttl_ms=60_000)
+    assert all(ttl > 1000 * PRESENCE_KEY_TTLS for ttl in (await store.client.pttl(zset),
+                                                         await store.client.pttl(info)))
 
 
 async def test_hold_and_release_a_conversation(store: RedisStore) -> None:
