@@ -35,6 +35,9 @@ from .turns import TokenBatcher, Turn, stream_answer
 log = logging.getLogger(__name__)
 
 LEASE_TTL_MS = 6000
+# An answer's lease is taken with its question's ack, milliseconds after its placeholder is committed: one
+# still without a lease after this long was never started.
+UNSTARTED_AFTER_S = 60.0
 
 SAFETY_MESSAGE = (
     "I can't help with that. Let's keep our conversation safe and about your learning. "
@@ -365,6 +368,15 @@ class Answers:
                 log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
                 course = (tenant_id, course_id) if course_id else None
                 await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course)
+
+    async def end_unstarted(self, older_than_s: float = UNSTARTED_AFTER_S) -> None:
+        """Answers committed but never started (the replica stopped before the ack, or a commit whose reply
+        was lost made the question look like a resend) hold no lease: they get an expired one, so that
+        `take_over_expired` ends them as interrupted, which the student can regenerate."""
+        found = await self.db.stale_placeholders(older_than_s)
+        members = [lease_member(*answer) for answer in found if answer[3] not in self._turns]
+        if given := await self.hub.store.lease_unleased(members):
+            log.warning("answers that never started will be ended", extra={"answers": given})
 
     @property
     def active(self) -> int:

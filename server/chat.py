@@ -374,6 +374,8 @@ class ChatService:
                 if tick % 2 == 0:
                     await self.answers.renew_leases()
                 await self.answers.take_over_expired()
+                if tick % 30 == 0:
+                    await self.answers.end_unstarted()
                 if tick % 5 == 0:
                     sessions = [(*s.presence, s.id) for s in self._sessions.values() if s.presence]
                     await self.hub.store.heartbeat(sessions, PRESENCE_TTL_MS)

@@ -9,7 +9,6 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -104,19 +103,21 @@ def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
 
 
 async def _each_alone_on_failure(
-    run: Callable[[list[T]], Awaitable[Sequence[R]]], items: list[T]
+    run: Callable[[list[T]], Awaitable[Sequence[R]]],
+    items: list[T],
+    alone: Callable[[list[T]], Awaitable[Sequence[R]]] | None = None,
 ) -> list[R | Exception]:
-    """`run` on the whole batch; if that fails, on each item alone, so one bad item fails by itself and
-    the others are still committed."""
+    """`run` on the whole batch; if that fails, `alone` (else `run`, then only for two items or more) on
+    each item by itself, so one bad item fails by itself and the others are still committed."""
     try:
         return list(await run(items))
     except Exception as exc:
-        if len(items) == 1:
+        if len(items) == 1 and alone is None:
             return [exc]
     results: list[R | Exception] = []
     for item in items:
         try:
-            [result] = await run([item])
+            [result] = await (alone or run)([item])
             results.append(result)
         except Exception as exc:
             results.append(exc)
@@ -335,9 +336,7 @@ class Database:
         self._questions: RoundTrips[_Question, SavedQuestion | None] = RoundTrips(
             self._save_questions, "question-commits", limit=COMMIT_BATCH
         )
-        self._replies: RoundTrips[_Reply, bool] = RoundTrips(
-            partial(_each_alone_on_failure, self._update_replies), "answer-commits", limit=COMMIT_BATCH
-        )
+        self._replies: RoundTrips[_Reply, bool] = RoundTrips(self._finish_replies, "answer-commits", limit=COMMIT_BATCH)
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations."""
@@ -804,6 +803,41 @@ class Database:
         return await self._replies.submit(
             _Reply(tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0))
         )
+
+    async def stale_placeholders(
+        self, older_than_s: float, limit: int = 500
+    ) -> list[tuple[str, str, str, int, str | None]]:
+        """Answers still streaming, of every tenant, whose placeholder is older than `older_than_s`, as
+        (tenant, user, conversation, reply id, course): for the sweep of answers that never started (the
+        leases they are checked against are not per tenant either). Read through the index of streaming
+        messages."""
+        rows = await self.pool.fetch(
+            "SELECT m.tenant_id, c.user_id::text, m.conversation_id::text, m.id, c.course_id FROM messages m"
+            " JOIN conversations c ON c.id = m.conversation_id AND c.tenant_id = m.tenant_id"
+            " WHERE m.status = 'streaming' AND m.created_at < now() - make_interval(secs => $1) LIMIT $2",
+            older_than_s,
+            limit,
+        )
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    async def _finish_replies(self, replies: list[_Reply]) -> list[bool | Exception]:
+        """`_update_replies` on the batch; if it fails, on each answer alone (`_update_reply_again`)."""
+        return await _each_alone_on_failure(self._update_replies, replies, self._update_reply_again)
+
+    async def _update_reply_again(self, replies: list[_Reply]) -> list[bool]:
+        """`_update_replies` on one answer after its batch failed. The failure may have come after the
+        batch's COMMIT (the connection dropped before the reply): then the answer is no longer streaming,
+        but in exactly the state being committed, and is reported committed (its `done` is sent)."""
+        [committed] = await self._update_replies(replies)
+        if committed:
+            return [True]
+        reply = replies[0]
+        same = await self.pool.fetchval(
+            "SELECT 1 FROM messages WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND text = $4"
+            " AND status = $5 AND seq = $6",
+            *reply.params()[:6],
+        )
+        return [same is not None]
 
     async def _update_replies(self, replies: list[_Reply]) -> list[bool]:
         """One statement (one round trip, one commit) for a batch of answers: each answer's row, its

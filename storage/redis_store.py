@@ -512,6 +512,14 @@ class RedisStore:
     async def release_lease(self, member: str) -> None:
         await self.client.zrem(self.keys.leases(), member)
 
+    async def lease_unleased(self, members: Sequence[str]) -> int:
+        """Give each of these answers that holds no lease an expired one (a lease held is left as it is), so
+        that `claim_expired_leases` hands it to one replica; how many were given one."""
+        if not members:
+            return 0
+        added = await self.client.zadd(self.keys.leases(), dict.fromkeys(members, 0), nx=True)
+        return int(added or 0)
+
     async def claim_expired_leases(self, limit: int = 50) -> list[str]:
         """Take over answers whose owner stopped renewing; each is returned to exactly one caller."""
         expired = await self.client.zrangebyscore(self.keys.leases(), "-inf", now_ms(), start=0, num=limit)

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -27,6 +27,9 @@ from server.app import create_app
 from server.auth import mint_token
 from server.embedded import EmbeddedServices
 from server.settings import Settings
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 TEST_SECRET = "test-secret-" + "x" * 60
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -271,6 +274,19 @@ async def seed_course(
         await Database(pool).upsert_course(tenant, course, title, description)
     finally:
         await pool.close()
+
+
+def commit_then_lose_the_reply(run: Callable[[list[T]], Awaitable[list[R]]]) -> Callable[[list[T]], Awaitable[list[R]]]:
+    """A batch statement (`run`) whose batches of two or more commit, then fail as if the connection had
+    dropped before PostgreSQL's reply arrived."""
+
+    async def lossy(items: list[T]) -> list[R]:
+        results = await run(items)
+        if len(items) > 1:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return results
+
+    return lossy
 
 
 def answer_text(frames: list[dict[str, Any]], reply_id: int) -> str:

@@ -14,6 +14,7 @@ from server.settings import Settings
 from storage.errors import NotFoundError
 from storage.models import Conversation, PastMessage, UsageRecord, User
 from storage.postgres import Database, connect_pool
+from tests.conftest import commit_then_lose_the_reply
 
 pytestmark = pytest.mark.integration
 
@@ -228,3 +229,26 @@ async def test_a_conversation_id_in_capitals_is_the_same_conversation_in_a_batch
     assert await db.fetchval("SELECT count(*) FROM messages WHERE role = 'assistant'") == 2
     with pytest.raises(NotFoundError):
         await database.save_question("school-a", "not-a-uuid", "m-3", "lost", user.id)
+
+
+async def test_answers_whose_batch_committed_but_whose_reply_was_lost_count_as_committed(
+    database: Database, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each answer is then tried alone and finds itself no longer streaming: it is in exactly the state
+    being committed, so it was this batch's own commit (True: its `done` is sent), not another replica's."""
+    user, conversations = await _student(database, conversations=3)
+    saved = await asyncio.gather(*(
+        database.save_question("school-a", c.id, "m-1", "?", user.id) for c in conversations
+    ))
+    replies = [s.reply.id for s in saved if s.reply]
+    assert await database.finish_reply("school-a", user.id, conversations[2].id, replies[2], "x", "stopped", 4, None)
+    monkeypatch.setattr(database, "_update_replies", commit_then_lose_the_reply(database._update_replies))
+    results = await asyncio.gather(*(
+        database.finish_reply("school-a", user.id, c.id, r, f"answer {n}", "complete", 3, USAGE)
+        for n, (c, r) in enumerate(zip(conversations, replies, strict=True))
+    ))
+    assert results == [True, True, False]  # the third had already ended, as another replica's takeover
+    rows = await db.fetch("SELECT text, status FROM messages WHERE id = any($1::bigint[]) ORDER BY id", replies)
+    assert [(r["text"], r["status"]) for r in rows] == [("answer 0", "complete"), ("answer 1", "complete"),
+                                                        ("x", "stopped")]
+    assert await db.fetchval("SELECT count(*) FROM ai_usage") == 2

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from server.app import drain
-from server.keys import CHAT, REDIS
-from tests.conftest import Serve, Server, answer_text, seed_course, token
+from server.keys import CHAT, DATABASE, REDIS
+from tests.conftest import Serve, Server, answer_text, commit_then_lose_the_reply, seed_course, token
 
 pytestmark = pytest.mark.integration
 
@@ -374,3 +374,30 @@ async def test_a_crowd_leaving_at_once_is_seen_by_the_teacher(serve: Serve) -> N
         "/api/courses/alg-1/live", headers={"Authorization": f"Bearer {token('teach-1', **TEACHER)}"}  # type: ignore[arg-type]
     )
     assert (await response.json())["students"] == []
+
+
+async def test_answers_committed_but_never_started_end_interrupted(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two questions committed together whose reply was lost are each retried alone, find their client id
+    taken and come back as resends: nothing starts their answers, which hold no lease. The sweep gives them
+    an expired one, and the takeover ends them (`done`, interrupted: the student can regenerate); an answer
+    being generated on another replica, under its lease, is left alone."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=40)
+    students = [await a.connect({"token": token(f"stu-{n}")}) for n in (1, 2)]
+    busy = await b.connect({"token": token("stu-3")})
+    await busy.send(type="message", id="b1", text="Explain long division")
+    await busy.expect("ack")
+    database = a.client.app[DATABASE]
+    monkeypatch.setattr(database, "_insert_questions", commit_then_lose_the_reply(database._insert_questions))
+    saved = await asyncio.gather(*(
+        database.save_question("school-a", s.frames[0]["conversation_id"], "q1", "Why?", s.frames[0]["user"]["id"])
+        for s in students
+    ))
+    assert all(not s.created and s.reply is not None and s.reply.status == "streaming" for s in saved)
+
+    await a.client.app[CHAT].answers.end_unstarted(older_than_s=0)
+    for student, question in zip(students, saved, strict=True):
+        done = (await student.until("done"))[-1]
+        assert question.reply is not None and (done["reply_id"], done["status"]) == (question.reply.id, "interrupted")
+    assert (await busy.until("done"))[-1]["status"] == "complete"
