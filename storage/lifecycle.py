@@ -106,9 +106,18 @@ async def find_tools(name: str, pg_bin: Path | None = None) -> list[PgTool]:
     return [tool for tool in tools if tool is not None]
 
 
+def closest_first(tools: Sequence[PgTool], server_major: int) -> list[PgTool]:
+    """The tools of the server's major version first, then newer ones from the closest, then older ones.
+
+    A newer client writes settings an older server does not know (pg_restore 18 sets `transaction_timeout`,
+    which PostgreSQL 15 refuses), so the server's own version is the safest choice, where there is one.
+    """
+    return sorted(tools, key=lambda tool: (tool.major < server_major, abs(tool.major - server_major)))
+
+
 def pick_dump_tool(tools: Sequence[PgTool], server_major: int, server_version: str) -> PgTool:
-    """The first pg_dump at least as new as the server: pg_dump refuses to dump a newer server."""
-    for tool in tools:
+    """The pg_dump closest to the server's version but not older: pg_dump refuses to dump a newer server."""
+    for tool in closest_first(tools, server_major):
         if tool.major >= server_major:
             return tool
     install = (
@@ -369,10 +378,11 @@ async def restore_database(
     started = time.monotonic()
     if not _is_archive(archive):
         raise LifecycleError(f"{archive} is not a custom-format backup (made by `smartedu backup` or pg_dump -Fc)")
-    tool, info = await _pick_restore_tool(await find_tools("pg_restore", pg_bin), archive)
+    tools = await find_tools("pg_restore", pg_bin)
     conn = await asyncpg.connect(dsn)
     try:
         server_major, server_version = await _server_version(conn)
+        tool, info = await _pick_restore_tool(closest_first(tools, server_major), archive)
         warnings: list[str] = []
         dumped_major = info.dumped_from.split(".")[0]
         if dumped_major.isdigit() and int(dumped_major) > server_major:

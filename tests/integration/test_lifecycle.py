@@ -28,6 +28,7 @@ from storage.lifecycle import (
     PgTool,
     RetentionRule,
     TenantRetention,
+    closest_first,
     libpq_target,
     pick_dump_tool,
     retention_rules,
@@ -211,11 +212,20 @@ def test_an_older_pg_dump_is_refused_with_a_clear_reason() -> None:
     old = PgTool("pg_dump", "/usr/bin/pg_dump", "15.20", 15, "PATH")
     new = PgTool("pg_dump", "/opt/pg/bin/pg_dump", "18.6", 18, "embedded PostgreSQL")
     assert pick_dump_tool([old, new], 16, "16.4") is new
-    assert pick_dump_tool([new, old], 15, "15.8") is new
+    # The server's own version first, wherever it is found: pg_dump 18's archive makes pg_restore set
+    # transaction_timeout, which PostgreSQL 15 refuses.
+    assert pick_dump_tool([new, old], 15, "15.8") is old
+    middle = PgTool("pg_dump", "/usr/lib/postgresql/17/bin/pg_dump", "17.2", 17, "PATH")
+    assert pick_dump_tool([new, old, middle], 16, "16.4") is middle
     with pytest.raises(Exception, match=r"runs PostgreSQL 18\.1.*pg_dump 15\.20.*postgresql-client-18"):
         pick_dump_tool([old], 18, "18.1")
     with pytest.raises(Exception, match="pg_dump was not found"):
         pick_dump_tool([], 16, "16.4")
+
+
+def test_restore_tools_are_tried_from_the_server_s_own_version() -> None:
+    tools = [PgTool("pg_restore", f"/pg{major}/pg_restore", f"{major}.1", major, "PATH") for major in (18, 14, 15, 16)]
+    assert [tool.major for tool in closest_first(tools, 15)] == [15, 16, 18, 14]
 
 
 def test_the_password_goes_to_the_environment_not_the_command_line() -> None:
