@@ -16,13 +16,13 @@ from typing import Any
 import orjson
 
 from ai.base import Provider
-from storage.models import Conversation, Course, Message, TenantSettings, User
+from storage.models import Conversation, Course, Message, PastMessage, TenantSettings, User
 from storage.postgres import Database
 from storage.roundtrips import RoundTrips
 
 from .answers import Answers, course_key, lease_member
 from .auth import Claims
-from .budgets import Budgets
+from .budgets import Budgets, Reservation
 from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
 from .metrics import Metrics
@@ -277,11 +277,31 @@ class ChatService:
             ack["seq"] = saved.message.seq
             await session.peer.send(encode(ack))
             return
+        await self._acknowledge(
+            session, joined, ack, saved.message, saved.reply, reservation, history=saved.history
+        )
+
+    async def _acknowledge(
+        self,
+        session: Session,
+        joined: Joined,
+        ack: dict[str, Any],
+        question: Message,
+        reply: Message | None,
+        reservation: Reservation | None,
+        *,
+        history: list[PastMessage] | None = None,
+        keep_seq: bool = True,
+    ) -> None:
+        """Emit a committed question's ack (taking its answer's lease in the same round trip), then start
+        the answer. `keep_seq`: the ack's seq is stored with the answer (one statement), so a resend gets
+        the same ack; a regenerated answer keeps the question's first ack."""
+        conversation = joined.conversation
         seq, leased = 0, False
         lease = None
-        if saved.reply is not None:
+        if reply is not None:
             lease = lease_member(
-                conversation.tenant_id, conversation.user_id, conversation.id, saved.reply.id, conversation.course_id
+                conversation.tenant_id, conversation.user_id, conversation.id, reply.id, conversation.course_id
             )
         try:
             [(seq, _)] = await self.hub.emit(
@@ -289,15 +309,14 @@ class ChatService:
                 lease=lease,
             )
             leased = lease is not None
-            if saved.reply is None:
-                await self.db.set_message_seq(claims.tenant, saved.message.id, seq)
+            if reply is None:
+                await self.db.set_message_seq(session.claims.tenant, question.id, seq)
         finally:
             # The question is committed: it gets its answer (or a final status) even if the ack failed.
-            # Its ack's seq is stored with the answer (one statement), so a resend gets the same ack.
-            if saved.reply is not None:
+            if reply is not None:
                 self.answers.start(
-                    conversation, joined.course, saved.message, saved.reply.id, session.tenant, reservation, seq,
-                    leased=leased, history=saved.history,
+                    conversation, joined.course, question, reply.id, session.tenant, reservation,
+                    seq if keep_seq else 0, leased=leased, history=history,
                 )
 
     async def cancel(self, session: Session, reply_id: int) -> None:
@@ -317,27 +336,52 @@ class ChatService:
             self.answers.stop(int(message.get("reply_id", 0)), str(message.get("tenant")), str(message.get("user")))
 
     async def regenerate(self, session: Session, reply_id: int) -> None:
-        """Answer a question again after its answer ended as interrupted, failed or stopped."""
-        message = await self.db.find_user_message(session.claims.tenant, session.user.id, reply_id)
+        """Answer a question again after its newest answer ended as interrupted, failed or stopped: admitted
+        like a message (rate limit, budgets), and not while a teacher has paused the AI."""
+        claims, ref = session.claims, str(reply_id)
+        if self._closing:
+            raise ChatError(ErrorCode.AI_UNAVAILABLE, "the server is restarting", ref, retry_after=1.0)
+        message = await self.db.find_user_message(claims.tenant, session.user.id, reply_id)
         if message is None or message.role != "assistant" or message.reply_to is None:
-            raise not_found("reply", ref=str(reply_id))
+            raise not_found("reply", ref=ref)
         if message.status in ("streaming", "complete"):
-            raise bad_request("only an interrupted, failed or stopped answer can be regenerated", str(reply_id))
-        joined = await self._joined(session, message.conversation_id)
-        question = await self.db.get_message(session.claims.tenant, message.conversation_id, message.reply_to)
-        assert question is not None
-        reply = await self.db.create_reply(session.claims.tenant, message.conversation_id, question.id)
+            raise bad_request("only an interrupted, failed or stopped answer can be regenerated", ref)
+        try:
+            joined = await self._joined(session, message.conversation_id)
+        except ChatError as exc:
+            exc.ref = ref
+            raise
+        # Read again: the paused flag (and the seq floor) may have changed since the socket joined.
+        conversation = await self.db.get_conversation(claims.tenant, session.user.id, message.conversation_id)
+        if conversation is None:
+            raise not_found("conversation", ref=ref)
+        joined.conversation = conversation
+        if conversation.ai_paused:
+            raise forbidden("your teacher has paused the tutor for this conversation", ref)
+        question = await self.db.get_message(claims.tenant, conversation.id, message.reply_to)
+        if question is None:
+            raise not_found("reply", ref=ref)
+        tenant = session.tenant or TenantSettings(claims.tenant)
+        reservation = await self.budgets.admit(tenant, session.user.id, question.text, ref)
+        try:
+            reply = await self.db.regenerate_reply(claims.tenant, conversation.id, question.id, reply_id)
+        except Exception:
+            await self.budgets.settle(reservation, 0, 0)
+            raise
+        if reply is None:
+            # Another regenerate (or a pause) got there first.
+            await self.budgets.settle(reservation, 0, 0)
+            raise bad_request("only the newest answer of a question, once ended, can be regenerated", ref)
         ack = {
             "type": "ack",
             "id": question.client_id,
             "message_id": question.id,
             "reply_id": reply.id,
-            "conversation_id": message.conversation_id,
+            "conversation_id": conversation.id,
             "text": question.text,
             "regenerated": True,
         }
-        await self.hub.emit(message.conversation_id, [encode(ack)], course=course_key(joined.conversation))
-        self.answers.start(joined.conversation, joined.course, question, reply.id, session.tenant)
+        await self._acknowledge(session, joined, ack, question, reply, reservation, keep_seq=False)
 
     async def history(self, session: Session, request: HistoryRequest) -> bytes:
         """A page of older messages of one of the user's conversations."""

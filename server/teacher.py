@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from storage.models import Conversation, Course
+from storage.models import Conversation, Course, TenantSettings
 from storage.postgres import Database
 
 from .answers import Answers, course_key
@@ -98,10 +98,19 @@ class Classroom:
         if frame.paused:
             return
         question = await self.db.unanswered_question(session.claims.tenant, conversation.id)
-        if question is not None:
+        if question is None:
+            return
+        # The answer is the student's: it is admitted against their rate limit and budgets, like a message.
+        budgets = self.answers.budgets
+        tenant = session.tenant or TenantSettings(session.claims.tenant)
+        reservation = await budgets.admit(tenant, conversation.user_id, question.text, conversation.id)
+        try:
             reply = await self.db.create_reply(session.claims.tenant, conversation.id, question.id)
-            course = await self._course_of(conversation)
-            self.answers.start(conversation, course, question, reply.id)
+        except Exception:
+            await budgets.settle(reservation, 0, 0)
+            raise
+        course = await self._course_of(conversation)
+        self.answers.start(conversation, course, question, reply.id, tenant, reservation)
 
     async def _course_of(self, conversation: Conversation) -> Course | None:
         if conversation.course_id is None:
