@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.errors import not_found
 from server.keys import CHAT, DATABASE, SETTINGS
 from server.protocol import HistoryRequest
 
@@ -39,10 +38,9 @@ async def list_messages(request: web.Request) -> web.Response:
     before = query_int(request, "before", None, 1, 2**62)
     limit = query_int(request, "limit", 20, 1, limit_max) or 20
     user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
-    conversation = await db.get_conversation(claims.tenant, user.id, request.match_info["conversation_id"])
-    if conversation is None:
-        raise not_found("conversation")
-    page = await request.app[CHAT].history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))
+    chat = request.app[CHAT]
+    conversation = await chat.user_conversation(claims, user.id, request.match_info["conversation_id"])
+    page = await chat.history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))
     page.pop("type")
     return web.json_response(page)
 

@@ -114,17 +114,12 @@ class ChatService:
         user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
         course: Course | None = None
         if conversation_id is not None:
-            conversation = await self.db.get_conversation(claims.tenant, user.id, conversation_id)
-            if conversation is None:
-                raise not_found("conversation")
-            if conversation.course_id is not None and not claims.may_use_course(conversation.course_id):
-                raise forbidden("this course is not in your token's courses")
+            conversation = await self.user_conversation(claims, user.id, conversation_id)
         else:
             if course_id is not None:
                 course = await self._course(claims, course_id)  # the conversation's course, read once
-            conversation = await self.db.latest_conversation(claims.tenant, user.id, course_id)
-            if conversation is None:
-                conversation = await self.db.create_conversation(claims.tenant, user.id, course_id)
+            latest = await self.db.latest_conversation(claims.tenant, user.id, course_id)
+            conversation = latest or await self.db.create_conversation(claims.tenant, user.id, course_id)
         session = Session(peer=peer, claims=claims, user=user, current=conversation.id)
         session.tenant = await self.db.get_tenant(claims.tenant)
         if course is None:
@@ -168,6 +163,15 @@ class ChatService:
         await self._announce(session, conversation)
         return session
 
+    async def user_conversation(self, claims: Claims, user_id: str, conversation_id: str) -> Conversation:
+        """The user's own conversation (else not_found), if the token may use its course (else forbidden)."""
+        conversation = await self.db.get_conversation(claims.tenant, user_id, conversation_id)
+        if conversation is None:
+            raise not_found("conversation")
+        if conversation.course_id is not None and not claims.may_use_course(conversation.course_id):
+            raise forbidden("this course is not in your token's courses")
+        return conversation
+
     async def _course(self, claims: Claims, course_id: str) -> Course:
         if not claims.may_use_course(course_id):
             raise forbidden("this course is not in your token's courses")
@@ -187,9 +191,7 @@ class ChatService:
         joined = session.joined.get(conversation_id)
         if joined is not None:
             return joined
-        conversation = await self.db.get_conversation(session.claims.tenant, session.user.id, conversation_id)
-        if conversation is None:
-            raise not_found("conversation")
+        conversation = await self.user_conversation(session.claims, session.user.id, conversation_id)
         joined = Joined(conversation, await self._course_of(conversation))
         session.joined[conversation.id] = joined
         await self.hub.join(conversation.id, session.peer)
@@ -344,13 +346,13 @@ class ChatService:
         message = await self.db.find_user_message(claims.tenant, session.user.id, reply_id)
         if message is None or message.role != "assistant" or message.reply_to is None:
             raise not_found("reply", ref=ref)
-        if message.status in ("streaming", "complete"):
-            raise bad_request("only an interrupted, failed or stopped answer can be regenerated", ref)
         try:
             joined = await self._joined(session, message.conversation_id)
         except ChatError as exc:
             exc.ref = ref
             raise
+        if message.status in ("streaming", "complete"):
+            raise bad_request("only an interrupted, failed or stopped answer can be regenerated", ref)
         # Read again: the paused flag (and the seq floor) may have changed since the socket joined.
         conversation = await self.db.get_conversation(claims.tenant, session.user.id, message.conversation_id)
         if conversation is None:
