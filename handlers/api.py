@@ -7,7 +7,7 @@ from aiohttp import web
 from server.keys import CHAT, DATABASE, SETTINGS
 from server.protocol import HistoryRequest
 
-from .common import query_int, require_claims
+from .common import path_param, query_int, require_claims
 
 
 async def list_conversations(request: web.Request) -> web.Response:
@@ -48,6 +48,6 @@ async def list_messages(request: web.Request) -> web.Response:
 async def live_course(request: web.Request) -> web.Response:
     """Students online in a course right now (teachers of the course, admins of the tenant)."""
     claims = await require_claims(request)
-    snapshot = await request.app[CHAT].classroom.live_snapshot(claims, request.match_info["course_id"])
+    snapshot = await request.app[CHAT].classroom.live_snapshot(claims, path_param(request, "course_id"))
     snapshot.pop("type")
     return web.json_response(snapshot)

@@ -26,7 +26,7 @@ from .budgets import Budgets, Reservation
 from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
 from .metrics import Metrics
-from .protocol import HistoryRequest, SendMessage, encode
+from .protocol import HistoryRequest, SendMessage, encode, is_uuid
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .teacher import Classroom
@@ -165,7 +165,9 @@ class ChatService:
 
     async def user_conversation(self, claims: Claims, user_id: str, conversation_id: str) -> Conversation:
         """The user's own conversation (else not_found), if the token may use its course (else forbidden)."""
-        conversation = await self.db.get_conversation(claims.tenant, user_id, conversation_id)
+        conversation = None
+        if is_uuid(conversation_id):  # a malformed id is simply not found, never a database error
+            conversation = await self.db.get_conversation(claims.tenant, user_id, conversation_id)
         if conversation is None:
             raise not_found("conversation")
         if conversation.course_id is not None and not claims.may_use_course(conversation.course_id):

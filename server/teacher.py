@@ -14,7 +14,7 @@ from .answers import Answers, course_key
 from .auth import Claims
 from .errors import forbidden, not_found
 from .hub import Hub
-from .protocol import Intervene, SetAI, encode
+from .protocol import Intervene, SetAI, encode, is_uuid
 
 if TYPE_CHECKING:
     from .chat import Session
@@ -61,7 +61,9 @@ class Classroom:
 
     async def teacher_conversation(self, claims: Claims, conversation_id: str) -> Conversation:
         """A conversation in a course the teacher may see (admins: any course of the tenant)."""
-        conversation = await self.db.tenant_conversation(claims.tenant, conversation_id)
+        conversation = None
+        if is_uuid(conversation_id):  # a malformed id is simply not found, never a database error
+            conversation = await self.db.tenant_conversation(claims.tenant, conversation_id)
         if conversation is None or conversation.course_id is None:
             raise not_found("conversation")
         await self.visible_course(claims, conversation.course_id)
