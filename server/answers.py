@@ -102,6 +102,7 @@ class Answers:
             question_seq=question_seq,
             leased=leased,
             history=history,
+            floor=conversation.last_seq,
         )
         self._turns[turn.reply_id] = turn
         turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
@@ -249,7 +250,7 @@ class Answers:
             "flag_id": flag_id,
             "kind": "safety_block",
         }
-        await self.hub.emit(turn.conversation_id, [encode(flag)], course=turn.course_key)
+        await self.hub.emit(turn.conversation_id, [encode(flag)], floor=turn.seq_floor, course=turn.course_key)
 
     async def _emit_token(self, turn: Turn, text: str, offset: int) -> None:
         frame = encode(
@@ -261,7 +262,7 @@ class Answers:
                 "text": text,
             }
         )
-        [(seq, _)] = await self.hub.emit(turn.conversation_id, [frame], course=turn.course_key)
+        [(seq, _)] = await self.hub.emit(turn.conversation_id, [frame], floor=turn.seq_floor, course=turn.course_key)
         turn.last_seq = seq
 
     async def _finish(
@@ -282,9 +283,12 @@ class Answers:
             )
         used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
         reservation, turn.reservation = turn.reservation, None
+        # The conversation's durable last seq becomes the `done`'s, which is emitted after the commit: the
+        # next seq after every one seen here (exactly the done's unless another frame comes in between).
+        done_seq = max(turn.seq_floor, self.hub.last_seq(turn.conversation_id)) + 1
         try:
             committed = await self.db.finish_reply(
-                turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq,
+                turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, done_seq,
                 record, question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
             )
         except BaseException:
@@ -297,8 +301,8 @@ class Answers:
             return  # another replica already ended it (its lease had expired)
         # The reservation is settled and the lease dropped in the `done`'s round trip.
         await self._emit_done(
-            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, release=_lease_member(turn),
-            adjust=self.budgets.adjustment(reservation, *used),
+            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, done_seq - 1,
+            release=_lease_member(turn), adjust=self.budgets.adjustment(reservation, *used),
         )
         turn.leased = False
         if failure is not None:
@@ -329,6 +333,7 @@ class Answers:
         length: int,
         record: UsageRecord | None,
         course: tuple[str, str] | None,
+        floor: int,
         release: str | None = None,
         adjust: TokenAdjustment | None = None,
     ) -> None:
@@ -343,7 +348,9 @@ class Answers:
                 "output_tokens": record.output_tokens if record else 0,
             },
         }
-        await self.hub.emit(conversation_id, [encode(done)], course=course, release=release, adjust=adjust)
+        await self.hub.emit(
+            conversation_id, [encode(done)], floor=floor, course=course, release=release, adjust=adjust
+        )
 
     async def renew_leases(self) -> None:
         """Keep the leases of this process's answers alive (every 2 s; they last 6 s)."""
@@ -358,13 +365,15 @@ class Answers:
                 continue  # ours after all (a slow renewal); the next renewal restores the lease
             snapshot = await self.hub.store.snapshot(conversation_id)
             text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
+            conversation = await self.db.tenant_conversation(tenant_id, conversation_id)
+            floor = max(snapshot.seq, conversation.last_seq if conversation else 0)
             committed = await self.db.finish_reply(
-                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", snapshot.seq, None
+                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
             )
             if committed:
                 log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
                 course = (tenant_id, course_id) if course_id else None
-                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course)
+                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
 
     @property
     def active(self) -> int:

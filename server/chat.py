@@ -132,7 +132,7 @@ class ChatService:
         history = await self.db.recent_messages(claims.tenant, conversation.id, limit + 1)
         has_more = len(history) > limit
         history = history[1:] if has_more else history
-        resumed = resume_from is not None and snapshot.covers(resume_from)
+        resumed = resume_from is not None and snapshot.covers(resume_from, conversation.last_seq)
         if resumed:
             assert resume_from is not None
             catch_up = [(s, f) for s, f in snapshot.entries if s > resume_from]
@@ -313,8 +313,8 @@ class ChatService:
                 lease=lease,
             )
             leased = lease is not None
-            if reply is None:
-                await self.db.set_message_seq(session.claims.tenant, question.id, seq)
+            if reply is None:  # paused: no answer's commit will record the ack's seq
+                await self.db.record_seq(session.claims.tenant, conversation.id, seq, question.id)
         finally:
             # The question is committed: it gets its answer (or a final status) even if the ack failed.
             if reply is not None:

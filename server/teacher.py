@@ -87,7 +87,10 @@ class Classroom:
             "text": message.text,
         }
         if created:
-            await self.hub.emit(conversation.id, [encode(body)], course=course_key(conversation))
+            [(seq, _)] = await self.hub.emit(
+                conversation.id, [encode(body)], floor=conversation.last_seq, course=course_key(conversation)
+            )
+            await self.db.record_seq(session.claims.tenant, conversation.id, seq, message.id)
         else:
             await session.peer.send(encode({**body, "seq": message.seq}))
 
@@ -96,7 +99,10 @@ class Classroom:
         conversation = await self._teacher_conversation(session, frame.conversation_id)
         await self.db.set_ai_paused(session.claims.tenant, conversation.id, frame.paused)
         state = {"type": "ai_state", "conversation_id": conversation.id, "paused": frame.paused}
-        await self.hub.emit(conversation.id, [encode(state)], course=course_key(conversation))
+        [(seq, _)] = await self.hub.emit(
+            conversation.id, [encode(state)], floor=conversation.last_seq, course=course_key(conversation)
+        )
+        await self.db.record_seq(session.claims.tenant, conversation.id, seq)
         if frame.paused:
             return
         question = await self.db.unanswered_question(session.claims.tenant, conversation.id)

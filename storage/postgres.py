@@ -765,6 +765,19 @@ class Database:
         done = {row[0] for row in rows}
         return [r.reply_id in done for r in replies]
 
+    async def record_seq(self, tenant_id: str, conversation_id: str, seq: int, message_id: int | None = None) -> None:
+        """Raise the conversation's last seq to `seq`, a frame no answer's commit records (a teacher's message,
+        a pause, a question's ack while paused), and with `message_id` keep it as that message's seq (a
+        resend gets it back); one statement."""
+        await self.pool.execute(
+            "WITH m AS (UPDATE messages SET seq = $3 WHERE id = $4 AND tenant_id = $1 AND conversation_id = $2)"
+            " UPDATE conversations SET last_seq = GREATEST(last_seq, $3) WHERE id = $2 AND tenant_id = $1",
+            tenant_id,
+            conversation_id,
+            seq,
+            message_id,
+        )
+
     # -- answers started again: regenerate, and a teacher resuming the AI -----------------------
 
     async def regenerate_reply(
