@@ -125,11 +125,26 @@ class ChatService:
         if course is None:
             course = await self._course_of(conversation)
         session.joined[conversation.id] = Joined(conversation, course)
+        try:
+            await self._welcome(session, conversation, course, resume_from)
+        except BaseException:
+            # Nothing of a failed hello stays (hub membership, presence): the socket may say hello again.
+            await self.close_session(session)
+            raise
+        self._sessions[session.id] = session
+        return session
+
+    async def _welcome(
+        self, session: Session, conversation: Conversation, course: Course | None, resume_from: int | None
+    ) -> None:
+        """Join the conversation, announce the student, then send `welcome` and the catch-up: the welcome
+        goes only once every step that can fail has succeeded."""
+        peer, user = session.peer, session.user
         # Subscribed and buffering before the snapshot: nothing published after it can be missed.
         member = await self.hub.join(conversation.id, peer, buffering=True)
         snapshot = await self.hub.store.snapshot(conversation.id)
         limit = self.settings.history_messages
-        history = await self.db.recent_messages(claims.tenant, conversation.id, limit + 1)
+        history = await self.db.recent_messages(session.claims.tenant, conversation.id, limit + 1)
         has_more = len(history) > limit
         history = history[1:] if has_more else history
         resumed = resume_from is not None and snapshot.covers(resume_from, conversation.last_seq)
@@ -140,6 +155,7 @@ class ChatService:
             # Answers still streaming: their tokens so far, so the client can show them.
             streaming = {m.id for m in history if m.status == "streaming"}
             catch_up = [(s, f) for s, f in snapshot.entries if _reply_of(f) in streaming]
+        await self._announce(session, conversation)
         welcome: dict[str, Any] = {
             "type": "welcome",
             "session_id": session.id,
@@ -159,9 +175,6 @@ class ChatService:
             self.metrics.replayed.inc(len(catch_up))
         await peer.send(encode(welcome))
         await self.hub.catch_up(member, catch_up, snapshot.seq)
-        self._sessions[session.id] = session
-        await self._announce(session, conversation)
-        return session
 
     async def user_conversation(self, claims: Claims, user_id: str, conversation_id: str) -> Conversation:
         """The user's own conversation (else not_found), if the token may use its course (else forbidden)."""
