@@ -290,13 +290,26 @@ class ChatService:
             "text": saved.message.text,
         }
         if not saved.created:
-            # A resend: the same ack again, to this socket only, and no second answer.
-            ack["seq"] = saved.message.seq
+            # A resend: the same ack again, to this socket only, and no second answer. The ack's seq is
+            # committed with the answer; until then it is read back from the log (resends are rare, and
+            # storing it right after the ack would cost every turn a write).
+            seq = saved.message.seq or await self._logged_ack_seq(conversation.id, saved.message.id)
+            ack["seq"] = seq
             await session.peer.send(encode(ack))
             return
         await self._acknowledge(
             session, joined, ack, saved.message, saved.reply, reservation, history=saved.history
         )
+
+    async def _logged_ack_seq(self, conversation_id: str, message_id: int) -> int:
+        """The seq of a question's first ack, from the conversation's log (0 when it is not there)."""
+        snapshot = await self.hub.store.snapshot(conversation_id)
+        for seq, frame in snapshot.entries:
+            if frame.startswith(b'{"type":"ack"'):
+                data = orjson.loads(frame)
+                if data.get("message_id") == message_id and not data.get("regenerated"):
+                    return seq
+        return 0
 
     async def _acknowledge(
         self,
