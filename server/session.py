@@ -92,7 +92,7 @@ class SocketSession:
         """Handle one text frame; every failure becomes an `error` frame (or a close for bad auth)."""
         frame: ClientFrame | None = None
         try:
-            if len(data) > self.settings.max_frame_bytes:
+            if _too_large(data, self.settings.max_frame_bytes):
                 raise ChatError(ErrorCode.TOO_LARGE, f"frame larger than {self.settings.max_frame_bytes} bytes")
             frame = parse_client_frame(
                 data,
@@ -171,6 +171,15 @@ class SocketSession:
 
     def hello_timed_out(self) -> None:
         self.metrics.hellos.labels(outcome="timeout").inc()
+
+
+def _too_large(data: str, limit: int) -> bool:
+    """Whether the frame is over `limit` bytes of UTF-8 (as it came over the wire); only a frame that may
+    be (over a quarter of the limit in characters, at most 4 bytes each) is encoded to count them."""
+    chars = len(data)
+    if chars * 4 <= limit:
+        return False
+    return chars > limit or len(data.encode("utf-8", "surrogatepass")) > limit
 
 
 async def _referenced(frame: ClientFrame, action: Awaitable[None]) -> None:
