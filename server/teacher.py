@@ -113,10 +113,14 @@ class Classroom:
         tenant = session.tenant or TenantSettings(session.claims.tenant)
         reservation = await budgets.admit(tenant, conversation.user_id, question.text, conversation.id)
         try:
-            reply = await self.db.create_reply(session.claims.tenant, conversation.id, question.id)
+            # Only if it is still waiting: another teacher may be resuming at the same moment.
+            reply = await self.db.answer_waiting_question(session.claims.tenant, conversation.id, question.id)
         except Exception:
             await budgets.settle(reservation, 0, 0)
             raise
+        if reply is None:
+            await budgets.settle(reservation, 0, 0)
+            return
         course = await self._course_of(conversation)
         self.answers.start(conversation, course, question, reply.id, tenant, reservation)
 

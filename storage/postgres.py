@@ -314,6 +314,11 @@ _REGENERATE = _REPLY_IF.format(
     " AND m.reply_to = $3 AND m.status IN ('stopped', 'failed', 'interrupted'))"
     " AND NOT EXISTS (SELECT 1 FROM messages n WHERE n.reply_to = $3 AND n.id > $4)"
 )
+# A teacher's resume: $3 is still the conversation's newest message, a student's.
+_ANSWER_WAITING = _REPLY_IF.format(
+    condition="(SELECT id FROM messages WHERE conversation_id = $2 ORDER BY id DESC LIMIT 1) = $3"
+    " AND EXISTS (SELECT 1 FROM messages WHERE id = $3 AND tenant_id = $1 AND role = 'user')"
+)
 _UPSERT_USER = (
     "WITH tenant AS (INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING)"
     " INSERT INTO users (tenant_id, external_id, role, display_name) VALUES ($1, $2, $3, $4)"
@@ -786,6 +791,11 @@ class Database:
         """A new answer placeholder for the question in place of `reply_id`, if the AI is not paused and
         `reply_id` is still the question's newest answer and ended stopped, failed or interrupted; else None."""
         return await self._reply_if(_REGENERATE, tenant_id, conversation_id, question_id, reply_id)
+
+    async def answer_waiting_question(self, tenant_id: str, conversation_id: str, question_id: int) -> Message | None:
+        """An answer placeholder for the question if the AI is not paused and the question is still the
+        conversation's newest message (two teachers resuming at once: one answer); else None."""
+        return await self._reply_if(_ANSWER_WAITING, tenant_id, conversation_id, question_id)
 
     async def _reply_if(self, statement: str, tenant_id: str, conversation_id: str, *args: Any) -> Message | None:
         """`statement` (an answer placeholder made only while its condition holds) with the conversation's

@@ -3,6 +3,7 @@ only a question's newest answer, once it has ended, can be regenerated (once).""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -114,3 +115,21 @@ async def test_regenerate_is_refused_by_the_daily_budget(serve: Serve, db: async
     error = await sock.expect("error")
     assert error["code"] == "quota_exceeded" and error["ref"] == str(ack["reply_id"])
     assert await db.fetchval("SELECT count(*) FROM messages WHERE role = 'assistant'") == 1
+
+
+
+async def test_regenerates_at_once_from_two_tabs_start_one_answer(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve(offline_tokens_per_s=200)
+    tab1 = await server.connect({"token": token()})
+    tab2 = await server.connect({"token": token(), "conversation_id": tab1.frames[0]["conversation_id"]})
+    ack = await _stopped_answer(tab1, "t1", "Tell me about circles")
+    await tab2.until("done")
+    await asyncio.gather(*(t.send(type="regenerate", reply_id=ack["reply_id"]) for t in (tab1, tab2)))
+    seen = []
+    for tab in (tab1, tab2):
+        seen += await tab.until("done")  # the one new answer
+        await tab.send(type="ping")
+        seen += await tab.until("pong")
+    assert sum(f["type"] == "error" and f["code"] == "bad_request" for f in seen) == 1
+    assert {f["reply_id"] for f in seen if f["type"] == "ack"} == {ack["reply_id"] + 1}
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE reply_to = $1", ack["message_id"]) == 2
