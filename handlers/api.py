@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.errors import not_found
 from server.keys import CHAT, DATABASE, SETTINGS
 from server.protocol import HistoryRequest
 
-from .common import query_int, require_claims
+from .common import path_param, query_int, require_claims
 
 
 async def list_conversations(request: web.Request) -> web.Response:
@@ -39,10 +38,9 @@ async def list_messages(request: web.Request) -> web.Response:
     before = query_int(request, "before", None, 1, 2**62)
     limit = query_int(request, "limit", 20, 1, limit_max) or 20
     user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
-    conversation = await db.get_conversation(claims.tenant, user.id, request.match_info["conversation_id"])
-    if conversation is None:
-        raise not_found("conversation")
-    page = await request.app[CHAT].history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))
+    chat = request.app[CHAT]
+    conversation = await chat.user_conversation(claims, user.id, request.match_info["conversation_id"])
+    page = await chat.history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))
     page.pop("type")
     return web.json_response(page)
 
@@ -50,6 +48,6 @@ async def list_messages(request: web.Request) -> web.Response:
 async def live_course(request: web.Request) -> web.Response:
     """Students online in a course right now (teachers of the course, admins of the tenant)."""
     claims = await require_claims(request)
-    snapshot = await request.app[CHAT].classroom.live_snapshot(claims, request.match_info["course_id"])
+    snapshot = await request.app[CHAT].classroom.live_snapshot(claims, path_param(request, "course_id"))
     snapshot.pop("type")
     return web.json_response(snapshot)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from aiohttp import web
 
 from server.auth import Claims
@@ -38,3 +41,22 @@ def query_int(request: web.Request, name: str, default: int | None, minimum: int
     if not minimum <= value <= maximum:
         raise bad_request(f"query parameter '{name}' must be between {minimum} and {maximum}")
     return value
+
+
+def no_nul(value: str, what: str) -> str:
+    """The value, unless it holds a NUL character (PostgreSQL cannot store one): a bad request."""
+    if "\x00" in value:
+        raise bad_request(f"{what} must not contain NUL (\\u0000)")
+    return value
+
+
+def path_param(request: web.Request, name: str) -> str:
+    return no_nul(request.match_info[name], f"'{name}'")
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's JSON body; anything else (invalid JSON or UTF-8) is a bad request."""
+    try:
+        return orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise bad_request("body is not valid JSON") from None

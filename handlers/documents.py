@@ -4,28 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from server.errors import ChatError, ErrorCode, bad_request
 from server.keys import CHAT
 
-from .common import require_claims
+from .common import json_body, no_nul, path_param, require_claims
 
 MAX_DOCUMENT_CHARS = 200_000
 
 
 async def _document_from(request: web.Request) -> tuple[str, str]:
     if request.content_type == "application/json":
-        try:
-            data: Any = orjson.loads(await request.read())
-        except orjson.JSONDecodeError:
-            raise bad_request("body is not valid JSON") from None
+        data: Any = await json_body(request)
         if not isinstance(data, dict):
             raise bad_request("body must be a JSON object with 'name' and 'body'")
         name, body = data.get("name"), data.get("body")
     elif request.content_type in ("text/plain", "text/markdown"):
-        name, body = request.query.get("name"), await request.text()
+        try:
+            name, body = request.query.get("name"), await request.text()
+        except (UnicodeDecodeError, LookupError):
+            raise bad_request("body is not text in its declared charset (UTF-8 when none is given)") from None
     else:
         raise bad_request("send application/json {name, body}, or text/plain or text/markdown with ?name=")
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
@@ -34,13 +33,13 @@ async def _document_from(request: web.Request) -> tuple[str, str]:
         raise bad_request("'body' must be non-empty text")
     if len(body) > MAX_DOCUMENT_CHARS:
         raise ChatError(ErrorCode.TOO_LARGE, f"documents are limited to {MAX_DOCUMENT_CHARS} characters")
-    return name.strip(), body
+    return no_nul(name, "'name'").strip(), no_nul(body, "'body'")
 
 
 async def add_document(request: web.Request) -> web.Response:
     claims = await require_claims(request)
     chat = request.app[CHAT]
-    course = await chat.classroom.visible_course(claims, request.match_info["course_id"])
+    course = await chat.classroom.visible_course(claims, path_param(request, "course_id"))
     name, body = await _document_from(request)
     document = await chat.answers.documents.add(claims.tenant, course.id, name, body)
     return web.json_response(
@@ -53,7 +52,7 @@ async def add_document(request: web.Request) -> web.Response:
 async def list_documents(request: web.Request) -> web.Response:
     claims = await require_claims(request)
     chat = request.app[CHAT]
-    course = await chat.classroom.visible_course(claims, request.match_info["course_id"])
+    course = await chat.classroom.visible_course(claims, path_param(request, "course_id"))
     documents = await chat.answers.documents.list_documents(claims.tenant, course.id)
     return web.json_response(
         {"documents": [{"id": d.id, "name": d.name, "chars": d.chars, "passages": d.passages} for d in documents]}

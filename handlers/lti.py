@@ -9,6 +9,8 @@ from aiohttp import web
 from server.keys import DATABASE, LTI_KEYS, SETTINGS
 from server.lti import Launch, LtiService
 
+from .common import no_nul
+
 _PLACEHOLDER = 'data-lti-target="" data-lti-window="same"'
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; base-uri 'none';"
@@ -27,7 +29,7 @@ def _base_url(request: web.Request) -> str:
 
 async def _params(request: web.Request) -> dict[str, str]:
     source = await request.post() if request.method == "POST" else request.query
-    return {name: value for name, value in source.items() if isinstance(value, str)}
+    return {name: no_nul(value, f"'{name}'") for name, value in source.items() if isinstance(value, str)}
 
 
 async def login(request: web.Request) -> web.Response:

@@ -36,7 +36,7 @@ async def embed_page(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     origins = [o for o in settings.allowed_origins if o != "*"]
     tenant_id = request.query.get("tenant", "")
-    if tenant_id and len(tenant_id) <= 100:
+    if tenant_id and len(tenant_id) <= 100 and "\x00" not in tenant_id:
         tenant = await request.app[DATABASE].get_tenant(tenant_id)
         origins += [o for o in tenant.allowed_origins if o not in origins]
     ancestors = " ".join(origins) if origins else "'none'"

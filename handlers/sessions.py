@@ -9,13 +9,13 @@ from server.errors import unauthorized
 from server.keys import SETTINGS, VERIFIER
 from server.websession import end_session, session_claims, start_session
 
-from .common import bearer_token
+from .common import bearer_token, json_body
 
 
 async def create_session(request: web.Request) -> web.Response:
     token = bearer_token(request)
     if token is None and request.can_read_body and request.content_type == "application/json":
-        body = await request.json()
+        body = await json_body(request)
         token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str):
         raise unauthorized("send the JWT as Authorization: Bearer or JSON {\"token\": ...}")

@@ -105,6 +105,7 @@ class Answers:
             question_seq=question_seq,
             leased=leased,
             history=history,
+            floor=conversation.last_seq,
         )
         self._turns[turn.reply_id] = turn
         turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
@@ -252,7 +253,7 @@ class Answers:
             "flag_id": flag_id,
             "kind": "safety_block",
         }
-        await self.hub.emit(turn.conversation_id, [encode(flag)], course=turn.course_key)
+        await self.hub.emit(turn.conversation_id, [encode(flag)], floor=turn.seq_floor, course=turn.course_key)
 
     async def _emit_token(self, turn: Turn, text: str, offset: int) -> None:
         frame = encode(
@@ -264,7 +265,7 @@ class Answers:
                 "text": text,
             }
         )
-        [(seq, _)] = await self.hub.emit(turn.conversation_id, [frame], course=turn.course_key)
+        [(seq, _)] = await self.hub.emit(turn.conversation_id, [frame], floor=turn.seq_floor, course=turn.course_key)
         turn.last_seq = seq
 
     async def _finish(
@@ -285,9 +286,12 @@ class Answers:
             )
         used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
         reservation, turn.reservation = turn.reservation, None
+        # The conversation's durable last seq becomes the `done`'s, which is emitted after the commit: the
+        # next seq after every one seen here (exactly the done's unless another frame comes in between).
+        done_seq = max(turn.seq_floor, self.hub.last_seq(turn.conversation_id)) + 1
         try:
             committed = await self.db.finish_reply(
-                turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, turn.last_seq,
+                turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, done_seq,
                 record, question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
             )
         except BaseException:
@@ -300,8 +304,8 @@ class Answers:
             return  # another replica already ended it (its lease had expired)
         # The reservation is settled and the lease dropped in the `done`'s round trip.
         await self._emit_done(
-            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, release=_lease_member(turn),
-            adjust=self.budgets.adjustment(reservation, *used),
+            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, done_seq - 1,
+            release=_lease_member(turn), adjust=self.budgets.adjustment(reservation, *used),
         )
         turn.leased = False
         if failure is not None:
@@ -332,6 +336,7 @@ class Answers:
         length: int,
         record: UsageRecord | None,
         course: tuple[str, str] | None,
+        floor: int,
         release: str | None = None,
         adjust: TokenAdjustment | None = None,
     ) -> None:
@@ -346,7 +351,9 @@ class Answers:
                 "output_tokens": record.output_tokens if record else 0,
             },
         }
-        await self.hub.emit(conversation_id, [encode(done)], course=course, release=release, adjust=adjust)
+        await self.hub.emit(
+            conversation_id, [encode(done)], floor=floor, course=course, release=release, adjust=adjust
+        )
 
     async def renew_leases(self) -> None:
         """Keep the leases of this process's answers alive (every 2 s; they last 6 s)."""
@@ -361,13 +368,15 @@ class Answers:
                 continue  # ours after all (a slow renewal); the next renewal restores the lease
             snapshot = await self.hub.store.snapshot(conversation_id)
             text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
+            conversation = await self.db.tenant_conversation(tenant_id, conversation_id)
+            floor = max(snapshot.seq, conversation.last_seq if conversation else 0)
             committed = await self.db.finish_reply(
-                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", snapshot.seq, None
+                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
             )
             if committed:
                 log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
                 course = (tenant_id, course_id) if course_id else None
-                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course)
+                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
 
     async def end_unstarted(self, older_than_s: float = UNSTARTED_AFTER_S) -> None:
         """Answers committed but never started (the replica stopped before the ack, or a commit whose reply

@@ -17,17 +17,17 @@ import orjson
 
 from ai.base import Provider
 from storage.errors import ClientIdTakenError
-from storage.models import Conversation, Course, Message, TenantSettings, User
+from storage.models import Conversation, Course, Message, PastMessage, TenantSettings, User
 from storage.postgres import Database
 from storage.roundtrips import RoundTrips
 
 from .answers import Answers, course_key, lease_member
 from .auth import Claims
-from .budgets import Budgets
+from .budgets import Budgets, Reservation
 from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
 from .metrics import Metrics
-from .protocol import HistoryRequest, SendMessage, encode
+from .protocol import HistoryRequest, SendMessage, encode, is_uuid
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .teacher import Classroom
@@ -115,30 +115,40 @@ class ChatService:
         user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
         course: Course | None = None
         if conversation_id is not None:
-            conversation = await self.db.get_conversation(claims.tenant, user.id, conversation_id)
-            if conversation is None:
-                raise not_found("conversation")
-            if conversation.course_id is not None and not claims.may_use_course(conversation.course_id):
-                raise forbidden("this course is not in your token's courses")
+            conversation = await self.user_conversation(claims, user.id, conversation_id)
         else:
             if course_id is not None:
                 course = await self._course(claims, course_id)  # the conversation's course, read once
-            conversation = await self.db.latest_conversation(claims.tenant, user.id, course_id)
-            if conversation is None:
-                conversation = await self.db.create_conversation(claims.tenant, user.id, course_id)
+            latest = await self.db.latest_conversation(claims.tenant, user.id, course_id)
+            conversation = latest or await self.db.create_conversation(claims.tenant, user.id, course_id)
         session = Session(peer=peer, claims=claims, user=user, current=conversation.id)
         session.tenant = await self.db.get_tenant(claims.tenant)
         if course is None:
             course = await self._course_of(conversation)
         session.joined[conversation.id] = Joined(conversation, course)
+        try:
+            await self._welcome(session, conversation, course, resume_from)
+        except BaseException:
+            # Nothing of a failed hello stays (hub membership, presence): the socket may say hello again.
+            await self.close_session(session)
+            raise
+        self._sessions[session.id] = session
+        return session
+
+    async def _welcome(
+        self, session: Session, conversation: Conversation, course: Course | None, resume_from: int | None
+    ) -> None:
+        """Join the conversation, announce the student, then send `welcome` and the catch-up: the welcome
+        goes only once every step that can fail has succeeded."""
+        peer, user = session.peer, session.user
         # Subscribed and buffering before the snapshot: nothing published after it can be missed.
         member = await self.hub.join(conversation.id, peer, buffering=True)
         snapshot = await self.hub.store.snapshot(conversation.id)
         limit = self.settings.history_messages
-        history = await self.db.recent_messages(claims.tenant, conversation.id, limit + 1)
+        history = await self.db.recent_messages(session.claims.tenant, conversation.id, limit + 1)
         has_more = len(history) > limit
         history = history[1:] if has_more else history
-        resumed = resume_from is not None and snapshot.covers(resume_from)
+        resumed = resume_from is not None and snapshot.covers(resume_from, conversation.last_seq)
         if resumed:
             assert resume_from is not None
             catch_up = [(s, f) for s, f in snapshot.entries if s > resume_from]
@@ -146,6 +156,7 @@ class ChatService:
             # Answers still streaming: their tokens so far, so the client can show them.
             streaming = {m.id for m in history if m.status == "streaming"}
             catch_up = [(s, f) for s, f in snapshot.entries if _reply_of(f) in streaming]
+        await self._announce(session, conversation)
         welcome: dict[str, Any] = {
             "type": "welcome",
             "session_id": session.id,
@@ -165,9 +176,17 @@ class ChatService:
             self.metrics.replayed.inc(len(catch_up))
         await peer.send(encode(welcome))
         await self.hub.catch_up(member, catch_up, snapshot.seq)
-        self._sessions[session.id] = session
-        await self._announce(session, conversation)
-        return session
+
+    async def user_conversation(self, claims: Claims, user_id: str, conversation_id: str) -> Conversation:
+        """The user's own conversation (else not_found), if the token may use its course (else forbidden)."""
+        conversation = None
+        if is_uuid(conversation_id):  # a malformed id is simply not found, never a database error
+            conversation = await self.db.get_conversation(claims.tenant, user_id, conversation_id)
+        if conversation is None:
+            raise not_found("conversation")
+        if conversation.course_id is not None and not claims.may_use_course(conversation.course_id):
+            raise forbidden("this course is not in your token's courses")
+        return conversation
 
     async def _course(self, claims: Claims, course_id: str) -> Course:
         if not claims.may_use_course(course_id):
@@ -188,9 +207,7 @@ class ChatService:
         joined = session.joined.get(conversation_id)
         if joined is not None:
             return joined
-        conversation = await self.db.get_conversation(session.claims.tenant, session.user.id, conversation_id)
-        if conversation is None:
-            raise not_found("conversation")
+        conversation = await self.user_conversation(session.claims, session.user.id, conversation_id)
         joined = Joined(conversation, await self._course_of(conversation))
         session.joined[conversation.id] = joined
         await self.hub.join(conversation.id, session.peer)
@@ -276,15 +293,48 @@ class ChatService:
             "text": saved.message.text,
         }
         if not saved.created:
-            # A resend: the same ack again, to this socket only, and no second answer.
-            ack["seq"] = saved.message.seq
+            # A resend: the same ack again, to this socket only, and no second answer. The ack's seq is
+            # committed with the answer; until then it is read back from the log (resends are rare, and
+            # storing it right after the ack would cost every turn a write).
+            seq = saved.message.seq or await self._logged_ack_seq(conversation.id, saved.message.id)
+            ack["seq"] = seq
             await session.peer.send(encode(ack))
             return
+        await self._acknowledge(
+            session, joined, ack, saved.message, saved.reply, reservation, history=saved.history
+        )
+
+    async def _logged_ack_seq(self, conversation_id: str, message_id: int) -> int:
+        """The seq of a question's first ack, from the conversation's log (0 when it is not there)."""
+        snapshot = await self.hub.store.snapshot(conversation_id)
+        for seq, frame in snapshot.entries:
+            if frame.startswith(b'{"type":"ack"'):
+                data = orjson.loads(frame)
+                if data.get("message_id") == message_id and not data.get("regenerated"):
+                    return seq
+        return 0
+
+    async def _acknowledge(
+        self,
+        session: Session,
+        joined: Joined,
+        ack: dict[str, Any],
+        question: Message,
+        reply: Message | None,
+        reservation: Reservation | None,
+        *,
+        history: list[PastMessage] | None = None,
+        keep_seq: bool = True,
+    ) -> None:
+        """Emit a committed question's ack (taking its answer's lease in the same round trip), then start
+        the answer. `keep_seq`: the ack's seq is stored with the answer (one statement), so a resend gets
+        the same ack; a regenerated answer keeps the question's first ack."""
+        conversation = joined.conversation
         seq, leased = 0, False
         lease = None
-        if saved.reply is not None:
+        if reply is not None:
             lease = lease_member(
-                conversation.tenant_id, conversation.user_id, conversation.id, saved.reply.id, conversation.course_id
+                conversation.tenant_id, conversation.user_id, conversation.id, reply.id, conversation.course_id
             )
         try:
             [(seq, _)] = await self.hub.emit(
@@ -292,15 +342,14 @@ class ChatService:
                 lease=lease,
             )
             leased = lease is not None
-            if saved.reply is None:
-                await self.db.set_message_seq(claims.tenant, saved.message.id, seq)
+            if reply is None:  # paused: no answer's commit will record the ack's seq
+                await self.db.record_seq(session.claims.tenant, conversation.id, seq, question.id)
         finally:
             # The question is committed: it gets its answer (or a final status) even if the ack failed.
-            # Its ack's seq is stored with the answer (one statement), so a resend gets the same ack.
-            if saved.reply is not None:
+            if reply is not None:
                 self.answers.start(
-                    conversation, joined.course, saved.message, saved.reply.id, session.tenant, reservation, seq,
-                    leased=leased, history=saved.history,
+                    conversation, joined.course, question, reply.id, session.tenant, reservation,
+                    seq if keep_seq else 0, leased=leased, history=history,
                 )
 
     async def cancel(self, session: Session, reply_id: int) -> None:
@@ -320,27 +369,52 @@ class ChatService:
             self.answers.stop(int(message.get("reply_id", 0)), str(message.get("tenant")), str(message.get("user")))
 
     async def regenerate(self, session: Session, reply_id: int) -> None:
-        """Answer a question again after its answer ended as interrupted, failed or stopped."""
-        message = await self.db.find_user_message(session.claims.tenant, session.user.id, reply_id)
+        """Answer a question again after its newest answer ended as interrupted, failed or stopped: admitted
+        like a message (rate limit, budgets), and not while a teacher has paused the AI."""
+        claims, ref = session.claims, str(reply_id)
+        if self._closing:
+            raise ChatError(ErrorCode.AI_UNAVAILABLE, "the server is restarting", ref, retry_after=1.0)
+        message = await self.db.find_user_message(claims.tenant, session.user.id, reply_id)
         if message is None or message.role != "assistant" or message.reply_to is None:
-            raise not_found("reply", ref=str(reply_id))
+            raise not_found("reply", ref=ref)
+        try:
+            joined = await self._joined(session, message.conversation_id)
+        except ChatError as exc:
+            exc.ref = ref
+            raise
         if message.status in ("streaming", "complete"):
-            raise bad_request("only an interrupted, failed or stopped answer can be regenerated", str(reply_id))
-        joined = await self._joined(session, message.conversation_id)
-        question = await self.db.get_message(session.claims.tenant, message.conversation_id, message.reply_to)
-        assert question is not None
-        reply = await self.db.create_reply(session.claims.tenant, message.conversation_id, question.id)
+            raise bad_request("only an interrupted, failed or stopped answer can be regenerated", ref)
+        # Read again: the paused flag (and the seq floor) may have changed since the socket joined.
+        conversation = await self.db.get_conversation(claims.tenant, session.user.id, message.conversation_id)
+        if conversation is None:
+            raise not_found("conversation", ref=ref)
+        joined.conversation = conversation
+        if conversation.ai_paused:
+            raise forbidden("your teacher has paused the tutor for this conversation", ref)
+        question = await self.db.get_message(claims.tenant, conversation.id, message.reply_to)
+        if question is None:
+            raise not_found("reply", ref=ref)
+        tenant = session.tenant or TenantSettings(claims.tenant)
+        reservation = await self.budgets.admit(tenant, session.user.id, question.text, ref)
+        try:
+            reply = await self.db.regenerate_reply(claims.tenant, conversation.id, question.id, reply_id)
+        except Exception:
+            await self.budgets.settle(reservation, 0, 0)
+            raise
+        if reply is None:
+            # Another regenerate (or a pause) got there first.
+            await self.budgets.settle(reservation, 0, 0)
+            raise bad_request("only the newest answer of a question, once ended, can be regenerated", ref)
         ack = {
             "type": "ack",
             "id": question.client_id,
             "message_id": question.id,
             "reply_id": reply.id,
-            "conversation_id": message.conversation_id,
+            "conversation_id": conversation.id,
             "text": question.text,
             "regenerated": True,
         }
-        await self.hub.emit(message.conversation_id, [encode(ack)], course=course_key(joined.conversation))
-        self.answers.start(joined.conversation, joined.course, question, reply.id, session.tenant)
+        await self._acknowledge(session, joined, ack, question, reply, reservation, keep_seq=False)
 
     async def history(self, session: Session, request: HistoryRequest) -> bytes:
         """A page of older messages of one of the user's conversations."""

@@ -87,6 +87,10 @@ class Hub:
         # The last seq received from other replicas, per conversation: pub/sub frames at or below it are
         # duplicates of a catch-up, and after a reconnect the log fills in what was published meanwhile.
         self._remote_seq: dict[str, int] = {}
+        # The highest seq this replica has seen (emitted, received, or the counter when it began to hold),
+        # per conversation it holds: a floor for its emits, so that if Redis loses a conversation's counter
+        # the numbering its sockets see still only grows.
+        self._seen: dict[str, int] = {}
         self._reconnected = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -149,6 +153,7 @@ class Hub:
             if seq <= self._remote_seq.get(conversation_id, 0):
                 return  # already delivered by a catch-up from the log
             self._remote_seq[conversation_id] = seq
+            self._saw(conversation_id, seq)
             await self.deliver(conversation_id, [(seq, frame)])
             return
         if channel == self.store.keys.control_channel():
@@ -207,6 +212,7 @@ class Hub:
         for conversation_id in unused:
             del self._held[conversation_id]
             self._remote_seq.pop(conversation_id, None)
+            self._seen.pop(conversation_id, None)
         if unused:
             # A socket joining one of them meanwhile must not have its hold overtaken by this release.
             self._releasing = asyncio.get_running_loop().create_future()
@@ -241,6 +247,7 @@ class Hub:
                 held.exception()  # retrieved: later joiners retry instead of failing on it
                 raise
             self._remote_seq[conversation_id] = seq
+            self._saw(conversation_id, seq)
             held.set_result(None)
         elif not held.done():
             await asyncio.shield(held)  # another socket is joining it right now
@@ -300,15 +307,26 @@ class Hub:
         trip.
         """
         course_channel = self.store.keys.course_channel(*course) if course else ""
+        floor = max(floor, self._seen.get(conversation_id, 0))
         first = await self.store.emit(
             conversation_id, frames, floor, self.node, course_channel, lease=lease, release=release, adjust=adjust
         )
         numbered = [(first + i, splice_seq(frame, first + i)) for i, frame in enumerate(frames)]
+        if conversation_id in self._held:
+            self._saw(conversation_id, numbered[-1][0])
         await self.deliver(conversation_id, numbered)
         if course is not None:
             for _, frame in numbered:
                 await self.deliver_watchers(course[0], course[1], frame, conversation_id)
         return numbered
+
+    def _saw(self, conversation_id: str, seq: int) -> None:
+        if seq > self._seen.get(conversation_id, 0):
+            self._seen[conversation_id] = seq
+
+    def last_seq(self, conversation_id: str) -> int:
+        """The highest seq of the conversation this replica has seen (0 when it does not hold it)."""
+        return self._seen.get(conversation_id, 0)
 
     # -- course watchers (teachers) ---------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,9 @@ def parse_client_frame(data: str, *, max_message_chars: int, history_page_max: i
     if not isinstance(kind, str):
         raise bad_request("frame needs a string 'type'")
     ref = obj.get("id") if isinstance(obj.get("id"), str) else None
+    # PostgreSQL cannot store NUL in text; only the escape can put one in a string (JSON has no raw NUL).
+    if "\\u0000" in data and _has_nul(obj):
+        raise bad_request("text and ids must not contain NUL (\\u0000)", ref)
     if kind == "message":
         client_id = obj.get("id")
         if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_CLIENT_ID:
@@ -175,13 +179,53 @@ def parse_client_frame(data: str, *, max_message_chars: int, history_page_max: i
     raise bad_request(f"unknown frame type {kind[:40]!r}")
 
 
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def is_uuid(value: str) -> bool:
+    """Whether a client's id is a UUID in its canonical form (what PostgreSQL is sure to accept)."""
+    if len(value) != 36:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def ref_of(frame: ClientFrame | None) -> str | None:
+    """What an error about this frame names: the client id of a message (or a teacher's message), the
+    reply of a cancel or regenerate, the conversation of a teacher's action, the course of a watch."""
+    if isinstance(frame, SendMessage):
+        return frame.id
+    if isinstance(frame, Cancel | Regenerate):
+        return str(frame.reply_id)
+    if isinstance(frame, Intervene):
+        return frame.id or frame.conversation_id
+    if isinstance(frame, SetAI):
+        return frame.conversation_id
+    if isinstance(frame, Watch):
+        return frame.course_id
+    return None
+
+
 def encode(frame: dict[str, Any]) -> bytes:
     """One server frame as JSON bytes."""
     return orjson.dumps(frame)
 
 
-def error_frame(error: ChatError) -> bytes:
-    return orjson.dumps({"type": "error", **error.to_dict()})
+def error_frame(error: ChatError, log_ref: str | None = None) -> bytes:
+    """An `error` frame; `log_ref` names an unexpected failure in the server's logs."""
+    body: dict[str, object] = {"type": "error", **error.to_dict()}
+    if log_ref is not None:
+        body["log_ref"] = log_ref
+    return orjson.dumps(body)
 
 
 PONG = orjson.dumps({"type": "pong"})

@@ -17,6 +17,7 @@ from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden
 from .protocol import (
     PONG,
     Cancel,
+    ClientFrame,
     Hello,
     HistoryRequest,
     Intervene,
@@ -27,6 +28,7 @@ from .protocol import (
     Watch,
     error_frame,
     parse_client_frame,
+    ref_of,
 )
 from .settings import Settings
 
@@ -88,8 +90,9 @@ class SocketSession:
 
     async def on_text(self, data: str) -> None:
         """Handle one text frame; every failure becomes an `error` frame (or a close for bad auth)."""
+        frame: ClientFrame | None = None
         try:
-            if len(data) > self.settings.max_frame_bytes:
+            if _too_large(data, self.settings.max_frame_bytes):
                 raise ChatError(ErrorCode.TOO_LARGE, f"frame larger than {self.settings.max_frame_bytes} bytes")
             frame = parse_client_frame(
                 data,
@@ -110,10 +113,12 @@ class SocketSession:
                 if exc.code in FATAL_CLOSE:
                     await self.peer.close(FATAL_CLOSE[exc.code], exc.message)
         except _DEPENDENCY_ERRORS as exc:
-            ref = uuid.uuid4().hex[:12]
-            log.error("dependency failed", extra={"ref": ref, "error": repr(exc)})
-            error = ChatError(ErrorCode.INTERNAL, "a backing service is unavailable; try again", ref, 1.0)
-            await self.peer.send(error_frame(error))
+            # `ref` stays what it is for every error (the client retries a message by it); the log's
+            # reference goes in `log_ref`.
+            log_ref = uuid.uuid4().hex[:12]
+            log.error("dependency failed", extra={"ref": log_ref, "error": repr(exc)})
+            error = ChatError(ErrorCode.INTERNAL, "a backing service is unavailable; try again", ref_of(frame), 1.0)
+            await self.peer.send(error_frame(error, log_ref))
 
     async def _dispatch(self, frame: object) -> None:
         if self.session is None:
@@ -151,11 +156,11 @@ class SocketSession:
         elif isinstance(frame, Regenerate):
             await self.chat.regenerate(session, frame.reply_id)
         elif isinstance(frame, Watch):
-            await _referenced(frame.course_id, self.chat.classroom.watch(session, frame.course_id, frame.watch))
+            await _referenced(frame, self.chat.classroom.watch(session, frame.course_id, frame.watch))
         elif isinstance(frame, Intervene):
-            await _referenced(frame.id or frame.conversation_id, self.chat.classroom.intervene(session, frame))
+            await _referenced(frame, self.chat.classroom.intervene(session, frame))
         elif isinstance(frame, SetAI):
-            await _referenced(frame.conversation_id, self.chat.classroom.set_ai(session, frame))
+            await _referenced(frame, self.chat.classroom.set_ai(session, frame))
         else:
             raise bad_request("hello was already received")
 
@@ -168,11 +173,20 @@ class SocketSession:
         self.metrics.hellos.labels(outcome="timeout").inc()
 
 
-async def _referenced(ref: str, action: Awaitable[None]) -> None:
+def _too_large(data: str, limit: int) -> bool:
+    """Whether the frame is over `limit` bytes of UTF-8 (as it came over the wire); only a frame that may
+    be (over a quarter of the limit in characters, at most 4 bytes each) is encoded to count them."""
+    chars = len(data)
+    if chars * 4 <= limit:
+        return False
+    return chars > limit or len(data.encode("utf-8", "surrogatepass")) > limit
+
+
+async def _referenced(frame: ClientFrame, action: Awaitable[None]) -> None:
     """Errors of a teacher action name what they are about (course, client id or conversation)."""
     try:
         await action
     except ChatError as exc:
         if exc.ref is None:
-            exc.ref = ref
+            exc.ref = ref_of(frame)
         raise

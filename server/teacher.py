@@ -8,14 +8,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from storage.errors import ClientIdTakenError
-from storage.models import Conversation, Course
+from storage.models import Conversation, Course, TenantSettings
 from storage.postgres import Database
 
 from .answers import Answers, course_key
 from .auth import Claims
 from .errors import bad_request, forbidden, not_found
 from .hub import Hub
-from .protocol import Intervene, SetAI, encode
+from .protocol import Intervene, SetAI, encode, is_uuid
 
 if TYPE_CHECKING:
     from .chat import Session
@@ -62,7 +62,9 @@ class Classroom:
 
     async def teacher_conversation(self, claims: Claims, conversation_id: str) -> Conversation:
         """A conversation in a course the teacher may see (admins: any course of the tenant)."""
-        conversation = await self.db.tenant_conversation(claims.tenant, conversation_id)
+        conversation = None
+        if is_uuid(conversation_id):  # a malformed id is simply not found, never a database error
+            conversation = await self.db.tenant_conversation(claims.tenant, conversation_id)
         if conversation is None or conversation.course_id is None:
             raise not_found("conversation")
         await self.visible_course(claims, conversation.course_id)
@@ -89,7 +91,10 @@ class Classroom:
             "text": message.text,
         }
         if created:
-            await self.hub.emit(conversation.id, [encode(body)], course=course_key(conversation))
+            [(seq, _)] = await self.hub.emit(
+                conversation.id, [encode(body)], floor=conversation.last_seq, course=course_key(conversation)
+            )
+            await self.db.record_seq(session.claims.tenant, conversation.id, seq, message.id)
         else:
             await session.peer.send(encode({**body, "seq": message.seq}))
 
@@ -98,14 +103,30 @@ class Classroom:
         conversation = await self._teacher_conversation(session, frame.conversation_id)
         await self.db.set_ai_paused(session.claims.tenant, conversation.id, frame.paused)
         state = {"type": "ai_state", "conversation_id": conversation.id, "paused": frame.paused}
-        await self.hub.emit(conversation.id, [encode(state)], course=course_key(conversation))
+        [(seq, _)] = await self.hub.emit(
+            conversation.id, [encode(state)], floor=conversation.last_seq, course=course_key(conversation)
+        )
+        await self.db.record_seq(session.claims.tenant, conversation.id, seq)
         if frame.paused:
             return
         question = await self.db.unanswered_question(session.claims.tenant, conversation.id)
-        if question is not None:
-            reply = await self.db.create_reply(session.claims.tenant, conversation.id, question.id)
-            course = await self._course_of(conversation)
-            self.answers.start(conversation, course, question, reply.id)
+        if question is None:
+            return
+        # The answer is the student's: it is admitted against their rate limit and budgets, like a message.
+        budgets = self.answers.budgets
+        tenant = session.tenant or TenantSettings(session.claims.tenant)
+        reservation = await budgets.admit(tenant, conversation.user_id, question.text, conversation.id)
+        try:
+            # Only if it is still waiting: another teacher may be resuming at the same moment.
+            reply = await self.db.answer_waiting_question(session.claims.tenant, conversation.id, question.id)
+        except Exception:
+            await budgets.settle(reservation, 0, 0)
+            raise
+        if reply is None:
+            await budgets.settle(reservation, 0, 0)
+            return
+        course = await self._course_of(conversation)
+        self.answers.start(conversation, course, question, reply.id, tenant, reservation)
 
     async def _course_of(self, conversation: Conversation) -> Course | None:
         if conversation.course_id is None:

@@ -113,7 +113,8 @@ class Turn:
     first_token_at: float | None = None
     finished: bool = False
     course_id: str | None = None
-    last_seq: int = 0
+    last_seq: int = 0  # of this answer's last token
+    floor: int = 0  # the conversation's last seq committed to PostgreSQL when the answer started
     tenant_prompt: str | None = None
     passage_ids: tuple[int, ...] = ()
     reservation: Any = None  # budgets.Reservation, settled when the answer is committed
@@ -124,6 +125,11 @@ class Turn:
     @property
     def course_key(self) -> tuple[str, str] | None:
         return (self.tenant_id, self.course_id) if self.course_id else None
+
+    @property
+    def seq_floor(self) -> int:
+        """The highest seq this answer knows the conversation has reached: a floor for its emits."""
+        return max(self.floor, self.question_seq, self.last_seq)
 
     @property
     def text(self) -> str:

@@ -319,6 +319,25 @@ _RECENT = (
 )
 _RECENT_NEWEST = _RECENT.format(before="")
 _RECENT_BEFORE = _RECENT.format(before="AND m.id < $4")
+# An answer placeholder made only while a condition holds ($1 tenant, $2 conversation, $3 question), run
+# after `_LOCK_CONVERSATION` in one transaction (`Database._reply_if`).
+_LOCK_CONVERSATION = "SELECT ai_paused FROM conversations WHERE id = $1 AND tenant_id = $2 FOR UPDATE"
+_REPLY_IF = (
+    "INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
+    " SELECT $1, $2, 'assistant', 'streaming', $3 WHERE {condition}"
+    f" RETURNING {_MESSAGE_COLUMNS}"
+)
+# Regenerate: $4 is the question's newest answer, and it ended without completing.
+_REGENERATE = _REPLY_IF.format(
+    condition="EXISTS (SELECT 1 FROM messages m WHERE m.id = $4 AND m.conversation_id = $2 AND m.tenant_id = $1"
+    " AND m.reply_to = $3 AND m.status IN ('stopped', 'failed', 'interrupted'))"
+    " AND NOT EXISTS (SELECT 1 FROM messages n WHERE n.reply_to = $3 AND n.id > $4)"
+)
+# A teacher's resume: $3 is still the conversation's newest message, a student's.
+_ANSWER_WAITING = _REPLY_IF.format(
+    condition="(SELECT id FROM messages WHERE conversation_id = $2 ORDER BY id DESC LIMIT 1) = $3"
+    " AND EXISTS (SELECT 1 FROM messages WHERE id = $3 AND tenant_id = $1 AND role = 'user')"
+)
 _UPSERT_USER = (
     "WITH tenant AS (INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING)"
     " INSERT INTO users (tenant_id, external_id, role, display_name) VALUES ($1, $2, $3, $4)"
@@ -847,3 +866,42 @@ class Database:
         rows = await self.pool.fetch(_FINISH_MANY, *_columns([r.params() for r in replies]))
         done = {row[0] for row in rows}
         return [r.reply_id in done for r in replies]
+
+    async def record_seq(self, tenant_id: str, conversation_id: str, seq: int, message_id: int | None = None) -> None:
+        """Raise the conversation's last seq to `seq`, a frame no answer's commit records (a teacher's message,
+        a pause, a question's ack while paused), and with `message_id` keep it as that message's seq (a
+        resend gets it back); one statement."""
+        await self.pool.execute(
+            "WITH m AS (UPDATE messages SET seq = $3 WHERE id = $4 AND tenant_id = $1 AND conversation_id = $2)"
+            " UPDATE conversations SET last_seq = GREATEST(last_seq, $3) WHERE id = $2 AND tenant_id = $1",
+            tenant_id,
+            conversation_id,
+            seq,
+            message_id,
+        )
+
+    # -- answers started again: regenerate, and a teacher resuming the AI -----------------------
+
+    async def regenerate_reply(
+        self, tenant_id: str, conversation_id: str, question_id: int, reply_id: int
+    ) -> Message | None:
+        """A new answer placeholder for the question in place of `reply_id`, if the AI is not paused and
+        `reply_id` is still the question's newest answer and ended stopped, failed or interrupted; else None."""
+        return await self._reply_if(_REGENERATE, tenant_id, conversation_id, question_id, reply_id)
+
+    async def answer_waiting_question(self, tenant_id: str, conversation_id: str, question_id: int) -> Message | None:
+        """An answer placeholder for the question if the AI is not paused and the question is still the
+        conversation's newest message (two teachers resuming at once: one answer); else None."""
+        return await self._reply_if(_ANSWER_WAITING, tenant_id, conversation_id, question_id)
+
+    async def _reply_if(self, statement: str, tenant_id: str, conversation_id: str, *args: Any) -> Message | None:
+        """`statement` (an answer placeholder made only while its condition holds) with the conversation's
+        row locked first: two requests at once cannot both see the condition hold, since the second one's
+        statement reads after the first committed (READ COMMITTED takes a snapshot per statement; within one
+        statement, waiting for a lock would leave it reading the old one)."""
+        async with self._transaction() as conn:
+            paused = await conn.fetchval(_LOCK_CONVERSATION, conversation_id, tenant_id)
+            if paused is None or paused:
+                return None
+            row = await conn.fetchrow(statement, tenant_id, conversation_id, *args)
+        return _message(row) if row else None

@@ -170,9 +170,13 @@ class LogSnapshot:
     complete_after: int  # every frame with a seq above this is in `entries`
     nodes: list[str] = field(default_factory=list)  # the replica that emitted each entry
 
-    def covers(self, after: int) -> bool:
-        """True when every frame with seq > `after` is in the log."""
-        return after >= self.complete_after or after >= self.seq
+    def covers(self, after: int, durable: int = 0) -> bool:
+        """True when every frame with seq > `after` is in the log. False for an `after` beyond the counter
+        (numbered before Redis lost the conversation's counter, or made up), and while the counter is
+        behind `durable`, the conversation's last seq committed to PostgreSQL (Redis lost its state)."""
+        if after > self.seq or self.seq < durable:
+            return False
+        return after >= self.complete_after
 
 
 RedisClient = Redis | RedisCluster

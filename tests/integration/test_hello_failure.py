@@ -1,0 +1,50 @@
+"""A hello that fails part-way leaves nothing behind: no welcome, no session, no hub membership."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from server.keys import CHAT
+from tests.conftest import Server, seed_course, token
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_hello_that_fails_late_is_unwound(server: Server) -> None:
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
+    chat = server.client.app[CHAT]
+    store = chat.hub.store
+    original = store.announce
+    calls = 0
+
+    async def announce_fails_once(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RedisConnectionError("redis went away")
+        await original(*args, **kwargs)
+
+    store.announce = announce_fails_once  # type: ignore[method-assign]
+    hello = {"type": "hello", "token": token(courses=["alg-1"]), "course_id": "alg-1"}
+    sock = await server.connect()
+    await sock.send(**hello)
+    error = await sock.recv()
+    assert error["type"] == "error" and error["code"] == "internal", error  # and no welcome before it
+    assert chat._sessions == {}
+    assert all(chat.hub.members(c) == 0 for c in list(chat.hub._members))
+
+    await sock.send(**hello)  # the socket still waits for a hello, and this one works
+    welcome = await sock.expect("welcome")
+    conversation = welcome["conversation_id"]
+    assert len(chat._sessions) == 1 and chat.hub.members(conversation) == 1
+    await sock.send(type="message", id="m1", text="hi")
+    await sock.until("done")
+
+    await sock.close()
+    async with asyncio.timeout(5):
+        while chat._sessions or chat.hub.members(conversation):
+            await asyncio.sleep(0.02)
