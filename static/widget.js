@@ -7,8 +7,9 @@
  * iframe served by the tutor host (/embed). The JWT is fetched from data-token-url on the host's own
  * origin, handed to the iframe with postMessage addressed to the tutor origin only, and fetched again
  * before it expires. The host page never talks to the tutor's WebSocket itself.
- * Options (data-*): course, token-url (required); label, position (right|left), theme (light|dark),
- * open ("true" to start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close().
+ * Options (data-*): course, token-url (required); tenant (the token's tid: lets the school's per-tenant
+ * allowed origins frame /embed); label, position (right|left), theme (light|dark), open ("true" to
+ * start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close().
  */
 (function () {
   'use strict';
@@ -166,6 +167,8 @@
     if (iframe) return;
     var src = new URL(config.embedPath || '/embed', tutorOrigin);
     src.searchParams.set('course', config.course);
+    // /embed lets the tenant's own allowed_origins frame it only when it knows the tenant.
+    if (config.tenant) src.searchParams.set('tenant', config.tenant);
     if (config.theme === 'light' || config.theme === 'dark') src.searchParams.set('theme', config.theme);
     iframe = document.createElement('iframe');
     iframe.title = 'Tutor chat';

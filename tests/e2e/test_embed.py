@@ -160,6 +160,47 @@ async def test_a_school_that_is_not_allowed_cannot_frame_the_chat(serve: Serve, 
         await page.close()
 
 
+def widget_page(tutor: str, tenant: str) -> str:
+    """A school's page with the one-tag widget, opened on load; its token comes from /smartedu/token."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Springfield High</title></head>
+<body><h1>Week 3: prime numbers</h1>
+<script src="{tutor}/static/widget.js" data-course="{COURSE}" data-tenant="{tenant}"
+        data-token-url="/smartedu/token" data-open="true" async></script>
+</body></html>"""
+
+
+async def test_the_widget_loads_on_a_school_allowed_only_by_its_tenant(serve: Serve, browser: Browser) -> None:
+    """data-tenant puts the tenant in the iframe's URL, so /embed lets the tenant's allowed_origins frame
+    it: without it, a school missing from SMARTEDU_ALLOWED_ORIGINS gets `frame-ancestors 'none'`."""
+    server = await serve(offline_ttft_ms=50, offline_tokens_per_s=200)
+    assert server.settings.allowed_origins == ()  # nothing configured globally: only the tenant's list
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    tutor = str(server.client.make_url("")).rstrip("/")
+    port = free_port()
+    assert server.settings.database_url
+    await _allow(server.settings.database_url, f"http://localhost:{port}")
+    pages: dict[str, str | tuple[str, str]] = {
+        "/": widget_page(tutor, TENANT),
+        "/smartedu/token": (STUDENT, "text/plain"),
+    }
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems)
+        embeds: list[tuple[str, dict[str, str]]] = []
+        page.on("response", lambda r: embeds.append((r.url, r.headers)) if "/embed?" in r.url else None)
+        await page.goto(f"{school}/")
+        chat = page.frame_locator("#smartedu-widget iframe")  # in the widget's open shadow root
+        await chat.locator('.se-status[data-state="online"]').wait_for()
+        url, headers = embeds[0]
+        assert f"tenant={TENANT}" in url
+        assert f"frame-ancestors http://localhost:{port}" in headers["content-security-policy"]
+        await _ask(chat, "What is a prime number?")
+        await chat.locator('.se-msg--assistant[data-status="complete"]').wait_for(timeout=ANSWER_WAIT_MS)
+        await page.close()
+        assert problems == []
+
+
 # -- kill -9 and restart while an answer streams ------------------------------------------------------
 
 
