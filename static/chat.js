@@ -298,6 +298,7 @@
 
   Client.prototype.onClose = function (code) {
     this.ready = false;
+    this.olderLoaded();
     this.updateStop();
     if (code === 4401) {
       this.signedOut = true;
@@ -345,6 +346,7 @@
     this.conversationId = f.conversation_id || this.conversationId;
     storageSet(this.storageKey, this.conversationId);
     this.ready = true;
+    this.olderLoaded();
     this.transport.welcome();
     this.features = {};
     (Array.isArray(f.features) ? f.features : []).forEach(function (name) { this.features[name] = true; }, this);
@@ -844,11 +846,17 @@
     this.transport.send({ type: 'history', conversation_id: this.conversationId, before: this.oldestId, limit: 20 });
   };
 
-  Client.prototype.onHistory = function (f) {
+  // The button comes back after the page arrives, and also when it never will: the socket closed
+  // (a history request is not resent), a new welcome, or an error frame not about a message.
+  Client.prototype.olderLoaded = function () {
     this.loadingOlder = false;
+    this.view.older.disabled = false;
+    this.view.older.textContent = 'Load older messages';
+  };
+
+  Client.prototype.onHistory = function (f) {
+    this.olderLoaded();
     var older = this.view.older;
-    older.disabled = false;
-    older.textContent = 'Load older messages';
     if (f.conversation_id && f.conversation_id !== this.conversationId) return;
     var messages = Array.isArray(f.messages) ? f.messages : [];
     var log = this.view.log;
@@ -925,6 +933,7 @@
     var ref = typeof f.ref === 'string' ? f.ref : null;
     var item = ref ? this.byClientId.get(ref) : null;
     if (item && item.kind !== 'user') item = null;
+    if (!item) this.olderLoaded(); // errors about a history request carry no message's ref
     var view = this.view;
     var self = this;
     if (code === 'not_found' && !this.ready && this.conversationId) {

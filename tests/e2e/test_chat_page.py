@@ -214,3 +214,60 @@ async def test_reconnects_resumes_and_dedupes_on_a_scripted_socket(serve: Serve,
     )
     assert sent[3]["text"] == "Again" and sent[3]["id"] != sent[1]["id"]  # a retry is a new message id
     assert problems == []
+
+
+def _history(first: int, count: int) -> list[dict[str, Any]]:
+    """`count` committed messages from id `first`, questions and answers in turn."""
+    return [
+        {"id": i, "role": "user" if i % 2 == 0 else "assistant", "text": f"message {i}", "status": "complete",
+         "created_at": "2024-05-01T10:00:00Z"}
+        for i in range(first, first + count)
+    ]
+
+
+async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve: Serve, browser: Browser) -> None:
+    """A history request answered by an error, or lost with its socket, gives the button back (it used to
+    stay on "Loading…" until the page was reloaded)."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    requests: list[tuple[int, dict[str, Any]]] = []
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE, "has_more": True}
+        if frame["type"] == "hello" and number == 1:
+            send(**base, seq=3, history=_history(100, 20))
+        elif frame["type"] == "hello":
+            send(**base, seq=3, resumed=True, history=_history(100, 20))
+        elif frame["type"] == "history":
+            requests.append((number, frame))
+            if len(requests) == 1:
+                send(type="error", code="internal", message="a backing service is unavailable", ref="3f9a0c")
+            elif len(requests) == 3:  # the second one is lost with its socket
+                send(type="history", conversation_id="c1", messages=_history(90, 10), has_more=False)
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    await page.goto(url)
+    await page.wait_for_selector('.se-msg[data-id="119"]')
+    older = page.locator(".se-older")
+
+    ready = "() => (b => !b.disabled && b.textContent === 'Load older messages')(document.querySelector('.se-older'))"
+
+    async def load_older(requested: int) -> None:
+        await page.wait_for_function(ready, timeout=5000)
+        await older.dispatch_event("click")  # a real click scrolls to the top, which asks too
+        while len(requests) < requested:
+            await page.wait_for_timeout(20)
+
+    await load_older(1)
+    await page.wait_for_selector('.se-notice[data-code="internal"]')
+
+    await load_older(2)
+    assert await older.text_content() == "Loading\u2026" and await older.is_disabled()  # no answer yet
+    await sockets[0].close(code=4000, reason="network blip")  # before the page arrives
+    await page.wait_for_function("() => SmartEdu.client.ready && SmartEdu.client.transport.connections === 2")
+    await load_older(3)
+    await page.wait_for_selector('.se-msg[data-id="90"]')
+    assert await older.is_hidden()
+    assert [(number, frame["before"]) for number, frame in requests] == [(1, 100), (1, 100), (2, 100)]
+    assert problems == []
