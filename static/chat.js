@@ -322,7 +322,9 @@
   };
 
   Client.prototype.onFrame = function (frame) {
-    if (typeof frame.seq === 'number' && frame.seq > this.lastSeq &&
+    // lastSeq follows the frames received. A resumed welcome's seq is where the replay that follows it
+    // will end: taken early, a socket lost mid-replay would make the next resume_from skip the rest.
+    if (frame.type !== 'welcome' && typeof frame.seq === 'number' && frame.seq > this.lastSeq &&
         (!frame.conversation_id || frame.conversation_id === this.conversationId)) {
       this.lastSeq = frame.seq;
     }
@@ -358,7 +360,7 @@
     var resumed = f.resumed === true && this.everWelcomed && firstConversation === this.conversationId;
     if (!resumed) {
       this.resetTranscript(Array.isArray(f.history) ? f.history : [], f.has_more);
-      if (typeof f.seq === 'number') this.lastSeq = f.seq;
+      this.lastSeq = typeof f.seq === 'number' ? f.seq : 0; // the history holds everything up to seq
     }
     this.everWelcomed = true;
     if (typeof f.ai_paused === 'boolean') this.onAiState(f.ai_paused, this.conversationId);

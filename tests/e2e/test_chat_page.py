@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -53,6 +54,13 @@ async def _committed(server: Server, page: Page) -> list[dict[str, Any]]:
     body = await response.json()
     messages: list[dict[str, Any]] = body["messages"]
     return messages
+
+
+async def _open_scripted(page: Page, url: str, script: Callable[[WebSocketRoute], None]) -> None:
+    """Open the chat page with `script` (a `scripted_server`) playing the server, until it is online."""
+    await page.route_web_socket(re.compile(r"/ws$"), script)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
 
 
 async def _ask(page: Page, text: str) -> None:
@@ -186,9 +194,7 @@ async def test_reconnects_resumes_and_dedupes_on_a_scripted_socket(serve: Serve,
                 send(type="ack", id=frame["id"], message_id=9, reply_id=10, conversation_id="c1",
                      text=frame["text"], seq=20)
 
-    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
-    await page.goto(url)
-    await page.wait_for_selector('.se-status[data-state="online"]')
+    await _open_scripted(page, url, scripted_server(sockets, answer))
     await _ask(page, "Hi")
     await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Hello wörld'")
     await sockets[0].close(code=4000, reason="network blip")
@@ -246,8 +252,7 @@ async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve
             elif len(requests) == 3:  # the second one is lost with its socket
                 send(type="history", conversation_id="c1", messages=_history(90, 10), has_more=False)
 
-    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
-    await page.goto(url)
+    await _open_scripted(page, url, scripted_server(sockets, answer))
     await page.wait_for_selector('.se-msg[data-id="119"]')
     older = page.locator(".se-older")
 
@@ -270,4 +275,56 @@ async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve
     await page.wait_for_selector('.se-msg[data-id="90"]')
     assert await older.is_hidden()
     assert [(number, frame["before"]) for number, frame in requests] == [(1, 100), (1, 100), (2, 100)]
+    assert problems == []
+
+
+async def test_a_socket_lost_during_a_resume_replay_resumes_from_the_last_frame_received(
+    serve: Serve, browser: Browser
+) -> None:
+    """The scripted server keeps a frame log and replays it as a real one does (`seq > resume_from`, after a
+    `resumed` welcome whose seq is the log's end). The second socket is lost after one replayed frame: the
+    third hello must resume from that frame, not from the welcome's seq, or the answer's end is never seen."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    hellos: list[dict[str, Any]] = []
+    sockets: list[WebSocketRoute] = []
+    log: list[dict[str, Any]] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE}
+        if frame["type"] == "hello":
+            hellos.append(frame)
+            if number == 1:
+                send(**base, seq=10, history=[])
+                return
+            # Meanwhile (on another replica) the answer went on and ended.
+            log[2:] = [
+                {"type": "token", "conversation_id": "c1", "reply_id": 5, "offset": 6, "text": "wörld", "seq": 13},
+                {"type": "token", "conversation_id": "c1", "reply_id": 5, "offset": 11, "text": "!", "seq": 14},
+                {"type": "done", "conversation_id": "c1", "reply_id": 5, "status": "complete", "length": 12,
+                 "seq": 15},
+            ]
+            send(**base, seq=log[-1]["seq"], resumed=True, history=[])
+            replay = [f for f in log if f["seq"] > frame["resume_from"]]
+            for replayed in replay[:1] if number == 2 else replay:  # the second socket dies mid-replay
+                send(**replayed)
+        elif frame["type"] == "message":
+            log[:] = [
+                {"type": "ack", "id": frame["id"], "message_id": 4, "reply_id": 5, "conversation_id": "c1",
+                 "text": frame["text"], "seq": 11},
+                {"type": "token", "conversation_id": "c1", "reply_id": 5, "offset": 0, "text": "Hello ", "seq": 12},
+            ]
+            for logged in log:
+                send(**logged)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await _ask(page, "Hi")
+    await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Hello '")
+    await sockets[0].close(code=4000, reason="network blip")
+    await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Hello wörld'")
+    await sockets[1].close(code=4000, reason="lost during the replay")
+
+    await page.wait_for_selector('.se-msg--assistant[data-id="5"][data-status="complete"]', timeout=5000)
+    assert await page.locator('.se-msg--assistant[data-id="5"] .se-bubble__body').text_content() == "Hello wörld!"
+    assert [h.get("resume_from") for h in hellos] == [None, 12, 13]
     assert problems == []
