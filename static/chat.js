@@ -16,6 +16,7 @@
   var ACTIVE = { waiting: true, streaming: true };
   var FINAL = { complete: true, stopped: true, interrupted: true, failed: true };
   var STALE_STREAM_MS = 10 * 60 * 1000;
+  var NEW_TOKEN_WAIT_MS = 8000; // after 4401 in the iframe: how long the parent has to send a new token
   var HISTORY_WINDOW = 20;
 
   /* ---- helpers --------------------------------------------------------------------------------- */
@@ -219,6 +220,7 @@
     this.dirty = new Set();
     this.frame = 0;
     this.signedOut = false;
+    this.tokenTimer = null;
     this.aiPaused = false;
     this.visible = true;
     this.view = new View(root, { closable: options.mode === 'embed', idPrefix: 'se-' + newId().slice(0, 6) + '-' });
@@ -244,8 +246,10 @@
 
   Client.prototype.setToken = function (token) {
     var had = this.token;
+    if (this.signedOut && token === had) return; // the token just refused: another try fails the same way
     this.token = token;
     if (this.signedOut || !had) {
+      clearTimeout(this.tokenTimer);
       this.signedOut = false;
       this.view.clearNotice('unauthorized');
       this.transport.reconnectNow();
@@ -304,8 +308,8 @@
       this.signedOut = true;
       this.view.setStatus('signed-out');
       if (this.options.mode === 'embed') {
-        this.emit('token-expired');
-        this.view.notice({ key: 'unauthorized', tone: 'warn', text: 'Signing you in again\u2026' });
+        this.emit('token-expired'); // widget.js (or any parent that speaks the protocol) sends a new one
+        this.awaitNewToken();
       } else {
         this.view.notice({ key: 'unauthorized', tone: 'error',
           text: 'Your sign-in has expired. Open the tutor again from your school\u2019s site.' });
@@ -319,6 +323,24 @@
     }
     if (code === 1012) return 800 + Math.random() * 1500; // server restarting: come back soon, spread out
     return undefined;
+  };
+
+  // A token from the URL came with an LTI launch (or a web view): the parent, an LMS, never answers
+  // token-expired, so the student is told at once how to get a new one. Otherwise the parent has
+  // NEW_TOKEN_WAIT_MS to send one.
+  Client.prototype.awaitNewToken = function () {
+    var view = this.view;
+    var expired = function () {
+      view.notice({ key: 'unauthorized', tone: 'error',
+        text: 'Your sign-in has expired. Open the tutor again from your course.' });
+    };
+    clearTimeout(this.tokenTimer);
+    if (this.options.tokenFromUrl) {
+      expired();
+      return;
+    }
+    view.notice({ key: 'unauthorized', tone: 'warn', text: 'Signing you in again\u2026' });
+    this.tokenTimer = setTimeout(expired, NEW_TOKEN_WAIT_MS);
   };
 
   Client.prototype.onFrame = function (frame) {
@@ -1049,6 +1071,7 @@
     var client = new Client(root, {
       mode: mode,
       token: fragment.token,
+      tokenFromUrl: Boolean(fragment.token),
       course: fragment.course || query.get('course'),
       conversationId: fragment.conversation,
       onEvent: function (name, detail) {

@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,6 +199,70 @@ async def test_the_widget_loads_on_a_school_allowed_only_by_its_tenant(serve: Se
         await chat.locator('.se-msg--assistant[data-status="complete"]').wait_for(timeout=ANSWER_WAIT_MS)
         await page.close()
         assert problems == []
+
+
+EXPIRED = token("stu-embed", tenant=TENANT, name="Ada", ttl_s=-3600)
+SIGNED_OUT = '.se-status[data-state="signed-out"]'
+EXPIRED_NOTICE = '.se-notice[data-code="unauthorized"]:has-text("Open the tutor again from your course")'
+
+
+def lms_page(tutor: str, jwt: str) -> str:
+    """An LMS page framing the chat as an LTI launch leaves it (token in the fragment); like an LMS, it
+    never answers the chat's messages."""
+    src = f"{tutor}/embed?course={COURSE}&tenant={TENANT}#token={jwt}&course={COURSE}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Moodle — Algebra I</title></head>
+<body><iframe id="tutor" title="Tutor chat" src="{src}"></iframe>
+<script>
+  window.events = [];
+  addEventListener("message", (event) => window.events.push(event.data.type));
+</script></body></html>"""
+
+
+async def _framed_with_expired_token(
+    serve: Serve, browser: Browser, school_page: Callable[[str, str], str]
+) -> tuple[Page, list[str]]:
+    """`school_page(tutor, EXPIRED)`, from an allowed origin, frames the chat, which is refused (4401)."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    tutor = str(server.client.make_url("")).rstrip("/")
+    port = free_port()
+    assert server.settings.database_url
+    await _allow(server.settings.database_url, f"http://localhost:{port}")
+    page = await browser.new_page()
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    async with host_site({"/": school_page(tutor, EXPIRED)}, port=port) as school:
+        await page.goto(f"{school}/")
+        await page.frame_locator("#tutor").locator(SIGNED_OUT).wait_for()
+    return page, sockets
+
+
+async def test_after_an_lti_launch_an_expired_token_says_to_open_the_tutor_again(
+    serve: Serve, browser: Browser
+) -> None:
+    """The LMS never sends a new token, so the chat must not promise one ("Signing you in again…")."""
+    page, sockets = await _framed_with_expired_token(serve, browser, lms_page)
+    chat = page.frame_locator("#tutor")
+    await chat.locator(EXPIRED_NOTICE).wait_for(timeout=2000)  # at once, not after the wait for a token
+    assert "smartedu:token-expired" in await page.evaluate("window.events")  # a parent that can answer, may
+    assert len(sockets) == 1
+    await page.close()
+
+
+async def test_an_expired_token_that_the_parent_does_not_replace_says_to_open_the_tutor_again(
+    serve: Serve, browser: Browser
+) -> None:
+    """A parent that answers token-expired with the token just refused (or not at all): after a few
+    seconds the chat stops saying "Signing you in again…", and it does not retry the refused token."""
+    page, sockets = await _framed_with_expired_token(serve, browser, school_page)
+    chat = page.frame_locator("#tutor")
+    notice = chat.locator('.se-notice[data-code="unauthorized"] .se-notice__text')
+    assert await notice.text_content() == "Signing you in again\u2026"
+    await chat.locator(EXPIRED_NOTICE).wait_for(timeout=12_000)
+    assert await page.evaluate("window.events.filter(type => type === 'smartedu:token-expired').length") == 1
+    assert len(sockets) == 1
+    await page.close()
 
 
 # -- kill -9 and restart while an answer streams ------------------------------------------------------
