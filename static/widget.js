@@ -96,6 +96,8 @@
   wrap.appendChild(launcher);
   shadow.appendChild(wrap);
 
+  var MIN_REFRESH_MS = 30000;
+  var MAX_REFRESH_MS = 24 * 3600 * 1000;
   var iframe = null;
   var frameReady = false; // set when the embed page asks for its token
   var token = null;
@@ -108,14 +110,22 @@
     if (frameReady && iframe.contentWindow) iframe.contentWindow.postMessage(message, tutorOrigin);
   }
 
-  function expiry(jwt) {
+  // Milliseconds until the token should be fetched again (null: it says nothing of its expiry). Counted
+  // from its lifetime (exp - iat, both the server's clock) when it has iat, so a client clock that is
+  // wrong does not shorten it, and refreshed a minute (or a tenth of the lifetime) early, so a reconnect
+  // never meets an expired token. Clamped: setTimeout fires at once for delays over 2^31 - 1 ms.
+  function refreshDelay(jwt) {
+    var payload;
     try {
       var part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-      var payload = JSON.parse(atob(part + '==='.slice((part.length + 3) % 4)));
-      return typeof payload.exp === 'number' ? payload.exp * 1000 : null;
+      payload = JSON.parse(atob(part + '==='.slice((part.length + 3) % 4)));
     } catch (e) {
       return null;
     }
+    if (!payload || typeof payload.exp !== 'number') return null;
+    var life = typeof payload.iat === 'number' && payload.iat < payload.exp
+      ? (payload.exp - payload.iat) * 1000 : payload.exp * 1000 - Date.now();
+    return Math.min(MAX_REFRESH_MS, Math.max(MIN_REFRESH_MS, life - Math.max(60000, life * 0.1)));
   }
 
   function schedule(delay) {
@@ -138,12 +148,8 @@
         token = value;
         failures = 0;
         post({ type: 'smartedu:token', token: token });
-        var exp = expiry(token);
-        if (exp) {
-          var left = exp - Date.now();
-          // Refresh a minute (or a tenth of the lifetime) early, so a reconnect never meets an expired token.
-          schedule(Math.max(5000, left - Math.max(60000, left * 0.1)));
-        }
+        var delay = refreshDelay(token);
+        if (delay !== null) schedule(delay);
       })
       .catch(function (error) {
         failures += 1;
