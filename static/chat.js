@@ -16,6 +16,7 @@
   var ACTIVE = { waiting: true, streaming: true };
   var FINAL = { complete: true, stopped: true, interrupted: true, failed: true };
   var STALE_STREAM_MS = 10 * 60 * 1000;
+  var NEW_TOKEN_WAIT_MS = 8000; // after 4401 in the iframe: how long the parent has to send a new token
   var HISTORY_WINDOW = 20;
 
   /* ---- helpers --------------------------------------------------------------------------------- */
@@ -219,6 +220,7 @@
     this.dirty = new Set();
     this.frame = 0;
     this.signedOut = false;
+    this.tokenTimer = null;
     this.aiPaused = false;
     this.visible = true;
     this.view = new View(root, { closable: options.mode === 'embed', idPrefix: 'se-' + newId().slice(0, 6) + '-' });
@@ -244,8 +246,10 @@
 
   Client.prototype.setToken = function (token) {
     var had = this.token;
+    if (this.signedOut && token === had) return; // the token just refused: another try fails the same way
     this.token = token;
     if (this.signedOut || !had) {
+      clearTimeout(this.tokenTimer);
       this.signedOut = false;
       this.view.clearNotice('unauthorized');
       this.transport.reconnectNow();
@@ -298,13 +302,14 @@
 
   Client.prototype.onClose = function (code) {
     this.ready = false;
+    this.olderLoaded();
     this.updateStop();
     if (code === 4401) {
       this.signedOut = true;
       this.view.setStatus('signed-out');
       if (this.options.mode === 'embed') {
-        this.emit('token-expired');
-        this.view.notice({ key: 'unauthorized', tone: 'warn', text: 'Signing you in again\u2026' });
+        this.emit('token-expired'); // widget.js (or any parent that speaks the protocol) sends a new one
+        this.awaitNewToken();
       } else {
         this.view.notice({ key: 'unauthorized', tone: 'error',
           text: 'Your sign-in has expired. Open the tutor again from your school\u2019s site.' });
@@ -320,8 +325,28 @@
     return undefined;
   };
 
+  // A token from the URL came with an LTI launch (or a web view): the parent, an LMS, never answers
+  // token-expired, so the student is told at once how to get a new one. Otherwise the parent has
+  // NEW_TOKEN_WAIT_MS to send one.
+  Client.prototype.awaitNewToken = function () {
+    var view = this.view;
+    var expired = function () {
+      view.notice({ key: 'unauthorized', tone: 'error',
+        text: 'Your sign-in has expired. Open the tutor again from your course.' });
+    };
+    clearTimeout(this.tokenTimer);
+    if (this.options.tokenFromUrl) {
+      expired();
+      return;
+    }
+    view.notice({ key: 'unauthorized', tone: 'warn', text: 'Signing you in again\u2026' });
+    this.tokenTimer = setTimeout(expired, NEW_TOKEN_WAIT_MS);
+  };
+
   Client.prototype.onFrame = function (frame) {
-    if (typeof frame.seq === 'number' && frame.seq > this.lastSeq &&
+    // lastSeq follows the frames received. A resumed welcome's seq is where the replay that follows it
+    // will end: taken early, a socket lost mid-replay would make the next resume_from skip the rest.
+    if (frame.type !== 'welcome' && typeof frame.seq === 'number' && frame.seq > this.lastSeq &&
         (!frame.conversation_id || frame.conversation_id === this.conversationId)) {
       this.lastSeq = frame.seq;
     }
@@ -345,6 +370,7 @@
     this.conversationId = f.conversation_id || this.conversationId;
     storageSet(this.storageKey, this.conversationId);
     this.ready = true;
+    this.olderLoaded();
     this.transport.welcome();
     this.features = {};
     (Array.isArray(f.features) ? f.features : []).forEach(function (name) { this.features[name] = true; }, this);
@@ -356,7 +382,7 @@
     var resumed = f.resumed === true && this.everWelcomed && firstConversation === this.conversationId;
     if (!resumed) {
       this.resetTranscript(Array.isArray(f.history) ? f.history : [], f.has_more);
-      if (typeof f.seq === 'number') this.lastSeq = f.seq;
+      this.lastSeq = typeof f.seq === 'number' ? f.seq : 0; // the history holds everything up to seq
     }
     this.everWelcomed = true;
     if (typeof f.ai_paused === 'boolean') this.onAiState(f.ai_paused, this.conversationId);
@@ -844,11 +870,17 @@
     this.transport.send({ type: 'history', conversation_id: this.conversationId, before: this.oldestId, limit: 20 });
   };
 
-  Client.prototype.onHistory = function (f) {
+  // The button comes back after the page arrives, and also when it never will: the socket closed
+  // (a history request is not resent), a new welcome, or an error frame not about a message.
+  Client.prototype.olderLoaded = function () {
     this.loadingOlder = false;
+    this.view.older.disabled = false;
+    this.view.older.textContent = 'Load older messages';
+  };
+
+  Client.prototype.onHistory = function (f) {
+    this.olderLoaded();
     var older = this.view.older;
-    older.disabled = false;
-    older.textContent = 'Load older messages';
     if (f.conversation_id && f.conversation_id !== this.conversationId) return;
     var messages = Array.isArray(f.messages) ? f.messages : [];
     var log = this.view.log;
@@ -925,6 +957,7 @@
     var ref = typeof f.ref === 'string' ? f.ref : null;
     var item = ref ? this.byClientId.get(ref) : null;
     if (item && item.kind !== 'user') item = null;
+    if (!item) this.olderLoaded(); // errors about a history request carry no message's ref
     var view = this.view;
     var self = this;
     if (code === 'not_found' && !this.ready && this.conversationId) {
@@ -1038,6 +1071,7 @@
     var client = new Client(root, {
       mode: mode,
       token: fragment.token,
+      tokenFromUrl: Boolean(fragment.token),
       course: fragment.course || query.get('course'),
       conversationId: fragment.conversation,
       onEvent: function (name, detail) {

@@ -92,6 +92,9 @@
     // Delimiters with no closer after some point have none after any later point either: remembering
     // that keeps input like "_a _a _a ..." linear instead of quadratic.
     var unclosed = {};
+    // The end of a run that failed as a URL: an "http" inside it stays text too, rather than being
+    // scanned to the same end again (quadratic on "http://[" repeated).
+    var plainUntil = 0;
     function flush() {
       if (buf) {
         parent.appendChild(document.createTextNode(buf));
@@ -105,7 +108,9 @@
 
       if (c === '\\') {
         if (next === '(' || next === '[') {
-          j = text.indexOf(next === '(' ? '\\)' : '\\]', i + 2);
+          var closer = next === '(' ? '\\)' : '\\]';
+          j = unclosed[closer] ? -1 : text.indexOf(closer, i + 2);
+          if (j < 0) unclosed[closer] = true;
           if (j > i + 2) {
             flush();
             parent.appendChild(mathNode(text.slice(i + 2, j), next === '['));
@@ -215,7 +220,7 @@
         }
       }
 
-      if ((c === 'h' || c === 'H') && !/[A-Za-z0-9]/.test(text.charAt(i - 1))) {
+      if ((c === 'h' || c === 'H') && i >= plainUntil && !/[A-Za-z0-9]/.test(text.charAt(i - 1))) {
         m = /^https?:\/\/[^\s<>"]*[^\s<>"'.,;:!?)\]]/i.exec(text.slice(i));
         if (m) {
           var url = safeUrl(m[0]);
@@ -225,6 +230,7 @@
             i += m[0].length;
             continue;
           }
+          plainUntil = i + m[0].length;
         }
       }
 

@@ -96,7 +96,7 @@
     this.courses = new Map();   // course id -> course
     this.sessions = new Map();  // student session id -> conversation
     this.convos = new Map();    // conversation id -> conversation
-    this.pending = [];          // frames awaiting their answer, in the order sent: errors carry no ref
+    this.pending = [];          // frames awaiting their answer, in the order sent; errors name theirs by ref
     this.open = null;
     this.dirty = new Set();
     this.frameRequest = 0;
@@ -330,7 +330,7 @@
 
   Dashboard.prototype.watch = function (course) {
     if (this.connection.send({ type: 'watch', course_id: course.id })) {
-      this.pending.push({ kind: 'watch', course: course, aiFrames: this.aiFrames });
+      this.pending.push({ kind: 'watch', ref: course.id, course: course, aiFrames: this.aiFrames });
     }
   };
 
@@ -574,8 +574,9 @@
 
   Dashboard.prototype.onError = function (f) {
     var ref = typeof f.ref === 'string' ? f.ref : null;
-    // The server answers frames in order, and an error names its frame only sometimes: it belongs to
-    // the frame named by `ref`, else to the oldest request still waiting for its answer.
+    // An error about a teacher's frame has `ref` (the course of a watch, the client id of an
+    // intervention, the conversation of an ai switch): it belongs to the oldest request with that ref.
+    // Only one without a known ref (a refused frame, a backing service down) is put on the oldest request.
     var op = (ref && this.settle(function (o) { return o.ref === ref; })) || this.pending.shift() || null;
     var reasons = {
       forbidden: 'you may not watch it', not_found: 'it does not exist', too_large: 'the message is too long',
@@ -1151,7 +1152,7 @@
     var paused = convo.paused !== true;
     if (!this.connection.send({ type: 'ai', conversation_id: convo.id, paused: paused })) return;
     convo.aiPending = paused;
-    this.pending.push({ kind: 'ai', convo: convo, paused: paused });
+    this.pending.push({ kind: 'ai', ref: convo.id, convo: convo, paused: paused });
     this.renderPane();
   };
 

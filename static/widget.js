@@ -7,8 +7,9 @@
  * iframe served by the tutor host (/embed). The JWT is fetched from data-token-url on the host's own
  * origin, handed to the iframe with postMessage addressed to the tutor origin only, and fetched again
  * before it expires. The host page never talks to the tutor's WebSocket itself.
- * Options (data-*): course, token-url (required); label, position (right|left), theme (light|dark),
- * open ("true" to start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close().
+ * Options (data-*): course, token-url (required); tenant (the token's tid: lets the school's per-tenant
+ * allowed origins frame /embed); label, position (right|left), theme (light|dark), open ("true" to
+ * start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close().
  */
 (function () {
   'use strict';
@@ -95,6 +96,8 @@
   wrap.appendChild(launcher);
   shadow.appendChild(wrap);
 
+  var MIN_REFRESH_MS = 30000;
+  var MAX_REFRESH_MS = 24 * 3600 * 1000;
   var iframe = null;
   var frameReady = false; // set when the embed page asks for its token
   var token = null;
@@ -107,14 +110,22 @@
     if (frameReady && iframe.contentWindow) iframe.contentWindow.postMessage(message, tutorOrigin);
   }
 
-  function expiry(jwt) {
+  // Milliseconds until the token should be fetched again (null: it says nothing of its expiry). Counted
+  // from its lifetime (exp - iat, both the server's clock) when it has iat, so a client clock that is
+  // wrong does not shorten it, and refreshed a minute (or a tenth of the lifetime) early, so a reconnect
+  // never meets an expired token. Clamped: setTimeout fires at once for delays over 2^31 - 1 ms.
+  function refreshDelay(jwt) {
+    var payload;
     try {
       var part = jwt.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-      var payload = JSON.parse(atob(part + '==='.slice((part.length + 3) % 4)));
-      return typeof payload.exp === 'number' ? payload.exp * 1000 : null;
+      payload = JSON.parse(atob(part + '==='.slice((part.length + 3) % 4)));
     } catch (e) {
       return null;
     }
+    if (!payload || typeof payload.exp !== 'number') return null;
+    var life = typeof payload.iat === 'number' && payload.iat < payload.exp
+      ? (payload.exp - payload.iat) * 1000 : payload.exp * 1000 - Date.now();
+    return Math.min(MAX_REFRESH_MS, Math.max(MIN_REFRESH_MS, life - Math.max(60000, life * 0.1)));
   }
 
   function schedule(delay) {
@@ -137,12 +148,8 @@
         token = value;
         failures = 0;
         post({ type: 'smartedu:token', token: token });
-        var exp = expiry(token);
-        if (exp) {
-          var left = exp - Date.now();
-          // Refresh a minute (or a tenth of the lifetime) early, so a reconnect never meets an expired token.
-          schedule(Math.max(5000, left - Math.max(60000, left * 0.1)));
-        }
+        var delay = refreshDelay(token);
+        if (delay !== null) schedule(delay);
       })
       .catch(function (error) {
         failures += 1;
@@ -166,6 +173,8 @@
     if (iframe) return;
     var src = new URL(config.embedPath || '/embed', tutorOrigin);
     src.searchParams.set('course', config.course);
+    // /embed lets the tenant's own allowed_origins frame it only when it knows the tenant.
+    if (config.tenant) src.searchParams.set('tenant', config.tenant);
     if (config.theme === 'light' || config.theme === 'dark') src.searchParams.set('theme', config.theme);
     iframe = document.createElement('iframe');
     iframe.title = 'Tutor chat';

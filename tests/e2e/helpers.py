@@ -92,13 +92,17 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def host_site(pages: dict[str, str], host: str = "localhost", port: int | None = None) -> AsyncIterator[str]:
-    """A school's own web site on another origin: serves the given HTML pages; yields its origin."""
+async def host_site(
+    pages: dict[str, str | tuple[str, str]], host: str = "localhost", port: int | None = None
+) -> AsyncIterator[str]:
+    """A school's own web site on another origin: serves the given pages (HTML, or `(body, content type)`);
+    yields its origin."""
     app = web.Application()
-    for path, body in pages.items():
+    for path, page in pages.items():
+        body, content_type = page if isinstance(page, tuple) else (page, "text/html")
 
-        async def handler(_: web.Request, body: str = body) -> web.Response:
-            return web.Response(text=body, content_type="text/html")
+        async def handler(_: web.Request, body: str = body, content_type: str = content_type) -> web.Response:
+            return web.Response(text=body, content_type=content_type)
 
         app.router.add_get(path, handler)
     runner = web.AppRunner(app, access_log=None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -53,6 +54,13 @@ async def _committed(server: Server, page: Page) -> list[dict[str, Any]]:
     body = await response.json()
     messages: list[dict[str, Any]] = body["messages"]
     return messages
+
+
+async def _open_scripted(page: Page, url: str, script: Callable[[WebSocketRoute], None]) -> None:
+    """Open the chat page with `script` (a `scripted_server`) playing the server, until it is online."""
+    await page.route_web_socket(re.compile(r"/ws$"), script)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
 
 
 async def _ask(page: Page, text: str) -> None:
@@ -186,9 +194,7 @@ async def test_reconnects_resumes_and_dedupes_on_a_scripted_socket(serve: Serve,
                 send(type="ack", id=frame["id"], message_id=9, reply_id=10, conversation_id="c1",
                      text=frame["text"], seq=20)
 
-    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
-    await page.goto(url)
-    await page.wait_for_selector('.se-status[data-state="online"]')
+    await _open_scripted(page, url, scripted_server(sockets, answer))
     await _ask(page, "Hi")
     await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Hello wörld'")
     await sockets[0].close(code=4000, reason="network blip")
@@ -213,4 +219,112 @@ async def test_reconnects_resumes_and_dedupes_on_a_scripted_socket(serve: Serve,
         "() => SmartEdu.client.outbox.length === 0 && document.querySelectorAll('.se-msg--user').length === 3"
     )
     assert sent[3]["text"] == "Again" and sent[3]["id"] != sent[1]["id"]  # a retry is a new message id
+    assert problems == []
+
+
+def _history(first: int, count: int) -> list[dict[str, Any]]:
+    """`count` committed messages from id `first`, questions and answers in turn."""
+    return [
+        {"id": i, "role": "user" if i % 2 == 0 else "assistant", "text": f"message {i}", "status": "complete",
+         "created_at": "2024-05-01T10:00:00Z"}
+        for i in range(first, first + count)
+    ]
+
+
+async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve: Serve, browser: Browser) -> None:
+    """A history request answered by an error, or lost with its socket, gives the button back (it used to
+    stay on "Loading…" until the page was reloaded)."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    requests: list[tuple[int, dict[str, Any]]] = []
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE, "has_more": True}
+        if frame["type"] == "hello" and number == 1:
+            send(**base, seq=3, history=_history(100, 20))
+        elif frame["type"] == "hello":
+            send(**base, seq=3, resumed=True, history=_history(100, 20))
+        elif frame["type"] == "history":
+            requests.append((number, frame))
+            if len(requests) == 1:
+                send(type="error", code="internal", message="a backing service is unavailable", ref="3f9a0c")
+            elif len(requests) == 3:  # the second one is lost with its socket
+                send(type="history", conversation_id="c1", messages=_history(90, 10), has_more=False)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await page.wait_for_selector('.se-msg[data-id="119"]')
+    older = page.locator(".se-older")
+
+    ready = "() => (b => !b.disabled && b.textContent === 'Load older messages')(document.querySelector('.se-older'))"
+
+    async def load_older(requested: int) -> None:
+        await page.wait_for_function(ready, timeout=5000)
+        await older.dispatch_event("click")  # a real click scrolls to the top, which asks too
+        while len(requests) < requested:
+            await page.wait_for_timeout(20)
+
+    await load_older(1)
+    await page.wait_for_selector('.se-notice[data-code="internal"]')
+
+    await load_older(2)
+    assert await older.text_content() == "Loading\u2026" and await older.is_disabled()  # no answer yet
+    await sockets[0].close(code=4000, reason="network blip")  # before the page arrives
+    await page.wait_for_function("() => SmartEdu.client.ready && SmartEdu.client.transport.connections === 2")
+    await load_older(3)
+    await page.wait_for_selector('.se-msg[data-id="90"]')
+    assert await older.is_hidden()
+    assert [(number, frame["before"]) for number, frame in requests] == [(1, 100), (1, 100), (2, 100)]
+    assert problems == []
+
+
+async def test_a_socket_lost_during_a_resume_replay_resumes_from_the_last_frame_received(
+    serve: Serve, browser: Browser
+) -> None:
+    """The scripted server keeps a frame log and replays it as a real one does (`seq > resume_from`, after a
+    `resumed` welcome whose seq is the log's end). The second socket is lost after one replayed frame: the
+    third hello must resume from that frame, not from the welcome's seq, or the answer's end is never seen."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    hellos: list[dict[str, Any]] = []
+    sockets: list[WebSocketRoute] = []
+    log: list[dict[str, Any]] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE}
+        if frame["type"] == "hello":
+            hellos.append(frame)
+            if number == 1:
+                send(**base, seq=10, history=[])
+                return
+            # Meanwhile (on another replica) the answer went on and ended.
+            log[2:] = [
+                {"type": "token", "conversation_id": "c1", "reply_id": 5, "offset": 6, "text": "wörld", "seq": 13},
+                {"type": "token", "conversation_id": "c1", "reply_id": 5, "offset": 11, "text": "!", "seq": 14},
+                {"type": "done", "conversation_id": "c1", "reply_id": 5, "status": "complete", "length": 12,
+                 "seq": 15},
+            ]
+            send(**base, seq=log[-1]["seq"], resumed=True, history=[])
+            replay = [f for f in log if f["seq"] > frame["resume_from"]]
+            for replayed in replay[:1] if number == 2 else replay:  # the second socket dies mid-replay
+                send(**replayed)
+        elif frame["type"] == "message":
+            log[:] = [
+                {"type": "ack", "id": frame["id"], "message_id": 4, "reply_id": 5, "conversation_id": "c1",
+                 "text": frame["text"], "seq": 11},
+                {"type": "token", "conversation_id": "c1", "reply_id": 5, "offset": 0, "text": "Hello ", "seq": 12},
+            ]
+            for logged in log:
+                send(**logged)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await _ask(page, "Hi")
+    await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Hello '")
+    await sockets[0].close(code=4000, reason="network blip")
+    await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Hello wörld'")
+    await sockets[1].close(code=4000, reason="lost during the replay")
+
+    await page.wait_for_selector('.se-msg--assistant[data-id="5"][data-status="complete"]', timeout=5000)
+    assert await page.locator('.se-msg--assistant[data-id="5"] .se-bubble__body').text_content() == "Hello wörld!"
+    assert [h.get("resume_from") for h in hellos] == [None, 12, 13]
     assert problems == []

@@ -2,9 +2,11 @@
 
 The school's page is served by a second local server, so it has another origin than the tutor. A page
 on an allowed origin frames the chat, hands it the token by postMessage and gets a streamed answer; a
-page on any other origin is refused by the browser (`frame-ancestors`). Last, the server is killed
-(SIGKILL) while an answer streams and started again on the same port: the framed chat reconnects and
-ends with exactly the text the server committed.
+page on any other origin is refused by the browser (`frame-ancestors`). widget.js with data-tenant loads
+on a school allowed only by its tenant, and refreshes its token by the token's lifetime. An expired
+token ends in "open the tutor again" when no new one comes (an LTI launch's LMS never sends one). Last,
+the server is killed (SIGKILL) while an answer streams and started again on the same port: the framed
+chat reconnects and ends with exactly the text the server committed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,7 @@ import asyncpg
 import pytest
 
 from server.settings import Settings
-from tests.conftest import TEST_SECRET, Serve, seed_course, token
+from tests.conftest import TEST_SECRET, Serve, Server, seed_course, token
 from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, browser, free_port, host_site, new_page, rendered
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
@@ -76,6 +79,17 @@ async def _allow(database_url: str, origin: str) -> None:
         await conn.close()
 
 
+async def _tutor_for_a_school(serve: Serve, **overrides: Any) -> tuple[Server, str, int]:
+    """A running tutor with the course, and a free port whose localhost origin only the tenant's
+    allowed_origins allows: the server, the tutor's origin and the school's port."""
+    server = await serve(**overrides)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    port = free_port()
+    assert server.settings.database_url
+    await _allow(server.settings.database_url, f"http://localhost:{port}")
+    return server, str(server.client.make_url("")).rstrip("/"), port
+
+
 async def _committed(tutor: str, conversation: str) -> list[dict[str, Any]]:
     async with (
         aiohttp.ClientSession() as session,
@@ -105,12 +119,7 @@ async def _shown(page: Page, chat: FrameLocator, reply: dict[str, Any]) -> None:
 async def test_an_allowed_school_frames_the_chat_and_gets_a_streamed_answer(
     serve: Serve, browser: Browser, tmp_path: Path
 ) -> None:
-    server = await serve(offline_ttft_ms=50, offline_tokens_per_s=200)
-    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
-    tutor = str(server.client.make_url("")).rstrip("/")
-    port = free_port()
-    assert server.settings.database_url
-    await _allow(server.settings.database_url, f"http://localhost:{port}")
+    _, tutor, port = await _tutor_for_a_school(serve, offline_ttft_ms=50, offline_tokens_per_s=200)
     async with host_site({"/": school_page(tutor, STUDENT)}, port=port) as school:
         problems = Problems()
         page = await new_page(browser, problems, viewport={"width": 1000, "height": 680})
@@ -158,6 +167,146 @@ async def test_a_school_that_is_not_allowed_cannot_frame_the_chat(serve: Serve, 
         assert await page.evaluate("window.events") == []
         assert any("frame-ancestors" in line for line in console), console
         await page.close()
+
+
+def widget_page(tutor: str, tenant: str) -> str:
+    """A school's page with the one-tag widget, opened on load; its token comes from /smartedu/token."""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Springfield High</title></head>
+<body><h1>Week 3: prime numbers</h1>
+<script src="{tutor}/static/widget.js" data-course="{COURSE}" data-tenant="{tenant}"
+        data-token-url="/smartedu/token" data-open="true" async></script>
+</body></html>"""
+
+
+async def test_the_widget_loads_on_a_school_allowed_only_by_its_tenant(serve: Serve, browser: Browser) -> None:
+    """data-tenant puts the tenant in the iframe's URL, so /embed lets the tenant's allowed_origins frame
+    it: without it, a school missing from SMARTEDU_ALLOWED_ORIGINS gets `frame-ancestors 'none'`."""
+    server, tutor, port = await _tutor_for_a_school(serve, offline_ttft_ms=50, offline_tokens_per_s=200)
+    assert server.settings.allowed_origins == ()  # nothing configured globally: only the tenant's list
+    pages: dict[str, str | tuple[str, str]] = {
+        "/": widget_page(tutor, TENANT),
+        "/smartedu/token": (STUDENT, "text/plain"),
+    }
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems)
+        embeds: list[tuple[str, dict[str, str]]] = []
+        page.on("response", lambda r: embeds.append((r.url, r.headers)) if "/embed?" in r.url else None)
+        await page.goto(f"{school}/")
+        chat = page.frame_locator("#smartedu-widget iframe")  # in the widget's open shadow root
+        await chat.locator('.se-status[data-state="online"]').wait_for()
+        url, headers = embeds[0]
+        assert f"tenant={TENANT}" in url
+        assert f"frame-ancestors http://localhost:{port}" in headers["content-security-policy"]
+        await _ask(chat, "What is a prime number?")
+        await chat.locator('.se-msg--assistant[data-status="complete"]').wait_for(timeout=ANSWER_WAIT_MS)
+        await page.close()
+        assert problems == []
+
+
+EXPIRED = token("stu-embed", tenant=TENANT, name="Ada", ttl_s=-3600)
+SIGNED_OUT = '.se-status[data-state="signed-out"]'
+EXPIRED_NOTICE = '.se-notice[data-code="unauthorized"]:has-text("Open the tutor again from your course")'
+
+
+def lms_page(tutor: str, jwt: str) -> str:
+    """An LMS page framing the chat as an LTI launch leaves it (token in the fragment); like an LMS, it
+    never answers the chat's messages."""
+    src = f"{tutor}/embed?course={COURSE}&tenant={TENANT}#token={jwt}&course={COURSE}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Moodle — Algebra I</title></head>
+<body><iframe id="tutor" title="Tutor chat" src="{src}"></iframe>
+<script>
+  window.events = [];
+  addEventListener("message", (event) => window.events.push(event.data.type));
+</script></body></html>"""
+
+
+async def _framed_with_expired_token(
+    serve: Serve, browser: Browser, school_page: Callable[[str, str], str]
+) -> tuple[Page, list[str]]:
+    """`school_page(tutor, EXPIRED)`, from an allowed origin, frames the chat, which is refused (4401)."""
+    _, tutor, port = await _tutor_for_a_school(serve)
+    page = await browser.new_page()
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    async with host_site({"/": school_page(tutor, EXPIRED)}, port=port) as school:
+        await page.goto(f"{school}/")
+        await page.frame_locator("#tutor").locator(SIGNED_OUT).wait_for()
+    return page, sockets
+
+
+async def test_after_an_lti_launch_an_expired_token_says_to_open_the_tutor_again(
+    serve: Serve, browser: Browser
+) -> None:
+    """The LMS never sends a new token, so the chat must not promise one ("Signing you in again…")."""
+    page, sockets = await _framed_with_expired_token(serve, browser, lms_page)
+    chat = page.frame_locator("#tutor")
+    await chat.locator(EXPIRED_NOTICE).wait_for(timeout=2000)  # at once, not after the wait for a token
+    assert "smartedu:token-expired" in await page.evaluate("window.events")  # a parent that can answer, may
+    assert len(sockets) == 1
+    await page.close()
+
+
+async def test_an_expired_token_that_the_parent_does_not_replace_says_to_open_the_tutor_again(
+    serve: Serve, browser: Browser
+) -> None:
+    """A parent that answers token-expired with the token just refused (or not at all): after a few
+    seconds the chat stops saying "Signing you in again…", and it does not retry the refused token."""
+    page, sockets = await _framed_with_expired_token(serve, browser, school_page)
+    chat = page.frame_locator("#tutor")
+    notice = chat.locator('.se-notice[data-code="unauthorized"] .se-notice__text')
+    assert await notice.text_content() == "Signing you in again\u2026"
+    await chat.locator(EXPIRED_NOTICE).wait_for(timeout=12_000)
+    assert await page.evaluate("window.events.filter(type => type === 'smartedu:token-expired').length") == 1
+    assert len(sockets) == 1
+    await page.close()
+
+
+async def _widget_fetches(serve: Serve, browser: Browser, jwt: str, ahead_s: float = 0) -> tuple[Page, list[str]]:
+    """A school page with the widget, open, whose token endpoint returns `jwt`, on a browser whose clock
+    is `ahead_s` ahead of the server's: the page, once the chat is online, and the token requests so far."""
+    _, tutor, port = await _tutor_for_a_school(serve)
+    pages: dict[str, str | tuple[str, str]] = {"/": widget_page(tutor, TENANT), "/smartedu/token": (jwt, "text/plain")}
+    page = await browser.new_page()
+    fetches: list[str] = []
+    page.on("request", lambda r: fetches.append(r.url) if r.url.endswith("/smartedu/token") else None)
+    if ahead_s:
+        await page.clock.install(time=time.time() + ahead_s)
+    async with host_site(pages, port=port) as school:
+        await page.goto(f"{school}/")
+        await page.frame_locator("#smartedu-widget iframe").locator('.se-status[data-state="online"]').wait_for()
+    return page, fetches
+
+
+async def test_the_widget_does_not_refetch_a_long_lived_token_in_a_loop(serve: Serve, browser: Browser) -> None:
+    """A 30-day token: its refresh delay used to overflow setTimeout (over 2^31 - 1 ms), which fires at once."""
+    page, fetches = await _widget_fetches(serve, browser, token("stu-embed", tenant=TENANT, ttl_s=30 * 86400))
+    await page.wait_for_timeout(1500)
+    assert len(fetches) == 1
+    await page.close()
+
+
+async def test_the_widget_refreshes_by_the_token_lifetime_not_a_client_clock_ahead(
+    serve: Serve, browser: Browser
+) -> None:
+    """The browser's clock is 20 minutes ahead: a fresh 15-minute token looks expired by it. The refresh
+    is counted from the token's own lifetime (exp - iat), so it comes after about 13.5 minutes, not
+    every 5 seconds."""
+    jwt = token("stu-embed", tenant=TENANT, ttl_s=900)
+    page, fetches = await _widget_fetches(serve, browser, jwt, ahead_s=1200)
+    for _ in range(3):
+        await page.clock.fast_forward(60_000)
+        await page.wait_for_timeout(300)
+    assert len(fetches) == 1
+    await page.clock.fast_forward(11 * 60_000)  # 14 minutes in all
+    for _ in range(50):  # the refresh is due: its request goes out in a moment
+        if len(fetches) == 2:
+            break
+        await page.wait_for_timeout(100)
+    assert len(fetches) == 2
+    await page.close()
 
 
 # -- kill -9 and restart while an answer streams ------------------------------------------------------

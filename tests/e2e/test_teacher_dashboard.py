@@ -30,6 +30,16 @@ TEACHER = token("tea-1", role="teacher", tenant=TENANT, courses=[COURSE], name="
 STUDENT = token("stu-1", tenant=TENANT, name="Ada")
 
 
+ADA = {"session_id": "s-ada", "user_id": "u-ada", "name": "Ada", "role": "student", "conversation_id": "c-ada",
+       "replica": "r1", "since": 0, "ai_paused": False}  # as in a snapshot
+
+
+def _welcome_teacher(send: Send) -> None:
+    """What a scripted server answers the dashboard's hello with."""
+    send(type="welcome", conversation_id="own", course_id=None, history=[], seq=0,
+         user={"name": "Ms Rivera", "role": "teacher"})
+
+
 async def _open_dashboard(server: Server, browser: Browser, problems: Problems, jwt: str = TEACHER) -> Page:
     page = await new_page(browser, problems, "teacher")
     await page.goto(str(server.client.make_url("/teacher")) + f"#token={jwt}")
@@ -187,18 +197,15 @@ async def test_a_snapshot_older_than_an_ai_state_frame_does_not_undo_it(serve: S
     problems = Problems()
     page = await new_page(browser, problems, "teacher")
     sockets: list[WebSocketRoute] = []
-    ada = {"session_id": "s-ada", "user_id": "u-ada", "name": "Ada", "role": "student", "conversation_id": "c-ada",
-           "replica": "r1", "since": 0, "ai_paused": False}
 
     def answer(number: int, frame: dict[str, Any], send: Send) -> None:
         if frame["type"] == "hello":
-            send(type="welcome", conversation_id="own", course_id=None, history=[], seq=0,
-                 user={"name": "Ms Rivera", "role": "teacher"})
+            _welcome_teacher(send)
         elif frame["type"] == "watch":
             if number == 1:
                 paused = {"type": "ai_state", "conversation_id": "c-ada", "paused": True, "seq": 7}
                 send(type="event", course_id=COURSE, kind="frame", conversation_id="c-ada", frame=paused)
-            send(type="snapshot", course_id=COURSE, students=[ada])
+            send(type="snapshot", course_id=COURSE, students=[ADA])
 
     await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
     await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")
@@ -209,6 +216,38 @@ async def test_a_snapshot_older_than_an_ai_state_frame_does_not_undo_it(serve: S
     await page.wait_for_function("() => document.querySelectorAll('.st-chip--paused:not([hidden])').length === 0",
                                  timeout=10_000)
     assert len(sockets) == 2
+    assert problems == []
+
+
+async def test_an_error_is_put_on_the_request_its_ref_names(serve: Serve, browser: Browser) -> None:
+    """On a scripted socket, the watch of a second course is still unanswered when pausing the AI for Ada
+    fails: the error names Ada's conversation, so the pause is what failed, not the older watch."""
+    server = await serve()
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            _welcome_teacher(send)
+        elif frame["type"] == "watch" and frame["course_id"] == COURSE:
+            send(type="snapshot", course_id=COURSE, students=[ADA])
+        elif frame["type"] == "ai":  # the geometry watch is never answered
+            send(type="error", code="not_found", message="conversation not found", ref=frame["conversation_id"])
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    courses = {"courses": [{"id": COURSE, "title": "Algebra I"}, {"id": "geometry", "title": "Geometry"}]}
+    await page.route("**/api/teacher/courses", lambda route: route.fulfill(json=courses))
+    jwt = token("tea-1", role="teacher", tenant=TENANT, courses=[COURSE, "geometry"], name="Ms Rivera")
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={jwt}")
+    await page.get_by_role("button", name=re.compile(r"^Ada")).click()
+    toggle = page.locator(".st-ai__toggle")
+    await toggle.click()
+    notice = page.locator(".st-notices")
+    await notice.get_by_text("The AI tutor could not be paused for Ada: it does not exist.").wait_for()
+    assert await toggle.text_content() == "Pause AI" and await toggle.is_enabled()
+    geometry = page.locator('.st-course[data-course-id="geometry"] .st-course__state')
+    assert "Cannot watch" not in (await geometry.text_content() or "")
     assert problems == []
 
 
@@ -243,14 +282,7 @@ async def test_flags_failures_and_reconnect_on_a_scripted_socket(serve: Serve, b
             )
 
         if frame["type"] == "hello":
-            send(
-                type="welcome",
-                conversation_id="own",
-                course_id=None,
-                history=[],
-                seq=0,
-                user={"name": "Ms Rivera", "role": "teacher"},
-            )
+            _welcome_teacher(send)
         elif frame["type"] == "watch":
             watches.append(frame)
             send(type="snapshot", course_id=COURSE, students=[ada, ben] if number == 1 else [ben])

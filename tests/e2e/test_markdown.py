@@ -1,0 +1,76 @@
+"""markdown.js in real headless Chromium, on a blank page (no server): TeX delimiters and autolinks that
+never close render in linear time, and what does close still renders as before.
+
+The time budget is generous (hostile 128k-character answers took seconds before, and take milliseconds
+now) and scaled by the time plain text of the same length takes on this machine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.e2e.helpers import Problems, browser, new_page
+
+if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
+    from playwright.async_api import Browser, Page
+
+pytestmark = pytest.mark.e2e
+__all__ = ["browser"]  # the fixture, imported for the tests below
+
+MARKDOWN_JS = Path(__file__).resolve().parents[2] / "static" / "markdown.js"
+LENGTH = 128_000
+TIMED = """t => {
+  const started = performance.now();
+  document.createElement('div').appendChild(SmartEdu.renderMarkdown(t));
+  return performance.now() - started;
+}"""
+HTML = "t => { const d = document.createElement('div'); d.appendChild(SmartEdu.renderMarkdown(t)); return d.innerHTML }"
+
+
+async def _renderer(browser: Browser, problems: Problems) -> Page:
+    page = await new_page(browser, problems)
+    await page.set_content("<!doctype html><html><body></body></html>")
+    await page.add_script_tag(path=str(MARKDOWN_JS))
+    return page
+
+
+async def _ms(page: Page, unit: str) -> float:
+    text = unit * (LENGTH // len(unit))
+    best = min([await page.evaluate(TIMED, text) for _ in range(2)])
+    return float(best)
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        pytest.param("\\(a ", id="inline-tex-parens"),
+        pytest.param("x \\[a ", id="mid-line-tex-brackets"),
+        pytest.param("http://[", id="autolink-not-a-url"),
+    ],
+)
+async def test_unclosed_delimiters_render_in_linear_time(browser: Browser, unit: str) -> None:
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    plain = await _ms(page, "plain text ")
+    hostile = await _ms(page, unit)
+    assert hostile < 250 + 10 * plain, (hostile, plain)
+    assert problems == []
+
+
+async def test_closed_delimiters_still_render(browser: Browser) -> None:
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    html = await page.evaluate(HTML, "\\(x^2\\) and \\( alone, then \\[y\\] and \\[ alone")
+    assert html == (
+        '<p><code class="se-math">x^2</code> and ( alone, then <code class="se-math se-math--display">y</code>'
+        " and [ alone</p>"  # an unclosed one is an escaped bracket
+    )
+    links = await page.evaluate(
+        "t => [...SmartEdu.renderMarkdown(t).querySelectorAll('a')].map(a => a.href)",
+        "see http://[oops, https://example.com/a. and http://x.org",
+    )
+    assert links == ["https://example.com/a", "http://x.org/"]
+    assert problems == []
