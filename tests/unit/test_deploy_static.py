@@ -8,6 +8,7 @@ are external binaries: without them these tests skip, except under CI=true where
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -46,6 +47,9 @@ ENV_EXAMPLE = ROOT / ".env.example"
 # The oldest Kubernetes minor the manifests promise to work on; kubernetes-validate ships its schemas.
 K8S_VERSION = "1.31.0"
 COMPOSE_UPSTREAMS = ("app1:8080", "app2:8080", "app3:8080")
+# The compose rendering includes the realip directives that real-ip.sh writes from SMARTEDU_TRUSTED_PROXIES.
+COMPOSE_REAL_IP_INCLUDE = "/etc/nginx/smartedu/real-ip.conf"
+REAL_IP_SCRIPT = NGINX_DIR / "real-ip.sh"
 APP_REPLICAS = ("app1", "app2", "app3")
 DRAIN_SECONDS = 20
 
@@ -288,8 +292,18 @@ def test_compose_volumes(compose: dict[str, Any], services: dict[str, dict[str, 
                 assert source in named, f"{name} uses undeclared volume {source}"
     assert services["nginx"]["volumes"] == [
         "./deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro",
+        "./deploy/nginx/real-ip.sh:/docker-entrypoint.d/40-smartedu-real-ip.sh:ro",
         "./static:/srv/static:ro",
     ]
+
+
+def test_compose_nginx_gets_its_trusted_proxies(services: dict[str, dict[str, Any]]) -> None:
+    # The official image runs executable *.sh files in /docker-entrypoint.d/ before NGINX starts; the
+    # script writes the file the compose rendering includes, from the variable compose passes on.
+    assert os.access(REAL_IP_SCRIPT, os.X_OK), "real-ip.sh must be executable (the image skips it otherwise)"
+    script = REAL_IP_SCRIPT.read_text(encoding="utf-8")
+    assert f"SMARTEDU_REAL_IP_CONF:-{COMPOSE_REAL_IP_INCLUDE}}}" in script
+    assert services["nginx"]["environment"]["SMARTEDU_TRUSTED_PROXIES"] == "${SMARTEDU_TRUSTED_PROXIES:-}"
 
 
 def test_compose_resource_limits_and_restart(services: dict[str, dict[str, Any]]) -> None:
@@ -344,18 +358,18 @@ def test_env_example_has_only_placeholders() -> None:
 
 
 def test_compose_nginx_conf_is_the_template_rendering() -> None:
-    rendered = RENDER.render(RENDER.NginxOptions(upstreams=COMPOSE_UPSTREAMS))
+    rendered = RENDER.render(RENDER.NginxOptions(upstreams=COMPOSE_UPSTREAMS, real_ip_include=COMPOSE_REAL_IP_INCLUDE))
     assert (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8") == rendered, (
         "deploy/nginx/nginx.conf is stale; regenerate it with "
         "python deploy/nginx/render.py --upstream app1:8080 --upstream app2:8080 --upstream app3:8080 "
-        "--output deploy/nginx/nginx.conf"
+        f"--real-ip-include {COMPOSE_REAL_IP_INCLUDE} --output deploy/nginx/nginx.conf"
     )
 
 
 def test_render_cli_writes_the_same_text(tmp_path: Path) -> None:
     output = tmp_path / "nginx.conf"
     args = [arg for upstream in COMPOSE_UPSTREAMS for arg in ("--upstream", upstream)]
-    assert RENDER.main([*args, "--output", str(output)]) == 0
+    assert RENDER.main([*args, "--real-ip-include", COMPOSE_REAL_IP_INCLUDE, "--output", str(output)]) == 0
     assert output.read_text(encoding="utf-8") == (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8")
 
 
@@ -370,12 +384,58 @@ def test_render_cli_writes_the_same_text(tmp_path: Path) -> None:
         {"static_root": "/srv/static;\n include /etc/passwd"},
         {"pid": "/tmp/$pid"},
         {"ws_burst": 0},
+        {"trusted_proxies": ("lb.example",)},
+        {"trusted_proxies": ("10.0.0.1/8",)},
+        {"trusted_proxies": ("10.0.0.0/8; include /etc/passwd",)},
+        {"real_ip_include": "relative/real-ip.conf"},
+        {"trusted_proxies": ("10.0.0.0/8",), "real_ip_include": "/etc/nginx/smartedu/real-ip.conf"},
     ],
 )
 def test_render_rejects_unsafe_values(changes: dict[str, Any]) -> None:
     options = {"upstreams": ("127.0.0.1:9001",), **changes}
     with pytest.raises(RENDER.RenderError):
         RENDER.render(RENDER.NginxOptions(**options))
+
+
+def test_render_trusted_proxies() -> None:
+    options = RENDER.NginxOptions(upstreams=("127.0.0.1:9001",), trusted_proxies=("10.0.0.0/8", "2001:db8::/32"))
+    http = directives(nginx_block(RENDER.render(options), "http {"))
+    assert [line for line in http if line.startswith("real_ip") or line.startswith("set_real_ip")] == [
+        "set_real_ip_from 10.0.0.0/8;",
+        "set_real_ip_from 2001:db8::/32;",
+        "real_ip_header X-Forwarded-For;",
+        "real_ip_recursive on;",
+    ]
+    untrusted = RENDER.render(RENDER.NginxOptions(upstreams=("127.0.0.1:9001",)))
+    assert not any("real_ip" in line or line.startswith("include") for line in directives(untrusted))
+
+
+def run_real_ip_script(output: Path, proxies: str | None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SMARTEDU_REAL_IP_CONF": str(output)}
+    if proxies is not None:
+        env["SMARTEDU_TRUSTED_PROXIES"] = proxies
+    return subprocess.run(
+        ["sh", str(REAL_IP_SCRIPT)], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_real_ip_script_writes_what_render_renders(tmp_path: Path) -> None:
+    output = tmp_path / "conf" / "real-ip.conf"
+    result = run_real_ip_script(output, "10.0.0.0/8, 2001:db8::/32 192.0.2.7")
+    assert result.returncode == 0, result.stderr
+    expected = RENDER.real_ip_directives(("10.0.0.0/8", "2001:db8::/32", "192.0.2.7"))
+    assert directives(output.read_text(encoding="utf-8")) == expected
+
+    for unset in (None, "", " , "):
+        result = run_real_ip_script(output, unset)
+        assert result.returncode == 0, result.stderr
+        assert directives(output.read_text(encoding="utf-8")) == [], unset
+
+    bad = tmp_path / "bad" / "real-ip.conf"
+    for value in ("10.0.0.0/8;include /etc/passwd", "lb.example", "*"):
+        result = run_real_ip_script(bad, value)
+        assert result.returncode != 0 and "SMARTEDU_TRUSTED_PROXIES" in result.stderr, value
+        assert list(bad.parent.iterdir()) == [], value
 
 
 def test_nginx_config_content() -> None:
@@ -387,13 +447,14 @@ def test_nginx_config_content() -> None:
         f"server {u} max_fails=3 fail_timeout=10s;" for u in COMPOSE_UPSTREAMS
     ]
     assert "listen 80;" in lines
+    assert f"include {COMPOSE_REAL_IP_INCLUDE};" in lines
     assert not any(line.startswith(("daemon", "user ")) for line in lines)
     assert "map $http_upgrade $smartedu_connection {" in lines
     for header in (
         "Upgrade $http_upgrade",
         "Connection $smartedu_connection",
         "X-Real-IP $remote_addr",
-        "X-Forwarded-For $proxy_add_x_forwarded_for",
+        "X-Forwarded-For $smartedu_forwarded_for",
         "X-Forwarded-Proto",
         "X-Request-ID $smartedu_request_id",
     ):
@@ -418,13 +479,6 @@ def test_nginx_config_content() -> None:
     # add_header in a location would drop the server-level security headers there.
     assert not any(line.startswith("add_header") for line in static)
     assert "proxy_pass http://smartedu_app;" in directives(nginx_block(config, "location / "))
-
-
-@dataclass
-class NativeNginx:
-    base_url_host: str
-    port: int
-    prefix: Path
 
 
 def free_port() -> int:
@@ -464,7 +518,7 @@ def test_nginx_accepts_rendered_config(tmp_path: Path) -> None:
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
-    """Stub replica: answers every GET with the path and headers it received."""
+    """Stub replica: answers every GET with the path and headers it received, and its own port."""
 
     protocol_version = "HTTP/1.1"
     seen: list[dict[str, str]] = []
@@ -472,7 +526,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         headers = {key.lower(): value for key, value in self.headers.items()}
         self.seen.append({"path": self.path, **headers})
-        body = json.dumps({"path": self.path, "headers": headers}).encode()
+        upstream = self.server.server_address[1]
+        body = json.dumps({"path": self.path, "headers": headers, "upstream": upstream}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -501,29 +556,47 @@ def fetch(port: int, path: str, headers: dict[str, str] | None = None) -> Reply:
         connection.close()
 
 
-@pytest.fixture
-def running_nginx(tmp_path: Path) -> Iterator[tuple[int, list[dict[str, str]], Path]]:
+@dataclass
+class StubbedNginx:
+    """A native NGINX from the template in front of stub replicas that echo what they received."""
+
+    port: int
+    seen: list[dict[str, str]]
+    prefix: Path
+
+    def access_log(self) -> list[dict[str, Any]]:
+        lines = (self.prefix / "access.log").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+@contextlib.contextmanager
+def stubbed_nginx(tmp_path: Path, replicas: int = 1, **extra: Any) -> Iterator[StubbedNginx]:
     nginx = require_tool("nginx")
     seen: list[dict[str, str]] = []
     handler = type("Handler", (_EchoHandler,), {"seen": seen})
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    upstream.daemon_threads = True
-    thread = threading.Thread(target=upstream.serve_forever, daemon=True)
-    thread.start()
-    static_root = tmp_path / "static"
-    static_root.mkdir()
-    (static_root / "probe.css").write_text("body { color: #222; }\n", encoding="utf-8")
-    port = free_port()
-    prefix = tmp_path / "nginx"
-    config = render_native(
-        prefix, (f"127.0.0.1:{upstream.server_address[1]}",), static_root, port, ws_rate_per_second=1, ws_burst=1
-    )
-    process = subprocess.Popen(
-        [nginx, "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with contextlib.ExitStack() as stack:
+        upstreams = []
+        for _ in range(replicas):
+            upstream = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            upstream.daemon_threads = True
+            thread = threading.Thread(target=upstream.serve_forever, daemon=True)
+            thread.start()
+            stack.callback(thread.join, 5)
+            stack.callback(upstream.server_close)
+            stack.callback(upstream.shutdown)
+            upstreams.append(f"127.0.0.1:{upstream.server_address[1]}")
+        static_root = tmp_path / "static"
+        static_root.mkdir(exist_ok=True)
+        (static_root / "probe.css").write_text("body { color: #222; }\n", encoding="utf-8")
+        port = free_port()
+        prefix = tmp_path / "nginx"
+        config = render_native(prefix, tuple(upstreams), static_root, port, **extra)
+        process = subprocess.Popen(
+            [nginx, "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log"), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stack.callback(_stop, process)
         deadline = time.monotonic() + 10
         while True:
             assert process.poll() is None, (prefix / "error.log").read_text(encoding="utf-8")
@@ -533,17 +606,22 @@ def running_nginx(tmp_path: Path) -> Iterator[tuple[int, list[dict[str, str]], P
             except OSError:
                 assert time.monotonic() < deadline, "nginx did not start listening"
                 time.sleep(0.05)
-        yield port, seen, prefix
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        upstream.shutdown()
-        upstream.server_close()
-        thread.join(timeout=5)
+        yield StubbedNginx(port, seen, prefix)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def running_nginx(tmp_path: Path) -> Iterator[tuple[int, list[dict[str, str]], Path]]:
+    with stubbed_nginx(tmp_path, ws_rate_per_second=1, ws_burst=1) as running:
+        yield running.port, running.seen, running.prefix
 
 
 def test_nginx_proxies_serves_static_and_hides_metrics(
@@ -590,6 +668,46 @@ def test_nginx_rate_limits_websocket_handshakes(running_nginx: tuple[int, list[d
     statuses = [fetch(port, "/ws").status for _ in range(4)]
     assert statuses[0] == 200
     assert 429 in statuses, statuses
+
+
+def test_nginx_keys_clients_by_forwarded_address_from_a_trusted_proxy(tmp_path: Path) -> None:
+    # The test client connects from 127.0.0.1, which stands for the load balancer here.
+    with stubbed_nginx(
+        tmp_path, replicas=2, trusted_proxies=("127.0.0.1",), ws_rate_per_second=1, ws_burst=1
+    ) as nginx:
+        # The client address is the last one no trusted proxy added: a client cannot pick its own by
+        # sending X-Forwarded-For itself (198.51.100.7 here).
+        reply = fetch(nginx.port, "/health", {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"})
+        upstream_headers = json.loads(reply.body)["headers"]
+        assert upstream_headers["x-real-ip"] == "203.0.113.9"
+        assert upstream_headers["x-forwarded-for"] == "198.51.100.7, 203.0.113.9, 127.0.0.1"
+
+        # The handshake limit counts per client, not for the balancer as a whole.
+        limited = [fetch(nginx.port, "/ws", {"X-Forwarded-For": "203.0.113.9"}).status for _ in range(4)]
+        assert 429 in limited, limited
+        assert fetch(nginx.port, "/ws", {"X-Forwarded-For": "198.51.100.20"}).status == 200
+
+        # ip_hash spreads clients over the replicas instead of sending the balancer's traffic to one.
+        replicas = {
+            json.loads(fetch(nginx.port, "/health", {"X-Forwarded-For": f"10.{i}.0.1"}).body)["upstream"]
+            for i in range(8)
+        }
+        assert len(replicas) == 2, replicas
+    # Read once NGINX has stopped: it writes a log line after the response has gone out.
+    health = [entry for entry in nginx.access_log() if entry["uri"] == "/health"]
+    assert health[0]["remote_addr"] == "203.0.113.9" and health[0]["peer_addr"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("trusted", "client"), [("127.0.0.0/8", "203.0.113.9"), ("10.0.0.0/8", "127.0.0.1")])
+def test_nginx_container_trusts_only_smartedu_trusted_proxies(tmp_path: Path, trusted: str, client: str) -> None:
+    """The compose path: real-ip.sh writes the file that the rendering includes."""
+    include = tmp_path / "smartedu" / "real-ip.conf"
+    result = run_real_ip_script(include, trusted)
+    assert result.returncode == 0, result.stderr
+    with stubbed_nginx(tmp_path, real_ip_include=str(include)) as nginx:
+        reply = fetch(nginx.port, "/health", {"X-Forwarded-For": "203.0.113.9"})
+        assert json.loads(reply.body)["headers"]["x-real-ip"] == client
+    assert [entry["remote_addr"] for entry in nginx.access_log()] == [client]
 
 
 # -------------------------------------------------------------------------------------------- Dockerfile
