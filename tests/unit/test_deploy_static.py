@@ -451,6 +451,8 @@ def test_nginx_config_content() -> None:
     assert not any(line.startswith(("daemon", "user ")) for line in lines)
     assert "map $http_upgrade $smartedu_connection {" in lines
     for header in (
+        "Host $smartedu_host",
+        "X-Forwarded-Host $smartedu_host",
         "Upgrade $http_upgrade",
         "Connection $smartedu_connection",
         "X-Real-IP $remote_addr",
@@ -634,6 +636,8 @@ def test_nginx_proxies_serves_static_and_hides_metrics(
     upstream_headers = json.loads(reply.body)["headers"]
     assert upstream_headers["x-real-ip"] == "127.0.0.1"
     assert upstream_headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    # The port stays in Host: the app's same-origin check compares it with the Origin's.
+    assert upstream_headers["host"] == upstream_headers["x-forwarded-host"] == f"127.0.0.1:{port}"
     assert upstream_headers["x-forwarded-proto"] == "http"
     assert re.fullmatch(r"[0-9a-f]{32}", upstream_headers["x-request-id"])
     assert "upgrade" not in upstream_headers and "connection" not in upstream_headers
