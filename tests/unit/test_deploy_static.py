@@ -335,16 +335,115 @@ def test_compose_secrets_come_from_env_file(services: dict[str, dict[str, Any]])
     for secret in (
         "POSTGRES_PASSWORD",
         "REDIS_PASSWORD",
-        "SMARTEDU_JWT_SECRET",
         "SMARTEDU_SESSION_KEY",
         "GRAFANA_ADMIN_PASSWORD",
     ):
         assert f"${{{secret}:?" in text, f"{secret} must be required from .env"
+    # Either a secret or a public key verifies tokens: compose requires neither, the app one of them.
+    for either in ("SMARTEDU_JWT_SECRET", "SMARTEDU_JWT_PUBLIC_KEY"):
+        assert services["app1"]["environment"][either] == f"${{{either}:-}}"
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", ENV_EXAMPLE.read_text(encoding="utf-8"), re.M))
     referenced = set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)", text))
     passed_through = {key for key, value in services["app1"]["environment"].items() if value is None}
     missing = (referenced | passed_through) - documented
     assert not missing, f"not documented in .env.example: {sorted(missing)}"
+
+
+# Documented SMARTEDU_* variables that are not the app's settings.
+COMPOSE_ONLY_VARIABLES = {
+    "SMARTEDU_VERSION": "the tag of the image compose builds",
+    "SMARTEDU_HTTP_PORT": "the host port NGINX publishes",
+    "SMARTEDU_TRUSTED_PROXIES": "read by the nginx container (deploy/nginx/real-ip.sh)",
+}
+# The app reads its settings in these modules.
+SETTINGS_SOURCES = (ROOT / "server" / "settings.py", ROOT / "ai" / "config.py")
+REQUIRED_DOTENV = {
+    "POSTGRES_PASSWORD": "0" * 64,
+    "REDIS_PASSWORD": "1" * 64,
+    "SMARTEDU_SESSION_KEY": "A" * 43 + "=",
+    "GRAFANA_ADMIN_PASSWORD": "2" * 64,
+}
+PUBLIC_KEY = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
+
+
+def compose_value(value: Any, dotenv: dict[str, str]) -> str:
+    """Compose's interpolation of one value for the forms this file uses: ${VAR}, ${VAR:-d}, ${VAR:?err}."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2), match.group(3)
+        current = dotenv.get(name, "")
+        if operator == ":?" and not current:
+            raise LookupError(f"compose refuses to start: {name}: {argument}")
+        return current or (argument if operator == ":-" else "")
+
+    return re.sub(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}", substitute, str(value))
+
+
+def container_environment(service: dict[str, Any], dotenv: dict[str, str]) -> dict[str, str]:
+    """What a container's environment would be for this .env (a key without value: passed when set)."""
+    result = {}
+    for key, value in service["environment"].items():
+        if value is None:
+            if key in dotenv:
+                result[key] = dotenv[key]
+        else:
+            result[key] = compose_value(value, dotenv)
+    return result
+
+
+def dockerfile_env() -> set[str]:
+    envs = " ".join(args for keyword, args in dockerfile_instructions() if keyword == "ENV")
+    return set(re.findall(r"\b([A-Z][A-Z0-9_]+)=", envs))
+
+
+def test_every_documented_variable_reaches_the_app(services: dict[str, dict[str, Any]]) -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8") + ENV_EXAMPLE.read_text(encoding="utf-8")
+    documented = set(re.findall(r"\bSMARTEDU_[A-Z0-9_]*[A-Z0-9]\b", text))
+    read = "\n".join(path.read_text(encoding="utf-8") for path in SETTINGS_SOURCES)
+    passed = set(services["app1"]["environment"]) | dockerfile_env()
+    compose_text = COMPOSE_FILE.read_text(encoding="utf-8")
+    for name in sorted(documented - COMPOSE_ONLY_VARIABLES.keys()):
+        assert f'"{name}"' in read, f"{name} is documented, but the app never reads it"
+        assert name in passed, f"{name} is documented, but compose does not pass it to the replicas"
+    for name in COMPOSE_ONLY_VARIABLES:
+        assert f"${{{name}:-" in compose_text, name
+    for name in services["app1"]["environment"]:
+        if name.startswith("SMARTEDU_"):
+            assert f'"{name}"' in read, f"compose passes {name}, which the app never reads"
+
+
+def test_compose_empty_optional_variables_keep_the_app_defaults(services: dict[str, dict[str, Any]]) -> None:
+    from ai.config import AIConfig
+    from server.settings import Settings
+
+    env = container_environment(services["app1"], {**REQUIRED_DOTENV, "SMARTEDU_JWT_SECRET": "3" * 64})
+    assert "" in env.values()
+    unset = {key: value for key, value in env.items() if value != ""}
+    assert Settings.from_env(env) == Settings.from_env(unset)
+    assert AIConfig.from_env(env) == AIConfig.from_env(unset)
+    assert Settings.from_env(env).redis_prefix == Settings().redis_prefix
+
+
+def test_compose_runs_the_app_with_a_public_key_and_its_public_url(services: dict[str, dict[str, Any]]) -> None:
+    from server.settings import Settings
+
+    dotenv = {
+        **REQUIRED_DOTENV,
+        "SMARTEDU_JWT_PUBLIC_KEY": PUBLIC_KEY,
+        "SMARTEDU_JWT_ALGORITHM": "ES256",
+        "SMARTEDU_PUBLIC_URL": "https://chat.example.edu",
+        "SMARTEDU_USER_DAILY_TOKENS": "5000",
+        "SMARTEDU_TENANT_DAILY_TOKENS": "0",
+    }
+    for name in (*APP_REPLICAS, "migrate"):
+        settings = Settings.from_env(container_environment(services[name], dotenv))
+        settings.require_auth()
+        assert settings.jwt_secret is None and settings.jwt_public_key == PUBLIC_KEY, name
+        assert settings.jwt_algorithm == "ES256"
+        assert settings.public_url == "https://chat.example.edu"
+        assert (settings.user_daily_tokens, settings.tenant_daily_tokens) == (5000, 0)
+    with pytest.raises(LookupError, match="SMARTEDU_SESSION_KEY"):
+        container_environment(services["app1"], {k: v for k, v in dotenv.items() if k != "SMARTEDU_SESSION_KEY"})
 
 
 def test_env_example_has_only_placeholders() -> None:
@@ -878,6 +977,10 @@ def test_k8s_deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> Non
 
     config = manifests[("ConfigMap", "smartedu-config")]["data"]
     assert int(config["SMARTEDU_DRAIN_SECONDS"]) == DRAIN_SECONDS
+    # Behind the TLS Ingress the app sees http: LTI's redirect_uri must come from the public URL.
+    ingress = manifests[("Ingress", "smartedu")]["spec"]
+    assert config["SMARTEDU_PUBLIC_URL"] == f"https://{ingress['rules'][0]['host']}"
+    assert ingress["rules"][0]["host"] in ingress["tls"][0]["hosts"]
     assert config["SMARTEDU_METRICS_PORT"] == "9100"
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
