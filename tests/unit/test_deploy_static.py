@@ -977,6 +977,8 @@ def test_k8s_deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> Non
 
     config = manifests[("ConfigMap", "smartedu-config")]["data"]
     assert int(config["SMARTEDU_DRAIN_SECONDS"]) == DRAIN_SECONDS
+    # The migration Job migrates; replicas (possibly with a data-only database role) only check.
+    assert config["SMARTEDU_MIGRATE_ON_START"] == "false"
     # Behind the TLS Ingress the app sees http: LTI's redirect_uri must come from the public URL.
     ingress = manifests[("Ingress", "smartedu")]["spec"]
     assert config["SMARTEDU_PUBLIC_URL"] == f"https://{ingress['rules'][0]['host']}"
