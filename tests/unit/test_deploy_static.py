@@ -1021,13 +1021,37 @@ def test_k8s_service_ingress_hpa_pdb_wiring(manifests: dict[tuple[str, str], dic
     hpa = manifests[("HorizontalPodAutoscaler", "smartedu")]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "smartedu"}
-    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    assert metrics["Resource"]["resource"]["name"] == "cpu"
-    assert metrics["Pods"]["pods"]["metric"]["name"] == "smartedu_ws_connections"
+    # CPU only by default: a metric the HPA cannot fetch (no custom-metrics adapter) stops all scale-down.
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
     assert hpa["spec"]["minReplicas"] >= 2
 
     pdb = manifests[("PodDisruptionBudget", "smartedu")]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_k8s_connections_metric_is_an_opt_in_component(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    component = load_yaml(K8S_DIR / "connections-metric" / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    assert "components" not in load_yaml(K8S_DIR / "kustomization.yaml"), "needs an adapter: opt-in only"
+    hpa = manifests[("HorizontalPodAutoscaler", "smartedu")]
+    (patch,) = component["patches"]
+    assert patch["target"] == {
+        "group": "autoscaling",
+        "version": hpa["apiVersion"].split("/")[1],
+        "kind": hpa["kind"],
+        "name": hpa["metadata"]["name"],
+    }
+    # What kustomize does with the JSON patch: append the metric.
+    (operation,) = yaml.safe_load(patch["patch"])
+    assert (operation["op"], operation["path"]) == ("add", "/spec/metrics/-")
+    enabled = json.loads(json.dumps(hpa))
+    enabled["spec"]["metrics"].append(operation["value"])
+    kubernetes_validate.validate(enabled, K8S_VERSION, strict=True)
+    metric = operation["value"]["pods"]["metric"]["name"]
+    assert metric in APP_METRICS
+    # The adapter rule in docs/deploy.md serves that metric.
+    assert f'name: {{matches: "{metric}", as: "{metric}"}}' in (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
 
 
 def test_k8s_network_policies(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
