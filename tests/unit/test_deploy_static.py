@@ -990,6 +990,19 @@ def test_k8s_deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> Non
     assert spec["serviceAccountName"] in {name for kind, name in manifests if kind == "ServiceAccount"}
 
 
+def test_deploy_doc_states_the_configured_grace_periods(
+    services: dict[str, dict[str, Any]], manifests: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    text = " ".join((ROOT / "docs" / "deploy.md").read_text(encoding="utf-8").split())
+    grace = manifests[("Deployment", "smartedu")]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert f"`terminationGracePeriodSeconds: {grace}`" in text
+    for name in APP_REPLICAS:
+        assert f"`stop_grace_period: {services[name]['stop_grace_period']}`" in text
+    stated = {int(n) for n in re.findall(r"`stop_grace_period: (\d+)s`", text)}
+    assert stated == {int(duration_seconds(services[name]["stop_grace_period"])) for name in APP_REPLICAS}
+    assert f"bounded at {STOP_DEADLINE_S:g} s" in text
+
+
 def test_k8s_migration_job(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
     job = manifests[("Job", "smartedu-migrate")]
     spec = job["spec"]["template"]["spec"]
