@@ -153,7 +153,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     embedded_mode = settings.embedded
     with _services(settings) as settings:
         settings = replace(settings, host=host, port=port)
-        asyncio.run(_prepare(settings, seed=embedded_mode and not args.no_seed))
+        if settings.migrate_on_start:
+            # Otherwise a separate step migrates (and seeds); create_app only checks the schema, read-only.
+            asyncio.run(_prepare(settings, seed=embedded_mode and not args.no_seed))
         app = create_app(settings)
         announce = embedded_mode and settings.jwt_secret is not None and not args.no_seed
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

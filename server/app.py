@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp_cors
+import asyncpg
 from aiohttp import web
 
 from ai.base import Provider
@@ -21,11 +22,12 @@ from handlers import api, documents, health, lti, pages, sessions, teacher, ws
 from storage.keys import Keys
 from storage.postgres import Database, connect_pool
 from storage.redis_store import RedisStore, connect_redis
+from storage.schema_check import pending_migrations
 
 from .auth import TokenVerifier
 from .chat import ChatService
 from .cors import TenantOrigins, tenant_cors_middleware
-from .errors import ChatError, CloseCode, ErrorCode
+from .errors import ChatError, CloseCode, ConfigError, ErrorCode
 from .hub import Hub
 from .keys import CHAT, DATABASE, LTI_KEYS, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
 from .logs import request_id
@@ -103,7 +105,10 @@ def create_app(
         pool = await connect_pool(database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
         try:
             db = Database(pool)
-            await db.migrate()
+            if settings.migrate_on_start:
+                await db.migrate()
+            else:
+                await _require_current_schema(pool)
             metrics.instrument(db, metrics.db_ops, DB_TIMED)
             metrics.watch_pool(lambda: (pool.get_size() - pool.get_idle_size(), pool.get_idle_size()))
             app[DATABASE] = db
@@ -185,6 +190,17 @@ def create_app(
         app.router.add_static("/static/", settings.static_dir, append_version=False)
     _setup_cors(app, settings)
     return app
+
+
+async def _require_current_schema(pool: asyncpg.Pool) -> None:
+    """Refuse to start on a schema older than this build (SMARTEDU_MIGRATE_ON_START=false)."""
+    pending = await pending_migrations(pool)
+    if pending:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+        raise ConfigError(
+            f"the database lacks migrations {names}: run `smartedu migrate` (the migration Job) first; "
+            "SMARTEDU_MIGRATE_ON_START=false keeps this replica from applying them itself"
+        )
 
 
 def _setup_cors(app: web.Application, settings: Settings) -> None:

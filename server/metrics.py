@@ -15,7 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from typing import Any, TypeVar
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -79,6 +88,7 @@ class Metrics:
         info.labels(replica=replica, version=__version__).set(1)
         self._pool_size: Callable[[], tuple[int, int]] | None = None
         r.register(_PoolCollector(self))
+        _register_process_collectors(r)
 
     def watch_pool(self, sizes: Callable[[], tuple[int, int]]) -> None:
         """Report (in use, idle) PostgreSQL connections at scrape time."""
@@ -106,8 +116,17 @@ class Metrics:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            # Process series cannot be summed across workers: these are the serving process's own.
+            _register_process_collectors(registry)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def _register_process_collectors(registry: CollectorRegistry) -> None:
+    """process_* (start time, CPU, memory, open files; the restart alert uses process_start_time_seconds) and
+    python_info: what prometheus_client puts on its default registry, which this custom registry lacks."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
 
 
 class _PoolCollector:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
     """True for non-browser clients (no Origin), the server's own origin, and configured origins."""
@@ -14,7 +16,31 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
         return True
     if host is None or origin == "null":
         return False
-    return urlsplit(origin).netloc.lower() == host.lower()
+    return _same_origin(origin, host)
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """True when `origin` names the host and port of the request's Host header.
+
+    Browsers leave the default port out of an Origin, and some clients write it into Host, so a missing
+    port on either side is the origin scheme's default (80 for http, 443 for https).
+    """
+    parts = urlsplit(origin)
+    own = _host_and_port(host, parts.scheme)
+    return own is not None and own == _host_and_port(parts.netloc, parts.scheme)
+
+
+def _host_and_port(netloc: str, scheme: str) -> tuple[str, int | None] | None:
+    if not netloc or "@" in netloc:
+        return None
+    try:
+        parts = urlsplit(f"//{netloc}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return parts.hostname, _DEFAULT_PORTS.get(scheme) if port is None else port
 
 
 def is_web_origin(origin: str | None) -> bool:

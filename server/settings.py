@@ -123,6 +123,9 @@ class Settings:
     session_key: str | None = None
     session_ttl_s: int = 8 * 3600
     metrics_host: str | None = None
+    # False where a separate, more privileged step (the Kubernetes Job, `smartedu migrate`) migrates: the
+    # app then only checks, read-only, that no migration is pending, and refuses to start otherwise.
+    migrate_on_start: bool = True
 
     @property
     def embedded(self) -> bool:
@@ -207,6 +210,7 @@ class Settings:
             metrics_host=env.get("SMARTEDU_METRICS_HOST") or None,
             session_key=_session_key(env),
             session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", defaults.session_ttl_s, 60),
+            migrate_on_start=_bool(env, "SMARTEDU_MIGRATE_ON_START", defaults.migrate_on_start),
         )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
         return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))

@@ -4,7 +4,7 @@
 docker-compose uses the defaults with app1..3; deploy/nginx/nginx.conf is exactly
 
     python deploy/nginx/render.py --upstream app1:8080 --upstream app2:8080 --upstream app3:8080 \
-        --output deploy/nginx/nginx.conf
+        --real-ip-include /etc/nginx/smartedu/real-ip.conf --output deploy/nginx/nginx.conf
 
 Tests and benchmarks render for loopback replicas with private paths, then run
 `nginx -p DIR -c DIR/nginx.conf -g 'daemon off;'`:
@@ -14,6 +14,12 @@ Tests and benchmarks render for loopback replicas with private paths, then run
         --error-log "$DIR/error.log" --access-log "$DIR/access.log" --temp-dir "$DIR/tmp" \
         --user "$(id -un)" --output "$DIR/nginx.conf"
 
+Behind a load balancer, `--trusted-proxy CIDR` (repeat it) makes NGINX take the client address from
+X-Forwarded-For when the connection comes from such an address, so ip_hash, the per-address limits and
+the access log see clients instead of the balancer. docker-compose renders with
+`--real-ip-include /etc/nginx/smartedu/real-ip.conf` instead: real-ip.sh writes that file from the
+container's SMARTEDU_TRUSTED_PROXIES when NGINX starts.
+
 The temp dir must exist; NGINX creates its sub-directories. The module can also be imported:
 `render(NginxOptions(upstreams=(...), ...))` returns the configuration text.
 """
@@ -21,6 +27,7 @@ The temp dir must exist; NGINX creates its sub-directories. The module can also 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 import sys
 from collections.abc import Sequence
@@ -54,6 +61,8 @@ class NginxOptions:
     ws_conn_per_ip: int = 200
     ws_rate_per_second: int = 10
     ws_burst: int = 200
+    trusted_proxies: tuple[str, ...] = ()
+    real_ip_include: str | None = None
 
 
 def _token(name: str, value: str) -> str:
@@ -79,6 +88,35 @@ def _positive(name: str, value: int) -> str:
     if value < 1:
         raise RenderError(f"{name} must be at least 1, got {value}")
     return str(value)
+
+
+def _network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value)
+    except ValueError:
+        raise RenderError(f"trusted proxy must be an IP address or CIDR without host bits, got {value!r}") from None
+    return value
+
+
+def real_ip_directives(trusted_proxies: Sequence[str]) -> list[str]:
+    """The realip directives that trust X-Forwarded-For from `trusted_proxies` (none for no proxy)."""
+    if not trusted_proxies:
+        return []
+    # Recursive: the client address is the last one in X-Forwarded-For that no trusted proxy added, so a
+    # client cannot choose its own address by sending the header itself.
+    lines = [f"set_real_ip_from {_network(proxy)};" for proxy in trusted_proxies]
+    return [*lines, "real_ip_header X-Forwarded-For;", "real_ip_recursive on;"]
+
+
+def _real_ip(options: NginxOptions) -> str:
+    if options.trusted_proxies and options.real_ip_include:
+        raise RenderError("trusted_proxies and real_ip_include are alternatives; give one")
+    if options.real_ip_include:
+        return f"    include {_absolute('real_ip_include', options.real_ip_include)};"
+    lines = real_ip_directives(options.trusted_proxies)
+    if not lines:
+        return "    # No trusted proxy (render.py --trusted-proxy): $remote_addr is the connecting peer."
+    return "\n".join(f"    {line}" for line in lines)
 
 
 def placeholder_values(options: NginxOptions) -> dict[str, str]:
@@ -109,6 +147,7 @@ def placeholder_values(options: NginxOptions) -> dict[str, str]:
         "WS_CONN_PER_IP": _positive("ws_conn_per_ip", options.ws_conn_per_ip),
         "WS_RATE": _positive("ws_rate_per_second", options.ws_rate_per_second),
         "WS_BURST": _positive("ws_burst", options.ws_burst),
+        "REAL_IP": _real_ip(options),
     }
 
 
@@ -169,6 +208,19 @@ def _parse(argv: Sequence[str] | None) -> tuple[NginxOptions, str | None]:
         default=defaults.ws_burst,
         help="/ws handshakes allowed above the rate at once (default %(default)s)",
     )
+    parser.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a load balancer's address or network whose X-Forwarded-For is believed; repeat for several",
+    )
+    parser.add_argument(
+        "--real-ip-include",
+        default=None,
+        metavar="PATH",
+        help="include this file for the realip directives instead (docker-compose: written by real-ip.sh)",
+    )
     parser.add_argument("--output", "-o", default=None, help="write here instead of standard output")
     args = parser.parse_args(argv)
     options = NginxOptions(
@@ -183,6 +235,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[NginxOptions, str | None]:
         ws_conn_per_ip=args.ws_conn_per_ip,
         ws_rate_per_second=args.ws_rate,
         ws_burst=args.ws_burst,
+        trusted_proxies=tuple(args.trusted_proxy),
+        real_ip_include=args.real_ip_include,
     )
     return options, args.output
 

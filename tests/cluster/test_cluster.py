@@ -115,6 +115,24 @@ async def test_nginx_ip_hash_keeps_a_client_address_on_one_replica(cluster: Clus
     assert others <= {r.replica_id for r in cluster.replicas}
 
 
+async def test_a_page_on_nginx_at_another_host_and_port_opens_a_socket(cluster: Cluster) -> None:
+    """Same-origin through NGINX on a non-default port: the app compares Origin with the forwarded Host.
+
+    The origin is not in SMARTEDU_ALLOWED_ORIGINS (the cluster allows only http://127.0.0.1:PORT), so
+    only the same-origin rule lets it in, as for a stack opened by its LAN address or on another port.
+    """
+    own = f"localhost:{cluster.nginx.port}"
+    headers = {"Host": own, "Origin": f"http://{own}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(cluster.nginx_url + "/ws", headers=headers, timeout=aiohttp.ClientWSTimeout(ws_close=5.0))
+        as ws,
+    ):
+        await ws.send_str(orjson.dumps({"type": "hello", "token": cluster.student_token("lan-student")}).decode())
+        frame = orjson.loads(await ws.receive_str(timeout=10))
+        assert frame["type"] == "welcome", (frame, ws.close_code)
+
+
 # -- 2. teacher watch across replicas -----------------------------------------------------------------
 
 

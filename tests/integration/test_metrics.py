@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import aiohttp
 import pytest
@@ -48,6 +49,10 @@ async def test_metrics_port_serves_the_product_series(serve: Serve) -> None:
     assert _value(text, 'smartedu_redis_op_seconds_count{op="admit"}') == 2
     assert 'smartedu_replica_info{replica="test"' in text
     assert 'smartedu_db_pool_connections{state="idle"}' in text
+    # The process collector (SmartEduReplicaRestarting counts changes of the start time) and python_info.
+    assert 0 < time.time() - _value(text, "process_start_time_seconds") < 24 * 3600
+    assert _value(text, "process_resident_memory_bytes") > 0
+    assert "python_info{" in text
     # /metrics is not on the public port.
     response = await server.client.get("/metrics")
     assert response.status == 404

@@ -8,6 +8,7 @@ are external binaries: without them these tests skip, except under CI=true where
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -46,43 +47,28 @@ ENV_EXAMPLE = ROOT / ".env.example"
 # The oldest Kubernetes minor the manifests promise to work on; kubernetes-validate ships its schemas.
 K8S_VERSION = "1.31.0"
 COMPOSE_UPSTREAMS = ("app1:8080", "app2:8080", "app3:8080")
+# The compose rendering includes the realip directives that real-ip.sh writes from SMARTEDU_TRUSTED_PROXIES.
+COMPOSE_REAL_IP_INCLUDE = "/etc/nginx/smartedu/real-ip.conf"
+REAL_IP_SCRIPT = NGINX_DIR / "real-ip.sh"
 APP_REPLICAS = ("app1", "app2", "app3")
 DRAIN_SECONDS = 20
 
-COUNTERS_AND_GAUGES = frozenset(
-    {
-        "smartedu_ws_connections",
-        "smartedu_hellos_total",
-        "smartedu_messages_received_total",
-        "smartedu_turns_total",
-        "smartedu_tokens_streamed_total",
-        "smartedu_ai_errors_total",
-        "smartedu_ai_retries_total",
-        "smartedu_ai_circuit_open",
-        "smartedu_refusals_total",
-        "smartedu_resumes_total",
-        "smartedu_replayed_frames_total",
-        "smartedu_db_pool_connections",
-        "smartedu_event_loop_lag_seconds",
-        "smartedu_replica_info",
-        "smartedu_dependency_up",
-    }
-)
-HISTOGRAMS = frozenset(
-    {
-        "smartedu_ack_latency_seconds",
-        "smartedu_ai_ttft_seconds",
-        "smartedu_ai_duration_seconds",
-        "smartedu_db_op_seconds",
-        "smartedu_redis_op_seconds",
-    }
-)
-APP_METRICS = COUNTERS_AND_GAUGES | {
-    f"{name}{suffix}" for name in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")
-}
-# Series the alerts may use besides the app's own: Prometheus' scrape health and the client library's
-# default process collector.
-ALERT_EXTRA_METRICS = frozenset({"up", "process_start_time_seconds"})
+def exposed_metric_names() -> frozenset[str]:
+    """Every series name a replica's /metrics can show, from the app's real registry (labelled series too,
+    before they have a child)."""
+    from server.metrics import Metrics
+
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
+    names: set[str] = set()
+    for family in Metrics("static-test").registry.collect():
+        names.update(f"{family.name}{suffix}" for suffix in suffixes.get(family.type, ("",)))
+        names.update(sample.name for sample in family.samples)
+    return frozenset(names)
+
+
+APP_METRICS = exposed_metric_names()
+# Series the alerts may use besides a replica's own: Prometheus' scrape health.
+ALERT_EXTRA_METRICS = frozenset({"up"})
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -288,8 +274,18 @@ def test_compose_volumes(compose: dict[str, Any], services: dict[str, dict[str, 
                 assert source in named, f"{name} uses undeclared volume {source}"
     assert services["nginx"]["volumes"] == [
         "./deploy/nginx/nginx.conf:/etc/nginx/nginx.conf:ro",
+        "./deploy/nginx/real-ip.sh:/docker-entrypoint.d/40-smartedu-real-ip.sh:ro",
         "./static:/srv/static:ro",
     ]
+
+
+def test_compose_nginx_gets_its_trusted_proxies(services: dict[str, dict[str, Any]]) -> None:
+    # The official image runs executable *.sh files in /docker-entrypoint.d/ before NGINX starts; the
+    # script writes the file the compose rendering includes, from the variable compose passes on.
+    assert os.access(REAL_IP_SCRIPT, os.X_OK), "real-ip.sh must be executable (the image skips it otherwise)"
+    script = REAL_IP_SCRIPT.read_text(encoding="utf-8")
+    assert f"SMARTEDU_REAL_IP_CONF:-{COMPOSE_REAL_IP_INCLUDE}}}" in script
+    assert services["nginx"]["environment"]["SMARTEDU_TRUSTED_PROXIES"] == "${SMARTEDU_TRUSTED_PROXIES:-}"
 
 
 def test_compose_resource_limits_and_restart(services: dict[str, dict[str, Any]]) -> None:
@@ -321,16 +317,115 @@ def test_compose_secrets_come_from_env_file(services: dict[str, dict[str, Any]])
     for secret in (
         "POSTGRES_PASSWORD",
         "REDIS_PASSWORD",
-        "SMARTEDU_JWT_SECRET",
         "SMARTEDU_SESSION_KEY",
         "GRAFANA_ADMIN_PASSWORD",
     ):
         assert f"${{{secret}:?" in text, f"{secret} must be required from .env"
+    # Either a secret or a public key verifies tokens: compose requires neither, the app one of them.
+    for either in ("SMARTEDU_JWT_SECRET", "SMARTEDU_JWT_PUBLIC_KEY"):
+        assert services["app1"]["environment"][either] == f"${{{either}:-}}"
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", ENV_EXAMPLE.read_text(encoding="utf-8"), re.M))
     referenced = set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)", text))
     passed_through = {key for key, value in services["app1"]["environment"].items() if value is None}
     missing = (referenced | passed_through) - documented
     assert not missing, f"not documented in .env.example: {sorted(missing)}"
+
+
+# Documented SMARTEDU_* variables that are not the app's settings.
+COMPOSE_ONLY_VARIABLES = {
+    "SMARTEDU_VERSION": "the tag of the image compose builds",
+    "SMARTEDU_HTTP_PORT": "the host port NGINX publishes",
+    "SMARTEDU_TRUSTED_PROXIES": "read by the nginx container (deploy/nginx/real-ip.sh)",
+}
+# The app reads its settings in these modules.
+SETTINGS_SOURCES = (ROOT / "server" / "settings.py", ROOT / "ai" / "config.py")
+REQUIRED_DOTENV = {
+    "POSTGRES_PASSWORD": "0" * 64,
+    "REDIS_PASSWORD": "1" * 64,
+    "SMARTEDU_SESSION_KEY": "A" * 43 + "=",
+    "GRAFANA_ADMIN_PASSWORD": "2" * 64,
+}
+PUBLIC_KEY = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----"
+
+
+def compose_value(value: Any, dotenv: dict[str, str]) -> str:
+    """Compose's interpolation of one value for the forms this file uses: ${VAR}, ${VAR:-d}, ${VAR:?err}."""
+
+    def substitute(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2), match.group(3)
+        current = dotenv.get(name, "")
+        if operator == ":?" and not current:
+            raise LookupError(f"compose refuses to start: {name}: {argument}")
+        return current or (argument if operator == ":-" else "")
+
+    return re.sub(r"\$\{([A-Z0-9_]+)(?:(:-|:\?)([^}]*))?\}", substitute, str(value))
+
+
+def container_environment(service: dict[str, Any], dotenv: dict[str, str]) -> dict[str, str]:
+    """What a container's environment would be for this .env (a key without value: passed when set)."""
+    result = {}
+    for key, value in service["environment"].items():
+        if value is None:
+            if key in dotenv:
+                result[key] = dotenv[key]
+        else:
+            result[key] = compose_value(value, dotenv)
+    return result
+
+
+def dockerfile_env() -> set[str]:
+    envs = " ".join(args for keyword, args in dockerfile_instructions() if keyword == "ENV")
+    return set(re.findall(r"\b([A-Z][A-Z0-9_]+)=", envs))
+
+
+def test_every_documented_variable_reaches_the_app(services: dict[str, dict[str, Any]]) -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8") + ENV_EXAMPLE.read_text(encoding="utf-8")
+    documented = set(re.findall(r"\bSMARTEDU_[A-Z0-9_]*[A-Z0-9]\b", text))
+    read = "\n".join(path.read_text(encoding="utf-8") for path in SETTINGS_SOURCES)
+    passed = set(services["app1"]["environment"]) | dockerfile_env()
+    compose_text = COMPOSE_FILE.read_text(encoding="utf-8")
+    for name in sorted(documented - COMPOSE_ONLY_VARIABLES.keys()):
+        assert f'"{name}"' in read, f"{name} is documented, but the app never reads it"
+        assert name in passed, f"{name} is documented, but compose does not pass it to the replicas"
+    for name in COMPOSE_ONLY_VARIABLES:
+        assert f"${{{name}:-" in compose_text, name
+    for name in services["app1"]["environment"]:
+        if name.startswith("SMARTEDU_"):
+            assert f'"{name}"' in read, f"compose passes {name}, which the app never reads"
+
+
+def test_compose_empty_optional_variables_keep_the_app_defaults(services: dict[str, dict[str, Any]]) -> None:
+    from ai.config import AIConfig
+    from server.settings import Settings
+
+    env = container_environment(services["app1"], {**REQUIRED_DOTENV, "SMARTEDU_JWT_SECRET": "3" * 64})
+    assert "" in env.values()
+    unset = {key: value for key, value in env.items() if value != ""}
+    assert Settings.from_env(env) == Settings.from_env(unset)
+    assert AIConfig.from_env(env) == AIConfig.from_env(unset)
+    assert Settings.from_env(env).redis_prefix == Settings().redis_prefix
+
+
+def test_compose_runs_the_app_with_a_public_key_and_its_public_url(services: dict[str, dict[str, Any]]) -> None:
+    from server.settings import Settings
+
+    dotenv = {
+        **REQUIRED_DOTENV,
+        "SMARTEDU_JWT_PUBLIC_KEY": PUBLIC_KEY,
+        "SMARTEDU_JWT_ALGORITHM": "ES256",
+        "SMARTEDU_PUBLIC_URL": "https://chat.example.edu",
+        "SMARTEDU_USER_DAILY_TOKENS": "5000",
+        "SMARTEDU_TENANT_DAILY_TOKENS": "0",
+    }
+    for name in (*APP_REPLICAS, "migrate"):
+        settings = Settings.from_env(container_environment(services[name], dotenv))
+        settings.require_auth()
+        assert settings.jwt_secret is None and settings.jwt_public_key == PUBLIC_KEY, name
+        assert settings.jwt_algorithm == "ES256"
+        assert settings.public_url == "https://chat.example.edu"
+        assert (settings.user_daily_tokens, settings.tenant_daily_tokens) == (5000, 0)
+    with pytest.raises(LookupError, match="SMARTEDU_SESSION_KEY"):
+        container_environment(services["app1"], {k: v for k, v in dotenv.items() if k != "SMARTEDU_SESSION_KEY"})
 
 
 def test_env_example_has_only_placeholders() -> None:
@@ -344,18 +439,18 @@ def test_env_example_has_only_placeholders() -> None:
 
 
 def test_compose_nginx_conf_is_the_template_rendering() -> None:
-    rendered = RENDER.render(RENDER.NginxOptions(upstreams=COMPOSE_UPSTREAMS))
+    rendered = RENDER.render(RENDER.NginxOptions(upstreams=COMPOSE_UPSTREAMS, real_ip_include=COMPOSE_REAL_IP_INCLUDE))
     assert (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8") == rendered, (
         "deploy/nginx/nginx.conf is stale; regenerate it with "
         "python deploy/nginx/render.py --upstream app1:8080 --upstream app2:8080 --upstream app3:8080 "
-        "--output deploy/nginx/nginx.conf"
+        f"--real-ip-include {COMPOSE_REAL_IP_INCLUDE} --output deploy/nginx/nginx.conf"
     )
 
 
 def test_render_cli_writes_the_same_text(tmp_path: Path) -> None:
     output = tmp_path / "nginx.conf"
     args = [arg for upstream in COMPOSE_UPSTREAMS for arg in ("--upstream", upstream)]
-    assert RENDER.main([*args, "--output", str(output)]) == 0
+    assert RENDER.main([*args, "--real-ip-include", COMPOSE_REAL_IP_INCLUDE, "--output", str(output)]) == 0
     assert output.read_text(encoding="utf-8") == (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8")
 
 
@@ -370,12 +465,58 @@ def test_render_cli_writes_the_same_text(tmp_path: Path) -> None:
         {"static_root": "/srv/static;\n include /etc/passwd"},
         {"pid": "/tmp/$pid"},
         {"ws_burst": 0},
+        {"trusted_proxies": ("lb.example",)},
+        {"trusted_proxies": ("10.0.0.1/8",)},
+        {"trusted_proxies": ("10.0.0.0/8; include /etc/passwd",)},
+        {"real_ip_include": "relative/real-ip.conf"},
+        {"trusted_proxies": ("10.0.0.0/8",), "real_ip_include": "/etc/nginx/smartedu/real-ip.conf"},
     ],
 )
 def test_render_rejects_unsafe_values(changes: dict[str, Any]) -> None:
     options = {"upstreams": ("127.0.0.1:9001",), **changes}
     with pytest.raises(RENDER.RenderError):
         RENDER.render(RENDER.NginxOptions(**options))
+
+
+def test_render_trusted_proxies() -> None:
+    options = RENDER.NginxOptions(upstreams=("127.0.0.1:9001",), trusted_proxies=("10.0.0.0/8", "2001:db8::/32"))
+    http = directives(nginx_block(RENDER.render(options), "http {"))
+    assert [line for line in http if line.startswith("real_ip") or line.startswith("set_real_ip")] == [
+        "set_real_ip_from 10.0.0.0/8;",
+        "set_real_ip_from 2001:db8::/32;",
+        "real_ip_header X-Forwarded-For;",
+        "real_ip_recursive on;",
+    ]
+    untrusted = RENDER.render(RENDER.NginxOptions(upstreams=("127.0.0.1:9001",)))
+    assert not any("real_ip" in line or line.startswith("include") for line in directives(untrusted))
+
+
+def run_real_ip_script(output: Path, proxies: str | None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "SMARTEDU_REAL_IP_CONF": str(output)}
+    if proxies is not None:
+        env["SMARTEDU_TRUSTED_PROXIES"] = proxies
+    return subprocess.run(
+        ["sh", str(REAL_IP_SCRIPT)], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def test_real_ip_script_writes_what_render_renders(tmp_path: Path) -> None:
+    output = tmp_path / "conf" / "real-ip.conf"
+    result = run_real_ip_script(output, "10.0.0.0/8, 2001:db8::/32 192.0.2.7")
+    assert result.returncode == 0, result.stderr
+    expected = RENDER.real_ip_directives(("10.0.0.0/8", "2001:db8::/32", "192.0.2.7"))
+    assert directives(output.read_text(encoding="utf-8")) == expected
+
+    for unset in (None, "", " , "):
+        result = run_real_ip_script(output, unset)
+        assert result.returncode == 0, result.stderr
+        assert directives(output.read_text(encoding="utf-8")) == [], unset
+
+    bad = tmp_path / "bad" / "real-ip.conf"
+    for value in ("10.0.0.0/8;include /etc/passwd", "lb.example", "*"):
+        result = run_real_ip_script(bad, value)
+        assert result.returncode != 0 and "SMARTEDU_TRUSTED_PROXIES" in result.stderr, value
+        assert list(bad.parent.iterdir()) == [], value
 
 
 def test_nginx_config_content() -> None:
@@ -387,13 +528,16 @@ def test_nginx_config_content() -> None:
         f"server {u} max_fails=3 fail_timeout=10s;" for u in COMPOSE_UPSTREAMS
     ]
     assert "listen 80;" in lines
+    assert f"include {COMPOSE_REAL_IP_INCLUDE};" in lines
     assert not any(line.startswith(("daemon", "user ")) for line in lines)
     assert "map $http_upgrade $smartedu_connection {" in lines
     for header in (
+        "Host $smartedu_host",
+        "X-Forwarded-Host $smartedu_host",
         "Upgrade $http_upgrade",
         "Connection $smartedu_connection",
         "X-Real-IP $remote_addr",
-        "X-Forwarded-For $proxy_add_x_forwarded_for",
+        "X-Forwarded-For $smartedu_forwarded_for",
         "X-Forwarded-Proto",
         "X-Request-ID $smartedu_request_id",
     ):
@@ -418,13 +562,6 @@ def test_nginx_config_content() -> None:
     # add_header in a location would drop the server-level security headers there.
     assert not any(line.startswith("add_header") for line in static)
     assert "proxy_pass http://smartedu_app;" in directives(nginx_block(config, "location / "))
-
-
-@dataclass
-class NativeNginx:
-    base_url_host: str
-    port: int
-    prefix: Path
 
 
 def free_port() -> int:
@@ -464,7 +601,7 @@ def test_nginx_accepts_rendered_config(tmp_path: Path) -> None:
 
 
 class _EchoHandler(BaseHTTPRequestHandler):
-    """Stub replica: answers every GET with the path and headers it received."""
+    """Stub replica: answers every GET with the path and headers it received, and its own port."""
 
     protocol_version = "HTTP/1.1"
     seen: list[dict[str, str]] = []
@@ -472,7 +609,8 @@ class _EchoHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         headers = {key.lower(): value for key, value in self.headers.items()}
         self.seen.append({"path": self.path, **headers})
-        body = json.dumps({"path": self.path, "headers": headers}).encode()
+        upstream = self.server.server_address[1]
+        body = json.dumps({"path": self.path, "headers": headers, "upstream": upstream}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -501,29 +639,47 @@ def fetch(port: int, path: str, headers: dict[str, str] | None = None) -> Reply:
         connection.close()
 
 
-@pytest.fixture
-def running_nginx(tmp_path: Path) -> Iterator[tuple[int, list[dict[str, str]], Path]]:
+@dataclass
+class StubbedNginx:
+    """A native NGINX from the template in front of stub replicas that echo what they received."""
+
+    port: int
+    seen: list[dict[str, str]]
+    prefix: Path
+
+    def access_log(self) -> list[dict[str, Any]]:
+        lines = (self.prefix / "access.log").read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+@contextlib.contextmanager
+def stubbed_nginx(tmp_path: Path, replicas: int = 1, **extra: Any) -> Iterator[StubbedNginx]:
     nginx = require_tool("nginx")
     seen: list[dict[str, str]] = []
     handler = type("Handler", (_EchoHandler,), {"seen": seen})
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    upstream.daemon_threads = True
-    thread = threading.Thread(target=upstream.serve_forever, daemon=True)
-    thread.start()
-    static_root = tmp_path / "static"
-    static_root.mkdir()
-    (static_root / "probe.css").write_text("body { color: #222; }\n", encoding="utf-8")
-    port = free_port()
-    prefix = tmp_path / "nginx"
-    config = render_native(
-        prefix, (f"127.0.0.1:{upstream.server_address[1]}",), static_root, port, ws_rate_per_second=1, ws_burst=1
-    )
-    process = subprocess.Popen(
-        [nginx, "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with contextlib.ExitStack() as stack:
+        upstreams = []
+        for _ in range(replicas):
+            upstream = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            upstream.daemon_threads = True
+            thread = threading.Thread(target=upstream.serve_forever, daemon=True)
+            thread.start()
+            stack.callback(thread.join, 5)
+            stack.callback(upstream.server_close)
+            stack.callback(upstream.shutdown)
+            upstreams.append(f"127.0.0.1:{upstream.server_address[1]}")
+        static_root = tmp_path / "static"
+        static_root.mkdir(exist_ok=True)
+        (static_root / "probe.css").write_text("body { color: #222; }\n", encoding="utf-8")
+        port = free_port()
+        prefix = tmp_path / "nginx"
+        config = render_native(prefix, tuple(upstreams), static_root, port, **extra)
+        process = subprocess.Popen(
+            [nginx, "-p", str(prefix), "-c", str(config), "-e", str(prefix / "error.log"), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        stack.callback(_stop, process)
         deadline = time.monotonic() + 10
         while True:
             assert process.poll() is None, (prefix / "error.log").read_text(encoding="utf-8")
@@ -533,17 +689,22 @@ def running_nginx(tmp_path: Path) -> Iterator[tuple[int, list[dict[str, str]], P
             except OSError:
                 assert time.monotonic() < deadline, "nginx did not start listening"
                 time.sleep(0.05)
-        yield port, seen, prefix
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        upstream.shutdown()
-        upstream.server_close()
-        thread.join(timeout=5)
+        yield StubbedNginx(port, seen, prefix)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+def running_nginx(tmp_path: Path) -> Iterator[tuple[int, list[dict[str, str]], Path]]:
+    with stubbed_nginx(tmp_path, ws_rate_per_second=1, ws_burst=1) as running:
+        yield running.port, running.seen, running.prefix
 
 
 def test_nginx_proxies_serves_static_and_hides_metrics(
@@ -556,6 +717,8 @@ def test_nginx_proxies_serves_static_and_hides_metrics(
     upstream_headers = json.loads(reply.body)["headers"]
     assert upstream_headers["x-real-ip"] == "127.0.0.1"
     assert upstream_headers["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    # The port stays in Host: the app's same-origin check compares it with the Origin's.
+    assert upstream_headers["host"] == upstream_headers["x-forwarded-host"] == f"127.0.0.1:{port}"
     assert upstream_headers["x-forwarded-proto"] == "http"
     assert re.fullmatch(r"[0-9a-f]{32}", upstream_headers["x-request-id"])
     assert "upgrade" not in upstream_headers and "connection" not in upstream_headers
@@ -590,6 +753,46 @@ def test_nginx_rate_limits_websocket_handshakes(running_nginx: tuple[int, list[d
     statuses = [fetch(port, "/ws").status for _ in range(4)]
     assert statuses[0] == 200
     assert 429 in statuses, statuses
+
+
+def test_nginx_keys_clients_by_forwarded_address_from_a_trusted_proxy(tmp_path: Path) -> None:
+    # The test client connects from 127.0.0.1, which stands for the load balancer here.
+    with stubbed_nginx(
+        tmp_path, replicas=2, trusted_proxies=("127.0.0.1",), ws_rate_per_second=1, ws_burst=1
+    ) as nginx:
+        # The client address is the last one no trusted proxy added: a client cannot pick its own by
+        # sending X-Forwarded-For itself (198.51.100.7 here).
+        reply = fetch(nginx.port, "/health", {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"})
+        upstream_headers = json.loads(reply.body)["headers"]
+        assert upstream_headers["x-real-ip"] == "203.0.113.9"
+        assert upstream_headers["x-forwarded-for"] == "198.51.100.7, 203.0.113.9, 127.0.0.1"
+
+        # The handshake limit counts per client, not for the balancer as a whole.
+        limited = [fetch(nginx.port, "/ws", {"X-Forwarded-For": "203.0.113.9"}).status for _ in range(4)]
+        assert 429 in limited, limited
+        assert fetch(nginx.port, "/ws", {"X-Forwarded-For": "198.51.100.20"}).status == 200
+
+        # ip_hash spreads clients over the replicas instead of sending the balancer's traffic to one.
+        replicas = {
+            json.loads(fetch(nginx.port, "/health", {"X-Forwarded-For": f"10.{i}.0.1"}).body)["upstream"]
+            for i in range(8)
+        }
+        assert len(replicas) == 2, replicas
+    # Read once NGINX has stopped: it writes a log line after the response has gone out.
+    health = [entry for entry in nginx.access_log() if entry["uri"] == "/health"]
+    assert health[0]["remote_addr"] == "203.0.113.9" and health[0]["peer_addr"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("trusted", "client"), [("127.0.0.0/8", "203.0.113.9"), ("10.0.0.0/8", "127.0.0.1")])
+def test_nginx_container_trusts_only_smartedu_trusted_proxies(tmp_path: Path, trusted: str, client: str) -> None:
+    """The compose path: real-ip.sh writes the file that the rendering includes."""
+    include = tmp_path / "smartedu" / "real-ip.conf"
+    result = run_real_ip_script(include, trusted)
+    assert result.returncode == 0, result.stderr
+    with stubbed_nginx(tmp_path, real_ip_include=str(include)) as nginx:
+        reply = fetch(nginx.port, "/health", {"X-Forwarded-For": "203.0.113.9"})
+        assert json.loads(reply.body)["headers"]["x-real-ip"] == client
+    assert [entry["remote_addr"] for entry in nginx.access_log()] == [client]
 
 
 # -------------------------------------------------------------------------------------------- Dockerfile
@@ -756,6 +959,12 @@ def test_k8s_deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> Non
 
     config = manifests[("ConfigMap", "smartedu-config")]["data"]
     assert int(config["SMARTEDU_DRAIN_SECONDS"]) == DRAIN_SECONDS
+    # The migration Job migrates; replicas (possibly with a data-only database role) only check.
+    assert config["SMARTEDU_MIGRATE_ON_START"] == "false"
+    # Behind the TLS Ingress the app sees http: LTI's redirect_uri must come from the public URL.
+    ingress = manifests[("Ingress", "smartedu")]["spec"]
+    assert config["SMARTEDU_PUBLIC_URL"] == f"https://{ingress['rules'][0]['host']}"
+    assert ingress["rules"][0]["host"] in ingress["tls"][0]["hosts"]
     assert config["SMARTEDU_METRICS_PORT"] == "9100"
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
@@ -779,6 +988,19 @@ def test_k8s_deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> Non
     replica_env = next(e for e in container["env"] if e["name"] == "SMARTEDU_REPLICA_ID")
     assert replica_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert spec["serviceAccountName"] in {name for kind, name in manifests if kind == "ServiceAccount"}
+
+
+def test_deploy_doc_states_the_configured_grace_periods(
+    services: dict[str, dict[str, Any]], manifests: dict[tuple[str, str], dict[str, Any]]
+) -> None:
+    text = " ".join((ROOT / "docs" / "deploy.md").read_text(encoding="utf-8").split())
+    grace = manifests[("Deployment", "smartedu")]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert f"`terminationGracePeriodSeconds: {grace}`" in text
+    for name in APP_REPLICAS:
+        assert f"`stop_grace_period: {services[name]['stop_grace_period']}`" in text
+    stated = {int(n) for n in re.findall(r"`stop_grace_period: (\d+)s`", text)}
+    assert stated == {int(duration_seconds(services[name]["stop_grace_period"])) for name in APP_REPLICAS}
+    assert f"bounded at {STOP_DEADLINE_S:g} s" in text
 
 
 def test_k8s_migration_job(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -812,13 +1034,37 @@ def test_k8s_service_ingress_hpa_pdb_wiring(manifests: dict[tuple[str, str], dic
     hpa = manifests[("HorizontalPodAutoscaler", "smartedu")]
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "smartedu"}
-    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    assert metrics["Resource"]["resource"]["name"] == "cpu"
-    assert metrics["Pods"]["pods"]["metric"]["name"] == "smartedu_ws_connections"
+    # CPU only by default: a metric the HPA cannot fetch (no custom-metrics adapter) stops all scale-down.
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
     assert hpa["spec"]["minReplicas"] >= 2
 
     pdb = manifests[("PodDisruptionBudget", "smartedu")]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_k8s_connections_metric_is_an_opt_in_component(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    component = load_yaml(K8S_DIR / "connections-metric" / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    assert "components" not in load_yaml(K8S_DIR / "kustomization.yaml"), "needs an adapter: opt-in only"
+    hpa = manifests[("HorizontalPodAutoscaler", "smartedu")]
+    (patch,) = component["patches"]
+    assert patch["target"] == {
+        "group": "autoscaling",
+        "version": hpa["apiVersion"].split("/")[1],
+        "kind": hpa["kind"],
+        "name": hpa["metadata"]["name"],
+    }
+    # What kustomize does with the JSON patch: append the metric.
+    (operation,) = yaml.safe_load(patch["patch"])
+    assert (operation["op"], operation["path"]) == ("add", "/spec/metrics/-")
+    enabled = json.loads(json.dumps(hpa))
+    enabled["spec"]["metrics"].append(operation["value"])
+    kubernetes_validate.validate(enabled, K8S_VERSION, strict=True)
+    metric = operation["value"]["pods"]["metric"]["name"]
+    assert metric in APP_METRICS
+    # The adapter rule in docs/deploy.md serves that metric.
+    assert f'name: {{matches: "{metric}", as: "{metric}"}}' in (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
 
 
 def test_k8s_network_policies(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -885,7 +1131,14 @@ def test_alerts_cover_the_runbook_and_use_known_metrics() -> None:
         assert rule["labels"]["severity"] in ("warning", "critical"), name
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], name
         unknown = promql_metric_names(rule["expr"]) - APP_METRICS - ALERT_EXTRA_METRICS
-        assert not unknown, f"{name} uses unknown metrics {unknown}"
+        assert not unknown, f"{name} uses metrics no replica exposes: {unknown}"
+
+
+def test_replicas_expose_what_the_restart_alert_counts() -> None:
+    # A custom registry has no process collector unless the app adds one: without it the alert never fires.
+    assert "process_start_time_seconds" in promql_metric_names(alert_rules()["SmartEduReplicaRestarting"]["expr"])
+    assert "process_start_time_seconds" in APP_METRICS
+    assert {"smartedu_ws_connections", "smartedu_turns_total", "smartedu_ai_ttft_seconds_bucket"} <= APP_METRICS
 
 
 def expected_annotations(rule: dict[str, Any], labels: dict[str, str]) -> dict[str, str]:

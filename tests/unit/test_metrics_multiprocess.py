@@ -32,3 +32,5 @@ def test_workers_add_up(tmp_path: Path) -> None:
     assert 'smartedu_turns_total{status="complete"} 5.0' in text
     assert 'smartedu_ws_connections{role="student"} 5.0' in text
     assert 'smartedu_replica_info{replica="replica-a"' in text
+    # Process series are the serving process's own (they cannot be summed across workers).
+    assert text.count("\nprocess_start_time_seconds ") == 1

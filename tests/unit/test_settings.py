@@ -58,6 +58,7 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_OFFLINE_TTFT_MS": "soon"}, "SMARTEDU_OFFLINE_TTFT_MS"),
         ({"SMARTEDU_LOG_LEVEL": "LOUD"}, "SMARTEDU_LOG_LEVEL"),
         ({"SMARTEDU_LOG_CONTENT": "maybe"}, "SMARTEDU_LOG_CONTENT"),
+        ({"SMARTEDU_MIGRATE_ON_START": "sometimes"}, "SMARTEDU_MIGRATE_ON_START"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -78,3 +79,9 @@ def test_frame_interval_defaults_to_100_ms_and_names_its_variable() -> None:
     assert Settings.from_env({"SMARTEDU_FRAME_INTERVAL_MS": "40"}).frame_interval_ms == 40
     with pytest.raises(ConfigError, match="SMARTEDU_FRAME_INTERVAL_MS"):
         Settings.from_env({"SMARTEDU_FRAME_INTERVAL_MS": "soon"})
+
+
+def test_replicas_migrate_on_start_unless_told_not_to() -> None:
+    assert Settings.from_env({}).migrate_on_start is True
+    assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": ""}).migrate_on_start is True
+    assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": "false"}).migrate_on_start is False
