@@ -18,6 +18,7 @@
   var STALE_STREAM_MS = 10 * 60 * 1000;
   var NEW_TOKEN_WAIT_MS = 8000; // after 4401 in the iframe: how long the parent has to send a new token
   var HISTORY_WINDOW = 20;
+  var PAUSED_RETRY = 'Your teacher has paused the AI tutor. Try again when it is back.';
 
   /* ---- helpers --------------------------------------------------------------------------------- */
 
@@ -222,6 +223,7 @@
     this.signedOut = false;
     this.tokenTimer = null;
     this.aiPaused = false;
+    this.regenerating = new Map(); // reply id (as an error's ref) -> the answer whose Retry was clicked
     this.visible = true;
     this.view = new View(root, { closable: options.mode === 'embed', idPrefix: 'se-' + newId().slice(0, 6) + '-' });
     if (this.course) this.view.title.textContent = this.course;
@@ -577,10 +579,16 @@
 
   Client.prototype.action = function (item, name) {
     if (name === 'retry') {
+      if (this.aiPaused) {
+        this.view.notice({ key: 'ai-paused-retry', tone: 'info', text: PAUSED_RETRY, ttl: 15000 });
+        return;
+      }
       item.retried = true;
       this.render(item);
       if (this.features.regenerate && this.ready) {
-        // Answered with an ack (regenerated: true) that names the new reply.
+        // Answered with an ack (regenerated: true) that names the new reply, or an error whose ref is the
+        // old reply's id, which gives the Retry button back.
+        this.regenerating.set(String(item.id), item);
         this.transport.send({ type: 'regenerate', reply_id: item.id });
       } else {
         this.queue(item.question);
@@ -960,6 +968,16 @@
     if (!item) this.olderLoaded(); // errors about a history request carry no message's ref
     var view = this.view;
     var self = this;
+    var retried = ref ? this.regenerating.get(ref) : null;
+    if (retried) {
+      this.regenerating.delete(ref);
+      retried.retried = false;
+      this.render(retried);
+      if (code === 'forbidden') { // the teacher paused the tutor before this socket heard of it
+        view.notice({ key: 'ai-paused-retry', tone: 'info', text: PAUSED_RETRY, ttl: 15000 });
+        return;
+      }
+    }
     if (code === 'not_found' && !this.ready && this.conversationId) {
       // The remembered conversation is gone (or belongs to someone else): start from the default one.
       this.conversationId = null;
@@ -1024,7 +1042,8 @@
     if (code === 'quota_exceeded' && f.retry_after) {
       text += ' Try again in about ' + Math.ceil(f.retry_after / 60) + ' min.';
     }
-    if (code === 'internal' && f.ref && !item) text += ' (reference ' + String(f.ref).slice(0, 24) + ')';
+    var logRef = typeof f.log_ref === 'string' ? f.log_ref : null;
+    if (code === 'internal' && logRef) text += ' (reference ' + logRef.slice(0, 24) + ')';
     var spec = { key: code, tone: code === 'ai_unavailable' ? 'warn' : 'error', text: text, ttl: 15000 };
     if (code === 'ai_unavailable' && f.retry_after) {
       spec.until = Date.now() + seconds(f.retry_after, 5) * 1000;

@@ -248,7 +248,7 @@ async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve
         elif frame["type"] == "history":
             requests.append((number, frame))
             if len(requests) == 1:
-                send(type="error", code="internal", message="a backing service is unavailable", ref="3f9a0c")
+                send(type="error", code="internal", message="a backing service is unavailable", log_ref="3f9a0c")
             elif len(requests) == 3:  # the second one is lost with its socket
                 send(type="history", conversation_id="c1", messages=_history(90, 10), has_more=False)
 
@@ -265,7 +265,9 @@ async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve
             await page.wait_for_timeout(20)
 
     await load_older(1)
-    await page.wait_for_selector('.se-notice[data-code="internal"]')
+    notice = page.locator('.se-notice[data-code="internal"]')
+    await notice.wait_for()
+    assert "(reference 3f9a0c)" in (await notice.text_content() or "")  # the server's log_ref, for support
 
     await load_older(2)
     assert await older.text_content() == "Loading\u2026" and await older.is_disabled()  # no answer yet
@@ -275,6 +277,52 @@ async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve
     await page.wait_for_selector('.se-msg[data-id="90"]')
     assert await older.is_hidden()
     assert [(number, frame["before"]) for number, frame in requests] == [(1, 100), (1, 100), (2, 100)]
+    assert problems == []
+
+
+async def test_retry_while_the_teacher_has_paused_the_tutor_says_so_and_keeps_the_button(
+    serve: Serve, browser: Browser
+) -> None:
+    """Retry on an interrupted answer while the tutor is paused: not sent when the page knows of the pause;
+    refused by the server (forbidden, ref = the reply's id) when it did not yet. Either way the page says
+    the teacher paused the tutor (not "no access to this course") and Retry stays."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    regenerates: list[dict[str, Any]] = []
+    sockets: list[WebSocketRoute] = []
+    history = [
+        {"id": 7, "role": "user", "text": "Why?", "status": "complete", "created_at": "2024-05-01T10:00:00Z"},
+        {"id": 8, "role": "assistant", "text": "Because", "status": "interrupted",
+         "created_at": "2024-05-01T10:00:01Z"},
+    ]
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=4, history=history, ai_paused=False,
+                 features=["regenerate"])
+        elif frame["type"] == "regenerate":
+            regenerates.append(frame)
+            send(type="error", code="forbidden", message="your teacher has paused the tutor for this conversation",
+                 ref=str(frame["reply_id"]))
+            send(type="ai_state", conversation_id="c1", paused=True, seq=5)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    retry = page.locator('.se-msg[data-id="8"] [data-action="retry"]')
+    notice = page.locator('.se-notice[data-code="ai-paused-retry"]')
+
+    await retry.click()  # the pause has not reached this page yet: the server refuses
+    await notice.wait_for()
+    assert "paused" in (await notice.text_content() or "")
+    assert await page.locator('.se-notice[data-code="forbidden"]').count() == 0
+    await retry.wait_for()  # given back
+    assert [frame["reply_id"] for frame in regenerates] == [8]
+
+    await page.wait_for_function("() => SmartEdu.client.aiPaused")
+    await page.evaluate("() => SmartEdu.client.view.clearNotice('ai-paused-retry')")
+    await retry.click()  # now the page knows: nothing is sent
+    await notice.wait_for()
+    await page.wait_for_timeout(200)
+    assert len(regenerates) == 1 and await retry.is_visible()
     assert problems == []
 
 
