@@ -41,9 +41,10 @@ class Budgets:
         self.metrics = metrics
 
     async def admit(
-        self, tenant: TenantSettings, user_id: str, text: str, client_id: str
+        self, tenant: TenantSettings, user_id: str, text: str, client_id: str, *, rate_limited: bool = True
     ) -> Reservation:
-        """Rate limit and token budgets, checked and reserved in one Redis round trip."""
+        """Rate limit (unless not `rate_limited`) and token budgets, checked and reserved in one Redis round
+        trip."""
         settings = self.settings
         tenant_limit, user_limit = tenant.daily_token_budget, tenant.user_daily_token_budget
         limits = (
@@ -55,7 +56,7 @@ class Budgets:
         day = time.strftime("%Y%m%d", time.gmtime())
         code, wait = await self.store.admit(
             tenant.id, user_id, day,
-            per_minute=settings.messages_per_minute, limits=limits, amounts=amounts,
+            per_minute=settings.messages_per_minute if rate_limited else 0, limits=limits, amounts=amounts,
         )
         if code:
             self.metrics.refusals.labels(reason="rate_limited" if code == 1 else "quota_exceeded").inc()

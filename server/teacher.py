@@ -112,10 +112,13 @@ class Classroom:
         question = await self.db.unanswered_question(session.claims.tenant, conversation.id)
         if question is None:
             return
-        # The answer is the student's: it is admitted against their rate limit and budgets, like a message.
+        # The answer is the student's: it is reserved against their budgets, like a message's. Not against
+        # their rate limit: the question was counted when it was sent.
         budgets = self.answers.budgets
         tenant = session.tenant or TenantSettings(session.claims.tenant)
-        reservation = await budgets.admit(tenant, conversation.user_id, question.text, conversation.id)
+        reservation = await budgets.admit(
+            tenant, conversation.user_id, question.text, conversation.id, rate_limited=False
+        )
         try:
             # Only if it is still waiting: another teacher may be resuming at the same moment.
             reply = await self.db.answer_waiting_question(session.claims.tenant, conversation.id, question.id)

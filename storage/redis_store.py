@@ -88,12 +88,14 @@ local rate_key, tenant_key, user_key = KEYS[1], KEYS[2], KEYS[3]
 local rate_limit, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tenant_limit, user_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tenant_amount, user_amount = tonumber(ARGV[5]), tonumber(ARGV[6])
-local count = redis.call('INCR', rate_key)
-if count == 1 then redis.call('PEXPIRE', rate_key, window_ms) end
-if count > rate_limit then
-  local ttl = redis.call('PTTL', rate_key)
-  if ttl < 0 then redis.call('PEXPIRE', rate_key, window_ms); ttl = window_ms end
-  return {1, ttl}
+if rate_limit > 0 then
+  local count = redis.call('INCR', rate_key)
+  if count == 1 then redis.call('PEXPIRE', rate_key, window_ms) end
+  if count > rate_limit then
+    local ttl = redis.call('PTTL', rate_key)
+    if ttl < 0 then redis.call('PEXPIRE', rate_key, window_ms); ttl = window_ms end
+    return {1, ttl}
+  end
 end
 local tenant_used = tonumber(redis.call('GET', tenant_key) or '0')
 local user_used = tonumber(redis.call('GET', user_key) or '0')
@@ -465,7 +467,7 @@ class RedisStore:
         limits: tuple[int, int],
         amounts: tuple[int, int],
     ) -> tuple[int, float]:
-        """Rate-limit one message and reserve (tenant, user) tokens for it, atomically.
+        """Rate-limit one message (unless `per_minute` is 0) and reserve (tenant, user) tokens for it, atomically.
 
         Returns (0, 0) when admitted, (1, seconds to wait) when rate limited, (2, 0) when the tenant's
         daily budget is spent and (3, 0) when the user's is.

@@ -133,3 +133,32 @@ async def test_regenerates_at_once_from_two_tabs_start_one_answer(serve: Serve, 
     assert sum(f["type"] == "error" and f["code"] == "bad_request" for f in seen) == 1
     assert {f["reply_id"] for f in seen if f["type"] == "ack"} == {ack["reply_id"] + 1}
     assert await db.fetchval("SELECT count(*) FROM messages WHERE reply_to = $1", ack["message_id"]) == 2
+
+
+async def test_resume_answers_a_student_who_used_up_the_minute_s_messages(
+    serve: Serve, db: asyncpg.Connection
+) -> None:
+    # The waiting question was counted against the rate limit when it was sent: resuming does not count it
+    # again, so a student who wrote their minute's messages while paused still gets the answer.
+    server = await serve(offline_tokens_per_s=0, messages_per_minute=2)
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
+    student = await server.connect({"token": token(**STUDENT), "course_id": "alg-1"})  # type: ignore[arg-type]
+    conversation = student.frames[0]["conversation_id"]
+    teacher = await server.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
+    await teacher.send(type="ai", conversation_id=conversation, paused=True)
+    await student.expect("ai_state")
+    for client_id in ("p1", "p2"):
+        await student.send(type="message", id=client_id, text="Are you there?")
+        assert (await student.expect("ack"))["reply_id"] is None
+    await student.send(type="message", id="p3", text="Hello?")
+    assert (await student.expect("error"))["code"] == "rate_limited"
+
+    await teacher.send(type="ai", conversation_id=conversation, paused=False)
+    await student.expect("ai_state")
+    done = (await student.until("done"))[-1]
+    assert done["status"] == "complete"
+    assert await db.fetchval("SELECT client_id FROM messages WHERE id = (SELECT reply_to FROM messages"
+                             " WHERE id = $1)", done["reply_id"]) == "p2"
+    await teacher.send(type="ping")
+    assert (await teacher.until("pong"))[-1]["type"] == "pong"
+    assert not [f for f in teacher.frames if f["type"] == "error"]
