@@ -41,7 +41,9 @@ def _free_port() -> int:
 def _as(url: str, *, user: str | None = None, password: str | None = None, database: str | None = None) -> str:
     parts = urlsplit(url)
     user = user or parts.username or ""
-    netloc = f"{user}:{password}@{parts.hostname}:{parts.port}" if password else f"{user}@{parts.hostname}:{parts.port}"
+    # Only the user changes: the host stays as given (empty, with ?host=/socket/dir, for the embedded server).
+    where = parts.netloc.rpartition("@")[2]
+    netloc = f"{user}:{password}@{where}" if password else f"{user}@{where}"
     return urlunsplit(parts._replace(netloc=netloc, path="/" + database if database else parts.path))
 
 
