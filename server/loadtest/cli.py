@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import random
 import resource
@@ -39,6 +40,7 @@ from .report import (
 )
 from .stats import LOAD_PHASES
 from .student import (
+    MAX_RATE,
     MAX_STUDENTS,
     MAX_TEACHERS,
     THINK_DISTRIBUTIONS,
@@ -90,12 +92,27 @@ class UsageError(Exception):
 # -- arguments -----------------------------------------------------------------------------------------
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def _number(kind: Callable[[str], Any], raw: str) -> Any:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    # nan slips through every comparison below and inf never ends a wait: neither can run.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {raw}")
+    return value
+
+
+def _bounded(kind: Callable[[str], Any], raw: str, maximum: float | None) -> Any:
+    value = _number(kind, raw)
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {raw}")
+    return value
+
+
+def _positive(kind: Callable[[str], Any], maximum: float | None = None) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+        value = _bounded(kind, raw, maximum)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {raw}")
         return value
@@ -103,12 +120,9 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def _non_negative(kind: Callable[[str], Any], maximum: float | None = None) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+        value = _bounded(kind, raw, maximum)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative, got {raw}")
         return value
@@ -116,11 +130,13 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _seconds(sign: Callable[[Callable[[str], Any], float | None], Callable[[str], Any]]) -> Callable[[str], Any]:
+    """A time in seconds, at most a day: longer waits would overflow some event loops' timers."""
+    return sign(float, MAX_DURATION)
+
+
 def _probability(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    value: float = _number(float, raw)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {raw}")
     return value
@@ -199,19 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--teachers", type=_non_negative(int), default=0, help="teachers watching courses (default 0)")
     load.add_argument(
-        "--duration", type=_positive(float), default=30.0, help="seconds of load, ramp-up included (default 30)"
+        "--duration", type=_seconds(_positive), default=30.0, help="seconds of load, ramp-up included (default 30)"
     )
     load.add_argument(
         "--ramp-rate", type=_positive(float), default=50.0, help="students started per second (default 50)"
     )
     load.add_argument(
         "--rate",
-        type=_positive(float),
-        help="open loop: questions per second in total, on a fixed schedule; without it: closed loop",
+        type=_positive(float, MAX_RATE),
+        help=f"open loop: questions per second in total (at most {MAX_RATE:,}), on a fixed schedule; "
+        "without it: closed loop",
     )
     load.add_argument(
         "--think-time",
-        type=_non_negative(float),
+        type=_seconds(_non_negative),
         default=2.0,
         metavar="SECONDS",
         help="closed loop: mean pause after an answer (default 2.0)",
@@ -257,12 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="chance per question of dropping the socket after the first token and resuming (default 0)",
     )
     load.add_argument(
-        "--turn-timeout", type=_positive(float), default=60.0, help="seconds before an answer counts as failed"
+        "--turn-timeout", type=_seconds(_positive), default=60.0, help="seconds before an answer counts as failed"
     )
-    load.add_argument("--connect-timeout", type=_positive(float), default=10.0, help="upgrade + welcome timeout")
+    load.add_argument("--connect-timeout", type=_seconds(_positive), default=10.0, help="upgrade + welcome timeout")
     load.add_argument(
         "--drain-timeout",
-        type=_non_negative(float),
+        type=_seconds(_non_negative),
         default=10.0,
         help="after --duration, seconds to wait for answers in flight (default 10)",
     )
@@ -320,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, metavar="JSON", help="write the results as JSON")
     output.add_argument("--plot", type=Path, metavar="PNG", help="write latency over time and distributions as PNG")
-    output.add_argument("--interval", type=_positive(float), default=1.0, help="time series interval (default 1 s)")
+    output.add_argument("--interval", type=_seconds(_positive), default=1.0, help="time series interval (default 1 s)")
     output.add_argument("--quiet", action="store_true", help="no live progress and no tables; failures still print")
     output.add_argument(
         "--log-level",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import ssl
 import time
@@ -25,12 +26,16 @@ log = logging.getLogger("smartedu.loadtest")
 
 MAX_STUDENTS = 10_000
 MAX_TEACHERS = 1_000
+# Open loop: questions per second per process. One process cannot send nearly this many; a higher rate
+# (or inf) would only make the schedule fall further behind while it hogs the event loop.
+MAX_RATE = 10_000.0
 THINK_DISTRIBUTIONS = ("exponential", "uniform", "constant")
 
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
 _ABANDONED_KEPT = 16
+_SCHEDULE_BATCH = 256  # questions queued by the open-loop schedule between two yields to the event loop
 _WORDS = (
     "what",
     "why",
@@ -171,12 +176,21 @@ class LoadConfig:
             raise LoadTestError(f"--teachers must be between 0 and {MAX_TEACHERS}")
         if self.teachers and self.teacher_tokens is None:
             raise LoadTestError("teachers need tokens: a signing key or --teacher-tokens-file")
-        if self.duration <= 0:
-            raise LoadTestError("--duration must be positive")
-        if self.ramp_rate <= 0:
-            raise LoadTestError("--ramp-rate must be positive")
-        if self.rate is not None and self.rate <= 0:
-            raise LoadTestError("--rate must be positive")
+        for option, value in (
+            ("--duration", self.duration),
+            ("--ramp-rate", self.ramp_rate),
+            ("--rate", self.rate),
+            ("--turn-timeout", self.turn_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--interval", self.interval),
+        ):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise LoadTestError(f"{option} must be a positive finite number")
+        for option, value in (("--drain-timeout", self.drain_timeout), ("--think-time", self.think.mean)):
+            if not (math.isfinite(value) and value >= 0):
+                raise LoadTestError(f"{option} must be a finite number, not negative")
+        if self.rate is not None and self.rate > MAX_RATE:
+            raise LoadTestError(f"--rate is capped at {MAX_RATE:,.0f} questions per second per process")
         if not self.courses:
             raise LoadTestError("at least one --course is needed")
         if self.conversations < 1 or self.turns_per_conversation < 1:
@@ -944,9 +958,15 @@ async def _schedule(ctx: RunContext, students: list[Student]) -> None:
         if launched == 0:
             next_at += 0.001
             continue
-        # Everything already due goes out now, each with its own intended time.
-        now = ctx.clock()
-        while next_at <= now and next_at < ctx.end_at:
+        # Everything already due goes out now, each with its own intended time; behind schedule, in
+        # batches with a yield between them, so that the students, the display and a stop still run.
+        queued = 0
+        while next_at <= ctx.clock() and next_at < ctx.end_at:
+            if queued == _SCHEDULE_BATCH:
+                await asyncio.sleep(0)
+                if ctx.stopping():
+                    return
+                queued = 0
             launched = len(students)
             student = students[turn_robin % launched]
             turn_robin += 1
@@ -954,6 +974,7 @@ async def _schedule(ctx: RunContext, students: list[Student]) -> None:
             ctx.stats.count("turns_attempted", next_at)
             student.wake.set()
             next_at += config.students / (config.rate * launched)
+            queued += 1
 
 
 async def _tick(ctx: RunContext, on_tick: Callable[[RunStats, float], None], every: float) -> None:

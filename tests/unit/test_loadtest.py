@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,22 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.loadtest.cli import amain, check_target, is_loopback, main
 from server.loadtest.stats import LatencyHistogram, RunStats
-from server.loadtest.tokens import TokenError, minter_from_private_key, minter_from_secret, read_tokens_file
+from server.loadtest.student import (
+    MAX_RATE,
+    LoadConfig,
+    LoadTestError,
+    QuestionPool,
+    RunContext,
+    Student,
+    _schedule,
+)
+from server.loadtest.tokens import (
+    TokenError,
+    TokenSource,
+    minter_from_private_key,
+    minter_from_secret,
+    read_tokens_file,
+)
 from tests.unit.loadtest_fake_server import Behaviour, FakeServer
 
 SECRET = secrets.token_hex(32)
@@ -457,3 +473,62 @@ async def test_floor_server_answers_a_turn() -> None:
         assert seqs == sorted(seqs) and len(set(seqs)) == 5
     finally:
         await runner.cleanup()
+
+
+# -- limits on numbers and rates ----------------------------------------------------------------------
+
+
+def _config(url: str = "ws://127.0.0.1:9/ws", **overrides: Any) -> LoadConfig:
+    minter = minter_from_secret(SECRET, tenant="t", courses=["c"], ttl=3600)
+    fields: dict[str, Any] = {
+        "url": url,
+        "students": 1,
+        "duration": 1.0,
+        "ramp_rate": 100.0,
+        "courses": ("c",),
+        "questions": QuestionPool(["q?"]),
+        "student_tokens": TokenSource("student", "loadtest-student", minter=minter),
+        **overrides,
+    }
+    return LoadConfig(**fields)
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate", ["inf", "nan", "-inf", "1e9", str(MAX_RATE * 2)])
+def test_rate_must_be_finite_and_capped(rate: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--url", "ws://127.0.0.1:9/ws", "--jwt-secret", SECRET, "--duration", "0.2", f"--rate={rate}"]
+    err = _usage_error(argv, capsys)
+    assert "--rate" in err and ("finite" in err or "at most" in err or "positive" in err)
+    with pytest.raises(LoadTestError):
+        _config(rate=float(rate)).validate()
+
+
+async def test_open_loop_schedule_behind_yields_and_stops() -> None:
+    # The schedule is a minute behind at the highest rate: 600,000 questions are due at once. It queues
+    # them in batches and yields in between, so another task runs and its stop is obeyed at once.
+    config = _config(rate=MAX_RATE, duration=120.0)
+    stats = RunStats(time.monotonic() - 60.0, 0.0, time.monotonic() + 60.0)
+    async with aiohttp.ClientSession() as session:
+        ctx = RunContext(config, session, stats)
+        students = [Student(ctx, 0)]
+        ran = asyncio.get_running_loop().create_future()
+
+        async def stop_soon() -> None:
+            while not students[0].outbox:
+                await asyncio.sleep(0)
+            ran.set_result(len(students[0].outbox))
+            ctx.stop_event.set()
+
+        started = time.monotonic()
+        schedule = asyncio.create_task(_schedule(ctx, students))
+        await asyncio.wait_for(stop_soon(), timeout=5.0)
+        await asyncio.wait_for(schedule, timeout=5.0)
+    assert time.monotonic() - started < 1.0
+    assert ran.result() < 10_000
+    assert len(students[0].outbox) < 10_000
