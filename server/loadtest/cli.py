@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import os
@@ -50,6 +49,7 @@ from .student import (
     ThinkTime,
     run_load,
 )
+from .target import is_loopback
 from .tokens import (
     ROLES,
     TokenError,
@@ -374,19 +374,6 @@ def check_target(url: str, allow_remote: bool) -> None:
     )
 
 
-def is_loopback(host: str) -> bool:
-    name = host.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False  # other names are not resolved: a DNS answer could point anywhere
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
-
-
 def _raise_file_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
@@ -506,6 +493,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         ssl=_ssl_setting(args),
         seed=args.seed,
         interval=args.interval,
+        allow_remote=args.allow_remote,
     )
     config.validate()
     _raise_file_limit(args.students + args.teachers + 64)

@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 
 from .stats import RunStats
+from .target import LoopbackResolver, RedirectRefused, RemoteRefused, refuse_redirects
 from .tokens import TokenSource
 
 log = logging.getLogger("smartedu.loadtest")
@@ -164,6 +165,7 @@ class LoadConfig:
     ssl: ssl.SSLContext | bool = True
     seed: int | None = None
     interval: float = 1.0
+    allow_remote: bool = False  # else names must resolve to loopback (the URL itself is checked by the CLI)
 
     @property
     def open_loop(self) -> bool:
@@ -311,11 +313,17 @@ async def _open_socket(
         raise ConnectFailed("timeout") from None
     except aiohttp.WSServerHandshakeError as exc:
         raise ConnectFailed(f"http_{exc.status}") from None
+    except RedirectRefused as exc:
+        log.debug("redirect refused", extra={"reason": str(exc)})
+        raise ConnectFailed("redirect_refused") from None
     except orjson.JSONDecodeError:
         await _close_quietly(ws)
         raise ConnectFailed("bad_frame") from None
     except (aiohttp.ClientError, OSError) as exc:
         await _close_quietly(ws)
+        if isinstance(getattr(exc, "os_error", None), RemoteRefused):
+            log.debug("remote address refused", extra={"reason": str(exc)})
+            raise ConnectFailed("remote_refused") from None
         raise ConnectFailed(type(exc).__name__) from None
 
 
@@ -1003,9 +1011,14 @@ async def run_load(
     config.validate()
     started = time.monotonic()
     stats = RunStats(started, started + config.students / config.ramp_rate, started + config.duration, config.interval)
-    connector = aiohttp.TCPConnector(limit=0, ssl=config.ssl)
+    # Loopback is enforced where connections are made too: a redirect is never followed (the tokens
+    # would go with it), and without --allow-remote a name must resolve to loopback addresses only.
+    resolver = None if config.allow_remote else LoopbackResolver()
+    connector = aiohttp.TCPConnector(limit=0, ssl=config.ssl, resolver=resolver)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trace_configs=[refuse_redirects()]
+    ) as session:
         ctx = RunContext(config, session, stats)
         students: list[Student] = []
         student_tasks: list[asyncio.Task[None]] = []

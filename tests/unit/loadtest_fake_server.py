@@ -33,6 +33,7 @@ class Behaviour:
     stall_once: float = 0.0  # the first message of the server's life waits this long before anything
     resume: bool = True
     watch_events: bool = False  # False: `watch` gets error bad_request (not implemented)
+    redirect_to: str | None = None  # answer the upgrade with 307 to this URL
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Counts:
     closed_at: list[float] = field(default_factory=list)  # loop time each socket was gone
     watches: int = 0
     resends: int = 0
+    redirects: int = 0
 
 
 def _subject(token: str) -> str:
@@ -124,7 +126,10 @@ class FakeServer:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_str(data)
 
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.behaviour.redirect_to is not None:
+            self.counts.redirects += 1
+            raise web.HTTPTemporaryRedirect(self.behaviour.redirect_to)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         conv: Conversation | None = None

@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import secrets
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -30,6 +32,7 @@ from server.loadtest.student import (
     Student,
     _schedule,
 )
+from server.loadtest.target import LoopbackResolver, RemoteRefused, is_loopback_address
 from server.loadtest.tokens import (
     TokenError,
     TokenSource,
@@ -352,6 +355,88 @@ def test_refuses_non_loopback_targets(url: str, capsys: pytest.CaptureFixture[st
     assert main(["--url", url, "--jwt-secret", SECRET, "--duration", "1"]) == 2
     assert "only loopback targets" in capsys.readouterr().err
     check_target(url, allow_remote=True)  # allowed explicitly (nothing is connected here)
+
+
+@pytest.fixture
+async def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """A tripwire on the test's event loop: a connect to anything outside loopback fails, and is recorded."""
+    loop = asyncio.get_running_loop()
+    real_connect = loop.sock_connect
+    refused: list[object] = []
+
+    async def sock_connect(sock: socket.socket, address: Any) -> None:
+        if not is_loopback_address(str(address[0])):
+            refused.append(address)
+            raise OSError(f"test tripwire: no traffic to {address[0]}")
+        await real_connect(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", sock_connect)
+    return refused
+
+
+@pytest.mark.parametrize("allow_remote", [False, True])
+async def test_a_redirect_is_not_followed(
+    start_server: StartServer, tmp_path: Path, allow_remote: bool, loopback_only: list[object]
+) -> None:
+    # The tokens go in the hello after the upgrade: following a redirect would hand them to its target.
+    # Here the target is another loopback server, which must see no hello at all. (aiohttp follows
+    # http:// locations only, which upgrade just as well.)
+    other = await start_server(Behaviour(tokens=2))
+    server = await start_server(Behaviour(redirect_to=other.url.replace("ws://", "http://")))
+    extra = ["--allow-remote"] if allow_remote else []
+    code, results = await _run(server, tmp_path, "--duration", "0.5", "--max-error-rate", "0", *extra)
+    assert code == 1
+    assert server.counts.redirects >= 2
+    assert other.counts.hellos == 0
+    phase = _all(results)
+    assert set(phase["connect_failures"]) == {"redirect_refused"}
+    assert phase["connect_failures"]["redirect_refused"] == phase["counters"]["connect_attempts"]
+
+
+async def test_a_redirect_outside_loopback_sends_nothing_there(
+    start_server: StartServer, tmp_path: Path, loopback_only: list[object]
+) -> None:
+    server = await start_server(Behaviour(redirect_to="http://192.0.2.10:8080/ws"))  # TEST-NET-1
+    _, results = await _run(server, tmp_path, "--duration", "0.5", "--connect-timeout", "0.5")
+    assert loopback_only == []
+    assert server.counts.redirects >= 2
+    assert set(_all(results)["connect_failures"]) == {"redirect_refused"}
+
+
+class _FixedResolver(AbstractResolver):
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [{"hostname": host, "host": self.address, "port": port, "family": family, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_names_must_resolve_to_loopback() -> None:
+    assert (await LoopbackResolver(_FixedResolver("127.0.0.1")).resolve("localhost", 80))[0]["host"] == "127.0.0.1"
+    assert (await LoopbackResolver(_FixedResolver("::1")).resolve("localhost", 80))[0]["host"] == "::1"
+    for address in ("192.0.2.7", "10.1.2.3", "::ffff:192.0.2.7", "2001:db8::1"):
+        with pytest.raises(RemoteRefused, match="outside loopback"):
+            await LoopbackResolver(_FixedResolver(address)).resolve("loadtest.example", 80)
+
+
+async def test_a_name_resolving_outside_loopback_is_refused_at_connect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback_only: list[object]
+) -> None:
+    # As if localhost's DNS answer pointed elsewhere: the run's resolver refuses it before any connect.
+    async def resolve(self: Any, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[ResolveResult]:
+        return [{"hostname": host, "host": "192.0.2.7", "port": port, "family": family, "proto": 0, "flags": 0}]
+
+    monkeypatch.setattr(aiohttp.DefaultResolver, "resolve", resolve)
+    out = tmp_path / "results.json"
+    argv = ["--url", "ws://localhost:9/ws", "--jwt-secret", SECRET, "--duration", "0.3", "--quiet"]
+    assert await amain([*argv, "--out", str(out)]) == 0
+    assert loopback_only == []
+    assert set(json.loads(out.read_text())["phases"]["all"]["connect_failures"]) == {"remote_refused"}
 
 
 @pytest.mark.parametrize(
