@@ -65,12 +65,16 @@ log = logging.getLogger("smartedu.loadtest")
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
 EXIT_USAGE = 2
+EXIT_CRASHED = 4
+EXIT_ABORTED = 130
 MAX_DURATION = 24 * 3600.0
 SECRET_ENV = "SMARTEDU_JWT_SECRET"
 DEFAULT_COURSE = "algebra-1"  # the demo school's course (`smartedu seed-demo`)
 
 _EPILOG = f"""\
-exit status: 0 when every threshold holds, 1 when one fails (each failure is printed), 2 on a usage error.
+exit status: 0 when every threshold holds, 1 when one fails (each failure is printed), 2 on a usage error,
+4 when a simulated user or another task of the load tester crashed (a bug: the results are incomplete),
+130 when aborted by a second Ctrl-C.
 
 Only loopback targets (127.0.0.0/8, ::1, localhost) are allowed unless --allow-remote is given.
 With neither --jwt-secret nor --jwt-private-key nor --tokens-file, the secret is read from ${SECRET_ENV}.
@@ -599,6 +603,10 @@ async def execute(prepared: Prepared, *, handle_signals: bool = False) -> int:
     results["wall_time_s"] = round(time.monotonic() - wall_start, 3)
     thresholds = thresholds_from_options({dest: getattr(args, dest) for dest in THRESHOLD_OPTIONS})
     checked = apply_thresholds(results, thresholds, args.gate_phase)
+    counters = results["phases"][ALL]["counters"]
+    crashes = counters.get("student_crashes", 0) + counters.get("task_crashes", 0)
+    if crashes:
+        results["passed"] = False
     if args.out is not None:
         write_json(args.out, results)
     if args.plot is not None:
@@ -611,6 +619,12 @@ async def execute(prepared: Prepared, *, handle_signals: bool = False) -> int:
     failed = [item for item in checked if not item["passed"]]
     for item in failed:
         print(f"loadtest: threshold failed: {describe_check(item)}", file=sys.stderr)
+    if crashes:
+        print(
+            f"loadtest: {crashes} task(s) of the load tester crashed (see the log): the results are incomplete",
+            file=sys.stderr,
+        )
+        return EXIT_CRASHED
     return EXIT_THRESHOLD if failed else EXIT_OK
 
 
@@ -658,4 +672,4 @@ def main(argv: list[str] | None = None) -> int:
             return runner.run(coroutine)
         except KeyboardInterrupt:
             print("smartedu loadtest: aborted", file=sys.stderr)
-            return 130
+            return EXIT_ABORTED

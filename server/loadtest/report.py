@@ -42,6 +42,8 @@ _TABLE_COUNTERS = (
     "unexpected_frames",
     "conversation_switches",
     "teacher_events",
+    "student_crashes",
+    "task_crashes",
 )
 _RATES = (
     ("turns", "answers"),

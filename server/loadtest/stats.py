@@ -125,15 +125,16 @@ class PhaseStats:
     @property
     def failures(self) -> int:
         c = self.counters
-        return c["turns_failed"] + c["turns_unfinished"] + c["connect_failures"]
+        return c["turns_failed"] + c["turns_unfinished"] + c["connect_failures"] + c["student_crashes"]
 
     @property
     def operations(self) -> int:
         c = self.counters
-        return c["turns_attempted"] - c["turns_abandoned"] + c["connect_attempts"]
+        return c["turns_attempted"] - c["turns_abandoned"] + c["connect_attempts"] + c["student_crashes"]
 
     def error_rate(self) -> float | None:
-        """Failed turns, unfinished turns and failed connects over questions asked plus connects tried."""
+        """Failed turns, unfinished turns, failed connects and crashed students over questions asked, connects
+        tried and crashed students."""
         operations = self.operations
         if operations <= 0:
             return None

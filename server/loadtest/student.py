@@ -776,8 +776,25 @@ class Student:
             finally:
                 ctx.done_draining()
             await ctx.all_drained()  # then every socket closes together
+        except Exception:
+            # A bug in this tool, not the server's doing: counted (it fails the run), not just logged.
+            log.exception("student crashed", extra={"student": self.index})
+            self._crashed()
         finally:
             await self.close()
+
+    def _crashed(self) -> None:
+        stats = self.ctx.stats
+        stats.count("student_crashes", self.ctx.clock())
+        for turn in [*self._in_flight(), *self.outbox]:
+            stats.count("turns_unfinished", turn.t0)
+        self._forget_turns()
+
+    def _forget_turns(self) -> None:
+        self.by_id.clear()
+        self.by_reply.clear()
+        self.unbound.clear()
+        self.outbox.clear()
 
     async def _run_closed(self) -> None:
         ctx = self.ctx
@@ -846,10 +863,7 @@ class Student:
             await self._wait(min(expiry, ctx.drain_deadline) if expiry is not None else ctx.drain_deadline)
         for turn in [*self._in_flight(), *self.outbox]:
             ctx.stats.count("turns_unfinished", turn.t0)
-        self.by_id.clear()
-        self.by_reply.clear()
-        self.unbound.clear()
-        self.outbox.clear()
+        self._forget_turns()
 
 
 class Teacher:
@@ -991,13 +1005,14 @@ async def _tick(ctx: RunContext, on_tick: Callable[[RunStats, float], None], eve
         on_tick(ctx.stats, ctx.clock())
 
 
-async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]], stats: RunStats) -> None:
     for task in tasks:
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    for result in results:
+    for task, result in zip(tasks, results, strict=True):
         if isinstance(result, Exception):
-            log.error("load task failed", exc_info=result)
+            log.error("load task crashed", exc_info=result, extra={"task": task.get_name()})
+            stats.count("task_crashes", time.monotonic())
 
 
 async def run_load(
@@ -1047,14 +1062,16 @@ async def run_load(
                 ctx.drained.set()
             for student in students:
                 student.wake.set()
-            await _cancel_all(helpers[:2] if config.open_loop else helpers[:1])
+            stoppers = 2 if config.open_loop else 1  # the launcher and the schedule: nothing new from here
+            await _cancel_all(helpers[:stoppers], stats)
+            helpers = helpers[stoppers:]
             if student_tasks:
                 await asyncio.wait(student_tasks, timeout=config.drain_timeout + 2 * _CLOSE_TIMEOUT + 1.0)
         finally:
-            await _cancel_all([*helpers, *student_tasks])
+            await _cancel_all([*helpers, *student_tasks], stats)
             for teacher in teachers:
                 await teacher.close()
-            await _cancel_all(teacher_tasks)
+            await _cancel_all(teacher_tasks, stats)
     stats.finished = time.monotonic()
     stats.series.flush()
     if on_tick is not None:

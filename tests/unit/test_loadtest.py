@@ -30,6 +30,7 @@ from server.loadtest.student import (
     QuestionPool,
     RunContext,
     Student,
+    Teacher,
     _schedule,
 )
 from server.loadtest.target import LoopbackResolver, RemoteRefused, is_loopback_address
@@ -617,3 +618,48 @@ async def test_open_loop_schedule_behind_yields_and_stops() -> None:
     assert time.monotonic() - started < 1.0
     assert ran.result() < 10_000
     assert len(students[0].outbox) < 10_000
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--connect-timeout=nan",
+        "--turn-timeout=nan",
+        "--interval=nan",
+        "--duration=nan",
+        "--drain-timeout=nan",
+        "--ttl=inf",
+        "--think-time=inf",
+        "--ramp-rate=inf",
+        "--max-error-rate=nan",
+        "--max-p99-ack-ms=inf",
+        "--turn-timeout=1e308",
+    ],
+)
+def test_numbers_must_be_finite(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(["--url", "ws://127.0.0.1:9/ws", "--jwt-secret", SECRET, "--duration", "0.2", option], capsys)
+    assert f"argument {option.split('=')[0]}" in err
+    assert "finite" in err or "at most" in err
+
+
+async def test_a_crashing_student_or_teacher_fails_the_run(
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bug in the load tester must not look like a clean run: before, crashed tasks were only logged,
+    # and a run in which every student crashed passed --max-error-rate 0 with exit status 0.
+    async def crash(self: object, *args: object) -> bool:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Student, "_connect", crash)
+    monkeypatch.setattr(Teacher, "_watch", crash)
+    server = await start_server(Behaviour(tokens=2))
+    code, results = await _run(
+        server, tmp_path, "--duration", "0.3", "--teachers", "1", "--max-error-rate", "0", "--max-lost", "0"
+    )
+    assert code == 4
+    phase = _all(results)
+    assert phase["counters"]["student_crashes"] == 2
+    assert phase["counters"]["task_crashes"] == 1
+    assert phase["error_rate"] == 1.0
+    assert results["passed"] is False
+    assert "crashed" in capsys.readouterr().err
