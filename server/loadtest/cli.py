@@ -10,6 +10,7 @@ import math
 import os
 import random
 import resource
+import secrets
 import signal
 import ssl
 import sys
@@ -144,6 +145,12 @@ def _probability(raw: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {raw}")
     return value
+
+
+def _subject_prefix(raw: str) -> str:
+    if not 1 <= len(raw) <= 100 or not raw.isprintable() or raw != raw.strip():
+        raise argparse.ArgumentTypeError("must be 1 to 100 printable characters, without surrounding spaces")
+    return raw
 
 
 def _lengths(raw: str) -> list[int]:
@@ -305,6 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant", metavar="ID", default="demo", help="tid claim (default %(default)s, the demo school)"
     )
     tokens.add_argument("--role", choices=ROLES, default="student", help="role claim of the students' tokens")
+    tokens.add_argument(
+        "--subject-prefix",
+        metavar="PREFIX",
+        type=_subject_prefix,
+        help="minted tokens' sub is PREFIX-student-N / PREFIX-teacher-N (default loadtest-<random id of "
+        "this run>: every run and every load generator gets users and conversations of its own)",
+    )
     tokens.add_argument("--ttl", type=_positive(float), default=3600.0, help="token lifetime in seconds (default 3600)")
     tokens.add_argument("--issuer", metavar="ISS", help="iss claim, when the server checks it")
     tokens.add_argument("--audience", metavar="AUD", help="aud claim, when the server checks it")
@@ -321,13 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
         "max_duplicated": "most duplicated tokens (an offset received twice)",
         "max_disconnects": "most unexpected disconnects",
         "max_resume_misses": "most reconnects the server could not resume",
+        "max_unexpected_frames": "most frames for no answer of this student (e.g. another user's, on a shared token)",
         "min_turns_per_s": "fewest completed answers per second",
     }
     for dest in THRESHOLD_OPTIONS:
         flag = "--" + dest.replace("_", "-")
         kind = (
             _non_negative(int)
-            if dest in ("max_lost", "max_duplicated", "max_disconnects", "max_resume_misses")
+            if dest in ("max_lost", "max_duplicated", "max_disconnects", "max_resume_misses", "max_unexpected_frames")
             else _non_negative(float)
         )
         gate.add_argument(flag, dest=dest, type=kind, help=help_texts[dest])
@@ -403,6 +418,10 @@ def _ssl_setting(args: argparse.Namespace) -> ssl.SSLContext | bool:
     return True
 
 
+def _warn(message: str) -> None:
+    print(f"smartedu loadtest: warning: {message}", file=sys.stderr)
+
+
 def _minter(args: argparse.Namespace, courses: Sequence[str]) -> tuple[TokenMinter | None, str]:
     common: dict[str, Any] = {
         "tenant": args.tenant,
@@ -456,11 +475,19 @@ def prepare(args: argparse.Namespace) -> Prepared:
         else QuestionPool.generated(args.question_lengths, rng)
     )
     minter, signing = _minter(args, courses)
+    # Users of their own per run: two generators (or runs) minting the same sub would share conversations.
+    prefix = args.subject_prefix or f"loadtest-{secrets.token_hex(4)}"
     if args.tokens_file is not None:
-        students = TokenSource("student", "loadtest-student", tokens=read_tokens_file(args.tokens_file))
+        student_tokens = read_tokens_file(args.tokens_file)
+        if len(student_tokens) < args.students:
+            _warn(
+                f"{len(student_tokens)} tokens for {args.students} students: students sharing a token share "
+                "its user's conversation, and see each other's frames (unexpected_frames)"
+            )
+        students = TokenSource("student", f"{prefix}-student", tokens=student_tokens)
         token_kind = "tokens-file"
     elif minter is not None:
-        students = TokenSource(args.role, "loadtest-student", minter=minter)
+        students = TokenSource(args.role, f"{prefix}-student", minter=minter)
         token_kind = signing
     else:
         raise UsageError(
@@ -468,9 +495,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
         )
     teachers: TokenSource | None = None
     if args.teacher_tokens_file is not None:
-        teachers = TokenSource("teacher", "loadtest-teacher", tokens=read_tokens_file(args.teacher_tokens_file))
+        teachers = TokenSource("teacher", f"{prefix}-teacher", tokens=read_tokens_file(args.teacher_tokens_file))
     elif minter is not None:
-        teachers = TokenSource("teacher", "loadtest-teacher", minter=minter)
+        teachers = TokenSource("teacher", f"{prefix}-teacher", minter=minter)
     if args.teachers and teachers is None:
         raise UsageError("--teachers needs a signing key or --teacher-tokens-file")
     config = LoadConfig(
@@ -523,6 +550,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         "tenant": args.tenant,
         "role": args.role,
         "tokens": token_kind,
+        "subject_prefix": prefix if args.tokens_file is None else None,
         "auth": args.auth,
         "seed": args.seed,
     }

@@ -167,6 +167,7 @@ THRESHOLD_OPTIONS: dict[str, tuple[str, Callable[[Mapping[str, Any]], float | No
     "max_duplicated": ("duplicated tokens", _counter("duplicate_tokens"), "", False),
     "max_disconnects": ("disconnects", _counter("disconnects"), "", False),
     "max_resume_misses": ("resume misses", _counter("resume_misses"), "", False),
+    "max_unexpected_frames": ("unexpected frames", _counter("unexpected_frames"), "", False),
     "min_turns_per_s": ("turns per second", _turn_rate, "/s", True),
 }
 

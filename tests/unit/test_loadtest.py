@@ -200,11 +200,45 @@ async def test_a_second_run_reuses_conversations_without_colliding_ids(
     # look like resends of the first run's (which get an ack but no answer).
     server = await start_server(Behaviour(tokens=2))
     for _ in range(2):
-        code, results = await _run(server, tmp_path, "--duration", "0.4", "--max-error-rate", "0")
+        code, results = await _run(
+            server, tmp_path, "--duration", "0.4", "--max-error-rate", "0", "--subject-prefix", "lt-fixed"
+        )
         assert code == 0
         assert _all(results)["counters"]["turns_ok"] > 0
     assert len(server.conversations) == 2
     assert server.counts.resends == 0
+
+
+async def test_concurrent_generators_get_users_of_their_own(start_server: StartServer, tmp_path: Path) -> None:
+    # Two load generators with the same options (as docs/loadtest.md shows) must not put their students in
+    # each other's conversations: each run mints subjects of its own.
+    server = await start_server(Behaviour(tokens=3, token_delay=0.01))
+    runs = await asyncio.gather(
+        *(_run(server, tmp_path, "--duration", "0.6", "--seed", str(seed), "--max-unexpected-frames", "0")
+          for seed in (1, 2))
+    )
+    users = {user for user, _ in server._by_user_course}
+    assert len(server.conversations) == len(users) == 4
+    assert len({user.rsplit("-student-", 1)[0] for user in users}) == 2
+    for code, results in runs:
+        assert code == 0
+        assert _all(results)["counters"].get("unexpected_frames", 0) == 0
+        assert results["config"]["subject_prefix"].startswith("loadtest-")
+
+
+async def test_shared_tokens_warn_and_unexpected_frames_gate(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await start_server(Behaviour(tokens=3, token_delay=0.01))
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(minter_from_secret(SECRET, tenant="t", courses=["c"], ttl=600).mint("one", "student", "One"))
+    code, results = await _run(
+        server, tmp_path, "--tokens-file", str(tokens), "--duration", "0.6", "--max-unexpected-frames", "0"
+    )
+    err = capsys.readouterr().err
+    assert "warning: 1 tokens for 2 students" in err
+    assert _all(results)["counters"]["unexpected_frames"] > 0
+    assert code == 1 and "threshold failed: unexpected frames" in err
 
 
 # -- faults -------------------------------------------------------------------------------------------
