@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import math
 import os
@@ -66,6 +67,7 @@ log = logging.getLogger("smartedu.loadtest")
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
 EXIT_USAGE = 2
+EXIT_OUTPUT = 3
 EXIT_CRASHED = 4
 EXIT_ABORTED = 130
 MAX_DURATION = 24 * 3600.0
@@ -74,8 +76,9 @@ DEFAULT_COURSE = "algebra-1"  # the demo school's course (`smartedu seed-demo`)
 
 _EPILOG = f"""\
 exit status: 0 when every threshold holds, 1 when one fails (each failure is printed), 2 on a usage error,
-4 when a simulated user or another task of the load tester crashed (a bug: the results are incomplete),
-130 when aborted by a second Ctrl-C.
+3 when --out or --plot could not be written (after the run; the summary is printed first), 4 when a
+simulated user or another task of the load tester crashed (a bug: the results are incomplete), 130 when
+aborted by a second Ctrl-C. The highest applicable status wins (4, then 3, then 1).
 
 Only loopback targets (127.0.0.0/8, ::1, localhost) are allowed unless --allow-remote is given.
 With neither --jwt-secret nor --jwt-private-key nor --tokens-file, the secret is read from ${SECRET_ENV}.
@@ -446,6 +449,19 @@ def _minter(args: argparse.Namespace, courses: Sequence[str]) -> tuple[TokenMint
     return minter_from_secret(secret, **common), "secret:HS256"
 
 
+def _check_output(option: str, path: Path) -> None:
+    """Refuse an output file that cannot be written before the run, not after it."""
+    resolved = path.resolve()
+    if resolved.is_dir():
+        raise UsageError(f"{option}: {path} is a directory, not a file")
+    if not resolved.parent.is_dir():
+        raise UsageError(f"{option}: directory {resolved.parent} does not exist")
+    if resolved.exists() and not os.access(resolved, os.W_OK):
+        raise UsageError(f"{option}: {path} is not writable")
+    if not resolved.exists() and not os.access(resolved.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: directory {resolved.parent} is not writable")
+
+
 @dataclass(frozen=True)
 class Prepared:
     args: argparse.Namespace
@@ -465,8 +481,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if args.ttl < args.duration + args.drain_timeout:
         raise UsageError("--ttl is shorter than the run: tokens would expire during it")
     for option, path in (("--out", args.out), ("--plot", args.plot)):
-        if path is not None and not path.resolve().parent.is_dir():
-            raise UsageError(f"{option}: directory {path.resolve().parent} does not exist")
+        if path is not None:
+            _check_output(option, path)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib (pip install '.[loadtest]')")
     courses = tuple(dict.fromkeys(args.courses or [DEFAULT_COURSE]))
     rng = random.Random(args.seed)
     pool = (
@@ -635,24 +653,36 @@ async def execute(prepared: Prepared, *, handle_signals: bool = False) -> int:
     crashes = counters.get("student_crashes", 0) + counters.get("task_crashes", 0)
     if crashes:
         results["passed"] = False
-    if args.out is not None:
-        write_json(args.out, results)
-    if args.plot is not None:
-        write_plot(args.plot, stats)
+    # The summary first: a file that cannot be written must not cost the run's results.
     if not args.quiet:
         render_summary(console, results)
-        for label, path in (("results", args.out), ("plot", args.plot)):
-            if path is not None:
-                console.print(f"{label}: {path}")
     failed = [item for item in checked if not item["passed"]]
     for item in failed:
         print(f"loadtest: threshold failed: {describe_check(item)}", file=sys.stderr)
+    unwritten = 0
+    outputs: list[tuple[str, str, Path | None, Callable[[Path], None]]] = [
+        ("results", "--out", args.out, lambda path: write_json(path, results)),
+        ("plot", "--plot", args.plot, lambda path: write_plot(path, stats)),
+    ]
+    for label, option, path, write in outputs:
+        if path is None:
+            continue
+        try:
+            write(path)
+        except (OSError, ValueError) as exc:
+            unwritten += 1
+            print(f"smartedu loadtest: error: cannot write {option} {path}: {exc}", file=sys.stderr)
+        else:
+            if not args.quiet:
+                console.print(f"{label}: {path}")
     if crashes:
         print(
             f"loadtest: {crashes} task(s) of the load tester crashed (see the log): the results are incomplete",
             file=sys.stderr,
         )
         return EXIT_CRASHED
+    if unwritten:
+        return EXIT_OUTPUT
     return EXIT_THRESHOLD if failed else EXIT_OK
 
 

@@ -521,6 +521,33 @@ async def test_writes_json_results_and_png_plot(start_server: StartServer, tmp_p
     assert SECRET not in out.read_text()  # neither the secret nor tokens go into results
 
 
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+async def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(
+    start_server: StartServer, tmp_path: Path, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await start_server(Behaviour(tokens=2))
+    for path, message in ((tmp_path, "is a directory"), (tmp_path / "missing" / "x", "does not exist")):
+        assert await amain([*_base_args(server), option, str(path)]) == 2
+        assert message in capsys.readouterr().err
+    assert server.counts.hellos == 0  # refused before the run, not after it
+
+
+async def test_a_failed_write_keeps_the_summary_and_has_its_own_exit_status(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /dev/full accepts the open and fails the write (ENOSPC): the run's summary must come first, the
+    # other file is still written, and the status tells a failed write from a failed threshold.
+    server = await start_server(Behaviour(tokens=2))
+    argv = [arg for arg in _base_args(server, "--duration", "0.4") if arg != "--quiet"]
+    plot = tmp_path / "latency.png"
+    code = await amain([*argv, "--out", "/dev/full", "--plot", str(plot), "--max-lost", "0"])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "Latency (ms)" in captured.out and "PASS" in captured.out
+    assert "cannot write --out /dev/full" in captured.err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # -- tokens -------------------------------------------------------------------------------------------
 
 
