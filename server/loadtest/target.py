@@ -19,11 +19,13 @@ class RemoteRefused(OSError):
 
 
 def is_loopback(host: str) -> bool:
-    """Whether a URL's host is loopback without asking DNS: `localhost`, 127.0.0.0/8 or ::1."""
-    name = host.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    return is_loopback_address(name)
+    """Whether a URL's host is loopback without asking DNS: `localhost`, 127.0.0.0/8 or ::1.
+
+    Only the bare name `localhost`: `localhost.` and `*.localhost` go to the DNS resolver, which may
+    answer anything (the connector refuses such answers too, see LoopbackResolver).
+    """
+    name = host.strip("[]").lower()
+    return name == "localhost" or is_loopback_address(name)
 
 
 def is_loopback_address(text: str) -> bool:
