@@ -378,10 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_target(url: str, allow_remote: bool) -> None:
     """Refuse anything but ws/wss, and any host outside loopback unless explicitly allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        raise UsageError(f"--url is not a valid URL ({exc}): {url!r}") from None
     if parts.scheme not in ("ws", "wss"):
         raise UsageError(f"--url must start with ws:// or wss://, got {url!r}")
-    host = parts.hostname
     if not host:
         raise UsageError(f"--url has no host: {url!r}")
     try:
@@ -442,6 +445,8 @@ def _minter(args: argparse.Namespace, courses: Sequence[str]) -> tuple[TokenMint
             secret = args.jwt_secret_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise UsageError(f"cannot read --jwt-secret-file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--jwt-secret-file {args.jwt_secret_file} is not UTF-8 text") from None
     if secret is None and args.tokens_file is None:
         secret = os.environ.get(SECRET_ENV) or None
     if secret is None:

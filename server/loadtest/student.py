@@ -114,6 +114,8 @@ class QuestionPool:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise LoadTestError(f"cannot read questions file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise LoadTestError(f"questions file {path} is not UTF-8 text") from None
         questions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not questions:
             raise LoadTestError(f"questions file {path} holds no question")

@@ -728,3 +728,20 @@ async def test_a_crashing_student_or_teacher_fails_the_run(
     assert phase["error_rate"] == 1.0
     assert results["passed"] is False
     assert "crashed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--questions", "--tokens-file", "--jwt-secret-file", "--teacher-tokens-file"])
+def test_a_file_that_is_not_utf8_is_a_usage_error(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ?\n".encode("latin-1"))
+    secret = [] if option == "--jwt-secret-file" else ["--jwt-secret", SECRET]
+    assert main(["--url", "ws://127.0.0.1:9/ws", *secret, "--duration", "0.2", option, str(bad)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["ws://[::1/ws", "ws://[127.0.0.1]/ws", "ws://127.0.0.1:99999/ws"])
+def test_a_malformed_url_is_a_usage_error(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--url", url, "--jwt-secret", SECRET, "--duration", "0.2"]) == 2
+    assert "--url" in capsys.readouterr().err
