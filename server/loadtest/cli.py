@@ -650,7 +650,6 @@ async def execute(prepared: Prepared, *, handle_signals: bool = False) -> int:
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
     results = build_results(stats, prepared.summary, started_at, _now_iso())
-    results["stopped_early"] = stop.is_set()
     results["wall_time_s"] = round(time.monotonic() - wall_start, 3)
     thresholds = thresholds_from_options({dest: getattr(args, dest) for dest in THRESHOLD_OPTIONS})
     checked = apply_thresholds(results, thresholds, args.gate_phase)

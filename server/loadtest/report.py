@@ -97,6 +97,8 @@ def build_results(stats: RunStats, config: Mapping[str, Any], started_at: str, f
         "finished_at": finished_at,
         "config": dict(config),
         "phases": phases,
+        "stopped_early": stats.stopped_early,
+        "drain_stopped": stats.drain_stopped,
         "timeseries": {
             "interval_s": stats.series.interval,
             "columns": ["t_s", "count", "p50_ms", "p99_ms", "max_ms"],

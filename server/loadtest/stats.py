@@ -201,6 +201,8 @@ class RunStats:
         self.ramp_end = ramp_end
         self.end_at = end_at  # end of the load (moved earlier when the run is stopped)
         self.finished: float | None = None
+        self.stopped_early = False  # stopped (Ctrl-C, SIGTERM) before the end of the load
+        self.drain_stopped = False  # stopped during the drain: answers still in flight were not waited for
         self.phases = {name: PhaseStats(name) for name in PHASES}
         self.series = LatencySeries(interval)
         # Gauges and running totals for the live display.

@@ -711,7 +711,11 @@ class Student:
     async def _connect_until(self, deadline: float, *, draining: bool = False) -> bool:
         """Connect (resuming when answers are in flight) with capped backoff; False at the deadline."""
         ctx = self.ctx
-        while ctx.clock() < deadline and (draining or not ctx.stopping()):
+        def limit() -> float:
+            # The drain's deadline moves earlier when the drain is stopped.
+            return min(deadline, ctx.drain_deadline) if draining else deadline
+
+        while ctx.clock() < limit() and (draining or not ctx.stopping()):
             await self._join_reader()
             if await self._connect():
                 self._backoff = 0.0
@@ -720,7 +724,7 @@ class Student:
             if not draining and ctx.stopping():
                 return False
             self.wake.clear()  # no await between this and the wait: a stop cannot slip through
-            await self._wait(min(ctx.clock() + self._backoff * ctx.rng.uniform(0.5, 1.0), deadline))
+            await self._wait(min(ctx.clock() + self._backoff * ctx.rng.uniform(0.5, 1.0), limit()))
         return False
 
     async def _join_reader(self) -> None:
@@ -1017,6 +1021,30 @@ async def _cancel_all(tasks: Sequence[asyncio.Task[None]], stats: RunStats) -> N
             stats.count("task_crashes", time.monotonic())
 
 
+async def _wait_for_drain(
+    ctx: RunContext, students: Sequence[Student], tasks: Sequence[asyncio.Task[None]], stop_wait: asyncio.Task[Any]
+) -> None:
+    """Wait for the students to drain; a first stop (Ctrl-C) during the drain cuts it short.
+
+    After a stop during the load the drain runs as usual: a second Ctrl-C aborts.
+    """
+    grace = 2 * _CLOSE_TIMEOUT + 1.0
+    all_done = asyncio.ensure_future(asyncio.wait(tasks))
+    waiters: list[asyncio.Future[Any]] = [all_done] if ctx.stats.stopped_early else [all_done, stop_wait]
+    try:
+        await asyncio.wait(waiters, timeout=ctx.config.drain_timeout + grace, return_when=asyncio.FIRST_COMPLETED)
+        if all_done.done() or not stop_wait.done() or ctx.stats.stopped_early:
+            return
+        ctx.stats.drain_stopped = True
+        ctx.drain_deadline = ctx.clock()
+        ctx.drained.set()
+        for student in students:
+            student.wake.set()
+        await asyncio.wait([all_done], timeout=grace)
+    finally:
+        all_done.cancel()
+
+
 async def run_load(
     config: LoadConfig,
     *,
@@ -1050,12 +1078,11 @@ async def run_load(
             "load test started",
             extra={"students": config.students, "teachers": config.teachers, "duration": config.duration},
         )
+        stop = stop or asyncio.Event()
+        stop_wait = asyncio.create_task(stop.wait())
         try:
-            stop_wait = asyncio.create_task((stop or asyncio.Event()).wait())
-            try:
-                await asyncio.wait([stop_wait], timeout=config.duration)
-            finally:
-                stop_wait.cancel()
+            await asyncio.wait([stop_wait], timeout=config.duration)
+            stats.stopped_early = stop.is_set()
             ctx.end_at = min(ctx.end_at, ctx.clock())
             stats.end_at = ctx.end_at
             ctx.drain_deadline = ctx.end_at + config.drain_timeout
@@ -1068,8 +1095,9 @@ async def run_load(
             await _cancel_all(helpers[:stoppers], stats)
             helpers = helpers[stoppers:]
             if student_tasks:
-                await asyncio.wait(student_tasks, timeout=config.drain_timeout + 2 * _CLOSE_TIMEOUT + 1.0)
+                await _wait_for_drain(ctx, students, student_tasks, stop_wait)
         finally:
+            stop_wait.cancel()
             await _cancel_all([*helpers, *student_tasks], stats)
             for teacher in teachers:
                 await teacher.close()

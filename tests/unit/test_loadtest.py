@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.loadtest.cli import amain, check_target, is_loopback, main
+from server.loadtest.report import build_results
 from server.loadtest.stats import LatencyHistogram, RunStats
 from server.loadtest.student import (
     MAX_RATE,
@@ -32,6 +33,7 @@ from server.loadtest.student import (
     Student,
     Teacher,
     _schedule,
+    run_load,
 )
 from server.loadtest.target import LoopbackResolver, RemoteRefused, is_loopback_address
 from server.loadtest.tokens import (
@@ -745,3 +747,27 @@ def test_a_file_that_is_not_utf8_is_a_usage_error(
 def test_a_malformed_url_is_a_usage_error(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--url", url, "--jwt-secret", SECRET, "--duration", "0.2"]) == 2
     assert "--url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop_after, early", [(1.0, False), (0.2, True)])
+async def test_a_stop_during_the_drain_cuts_it_short(
+    start_server: StartServer, stop_after: float, early: bool
+) -> None:
+    # Answers take 3 s; the load lasts 0.5 s with a 10 s drain. A stop in the drain (at 1 s) must end
+    # the run at once, and is not "stopped early": the load ran its full length. A stop during the load
+    # ends the load early and the drain still waits for the answer in flight.
+    server = await start_server(Behaviour(tokens=10, token_delay=0.3))
+    config = _config(server.url, duration=0.5 if not early else 5.0, drain_timeout=10.0)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(stop_after, stop.set)
+    started = time.monotonic()
+    stats = await run_load(config, stop=stop)
+    elapsed = time.monotonic() - started
+    results = build_results(stats, {}, "", "")
+    assert results["stopped_early"] is early
+    assert results["drain_stopped"] is not early
+    counters = stats.combined().counters
+    if early:
+        assert counters["turns_ok"] == 1 and 3.0 <= elapsed < 5.0
+    else:
+        assert counters["turns_unfinished"] == 1 and elapsed < 2.0
