@@ -362,6 +362,7 @@ class Student:
         "_closing",
         "_dropping",
         "_lost_at",
+        "_moving",
         "_next_turn",
         "abandoned",
         "by_id",
@@ -375,6 +376,7 @@ class Student:
         "last_seq",
         "outbox",
         "reader",
+        "reconnect_at",
         "retry_at",
         "token",
         "unbound",
@@ -405,6 +407,8 @@ class Student:
         self._backoff = 0.0
         self._closing = False
         self._dropping = False
+        self._moving = False  # the server asked us to reconnect (`reconnect` frame)
+        self.reconnect_at = 0.0
         self._lost_at: float | None = None
 
     # -- turns -------------------------------------------------------------------------------------
@@ -511,6 +515,8 @@ class Student:
             self._on_done(frame, now)
         elif kind == "error":
             self._on_error(frame, now)
+        elif kind == "reconnect":
+            return self._on_reconnect(frame, now)
         elif kind not in ("pong", "history", "event"):
             stats.count("unexpected_frames", now)
         return False
@@ -596,6 +602,18 @@ class Student:
             stats.count("turns_failed", turn.t0)
         self._finish(turn)
 
+    def _on_reconnect(self, frame: dict[str, Any], now: float) -> bool:
+        """The replica is restarting: close now, reconnect (resuming) after `after_ms`, like the widget."""
+        self.ctx.stats.count("reconnect_requests", now)
+        after_ms = frame.get("after_ms")
+        after = float(after_ms) / 1000.0 if isinstance(after_ms, int | float) and after_ms >= 0 else 1.0
+        # A little jitter, as static/chat.js adds, so that a replica's clients do not come back at once.
+        self.reconnect_at = now + after + self.ctx.rng.uniform(0.0, min(1.0, after * 0.2 + 0.1))
+        if self._closing:
+            return False  # closing anyway; the next connect waits all the same
+        self._moving = True
+        return True
+
     def _on_error(self, frame: dict[str, Any], now: float) -> None:
         stats = self.ctx.stats
         code = str(frame.get("code") or "unknown")
@@ -642,7 +660,9 @@ class Student:
         self.ws = None
         self.connected = False
         ctx.stats.connected_students -= 1
-        if self._dropping:
+        if self._moving:
+            self._lost_at = now  # the time to the resumed welcome is the `reconnect` metric
+        elif self._dropping:
             ctx.stats.count("drops", now)
             for turn in self._in_flight():
                 turn.interrupted = True
@@ -652,6 +672,7 @@ class Student:
             ctx.stats.phase(now).close_codes[str(ws.close_code)] += 1
             self._lost_at = now
         self._dropping = False
+        self._moving = False
         self.wake.set()
 
     # -- connection -----------------------------------------------------------------------------------
@@ -715,6 +736,9 @@ class Student:
             # The drain's deadline moves earlier when the drain is stopped.
             return min(deadline, ctx.drain_deadline) if draining else deadline
 
+        while ctx.clock() < min(self.reconnect_at, limit()) and (draining or not ctx.stopping()):
+            self.wake.clear()
+            await self._wait(min(self.reconnect_at, limit()))  # as long as the server asked
         while ctx.clock() < limit() and (draining or not ctx.stopping()):
             await self._join_reader()
             if await self._connect():

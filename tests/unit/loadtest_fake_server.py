@@ -34,6 +34,8 @@ class Behaviour:
     resume: bool = True
     watch_events: bool = False  # False: `watch` gets error bad_request (not implemented)
     redirect_to: str | None = None  # answer the upgrade with 307 to this URL
+    reconnect_in_turn: int | None = None  # answer number whose first token is followed by `reconnect`
+    reconnect_after_ms: int = 300
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Counts:
     watches: int = 0
     resends: int = 0
     redirects: int = 0
+    reconnects_sent: int = 0
 
 
 def _subject(token: str) -> str:
@@ -249,6 +252,11 @@ class FakeServer:
                 token = {"type": "token", "reply_id": reply_id, "text": text, "offset": offset}
                 if not skip:
                     await self._emit(conv, dict(token))
+                if number == b.reconnect_in_turn and i == 0:
+                    # Not a conversation frame: no seq, not logged, sent to the socket there is now.
+                    self.counts.reconnects_sent += 1
+                    reconnect = {"type": "reconnect", "after_ms": b.reconnect_after_ms}
+                    await self._send(conv.ws, orjson.dumps(reconnect).decode())
                 if number == b.duplicate_token_in_turn and i == b.tokens // 2:
                     await self._emit(conv, dict(token))
                 offset += len(text)

@@ -318,6 +318,29 @@ async def test_resume_miss_is_counted_but_not_an_error(start_server: StartServer
     assert counters.get("unexpected_frames", 0) == 0  # the abandoned answers' late frames are expected
 
 
+async def test_a_reconnect_frame_moves_the_student_after_the_delay(start_server: StartServer, tmp_path: Path) -> None:
+    # A draining replica sends `reconnect {after_ms}` (docs/protocol.md): the student closes, waits that
+    # long, and comes back with resume_from; the answer in flight is resumed and checked as one.
+    server = await start_server(Behaviour(tokens=6, token_delay=0.05, reconnect_in_turn=1, reconnect_after_ms=400))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "1.5", "--max-lost", "0", "--max-duplicated", "0",
+        "--max-unexpected-frames", "0", "--max-disconnects", "0",
+    )
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    assert server.counts.reconnects_sent == 1
+    assert counters["reconnect_requests"] == 1
+    assert server.counts.hellos == 2 and server.counts.resumed == 1
+    assert counters["resumes_ok"] == 1
+    assert counters.get("drops", 0) == 0 and counters.get("unexpected_frames", 0) == 0
+    reconnect = phase["latency_ms"]["reconnect"]
+    assert reconnect["count"] == 1 and 400.0 <= reconnect["max"] < 1000.0
+    assert counters["turns_ok"] == server.counts.answers_done >= 2
+    # The first answer waited for the move: the delay is the server's, so it stays in `done`.
+    assert phase["latency_ms"]["done"]["max"] >= 400.0
+
+
 @pytest.mark.parametrize("watch_events", [True, False])
 async def test_teachers_watching(start_server: StartServer, tmp_path: Path, watch_events: bool) -> None:
     server = await start_server(Behaviour(tokens=2, watch_events=watch_events))
