@@ -342,11 +342,12 @@ async def _close_quietly(ws: aiohttp.ClientWebSocketResponse | None, code: int =
 class Turn:
     """One question and its answer; no text is kept, only offsets."""
 
-    __slots__ = ("client_id", "first_token_at", "frontier", "interrupted", "plan_drop", "reply_id", "t0")
+    __slots__ = ("acked", "client_id", "first_token_at", "frontier", "interrupted", "plan_drop", "reply_id", "t0")
 
     def __init__(self, client_id: str, t0: float) -> None:
         self.client_id = client_id
         self.t0 = t0  # intended send time: latencies count from here
+        self.acked = False
         self.reply_id: object = None
         self.first_token_at: float | None = None
         self.frontier = 0  # code points received contiguously from offset 0
@@ -448,6 +449,7 @@ class Student:
         earliest: float | None = None
         for turn in [*self._in_flight(), *self.outbox]:
             if now - turn.t0 >= timeout:
+                self._record_unanswered(turn, now)
                 stats.count("timeouts", turn.t0)
                 stats.count("turns_failed", turn.t0)
                 stats.error("client_timeout", turn.t0)
@@ -459,6 +461,20 @@ class Student:
             elif earliest is None or turn.t0 < earliest:
                 earliest = turn.t0
         return None if earliest is None else earliest + timeout
+
+    def _record_unanswered(self, turn: Turn, now: float) -> None:
+        """A turn given up on (timed out, or unfinished at the end) waited at least until now: its missing
+        ack, first token and done go into the histograms at that elapsed time, so that percentiles show
+        the wait instead of leaving out the slowest answers."""
+        if turn.interrupted:
+            return  # a deliberate drop: the delay from there on is ours
+        stats = self.ctx.stats
+        waited = now - turn.t0
+        if not turn.acked:
+            stats.record("ack", turn.t0, waited, now)
+        if turn.first_token_at is None:
+            stats.record("ttft", turn.t0, waited, now)
+        stats.record("done", turn.t0, waited, now)
 
     async def _flush_outbox(self) -> None:
         ctx = self.ctx
@@ -527,6 +543,7 @@ class Student:
         if turn is None:
             stats.count("unexpected_frames", now)
             return
+        turn.acked = True
         if not turn.interrupted:
             stats.record("ack", turn.t0, now - turn.t0, now)
         reply_id = frame.get("reply_id")
@@ -891,7 +908,9 @@ class Student:
                 await self._flush_outbox()
                 continue
             await self._wait(min(expiry, ctx.drain_deadline) if expiry is not None else ctx.drain_deadline)
+        now = ctx.clock()
         for turn in [*self._in_flight(), *self.outbox]:
+            self._record_unanswered(turn, now)
             ctx.stats.count("turns_unfinished", turn.t0)
         self._forget_turns()
 

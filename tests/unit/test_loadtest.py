@@ -164,6 +164,33 @@ async def test_percentiles_follow_the_servers_latency(start_server: StartServer,
     assert latency["done"]["p50"] >= ttft["p50"]
 
 
+async def test_timed_out_and_unfinished_turns_count_in_the_latencies(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # Every first token takes 1 s and answers time out at 0.3 s: ttft and done are recorded at the
+    # time each turn was given up (>= 0.3 s), not left out (which showed no ttft at all).
+    server = await start_server(Behaviour(tokens=2, first_token_delay=1.0))
+    _, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.8", "--turn-timeout", "0.3", "--drain-timeout", "0.5"
+    )
+    phase = _all(results)
+    counters, latency = phase["counters"], phase["latency_ms"]
+    given_up = counters["timeouts"] + counters.get("turns_unfinished", 0)
+    assert counters["timeouts"] >= 1 and counters.get("turns_ok", 0) == 0
+    assert latency["ttft"]["count"] == latency["done"]["count"] == given_up
+    assert latency["ttft"]["p50"] >= 300.0 and latency["done"]["p50"] >= 300.0
+    assert latency["ack"]["count"] == given_up and latency["ack"]["p50"] < 100.0  # acks came, at once
+
+    # A question the server never acknowledges, still waiting when the drain ends: all three at ~1 s.
+    server = await start_server(Behaviour(tokens=2, stall_once=5.0))
+    _, results = await _run(server, tmp_path, "--students", "1", "--duration", "0.5", "--drain-timeout", "0.5")
+    phase = _all(results)
+    assert phase["counters"]["turns_unfinished"] == 1
+    for metric in ("ack", "ttft", "done"):
+        assert phase["latency_ms"][metric]["count"] == 1
+        assert phase["latency_ms"][metric]["max"] >= 900.0
+
+
 def test_histogram_percentiles_are_exact_within_precision() -> None:
     hist = LatencyHistogram()
     for ms in range(1, 1001):
