@@ -288,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="chance per question of dropping the socket after the first token and resuming (default 0)",
     )
     load.add_argument(
+        "--check-text",
+        type=_probability,
+        default=1.0,
+        metavar="P",
+        help="chance per answer that its text is kept and compared with the committed text at the end, "
+        "through the history frame (the last 5 per conversation; default 1)",
+    )
+    load.add_argument(
         "--turn-timeout", type=_seconds(_positive), default=60.0, help="seconds before an answer counts as failed"
     )
     load.add_argument("--connect-timeout", type=_seconds(_positive), default=10.0, help="upgrade + welcome timeout")
@@ -339,13 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
         "max_disconnects": "most unexpected disconnects",
         "max_resume_misses": "most reconnects the server could not resume",
         "max_unexpected_frames": "most frames for no answer of this student (e.g. another user's, on a shared token)",
+        "max_text_mismatches": "most answers whose text as streamed differs from the committed text (--check-text)",
         "min_turns_per_s": "fewest completed answers per second",
     }
     for dest in THRESHOLD_OPTIONS:
         flag = "--" + dest.replace("_", "-")
         kind = (
             _non_negative(int)
-            if dest in ("max_lost", "max_duplicated", "max_disconnects", "max_resume_misses", "max_unexpected_frames")
+            if dest
+            in (
+                "max_lost",
+                "max_duplicated",
+                "max_disconnects",
+                "max_resume_misses",
+                "max_unexpected_frames",
+                "max_text_mismatches",
+            )
             else _non_negative(float)
         )
         gate.add_argument(flag, dest=dest, type=kind, help=help_texts[dest])
@@ -548,6 +565,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         seed=args.seed,
         interval=args.interval,
         allow_remote=args.allow_remote,
+        check_text=args.check_text,
     )
     config.validate()
     _raise_file_limit(args.students + args.teachers + 64)
@@ -568,6 +586,7 @@ def prepare(args: argparse.Namespace) -> Prepared:
         "conversations": args.conversations,
         "turns_per_conversation": args.turns_per_conversation,
         "drop_probability": args.drop_probability,
+        "check_text": args.check_text,
         "turn_timeout_s": args.turn_timeout,
         "drain_timeout_s": args.drain_timeout,
         "tenant": args.tenant,

@@ -37,6 +37,9 @@ _TABLE_COUNTERS = (
     "lost_chars",
     "duplicate_tokens",
     "duplicate_chars",
+    "text_checks",
+    "text_mismatches",
+    "text_unchecked",
     "missing_offsets",
     "missing_lengths",
     "unexpected_frames",
@@ -170,6 +173,7 @@ THRESHOLD_OPTIONS: dict[str, tuple[str, Callable[[Mapping[str, Any]], float | No
     "max_disconnects": ("disconnects", _counter("disconnects"), "", False),
     "max_resume_misses": ("resume misses", _counter("resume_misses"), "", False),
     "max_unexpected_frames": ("unexpected frames", _counter("unexpected_frames"), "", False),
+    "max_text_mismatches": ("text mismatches", _counter("text_mismatches"), "", False),
     "min_turns_per_s": ("turns per second", _turn_rate, "/s", True),
 }
 

@@ -36,6 +36,8 @@ _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
 _ABANDONED_KEPT = 16
+_TEXT_KEPT = 5  # assembled answers kept per conversation for the final text check
+_CHECK_TIMEOUT = 5.0  # for the history frame of the final text check
 _SCHEDULE_BATCH = 256  # questions queued by the open-loop schedule between two yields to the event loop
 _WORDS = (
     "what",
@@ -167,6 +169,7 @@ class LoadConfig:
     ssl: ssl.SSLContext | bool = True
     seed: int | None = None
     interval: float = 1.0
+    check_text: float = 1.0  # chance per answer that its text is assembled and compared with the committed one
     allow_remote: bool = False  # else names must resolve to loopback (the URL itself is checked by the CLI)
 
     @property
@@ -201,6 +204,8 @@ class LoadConfig:
             raise LoadTestError("--conversations and --turns-per-conversation must be at least 1")
         if not 0.0 <= self.drop_probability <= 1.0:
             raise LoadTestError("--drop-probability must be between 0 and 1")
+        if not 0.0 <= self.check_text <= 1.0:
+            raise LoadTestError("--check-text must be between 0 and 1")
         if self.think.distribution not in THINK_DISTRIBUTIONS:
             raise LoadTestError(f"--think-dist must be one of {', '.join(THINK_DISTRIBUTIONS)}")
 
@@ -342,7 +347,17 @@ async def _close_quietly(ws: aiohttp.ClientWebSocketResponse | None, code: int =
 class Turn:
     """One question and its answer; no text is kept, only offsets."""
 
-    __slots__ = ("acked", "client_id", "first_token_at", "frontier", "interrupted", "plan_drop", "reply_id", "t0")
+    __slots__ = (
+        "acked",
+        "client_id",
+        "first_token_at",
+        "frontier",
+        "interrupted",
+        "plan_drop",
+        "reply_id",
+        "t0",
+        "text",
+    )
 
     def __init__(self, client_id: str, t0: float) -> None:
         self.client_id = client_id
@@ -353,6 +368,7 @@ class Turn:
         self.frontier = 0  # code points received contiguously from offset 0
         self.plan_drop = False
         self.interrupted = False
+        self.text: list[str] | None = None  # the answer as received, for the sampled text check
 
 
 class Student:
@@ -360,14 +376,17 @@ class Student:
 
     __slots__ = (
         "_backoff",
+        "_checks",
         "_closing",
         "_dropping",
+        "_history",
         "_lost_at",
         "_moving",
         "_next_turn",
         "abandoned",
         "by_id",
         "by_reply",
+        "can_check_text",
         "connected",
         "conv_ids",
         "conv_index",
@@ -410,6 +429,10 @@ class Student:
         self._dropping = False
         self._moving = False  # the server asked us to reconnect (`reconnect` frame)
         self.reconnect_at = 0.0
+        # Answers to compare with the committed text at the end: conversation id -> (reply id, t0, text).
+        self._checks: dict[str, deque[tuple[int, float, str]]] = {}
+        self._history: asyncio.Future[dict[str, Any]] | None = None
+        self.can_check_text = False  # the server offers the `history` frame (welcome.features)
         self._lost_at: float | None = None
 
     # -- turns -------------------------------------------------------------------------------------
@@ -419,6 +442,9 @@ class Student:
         turn = Turn(f"lt{self.ctx.run_id}-{self.index}-{self._next_turn}", t0)
         drop = self.ctx.config.drop_probability
         turn.plan_drop = drop > 0 and self.ctx.rng.random() < drop
+        check = self.ctx.config.check_text
+        if check >= 1.0 or (check > 0 and self.ctx.rng.random() < check):
+            turn.text = []
         return turn
 
     @property
@@ -533,7 +559,10 @@ class Student:
             self._on_error(frame, now)
         elif kind == "reconnect":
             return self._on_reconnect(frame, now)
-        elif kind not in ("pong", "history", "event"):
+        elif kind == "history":
+            if self._history is not None and not self._history.done():
+                self._history.set_result(frame)
+        elif kind not in ("pong", "event"):
             stats.count("unexpected_frames", now)
         return False
 
@@ -572,6 +601,8 @@ class Student:
         if offset is None:
             stats.count("missing_offsets", turn.t0)
             offset = turn.frontier
+        if turn.text is not None and isinstance(text, str) and offset + size > turn.frontier:
+            turn.text.append(text[max(turn.frontier - offset, 0) :])  # a gap (lost text) is left out
         if offset == turn.frontier:
             turn.frontier += size
         elif offset > turn.frontier:
@@ -611,6 +642,7 @@ class Student:
                 stats.count("output_tokens", now, output_tokens)
         if not turn.interrupted:
             stats.record("done", turn.t0, now - turn.t0, now)
+        self._keep_for_check(turn, frame)
         stats.count("turns_completed", turn.t0)
         stats.count("answers", now)  # by arrival, for throughput
         if status == "complete":
@@ -630,6 +662,52 @@ class Student:
             return False  # closing anyway; the next connect waits all the same
         self._moving = True
         return True
+
+    def _keep_for_check(self, turn: Turn, frame: dict[str, Any]) -> None:
+        conversation = frame.get("conversation_id") or self.conv_ids[self.conv_index]
+        if turn.text is None or not isinstance(turn.reply_id, int) or not isinstance(conversation, str):
+            return
+        # The last few of each conversation: one history page holds them all, and memory stays bounded.
+        kept = self._checks.setdefault(conversation, deque(maxlen=_TEXT_KEPT))
+        kept.append((turn.reply_id, turn.t0, "".join(turn.text)))
+        turn.text = None
+
+    async def check_texts(self) -> None:
+        """Compare the kept answers with the committed text, through one `history` frame per conversation."""
+        stats = self.ctx.stats
+        checks, self._checks = self._checks, {}
+        for conversation, kept in checks.items():
+            page = await self._history_page(conversation, kept) if self.can_check_text else None
+            committed = {}
+            if page is not None:
+                messages = page.get("messages")
+                for message in messages if isinstance(messages, list) else []:
+                    if isinstance(message, dict) and message.get("role") == "assistant":
+                        committed[message.get("id")] = message.get("text")
+            for reply_id, t0, text in kept:
+                if reply_id not in committed:
+                    stats.count("text_unchecked", t0)
+                elif committed[reply_id] == text:
+                    stats.count("text_checks", t0)
+                else:
+                    stats.count("text_checks", t0)
+                    stats.count("text_mismatches", t0)
+
+    async def _history_page(self, conversation: str, kept: deque[tuple[int, float, str]]) -> dict[str, Any] | None:
+        ws = self.ws
+        if ws is None or not self.connected:
+            return None
+        newest = max(reply_id for reply_id, _, _ in kept)
+        request = {"type": "history", "conversation_id": conversation, "before": newest + 1, "limit": 100}
+        self._history = asyncio.get_running_loop().create_future()
+        try:
+            await ws.send_str(_dumps(request))
+            async with asyncio.timeout(_CHECK_TIMEOUT):
+                return await self._history
+        except (TimeoutError, aiohttp.ClientError, ConnectionError, RuntimeError):
+            return None
+        finally:
+            self._history = None
 
     def _on_error(self, frame: dict[str, Any], now: float) -> None:
         stats = self.ctx.stats
@@ -721,6 +799,8 @@ class Student:
             return False
         now = ctx.clock()
         ctx.stats.count("connects_ok", started)
+        features = welcome.get("features")
+        self.can_check_text = isinstance(features, list) and "history" in features
         welcome_conversation = welcome.get("conversation_id")
         if isinstance(welcome_conversation, str):
             self.conv_ids[self.conv_index] = welcome_conversation
@@ -823,6 +903,8 @@ class Student:
             finally:
                 ctx.done_draining()
             await ctx.all_drained()  # then every socket closes together
+            if not ctx.stats.drain_stopped:
+                await self.check_texts()  # after the load: the checks do not disturb what was measured
         except Exception:
             # A bug in this tool, not the server's doing: counted (it fails the run), not just logged.
             log.exception("student crashed", extra={"student": self.index})
@@ -1072,10 +1154,13 @@ async def _wait_for_drain(
     After a stop during the load the drain runs as usual: a second Ctrl-C aborts.
     """
     grace = 2 * _CLOSE_TIMEOUT + 1.0
+    checks = _CHECK_TIMEOUT * ctx.config.conversations  # the final text checks, one history frame each
     all_done = asyncio.ensure_future(asyncio.wait(tasks))
     waiters: list[asyncio.Future[Any]] = [all_done] if ctx.stats.stopped_early else [all_done, stop_wait]
     try:
-        await asyncio.wait(waiters, timeout=ctx.config.drain_timeout + grace, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            waiters, timeout=ctx.config.drain_timeout + checks + grace, return_when=asyncio.FIRST_COMPLETED
+        )
         if all_done.done() or not stop_wait.done() or ctx.stats.stopped_early:
             return
         ctx.stats.drain_stopped = True

@@ -297,6 +297,38 @@ async def test_detects_lost_and_duplicated_tokens(
     assert "threshold failed: duplicated tokens 1 > 0" in err
 
 
+async def test_answers_are_checked_against_the_committed_text(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Answer 2 streams intact (offsets and length agree) but is committed with other text: only the
+    # comparison with the committed text (history frame, at the end) can see it.
+    server = await start_server(Behaviour(tokens=4, commit_other_text_in_turn=2))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.5", "--think-time", "0.15",
+        "--max-lost", "0", "--max-duplicated", "0", "--max-text-mismatches", "0",
+    )
+    counters = _all(results)["counters"]
+    assert 2 <= counters["turns_ok"] <= 5  # all of them fit in what a student keeps
+    assert counters["text_checks"] == counters["turns_ok"]
+    assert counters["text_mismatches"] == 1
+    assert counters.get("lost_tokens", 0) == 0 and counters.get("duplicate_tokens", 0) == 0
+    assert server.counts.history_requests == 1
+    assert code == 1 and "threshold failed: text mismatches 1 > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("history, check", [(True, "0"), (False, "1")])
+async def test_text_check_off_or_unsupported(
+    start_server: StartServer, tmp_path: Path, history: bool, check: str
+) -> None:
+    server = await start_server(Behaviour(tokens=2, history=history))
+    code, results = await _run(server, tmp_path, "--students", "1", "--duration", "0.4", "--check-text", check)
+    counters = _all(results)["counters"]
+    assert code == 0 and server.counts.history_requests == 0
+    assert counters.get("text_checks", 0) == counters.get("text_mismatches", 0) == 0
+    # Kept answers that could not be compared are reported as such.
+    assert counters.get("text_unchecked", 0) == (0 if check == "0" else min(counters["turns_ok"], 5))
+
+
 async def test_open_loop_latency_counts_from_intended_send_time(start_server: StartServer, tmp_path: Path) -> None:
     # The server stalls 1 s on the first question. Questions are due every 100 ms meanwhile: an open
     # loop keeps sending them on schedule and charges them the wait; a closed loop would have sent
