@@ -296,9 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
         "through the history frame (the last 5 per conversation; default 1)",
     )
     load.add_argument(
-        "--turn-timeout", type=_seconds(_positive), default=60.0, help="seconds before an answer counts as failed"
+        "--turn-timeout",
+        type=_seconds(_positive),
+        default=60.0,
+        help="seconds before an answer counts as failed (default %(default)g)",
     )
-    load.add_argument("--connect-timeout", type=_seconds(_positive), default=10.0, help="upgrade + welcome timeout")
+    load.add_argument(
+        "--connect-timeout",
+        type=_seconds(_positive),
+        default=10.0,
+        help="upgrade + welcome timeout in seconds (default %(default)g)",
+    )
     load.add_argument(
         "--drain-timeout",
         type=_seconds(_non_negative),
@@ -353,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     for dest in THRESHOLD_OPTIONS:
         flag = "--" + dest.replace("_", "-")
         kind = (
-            _non_negative(int)
+            _probability
+            if dest == "max_error_rate"
+            else _non_negative(int)
             if dest
             in (
                 "max_lost",

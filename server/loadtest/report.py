@@ -359,7 +359,14 @@ def write_plot(path: Path, stats: RunStats) -> None:
     figure = Figure(figsize=(11, 8.5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     over_time, distribution = figure.subplots(2, 1)
-    colours = {"ack": "tab:green", "ttft": "tab:blue", "done": "tab:red"}
+    # One colour per metric in both panels, none repeated (matplotlib's default cycle would reuse them).
+    colours = {
+        "connect": "tab:purple",
+        "welcome": "tab:orange",
+        "ack": "tab:green",
+        "ttft": "tab:blue",
+        "done": "tab:red",
+    }
     plotted = False
     for metric in SERIES_METRICS:
         points = stats.series.points[metric]
@@ -390,7 +397,7 @@ def write_plot(path: Path, stats: RunStats) -> None:
             continue
         drawn = True
         xs = [1.0 / (1.0 - p / 100.0) for p, _ in curve]
-        distribution.plot(xs, [v for _, v in curve], label=metric, color=colours.get(metric))
+        distribution.plot(xs, [v for _, v in curve], label=metric, color=colours[metric])
     distribution.set_title("Latency distribution (whole run)")
     distribution.set_xscale("log")
     distribution.set_xticks([1.0 / (1.0 - t / 100.0) for t in ticks], [f"{t:g}%" for t in ticks])

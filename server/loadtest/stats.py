@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -189,7 +188,8 @@ class LatencySeries:
 
 
 def _nearest_rank(ordered: list[float], percentile: float) -> float:
-    rank = max(1, math.ceil(percentile / 100.0 * len(ordered)))
+    # The rank HdrHistogram uses (rounded half up), so that the series agrees with the summary's percentiles.
+    rank = min(max(1, int(percentile * len(ordered) / 100.0 + 0.5)), len(ordered))
     return ordered[rank - 1]
 
 

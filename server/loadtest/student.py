@@ -829,6 +829,7 @@ class Student:
     async def _connect_until(self, deadline: float, *, draining: bool = False) -> bool:
         """Connect (resuming when answers are in flight) with capped backoff; False at the deadline."""
         ctx = self.ctx
+
         def limit() -> float:
             # The drain's deadline moves earlier when the drain is stopped.
             return min(deadline, ctx.drain_deadline) if draining else deadline

@@ -72,4 +72,3 @@ def refuse_redirects() -> aiohttp.TraceConfig:
     trace = aiohttp.TraceConfig()
     trace.on_request_redirect.append(_refuse_redirect)
     return trace
-

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.loadtest.cli import amain, check_target, is_loopback, main
 from server.loadtest.report import build_results
-from server.loadtest.stats import LatencyHistogram, RunStats
+from server.loadtest.stats import LatencyHistogram, LatencySeries, RunStats
 from server.loadtest.student import (
     MAX_RATE,
     LoadConfig,
@@ -853,3 +853,28 @@ async def test_a_stop_during_the_drain_cuts_it_short(
         assert counters["turns_ok"] == 1 and 3.0 <= elapsed < 5.0
     else:
         assert counters["turns_unfinished"] == 1 and elapsed < 2.0
+
+
+def test_series_percentiles_use_the_summarys_rank() -> None:
+    # 60 answers of 1..60 ms: HdrHistogram's p99 is the 59th value (rank rounded half up); the series
+    # took the 60th (ceil), so the live view and the plot disagreed with the tables.
+    hist, series = LatencyHistogram(), LatencySeries(interval=1.0)
+    for ms in range(1, 61):
+        hist.record(ms / 1000.0)
+        series.record("done", 0.5, ms / 1000.0)
+    series.flush()
+    _, count, p50, p99, top = series.points["done"][0]
+    summary = hist.summary()
+    assert count == 60 and top == 60.0
+    assert p50 == pytest.approx(summary["p50"], rel=0.002) and p50 == 30.0
+    assert p99 == pytest.approx(summary["p99"], rel=0.002) and p99 == 59.0
+
+
+def test_help_shows_defaults_and_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "answer counts as failed (default 60)" in text and "welcome timeout in seconds (default 10)" in text
+    assert "130 when aborted" in text and "3 when --out or --plot could not be written" in text
+    err = _usage_error(["--url", "ws://127.0.0.1:9/ws", "--jwt-secret", SECRET, "--max-error-rate", "1.5"], capsys)
+    assert "between 0 and 1" in err
