@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
+import importlib.util
 import logging
+import math
 import os
 import random
 import resource
+import secrets
 import signal
 import ssl
 import sys
@@ -39,6 +41,7 @@ from .report import (
 )
 from .stats import LOAD_PHASES
 from .student import (
+    MAX_RATE,
     MAX_STUDENTS,
     MAX_TEACHERS,
     THINK_DISTRIBUTIONS,
@@ -48,6 +51,7 @@ from .student import (
     ThinkTime,
     run_load,
 )
+from .target import is_loopback
 from .tokens import (
     ROLES,
     TokenError,
@@ -63,12 +67,18 @@ log = logging.getLogger("smartedu.loadtest")
 EXIT_OK = 0
 EXIT_THRESHOLD = 1
 EXIT_USAGE = 2
+EXIT_OUTPUT = 3
+EXIT_CRASHED = 4
+EXIT_ABORTED = 130
 MAX_DURATION = 24 * 3600.0
 SECRET_ENV = "SMARTEDU_JWT_SECRET"
 DEFAULT_COURSE = "algebra-1"  # the demo school's course (`smartedu seed-demo`)
 
 _EPILOG = f"""\
-exit status: 0 when every threshold holds, 1 when one fails (each failure is printed), 2 on a usage error.
+exit status: 0 when every threshold holds, 1 when one fails (each failure is printed), 2 on a usage error,
+3 when --out or --plot could not be written (after the run; the summary is printed first), 4 when a
+simulated user or another task of the load tester crashed (a bug: the results are incomplete), 130 when
+aborted by a second Ctrl-C. The highest applicable status wins (4, then 3, then 1).
 
 Only loopback targets (127.0.0.0/8, ::1, localhost) are allowed unless --allow-remote is given.
 With neither --jwt-secret nor --jwt-private-key nor --tokens-file, the secret is read from ${SECRET_ENV}.
@@ -90,12 +100,27 @@ class UsageError(Exception):
 # -- arguments -----------------------------------------------------------------------------------------
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def _number(kind: Callable[[str], Any], raw: str) -> Any:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    # nan slips through every comparison below and inf never ends a wait: neither can run.
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {raw}")
+    return value
+
+
+def _bounded(kind: Callable[[str], Any], raw: str, maximum: float | None) -> Any:
+    value = _number(kind, raw)
+    if maximum is not None and value > maximum:
+        raise argparse.ArgumentTypeError(f"must be at most {maximum:g}, got {raw}")
+    return value
+
+
+def _positive(kind: Callable[[str], Any], maximum: float | None = None) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+        value = _bounded(kind, raw, maximum)
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {raw}")
         return value
@@ -103,12 +128,9 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def _non_negative(kind: Callable[[str], Any], maximum: float | None = None) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+        value = _bounded(kind, raw, maximum)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must not be negative, got {raw}")
         return value
@@ -116,14 +138,22 @@ def _non_negative(kind: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
+def _seconds(sign: Callable[[Callable[[str], Any], float | None], Callable[[str], Any]]) -> Callable[[str], Any]:
+    """A time in seconds, at most a day: longer waits would overflow some event loops' timers."""
+    return sign(float, MAX_DURATION)
+
+
 def _probability(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
+    value: float = _number(float, raw)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {raw}")
     return value
+
+
+def _subject_prefix(raw: str) -> str:
+    if not 1 <= len(raw) <= 100 or not raw.isprintable() or raw != raw.strip():
+        raise argparse.ArgumentTypeError("must be 1 to 100 printable characters, without surrounding spaces")
+    return raw
 
 
 def _lengths(raw: str) -> list[int]:
@@ -199,19 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--teachers", type=_non_negative(int), default=0, help="teachers watching courses (default 0)")
     load.add_argument(
-        "--duration", type=_positive(float), default=30.0, help="seconds of load, ramp-up included (default 30)"
+        "--duration", type=_seconds(_positive), default=30.0, help="seconds of load, ramp-up included (default 30)"
     )
     load.add_argument(
         "--ramp-rate", type=_positive(float), default=50.0, help="students started per second (default 50)"
     )
     load.add_argument(
         "--rate",
-        type=_positive(float),
-        help="open loop: questions per second in total, on a fixed schedule; without it: closed loop",
+        type=_positive(float, MAX_RATE),
+        help=f"open loop: questions per second in total (at most {MAX_RATE:,}), on a fixed schedule; "
+        "without it: closed loop",
     )
     load.add_argument(
         "--think-time",
-        type=_non_negative(float),
+        type=_seconds(_non_negative),
         default=2.0,
         metavar="SECONDS",
         help="closed loop: mean pause after an answer (default 2.0)",
@@ -257,12 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="chance per question of dropping the socket after the first token and resuming (default 0)",
     )
     load.add_argument(
-        "--turn-timeout", type=_positive(float), default=60.0, help="seconds before an answer counts as failed"
+        "--check-text",
+        type=_probability,
+        default=1.0,
+        metavar="P",
+        help="chance per answer that its text is kept and compared with the committed text at the end, "
+        "through the history frame (the last 5 per conversation; default 1)",
     )
-    load.add_argument("--connect-timeout", type=_positive(float), default=10.0, help="upgrade + welcome timeout")
+    load.add_argument(
+        "--turn-timeout",
+        type=_seconds(_positive),
+        default=60.0,
+        help="seconds before an answer counts as failed (default %(default)g)",
+    )
+    load.add_argument(
+        "--connect-timeout",
+        type=_seconds(_positive),
+        default=10.0,
+        help="upgrade + welcome timeout in seconds (default %(default)g)",
+    )
     load.add_argument(
         "--drain-timeout",
-        type=_non_negative(float),
+        type=_seconds(_non_negative),
         default=10.0,
         help="after --duration, seconds to wait for answers in flight (default 10)",
     )
@@ -284,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenant", metavar="ID", default="demo", help="tid claim (default %(default)s, the demo school)"
     )
     tokens.add_argument("--role", choices=ROLES, default="student", help="role claim of the students' tokens")
+    tokens.add_argument(
+        "--subject-prefix",
+        metavar="PREFIX",
+        type=_subject_prefix,
+        help="minted tokens' sub is PREFIX-student-N / PREFIX-teacher-N (default loadtest-<random id of "
+        "this run>: every run and every load generator gets users and conversations of its own)",
+    )
     tokens.add_argument("--ttl", type=_positive(float), default=3600.0, help="token lifetime in seconds (default 3600)")
     tokens.add_argument("--issuer", metavar="ISS", help="iss claim, when the server checks it")
     tokens.add_argument("--audience", metavar="AUD", help="aud claim, when the server checks it")
@@ -300,13 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
         "max_duplicated": "most duplicated tokens (an offset received twice)",
         "max_disconnects": "most unexpected disconnects",
         "max_resume_misses": "most reconnects the server could not resume",
+        "max_unexpected_frames": "most frames for no answer of this student (e.g. another user's, on a shared token)",
+        "max_text_mismatches": "most answers whose text as streamed differs from the committed text (--check-text)",
         "min_turns_per_s": "fewest completed answers per second",
     }
     for dest in THRESHOLD_OPTIONS:
         flag = "--" + dest.replace("_", "-")
         kind = (
-            _non_negative(int)
-            if dest in ("max_lost", "max_duplicated", "max_disconnects", "max_resume_misses")
+            _probability
+            if dest == "max_error_rate"
+            else _non_negative(int)
+            if dest
+            in (
+                "max_lost",
+                "max_duplicated",
+                "max_disconnects",
+                "max_resume_misses",
+                "max_unexpected_frames",
+                "max_text_mismatches",
+            )
             else _non_negative(float)
         )
         gate.add_argument(flag, dest=dest, type=kind, help=help_texts[dest])
@@ -320,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, metavar="JSON", help="write the results as JSON")
     output.add_argument("--plot", type=Path, metavar="PNG", help="write latency over time and distributions as PNG")
-    output.add_argument("--interval", type=_positive(float), default=1.0, help="time series interval (default 1 s)")
+    output.add_argument("--interval", type=_seconds(_positive), default=1.0, help="time series interval (default 1 s)")
     output.add_argument("--quiet", action="store_true", help="no live progress and no tables; failures still print")
     output.add_argument(
         "--log-level",
@@ -339,10 +405,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_target(url: str, allow_remote: bool) -> None:
     """Refuse anything but ws/wss, and any host outside loopback unless explicitly allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        raise UsageError(f"--url is not a valid URL ({exc}): {url!r}") from None
     if parts.scheme not in ("ws", "wss"):
         raise UsageError(f"--url must start with ws:// or wss://, got {url!r}")
-    host = parts.hostname
     if not host:
         raise UsageError(f"--url has no host: {url!r}")
     try:
@@ -355,19 +424,6 @@ def check_target(url: str, allow_remote: bool) -> None:
         f"refusing to load {host}: only loopback targets (127.0.0.0/8, ::1, localhost) are allowed "
         "without --allow-remote"
     )
-
-
-def is_loopback(host: str) -> bool:
-    name = host.strip("[]").rstrip(".").lower()
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        address = ipaddress.ip_address(name)
-    except ValueError:
-        return False  # other names are not resolved: a DNS answer could point anywhere
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def _raise_file_limit(needed: int) -> None:
@@ -395,6 +451,10 @@ def _ssl_setting(args: argparse.Namespace) -> ssl.SSLContext | bool:
     return True
 
 
+def _warn(message: str) -> None:
+    print(f"smartedu loadtest: warning: {message}", file=sys.stderr)
+
+
 def _minter(args: argparse.Namespace, courses: Sequence[str]) -> tuple[TokenMinter | None, str]:
     common: dict[str, Any] = {
         "tenant": args.tenant,
@@ -412,11 +472,26 @@ def _minter(args: argparse.Namespace, courses: Sequence[str]) -> tuple[TokenMint
             secret = args.jwt_secret_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise UsageError(f"cannot read --jwt-secret-file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--jwt-secret-file {args.jwt_secret_file} is not UTF-8 text") from None
     if secret is None and args.tokens_file is None:
         secret = os.environ.get(SECRET_ENV) or None
     if secret is None:
         return None, "none"
     return minter_from_secret(secret, **common), "secret:HS256"
+
+
+def _check_output(option: str, path: Path) -> None:
+    """Refuse an output file that cannot be written before the run, not after it."""
+    resolved = path.resolve()
+    if resolved.is_dir():
+        raise UsageError(f"{option}: {path} is a directory, not a file")
+    if not resolved.parent.is_dir():
+        raise UsageError(f"{option}: directory {resolved.parent} does not exist")
+    if resolved.exists() and not os.access(resolved, os.W_OK):
+        raise UsageError(f"{option}: {path} is not writable")
+    if not resolved.exists() and not os.access(resolved.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: directory {resolved.parent} is not writable")
 
 
 @dataclass(frozen=True)
@@ -438,8 +513,10 @@ def prepare(args: argparse.Namespace) -> Prepared:
     if args.ttl < args.duration + args.drain_timeout:
         raise UsageError("--ttl is shorter than the run: tokens would expire during it")
     for option, path in (("--out", args.out), ("--plot", args.plot)):
-        if path is not None and not path.resolve().parent.is_dir():
-            raise UsageError(f"{option}: directory {path.resolve().parent} does not exist")
+        if path is not None:
+            _check_output(option, path)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib (pip install '.[loadtest]')")
     courses = tuple(dict.fromkeys(args.courses or [DEFAULT_COURSE]))
     rng = random.Random(args.seed)
     pool = (
@@ -448,11 +525,19 @@ def prepare(args: argparse.Namespace) -> Prepared:
         else QuestionPool.generated(args.question_lengths, rng)
     )
     minter, signing = _minter(args, courses)
+    # Users of their own per run: two generators (or runs) minting the same sub would share conversations.
+    prefix = args.subject_prefix or f"loadtest-{secrets.token_hex(4)}"
     if args.tokens_file is not None:
-        students = TokenSource("student", "loadtest-student", tokens=read_tokens_file(args.tokens_file))
+        student_tokens = read_tokens_file(args.tokens_file)
+        if len(student_tokens) < args.students:
+            _warn(
+                f"{len(student_tokens)} tokens for {args.students} students: students sharing a token share "
+                "its user's conversation, and see each other's frames (unexpected_frames)"
+            )
+        students = TokenSource("student", f"{prefix}-student", tokens=student_tokens)
         token_kind = "tokens-file"
     elif minter is not None:
-        students = TokenSource(args.role, "loadtest-student", minter=minter)
+        students = TokenSource(args.role, f"{prefix}-student", minter=minter)
         token_kind = signing
     else:
         raise UsageError(
@@ -460,9 +545,9 @@ def prepare(args: argparse.Namespace) -> Prepared:
         )
     teachers: TokenSource | None = None
     if args.teacher_tokens_file is not None:
-        teachers = TokenSource("teacher", "loadtest-teacher", tokens=read_tokens_file(args.teacher_tokens_file))
+        teachers = TokenSource("teacher", f"{prefix}-teacher", tokens=read_tokens_file(args.teacher_tokens_file))
     elif minter is not None:
-        teachers = TokenSource("teacher", "loadtest-teacher", minter=minter)
+        teachers = TokenSource("teacher", f"{prefix}-teacher", minter=minter)
     if args.teachers and teachers is None:
         raise UsageError("--teachers needs a signing key or --teacher-tokens-file")
     config = LoadConfig(
@@ -489,6 +574,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
         ssl=_ssl_setting(args),
         seed=args.seed,
         interval=args.interval,
+        allow_remote=args.allow_remote,
+        check_text=args.check_text,
     )
     config.validate()
     _raise_file_limit(args.students + args.teachers + 64)
@@ -509,11 +596,13 @@ def prepare(args: argparse.Namespace) -> Prepared:
         "conversations": args.conversations,
         "turns_per_conversation": args.turns_per_conversation,
         "drop_probability": args.drop_probability,
+        "check_text": args.check_text,
         "turn_timeout_s": args.turn_timeout,
         "drain_timeout_s": args.drain_timeout,
         "tenant": args.tenant,
         "role": args.role,
         "tokens": token_kind,
+        "subject_prefix": prefix if args.tokens_file is None else None,
         "auth": args.auth,
         "seed": args.seed,
     }
@@ -590,22 +679,43 @@ async def execute(prepared: Prepared, *, handle_signals: bool = False) -> int:
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
     results = build_results(stats, prepared.summary, started_at, _now_iso())
-    results["stopped_early"] = stop.is_set()
     results["wall_time_s"] = round(time.monotonic() - wall_start, 3)
     thresholds = thresholds_from_options({dest: getattr(args, dest) for dest in THRESHOLD_OPTIONS})
     checked = apply_thresholds(results, thresholds, args.gate_phase)
-    if args.out is not None:
-        write_json(args.out, results)
-    if args.plot is not None:
-        write_plot(args.plot, stats)
+    counters = results["phases"][ALL]["counters"]
+    crashes = counters.get("student_crashes", 0) + counters.get("task_crashes", 0)
+    if crashes:
+        results["passed"] = False
+    # The summary first: a file that cannot be written must not cost the run's results.
     if not args.quiet:
         render_summary(console, results)
-        for label, path in (("results", args.out), ("plot", args.plot)):
-            if path is not None:
-                console.print(f"{label}: {path}")
     failed = [item for item in checked if not item["passed"]]
     for item in failed:
         print(f"loadtest: threshold failed: {describe_check(item)}", file=sys.stderr)
+    unwritten = 0
+    outputs: list[tuple[str, str, Path | None, Callable[[Path], None]]] = [
+        ("results", "--out", args.out, lambda path: write_json(path, results)),
+        ("plot", "--plot", args.plot, lambda path: write_plot(path, stats)),
+    ]
+    for label, option, path, write in outputs:
+        if path is None:
+            continue
+        try:
+            write(path)
+        except (OSError, ValueError) as exc:
+            unwritten += 1
+            print(f"smartedu loadtest: error: cannot write {option} {path}: {exc}", file=sys.stderr)
+        else:
+            if not args.quiet:
+                console.print(f"{label}: {path}")
+    if crashes:
+        print(
+            f"loadtest: {crashes} task(s) of the load tester crashed (see the log): the results are incomplete",
+            file=sys.stderr,
+        )
+        return EXIT_CRASHED
+    if unwritten:
+        return EXIT_OUTPUT
     return EXIT_THRESHOLD if failed else EXIT_OK
 
 
@@ -653,4 +763,4 @@ def main(argv: list[str] | None = None) -> int:
             return runner.run(coroutine)
         except KeyboardInterrupt:
             print("smartedu loadtest: aborted", file=sys.stderr)
-            return 130
+            return EXIT_ABORTED

@@ -37,11 +37,16 @@ _TABLE_COUNTERS = (
     "lost_chars",
     "duplicate_tokens",
     "duplicate_chars",
+    "text_checks",
+    "text_mismatches",
+    "text_unchecked",
     "missing_offsets",
     "missing_lengths",
     "unexpected_frames",
     "conversation_switches",
     "teacher_events",
+    "student_crashes",
+    "task_crashes",
 )
 _RATES = (
     ("turns", "answers"),
@@ -95,6 +100,8 @@ def build_results(stats: RunStats, config: Mapping[str, Any], started_at: str, f
         "finished_at": finished_at,
         "config": dict(config),
         "phases": phases,
+        "stopped_early": stats.stopped_early,
+        "drain_stopped": stats.drain_stopped,
         "timeseries": {
             "interval_s": stats.series.interval,
             "columns": ["t_s", "count", "p50_ms", "p99_ms", "max_ms"],
@@ -165,6 +172,8 @@ THRESHOLD_OPTIONS: dict[str, tuple[str, Callable[[Mapping[str, Any]], float | No
     "max_duplicated": ("duplicated tokens", _counter("duplicate_tokens"), "", False),
     "max_disconnects": ("disconnects", _counter("disconnects"), "", False),
     "max_resume_misses": ("resume misses", _counter("resume_misses"), "", False),
+    "max_unexpected_frames": ("unexpected frames", _counter("unexpected_frames"), "", False),
+    "max_text_mismatches": ("text mismatches", _counter("text_mismatches"), "", False),
     "min_turns_per_s": ("turns per second", _turn_rate, "/s", True),
 }
 
@@ -350,7 +359,14 @@ def write_plot(path: Path, stats: RunStats) -> None:
     figure = Figure(figsize=(11, 8.5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     over_time, distribution = figure.subplots(2, 1)
-    colours = {"ack": "tab:green", "ttft": "tab:blue", "done": "tab:red"}
+    # One colour per metric in both panels, none repeated (matplotlib's default cycle would reuse them).
+    colours = {
+        "connect": "tab:purple",
+        "welcome": "tab:orange",
+        "ack": "tab:green",
+        "ttft": "tab:blue",
+        "done": "tab:red",
+    }
     plotted = False
     for metric in SERIES_METRICS:
         points = stats.series.points[metric]
@@ -381,7 +397,7 @@ def write_plot(path: Path, stats: RunStats) -> None:
             continue
         drawn = True
         xs = [1.0 / (1.0 - p / 100.0) for p, _ in curve]
-        distribution.plot(xs, [v for _, v in curve], label=metric, color=colours.get(metric))
+        distribution.plot(xs, [v for _, v in curve], label=metric, color=colours[metric])
     distribution.set_title("Latency distribution (whole run)")
     distribution.set_xscale("log")
     distribution.set_xticks([1.0 / (1.0 - t / 100.0) for t in ticks], [f"{t:g}%" for t in ticks])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
@@ -125,15 +124,16 @@ class PhaseStats:
     @property
     def failures(self) -> int:
         c = self.counters
-        return c["turns_failed"] + c["turns_unfinished"] + c["connect_failures"]
+        return c["turns_failed"] + c["turns_unfinished"] + c["connect_failures"] + c["student_crashes"]
 
     @property
     def operations(self) -> int:
         c = self.counters
-        return c["turns_attempted"] - c["turns_abandoned"] + c["connect_attempts"]
+        return c["turns_attempted"] - c["turns_abandoned"] + c["connect_attempts"] + c["student_crashes"]
 
     def error_rate(self) -> float | None:
-        """Failed turns, unfinished turns and failed connects over questions asked plus connects tried."""
+        """Failed turns, unfinished turns, failed connects and crashed students over questions asked, connects
+        tried and crashed students."""
         operations = self.operations
         if operations <= 0:
             return None
@@ -188,7 +188,8 @@ class LatencySeries:
 
 
 def _nearest_rank(ordered: list[float], percentile: float) -> float:
-    rank = max(1, math.ceil(percentile / 100.0 * len(ordered)))
+    # The rank HdrHistogram uses (rounded half up), so that the series agrees with the summary's percentiles.
+    rank = min(max(1, int(percentile * len(ordered) / 100.0 + 0.5)), len(ordered))
     return ordered[rank - 1]
 
 
@@ -200,6 +201,8 @@ class RunStats:
         self.ramp_end = ramp_end
         self.end_at = end_at  # end of the load (moved earlier when the run is stopped)
         self.finished: float | None = None
+        self.stopped_early = False  # stopped (Ctrl-C, SIGTERM) before the end of the load
+        self.drain_stopped = False  # stopped during the drain: answers still in flight were not waited for
         self.phases = {name: PhaseStats(name) for name in PHASES}
         self.series = LatencySeries(interval)
         # Gauges and running totals for the live display.

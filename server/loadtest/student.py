@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import ssl
 import time
@@ -19,18 +20,25 @@ import aiohttp
 import orjson
 
 from .stats import RunStats
+from .target import LoopbackResolver, RedirectRefused, RemoteRefused, refuse_redirects
 from .tokens import TokenSource
 
 log = logging.getLogger("smartedu.loadtest")
 
 MAX_STUDENTS = 10_000
 MAX_TEACHERS = 1_000
+# Open loop: questions per second per process. One process cannot send nearly this many; a higher rate
+# (or inf) would only make the schedule fall further behind while it hogs the event loop.
+MAX_RATE = 10_000.0
 THINK_DISTRIBUTIONS = ("exponential", "uniform", "constant")
 
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
 _ABANDONED_KEPT = 16
+_TEXT_KEPT = 5  # assembled answers kept per conversation for the final text check
+_CHECK_TIMEOUT = 5.0  # for the history frame of the final text check
+_SCHEDULE_BATCH = 256  # questions queued by the open-loop schedule between two yields to the event loop
 _WORDS = (
     "what",
     "why",
@@ -108,6 +116,8 @@ class QuestionPool:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise LoadTestError(f"cannot read questions file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise LoadTestError(f"questions file {path} is not UTF-8 text") from None
         questions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not questions:
             raise LoadTestError(f"questions file {path} holds no question")
@@ -159,6 +169,8 @@ class LoadConfig:
     ssl: ssl.SSLContext | bool = True
     seed: int | None = None
     interval: float = 1.0
+    check_text: float = 1.0  # chance per answer that its text is assembled and compared with the committed one
+    allow_remote: bool = False  # else names must resolve to loopback (the URL itself is checked by the CLI)
 
     @property
     def open_loop(self) -> bool:
@@ -171,18 +183,29 @@ class LoadConfig:
             raise LoadTestError(f"--teachers must be between 0 and {MAX_TEACHERS}")
         if self.teachers and self.teacher_tokens is None:
             raise LoadTestError("teachers need tokens: a signing key or --teacher-tokens-file")
-        if self.duration <= 0:
-            raise LoadTestError("--duration must be positive")
-        if self.ramp_rate <= 0:
-            raise LoadTestError("--ramp-rate must be positive")
-        if self.rate is not None and self.rate <= 0:
-            raise LoadTestError("--rate must be positive")
+        for option, value in (
+            ("--duration", self.duration),
+            ("--ramp-rate", self.ramp_rate),
+            ("--rate", self.rate),
+            ("--turn-timeout", self.turn_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--interval", self.interval),
+        ):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise LoadTestError(f"{option} must be a positive finite number")
+        for option, value in (("--drain-timeout", self.drain_timeout), ("--think-time", self.think.mean)):
+            if not (math.isfinite(value) and value >= 0):
+                raise LoadTestError(f"{option} must be a finite number, not negative")
+        if self.rate is not None and self.rate > MAX_RATE:
+            raise LoadTestError(f"--rate is capped at {MAX_RATE:,.0f} questions per second per process")
         if not self.courses:
             raise LoadTestError("at least one --course is needed")
         if self.conversations < 1 or self.turns_per_conversation < 1:
             raise LoadTestError("--conversations and --turns-per-conversation must be at least 1")
         if not 0.0 <= self.drop_probability <= 1.0:
             raise LoadTestError("--drop-probability must be between 0 and 1")
+        if not 0.0 <= self.check_text <= 1.0:
+            raise LoadTestError("--check-text must be between 0 and 1")
         if self.think.distribution not in THINK_DISTRIBUTIONS:
             raise LoadTestError(f"--think-dist must be one of {', '.join(THINK_DISTRIBUTIONS)}")
 
@@ -297,11 +320,17 @@ async def _open_socket(
         raise ConnectFailed("timeout") from None
     except aiohttp.WSServerHandshakeError as exc:
         raise ConnectFailed(f"http_{exc.status}") from None
+    except RedirectRefused as exc:
+        log.debug("redirect refused", extra={"reason": str(exc)})
+        raise ConnectFailed("redirect_refused") from None
     except orjson.JSONDecodeError:
         await _close_quietly(ws)
         raise ConnectFailed("bad_frame") from None
     except (aiohttp.ClientError, OSError) as exc:
         await _close_quietly(ws)
+        if isinstance(getattr(exc, "os_error", None), RemoteRefused):
+            log.debug("remote address refused", extra={"reason": str(exc)})
+            raise ConnectFailed("remote_refused") from None
         raise ConnectFailed(type(exc).__name__) from None
 
 
@@ -318,16 +347,28 @@ async def _close_quietly(ws: aiohttp.ClientWebSocketResponse | None, code: int =
 class Turn:
     """One question and its answer; no text is kept, only offsets."""
 
-    __slots__ = ("client_id", "first_token_at", "frontier", "interrupted", "plan_drop", "reply_id", "t0")
+    __slots__ = (
+        "acked",
+        "client_id",
+        "first_token_at",
+        "frontier",
+        "interrupted",
+        "plan_drop",
+        "reply_id",
+        "t0",
+        "text",
+    )
 
     def __init__(self, client_id: str, t0: float) -> None:
         self.client_id = client_id
         self.t0 = t0  # intended send time: latencies count from here
+        self.acked = False
         self.reply_id: object = None
         self.first_token_at: float | None = None
         self.frontier = 0  # code points received contiguously from offset 0
         self.plan_drop = False
         self.interrupted = False
+        self.text: list[str] | None = None  # the answer as received, for the sampled text check
 
 
 class Student:
@@ -335,13 +376,17 @@ class Student:
 
     __slots__ = (
         "_backoff",
+        "_checks",
         "_closing",
         "_dropping",
+        "_history",
         "_lost_at",
+        "_moving",
         "_next_turn",
         "abandoned",
         "by_id",
         "by_reply",
+        "can_check_text",
         "connected",
         "conv_ids",
         "conv_index",
@@ -351,6 +396,7 @@ class Student:
         "last_seq",
         "outbox",
         "reader",
+        "reconnect_at",
         "retry_at",
         "token",
         "unbound",
@@ -381,6 +427,12 @@ class Student:
         self._backoff = 0.0
         self._closing = False
         self._dropping = False
+        self._moving = False  # the server asked us to reconnect (`reconnect` frame)
+        self.reconnect_at = 0.0
+        # Answers to compare with the committed text at the end: conversation id -> (reply id, t0, text).
+        self._checks: dict[str, deque[tuple[int, float, str]]] = {}
+        self._history: asyncio.Future[dict[str, Any]] | None = None
+        self.can_check_text = False  # the server offers the `history` frame (welcome.features)
         self._lost_at: float | None = None
 
     # -- turns -------------------------------------------------------------------------------------
@@ -390,6 +442,9 @@ class Student:
         turn = Turn(f"lt{self.ctx.run_id}-{self.index}-{self._next_turn}", t0)
         drop = self.ctx.config.drop_probability
         turn.plan_drop = drop > 0 and self.ctx.rng.random() < drop
+        check = self.ctx.config.check_text
+        if check >= 1.0 or (check > 0 and self.ctx.rng.random() < check):
+            turn.text = []
         return turn
 
     @property
@@ -420,6 +475,7 @@ class Student:
         earliest: float | None = None
         for turn in [*self._in_flight(), *self.outbox]:
             if now - turn.t0 >= timeout:
+                self._record_unanswered(turn, now)
                 stats.count("timeouts", turn.t0)
                 stats.count("turns_failed", turn.t0)
                 stats.error("client_timeout", turn.t0)
@@ -431,6 +487,20 @@ class Student:
             elif earliest is None or turn.t0 < earliest:
                 earliest = turn.t0
         return None if earliest is None else earliest + timeout
+
+    def _record_unanswered(self, turn: Turn, now: float) -> None:
+        """A turn given up on (timed out, or unfinished at the end) waited at least until now: its missing
+        ack, first token and done go into the histograms at that elapsed time, so that percentiles show
+        the wait instead of leaving out the slowest answers."""
+        if turn.interrupted:
+            return  # a deliberate drop: the delay from there on is ours
+        stats = self.ctx.stats
+        waited = now - turn.t0
+        if not turn.acked:
+            stats.record("ack", turn.t0, waited, now)
+        if turn.first_token_at is None:
+            stats.record("ttft", turn.t0, waited, now)
+        stats.record("done", turn.t0, waited, now)
 
     async def _flush_outbox(self) -> None:
         ctx = self.ctx
@@ -487,7 +557,12 @@ class Student:
             self._on_done(frame, now)
         elif kind == "error":
             self._on_error(frame, now)
-        elif kind not in ("pong", "history", "event"):
+        elif kind == "reconnect":
+            return self._on_reconnect(frame, now)
+        elif kind == "history":
+            if self._history is not None and not self._history.done():
+                self._history.set_result(frame)
+        elif kind not in ("pong", "event"):
             stats.count("unexpected_frames", now)
         return False
 
@@ -497,6 +572,7 @@ class Student:
         if turn is None:
             stats.count("unexpected_frames", now)
             return
+        turn.acked = True
         if not turn.interrupted:
             stats.record("ack", turn.t0, now - turn.t0, now)
         reply_id = frame.get("reply_id")
@@ -525,6 +601,8 @@ class Student:
         if offset is None:
             stats.count("missing_offsets", turn.t0)
             offset = turn.frontier
+        if turn.text is not None and isinstance(text, str) and offset + size > turn.frontier:
+            turn.text.append(text[max(turn.frontier - offset, 0) :])  # a gap (lost text) is left out
         if offset == turn.frontier:
             turn.frontier += size
         elif offset > turn.frontier:
@@ -564,6 +642,7 @@ class Student:
                 stats.count("output_tokens", now, output_tokens)
         if not turn.interrupted:
             stats.record("done", turn.t0, now - turn.t0, now)
+        self._keep_for_check(turn, frame)
         stats.count("turns_completed", turn.t0)
         stats.count("answers", now)  # by arrival, for throughput
         if status == "complete":
@@ -571,6 +650,64 @@ class Student:
         else:
             stats.count("turns_failed", turn.t0)
         self._finish(turn)
+
+    def _on_reconnect(self, frame: dict[str, Any], now: float) -> bool:
+        """The replica is restarting: close now, reconnect (resuming) after `after_ms`, like the widget."""
+        self.ctx.stats.count("reconnect_requests", now)
+        after_ms = frame.get("after_ms")
+        after = float(after_ms) / 1000.0 if isinstance(after_ms, int | float) and after_ms >= 0 else 1.0
+        # A little jitter, as static/chat.js adds, so that a replica's clients do not come back at once.
+        self.reconnect_at = now + after + self.ctx.rng.uniform(0.0, min(1.0, after * 0.2 + 0.1))
+        if self._closing:
+            return False  # closing anyway; the next connect waits all the same
+        self._moving = True
+        return True
+
+    def _keep_for_check(self, turn: Turn, frame: dict[str, Any]) -> None:
+        conversation = frame.get("conversation_id") or self.conv_ids[self.conv_index]
+        if turn.text is None or not isinstance(turn.reply_id, int) or not isinstance(conversation, str):
+            return
+        # The last few of each conversation: one history page holds them all, and memory stays bounded.
+        kept = self._checks.setdefault(conversation, deque(maxlen=_TEXT_KEPT))
+        kept.append((turn.reply_id, turn.t0, "".join(turn.text)))
+        turn.text = None
+
+    async def check_texts(self) -> None:
+        """Compare the kept answers with the committed text, through one `history` frame per conversation."""
+        stats = self.ctx.stats
+        checks, self._checks = self._checks, {}
+        for conversation, kept in checks.items():
+            page = await self._history_page(conversation, kept) if self.can_check_text else None
+            committed = {}
+            if page is not None:
+                messages = page.get("messages")
+                for message in messages if isinstance(messages, list) else []:
+                    if isinstance(message, dict) and message.get("role") == "assistant":
+                        committed[message.get("id")] = message.get("text")
+            for reply_id, t0, text in kept:
+                if reply_id not in committed:
+                    stats.count("text_unchecked", t0)
+                elif committed[reply_id] == text:
+                    stats.count("text_checks", t0)
+                else:
+                    stats.count("text_checks", t0)
+                    stats.count("text_mismatches", t0)
+
+    async def _history_page(self, conversation: str, kept: deque[tuple[int, float, str]]) -> dict[str, Any] | None:
+        ws = self.ws
+        if ws is None or not self.connected:
+            return None
+        newest = max(reply_id for reply_id, _, _ in kept)
+        request = {"type": "history", "conversation_id": conversation, "before": newest + 1, "limit": 100}
+        self._history = asyncio.get_running_loop().create_future()
+        try:
+            await ws.send_str(_dumps(request))
+            async with asyncio.timeout(_CHECK_TIMEOUT):
+                return await self._history
+        except (TimeoutError, aiohttp.ClientError, ConnectionError, RuntimeError):
+            return None
+        finally:
+            self._history = None
 
     def _on_error(self, frame: dict[str, Any], now: float) -> None:
         stats = self.ctx.stats
@@ -618,7 +755,9 @@ class Student:
         self.ws = None
         self.connected = False
         ctx.stats.connected_students -= 1
-        if self._dropping:
+        if self._moving:
+            self._lost_at = now  # the time to the resumed welcome is the `reconnect` metric
+        elif self._dropping:
             ctx.stats.count("drops", now)
             for turn in self._in_flight():
                 turn.interrupted = True
@@ -628,6 +767,7 @@ class Student:
             ctx.stats.phase(now).close_codes[str(ws.close_code)] += 1
             self._lost_at = now
         self._dropping = False
+        self._moving = False
         self.wake.set()
 
     # -- connection -----------------------------------------------------------------------------------
@@ -659,6 +799,8 @@ class Student:
             return False
         now = ctx.clock()
         ctx.stats.count("connects_ok", started)
+        features = welcome.get("features")
+        self.can_check_text = isinstance(features, list) and "history" in features
         welcome_conversation = welcome.get("conversation_id")
         if isinstance(welcome_conversation, str):
             self.conv_ids[self.conv_index] = welcome_conversation
@@ -687,7 +829,15 @@ class Student:
     async def _connect_until(self, deadline: float, *, draining: bool = False) -> bool:
         """Connect (resuming when answers are in flight) with capped backoff; False at the deadline."""
         ctx = self.ctx
-        while ctx.clock() < deadline and (draining or not ctx.stopping()):
+
+        def limit() -> float:
+            # The drain's deadline moves earlier when the drain is stopped.
+            return min(deadline, ctx.drain_deadline) if draining else deadline
+
+        while ctx.clock() < min(self.reconnect_at, limit()) and (draining or not ctx.stopping()):
+            self.wake.clear()
+            await self._wait(min(self.reconnect_at, limit()))  # as long as the server asked
+        while ctx.clock() < limit() and (draining or not ctx.stopping()):
             await self._join_reader()
             if await self._connect():
                 self._backoff = 0.0
@@ -696,7 +846,7 @@ class Student:
             if not draining and ctx.stopping():
                 return False
             self.wake.clear()  # no await between this and the wait: a stop cannot slip through
-            await self._wait(min(ctx.clock() + self._backoff * ctx.rng.uniform(0.5, 1.0), deadline))
+            await self._wait(min(ctx.clock() + self._backoff * ctx.rng.uniform(0.5, 1.0), limit()))
         return False
 
     async def _join_reader(self) -> None:
@@ -754,8 +904,27 @@ class Student:
             finally:
                 ctx.done_draining()
             await ctx.all_drained()  # then every socket closes together
+            if not ctx.stats.drain_stopped:
+                await self.check_texts()  # after the load: the checks do not disturb what was measured
+        except Exception:
+            # A bug in this tool, not the server's doing: counted (it fails the run), not just logged.
+            log.exception("student crashed", extra={"student": self.index})
+            self._crashed()
         finally:
             await self.close()
+
+    def _crashed(self) -> None:
+        stats = self.ctx.stats
+        stats.count("student_crashes", self.ctx.clock())
+        for turn in [*self._in_flight(), *self.outbox]:
+            stats.count("turns_unfinished", turn.t0)
+        self._forget_turns()
+
+    def _forget_turns(self) -> None:
+        self.by_id.clear()
+        self.by_reply.clear()
+        self.unbound.clear()
+        self.outbox.clear()
 
     async def _run_closed(self) -> None:
         ctx = self.ctx
@@ -822,12 +991,11 @@ class Student:
                 await self._flush_outbox()
                 continue
             await self._wait(min(expiry, ctx.drain_deadline) if expiry is not None else ctx.drain_deadline)
+        now = ctx.clock()
         for turn in [*self._in_flight(), *self.outbox]:
+            self._record_unanswered(turn, now)
             ctx.stats.count("turns_unfinished", turn.t0)
-        self.by_id.clear()
-        self.by_reply.clear()
-        self.unbound.clear()
-        self.outbox.clear()
+        self._forget_turns()
 
 
 class Teacher:
@@ -944,9 +1112,15 @@ async def _schedule(ctx: RunContext, students: list[Student]) -> None:
         if launched == 0:
             next_at += 0.001
             continue
-        # Everything already due goes out now, each with its own intended time.
-        now = ctx.clock()
-        while next_at <= now and next_at < ctx.end_at:
+        # Everything already due goes out now, each with its own intended time; behind schedule, in
+        # batches with a yield between them, so that the students, the display and a stop still run.
+        queued = 0
+        while next_at <= ctx.clock() and next_at < ctx.end_at:
+            if queued == _SCHEDULE_BATCH:
+                await asyncio.sleep(0)
+                if ctx.stopping():
+                    return
+                queued = 0
             launched = len(students)
             student = students[turn_robin % launched]
             turn_robin += 1
@@ -954,6 +1128,7 @@ async def _schedule(ctx: RunContext, students: list[Student]) -> None:
             ctx.stats.count("turns_attempted", next_at)
             student.wake.set()
             next_at += config.students / (config.rate * launched)
+            queued += 1
 
 
 async def _tick(ctx: RunContext, on_tick: Callable[[RunStats, float], None], every: float) -> None:
@@ -962,13 +1137,41 @@ async def _tick(ctx: RunContext, on_tick: Callable[[RunStats, float], None], eve
         on_tick(ctx.stats, ctx.clock())
 
 
-async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]], stats: RunStats) -> None:
     for task in tasks:
         task.cancel()
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    for result in results:
+    for task, result in zip(tasks, results, strict=True):
         if isinstance(result, Exception):
-            log.error("load task failed", exc_info=result)
+            log.error("load task crashed", exc_info=result, extra={"task": task.get_name()})
+            stats.count("task_crashes", time.monotonic())
+
+
+async def _wait_for_drain(
+    ctx: RunContext, students: Sequence[Student], tasks: Sequence[asyncio.Task[None]], stop_wait: asyncio.Task[Any]
+) -> None:
+    """Wait for the students to drain; a first stop (Ctrl-C) during the drain cuts it short.
+
+    After a stop during the load the drain runs as usual: a second Ctrl-C aborts.
+    """
+    grace = 2 * _CLOSE_TIMEOUT + 1.0
+    checks = _CHECK_TIMEOUT * ctx.config.conversations  # the final text checks, one history frame each
+    all_done = asyncio.ensure_future(asyncio.wait(tasks))
+    waiters: list[asyncio.Future[Any]] = [all_done] if ctx.stats.stopped_early else [all_done, stop_wait]
+    try:
+        await asyncio.wait(
+            waiters, timeout=ctx.config.drain_timeout + checks + grace, return_when=asyncio.FIRST_COMPLETED
+        )
+        if all_done.done() or not stop_wait.done() or ctx.stats.stopped_early:
+            return
+        ctx.stats.drain_stopped = True
+        ctx.drain_deadline = ctx.clock()
+        ctx.drained.set()
+        for student in students:
+            student.wake.set()
+        await asyncio.wait([all_done], timeout=grace)
+    finally:
+        all_done.cancel()
 
 
 async def run_load(
@@ -982,9 +1185,14 @@ async def run_load(
     config.validate()
     started = time.monotonic()
     stats = RunStats(started, started + config.students / config.ramp_rate, started + config.duration, config.interval)
-    connector = aiohttp.TCPConnector(limit=0, ssl=config.ssl)
+    # Loopback is enforced where connections are made too: a redirect is never followed (the tokens
+    # would go with it), and without --allow-remote a name must resolve to loopback addresses only.
+    resolver = None if config.allow_remote else LoopbackResolver()
+    connector = aiohttp.TCPConnector(limit=0, ssl=config.ssl, resolver=resolver)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, trace_configs=[refuse_redirects()]
+    ) as session:
         ctx = RunContext(config, session, stats)
         students: list[Student] = []
         student_tasks: list[asyncio.Task[None]] = []
@@ -999,12 +1207,11 @@ async def run_load(
             "load test started",
             extra={"students": config.students, "teachers": config.teachers, "duration": config.duration},
         )
+        stop = stop or asyncio.Event()
+        stop_wait = asyncio.create_task(stop.wait())
         try:
-            stop_wait = asyncio.create_task((stop or asyncio.Event()).wait())
-            try:
-                await asyncio.wait([stop_wait], timeout=config.duration)
-            finally:
-                stop_wait.cancel()
+            await asyncio.wait([stop_wait], timeout=config.duration)
+            stats.stopped_early = stop.is_set()
             ctx.end_at = min(ctx.end_at, ctx.clock())
             stats.end_at = ctx.end_at
             ctx.drain_deadline = ctx.end_at + config.drain_timeout
@@ -1013,14 +1220,17 @@ async def run_load(
                 ctx.drained.set()
             for student in students:
                 student.wake.set()
-            await _cancel_all(helpers[:2] if config.open_loop else helpers[:1])
+            stoppers = 2 if config.open_loop else 1  # the launcher and the schedule: nothing new from here
+            await _cancel_all(helpers[:stoppers], stats)
+            helpers = helpers[stoppers:]
             if student_tasks:
-                await asyncio.wait(student_tasks, timeout=config.drain_timeout + 2 * _CLOSE_TIMEOUT + 1.0)
+                await _wait_for_drain(ctx, students, student_tasks, stop_wait)
         finally:
-            await _cancel_all([*helpers, *student_tasks])
+            stop_wait.cancel()
+            await _cancel_all([*helpers, *student_tasks], stats)
             for teacher in teachers:
                 await teacher.close()
-            await _cancel_all(teacher_tasks)
+            await _cancel_all(teacher_tasks, stats)
     stats.finished = time.monotonic()
     stats.series.flush()
     if on_tick is not None:

@@ -104,6 +104,8 @@ def read_tokens_file(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise TokenError(f"cannot read tokens file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TokenError(f"tokens file {path} is not UTF-8 text") from None
     tokens = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not tokens:
         raise TokenError(f"tokens file {path} holds no token")

@@ -33,6 +33,11 @@ class Behaviour:
     stall_once: float = 0.0  # the first message of the server's life waits this long before anything
     resume: bool = True
     watch_events: bool = False  # False: `watch` gets error bad_request (not implemented)
+    redirect_to: str | None = None  # answer the upgrade with 307 to this URL
+    reconnect_in_turn: int | None = None  # answer number whose first token is followed by `reconnect`
+    reconnect_after_ms: int = 300
+    commit_other_text_in_turn: int | None = None  # answer number whose committed text differs from the stream
+    history: bool = True  # offer the `history` frame (welcome.features)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Conversation:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> ack, for resends
+    messages: list[dict[str, Any]] = field(default_factory=list)  # committed: {id, role, text, status}
     worker: asyncio.Task[None] | None = None
 
     def next_seq(self) -> int:
@@ -63,6 +69,9 @@ class Counts:
     closed_at: list[float] = field(default_factory=list)  # loop time each socket was gone
     watches: int = 0
     resends: int = 0
+    redirects: int = 0
+    reconnects_sent: int = 0
+    history_requests: int = 0
 
 
 def _subject(token: str) -> str:
@@ -124,7 +133,10 @@ class FakeServer:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await ws.send_str(data)
 
-    async def _handle(self, request: web.Request) -> web.WebSocketResponse:
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.behaviour.redirect_to is not None:
+            self.counts.redirects += 1
+            raise web.HTTPTemporaryRedirect(self.behaviour.redirect_to)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         conv: Conversation | None = None
@@ -147,6 +159,8 @@ class FakeServer:
                     await self._on_message(ws, conv, frame)
                 elif frame.get("type") == "watch":
                     self._on_watch(ws)
+                elif frame.get("type") == "history" and self.behaviour.history:
+                    await self._on_history(ws, frame)
         finally:
             self.counts.closed_at.append(asyncio.get_running_loop().time())
             if conv is not None and conv.ws is ws:
@@ -175,6 +189,7 @@ class FakeServer:
                 "course_id": conv.course_id,
                 "history": [],
                 "seq": conv.seq,
+                "features": ["resume", "history"] if self.behaviour.history else ["resume"],
             }
             if resume_from is not None:
                 welcome["resumed"] = resumed
@@ -207,8 +222,18 @@ class FakeServer:
         reply_id = next(self._ids) + 1000
         ack = {"type": "ack", "id": client_id, "message_id": reply_id - 1, "reply_id": reply_id}
         conv.acks[client_id] = dict(ack)
+        conv.messages.append({"id": reply_id - 1, "role": "user", "text": frame.get("text"), "status": "complete"})
         await self._emit(conv, ack)
         conv.queue.put_nowait(reply_id)
+
+    async def _on_history(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
+        self.counts.history_requests += 1
+        conv = self.conversations[str(frame["conversation_id"])]
+        before = frame.get("before")
+        older = [m for m in conv.messages if not isinstance(before, int) or m["id"] < before]
+        page = older[-int(frame.get("limit") or 20) :]
+        reply = {"type": "history", "conversation_id": conv.id, "messages": page, "has_more": len(older) > len(page)}
+        await self._send(ws, orjson.dumps(reply).decode())
 
     def _on_watch(self, ws: web.WebSocketResponse) -> None:
         self.counts.watches += 1
@@ -236,19 +261,30 @@ class FakeServer:
             if delay:
                 await asyncio.sleep(delay)
             offset = 0
+            streamed: list[str] = []
             for i in range(b.tokens):
                 text = f"word{i} "
+                streamed.append(text)
                 skip = (number == b.lose_token_in_turn and i == b.tokens // 2) or (
                     number == b.lose_last_token_in_turn and i == b.tokens - 1
                 )
                 token = {"type": "token", "reply_id": reply_id, "text": text, "offset": offset}
                 if not skip:
                     await self._emit(conv, dict(token))
+                if number == b.reconnect_in_turn and i == 0:
+                    # Not a conversation frame: no seq, not logged, sent to the socket there is now.
+                    self.counts.reconnects_sent += 1
+                    reconnect = {"type": "reconnect", "after_ms": b.reconnect_after_ms}
+                    await self._send(conv.ws, orjson.dumps(reconnect).decode())
                 if number == b.duplicate_token_in_turn and i == b.tokens // 2:
                     await self._emit(conv, dict(token))
                 offset += len(text)
                 if b.token_delay:
                     await asyncio.sleep(b.token_delay)
+            committed = "".join(streamed)
+            if number == b.commit_other_text_in_turn:
+                committed = committed.replace("word1", "WORD1")  # same length: only the text check sees it
+            conv.messages.append({"id": reply_id, "role": "assistant", "text": committed, "status": "complete"})
             done = {
                 "type": "done",
                 "reply_id": reply_id,

@@ -7,6 +7,8 @@ import importlib.util
 import itertools
 import json
 import secrets
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,32 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.loadtest.cli import amain, check_target, is_loopback, main
-from server.loadtest.stats import LatencyHistogram, RunStats
-from server.loadtest.tokens import TokenError, minter_from_private_key, minter_from_secret, read_tokens_file
+from server.loadtest.report import build_results
+from server.loadtest.stats import LatencyHistogram, LatencySeries, RunStats
+from server.loadtest.student import (
+    MAX_RATE,
+    LoadConfig,
+    LoadTestError,
+    QuestionPool,
+    RunContext,
+    Student,
+    Teacher,
+    _schedule,
+    run_load,
+)
+from server.loadtest.target import LoopbackResolver, RemoteRefused, is_loopback_address
+from server.loadtest.tokens import (
+    TokenError,
+    TokenSource,
+    minter_from_private_key,
+    minter_from_secret,
+    read_tokens_file,
+)
 from tests.unit.loadtest_fake_server import Behaviour, FakeServer
 
 SECRET = secrets.token_hex(32)
@@ -142,6 +164,33 @@ async def test_percentiles_follow_the_servers_latency(start_server: StartServer,
     assert latency["done"]["p50"] >= ttft["p50"]
 
 
+async def test_timed_out_and_unfinished_turns_count_in_the_latencies(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # Every first token takes 1 s and answers time out at 0.3 s: ttft and done are recorded at the
+    # time each turn was given up (>= 0.3 s), not left out (which showed no ttft at all).
+    server = await start_server(Behaviour(tokens=2, first_token_delay=1.0))
+    _, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.8", "--turn-timeout", "0.3", "--drain-timeout", "0.5"
+    )
+    phase = _all(results)
+    counters, latency = phase["counters"], phase["latency_ms"]
+    given_up = counters["timeouts"] + counters.get("turns_unfinished", 0)
+    assert counters["timeouts"] >= 1 and counters.get("turns_ok", 0) == 0
+    assert latency["ttft"]["count"] == latency["done"]["count"] == given_up
+    assert latency["ttft"]["p50"] >= 300.0 and latency["done"]["p50"] >= 300.0
+    assert latency["ack"]["count"] == given_up and latency["ack"]["p50"] < 100.0  # acks came, at once
+
+    # A question the server never acknowledges, still waiting when the drain ends: all three at ~1 s.
+    server = await start_server(Behaviour(tokens=2, stall_once=5.0))
+    _, results = await _run(server, tmp_path, "--students", "1", "--duration", "0.5", "--drain-timeout", "0.5")
+    phase = _all(results)
+    assert phase["counters"]["turns_unfinished"] == 1
+    for metric in ("ack", "ttft", "done"):
+        assert phase["latency_ms"][metric]["count"] == 1
+        assert phase["latency_ms"][metric]["max"] >= 900.0
+
+
 def test_histogram_percentiles_are_exact_within_precision() -> None:
     hist = LatencyHistogram()
     for ms in range(1, 1001):
@@ -180,11 +229,45 @@ async def test_a_second_run_reuses_conversations_without_colliding_ids(
     # look like resends of the first run's (which get an ack but no answer).
     server = await start_server(Behaviour(tokens=2))
     for _ in range(2):
-        code, results = await _run(server, tmp_path, "--duration", "0.4", "--max-error-rate", "0")
+        code, results = await _run(
+            server, tmp_path, "--duration", "0.4", "--max-error-rate", "0", "--subject-prefix", "lt-fixed"
+        )
         assert code == 0
         assert _all(results)["counters"]["turns_ok"] > 0
     assert len(server.conversations) == 2
     assert server.counts.resends == 0
+
+
+async def test_concurrent_generators_get_users_of_their_own(start_server: StartServer, tmp_path: Path) -> None:
+    # Two load generators with the same options (as docs/loadtest.md shows) must not put their students in
+    # each other's conversations: each run mints subjects of its own.
+    server = await start_server(Behaviour(tokens=3, token_delay=0.01))
+    runs = await asyncio.gather(
+        *(_run(server, tmp_path, "--duration", "0.6", "--seed", str(seed), "--max-unexpected-frames", "0")
+          for seed in (1, 2))
+    )
+    users = {user for user, _ in server._by_user_course}
+    assert len(server.conversations) == len(users) == 4
+    assert len({user.rsplit("-student-", 1)[0] for user in users}) == 2
+    for code, results in runs:
+        assert code == 0
+        assert _all(results)["counters"].get("unexpected_frames", 0) == 0
+        assert results["config"]["subject_prefix"].startswith("loadtest-")
+
+
+async def test_shared_tokens_warn_and_unexpected_frames_gate(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await start_server(Behaviour(tokens=3, token_delay=0.01))
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(minter_from_secret(SECRET, tenant="t", courses=["c"], ttl=600).mint("one", "student", "One"))
+    code, results = await _run(
+        server, tmp_path, "--tokens-file", str(tokens), "--duration", "0.6", "--max-unexpected-frames", "0"
+    )
+    err = capsys.readouterr().err
+    assert "warning: 1 tokens for 2 students" in err
+    assert _all(results)["counters"]["unexpected_frames"] > 0
+    assert code == 1 and "threshold failed: unexpected frames" in err
 
 
 # -- faults -------------------------------------------------------------------------------------------
@@ -212,6 +295,38 @@ async def test_detects_lost_and_duplicated_tokens(
     err = capsys.readouterr().err
     assert "threshold failed: lost tokens 2 > 0" in err
     assert "threshold failed: duplicated tokens 1 > 0" in err
+
+
+async def test_answers_are_checked_against_the_committed_text(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Answer 2 streams intact (offsets and length agree) but is committed with other text: only the
+    # comparison with the committed text (history frame, at the end) can see it.
+    server = await start_server(Behaviour(tokens=4, commit_other_text_in_turn=2))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.5", "--think-time", "0.15",
+        "--max-lost", "0", "--max-duplicated", "0", "--max-text-mismatches", "0",
+    )
+    counters = _all(results)["counters"]
+    assert 2 <= counters["turns_ok"] <= 5  # all of them fit in what a student keeps
+    assert counters["text_checks"] == counters["turns_ok"]
+    assert counters["text_mismatches"] == 1
+    assert counters.get("lost_tokens", 0) == 0 and counters.get("duplicate_tokens", 0) == 0
+    assert server.counts.history_requests == 1
+    assert code == 1 and "threshold failed: text mismatches 1 > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("history, check", [(True, "0"), (False, "1")])
+async def test_text_check_off_or_unsupported(
+    start_server: StartServer, tmp_path: Path, history: bool, check: str
+) -> None:
+    server = await start_server(Behaviour(tokens=2, history=history))
+    code, results = await _run(server, tmp_path, "--students", "1", "--duration", "0.4", "--check-text", check)
+    counters = _all(results)["counters"]
+    assert code == 0 and server.counts.history_requests == 0
+    assert counters.get("text_checks", 0) == counters.get("text_mismatches", 0) == 0
+    # Kept answers that could not be compared are reported as such.
+    assert counters.get("text_unchecked", 0) == (0 if check == "0" else min(counters["turns_ok"], 5))
 
 
 async def test_open_loop_latency_counts_from_intended_send_time(start_server: StartServer, tmp_path: Path) -> None:
@@ -260,6 +375,29 @@ async def test_resume_miss_is_counted_but_not_an_error(start_server: StartServer
     assert phase["errors_by_code"] == {}
     assert phase["error_rate"] == 0.0
     assert counters.get("unexpected_frames", 0) == 0  # the abandoned answers' late frames are expected
+
+
+async def test_a_reconnect_frame_moves_the_student_after_the_delay(start_server: StartServer, tmp_path: Path) -> None:
+    # A draining replica sends `reconnect {after_ms}` (docs/protocol.md): the student closes, waits that
+    # long, and comes back with resume_from; the answer in flight is resumed and checked as one.
+    server = await start_server(Behaviour(tokens=6, token_delay=0.05, reconnect_in_turn=1, reconnect_after_ms=400))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "1.5", "--max-lost", "0", "--max-duplicated", "0",
+        "--max-unexpected-frames", "0", "--max-disconnects", "0",
+    )
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    assert server.counts.reconnects_sent == 1
+    assert counters["reconnect_requests"] == 1
+    assert server.counts.hellos == 2 and server.counts.resumed == 1
+    assert counters["resumes_ok"] == 1
+    assert counters.get("drops", 0) == 0 and counters.get("unexpected_frames", 0) == 0
+    reconnect = phase["latency_ms"]["reconnect"]
+    assert reconnect["count"] == 1 and 400.0 <= reconnect["max"] < 1000.0
+    assert counters["turns_ok"] == server.counts.answers_done >= 2
+    # The first answer waited for the move: the delay is the server's, so it stays in `done`.
+    assert phase["latency_ms"]["done"]["max"] >= 400.0
 
 
 @pytest.mark.parametrize("watch_events", [True, False])
@@ -330,6 +468,10 @@ async def test_a_gate_with_nothing_measured_fails(tmp_path: Path, capsys: pytest
         "wss://192.168.1.2:8443/ws",
         "ws://[2001:db8::1]/ws",
         "ws://8.8.8.8/ws",
+        "ws://localhost./ws",
+        "ws://evil.localhost/ws",
+        "ws://localhost.example.com/ws",
+        "ws://127.0.0.1.nip.io/ws",
     ],
 )
 def test_refuses_non_loopback_targets(url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -338,8 +480,90 @@ def test_refuses_non_loopback_targets(url: str, capsys: pytest.CaptureFixture[st
     check_target(url, allow_remote=True)  # allowed explicitly (nothing is connected here)
 
 
+@pytest.fixture
+async def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """A tripwire on the test's event loop: a connect to anything outside loopback fails, and is recorded."""
+    loop = asyncio.get_running_loop()
+    real_connect = loop.sock_connect
+    refused: list[object] = []
+
+    async def sock_connect(sock: socket.socket, address: Any) -> None:
+        if not is_loopback_address(str(address[0])):
+            refused.append(address)
+            raise OSError(f"test tripwire: no traffic to {address[0]}")
+        await real_connect(sock, address)
+
+    monkeypatch.setattr(loop, "sock_connect", sock_connect)
+    return refused
+
+
+@pytest.mark.parametrize("allow_remote", [False, True])
+async def test_a_redirect_is_not_followed(
+    start_server: StartServer, tmp_path: Path, allow_remote: bool, loopback_only: list[object]
+) -> None:
+    # The tokens go in the hello after the upgrade: following a redirect would hand them to its target.
+    # Here the target is another loopback server, which must see no hello at all. (aiohttp follows
+    # http:// locations only, which upgrade just as well.)
+    other = await start_server(Behaviour(tokens=2))
+    server = await start_server(Behaviour(redirect_to=other.url.replace("ws://", "http://")))
+    extra = ["--allow-remote"] if allow_remote else []
+    code, results = await _run(server, tmp_path, "--duration", "0.5", "--max-error-rate", "0", *extra)
+    assert code == 1
+    assert server.counts.redirects >= 2
+    assert other.counts.hellos == 0
+    phase = _all(results)
+    assert set(phase["connect_failures"]) == {"redirect_refused"}
+    assert phase["connect_failures"]["redirect_refused"] == phase["counters"]["connect_attempts"]
+
+
+async def test_a_redirect_outside_loopback_sends_nothing_there(
+    start_server: StartServer, tmp_path: Path, loopback_only: list[object]
+) -> None:
+    server = await start_server(Behaviour(redirect_to="http://192.0.2.10:8080/ws"))  # TEST-NET-1
+    _, results = await _run(server, tmp_path, "--duration", "0.5", "--connect-timeout", "0.5")
+    assert loopback_only == []
+    assert server.counts.redirects >= 2
+    assert set(_all(results)["connect_failures"]) == {"redirect_refused"}
+
+
+class _FixedResolver(AbstractResolver):
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [{"hostname": host, "host": self.address, "port": port, "family": family, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_names_must_resolve_to_loopback() -> None:
+    assert (await LoopbackResolver(_FixedResolver("127.0.0.1")).resolve("localhost", 80))[0]["host"] == "127.0.0.1"
+    assert (await LoopbackResolver(_FixedResolver("::1")).resolve("localhost", 80))[0]["host"] == "::1"
+    for address in ("192.0.2.7", "10.1.2.3", "::ffff:192.0.2.7", "2001:db8::1"):
+        with pytest.raises(RemoteRefused, match="outside loopback"):
+            await LoopbackResolver(_FixedResolver(address)).resolve("loadtest.example", 80)
+
+
+async def test_a_name_resolving_outside_loopback_is_refused_at_connect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback_only: list[object]
+) -> None:
+    # As if localhost's DNS answer pointed elsewhere: the run's resolver refuses it before any connect.
+    async def resolve(self: Any, host: str, port: int = 0, family: Any = socket.AF_INET) -> list[ResolveResult]:
+        return [{"hostname": host, "host": "192.0.2.7", "port": port, "family": family, "proto": 0, "flags": 0}]
+
+    monkeypatch.setattr(aiohttp.DefaultResolver, "resolve", resolve)
+    out = tmp_path / "results.json"
+    argv = ["--url", "ws://localhost:9/ws", "--jwt-secret", SECRET, "--duration", "0.3", "--quiet"]
+    assert await amain([*argv, "--out", str(out)]) == 0
+    assert loopback_only == []
+    assert set(json.loads(out.read_text())["phases"]["all"]["connect_failures"]) == {"remote_refused"}
+
+
 @pytest.mark.parametrize(
-    "host", ["127.0.0.1", "127.8.9.10", "localhost", "LOCALHOST.", "::1", "[::1]", "::ffff:127.0.0.1"]
+    "host", ["127.0.0.1", "127.8.9.10", "localhost", "LOCALHOST", "::1", "[::1]", "::ffff:127.0.0.1"]
 )
 def test_loopback_hosts_are_allowed(host: str) -> None:
     assert is_loopback(host)
@@ -383,6 +607,33 @@ async def test_writes_json_results_and_png_plot(start_server: StartServer, tmp_p
         }
     ]
     assert SECRET not in out.read_text()  # neither the secret nor tokens go into results
+
+
+@pytest.mark.parametrize("option", ["--out", "--plot"])
+async def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(
+    start_server: StartServer, tmp_path: Path, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await start_server(Behaviour(tokens=2))
+    for path, message in ((tmp_path, "is a directory"), (tmp_path / "missing" / "x", "does not exist")):
+        assert await amain([*_base_args(server), option, str(path)]) == 2
+        assert message in capsys.readouterr().err
+    assert server.counts.hellos == 0  # refused before the run, not after it
+
+
+async def test_a_failed_write_keeps_the_summary_and_has_its_own_exit_status(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /dev/full accepts the open and fails the write (ENOSPC): the run's summary must come first, the
+    # other file is still written, and the status tells a failed write from a failed threshold.
+    server = await start_server(Behaviour(tokens=2))
+    argv = [arg for arg in _base_args(server, "--duration", "0.4") if arg != "--quiet"]
+    plot = tmp_path / "latency.png"
+    code = await amain([*argv, "--out", "/dev/full", "--plot", str(plot), "--max-lost", "0"])
+    captured = capsys.readouterr()
+    assert code == 3
+    assert "Latency (ms)" in captured.out and "PASS" in captured.out
+    assert "cannot write --out /dev/full" in captured.err
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -- tokens -------------------------------------------------------------------------------------------
@@ -457,3 +708,173 @@ async def test_floor_server_answers_a_turn() -> None:
         assert seqs == sorted(seqs) and len(set(seqs)) == 5
     finally:
         await runner.cleanup()
+
+
+# -- limits on numbers and rates ----------------------------------------------------------------------
+
+
+def _config(url: str = "ws://127.0.0.1:9/ws", **overrides: Any) -> LoadConfig:
+    minter = minter_from_secret(SECRET, tenant="t", courses=["c"], ttl=3600)
+    fields: dict[str, Any] = {
+        "url": url,
+        "students": 1,
+        "duration": 1.0,
+        "ramp_rate": 100.0,
+        "courses": ("c",),
+        "questions": QuestionPool(["q?"]),
+        "student_tokens": TokenSource("student", "loadtest-student", minter=minter),
+        **overrides,
+    }
+    return LoadConfig(**fields)
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rate", ["inf", "nan", "-inf", "1e9", str(MAX_RATE * 2)])
+def test_rate_must_be_finite_and_capped(rate: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--url", "ws://127.0.0.1:9/ws", "--jwt-secret", SECRET, "--duration", "0.2", f"--rate={rate}"]
+    err = _usage_error(argv, capsys)
+    assert "--rate" in err and ("finite" in err or "at most" in err or "positive" in err)
+    with pytest.raises(LoadTestError):
+        _config(rate=float(rate)).validate()
+
+
+async def test_open_loop_schedule_behind_yields_and_stops() -> None:
+    # The schedule is a minute behind at the highest rate: 600,000 questions are due at once. It queues
+    # them in batches and yields in between, so another task runs and its stop is obeyed at once.
+    config = _config(rate=MAX_RATE, duration=120.0)
+    stats = RunStats(time.monotonic() - 60.0, 0.0, time.monotonic() + 60.0)
+    async with aiohttp.ClientSession() as session:
+        ctx = RunContext(config, session, stats)
+        students = [Student(ctx, 0)]
+        ran = asyncio.get_running_loop().create_future()
+
+        async def stop_soon() -> None:
+            while not students[0].outbox:
+                await asyncio.sleep(0)
+            ran.set_result(len(students[0].outbox))
+            ctx.stop_event.set()
+
+        started = time.monotonic()
+        schedule = asyncio.create_task(_schedule(ctx, students))
+        await asyncio.wait_for(stop_soon(), timeout=5.0)
+        await asyncio.wait_for(schedule, timeout=5.0)
+    assert time.monotonic() - started < 1.0
+    assert ran.result() < 10_000
+    assert len(students[0].outbox) < 10_000
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--connect-timeout=nan",
+        "--turn-timeout=nan",
+        "--interval=nan",
+        "--duration=nan",
+        "--drain-timeout=nan",
+        "--ttl=inf",
+        "--think-time=inf",
+        "--ramp-rate=inf",
+        "--max-error-rate=nan",
+        "--max-p99-ack-ms=inf",
+        "--turn-timeout=1e308",
+    ],
+)
+def test_numbers_must_be_finite(option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(["--url", "ws://127.0.0.1:9/ws", "--jwt-secret", SECRET, "--duration", "0.2", option], capsys)
+    assert f"argument {option.split('=')[0]}" in err
+    assert "finite" in err or "at most" in err
+
+
+async def test_a_crashing_student_or_teacher_fails_the_run(
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A bug in the load tester must not look like a clean run: before, crashed tasks were only logged,
+    # and a run in which every student crashed passed --max-error-rate 0 with exit status 0.
+    async def crash(self: object, *args: object) -> bool:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(Student, "_connect", crash)
+    monkeypatch.setattr(Teacher, "_watch", crash)
+    server = await start_server(Behaviour(tokens=2))
+    code, results = await _run(
+        server, tmp_path, "--duration", "0.3", "--teachers", "1", "--max-error-rate", "0", "--max-lost", "0"
+    )
+    assert code == 4
+    phase = _all(results)
+    assert phase["counters"]["student_crashes"] == 2
+    assert phase["counters"]["task_crashes"] == 1
+    assert phase["error_rate"] == 1.0
+    assert results["passed"] is False
+    assert "crashed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--questions", "--tokens-file", "--jwt-secret-file", "--teacher-tokens-file"])
+def test_a_file_that_is_not_utf8_is_a_usage_error(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 ?\n".encode("latin-1"))
+    secret = [] if option == "--jwt-secret-file" else ["--jwt-secret", SECRET]
+    assert main(["--url", "ws://127.0.0.1:9/ws", *secret, "--duration", "0.2", option, str(bad)]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["ws://[::1/ws", "ws://[127.0.0.1]/ws", "ws://127.0.0.1:99999/ws"])
+def test_a_malformed_url_is_a_usage_error(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--url", url, "--jwt-secret", SECRET, "--duration", "0.2"]) == 2
+    assert "--url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop_after, early", [(1.0, False), (0.2, True)])
+async def test_a_stop_during_the_drain_cuts_it_short(
+    start_server: StartServer, stop_after: float, early: bool
+) -> None:
+    # Answers take 3 s; the load lasts 0.5 s with a 10 s drain. A stop in the drain (at 1 s) must end
+    # the run at once, and is not "stopped early": the load ran its full length. A stop during the load
+    # ends the load early and the drain still waits for the answer in flight.
+    server = await start_server(Behaviour(tokens=10, token_delay=0.3))
+    config = _config(server.url, duration=0.5 if not early else 5.0, drain_timeout=10.0)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(stop_after, stop.set)
+    started = time.monotonic()
+    stats = await run_load(config, stop=stop)
+    elapsed = time.monotonic() - started
+    results = build_results(stats, {}, "", "")
+    assert results["stopped_early"] is early
+    assert results["drain_stopped"] is not early
+    counters = stats.combined().counters
+    if early:
+        assert counters["turns_ok"] == 1 and 3.0 <= elapsed < 5.0
+    else:
+        assert counters["turns_unfinished"] == 1 and elapsed < 2.0
+
+
+def test_series_percentiles_use_the_summarys_rank() -> None:
+    # 60 answers of 1..60 ms: HdrHistogram's p99 is the 59th value (rank rounded half up); the series
+    # took the 60th (ceil), so the live view and the plot disagreed with the tables.
+    hist, series = LatencyHistogram(), LatencySeries(interval=1.0)
+    for ms in range(1, 61):
+        hist.record(ms / 1000.0)
+        series.record("done", 0.5, ms / 1000.0)
+    series.flush()
+    _, count, p50, p99, top = series.points["done"][0]
+    summary = hist.summary()
+    assert count == 60 and top == 60.0
+    assert p50 == pytest.approx(summary["p50"], rel=0.002) and p50 == 30.0
+    assert p99 == pytest.approx(summary["p99"], rel=0.002) and p99 == 59.0
+
+
+def test_help_shows_defaults_and_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "answer counts as failed (default 60)" in text and "welcome timeout in seconds (default 10)" in text
+    assert "130 when aborted" in text and "3 when --out or --plot could not be written" in text
+    err = _usage_error(["--url", "ws://127.0.0.1:9/ws", "--jwt-secret", SECRET, "--max-error-rate", "1.5"], capsys)
+    assert "between 0 and 1" in err
