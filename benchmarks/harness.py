@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import ipaddress
 import os
@@ -778,7 +779,7 @@ def run_loadtest(
     check_loopback(url)
     argv = [
         sys.executable, "-m", "server.loadtest", "--url", url, "--jwt-secret-file", str(secret_file),
-        "--quiet", "--out", str(out), *args,
+        "--quiet", "--out", str(out), *args, *_same_students(),
     ]
     with log_path.open("ab") as log:
         log.write(("$ " + " ".join(argv) + "\n").encode())
@@ -806,9 +807,24 @@ def run_loadtest(
     return results
 
 
+def _same_students() -> list[str]:
+    """The same students in every step of a ladder, as the tables were measured: the load tester mints
+    users of its own for every run unless told otherwise (an older one, under --ref, has no such option)."""
+    return ["--subject-prefix", "loadtest"] if "--subject-prefix" in _loadtest_help(code_dir()) else []
+
+
+@functools.cache
+def _loadtest_help(directory: Path) -> str:
+    """The load tester's --help in the code under test (which options it has)."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.loadtest", "--help"], cwd=directory, capture_output=True, text=True,
+        timeout=120, check=False,
+    ).stdout
+
+
 def loadtest_command(url: str, args: Sequence[str]) -> str:
     """The command line as a reader would type it."""
-    return " ".join(["smartedu loadtest", "--url", url, "--jwt-secret-file secret.txt", *args])
+    return " ".join(["smartedu loadtest", "--url", url, "--jwt-secret-file secret.txt", *args, *_same_students()])
 
 
 def py_spy_start(pid: int, duration: int, out: Path, log_path: Path) -> ManagedProcess | None:
