@@ -19,6 +19,7 @@ from ai.base import Provider
 from ai.factory import create_provider
 from ai.resilience import ResilientProvider
 from handlers import api, documents, health, lti, pages, sessions, teacher, ws
+from storage.errors import StorageError
 from storage.keys import Keys
 from storage.postgres import Database, connect_pool
 from storage.redis_store import RedisStore, connect_redis
@@ -27,7 +28,7 @@ from storage.schema_check import pending_migrations
 from .auth import TokenVerifier
 from .chat import ChatService
 from .cors import TenantOrigins, tenant_cors_middleware
-from .errors import ChatError, CloseCode, ConfigError, ErrorCode
+from .errors import ChatError, CloseCode, ConfigError, ErrorCode, from_storage
 from .hub import Hub
 from .keys import CHAT, DATABASE, LTI_KEYS, METRICS, PROVIDER, REDIS, SETTINGS, SOCKETS, STATE, VERIFIER, ProcessState
 from .logs import request_id
@@ -69,7 +70,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """Map domain errors (and aiohttp's own 4xx) to the JSON error body the protocol uses."""
     try:
         response = await handler(request)
-    except ChatError as exc:
+    except (ChatError, StorageError) as caught:
+        exc = caught if isinstance(caught, ChatError) else from_storage(caught)
         return web.json_response({"error": exc.to_dict()}, status=exc.http_status)
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from storage.errors import ClientIdTakenError, StorageError
+
 
 class ErrorCode(StrEnum):
     BAD_REQUEST = "bad_request"
@@ -89,6 +91,14 @@ def forbidden(message: str, ref: str | None = None) -> ChatError:
 
 def unauthorized(message: str) -> ChatError:
     return ChatError(ErrorCode.UNAUTHORIZED, message)
+
+
+def from_storage(error: StorageError, ref: str | None = None) -> ChatError:
+    """What the client is told about a request the data cannot satisfy. Callers check first, so this is
+    for the races they cannot see (a conversation deleted between the check and the write)."""
+    if isinstance(error, ClientIdTakenError):
+        return bad_request(str(error), ref)
+    return not_found(str(error), ref)
 
 
 class ConfigError(Exception):

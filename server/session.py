@@ -11,9 +11,11 @@ import asyncpg
 from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
+from storage.errors import StorageError
+
 from .auth import Claims, TokenVerifier
 from .chat import ChatService, Session
-from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden
+from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden, from_storage
 from .protocol import (
     PONG,
     Cancel,
@@ -106,7 +108,8 @@ class SocketSession:
                 self.metrics.ack_latency.observe(time.perf_counter() - started)
             else:
                 await self._dispatch(frame)
-        except ChatError as exc:
+        except (ChatError, StorageError) as caught:
+            exc = caught if isinstance(caught, ChatError) else from_storage(caught, ref_of(frame))
             await self.peer.send(error_frame(exc))
             if self.session is None:
                 self.metrics.hellos.labels(outcome=exc.code.value).inc()
