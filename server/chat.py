@@ -117,6 +117,11 @@ class ChatService:
         if conversation_id is not None:
             conversation = await self.user_conversation(claims, user.id, conversation_id)
         else:
+            if course_id is None and claims.role == "student" and claims.courses is not None:
+                # A student whose token names courses chats in one of them, where its teachers see it.
+                if len(claims.courses) != 1:
+                    raise forbidden("your token names several courses: say which one in hello's course_id")
+                course_id = claims.courses[0]
             if course_id is not None:
                 course = await self._course(claims, course_id)  # the conversation's course, read once
             latest = await self.db.latest_conversation(claims.tenant, user.id, course_id)
@@ -184,7 +189,10 @@ class ChatService:
             conversation = await self.db.get_conversation(claims.tenant, user_id, conversation_id)
         if conversation is None:
             raise not_found("conversation")
-        if conversation.course_id is not None and not claims.may_use_course(conversation.course_id):
+        if conversation.course_id is None:
+            if claims.role == "student" and claims.courses is not None:
+                raise forbidden("this conversation is outside your token's courses")
+        elif not claims.may_use_course(conversation.course_id):
             raise forbidden("this course is not in your token's courses")
         return conversation
 

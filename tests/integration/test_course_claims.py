@@ -55,3 +55,28 @@ async def test_a_conversation_of_a_course_outside_the_token_is_forbidden(
     refused = await server.connect({"token": algebra, "conversation_id": geometry}, welcome=False)
     assert (await refused.expect("error"))["code"] == "forbidden"
     assert await refused.close_code() == CloseCode.FORBIDDEN
+
+
+async def test_a_student_limited_to_courses_cannot_chat_outside_them(serve: Serve, db: asyncpg.Connection) -> None:
+    server = await serve(offline_tokens_per_s=0)
+    for course in ("alg-1", "geo-1"):
+        await seed_course(server.settings, "school-a", course, course)
+    # A course-less conversation from a token without the claim (the school's own sign-in, say).
+    free = await server.connect({"token": token()})
+    loose = free.frames[0]["conversation_id"]
+    assert free.frames[0]["course_id"] is None
+
+    # One course in the token: a hello that names none opens that course, where its teachers see it.
+    one = await server.connect({"token": token(courses=["alg-1"])})
+    assert one.frames[0]["course_id"] == "alg-1" and one.frames[0]["conversation_id"] != loose
+    # Several: the hello must say which (and the token's course-less conversation is not reachable).
+    refused = await server.connect({"token": token(courses=["alg-1", "geo-1"])}, welcome=False)
+    assert (await refused.expect("error"))["code"] == "forbidden"
+    assert await refused.close_code() == CloseCode.FORBIDDEN
+    await one.send(type="message", id="x1", text="hi", conversation_id=loose)
+    assert (await one.expect("error"))["code"] == "forbidden"
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE client_id = 'x1'") == 0
+
+    # Teachers keep their course-less hello (the dashboard's socket names no course).
+    teacher = await server.connect({"token": token("teach-1", role="teacher", courses=["alg-1", "geo-1"])})
+    assert teacher.frames[0]["type"] == "welcome"
