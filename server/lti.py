@@ -46,14 +46,16 @@ ROLES_CLAIM = LTI_CLAIM + "roles"
 CONTEXT_CLAIM = LTI_CLAIM + "context"
 
 MEMBERSHIP = "http://purl.imsglobal.org/vocab/lis/v2/membership"
-# Context (course) roles only: an institution-wide LMS administrator is not thereby a tutor admin.
+# Context (course) roles only: an institution-wide LMS administrator is not thereby a tutor admin. A
+# launch never makes an admin: our admin sees every course of the tenant, while an LTI context role only
+# speaks for the one course launched from, so the course's Administrator is a teacher of that course.
 ROLE_MAP: dict[str, str] = {
-    f"{MEMBERSHIP}#Administrator": "admin",
+    f"{MEMBERSHIP}#Administrator": "teacher",
     f"{MEMBERSHIP}#Instructor": "teacher",
     f"{MEMBERSHIP}/Instructor#TeachingAssistant": "teacher",
     f"{MEMBERSHIP}#Learner": "student",
 }
-_RANK = {"student": 0, "teacher": 1, "admin": 2}
+_RANK = {"student": 0, "teacher": 1}
 _SAFE_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,150}")
 _PLAIN_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?")
 
@@ -364,7 +366,7 @@ class LtiService:
 
 
 def map_role(roles: object) -> str:
-    """Our role for the LTI roles claim: Administrator > Instructor/TA > Learner, or `forbidden`."""
+    """Our role for the LTI roles claim: teacher (Administrator, Instructor, TA) > student (Learner), or `forbidden`."""
     if not isinstance(roles, list):
         raise bad_request("the id_token has no roles claim")
     mapped = [ROLE_MAP[r] for r in roles if isinstance(r, str) and r in ROLE_MAP]

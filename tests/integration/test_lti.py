@@ -258,15 +258,21 @@ async def test_teacher_launch_opens_the_dashboard_for_an_existing_course(
     assert claims.courses == (f"lti-{platform_id}-c-101",)
     assert await db.fetchval("SELECT title FROM courses WHERE tenant_id = 'school-t'") == "Kept"
 
-    # An administrator of the course is an admin; an odd context id becomes a hashed course id.
-    target, _ = await lti.launch_ok(**{
-        LTI + "roles": [f"{MEMBERSHIP}#Administrator", INSTRUCTOR],
+    # An administrator of the course is a teacher of that course, never a tenant-wide admin (who would
+    # see every course of the school); an odd context id becomes a hashed course id.
+    target, window = await lti.launch_ok(**{
+        LTI + "roles": [f"{MEMBERSHIP}#Administrator", LEARNER],
         LTI + "context": {"id": "Kurs 7/β", "title": "Physik"},
     })
     claims = lti.verify(fragment(target)["token"])
-    assert claims.role == "admin" and claims.courses is not None
+    assert (claims.role, window) == ("teacher", "new") and claims.courses is not None
     assert re.fullmatch(rf"lti-{platform_id}-h[0-9a-f]{{40}}", claims.courses[0])
     assert await db.fetchval("SELECT title FROM courses WHERE id = $1", claims.courses[0]) == "Physik"
+    headers = {"Authorization": f"Bearer {fragment(target)['token']}"}
+    own = await lti.server.client.get(f"/api/courses/{claims.courses[0]}/live", headers=headers)
+    assert own.status == 200, await own.text()
+    other = await lti.server.client.get(f"/api/courses/lti-{platform_id}-c-101/live", headers=headers)
+    assert other.status == 403, await other.text()
 
 
 async def test_a_rotated_platform_key_is_fetched_once(lti: Lti) -> None:
