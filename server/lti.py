@@ -427,8 +427,11 @@ def _param(params: Mapping[str, str], name: str, max_chars: int) -> str:
 
 def _same_host(url: str, base_url: str) -> bool:
     # Only the host is compared: behind a TLS-terminating proxy the scheme we see may differ.
-    target = urlsplit(url)
-    return target.scheme in ("http", "https") and target.hostname == urlsplit(base_url).hostname
+    try:
+        target = urlsplit(url)
+        return target.scheme in ("http", "https") and target.hostname == urlsplit(base_url).hostname
+    except ValueError:  # not a URL at all, e.g. an unclosed IPv6 bracket
+        return False
 
 
 def _origin(url: str) -> str | None:

@@ -302,10 +302,11 @@ async def _assert_refused(response: ClientResponse, status: int, code: str, word
         ({"iss": None}, 400, "bad_request", "'iss' is required"),
         ({"target_link_uri": None}, 400, "bad_request", "'target_link_uri' is required"),
         ({"target_link_uri": "https://elsewhere.example/lti"}, 400, "bad_request", "target_link_uri"),
+        ({"target_link_uri": "http://[127.0.0.1/lti"}, 400, "bad_request", "target_link_uri"),
         ({"lti_deployment_id": "deployment-2"}, 403, "forbidden", "deployment"),
     ],
     ids=["unknown-issuer", "unknown-client", "no-login-hint", "no-iss", "no-target", "foreign-target",
-         "wrong-deployment"],
+         "malformed-target", "wrong-deployment"],
 )
 async def test_login_refusals(lti: Lti, overrides: dict[str, str | None], status: int, code: str,
                               words: str) -> None:
