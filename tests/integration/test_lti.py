@@ -441,6 +441,22 @@ async def test_launch_refusals(lti: Lti, refusal: Refusal, status: int, code: st
     assert [row["id"] for row in await lti.db.fetch("SELECT id FROM tenants")] == [TENANT]
 
 
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/lti/launch", "application/x-www-form-urlencoded", b"id_token=\xff\xfe&state=s"),
+        ("/lti/login", "application/x-www-form-urlencoded", b"iss=\xff"),
+        ("/lti/launch", "multipart/form-data; boundary=x", b"--x\r\n\r\nno name\r\n--x--\r\n"),
+    ],
+    ids=["launch-not-utf8", "login-not-utf8", "multipart-without-name"],
+)
+async def test_an_unreadable_form_is_a_bad_request(lti: Lti, path: str, content_type: str, body: bytes) -> None:
+    response = await lti.server.client.post(path, data=body, headers={"Content-Type": content_type},
+                                            allow_redirects=False)
+    await _assert_refused(response, 400, "bad_request", "form could not be read")
+    assert await count(lti.db, "lti_login_states") == 0
+
+
 async def test_without_a_secret_lti_is_unavailable(serve: Serve) -> None:
     public_pem = rsa_key("tutor").public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
