@@ -275,6 +275,17 @@ async def test_teacher_launch_opens_the_dashboard_for_an_existing_course(
     assert other.status == 403, await other.text()
 
 
+async def test_nul_and_lone_surrogates_are_dropped_from_the_title_and_name(lti: Lti) -> None:
+    target, _ = await lti.launch_ok(name="Ada\x00 Love\ud800lace",
+                                    **{LTI + "context": {"id": "c-101", "title": "Alge\x00bra \udfffI"}})
+    token, course = fragment(target)["token"], fragment(target)["course"]
+    assert lti.verify(token).name == "Ada Lovelace"
+    assert await lti.db.fetchval("SELECT title FROM courses WHERE id = $1", course) == "Algebra I"
+    sock = await lti.server.connect({"token": token, "course_id": course})
+    assert sock.frames[0]["user"]["name"] == "Ada Lovelace" and sock.frames[0]["course_title"] == "Algebra I"
+    await sock.close()
+
+
 async def test_a_rotated_platform_key_is_fetched_once(lti: Lti) -> None:
     await lti.launch_ok()
     assert lti.platform.jwks_fetches == 1
@@ -424,11 +435,18 @@ async def _missing_id_token(lti: Lti) -> ClientResponse:
         (_with_claims(**{LTI + "version": "1.1"}), 400, "bad_request", "1.3.0"),
         (_with_claims(**{LTI + "roles": [f"{MEMBERSHIP}#Mentor"]}), 403, "forbidden", "learners"),
         (_with_claims(**{LTI + "context": None}), 400, "bad_request", "context"),
+        # JSON allows NUL and lone surrogates, PostgreSQL does not: refused, never a 500.
+        (_with_claims(nonce="n\x00nce"), 401, "unauthorized", "nonce"),
+        (_with_claims(nonce="\ud800"), 401, "unauthorized", "nonce"),
+        (_with_claims(sub="user\x0042"), 401, "unauthorized", "sub"),
+        (_with_claims(sub="user-\udc00"), 401, "unauthorized", "sub"),
+        (_with_claims(**{LTI + "context": {"id": "c-\ud800"}}), 400, "bad_request", "context"),
     ],
     ids=["bad-state", "expired-or-used-state", "reused-nonce", "nonce-of-another-login", "expired",
          "issued-in-the-future", "wrong-audience", "audiences-without-azp", "wrong-azp", "wrong-issuer",
          "other-key", "unknown-kid", "hs256", "not-a-jwt", "no-id-token", "no-nonce", "wrong-deployment",
-         "no-deployment", "wrong-message-type", "wrong-version", "no-usable-role", "no-context"],
+         "no-deployment", "wrong-message-type", "wrong-version", "no-usable-role", "no-context", "nul-in-nonce",
+         "surrogate-in-nonce", "nul-in-sub", "surrogate-in-sub", "surrogate-in-context-id"],
 )
 async def test_launch_refusals(lti: Lti, refusal: Refusal, status: int, code: str, words: str) -> None:
     assert await count(lti.db, "courses") == 0
