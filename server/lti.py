@@ -223,9 +223,12 @@ class LtiService:
         deployment_id = _optional_param(params, "lti_deployment_id", 500)
         if not _same_host(target_link_uri, base_url):
             raise bad_request("target_link_uri must be a URL of this tutor")
-        platform = await self.store.find_platform(issuer, client_id)
-        if platform is None:
+        platforms = await self.store.find_platforms(issuer, client_id)
+        if not platforms:
             raise bad_request("no LTI platform is registered for this iss and client_id")
+        if len(platforms) > 1:
+            raise bad_request("'client_id' is required: several LTI platforms are registered for this iss")
+        platform = platforms[0]
         if deployment_id is not None and platform.deployment_id not in (None, deployment_id):
             raise forbidden("this LTI deployment is not registered")
         state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)

@@ -327,6 +327,21 @@ async def test_login_refusals(lti: Lti, overrides: dict[str, str | None], status
     assert await count(lti.db, "lti_login_states") == 0 and await count(lti.db, "lti_nonces") == 0
 
 
+async def test_an_issuer_with_several_registrations_needs_the_client_id(lti: Lti) -> None:
+    # One issuer for many schools (Canvas cloud): a second registration with another client id.
+    await lti.db.execute(
+        "INSERT INTO lti_platforms (tenant_id, issuer, client_id, auth_login_url, jwks_url)"
+        " VALUES ($1, $2, 'tutor-client-2', $3, $4)",
+        TENANT, lti.platform.issuer, f"{lti.platform.issuer}/auth", f"{lti.platform.issuer}/jwks",
+    )
+    response = await lti.server.client.get("/lti/login", params=lti.login_params(client_id=None),
+                                           allow_redirects=False)
+    await _assert_refused(response, 400, "bad_request", "'client_id' is required")
+    assert await count(lti.db, "lti_login_states") == 0
+    state, _ = await lti.login()  # with its client id, each registration is found
+    assert await lti.db.fetchval("SELECT platform_id FROM lti_login_states WHERE state = $1", state) == lti.platform_id
+
+
 Refusal = Callable[[Lti], Awaitable[ClientResponse]]
 
 
