@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.auth import Claims, TokenVerifier
+from server.keys import LTI_KEYS
 from tests.conftest import Serve, Server
 
 pytestmark = pytest.mark.integration
@@ -47,11 +48,14 @@ class FakePlatform:
         self.kid = "platform-key-1"
         self.published: dict[str, rsa.RSAPrivateKey] = {self.kid: rsa_key("platform")}
         self.jwks_fetches = 0
+        self.jwks_down = False
         self.server: TestServer | None = None
 
     def app(self) -> web.Application:
         async def jwks(request: web.Request) -> web.Response:
             self.jwks_fetches += 1
+            if self.jwks_down:
+                return web.json_response({"error": "maintenance"}, status=503)
             keys = []
             for kid, private in self.published.items():
                 jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
@@ -295,6 +299,22 @@ async def test_a_rotated_platform_key_is_fetched_once(lti: Lti) -> None:
     lti.platform.published = {"platform-key-2": rsa_key("rotated")}
     await lti.launch_ok()
     assert lti.platform.jwks_fetches == 2
+
+
+async def test_an_unreachable_key_set_is_a_503_until_keys_are_known_then_they_keep_working(lti: Lti) -> None:
+    lti.platform.jwks_down = True
+    state, nonce = await lti.login()
+    response = await lti.launch(lti.platform.id_token(nonce), state)
+    await _assert_refused(response, 503, "internal", "signing keys")
+    assert await count(lti.db, "courses") == 0 and await count(lti.db, "lti_login_states") == 0
+
+    lti.platform.jwks_down = False
+    await lti.launch_ok()  # nothing bad was cached: the next launch fetches the keys
+    fetches = lti.platform.jwks_fetches
+    lti.server.client.app[LTI_KEYS].ttl_s = 0  # every launch now refreshes the set
+    lti.platform.jwks_down = True
+    await lti.launch_ok()  # the refresh fails; the known key still verifies
+    assert lti.platform.jwks_fetches == fetches + 1
 
 
 async def _assert_refused(response: ClientResponse, status: int, code: str, words: str) -> None:
