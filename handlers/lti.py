@@ -6,6 +6,7 @@ import html
 
 from aiohttp import web
 
+from server.errors import bad_request
 from server.keys import DATABASE, LTI_KEYS, SETTINGS
 from server.lti import Launch, LtiService
 
@@ -28,7 +29,10 @@ def _base_url(request: web.Request) -> str:
 
 
 async def _params(request: web.Request) -> dict[str, str]:
-    source = await request.post() if request.method == "POST" else request.query
+    try:
+        source = await request.post() if request.method == "POST" else request.query
+    except ValueError:  # not UTF-8, or a broken multipart body
+        raise bad_request("the form could not be read") from None
     return {name: no_nul(value, f"'{name}'") for name, value in source.items() if isinstance(value, str)}
 
 

@@ -46,16 +46,19 @@ ROLES_CLAIM = LTI_CLAIM + "roles"
 CONTEXT_CLAIM = LTI_CLAIM + "context"
 
 MEMBERSHIP = "http://purl.imsglobal.org/vocab/lis/v2/membership"
-# Context (course) roles only: an institution-wide LMS administrator is not thereby a tutor admin.
+# Context (course) roles only: an institution-wide LMS administrator is not thereby a tutor admin. A
+# launch never makes an admin: our admin sees every course of the tenant, while an LTI context role only
+# speaks for the one course launched from, so the course's Administrator is a teacher of that course.
 ROLE_MAP: dict[str, str] = {
-    f"{MEMBERSHIP}#Administrator": "admin",
+    f"{MEMBERSHIP}#Administrator": "teacher",
     f"{MEMBERSHIP}#Instructor": "teacher",
     f"{MEMBERSHIP}/Instructor#TeachingAssistant": "teacher",
     f"{MEMBERSHIP}#Learner": "student",
 }
-_RANK = {"student": 0, "teacher": 1, "admin": 2}
+_RANK = {"student": 0, "teacher": 1}
 _SAFE_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,150}")
 _PLAIN_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?")
+_ISSUED_NONCE = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what secrets.token_urlsafe makes
 
 
 class LtiUnavailableError(ChatError):
@@ -220,9 +223,12 @@ class LtiService:
         deployment_id = _optional_param(params, "lti_deployment_id", 500)
         if not _same_host(target_link_uri, base_url):
             raise bad_request("target_link_uri must be a URL of this tutor")
-        platform = await self.store.find_platform(issuer, client_id)
-        if platform is None:
+        platforms = await self.store.find_platforms(issuer, client_id)
+        if not platforms:
             raise bad_request("no LTI platform is registered for this iss and client_id")
+        if len(platforms) > 1:
+            raise bad_request("'client_id' is required: several LTI platforms are registered for this iss")
+        platform = platforms[0]
         if deployment_id is not None and platform.deployment_id not in (None, deployment_id):
             raise forbidden("this LTI deployment is not registered")
         state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
@@ -275,7 +281,9 @@ class LtiService:
         if claims.get(VERSION_CLAIM) != "1.3.0":
             raise bad_request("only LTI version 1.3.0 is supported")
         nonce = claims["nonce"]
-        if not isinstance(nonce, str) or not await self.store.consume_nonce(platform.tenant_id, platform.id, nonce):
+        # A nonce we cannot have issued is refused without a query (PostgreSQL would reject a NUL in it).
+        issued = isinstance(nonce, str) and _ISSUED_NONCE.fullmatch(nonce) is not None
+        if not issued or not await self.store.consume_nonce(platform.tenant_id, platform.id, nonce):
             raise unauthorized("the id_token's nonce is unknown, expired or already used")
         if not secrets.compare_digest(nonce, pending.nonce):
             raise unauthorized("the id_token's nonce belongs to another login")
@@ -347,8 +355,8 @@ class LtiService:
         if (several or azp is not None) and azp != platform.client_id:
             raise unauthorized("the id_token's azp must be this tool's client_id")
         sub = claims["sub"]
-        if not isinstance(sub, str) or not sub or len(sub) > 255:
-            raise unauthorized("the id_token's sub must be a non-empty string")
+        if not isinstance(sub, str) or not sub or len(sub) > 255 or _storable(sub) != sub:
+            raise unauthorized("the id_token's sub must be a non-empty string without NUL or lone surrogates")
         return claims
 
     async def _frame_ancestors(self, platform: Platform) -> tuple[str, ...]:
@@ -364,7 +372,7 @@ class LtiService:
 
 
 def map_role(roles: object) -> str:
-    """Our role for the LTI roles claim: Administrator > Instructor/TA > Learner, or `forbidden`."""
+    """Our role for the LTI roles claim: teacher (Administrator, Instructor, TA) > student (Learner), or `forbidden`."""
     if not isinstance(roles, list):
         raise bad_request("the id_token has no roles claim")
     mapped = [ROLE_MAP[r] for r in roles if isinstance(r, str) and r in ROLE_MAP]
@@ -390,18 +398,24 @@ def _context(context: object) -> tuple[str, str]:
     if not isinstance(context, dict):
         raise bad_request("the launch has no course context")
     context_id = context.get("id")
-    if not isinstance(context_id, str) or not context_id or len(context_id) > 255:
-        raise bad_request("the launch's context has no id")
-    title = next((t for t in (context.get("title"), context.get("label")) if isinstance(t, str) and t.strip()), "")
-    return context_id, (title.strip() or "Course")[:200]
+    if not isinstance(context_id, str) or not 0 < len(context_id) <= 255 or _storable(context_id) != context_id:
+        raise bad_request("the launch's context has no id (a string without NUL or lone surrogates)")
+    titles = (_storable(t).strip() for t in (context.get("title"), context.get("label")) if isinstance(t, str))
+    return context_id, (next((t for t in titles if t), "") or "Course")[:200]
 
 
 def _display_name(claims: Mapping[str, Any]) -> str:
     name = claims.get("name")
-    if not isinstance(name, str) or not name.strip():
-        parts = [claims.get("given_name"), claims.get("family_name")]
-        name = " ".join(p.strip() for p in parts if isinstance(p, str) and p.strip())
-    return name.strip()[:200]
+    name = _storable(name).strip() if isinstance(name, str) else ""
+    if not name:
+        parts = (claims.get("given_name"), claims.get("family_name"))
+        name = " ".join(p for p in (_storable(p).strip() for p in parts if isinstance(p, str)) if p)
+    return name[:200]
+
+
+def _storable(text: str) -> str:
+    """The text without what JSON allows but PostgreSQL cannot store: NUL and lone surrogates."""
+    return text.encode("utf-8", "ignore").decode("utf-8").replace("\x00", "")
 
 
 # -- parameters and URLs ---------------------------------------------------------------------------
@@ -425,8 +439,11 @@ def _param(params: Mapping[str, str], name: str, max_chars: int) -> str:
 
 def _same_host(url: str, base_url: str) -> bool:
     # Only the host is compared: behind a TLS-terminating proxy the scheme we see may differ.
-    target = urlsplit(url)
-    return target.scheme in ("http", "https") and target.hostname == urlsplit(base_url).hostname
+    try:
+        target = urlsplit(url)
+        return target.scheme in ("http", "https") and target.hostname == urlsplit(base_url).hostname
+    except ValueError:  # not a URL at all, e.g. an unclosed IPv6 bracket
+        return False
 
 
 def _origin(url: str) -> str | None:

@@ -71,19 +71,15 @@ class LtiStore:
         assert row is not None
         return _platform(row)
 
-    async def find_platform(self, issuer: str, client_id: str | None) -> Platform | None:
-        """The platform registered for (issuer, client_id); without a client id, the issuer's only one."""
-        if client_id is not None:
-            row = await self.pool.fetchrow(
-                f"SELECT {_PLATFORM_COLUMNS} FROM lti_platforms WHERE issuer = $1 AND client_id = $2",
-                issuer,
-                client_id,
-            )
-            return _platform(row) if row else None
+    async def find_platforms(self, issuer: str, client_id: str | None) -> list[Platform]:
+        """The platform registered for (issuer, client_id); without a client id, up to two of the issuer's."""
         rows = await self.pool.fetch(
-            f"SELECT {_PLATFORM_COLUMNS} FROM lti_platforms WHERE issuer = $1 LIMIT 2", issuer
+            f"SELECT {_PLATFORM_COLUMNS} FROM lti_platforms WHERE issuer = $1 AND ($2::text IS NULL OR client_id = $2)"
+            " ORDER BY id LIMIT 2",
+            issuer,
+            client_id,
         )
-        return _platform(rows[0]) if len(rows) == 1 else None
+        return [_platform(row) for row in rows]
 
     async def get_platform(self, tenant_id: str, platform_id: int) -> Platform | None:
         """The tenant's platform by id, or None (deleted since the login)."""

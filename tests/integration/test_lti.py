@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.auth import Claims, TokenVerifier
+from server.keys import LTI_KEYS
 from tests.conftest import Serve, Server
 
 pytestmark = pytest.mark.integration
@@ -47,11 +48,14 @@ class FakePlatform:
         self.kid = "platform-key-1"
         self.published: dict[str, rsa.RSAPrivateKey] = {self.kid: rsa_key("platform")}
         self.jwks_fetches = 0
+        self.jwks_down = False
         self.server: TestServer | None = None
 
     def app(self) -> web.Application:
         async def jwks(request: web.Request) -> web.Response:
             self.jwks_fetches += 1
+            if self.jwks_down:
+                return web.json_response({"error": "maintenance"}, status=503)
             keys = []
             for kid, private in self.published.items():
                 jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
@@ -258,15 +262,32 @@ async def test_teacher_launch_opens_the_dashboard_for_an_existing_course(
     assert claims.courses == (f"lti-{platform_id}-c-101",)
     assert await db.fetchval("SELECT title FROM courses WHERE tenant_id = 'school-t'") == "Kept"
 
-    # An administrator of the course is an admin; an odd context id becomes a hashed course id.
-    target, _ = await lti.launch_ok(**{
-        LTI + "roles": [f"{MEMBERSHIP}#Administrator", INSTRUCTOR],
+    # An administrator of the course is a teacher of that course, never a tenant-wide admin (who would
+    # see every course of the school); an odd context id becomes a hashed course id.
+    target, window = await lti.launch_ok(**{
+        LTI + "roles": [f"{MEMBERSHIP}#Administrator", LEARNER],
         LTI + "context": {"id": "Kurs 7/β", "title": "Physik"},
     })
     claims = lti.verify(fragment(target)["token"])
-    assert claims.role == "admin" and claims.courses is not None
+    assert (claims.role, window) == ("teacher", "new") and claims.courses is not None
     assert re.fullmatch(rf"lti-{platform_id}-h[0-9a-f]{{40}}", claims.courses[0])
     assert await db.fetchval("SELECT title FROM courses WHERE id = $1", claims.courses[0]) == "Physik"
+    headers = {"Authorization": f"Bearer {fragment(target)['token']}"}
+    own = await lti.server.client.get(f"/api/courses/{claims.courses[0]}/live", headers=headers)
+    assert own.status == 200, await own.text()
+    other = await lti.server.client.get(f"/api/courses/lti-{platform_id}-c-101/live", headers=headers)
+    assert other.status == 403, await other.text()
+
+
+async def test_nul_and_lone_surrogates_are_dropped_from_the_title_and_name(lti: Lti) -> None:
+    target, _ = await lti.launch_ok(name="Ada\x00 Love\ud800lace",
+                                    **{LTI + "context": {"id": "c-101", "title": "Alge\x00bra \udfffI"}})
+    token, course = fragment(target)["token"], fragment(target)["course"]
+    assert lti.verify(token).name == "Ada Lovelace"
+    assert await lti.db.fetchval("SELECT title FROM courses WHERE id = $1", course) == "Algebra I"
+    sock = await lti.server.connect({"token": token, "course_id": course})
+    assert sock.frames[0]["user"]["name"] == "Ada Lovelace" and sock.frames[0]["course_title"] == "Algebra I"
+    await sock.close()
 
 
 async def test_a_rotated_platform_key_is_fetched_once(lti: Lti) -> None:
@@ -278,6 +299,22 @@ async def test_a_rotated_platform_key_is_fetched_once(lti: Lti) -> None:
     lti.platform.published = {"platform-key-2": rsa_key("rotated")}
     await lti.launch_ok()
     assert lti.platform.jwks_fetches == 2
+
+
+async def test_an_unreachable_key_set_is_a_503_until_keys_are_known_then_they_keep_working(lti: Lti) -> None:
+    lti.platform.jwks_down = True
+    state, nonce = await lti.login()
+    response = await lti.launch(lti.platform.id_token(nonce), state)
+    await _assert_refused(response, 503, "internal", "signing keys")
+    assert await count(lti.db, "courses") == 0 and await count(lti.db, "lti_login_states") == 0
+
+    lti.platform.jwks_down = False
+    await lti.launch_ok()  # nothing bad was cached: the next launch fetches the keys
+    fetches = lti.platform.jwks_fetches
+    lti.server.client.app[LTI_KEYS].ttl_s = 0  # every launch now refreshes the set
+    lti.platform.jwks_down = True
+    await lti.launch_ok()  # the refresh fails; the known key still verifies
+    assert lti.platform.jwks_fetches == fetches + 1
 
 
 async def _assert_refused(response: ClientResponse, status: int, code: str, words: str) -> None:
@@ -296,10 +333,11 @@ async def _assert_refused(response: ClientResponse, status: int, code: str, word
         ({"iss": None}, 400, "bad_request", "'iss' is required"),
         ({"target_link_uri": None}, 400, "bad_request", "'target_link_uri' is required"),
         ({"target_link_uri": "https://elsewhere.example/lti"}, 400, "bad_request", "target_link_uri"),
+        ({"target_link_uri": "http://[127.0.0.1/lti"}, 400, "bad_request", "target_link_uri"),
         ({"lti_deployment_id": "deployment-2"}, 403, "forbidden", "deployment"),
     ],
     ids=["unknown-issuer", "unknown-client", "no-login-hint", "no-iss", "no-target", "foreign-target",
-         "wrong-deployment"],
+         "malformed-target", "wrong-deployment"],
 )
 async def test_login_refusals(lti: Lti, overrides: dict[str, str | None], status: int, code: str,
                               words: str) -> None:
@@ -307,6 +345,21 @@ async def test_login_refusals(lti: Lti, overrides: dict[str, str | None], status
                                            allow_redirects=False)
     await _assert_refused(response, status, code, words)
     assert await count(lti.db, "lti_login_states") == 0 and await count(lti.db, "lti_nonces") == 0
+
+
+async def test_an_issuer_with_several_registrations_needs_the_client_id(lti: Lti) -> None:
+    # One issuer for many schools (Canvas cloud): a second registration with another client id.
+    await lti.db.execute(
+        "INSERT INTO lti_platforms (tenant_id, issuer, client_id, auth_login_url, jwks_url)"
+        " VALUES ($1, $2, 'tutor-client-2', $3, $4)",
+        TENANT, lti.platform.issuer, f"{lti.platform.issuer}/auth", f"{lti.platform.issuer}/jwks",
+    )
+    response = await lti.server.client.get("/lti/login", params=lti.login_params(client_id=None),
+                                           allow_redirects=False)
+    await _assert_refused(response, 400, "bad_request", "'client_id' is required")
+    assert await count(lti.db, "lti_login_states") == 0
+    state, _ = await lti.login()  # with its client id, each registration is found
+    assert await lti.db.fetchval("SELECT platform_id FROM lti_login_states WHERE state = $1", state) == lti.platform_id
 
 
 Refusal = Callable[[Lti], Awaitable[ClientResponse]]
@@ -417,11 +470,18 @@ async def _missing_id_token(lti: Lti) -> ClientResponse:
         (_with_claims(**{LTI + "version": "1.1"}), 400, "bad_request", "1.3.0"),
         (_with_claims(**{LTI + "roles": [f"{MEMBERSHIP}#Mentor"]}), 403, "forbidden", "learners"),
         (_with_claims(**{LTI + "context": None}), 400, "bad_request", "context"),
+        # JSON allows NUL and lone surrogates, PostgreSQL does not: refused, never a 500.
+        (_with_claims(nonce="n\x00nce"), 401, "unauthorized", "nonce"),
+        (_with_claims(nonce="\ud800"), 401, "unauthorized", "nonce"),
+        (_with_claims(sub="user\x0042"), 401, "unauthorized", "sub"),
+        (_with_claims(sub="user-\udc00"), 401, "unauthorized", "sub"),
+        (_with_claims(**{LTI + "context": {"id": "c-\ud800"}}), 400, "bad_request", "context"),
     ],
     ids=["bad-state", "expired-or-used-state", "reused-nonce", "nonce-of-another-login", "expired",
          "issued-in-the-future", "wrong-audience", "audiences-without-azp", "wrong-azp", "wrong-issuer",
          "other-key", "unknown-kid", "hs256", "not-a-jwt", "no-id-token", "no-nonce", "wrong-deployment",
-         "no-deployment", "wrong-message-type", "wrong-version", "no-usable-role", "no-context"],
+         "no-deployment", "wrong-message-type", "wrong-version", "no-usable-role", "no-context", "nul-in-nonce",
+         "surrogate-in-nonce", "nul-in-sub", "surrogate-in-sub", "surrogate-in-context-id"],
 )
 async def test_launch_refusals(lti: Lti, refusal: Refusal, status: int, code: str, words: str) -> None:
     assert await count(lti.db, "courses") == 0
@@ -432,6 +492,22 @@ async def test_launch_refusals(lti: Lti, refusal: Refusal, status: int, code: st
     assert courses <= {f"lti-{lti.platform_id}-c-100"}
     assert await count(lti.db, "users") == 0
     assert [row["id"] for row in await lti.db.fetch("SELECT id FROM tenants")] == [TENANT]
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/lti/launch", "application/x-www-form-urlencoded", b"id_token=\xff\xfe&state=s"),
+        ("/lti/login", "application/x-www-form-urlencoded", b"iss=\xff"),
+        ("/lti/launch", "multipart/form-data; boundary=x", b"--x\r\n\r\nno name\r\n--x--\r\n"),
+    ],
+    ids=["launch-not-utf8", "login-not-utf8", "multipart-without-name"],
+)
+async def test_an_unreadable_form_is_a_bad_request(lti: Lti, path: str, content_type: str, body: bytes) -> None:
+    response = await lti.server.client.post(path, data=body, headers={"Content-Type": content_type},
+                                            allow_redirects=False)
+    await _assert_refused(response, 400, "bad_request", "form could not be read")
+    assert await count(lti.db, "lti_login_states") == 0
 
 
 async def test_without_a_secret_lti_is_unavailable(serve: Serve) -> None:
