@@ -61,18 +61,20 @@ class TokenVerifier:
 def claims_from_payload(payload: dict[str, Any]) -> Claims:
     """Validate the product's claims (`sub`, `tid`, `role`, optional `name`, `courses`)."""
     sub, tenant, role = payload.get("sub"), payload.get("tid"), payload.get("role")
-    if not isinstance(sub, str) or not sub or len(sub) > 200:
-        raise unauthorized("claim 'sub' must be a non-empty string")
-    if not isinstance(tenant, str) or not tenant or len(tenant) > 100:
-        raise unauthorized("claim 'tid' must be a non-empty string")
+    if not isinstance(sub, str) or not sub or len(sub) > 200 or not _storable(sub):
+        raise unauthorized("claim 'sub' must be a non-empty string (no NUL or lone surrogates)")
+    if not isinstance(tenant, str) or not tenant or len(tenant) > 100 or not _storable(tenant):
+        raise unauthorized("claim 'tid' must be a non-empty string (no NUL or lone surrogates)")
     if role not in ROLES:
         raise unauthorized("claim 'role' must be student, teacher or admin")
     name = payload.get("name", "")
-    if not isinstance(name, str):
-        raise unauthorized("claim 'name' must be a string")
+    if not isinstance(name, str) or not _storable(name):
+        raise unauthorized("claim 'name' must be a string (no NUL or lone surrogates)")
     courses = payload.get("courses")
-    if courses is not None and (not isinstance(courses, list) or not all(isinstance(c, str) for c in courses)):
-        raise unauthorized("claim 'courses' must be a list of strings")
+    if courses is not None and (
+        not isinstance(courses, list) or not all(isinstance(c, str) and _storable(c) for c in courses)
+    ):
+        raise unauthorized("claim 'courses' must be a list of strings (no NUL or lone surrogates)")
     return Claims(
         sub=sub,
         tenant=tenant,
@@ -81,6 +83,19 @@ def claims_from_payload(payload: dict[str, Any]) -> Claims:
         name=name[:200],
         courses=tuple(courses) if courses is not None else None,
     )
+
+
+def _storable(text: str) -> bool:
+    """Text PostgreSQL can store (no NUL, valid UTF-8)."""
+    # JSON escapes can put either in a claim; the user's upsert then failed as `internal`, which clients
+    # retry, instead of the token being refused.
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def mint_token(
