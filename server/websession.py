@@ -85,12 +85,17 @@ async def end_session(request: web.Request) -> web.Response:
 
 def check_csrf(request: web.Request, expected: object) -> None:
     """Double submit: the header must equal both the readable cookie and the session's token."""
-    header = request.headers.get(CSRF_HEADER, "")
-    cookie = request.cookies.get(CSRF_COOKIE, "")
+    header = _raw(request.headers.get(CSRF_HEADER, ""))
+    cookie = _raw(request.cookies.get(CSRF_COOKIE, ""))
     if not isinstance(expected, str) or not header or not (
-        hmac.compare_digest(header, expected) and hmac.compare_digest(cookie, expected)
+        hmac.compare_digest(header, _raw(expected)) and hmac.compare_digest(cookie, _raw(expected))
     ):
         raise forbidden("a valid X-CSRF-Token header is required")
+
+
+def _raw(text: str) -> bytes:
+    # compare_digest refuses str with non-ASCII characters (TypeError, a 500); bytes compare anything.
+    return text.encode("utf-8", "surrogateescape")
 
 
 async def session_claims(request: web.Request) -> Claims | None:

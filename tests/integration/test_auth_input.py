@@ -8,7 +8,8 @@ from typing import Any
 import jwt
 import pytest
 
-from tests.conftest import TEST_SECRET, Serve
+from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE
+from tests.conftest import TEST_SECRET, Serve, token
 
 pytestmark = pytest.mark.integration
 
@@ -35,3 +36,17 @@ async def test_claims_postgres_cannot_store_are_refused(serve: Serve, claims: di
     sock = await server.connect({"token": bad}, welcome=False)
     assert (await sock.expect("error"))["code"] == "unauthorized"
     assert await sock.close_code() == 4401
+
+
+async def test_non_ascii_csrf_header_is_forbidden_not_internal(serve: Serve) -> None:
+    server = await serve()
+    response = await server.client.post("/api/session", json={"token": token()})
+    csrf = (await response.json())["csrf_token"]
+    jar = f"{SESSION_COOKIE}={response.cookies[SESSION_COOKIE].value}; {CSRF_COOKIE}={csrf}"
+    server.client.session.cookie_jar.clear()
+    for header in ("\u00e9t\u00e9", "\u2603" * 30):
+        response = await server.client.delete("/api/session", headers={"Cookie": jar, CSRF_HEADER: header})
+        assert response.status == 403, await response.text()
+        assert (await response.json())["error"]["code"] == "forbidden"
+    response = await server.client.delete("/api/session", headers={"Cookie": jar, CSRF_HEADER: csrf})
+    assert response.status == 200
