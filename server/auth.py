@@ -8,7 +8,7 @@ from typing import Any
 
 import jwt
 
-from .errors import unauthorized
+from .errors import ConfigError, unauthorized
 from .settings import Settings
 
 ROLES = ("student", "teacher", "admin")
@@ -32,8 +32,19 @@ class TokenVerifier:
 
     def __init__(self, settings: Settings):
         settings.require_auth()
-        self.key: str = settings.jwt_secret or settings.jwt_public_key or ""
         self.algorithm = settings.jwt_algorithm
+        # Parsed once: a key PyJWT cannot use (a malformed PEM, an EC key for RS256) fails at start, not
+        # as an internal error on every token; it also spares parsing the PEM at each verification.
+        try:
+            self.key = jwt.get_algorithm_by_name(self.algorithm).prepare_key(
+                settings.jwt_secret or settings.jwt_public_key or ""
+            )
+        except (jwt.InvalidKeyError, NotImplementedError, ValueError):
+            variable = "SMARTEDU_JWT_SECRET" if settings.jwt_secret else "SMARTEDU_JWT_PUBLIC_KEY"
+            raise ConfigError(
+                f"{variable} is not a usable {self.algorithm} key (a malformed PEM, or a key of another type:"
+                " RS* need an RSA key, ES* an EC key)"
+            ) from None
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
 
