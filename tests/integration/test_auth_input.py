@@ -50,3 +50,12 @@ async def test_non_ascii_csrf_header_is_forbidden_not_internal(serve: Serve) -> 
         assert (await response.json())["error"]["code"] == "forbidden"
     response = await server.client.delete("/api/session", headers={"Cookie": jar, CSRF_HEADER: csrf})
     assert response.status == 200
+
+
+async def test_oversized_token_says_so(serve: Serve) -> None:
+    server = await serve()
+    huge = _signed(name="A" * 9000)
+    sock = await server.connect({"token": huge}, welcome=False)
+    error = await sock.expect("error")
+    assert error["code"] == "unauthorized" and "longer than 8192" in error["message"], error
+    assert await sock.close_code() == 4401
