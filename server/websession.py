@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from .auth import Claims
-from .errors import forbidden
+from .errors import forbidden, unauthorized
 
 SESSION_COOKIE = "smartedu_session"
 CSRF_COOKIE = "smartedu_csrf"
@@ -76,6 +76,8 @@ async def start_session(request: web.Request, claims: Claims, ttl_s: int) -> web
 
 async def end_session(request: web.Request) -> web.Response:
     session = await aiohttp_session.get_session(request)
+    if "claims" not in session:
+        raise unauthorized("no session")
     check_csrf(request, session.get("csrf"))
     session.invalidate()
     response = web.json_response({"status": "logged out"})

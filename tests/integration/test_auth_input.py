@@ -59,3 +59,12 @@ async def test_oversized_token_says_so(serve: Serve) -> None:
     error = await sock.expect("error")
     assert error["code"] == "unauthorized" and "longer than 8192" in error["message"], error
     assert await sock.close_code() == 4401
+
+
+async def test_logout_without_a_session_is_unauthorized(serve: Serve) -> None:
+    server = await serve()
+    garbage = {"Cookie": f"{SESSION_COOKIE}=not-a-session"}
+    for headers in ({}, garbage, {CSRF_HEADER: "x", "Cookie": f"{CSRF_COOKIE}=x"}):
+        response = await server.client.delete("/api/session", headers=headers)
+        assert response.status == 401, await response.text()
+        assert (await response.json())["error"] == {"code": "unauthorized", "message": "no session"}
