@@ -67,6 +67,13 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise unauthorized("token expired") from None
+        except jwt.InvalidAudienceError as exc:
+            if self.audience is None:
+                # PyJWT refuses any `aud` when none is expected; say which setting the school is missing.
+                raise unauthorized(
+                    "invalid token: it names an audience (aud) but SMARTEDU_JWT_AUDIENCE is not set"
+                ) from None
+            raise unauthorized(f"invalid token: {exc}") from None
         except jwt.InvalidTokenError as exc:
             raise unauthorized(f"invalid token: {exc}") from None
         return claims_from_payload(payload)

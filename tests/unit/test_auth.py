@@ -95,3 +95,13 @@ def test_es256_tokens_verify() -> None:
                                 serialization.NoEncryption()).decode()
     verifier = TokenVerifier(Settings(jwt_public_key=_public_pem(key), jwt_algorithm="ES256"))
     assert verifier.verify(mint_token(private, user="u", tenant="t", role="student", algorithm="ES256")).sub == "u"
+
+
+def test_audience_in_token_without_configured_audience_names_the_setting() -> None:
+    verifier = TokenVerifier(Settings(jwt_secret=SECRET))
+    with pytest.raises(ChatError, match="SMARTEDU_JWT_AUDIENCE is not set") as info:
+        verifier.verify(mint_token(SECRET, user="u", tenant="t", role="student", audience="smartedu"))
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+    configured = TokenVerifier(Settings(jwt_secret=SECRET, jwt_audience="smartedu"))
+    with pytest.raises(ChatError, match="Audience doesn't match"):
+        configured.verify(mint_token(SECRET, user="u", tenant="t", role="student", audience="other"))
