@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
+import math
 import secrets
 import time
 import warnings
@@ -19,12 +21,13 @@ from aiohttp import web
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from .auth import Claims
-from .errors import forbidden, unauthorized
+from .errors import ChatError, ErrorCode, forbidden, unauthorized
 
 SESSION_COOKIE = "smartedu_session"
 CSRF_COOKIE = "smartedu_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_COOKIE_CHARS = 4096  # what browsers store of one cookie's name and value
 
 
 def session_key(raw: str) -> bytes:
@@ -63,9 +66,16 @@ async def start_session(request: web.Request, claims: Claims, ttl_s: int) -> web
     """Store the claims in a new session cookie and issue a fresh CSRF token."""
     session = await aiohttp_session.new_session(request)
     expires = int(time.time()) + ttl_s
-    session["claims"] = _claims_to_dict(claims, expires)
     csrf = secrets.token_urlsafe(24)
-    session["csrf"] = csrf
+    data = {"claims": _claims_to_dict(claims, expires), "csrf": csrf}
+    if _cookie_chars({"created": session.created, "session": data}) > MAX_COOKIE_CHARS:
+        # Browsers drop a larger cookie without a word: the login would succeed and the session not exist.
+        raise ChatError(
+            ErrorCode.TOO_LARGE,
+            "the token's claims (its courses) are too large for a session cookie; send the token as "
+            "Authorization: Bearer instead",
+        )
+    session.update(data)
     response = web.json_response(
         {"user": {"id": claims.sub, "tenant": claims.tenant, "role": claims.role, "name": claims.name},
          "expires": expires, "csrf_token": csrf}
@@ -83,6 +93,13 @@ async def end_session(request: web.Request) -> web.Response:
     response = web.json_response({"status": "logged out"})
     response.del_cookie(CSRF_COOKIE, path="/")
     return response
+
+
+def _cookie_chars(stored: dict[str, Any]) -> int:
+    """Length of `name=value` of the session cookie EncryptedCookieStorage makes of `stored`."""
+    plain = len(json.dumps(stored).encode())
+    fernet = 57 + 16 * (plain // 16 + 1)  # version, time stamp, IV and HMAC around the padded ciphertext
+    return len(SESSION_COOKIE) + 1 + 4 * math.ceil(fernet / 3)
 
 
 def check_csrf(request: web.Request, expected: object) -> None:

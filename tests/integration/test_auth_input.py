@@ -7,6 +7,7 @@ from typing import Any
 
 import jwt
 import pytest
+from aiohttp import ClientResponse
 
 from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE
 from tests.conftest import TEST_SECRET, Serve, token
@@ -68,3 +69,22 @@ async def test_logout_without_a_session_is_unauthorized(serve: Serve) -> None:
         response = await server.client.delete("/api/session", headers=headers)
         assert response.status == 401, await response.text()
         assert (await response.json())["error"] == {"code": "unauthorized", "message": "no session"}
+
+
+async def test_session_cookie_too_large_for_browsers_is_refused(serve: Serve) -> None:
+    server = await serve()
+
+    async def login(courses: int) -> ClientResponse:
+        many = token("t1", role="teacher", courses=[f"course-{i:012d}" for i in range(courses)])
+        return await server.client.post("/api/session", json={"token": many})
+
+    fits = await login(110)
+    assert fits.status == 200
+    morsel = fits.cookies[SESSION_COOKIE]
+    assert len(f"{morsel.key}={morsel.value}") <= 4096
+    # Before, this one got 200 and a 5 KB cookie that browsers drop: the session silently did not exist.
+    response = await login(150)
+    assert response.status == 413, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "too_large" and "Authorization: Bearer" in error["message"]
+    assert SESSION_COOKIE not in response.cookies
