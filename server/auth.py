@@ -8,10 +8,11 @@ from typing import Any
 
 import jwt
 
-from .errors import unauthorized
+from .errors import ConfigError, unauthorized
 from .settings import Settings
 
 ROLES = ("student", "teacher", "admin")
+MAX_TOKEN_CHARS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,15 +33,28 @@ class TokenVerifier:
 
     def __init__(self, settings: Settings):
         settings.require_auth()
-        self.key: str = settings.jwt_secret or settings.jwt_public_key or ""
         self.algorithm = settings.jwt_algorithm
+        # Parsed once: a key PyJWT cannot use (a malformed PEM, an EC key for RS256) fails at start, not
+        # as an internal error on every token; it also spares parsing the PEM at each verification.
+        try:
+            self.key = jwt.get_algorithm_by_name(self.algorithm).prepare_key(
+                settings.jwt_secret or settings.jwt_public_key or ""
+            )
+        except (jwt.InvalidKeyError, NotImplementedError, ValueError):
+            variable = "SMARTEDU_JWT_SECRET" if settings.jwt_secret else "SMARTEDU_JWT_PUBLIC_KEY"
+            raise ConfigError(
+                f"{variable} is not a usable {self.algorithm} key (a malformed PEM, or a key of another type:"
+                " RS* need an RSA key, ES* an EC key)"
+            ) from None
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
 
     def verify(self, token: object) -> Claims:
         """Return the claims of a valid token, or raise `unauthorized`."""
-        if not isinstance(token, str) or not token or len(token) > 8192:
+        if not isinstance(token, str) or not token:
             raise unauthorized("a token is required")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise unauthorized(f"token longer than {MAX_TOKEN_CHARS} characters")
         try:
             payload = jwt.decode(
                 token,
@@ -53,6 +67,13 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise unauthorized("token expired") from None
+        except jwt.InvalidAudienceError as exc:
+            if self.audience is None:
+                # PyJWT refuses any `aud` when none is expected; say which setting the school is missing.
+                raise unauthorized(
+                    "invalid token: it names an audience (aud) but SMARTEDU_JWT_AUDIENCE is not set"
+                ) from None
+            raise unauthorized(f"invalid token: {exc}") from None
         except jwt.InvalidTokenError as exc:
             raise unauthorized(f"invalid token: {exc}") from None
         return claims_from_payload(payload)
@@ -61,18 +82,20 @@ class TokenVerifier:
 def claims_from_payload(payload: dict[str, Any]) -> Claims:
     """Validate the product's claims (`sub`, `tid`, `role`, optional `name`, `courses`)."""
     sub, tenant, role = payload.get("sub"), payload.get("tid"), payload.get("role")
-    if not isinstance(sub, str) or not sub or len(sub) > 200:
-        raise unauthorized("claim 'sub' must be a non-empty string")
-    if not isinstance(tenant, str) or not tenant or len(tenant) > 100:
-        raise unauthorized("claim 'tid' must be a non-empty string")
+    if not isinstance(sub, str) or not sub or len(sub) > 200 or not _storable(sub):
+        raise unauthorized("claim 'sub' must be a non-empty string (no NUL or lone surrogates)")
+    if not isinstance(tenant, str) or not tenant or len(tenant) > 100 or not _storable(tenant):
+        raise unauthorized("claim 'tid' must be a non-empty string (no NUL or lone surrogates)")
     if role not in ROLES:
         raise unauthorized("claim 'role' must be student, teacher or admin")
     name = payload.get("name", "")
-    if not isinstance(name, str):
-        raise unauthorized("claim 'name' must be a string")
+    if not isinstance(name, str) or not _storable(name):
+        raise unauthorized("claim 'name' must be a string (no NUL or lone surrogates)")
     courses = payload.get("courses")
-    if courses is not None and (not isinstance(courses, list) or not all(isinstance(c, str) for c in courses)):
-        raise unauthorized("claim 'courses' must be a list of strings")
+    if courses is not None and (
+        not isinstance(courses, list) or not all(isinstance(c, str) and _storable(c) for c in courses)
+    ):
+        raise unauthorized("claim 'courses' must be a list of strings (no NUL or lone surrogates)")
     return Claims(
         sub=sub,
         tenant=tenant,
@@ -81,6 +104,19 @@ def claims_from_payload(payload: dict[str, Any]) -> Claims:
         name=name[:200],
         courses=tuple(courses) if courses is not None else None,
     )
+
+
+def _storable(text: str) -> bool:
+    """Text PostgreSQL can store (no NUL, valid UTF-8)."""
+    # JSON escapes can put either in a claim; the user's upsert then failed as `internal`, which clients
+    # retry, instead of the token being refused.
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def mint_token(

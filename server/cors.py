@@ -2,8 +2,8 @@
 
 aiohttp-cors serves the origins configured in SMARTEDU_ALLOWED_ORIGINS; its configuration is fixed at
 start. This middleware adds the origins schools list in the database (cached for a minute), for the
-REST API only. CORS only decides which pages may read responses: the token still decides what data a
-request may see.
+REST API only and without credentials (Bearer tokens, not the cookie session). CORS only decides which
+pages may read responses: the token still decides what data a request may see.
 """
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ def tenant_cors_middleware(origins: TenantOrigins) -> Middleware:
             or not await origins.allowed(request, origin)
         ):
             return await handler(request)
+        # No Access-Control-Allow-Credentials: any one school can list any origin, and a credentialed
+        # grant would let that origin's pages call the API with the cookie session of every school's
+        # users (when it is same-site with this server). Tenant pages send the token as Bearer.
         headers = {
             "Access-Control-Allow-Origin": origin,
-            "Access-Control-Allow-Credentials": "true",
             "Access-Control-Expose-Headers": "X-Request-ID",
             "Vary": "Origin",
         }

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import hmac
+import json
+import math
 import secrets
 import time
 import warnings
@@ -19,12 +21,13 @@ from aiohttp import web
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from .auth import Claims
-from .errors import forbidden
+from .errors import ChatError, ErrorCode, forbidden, unauthorized
 
 SESSION_COOKIE = "smartedu_session"
 CSRF_COOKIE = "smartedu_csrf"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_COOKIE_CHARS = 4096  # what browsers store of one cookie's name and value
 
 
 def session_key(raw: str) -> bytes:
@@ -63,9 +66,16 @@ async def start_session(request: web.Request, claims: Claims, ttl_s: int) -> web
     """Store the claims in a new session cookie and issue a fresh CSRF token."""
     session = await aiohttp_session.new_session(request)
     expires = int(time.time()) + ttl_s
-    session["claims"] = _claims_to_dict(claims, expires)
     csrf = secrets.token_urlsafe(24)
-    session["csrf"] = csrf
+    data = {"claims": _claims_to_dict(claims, expires), "csrf": csrf}
+    if _cookie_chars({"created": session.created, "session": data}) > MAX_COOKIE_CHARS:
+        # Browsers drop a larger cookie without a word: the login would succeed and the session not exist.
+        raise ChatError(
+            ErrorCode.TOO_LARGE,
+            "the token's claims (its courses) are too large for a session cookie; send the token as "
+            "Authorization: Bearer instead",
+        )
+    session.update(data)
     response = web.json_response(
         {"user": {"id": claims.sub, "tenant": claims.tenant, "role": claims.role, "name": claims.name},
          "expires": expires, "csrf_token": csrf}
@@ -76,6 +86,8 @@ async def start_session(request: web.Request, claims: Claims, ttl_s: int) -> web
 
 async def end_session(request: web.Request) -> web.Response:
     session = await aiohttp_session.get_session(request)
+    if "claims" not in session:
+        raise unauthorized("no session")
     check_csrf(request, session.get("csrf"))
     session.invalidate()
     response = web.json_response({"status": "logged out"})
@@ -83,14 +95,26 @@ async def end_session(request: web.Request) -> web.Response:
     return response
 
 
+def _cookie_chars(stored: dict[str, Any]) -> int:
+    """Length of `name=value` of the session cookie EncryptedCookieStorage makes of `stored`."""
+    plain = len(json.dumps(stored).encode())
+    fernet = 57 + 16 * (plain // 16 + 1)  # version, time stamp, IV and HMAC around the padded ciphertext
+    return len(SESSION_COOKIE) + 1 + 4 * math.ceil(fernet / 3)
+
+
 def check_csrf(request: web.Request, expected: object) -> None:
     """Double submit: the header must equal both the readable cookie and the session's token."""
-    header = request.headers.get(CSRF_HEADER, "")
-    cookie = request.cookies.get(CSRF_COOKIE, "")
+    header = _raw(request.headers.get(CSRF_HEADER, ""))
+    cookie = _raw(request.cookies.get(CSRF_COOKIE, ""))
     if not isinstance(expected, str) or not header or not (
-        hmac.compare_digest(header, expected) and hmac.compare_digest(cookie, expected)
+        hmac.compare_digest(header, _raw(expected)) and hmac.compare_digest(cookie, _raw(expected))
     ):
         raise forbidden("a valid X-CSRF-Token header is required")
+
+
+def _raw(text: str) -> bytes:
+    # compare_digest refuses str with non-ASCII characters (TypeError, a 500); bytes compare anything.
+    return text.encode("utf-8", "surrogateescape")
 
 
 async def session_claims(request: web.Request) -> Claims | None:

@@ -170,11 +170,14 @@ async def test_cors_for_tenant_origins_from_the_database(serve: Serve, db: async
     assert response.status == 200
     assert response.headers["Access-Control-Allow-Origin"] == "https://lms.school-a.example"
     assert "Authorization" in response.headers["Access-Control-Allow-Headers"]
+    # Any school may list any origin: that must not open other schools' users' cookie sessions to it.
+    assert "Access-Control-Allow-Credentials" not in response.headers
     response = await server.client.get("/api/conversations", headers={
         "Origin": "https://lms.school-a.example", "Authorization": f"Bearer {token()}"
     })
     assert response.status == 200
     assert response.headers["Access-Control-Allow-Origin"] == "https://lms.school-a.example"
+    assert "Access-Control-Allow-Credentials" not in response.headers
     response = await server.client.get("/api/conversations", headers={
         "Origin": "https://unknown.example", "Authorization": f"Bearer {token()}"
     })

@@ -7,10 +7,10 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from server.auth import Claims, TokenVerifier, mint_token
-from server.errors import ChatError, ErrorCode
+from server.errors import ChatError, ConfigError, ErrorCode
 from server.origins import origin_allowed
 from server.settings import Settings
 
@@ -67,3 +67,41 @@ def test_mint_refuses_unknown_roles() -> None:
 )
 def test_origin_rules(origin: str | None, host: str, allowed: tuple[str, ...], expected: bool) -> None:
     assert origin_allowed(origin, host, allowed) is expected
+
+
+def _public_pem(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+@pytest.mark.parametrize(
+    ("public_key", "algorithm"),
+    [
+        ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----", "RS256"),
+        (_public_pem(ec.generate_private_key(ec.SECP256R1())), "RS256"),
+        (_public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)), "ES256"),
+    ],
+    ids=["malformed-pem", "ec-key-for-rs256", "rsa-key-for-es256"],
+)
+def test_unusable_public_key_is_a_configuration_error(public_key: str, algorithm: str) -> None:
+    # Before, the verifier accepted the key and every token then raised InvalidKeyError (500 internal).
+    with pytest.raises(ConfigError, match=f"SMARTEDU_JWT_PUBLIC_KEY is not a usable {algorithm} key"):
+        TokenVerifier(Settings(jwt_public_key=public_key, jwt_algorithm=algorithm))
+
+
+def test_es256_tokens_verify() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    verifier = TokenVerifier(Settings(jwt_public_key=_public_pem(key), jwt_algorithm="ES256"))
+    assert verifier.verify(mint_token(private, user="u", tenant="t", role="student", algorithm="ES256")).sub == "u"
+
+
+def test_audience_in_token_without_configured_audience_names_the_setting() -> None:
+    verifier = TokenVerifier(Settings(jwt_secret=SECRET))
+    with pytest.raises(ChatError, match="SMARTEDU_JWT_AUDIENCE is not set") as info:
+        verifier.verify(mint_token(SECRET, user="u", tenant="t", role="student", audience="smartedu"))
+    assert info.value.code is ErrorCode.UNAUTHORIZED
+    configured = TokenVerifier(Settings(jwt_secret=SECRET, jwt_audience="smartedu"))
+    with pytest.raises(ChatError, match="Audience doesn't match"):
+        configured.verify(mint_token(SECRET, user="u", tenant="t", role="student", audience="other"))
