@@ -268,3 +268,24 @@ async def test_documents_api_is_scoped(serve: Serve, fake: FakeGemini) -> None:
     assert response.status == 400
     listing = await (await server.client.get("/api/courses/alg-1/documents", headers=auth)).json()
     assert listing == {"documents": []}
+
+
+async def test_an_empty_answer_is_retried_then_reported_not_committed_blank(
+    serve: Serve, fake: FakeGemini, db: asyncpg.Connection
+) -> None:
+    # Gemini sometimes ends a stream with STOP and no text at all (empty candidates): the student must not be
+    # shown a blank answer marked complete.
+    server = await _gemini(serve, fake, env=_env(fake, SMARTEDU_AI_MAX_RETRIES="1"))
+    fake.chunks = []
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await sock.send(type="message", id="e", text="anything")
+    ack = await sock.expect("ack")
+    assert (await sock.until("done"))[-1]["status"] == "failed"
+    assert (await sock.expect("error"))["code"] == "ai_unavailable"
+    assert fake.calls == 2  # nothing reached the student, so the empty answer was retried once
+    row = await db.fetchrow("SELECT text, status FROM messages WHERE id = $1", ack["reply_id"])
+    assert row is not None and (row["text"], row["status"]) == ("", "failed")
+
+    fake.chunks = ["Back ", "again."]
+    await sock.send(type="message", id="e2", text="anything")
+    assert (await sock.until("done"))[-1]["status"] == "complete"

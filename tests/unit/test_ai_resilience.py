@@ -37,6 +37,8 @@ class Step:
     first_delay: float = 0.0
     delay: float = 0.0
     usage: bool = True
+    finish: str = "stop"
+    blocked: bool = False
 
 
 @dataclass
@@ -62,7 +64,7 @@ class ScriptedProvider:
             if step.error is not None:
                 raise step.error
             if step.usage:
-                yield Usage(prompt_tokens=3, output_tokens=len(step.chunks))
+                yield Usage(3, len(step.chunks), finish_reason=step.finish, blocked=step.blocked)
         finally:
             self.finalized += 1
 
@@ -258,6 +260,26 @@ async def test_stream_without_usage_is_a_bad_response() -> None:
     with pytest.raises(AIError) as caught:
         await collect(provider)
     assert caught.value.kind == "bad_response" and not caught.value.retryable
+
+
+async def test_an_empty_answer_is_an_error_retried_only_when_it_ended_normally() -> None:
+    inner = ScriptedProvider([Step(chunks=()), Step()])
+    provider = ResilientProvider(inner, policy())
+    texts: list[str] = []
+    await collect(provider, texts)
+    assert texts == ["Light ", "scatters."] and inner.calls == 2 and provider.errors["empty_answer"] == 1
+
+    inner = ScriptedProvider([Step(chunks=(), finish="max_tokens"), Step()])
+    provider = ResilientProvider(inner, policy())
+    with pytest.raises(AIError) as caught:
+        await collect(provider)
+    assert (caught.value.kind, caught.value.retryable, inner.calls) == ("empty_answer", False, 1)
+
+
+async def test_a_block_without_text_is_not_an_empty_answer() -> None:
+    inner = ScriptedProvider([Step(chunks=(), finish="SAFETY", blocked=True)])
+    usage = await collect(ResilientProvider(inner, policy()))
+    assert usage.blocked and inner.calls == 1
 
 
 async def test_cancel_closes_the_inner_stream() -> None:
