@@ -15,13 +15,13 @@ import pydantic
 from google import genai
 from google.genai import errors, types
 
-from .base import AIError, AIRequest, StreamItem, Turn, Usage, estimate_tokens
+from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
+from .prompt import conversation_turns
 from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
 
 log = logging.getLogger("smartedu.ai.gemini")
 
 DEFAULT_MODEL = "gemini-2.5-flash"
-TEACHER_LABEL = "[Teacher message]"
 EARLIER_OMITTED = "[Earlier messages of this conversation are omitted.]"
 
 # Finish reasons that mean a filter stopped the answer: the partial text must not be shown.
@@ -42,12 +42,9 @@ async def _remember_response(
 
 def build_contents(request: AIRequest) -> list[types.Content]:
     """Map history and question to Gemini contents: user/model turns, teachers labelled, same roles merged."""
-    turns: list[tuple[str, str]] = [(_gemini_role(turn), _turn_text(turn)) for turn in request.history]
-    turns.append(("user", request.question))
     contents: list[types.Content] = []
-    for role, text in turns:
-        if not text.strip():
-            continue
+    for speaker, text in conversation_turns(request):
+        role = "model" if speaker == "assistant" else "user"
         if contents and contents[-1].role == role and contents[-1].parts is not None:
             contents[-1].parts.append(types.Part(text=text))
         else:
@@ -56,14 +53,6 @@ def build_contents(request: AIRequest) -> list[types.Content]:
         # Truncated history can start with an answer; a conversation should open with a user turn.
         contents.insert(0, types.Content(role="user", parts=[types.Part(text=EARLIER_OMITTED)]))
     return contents
-
-
-def _gemini_role(turn: Turn) -> str:
-    return "model" if turn.role == "assistant" else "user"
-
-
-def _turn_text(turn: Turn) -> str:
-    return f"{TEACHER_LABEL} {turn.text}" if turn.role == "teacher" else turn.text
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")

@@ -77,7 +77,7 @@ async def test_request_body_and_headers(fake: FakeOpenAI, openai: OpenAICompatPr
         {"role": "system", "content": "You are a tutor. Course: Biology."},
         {"role": "user", "content": "What is chlorophyll?"},
         {"role": "assistant", "content": "A pigment."},
-        {"role": "user", "content": "[Teacher message] See page 12.\n\nWhy green?"},
+        {"role": "user", "content": "[Teacher message] See page 12.\n\n[Student message] Why green?"},
     ]
 
 
