@@ -267,6 +267,8 @@ class GeminiProvider:
             )
         if output_tokens is None:
             output_tokens = (output_chars + 3) // 4
+        # A thinking model's thoughts are not in candidates_token_count but are billed as output.
+        output_tokens += (usage.thoughts_token_count or 0) if usage is not None else 0
         if blocked:
             return Usage(prompt_tokens, output_tokens, finish_reason="SAFETY", blocked=True)
         reason = "stop" if finish in (None, "STOP") else finish.lower()

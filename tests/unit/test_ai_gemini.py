@@ -81,6 +81,13 @@ async def test_tokens_stream_in_order_with_usage(fake: FakeGemini, gemini: Gemin
     assert fake.calls == 1 and fake.completed == 1
 
 
+async def test_thinking_tokens_count_as_output(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    # gemini-2.5 models think by default; the thoughts are billed as output tokens, so budgets must see them.
+    fake.thoughts_tokens = 300
+    _, usage = await collect(gemini.stream(QUESTION))
+    assert usage is not None and (usage.prompt_tokens, usage.output_tokens) == (42, len(fake.chunks) + 300)
+
+
 async def test_request_carries_history_teacher_and_grounded_instruction(
     fake: FakeGemini, gemini: GeminiProvider
 ) -> None:
