@@ -22,7 +22,6 @@ from .resilience import ConnectTimeoutConnector, http_status_error, map_transpor
 log = logging.getLogger("smartedu.ai.gemini")
 
 DEFAULT_MODEL = "gemini-2.5-flash"
-EARLIER_OMITTED = "[Earlier messages of this conversation are omitted.]"
 
 # Finish reasons that mean a filter stopped the answer: the partial text must not be shown.
 BLOCKING_FINISH_REASONS = frozenset({"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
@@ -49,9 +48,6 @@ def build_contents(request: AIRequest) -> list[types.Content]:
             contents[-1].parts.append(types.Part(text=text))
         else:
             contents.append(types.Content(role=role, parts=[types.Part(text=text)]))
-    if contents and contents[0].role == "model":
-        # Truncated history can start with an answer; a conversation should open with a user turn.
-        contents.insert(0, types.Content(role="user", parts=[types.Part(text=EARLIER_OMITTED)]))
     return contents
 
 

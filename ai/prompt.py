@@ -9,6 +9,7 @@ from .base import AIRequest, CourseContext
 
 TEACHER_LABEL = "[Teacher message]"
 STUDENT_LABEL = "[Student message]"
+EARLIER_OMITTED = "[Earlier messages of this conversation are omitted.]"
 # What a model would read as one of the labels above: any case, spacing, `_`/`-`, full-width brackets.
 _LABEL_LIKE = re.compile(r"[\[\uff3b]\s*(teacher|student)[\s_-]*message\s*[\]\uff3d]", re.IGNORECASE)
 
@@ -39,7 +40,9 @@ def conversation_turns(request: AIRequest) -> list[tuple[Literal["user", "assist
 
     A teacher's message is a user-side turn, and providers merge consecutive user-side turns: a student's
     words after a teacher's are labelled as the student's, or they would read as the teacher's continuing.
-    A label the student typed themselves, in any spelling, is defused.
+    A label the student typed themselves, in any spelling, is defused. The history is the conversation's
+    last messages, so it can open with an answer: a placeholder user turn then comes first (Gemini and
+    strict chat templates such as Mistral's require a conversation to open with the user).
     """
     turns: list[tuple[Literal["user", "assistant"], str]] = []
     after_teacher = False
@@ -56,6 +59,8 @@ def conversation_turns(request: AIRequest) -> list[tuple[Literal["user", "assist
         else:
             text = _LABEL_LIKE.sub(lambda label: f"[{label.group(1)}-message (typed by the student)]", text)
             turns.append(("user", f"{STUDENT_LABEL} {text}" if after_teacher else text))
+    if turns and turns[0][0] == "assistant":
+        turns.insert(0, ("user", EARLIER_OMITTED))
     return turns
 
 
