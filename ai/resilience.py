@@ -283,7 +283,11 @@ class ResilientProvider:
                         final, verdict = item, "success"
                         break
                     if isinstance(item, str):
-                        started = True
+                        if not started:
+                            # The upstream answers: a half-open breaker closes now, not when this (maybe
+                            # minute-long) answer ends, during which every other call would be refused.
+                            self.breaker.record_success(probe)
+                            started, probe = True, False
                         yield item
             except AIError as error:
                 self.errors[error.kind] += 1

@@ -335,13 +335,35 @@ async def test_breaker_opens_fails_fast_and_half_opens_after_cooldown() -> None:
     assert provider.breaker.times_opened == 1 and provider.breaker.rejected == 2
 
 
-async def test_failed_probe_reopens_the_breaker() -> None:
+async def opened_breaker() -> tuple[ScriptedProvider, ResilientProvider]:
+    """A wrapper whose breaker two failures have just opened (cool-down 0.2 s)."""
     inner = ScriptedProvider([Step(error=unavailable())])
     provider = ResilientProvider(inner, policy(max_retries=0, breaker_failures=2))
     for _ in range(2):
         with pytest.raises(AIError):
             await collect(provider)
     assert provider.breaker.state == "open"
+    return inner, provider
+
+
+async def test_a_probe_that_starts_answering_closes_the_breaker_at_once() -> None:
+    # A whole answer can take a minute; the upstream has shown it is back with its first chunk, and other
+    # students must not be refused for as long as the probe's answer lasts.
+    inner, provider = await opened_breaker()
+    await asyncio.sleep(0.25)
+    inner.steps = [Step(chunks=("Light ", "scatters."), delay=0.15)]
+    texts: list[str] = []
+    probe = asyncio.create_task(collect(provider, texts))
+    while not texts:
+        await asyncio.sleep(0.01)
+    assert state_of(provider) == "closed"
+    await collect(provider)  # not refused while the probe's answer goes on
+    await probe
+    assert state_of(provider) == "closed" and provider.breaker.rejected == 0
+
+
+async def test_failed_probe_reopens_the_breaker() -> None:
+    inner, provider = await opened_breaker()
     await asyncio.sleep(0.25)
     with pytest.raises(AIError):
         await collect(provider)
