@@ -509,6 +509,8 @@ def test_config_reads_every_variable_and_hides_keys() -> None:
         ("SMARTEDU_AI_BREAKER_COOLDOWN_S", "nan"),
         ("GEMINI_BASE_URL", "localhost:1234"),
         ("OPENAI_BASE_URL", "ftp://example.org"),
+        # the provider appends /chat/completions itself: this URL would 404 on every answer
+        ("OPENAI_BASE_URL", "http://localhost:8000/v1/chat/completions/"),
     ],
 )
 def test_config_errors_name_the_variable(name: str, value: str) -> None:
