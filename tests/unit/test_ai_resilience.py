@@ -335,10 +335,10 @@ async def test_breaker_opens_fails_fast_and_half_opens_after_cooldown() -> None:
     assert provider.breaker.times_opened == 1 and provider.breaker.rejected == 2
 
 
-async def opened_breaker() -> tuple[ScriptedProvider, ResilientProvider]:
+async def opened_breaker(**overrides: float) -> tuple[ScriptedProvider, ResilientProvider]:
     """A wrapper whose breaker two failures have just opened (cool-down 0.2 s)."""
     inner = ScriptedProvider([Step(error=unavailable())])
-    provider = ResilientProvider(inner, policy(max_retries=0, breaker_failures=2))
+    provider = ResilientProvider(inner, policy(max_retries=0, breaker_failures=2, **overrides))
     for _ in range(2):
         with pytest.raises(AIError):
             await collect(provider)
@@ -349,7 +349,7 @@ async def opened_breaker() -> tuple[ScriptedProvider, ResilientProvider]:
 async def test_a_probe_that_starts_answering_closes_the_breaker_at_once() -> None:
     # A whole answer can take a minute; the upstream has shown it is back with its first chunk, and other
     # students must not be refused for as long as the probe's answer lasts.
-    inner, provider = await opened_breaker()
+    inner, provider = await opened_breaker(idle_timeout=5.0)  # the chunk delay below must never trip it
     await asyncio.sleep(0.25)
     inner.steps = [Step(chunks=("Light ", "scatters."), delay=0.15)]
     texts: list[str] = []
