@@ -40,7 +40,7 @@ class AIConfig:
             gemini_api_key=_text(env, "GEMINI_API_KEY"),
             gemini_model=_text(env, "GEMINI_MODEL") or defaults.gemini_model,
             gemini_base_url=_url(env, "GEMINI_BASE_URL"),
-            openai_base_url=_url(env, "OPENAI_BASE_URL"),
+            openai_base_url=_openai_base_url(env),
             openai_api_key=_text(env, "OPENAI_API_KEY"),
             openai_model=_text(env, "OPENAI_MODEL"),
             connect_timeout_s=_seconds(env, "SMARTEDU_AI_CONNECT_TIMEOUT_S", defaults.connect_timeout_s),
@@ -77,6 +77,16 @@ def _url(env: Mapping[str, str], name: str) -> str | None:
     if not raw.startswith(("http://", "https://")) or len(raw) <= len("https://"):
         raise ConfigError(f"{name} must be an http:// or https:// URL, got {raw!r}")
     return raw.rstrip("/")
+
+
+def _openai_base_url(env: Mapping[str, str]) -> str | None:
+    url = _url(env, "OPENAI_BASE_URL")
+    if url is not None and url.endswith("/chat/completions"):
+        raise ConfigError(
+            f"OPENAI_BASE_URL must end before /chat/completions (the provider adds it), e.g. "
+            f"{url.removesuffix('/chat/completions')}"
+        )
+    return url
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

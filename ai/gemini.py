@@ -15,14 +15,13 @@ import pydantic
 from google import genai
 from google.genai import errors, types
 
-from .base import AIError, AIRequest, StreamItem, Turn, Usage, estimate_tokens
+from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
+from .prompt import conversation_turns
 from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
 
 log = logging.getLogger("smartedu.ai.gemini")
 
 DEFAULT_MODEL = "gemini-2.5-flash"
-TEACHER_LABEL = "[Teacher message]"
-EARLIER_OMITTED = "[Earlier messages of this conversation are omitted.]"
 
 # Finish reasons that mean a filter stopped the answer: the partial text must not be shown.
 BLOCKING_FINISH_REASONS = frozenset({"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
@@ -42,28 +41,14 @@ async def _remember_response(
 
 def build_contents(request: AIRequest) -> list[types.Content]:
     """Map history and question to Gemini contents: user/model turns, teachers labelled, same roles merged."""
-    turns: list[tuple[str, str]] = [(_gemini_role(turn), _turn_text(turn)) for turn in request.history]
-    turns.append(("user", request.question))
     contents: list[types.Content] = []
-    for role, text in turns:
-        if not text.strip():
-            continue
+    for speaker, text in conversation_turns(request):
+        role = "model" if speaker == "assistant" else "user"
         if contents and contents[-1].role == role and contents[-1].parts is not None:
             contents[-1].parts.append(types.Part(text=text))
         else:
             contents.append(types.Content(role=role, parts=[types.Part(text=text)]))
-    if contents and contents[0].role == "model":
-        # Truncated history can start with an answer; a conversation should open with a user turn.
-        contents.insert(0, types.Content(role="user", parts=[types.Part(text=EARLIER_OMITTED)]))
     return contents
-
-
-def _gemini_role(turn: Turn) -> str:
-    return "model" if turn.role == "assistant" else "user"
-
-
-def _turn_text(turn: Turn) -> str:
-    return f"{TEACHER_LABEL} {turn.text}" if turn.role == "teacher" else turn.text
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
@@ -278,6 +263,8 @@ class GeminiProvider:
             )
         if output_tokens is None:
             output_tokens = (output_chars + 3) // 4
+        # A thinking model's thoughts are not in candidates_token_count but are billed as output.
+        output_tokens += (usage.thoughts_token_count or 0) if usage is not None else 0
         if blocked:
             return Usage(prompt_tokens, output_tokens, finish_reason="SAFETY", blocked=True)
         reason = "stop" if finish in (None, "STOP") else finish.lower()

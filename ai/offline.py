@@ -13,9 +13,7 @@ _WORD = re.compile(r"\S+\s*")
 
 def compose_reply(request: AIRequest) -> str:
     """Build the offline answer from the question and the course (clearly marked as offline)."""
-    question = " ".join(request.question.split())
-    if len(question) > 200:
-        question = question[:197] + "..."
+    question = _quoted(request.question, 200)
     course = request.course
     if course is not None:
         topic = f"**{course.title}**"
@@ -23,8 +21,9 @@ def compose_reply(request: AIRequest) -> str:
         grounding = f" In {topic} we look at it this way: {context}"
     else:
         grounding = ""
-    earlier = sum(1 for turn in request.history if turn.role == "user")
-    follow_up = f" (This is question {earlier} in our conversation.)" if earlier > 1 else ""
+    # The history is only the conversation's last messages, so it cannot tell how many questions came before.
+    previous = next((turn.text for turn in reversed(request.history) if turn.role == "user"), "")
+    follow_up = f" (Earlier you asked: \u201c{_quoted(previous, 100)}\u201d.)" if previous.strip() else ""
     return (
         f"(Offline tutor mode: no AI model is connected.) You asked: \u201c{question}\u201d.{grounding}"
         " Let's work through it together. First, restate the question in your own words."
@@ -32,6 +31,11 @@ def compose_reply(request: AIRequest) -> str:
         " Then try one small step and check it against an example."
         f" Tell me where you get stuck and we will take the next step from there.{follow_up}"
     )
+
+
+def _quoted(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class OfflineProvider:

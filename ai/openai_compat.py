@@ -11,12 +11,12 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .base import AIError, AIRequest, StreamItem, Turn, Usage, estimate_tokens
+from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
+from .prompt import conversation_turns
 from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
 
 log = logging.getLogger("smartedu.ai.openai")
 
-TEACHER_LABEL = "[Teacher message]"
 _BLOCKING_FINISH = frozenset({"content_filter"})
 _ERROR_BODY_LIMIT = 4096
 
@@ -26,25 +26,13 @@ def build_messages(request: AIRequest) -> list[dict[str, str]]:
     messages: list[dict[str, str]] = []
     if request.system_instruction:
         messages.append({"role": "system", "content": request.system_instruction})
-    turns = [(_role(turn), _text(turn)) for turn in request.history]
-    turns.append(("user", request.question))
-    for role, text in turns:
-        if not text.strip():
-            continue
+    for role, text in conversation_turns(request):
         # Many chat templates (Llama, Mistral) insist on alternating user/assistant turns.
-        if messages and messages[-1]["role"] == role and role != "system":
+        if messages and messages[-1]["role"] == role:
             messages[-1]["content"] += "\n\n" + text
         else:
             messages.append({"role": role, "content": text})
     return messages
-
-
-def _role(turn: Turn) -> str:
-    return "assistant" if turn.role == "assistant" else "user"
-
-
-def _text(turn: Turn) -> str:
-    return f"{TEACHER_LABEL} {turn.text}" if turn.role == "teacher" else turn.text
 
 
 class SSEDecoder:

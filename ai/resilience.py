@@ -101,6 +101,16 @@ def map_transport_error(error: BaseException, provider: str) -> AIError:
     return AIError("bad_response", f"{provider}: unexpected failure ({name})")
 
 
+def empty_answer_error(provider: str, finish_reason: str) -> AIError:
+    """A stream that ended with no text and no block: an error, never a blank answer shown as complete.
+
+    Gemini now and then ends a stream normally with empty candidates; trying again may well answer. An end
+    for another reason (max_tokens spent on thinking, recitation, language) would end the same way again.
+    """
+    message = f"{provider}: the answer was empty (finish reason {finish_reason})"
+    return AIError("empty_answer", message, retryable=finish_reason in ("stop", "other"))
+
+
 # --- the policy, the breaker and the wrapper ---
 
 
@@ -268,10 +278,16 @@ class ResilientProvider:
                     if item is _END:
                         raise AIError("bad_response", f"{self.name}: stream ended without usage")
                     if isinstance(item, Usage):
+                        if not started and not item.blocked:
+                            raise empty_answer_error(self.name, item.finish_reason)
                         final, verdict = item, "success"
                         break
                     if isinstance(item, str):
-                        started = True
+                        if not started:
+                            # The upstream answers: a half-open breaker closes now, not when this (maybe
+                            # minute-long) answer ends, during which every other call would be refused.
+                            self.breaker.record_success(probe)
+                            started, probe = True, False
                         yield item
             except AIError as error:
                 self.errors[error.kind] += 1

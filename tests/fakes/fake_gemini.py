@@ -28,6 +28,7 @@ class FakeGemini(FakeUpstream):
     finish_reason: str = "STOP"  # "SAFETY" ends the stream with a safety block
     block_reason: str | None = None  # e.g. "SAFETY": the prompt is blocked, no candidates at all
     model_version: str = "gemini-2.5-flash"
+    thoughts_tokens: int = 0  # a thinking model's hidden reasoning, billed as output
 
     @property
     def last_body(self) -> dict[str, Any]:
@@ -38,11 +39,14 @@ class FakeGemini(FakeUpstream):
         return {"error": {"code": status, "message": f"scripted failure {status}", "status": name}}
 
     def usage(self, output_tokens: int) -> dict[str, int]:
-        return {
+        usage = {
             "promptTokenCount": self.prompt_tokens,
             "candidatesTokenCount": output_tokens,
-            "totalTokenCount": self.prompt_tokens + output_tokens,
+            "totalTokenCount": self.prompt_tokens + self.thoughts_tokens + output_tokens,
         }
+        if self.thoughts_tokens:
+            usage["thoughtsTokenCount"] = self.thoughts_tokens
+        return usage
 
     def events(self, request: RecordedRequest) -> list[bytes]:
         if self.block_reason is not None:

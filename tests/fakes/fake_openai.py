@@ -21,6 +21,17 @@ class FakeOpenAI(FakeUpstream):
     error_event_after: int | None = None  # send an in-stream error event after this many chunks
     send_done: bool = True  # False: end the body after the last event without `data: [DONE]`
     end_cleanly_after: int | None = None  # end the body normally after this many events (a truncated answer)
+    strict_roles: bool = False  # refuse, like Mistral's chat template on vLLM, turns that do not alternate
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.strict_roles:
+            roles = [m.get("role") for m in (await request.json()).get("messages", ())]
+            turns = roles[1:] if roles[:1] == ["system"] else roles
+            if any(role != ("user" if i % 2 == 0 else "assistant") for i, role in enumerate(turns)):
+                await self.record(request)
+                message = "Conversation roles must alternate user/assistant/user/assistant/..."
+                return web.json_response({"object": "error", "message": message, "code": 400}, status=400)
+        return await super().handle(request)
 
     @property
     def last_body(self) -> dict[str, Any]:

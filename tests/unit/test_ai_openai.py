@@ -77,13 +77,32 @@ async def test_request_body_and_headers(fake: FakeOpenAI, openai: OpenAICompatPr
         {"role": "system", "content": "You are a tutor. Course: Biology."},
         {"role": "user", "content": "What is chlorophyll?"},
         {"role": "assistant", "content": "A pigment."},
-        {"role": "user", "content": "[Teacher message] See page 12.\n\nWhy green?"},
+        {"role": "user", "content": "[Teacher message] See page 12.\n\n[Student message] Why green?"},
     ]
 
 
 def test_messages_without_system_instruction() -> None:
-    messages = build_messages(AIRequest(question="Hi", history=(Turn("assistant", "Hello!"),)))
-    assert messages == [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi"}]
+    messages = build_messages(AIRequest(question="Hi", history=(Turn("user", "Hello?"), Turn("assistant", "Hello!"))))
+    assert messages == [
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Hi"},
+    ]
+
+
+async def test_a_history_cut_after_a_question_still_alternates(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    # The core passes the conversation's last messages only; that window can open with an answer, which
+    # strict chat templates (Mistral's on vLLM) refuse with HTTP 400 for every later question.
+    fake.strict_roles = True
+    request = AIRequest(
+        question="And then?", system_instruction="You are a tutor.", history=(Turn("assistant", "Earlier answer."),)
+    )
+    texts: list[str] = []
+    usage = await collect(openai.stream(request), texts)
+    assert usage is not None and texts == fake.chunks
+    messages = fake.last_body["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert "omitted" in messages[1]["content"]
 
 
 async def test_usage_is_estimated_when_the_server_sends_none(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:

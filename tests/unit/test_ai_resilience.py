@@ -37,6 +37,8 @@ class Step:
     first_delay: float = 0.0
     delay: float = 0.0
     usage: bool = True
+    finish: str = "stop"
+    blocked: bool = False
 
 
 @dataclass
@@ -62,7 +64,7 @@ class ScriptedProvider:
             if step.error is not None:
                 raise step.error
             if step.usage:
-                yield Usage(prompt_tokens=3, output_tokens=len(step.chunks))
+                yield Usage(3, len(step.chunks), finish_reason=step.finish, blocked=step.blocked)
         finally:
             self.finalized += 1
 
@@ -260,6 +262,26 @@ async def test_stream_without_usage_is_a_bad_response() -> None:
     assert caught.value.kind == "bad_response" and not caught.value.retryable
 
 
+async def test_an_empty_answer_is_an_error_retried_only_when_it_ended_normally() -> None:
+    inner = ScriptedProvider([Step(chunks=()), Step()])
+    provider = ResilientProvider(inner, policy())
+    texts: list[str] = []
+    await collect(provider, texts)
+    assert texts == ["Light ", "scatters."] and inner.calls == 2 and provider.errors["empty_answer"] == 1
+
+    inner = ScriptedProvider([Step(chunks=(), finish="max_tokens"), Step()])
+    provider = ResilientProvider(inner, policy())
+    with pytest.raises(AIError) as caught:
+        await collect(provider)
+    assert (caught.value.kind, caught.value.retryable, inner.calls) == ("empty_answer", False, 1)
+
+
+async def test_a_block_without_text_is_not_an_empty_answer() -> None:
+    inner = ScriptedProvider([Step(chunks=(), finish="SAFETY", blocked=True)])
+    usage = await collect(ResilientProvider(inner, policy()))
+    assert usage.blocked and inner.calls == 1
+
+
 async def test_cancel_closes_the_inner_stream() -> None:
     inner = ScriptedProvider([Step(chunks=("a", "b"), delay=FOREVER)])
     provider = ResilientProvider(inner, policy(idle_timeout=FOREVER))
@@ -313,13 +335,35 @@ async def test_breaker_opens_fails_fast_and_half_opens_after_cooldown() -> None:
     assert provider.breaker.times_opened == 1 and provider.breaker.rejected == 2
 
 
-async def test_failed_probe_reopens_the_breaker() -> None:
+async def opened_breaker(**overrides: float) -> tuple[ScriptedProvider, ResilientProvider]:
+    """A wrapper whose breaker two failures have just opened (cool-down 0.2 s)."""
     inner = ScriptedProvider([Step(error=unavailable())])
-    provider = ResilientProvider(inner, policy(max_retries=0, breaker_failures=2))
+    provider = ResilientProvider(inner, policy(max_retries=0, breaker_failures=2, **overrides))
     for _ in range(2):
         with pytest.raises(AIError):
             await collect(provider)
     assert provider.breaker.state == "open"
+    return inner, provider
+
+
+async def test_a_probe_that_starts_answering_closes_the_breaker_at_once() -> None:
+    # A whole answer can take a minute; the upstream has shown it is back with its first chunk, and other
+    # students must not be refused for as long as the probe's answer lasts.
+    inner, provider = await opened_breaker(idle_timeout=5.0)  # the chunk delay below must never trip it
+    await asyncio.sleep(0.25)
+    inner.steps = [Step(chunks=("Light ", "scatters."), delay=0.15)]
+    texts: list[str] = []
+    probe = asyncio.create_task(collect(provider, texts))
+    while not texts:
+        await asyncio.sleep(0.01)
+    assert state_of(provider) == "closed"
+    await collect(provider)  # not refused while the probe's answer goes on
+    await probe
+    assert state_of(provider) == "closed" and provider.breaker.rejected == 0
+
+
+async def test_failed_probe_reopens_the_breaker() -> None:
+    inner, provider = await opened_breaker()
     await asyncio.sleep(0.25)
     with pytest.raises(AIError):
         await collect(provider)
@@ -465,6 +509,8 @@ def test_config_reads_every_variable_and_hides_keys() -> None:
         ("SMARTEDU_AI_BREAKER_COOLDOWN_S", "nan"),
         ("GEMINI_BASE_URL", "localhost:1234"),
         ("OPENAI_BASE_URL", "ftp://example.org"),
+        # the provider appends /chat/completions itself: this URL would 404 on every answer
+        ("OPENAI_BASE_URL", "http://localhost:8000/v1/chat/completions/"),
     ],
 )
 def test_config_errors_name_the_variable(name: str, value: str) -> None:

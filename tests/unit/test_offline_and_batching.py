@@ -34,6 +34,20 @@ async def test_offline_reply_is_deterministic_and_grounded() -> None:
     assert usage.output_tokens == len(first.split()) and usage.prompt_tokens > 0
 
 
+def test_offline_reply_refers_to_the_previous_question_truthfully() -> None:
+    # Three earlier questions: the reply used to call this one "question 3" (it is the fourth), and with
+    # the history cut to its last messages the count could not be right anyway.
+    history = tuple(
+        turn
+        for question in ("What is x?", "And y?", "Why   is\nthe sky blue?")
+        for turn in (Turn("user", question), Turn("assistant", "Let's see."))
+    )
+    reply = compose_reply(AIRequest(question="And z?", history=history))
+    assert "question 3" not in reply
+    assert "Earlier you asked: \u201cWhy is the sky blue?\u201d" in reply
+    assert "Earlier you asked" not in compose_reply(AIRequest(question="First one"))
+
+
 async def test_offline_pacing_and_exact_length() -> None:
     provider = OfflineProvider(ttft_ms=50, tokens_per_s=200, reply_words=10)
     loop = asyncio.get_running_loop()
