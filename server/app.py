@@ -92,8 +92,13 @@ def create_app(
 ) -> web.Application:
     """Build the application; every resource starts in a cleanup context and stops in reverse order."""
     database_url, redis_url = settings.require_services()
+    # The inner error_middleware turns a handler's error into its JSON response before the schools' CORS
+    # headers are added (else a school's page sees an opaque network error instead of, say, a 401); the
+    # outer one answers for a failure of the CORS lookup itself.
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, tenant_cors_middleware(TenantOrigins())],
+        middlewares=[
+            request_id_middleware, error_middleware, tenant_cors_middleware(TenantOrigins()), error_middleware
+        ],
         client_max_size=1024 * 1024,
     )
     app[SETTINGS] = settings
@@ -166,6 +171,11 @@ def create_app(
     app.cleanup_ctx.extend([metrics_ctx, postgres_ctx, redis_ctx, provider_ctx, chat_ctx])
     app.on_shutdown.append(_close_sockets)
     app.on_response_prepare.append(pages.protect_html)
+    if settings.session_key is None:
+        log.warning(
+            "SMARTEDU_SESSION_KEY is not set: cookie sessions are signed with a key of this process only, so "
+            "they end when it restarts and fail on other replicas (docs/deploy.md says how to make one)"
+        )
     setup_sessions(app, settings.session_key or new_session_key(), settings.session_ttl_s)
 
     app.router.add_get("/health", health.health)

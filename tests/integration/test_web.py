@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import replace
 
 import asyncpg
 import pytest
 
-from server.websession import CSRF_COOKIE, SESSION_COOKIE
+from server.app import create_app
+from server.settings import Settings
+from server.websession import CSRF_COOKIE, SESSION_COOKIE, new_session_key
 from tests.conftest import Serve, Server, seed_course, token
 
 pytestmark = pytest.mark.integration
@@ -178,7 +182,23 @@ async def test_cors_for_tenant_origins_from_the_database(serve: Serve, db: async
     assert response.status == 200
     assert response.headers["Access-Control-Allow-Origin"] == "https://lms.school-a.example"
     assert "Access-Control-Allow-Credentials" not in response.headers
+    # An error reaches the school's page as that error, not as an opaque network failure.
+    response = await server.client.get("/api/conversations", headers={
+        "Origin": "https://lms.school-a.example", "Authorization": "Bearer not-a-token"
+    })
+    assert response.status == 401
+    assert response.headers["Access-Control-Allow-Origin"] == "https://lms.school-a.example"
     response = await server.client.get("/api/conversations", headers={
         "Origin": "https://unknown.example", "Authorization": f"Bearer {token()}"
     })
     assert "Access-Control-Allow-Origin" not in response.headers
+
+
+def test_a_missing_session_key_is_warned_about(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="server.app"):
+        create_app(replace(settings, session_key=None))
+    assert any("SMARTEDU_SESSION_KEY is not set" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server.app"):
+        create_app(replace(settings, session_key=new_session_key()))
+    assert not [record for record in caplog.records if "SESSION_KEY" in record.getMessage()]
