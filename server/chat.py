@@ -24,7 +24,7 @@ from storage.roundtrips import RoundTrips
 from .answers import Answers, course_key, lease_member
 from .auth import Claims
 from .budgets import Budgets, Reservation
-from .errors import ChatError, ErrorCode, bad_request, forbidden, not_found
+from .errors import ChatError, CloseCode, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
 from .metrics import Metrics
 from .protocol import HistoryRequest, SendMessage, encode, is_uuid
@@ -59,6 +59,7 @@ class Session:
     presence: tuple[str, str] | None = None  # (tenant, course) where this session is announced
     tenant: TenantSettings | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    expired: bool = False  # its token (or cookie session) ran out and its socket is being closed
 
 
 class ChatService:
@@ -87,6 +88,7 @@ class ChatService:
         self._departures: RoundTrips[tuple[str, str, str, bytes], None] = RoundTrips(self._depart, "departures")
         self._closing = False
         self._maintenance: asyncio.Task[None] | None = None
+        self._expiring: set[asyncio.Task[None]] = set()  # closes of sockets whose token expired
 
     async def start(self) -> None:
         await self.hub.start()
@@ -455,6 +457,7 @@ class ChatService:
             try:
                 if tick % 2 == 0:
                     await self.answers.renew_leases()
+                    self._close_expired()
                 await self.answers.take_over_expired()
                 if tick % 30 == 0:
                     await self.answers.end_unstarted()
@@ -466,6 +469,18 @@ class ChatService:
                 raise
             except Exception:
                 log.exception("maintenance failed")
+
+    def _close_expired(self) -> None:
+        """Close the sockets whose token (or cookie session) has expired with 4401, as a hello with it would
+        be refused; the client signs in again and resumes. Each close waits for the client's closing
+        handshake, so it runs in a task of its own (kept in `_expiring`) and never holds up the leases."""
+        now = time.time()
+        for session in self._sessions.values():
+            if session.claims.exp <= now and not session.expired:
+                session.expired = True
+                task = asyncio.create_task(session.peer.close(CloseCode.BAD_TOKEN, "token expired"))
+                self._expiring.add(task)
+                task.add_done_callback(self._expiring.discard)
 
     async def drain(self, deadline_s: float) -> None:
         """Stop taking messages, ask clients to reconnect elsewhere, and let answers finish until the deadline."""
@@ -483,6 +498,8 @@ class ChatService:
         await asyncio.gather(*(self.close_session(session) for session in list(self._sessions.values())))
         if self._maintenance is not None:
             await cancel_and_wait(self._maintenance)
+        for task in list(self._expiring):
+            await cancel_and_wait(task)
         await self.hub.close()
         with contextlib.suppress(Exception):
             await self.answers.provider.close()

@@ -45,6 +45,10 @@ class Peer(Protocol):
         """Send one frame; False when the peer is gone."""
         ...
 
+    async def close(self, code: int, message: str) -> None:
+        """Close the connection with a close code (after the closing handshake, or its timeout)."""
+        ...
+
 
 @dataclass(eq=False)
 class Member:
