@@ -53,6 +53,11 @@ class Member:
     buffer: list[Numbered] = field(default_factory=list)
 
 
+def _channel(message: dict[str, Any]) -> str:
+    channel = message["channel"]
+    return channel.decode() if isinstance(channel, bytes) else str(channel)
+
+
 def event_frame(course_id: str, frame: bytes, conversation_id: str | None = None) -> bytes:
     """Wrap a conversation frame for teachers watching the course."""
     if frame.startswith(b'{"type":"event"'):
@@ -91,7 +96,6 @@ class Hub:
         # per conversation it holds: a floor for its emits, so that if Redis loses a conversation's counter
         # the numbering its sockets see still only grows.
         self._seen: dict[str, int] = {}
-        self._reconnected = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -112,7 +116,7 @@ class Hub:
         while True:
             try:
                 self._pubsub = self.store.client.pubsub()
-                self._reconnected = self._ready.is_set()
+                recovering = self._ready.is_set()
                 await self._pubsub.subscribe(self.store.keys.control_channel(), self._node_channel, *self._channels)
                 self._ready.set()
                 delay = 0.1
@@ -122,6 +126,13 @@ class Hub:
                         await self._on_message(message)
                     except Exception:
                         log.exception("bad pub/sub message")
+                    if recovering and message.get("type") == "subscribe" and _channel(message) == self._node_channel:
+                        # Not isolated like a message: if it fails (Redis still loading, a stale pooled
+                        # connection), the listener reconnects and recovers again, else the frames published
+                        # meanwhile would be lost and, after a Redis restart, this node left out of the
+                        # nodes sets for as long as HOLD_REFRESH_S.
+                        await self._recover_all()
+                        recovering = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -135,14 +146,11 @@ class Hub:
 
     async def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+        channel = _channel(message)
         if kind == "subscribe":
             waiter = self._subscribed.pop(channel, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            if channel == self._node_channel and self._reconnected:
-                self._reconnected = False
-                await self._recover_all()
             return
         if kind != "message":
             return

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 import asyncpg
 import orjson
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.app import drain
 from server.keys import CHAT, DATABASE, REDIS
@@ -33,6 +35,15 @@ async def _committed(db: asyncpg.Connection, reply_id: int) -> asyncpg.Record:
             if row is not None and row["status"] != "streaming":
                 return row
             await asyncio.sleep(0.05)
+
+
+async def _kill_pubsub_of(server: Server) -> None:
+    """Drop one replica's pub/sub connection (its own socket: other runs on the same Redis are left alone)."""
+    hub = server.client.app[CHAT].hub
+    assert hub._pubsub is not None and hub._pubsub.connection is not None
+    writer = hub._pubsub.connection._writer
+    assert writer is not None
+    writer.transport.abort()
 
 
 async def test_tabs_on_two_replicas_each_get_every_frame_once(serve: Serve, db: asyncpg.Connection) -> None:
@@ -300,15 +311,50 @@ async def test_pubsub_reconnect_fills_the_gap_from_the_log(
     await tab1.send(type="message", id="g1", text="Keep talking while Redis hiccups")
     ack = await tab1.expect("ack")
     await tab2.until("token")
-    store = b.client.app[REDIS]
-    # Drop every pub/sub connection: frames published until the listeners are back are not pushed.
-    await store.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    # Drop both replicas' pub/sub connections: frames published until the listeners are back are not pushed.
+    await _kill_pubsub_of(a)
+    await _kill_pubsub_of(b)
     await tab2.until("done")
     frames2 = tab2.frames  # every frame the tab received, the welcome included
     seqs = [f["seq"] for f in frames2[1:] if f.get("conversation_id") == conversation]
     assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
     row = await _committed(db, ack["reply_id"])
     assert answer_text(frames2, ack["reply_id"]) == row["text"]
+    assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
+
+
+async def test_a_recovery_that_fails_after_a_pubsub_reconnect_is_tried_again(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answers the resubscription but not yet the recovery's commands (still loading after a restart,
+    a stale pooled connection): the listener reconnects and recovers again, so the tab still gets every
+    frame published while it was not listening."""
+    caplog.set_level(logging.INFO, logger="server.hub")
+    a, b = await _two_replicas(serve, offline_tokens_per_s=100)
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    store = b.client.app[REDIS]
+    hold = store.hold
+    failures = []
+
+    async def hold_failing_once(conversation_ids: Sequence[str], node: str) -> list[int]:
+        if not failures:
+            failures.append(node)
+            raise RedisConnectionError("LOADING Redis is loading the dataset in memory")
+        return await hold(conversation_ids, node)
+
+    await tab1.send(type="message", id="g2", text="Keep talking while Redis restarts")
+    ack = await tab1.expect("ack")
+    await tab2.until("token")
+    monkeypatch.setattr(store, "hold", hold_failing_once)
+    await _kill_pubsub_of(b)
+    await tab2.until("done")
+    assert failures
+    seqs = [f["seq"] for f in tab2.frames[1:] if f.get("conversation_id") == conversation]
+    assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+    row = await _committed(db, ack["reply_id"])
+    assert answer_text(tab2.frames, ack["reply_id"]) == row["text"]
     assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
 
 
