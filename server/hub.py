@@ -158,6 +158,8 @@ class Hub:
         if channel == self._node_channel:
             conversation, seq_text, frame = data.split(b" ", 2)
             conversation_id, seq = conversation.decode(), int(seq_text)
+            if conversation_id not in self._held:
+                return  # published before this node was released: no socket here needs it, nothing to track
             if seq <= self._remote_seq.get(conversation_id, 0):
                 return  # already delivered by a catch-up from the log
             self._remote_seq[conversation_id] = seq

@@ -403,6 +403,32 @@ async def test_frames_are_published_only_to_the_other_replicas_holding_the_conve
     await listener.aclose()
 
 
+async def test_frames_of_a_released_conversation_leave_no_state_behind(serve: Serve) -> None:
+    """A frame published just before the release (SREM) reaches the node after `prune` forgot the
+    conversation: it must not bring back per-conversation entries that nothing would ever remove again."""
+    a, b = await _two_replicas(serve)
+    hub_b = b.client.app[CHAT].hub
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    await tab2.close()
+    async with asyncio.timeout(5):
+        while hub_b.members(conversation):
+            await asyncio.sleep(0.02)
+    await hub_b.prune()
+    assert conversation not in hub_b._remote_seq and conversation not in hub_b._seen
+    store = b.client.app[REDIS]
+    late = orjson.dumps({"type": "token", "reply_id": 1, "conversation_id": conversation, "text": "x", "seq": 999})
+    await store.client.publish(store.keys.node_channel(hub_b.node), b"%b 999 %b" % (conversation.encode(), late))
+    markers: list[dict[str, object]] = []
+    hub_b.on_control = markers.append
+    await store.publish_control({"marker": 1})  # the same connection delivers it after the frame
+    async with asyncio.timeout(5):
+        while not markers:
+            await asyncio.sleep(0.02)
+    assert conversation not in hub_b._remote_seq and conversation not in hub_b._seen
+
+
 async def test_a_crowd_leaving_at_once_is_seen_by_the_teacher(serve: Serve) -> None:
     a, b = await _two_replicas(serve)
     teacher = await b.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
