@@ -363,20 +363,29 @@ class Answers:
     async def take_over_expired(self) -> None:
         """Answers whose replica stopped renewing its lease end as interrupted, with the text logged so far."""
         for member in await self.hub.store.claim_expired_leases():
-            tenant_id, user_id, conversation_id, reply_id, course_id = orjson.loads(member)
-            if reply_id in self._turns:
-                continue  # ours after all (a slow renewal); the next renewal restores the lease
-            snapshot = await self.hub.store.snapshot(conversation_id)
-            text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
-            conversation = await self.db.tenant_conversation(tenant_id, conversation_id)
-            floor = max(snapshot.seq, conversation.last_seq if conversation else 0)
-            committed = await self.db.finish_reply(
-                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
-            )
-            if committed:
-                log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
-                course = (tenant_id, course_id) if course_id else None
-                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
+            try:
+                await self._take_over(member)
+            except Exception:
+                # Claimed, so no other replica will end it: an expired lease again, and the next tick retries.
+                log.exception("could not take over an abandoned answer; retrying")
+                with contextlib.suppress(Exception):
+                    await self.hub.store.lease_unleased([member])
+
+    async def _take_over(self, member: str) -> None:
+        tenant_id, user_id, conversation_id, reply_id, course_id = orjson.loads(member)
+        if reply_id in self._turns:
+            return  # ours after all (a slow renewal); the next renewal restores the lease
+        snapshot = await self.hub.store.snapshot(conversation_id)
+        text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
+        conversation = await self.db.tenant_conversation(tenant_id, conversation_id)
+        floor = max(snapshot.seq, conversation.last_seq if conversation else 0)
+        committed = await self.db.finish_reply(
+            tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
+        )
+        if committed:
+            log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
+            course = (tenant_id, course_id) if course_id else None
+            await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
 
     async def end_unstarted(self, older_than_s: float = UNSTARTED_AFTER_S) -> None:
         """Answers committed but never started (the replica stopped before the ack, or a commit whose reply

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import orjson
@@ -473,3 +474,34 @@ async def test_answers_committed_but_never_started_end_interrupted(
         done = (await student.until("done"))[-1]
         assert question.reply is not None and (done["reply_id"], done["status"]) == (question.reply.id, "interrupted")
     assert (await busy.until("done"))[-1]["status"] == "complete"
+
+
+async def test_a_takeover_that_fails_is_retried_and_spares_the_other_answers(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The takeover claims a batch of expired leases at once: PostgreSQL failing for the first one must not
+    drop the rest (their leases are gone, so no replica would end them), and the failed one is tried again."""
+    server = await serve()
+    students = [await server.connect({"token": token(f"stu-{n}")}) for n in (1, 2)]
+    database = server.client.app[DATABASE]
+    monkeypatch.setattr(database, "_insert_questions", commit_then_lose_the_reply(database._insert_questions))
+    saved = await asyncio.gather(*(
+        database.save_question("school-a", s.frames[0]["conversation_id"], "q1", "Why?", s.frames[0]["user"]["id"])
+        for s in students
+    ))
+    finish_reply = database.finish_reply
+    failures: list[int] = []
+
+    async def failing_once(*args: Any, **kwargs: Any) -> bool:
+        if not failures:
+            failures.append(args[3])
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return await finish_reply(*args, **kwargs)
+
+    monkeypatch.setattr(database, "finish_reply", failing_once)
+    await server.client.app[CHAT].answers.end_unstarted(older_than_s=0)
+    for student, question in zip(students, saved, strict=True):
+        async with asyncio.timeout(10):
+            done = (await student.until("done"))[-1]
+        assert question.reply is not None and (done["reply_id"], done["status"]) == (question.reply.id, "interrupted")
+    assert len(failures) == 1
