@@ -1,7 +1,8 @@
 """Answers: generated in their own tasks, streamed as numbered frames, committed with a final status.
 
 Each answer holds a lease in Redis while it runs; a replica that finds an expired lease commits that
-answer as interrupted (with the text logged so far) and tells its sockets.
+answer as interrupted (with the text logged so far), tells its sockets, and tells its replica (alive but
+slow, perhaps) to stop generating it.
 """
 
 from __future__ import annotations
@@ -384,6 +385,11 @@ class Answers:
         )
         if committed:
             log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
+            # Its replica may be alive, only slow (a stalled event loop, a Redis hiccup): it stops generating
+            # instead of streaming tokens after this `done` and spending the school's budget on them.
+            await self.hub.store.publish_control(
+                {"op": "cancel", "reply_id": reply_id, "tenant": tenant_id, "user": user_id}
+            )
             course = (tenant_id, course_id) if course_id else None
             await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
 

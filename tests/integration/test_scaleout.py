@@ -505,3 +505,36 @@ async def test_a_takeover_that_fails_is_retried_and_spares_the_other_answers(
             done = (await student.until("done"))[-1]
         assert question.reply is not None and (done["reply_id"], done["status"]) == (question.reply.id, "interrupted")
     assert len(failures) == 1
+
+
+async def test_a_slow_replica_whose_answer_was_taken_over_stops_generating_it(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A stalls past its lease, so B ends A's answer as interrupted; when A comes back it must stop
+    generating that answer (no tokens after the `done`, no tokens spent on it), not stream it to the end."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=20)
+    answers_a = a.client.app[CHAT].answers
+
+    async def stalled() -> None:
+        return None
+
+    monkeypatch.setattr(answers_a, "renew_leases", stalled)
+    monkeypatch.setattr(answers_a, "take_over_expired", stalled)
+    sock = await a.connect({"token": token()})
+    await sock.send(type="message", id="s1", text="Explain long division step by step")
+    ack = await sock.expect("ack")
+    await sock.expect("token")
+    turn = answers_a._turns[ack["reply_id"]]
+    store = a.client.app[REDIS]
+    member = orjson.dumps(["school-a", turn.user_id, turn.conversation_id, turn.reply_id, None]).decode()
+    await store.client.zadd(store.keys.leases(), {member: int(time.time() * 1000) - 1})  # A missed its renewals
+    await b.client.app[CHAT].answers.take_over_expired()  # (or B's maintenance loop, within a second)
+    frames = await sock.until("done")
+    assert frames[-1]["status"] == "interrupted"
+    assert turn.task is not None
+    async with asyncio.timeout(30):
+        await asyncio.wait([turn.task])
+    assert turn.stop_reason is not None  # stopped, not generated to its end
+    row = await _committed(db, ack["reply_id"])
+    assert row["status"] == "interrupted" and answer_text(sock.frames, ack["reply_id"]).startswith(row["text"])
+    assert await store.client.zscore(store.keys.leases(), member) is None
