@@ -109,6 +109,16 @@ class Hub:
             await cancel_and_wait(self._listener)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        # Other replicas stop publishing to this node, which is going away: each rolling restart would
+        # otherwise leave its node id in the nodes sets of every conversation it held, costing a PUBLISH
+        # per frame to nobody for as long as the conversation stays active.
+        held = [c for c, future in self._held.items() if future.done()]
+        self._held.clear()
+        try:
+            async with asyncio.timeout(5):
+                await self.store.release(held, self.node)
+        except Exception as exc:  # the sets expire a day after their conversation's last frame
+            log.warning("could not release the conversations held at shutdown", extra={"error": repr(exc)})
 
     async def _listen(self) -> None:
         """Receive other replicas' frames; reconnect with capped backoff, resubscribing everything."""

@@ -404,6 +404,21 @@ async def test_frames_are_published_only_to_the_other_replicas_holding_the_conve
     await listener.aclose()
 
 
+async def test_a_replica_that_shuts_down_leaves_the_nodes_sets(serve: Serve) -> None:
+    """Stopping a replica (a rolling restart) takes its node id out of the conversations it held, so the
+    others stop publishing each frame to a channel nobody listens to."""
+    a, b = await _two_replicas(serve)
+    store = a.client.app[REDIS]
+    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    await b.connect({"token": token(), "conversation_id": conversation})
+    nodes = store.keys.conversation_nodes(conversation)
+    assert await store.client.smembers(nodes) == {hub_a.node.encode(), hub_b.node.encode()}
+    await b.client.close()
+    assert await store.client.smembers(nodes) == {hub_a.node.encode()}
+
+
 async def test_frames_of_a_released_conversation_leave_no_state_behind(serve: Serve) -> None:
     """A frame published just before the release (SREM) reaches the node after `prune` forgot the
     conversation: it must not bring back per-conversation entries that nothing would ever remove again."""
