@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 # log, the channels and the seqs all agree on one order. Each frame is a JSON object; the script splices
 # `"seq":N` in before its closing brace. Envelopes are "<conversation> <seq> <frame>" on node channels and
 # "<node> <seq> <frame>" on course channels. The emitting replica delivers to its own sockets itself, so
-# nothing is published back to it.
+# nothing is published back to it. The counter never stays below the emitter's floor (the highest seq it
+# knows of): after Redis lost a counter, the first emitter's floor may be lower than what another replica
+# has already shown its sockets, and that replica's next frames must still go on from its own.
 _EMIT = """
 local seq_key, log_key, start_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local node, node_prefix, course_channel, conversation = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local count = #ARGV - 7
-if redis.call('EXISTS', seq_key) == 0 then redis.call('SET', seq_key, floor) end
+if tonumber(redis.call('GET', seq_key) or '0') < floor then redis.call('SET', seq_key, floor) end
 local first = redis.call('INCRBY', seq_key, count) - count + 1
 if redis.call('EXISTS', log_key) == 0 then redis.call('SET', start_key, first) end
 local targets = {}

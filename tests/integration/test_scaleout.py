@@ -404,6 +404,31 @@ async def test_frames_are_published_only_to_the_other_replicas_holding_the_conve
     await listener.aclose()
 
 
+async def test_after_redis_lost_a_counter_each_replica_numbers_above_what_its_sockets_saw(serve: Serve) -> None:
+    """Redis restarts and loses a conversation's counter. The first replica to emit again knows only an
+    older seq (its floor); another, whose tab saw later frames, must not number its next frames below
+    those: its floor counts too, not just the first one's."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=0, offline_ttft_ms=0)
+    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    tab = await a.connect({"token": token()})
+    conversation = tab.frames[0]["conversation_id"]
+    await tab.send(type="message", id="f1", text="First")
+    await tab.until("done")
+    known_to_b = max(f["seq"] for f in tab.frames if "seq" in f)
+    await tab.send(type="message", id="f2", text="Second")
+    await tab.until("done")
+    seen_by_tab = max(f["seq"] for f in tab.frames if "seq" in f)
+    assert hub_a.last_seq(conversation) == seen_by_tab > known_to_b
+    store = a.client.app[REDIS]
+    await store.client.delete(store.keys.conversation_seq(conversation))  # what a Redis restart does
+    note = b'{"type":"note","conversation_id":"%b"}' % conversation.encode()
+    await hub_b.emit(conversation, [note], floor=known_to_b)  # B has no socket here: it knows no more
+    [(then, _)] = await hub_a.emit(conversation, [note])
+    assert then > seen_by_tab
+    [(after, _)] = await hub_b.emit(conversation, [note], floor=known_to_b)
+    assert after == then + 1
+
+
 async def test_a_replica_that_shuts_down_leaves_the_nodes_sets(serve: Serve) -> None:
     """Stopping a replica (a rolling restart) takes its node id out of the conversations it held, so the
     others stop publishing each frame to a channel nobody listens to."""
