@@ -134,6 +134,13 @@ def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
+def _closed_by_server(conn: AbstractConnection) -> bool:
+    """True when the server has closed this idle connection (its end of stream has arrived): an attribute
+    check, no round trip."""
+    reader = getattr(conn, "_reader", None)
+    return bool(conn.is_connected and reader is not None and reader.at_eof())
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -354,6 +361,11 @@ class RedisStore:
         pipeline object per batch. A connection error, a timeout or a cancellation drops the connection;
         the next batch reconnects."""
         assert conn is not None  # emits and admits on a cluster do not come here
+        if _closed_by_server(conn):
+            # Redis restarted (or dropped the connection) while it was idle: reconnect before sending, as
+            # pool checkouts do, instead of failing the next message or answer on a dead connection. Only
+            # a close seen before sending: a batch that may have run is never sent twice.
+            await conn.disconnect()
         try:
             async with asyncio.timeout(self._round_trip_timeout_s):
                 await conn.send_packed_command(pack(commands))

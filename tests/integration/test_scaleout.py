@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,6 +17,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.app import drain
+from server.embedded import EmbeddedServices
 from server.keys import CHAT, DATABASE, REDIS
 from tests.conftest import Serve, Server, answer_text, commit_then_lose_the_reply, seed_course, token
 
@@ -578,3 +582,24 @@ async def test_a_slow_replica_whose_answer_was_taken_over_stops_generating_it(
     row = await _committed(db, ack["reply_id"])
     assert row["status"] == "interrupted" and answer_text(sock.frames, ack["reply_id"]).startswith(row["text"])
     assert await store.client.zscore(store.keys.leases(), member) is None
+
+
+async def test_the_first_message_after_a_redis_restart_is_answered(serve: Serve) -> None:
+    """Redis restarts while no answer streams. The replica's own admit and emit connections (outside the
+    pool, whose checkouts notice a closed connection) were closed by the old server: the next message
+    must still be admitted, acknowledged and answered, not fail on the dead connections."""
+    redis = EmbeddedServices(Path(tempfile.mkdtemp(prefix="w2c-")))
+    redis.start(postgres=False, redis=True)
+    try:
+        server = await serve(redis_url=redis.redis_url)
+        sock = await server.connect({"token": token()})
+        await sock.send(type="message", id="b1", text="Before the restart")
+        assert (await sock.until("done"))[-1]["status"] == "complete"
+        redis.stop()
+        redis.start(postgres=False, redis=True)
+        await sock.send(type="message", id="a1", text="After the restart")
+        frames = await sock.until("done")
+        assert [f for f in frames if f["type"] == "error"] == [] and frames[-1]["status"] == "complete"
+    finally:
+        redis.stop()
+        shutil.rmtree(redis.data_dir, ignore_errors=True)
