@@ -204,6 +204,9 @@ class Hub:
         conversations = list(self._members)
         await self.store.hold(conversations, self.node)
         for conversation_id in conversations:
+            if conversation_id not in self._held:  # its socket's own hold had failed: held from now on
+                self._held[conversation_id] = held = asyncio.get_running_loop().create_future()
+                held.set_result(None)
             await self._recover(conversation_id)
 
     async def _recover(self, conversation_id: str) -> None:

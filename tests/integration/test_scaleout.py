@@ -328,6 +328,52 @@ async def test_pubsub_reconnect_fills_the_gap_from_the_log(
     assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
 
 
+class _Tab:
+    """A socket as the hub sees it, keeping what it is sent."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.id = peer_id
+        self.sent: list[bytes] = []
+
+    async def send(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+
+async def test_a_socket_whose_hold_failed_is_held_by_the_next_recovery(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket stays a member of a conversation whose hold failed (Redis hiccup). The recovery after a
+    pub/sub reconnect holds every member's conversation again, and from then on this replica takes the
+    other replicas' frames of it instead of dropping them as a conversation it does not hold."""
+    a, b = await _two_replicas(serve)
+    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    store = b.client.app[REDIS]
+    hold = store.hold
+
+    async def hold_failing(conversation_ids: Sequence[str], node: str) -> list[int]:
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(store, "hold", hold_failing)
+    tab2 = _Tab("tab-2")
+    with pytest.raises(RedisConnectionError):
+        await hub_b.join(conversation, tab2)
+    assert hub_b.members(conversation) == 1 and conversation not in hub_b._held
+    monkeypatch.setattr(store, "hold", hold)
+    await _kill_pubsub_of(b)
+    nodes = store.keys.conversation_nodes(conversation)
+    async with asyncio.timeout(10):
+        while hub_b.node.encode() not in await store.client.smembers(nodes):
+            await asyncio.sleep(0.02)
+    [(seq, _)] = await hub_a.emit(conversation, [b'{"type":"note"}'])
+    async with asyncio.timeout(5):
+        while not tab2.sent:
+            await asyncio.sleep(0.02)
+    assert tab2.sent == [b'{"type":"note","seq":%d}' % seq]
+
+
 async def test_a_recovery_that_fails_after_a_pubsub_reconnect_is_tried_again(
     serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
