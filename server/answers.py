@@ -36,6 +36,8 @@ from .turns import TokenBatcher, Turn, stream_answer
 log = logging.getLogger(__name__)
 
 LEASE_TTL_MS = 6000
+# How often the leases of running answers are renewed (the maintenance loop's every other tick).
+LEASE_RENEW_S = 2.0
 # An answer's lease is taken with its question's ack, milliseconds after its placeholder is committed: one
 # still without a lease after this long was never started.
 UNSTARTED_AFTER_S = 60.0
@@ -363,7 +365,15 @@ class Answers:
 
     async def take_over_expired(self) -> None:
         """Answers whose replica stopped renewing its lease end as interrupted, with the text logged so far."""
+        renewed = time.monotonic()
         for member in await self.hub.store.claim_expired_leases():
+            if time.monotonic() - renewed > LEASE_RENEW_S:
+                # Many answers of a dead replica, each committed while PostgreSQL is busy, can take longer
+                # than a lease lasts: this replica's own answers must not expire meanwhile and be taken
+                # over in turn.
+                with contextlib.suppress(Exception):
+                    await self.renew_leases()
+                renewed = time.monotonic()
             try:
                 await self._take_over(member)
             except Exception:

@@ -7,6 +7,7 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -649,3 +650,40 @@ async def test_the_first_message_after_a_redis_restart_is_answered(serve: Serve)
     finally:
         redis.stop()
         shutil.rmtree(redis.data_dir, ignore_errors=True)
+
+
+async def test_a_long_takeover_batch_does_not_let_the_replicas_own_leases_expire(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B takes over many answers of a dead replica while PostgreSQL is slow: the batch lasts longer than a
+    lease. B's own answer, streaming all the while, must keep its lease, else A ends it as interrupted."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=5)
+    answers_a, answers_b = a.client.app[CHAT].answers, b.client.app[CHAT].answers
+    take_over_a = answers_a.take_over_expired
+
+    async def idle() -> None:
+        return None
+
+    monkeypatch.setattr(answers_a, "take_over_expired", idle)  # until B has claimed the dead replica's
+    sock = await b.connect({"token": token()})
+    await sock.send(type="message", id="l1", text="Explain long division")
+    await sock.expect("ack")
+    store = b.client.app[REDIS]
+    dead = {orjson.dumps(["school-a", "u-dead", str(uuid.uuid4()), 10_000 + n, None]).decode(): 1 for n in range(16)}
+    database = b.client.app[DATABASE]
+    finish_reply = database.finish_reply
+
+    async def slow_finish_reply(*args: Any, **kwargs: Any) -> bool:
+        if args[1] == "u-dead":
+            await asyncio.sleep(0.5)
+        return await finish_reply(*args, **kwargs)
+
+    monkeypatch.setattr(database, "finish_reply", slow_finish_reply)
+    await store.client.zadd(store.keys.leases(), dead)
+    async with asyncio.timeout(10):
+        while await store.client.zscore(store.keys.leases(), next(iter(dead))) is not None:
+            await asyncio.sleep(0.05)
+    monkeypatch.setattr(answers_a, "take_over_expired", take_over_a)
+    assert answers_b.active == 1
+    frames = await sock.until("done", timeout=40)
+    assert frames[-1]["status"] == "complete"
