@@ -1,7 +1,8 @@
 """Answers: generated in their own tasks, streamed as numbered frames, committed with a final status.
 
 Each answer holds a lease in Redis while it runs; a replica that finds an expired lease commits that
-answer as interrupted (with the text logged so far) and tells its sockets.
+answer as interrupted (with the text logged so far), tells its sockets, and tells its replica (alive but
+slow, perhaps) to stop generating it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .turns import TokenBatcher, Turn, stream_answer
 log = logging.getLogger(__name__)
 
 LEASE_TTL_MS = 6000
+# How often the leases of running answers are renewed (the maintenance loop's every other tick).
+LEASE_RENEW_S = 2.0
 # An answer's lease is taken with its question's ack, milliseconds after its placeholder is committed: one
 # still without a lease after this long was never started.
 UNSTARTED_AFTER_S = 60.0
@@ -362,21 +365,43 @@ class Answers:
 
     async def take_over_expired(self) -> None:
         """Answers whose replica stopped renewing its lease end as interrupted, with the text logged so far."""
+        renewed = time.monotonic()
         for member in await self.hub.store.claim_expired_leases():
-            tenant_id, user_id, conversation_id, reply_id, course_id = orjson.loads(member)
-            if reply_id in self._turns:
-                continue  # ours after all (a slow renewal); the next renewal restores the lease
-            snapshot = await self.hub.store.snapshot(conversation_id)
-            text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
-            conversation = await self.db.tenant_conversation(tenant_id, conversation_id)
-            floor = max(snapshot.seq, conversation.last_seq if conversation else 0)
-            committed = await self.db.finish_reply(
-                tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
+            if time.monotonic() - renewed > LEASE_RENEW_S:
+                # Many answers of a dead replica, each committed while PostgreSQL is busy, can take longer
+                # than a lease lasts: this replica's own answers must not expire meanwhile and be taken
+                # over in turn.
+                with contextlib.suppress(Exception):
+                    await self.renew_leases()
+                renewed = time.monotonic()
+            try:
+                await self._take_over(member)
+            except Exception:
+                # Claimed, so no other replica will end it: an expired lease again, and the next tick retries.
+                log.exception("could not take over an abandoned answer; retrying")
+                with contextlib.suppress(Exception):
+                    await self.hub.store.lease_unleased([member])
+
+    async def _take_over(self, member: str) -> None:
+        tenant_id, user_id, conversation_id, reply_id, course_id = orjson.loads(member)
+        if reply_id in self._turns:
+            return  # ours after all (a slow renewal); the next renewal restores the lease
+        snapshot = await self.hub.store.snapshot(conversation_id)
+        text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
+        conversation = await self.db.tenant_conversation(tenant_id, conversation_id)
+        floor = max(snapshot.seq, conversation.last_seq if conversation else 0)
+        committed = await self.db.finish_reply(
+            tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
+        )
+        if committed:
+            log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
+            # Its replica may be alive, only slow (a stalled event loop, a Redis hiccup): it stops generating
+            # instead of streaming tokens after this `done` and spending the school's budget on them.
+            await self.hub.store.publish_control(
+                {"op": "cancel", "reply_id": reply_id, "tenant": tenant_id, "user": user_id}
             )
-            if committed:
-                log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
-                course = (tenant_id, course_id) if course_id else None
-                await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
+            course = (tenant_id, course_id) if course_id else None
+            await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
 
     async def end_unstarted(self, older_than_s: float = UNSTARTED_AFTER_S) -> None:
         """Answers committed but never started (the replica stopped before the ack, or a commit whose reply

@@ -57,6 +57,11 @@ class Member:
     buffer: list[Numbered] = field(default_factory=list)
 
 
+def _channel(message: dict[str, Any]) -> str:
+    channel = message["channel"]
+    return channel.decode() if isinstance(channel, bytes) else str(channel)
+
+
 def event_frame(course_id: str, frame: bytes, conversation_id: str | None = None) -> bytes:
     """Wrap a conversation frame for teachers watching the course."""
     if frame.startswith(b'{"type":"event"'):
@@ -95,7 +100,6 @@ class Hub:
         # per conversation it holds: a floor for its emits, so that if Redis loses a conversation's counter
         # the numbering its sockets see still only grows.
         self._seen: dict[str, int] = {}
-        self._reconnected = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -109,6 +113,16 @@ class Hub:
             await cancel_and_wait(self._listener)
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        # Other replicas stop publishing to this node, which is going away: each rolling restart would
+        # otherwise leave its node id in the nodes sets of every conversation it held, costing a PUBLISH
+        # per frame to nobody for as long as the conversation stays active.
+        held = [c for c, future in self._held.items() if future.done()]
+        self._held.clear()
+        try:
+            async with asyncio.timeout(5):
+                await self.store.release(held, self.node)
+        except Exception as exc:  # the sets expire a day after their conversation's last frame
+            log.warning("could not release the conversations held at shutdown", extra={"error": repr(exc)})
 
     async def _listen(self) -> None:
         """Receive other replicas' frames; reconnect with capped backoff, resubscribing everything."""
@@ -116,7 +130,7 @@ class Hub:
         while True:
             try:
                 self._pubsub = self.store.client.pubsub()
-                self._reconnected = self._ready.is_set()
+                recovering = self._ready.is_set()
                 await self._pubsub.subscribe(self.store.keys.control_channel(), self._node_channel, *self._channels)
                 self._ready.set()
                 delay = 0.1
@@ -126,6 +140,13 @@ class Hub:
                         await self._on_message(message)
                     except Exception:
                         log.exception("bad pub/sub message")
+                    if recovering and message.get("type") == "subscribe" and _channel(message) == self._node_channel:
+                        # Not isolated like a message: if it fails (Redis still loading, a stale pooled
+                        # connection), the listener reconnects and recovers again, else the frames published
+                        # meanwhile would be lost and, after a Redis restart, this node left out of the
+                        # nodes sets for as long as HOLD_REFRESH_S.
+                        await self._recover_all()
+                        recovering = False
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -139,14 +160,11 @@ class Hub:
 
     async def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+        channel = _channel(message)
         if kind == "subscribe":
             waiter = self._subscribed.pop(channel, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-            if channel == self._node_channel and self._reconnected:
-                self._reconnected = False
-                await self._recover_all()
             return
         if kind != "message":
             return
@@ -154,6 +172,8 @@ class Hub:
         if channel == self._node_channel:
             conversation, seq_text, frame = data.split(b" ", 2)
             conversation_id, seq = conversation.decode(), int(seq_text)
+            if conversation_id not in self._held:
+                return  # published before this node was released: no socket here needs it, nothing to track
             if seq <= self._remote_seq.get(conversation_id, 0):
                 return  # already delivered by a catch-up from the log
             self._remote_seq[conversation_id] = seq
@@ -188,6 +208,9 @@ class Hub:
         conversations = list(self._members)
         await self.store.hold(conversations, self.node)
         for conversation_id in conversations:
+            if conversation_id not in self._held:  # its socket's own hold had failed: held from now on
+                self._held[conversation_id] = held = asyncio.get_running_loop().create_future()
+                held.set_result(None)
             await self._recover(conversation_id)
 
     async def _recover(self, conversation_id: str) -> None:

@@ -27,13 +27,15 @@ log = logging.getLogger(__name__)
 # log, the channels and the seqs all agree on one order. Each frame is a JSON object; the script splices
 # `"seq":N` in before its closing brace. Envelopes are "<conversation> <seq> <frame>" on node channels and
 # "<node> <seq> <frame>" on course channels. The emitting replica delivers to its own sockets itself, so
-# nothing is published back to it.
+# nothing is published back to it. The counter never stays below the emitter's floor (the highest seq it
+# knows of): after Redis lost a counter, the first emitter's floor may be lower than what another replica
+# has already shown its sockets, and that replica's next frames must still go on from its own.
 _EMIT = """
 local seq_key, log_key, start_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local node, node_prefix, course_channel, conversation = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local count = #ARGV - 7
-if redis.call('EXISTS', seq_key) == 0 then redis.call('SET', seq_key, floor) end
+if tonumber(redis.call('GET', seq_key) or '0') < floor then redis.call('SET', seq_key, floor) end
 local first = redis.call('INCRBY', seq_key, count) - count + 1
 if redis.call('EXISTS', log_key) == 0 then redis.call('SET', start_key, first) end
 local targets = {}
@@ -130,6 +132,13 @@ def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
     """Pipelines of bounded size: a replica holding 10,000 conversations does not build one of 30,000."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _closed_by_server(conn: AbstractConnection) -> bool:
+    """True when the server has closed this idle connection (its end of stream has arrived): an attribute
+    check, no round trip."""
+    reader = getattr(conn, "_reader", None)
+    return bool(conn.is_connected and reader is not None and reader.at_eof())
 
 
 def now_ms() -> int:
@@ -352,6 +361,11 @@ class RedisStore:
         pipeline object per batch. A connection error, a timeout or a cancellation drops the connection;
         the next batch reconnects."""
         assert conn is not None  # emits and admits on a cluster do not come here
+        if _closed_by_server(conn):
+            # Redis restarted (or dropped the connection) while it was idle: reconnect before sending, as
+            # pool checkouts do, instead of failing the next message or answer on a dead connection. Only
+            # a close seen before sending: a batch that may have run is never sent twice.
+            await conn.disconnect()
         try:
             async with asyncio.timeout(self._round_trip_timeout_s):
                 await conn.send_packed_command(pack(commands))

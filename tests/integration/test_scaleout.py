@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.app import drain
+from server.embedded import EmbeddedServices
 from server.keys import CHAT, DATABASE, REDIS
 from tests.conftest import Serve, Server, answer_text, commit_then_lose_the_reply, seed_course, token
 
@@ -33,6 +41,15 @@ async def _committed(db: asyncpg.Connection, reply_id: int) -> asyncpg.Record:
             if row is not None and row["status"] != "streaming":
                 return row
             await asyncio.sleep(0.05)
+
+
+async def _kill_pubsub_of(server: Server) -> None:
+    """Drop one replica's pub/sub connection (its own socket: other runs on the same Redis are left alone)."""
+    hub = server.client.app[CHAT].hub
+    assert hub._pubsub is not None and hub._pubsub.connection is not None
+    writer = hub._pubsub.connection._writer
+    assert writer is not None
+    writer.transport.abort()
 
 
 async def test_tabs_on_two_replicas_each_get_every_frame_once(serve: Serve, db: asyncpg.Connection) -> None:
@@ -300,15 +317,96 @@ async def test_pubsub_reconnect_fills_the_gap_from_the_log(
     await tab1.send(type="message", id="g1", text="Keep talking while Redis hiccups")
     ack = await tab1.expect("ack")
     await tab2.until("token")
-    store = b.client.app[REDIS]
-    # Drop every pub/sub connection: frames published until the listeners are back are not pushed.
-    await store.client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    # Drop both replicas' pub/sub connections: frames published until the listeners are back are not pushed.
+    await _kill_pubsub_of(a)
+    await _kill_pubsub_of(b)
     await tab2.until("done")
     frames2 = tab2.frames  # every frame the tab received, the welcome included
     seqs = [f["seq"] for f in frames2[1:] if f.get("conversation_id") == conversation]
     assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
     row = await _committed(db, ack["reply_id"])
     assert answer_text(frames2, ack["reply_id"]) == row["text"]
+    assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
+
+
+class _Tab:
+    """A socket as the hub sees it, keeping what it is sent."""
+
+    def __init__(self, peer_id: str) -> None:
+        self.id = peer_id
+        self.sent: list[bytes] = []
+
+    async def send(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return True
+
+
+async def test_a_socket_whose_hold_failed_is_held_by_the_next_recovery(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket stays a member of a conversation whose hold failed (Redis hiccup). The recovery after a
+    pub/sub reconnect holds every member's conversation again, and from then on this replica takes the
+    other replicas' frames of it instead of dropping them as a conversation it does not hold."""
+    a, b = await _two_replicas(serve)
+    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    store = b.client.app[REDIS]
+    hold = store.hold
+
+    async def hold_failing(conversation_ids: Sequence[str], node: str) -> list[int]:
+        raise RedisConnectionError("Connection closed by server.")
+
+    monkeypatch.setattr(store, "hold", hold_failing)
+    tab2 = _Tab("tab-2")
+    with pytest.raises(RedisConnectionError):
+        await hub_b.join(conversation, tab2)
+    assert hub_b.members(conversation) == 1 and conversation not in hub_b._held
+    monkeypatch.setattr(store, "hold", hold)
+    await _kill_pubsub_of(b)
+    nodes = store.keys.conversation_nodes(conversation)
+    async with asyncio.timeout(10):
+        while hub_b.node.encode() not in await store.client.smembers(nodes):
+            await asyncio.sleep(0.02)
+    [(seq, _)] = await hub_a.emit(conversation, [b'{"type":"note"}'])
+    async with asyncio.timeout(5):
+        while not tab2.sent:
+            await asyncio.sleep(0.02)
+    assert tab2.sent == [b'{"type":"note","seq":%d}' % seq]
+
+
+async def test_a_recovery_that_fails_after_a_pubsub_reconnect_is_tried_again(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis answers the resubscription but not yet the recovery's commands (still loading after a restart,
+    a stale pooled connection): the listener reconnects and recovers again, so the tab still gets every
+    frame published while it was not listening."""
+    caplog.set_level(logging.INFO, logger="server.hub")
+    a, b = await _two_replicas(serve, offline_tokens_per_s=100)
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    store = b.client.app[REDIS]
+    hold = store.hold
+    failures = []
+
+    async def hold_failing_once(conversation_ids: Sequence[str], node: str) -> list[int]:
+        if not failures:
+            failures.append(node)
+            raise RedisConnectionError("LOADING Redis is loading the dataset in memory")
+        return await hold(conversation_ids, node)
+
+    await tab1.send(type="message", id="g2", text="Keep talking while Redis restarts")
+    ack = await tab1.expect("ack")
+    await tab2.until("token")
+    monkeypatch.setattr(store, "hold", hold_failing_once)
+    await _kill_pubsub_of(b)
+    await tab2.until("done")
+    assert failures
+    seqs = [f["seq"] for f in tab2.frames[1:] if f.get("conversation_id") == conversation]
+    assert len(seqs) == len(set(seqs)) and seqs == sorted(seqs)
+    row = await _committed(db, ack["reply_id"])
+    assert answer_text(tab2.frames, ack["reply_id"]) == row["text"]
     assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
 
 
@@ -357,6 +455,72 @@ async def test_frames_are_published_only_to_the_other_replicas_holding_the_conve
     await listener.aclose()
 
 
+async def test_after_redis_lost_a_counter_each_replica_numbers_above_what_its_sockets_saw(serve: Serve) -> None:
+    """Redis restarts and loses a conversation's counter. The first replica to emit again knows only an
+    older seq (its floor); another, whose tab saw later frames, must not number its next frames below
+    those: its floor counts too, not just the first one's."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=0, offline_ttft_ms=0)
+    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    tab = await a.connect({"token": token()})
+    conversation = tab.frames[0]["conversation_id"]
+    await tab.send(type="message", id="f1", text="First")
+    await tab.until("done")
+    known_to_b = max(f["seq"] for f in tab.frames if "seq" in f)
+    await tab.send(type="message", id="f2", text="Second")
+    await tab.until("done")
+    seen_by_tab = max(f["seq"] for f in tab.frames if "seq" in f)
+    assert hub_a.last_seq(conversation) == seen_by_tab > known_to_b
+    store = a.client.app[REDIS]
+    await store.client.delete(store.keys.conversation_seq(conversation))  # what a Redis restart does
+    note = b'{"type":"note","conversation_id":"%b"}' % conversation.encode()
+    await hub_b.emit(conversation, [note], floor=known_to_b)  # B has no socket here: it knows no more
+    [(then, _)] = await hub_a.emit(conversation, [note])
+    assert then > seen_by_tab
+    [(after, _)] = await hub_b.emit(conversation, [note], floor=known_to_b)
+    assert after == then + 1
+
+
+async def test_a_replica_that_shuts_down_leaves_the_nodes_sets(serve: Serve) -> None:
+    """Stopping a replica (a rolling restart) takes its node id out of the conversations it held, so the
+    others stop publishing each frame to a channel nobody listens to."""
+    a, b = await _two_replicas(serve)
+    store = a.client.app[REDIS]
+    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    await b.connect({"token": token(), "conversation_id": conversation})
+    nodes = store.keys.conversation_nodes(conversation)
+    assert await store.client.smembers(nodes) == {hub_a.node.encode(), hub_b.node.encode()}
+    await b.client.close()
+    assert await store.client.smembers(nodes) == {hub_a.node.encode()}
+
+
+async def test_frames_of_a_released_conversation_leave_no_state_behind(serve: Serve) -> None:
+    """A frame published just before the release (SREM) reaches the node after `prune` forgot the
+    conversation: it must not bring back per-conversation entries that nothing would ever remove again."""
+    a, b = await _two_replicas(serve)
+    hub_b = b.client.app[CHAT].hub
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    await tab2.close()
+    async with asyncio.timeout(5):
+        while hub_b.members(conversation):
+            await asyncio.sleep(0.02)
+    await hub_b.prune()
+    assert conversation not in hub_b._remote_seq and conversation not in hub_b._seen
+    store = b.client.app[REDIS]
+    late = orjson.dumps({"type": "token", "reply_id": 1, "conversation_id": conversation, "text": "x", "seq": 999})
+    await store.client.publish(store.keys.node_channel(hub_b.node), b"%b 999 %b" % (conversation.encode(), late))
+    markers: list[dict[str, object]] = []
+    hub_b.on_control = markers.append
+    await store.publish_control({"marker": 1})  # the same connection delivers it after the frame
+    async with asyncio.timeout(5):
+        while not markers:
+            await asyncio.sleep(0.02)
+    assert conversation not in hub_b._remote_seq and conversation not in hub_b._seen
+
+
 async def test_a_crowd_leaving_at_once_is_seen_by_the_teacher(serve: Serve) -> None:
     a, b = await _two_replicas(serve)
     teacher = await b.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
@@ -401,3 +565,125 @@ async def test_answers_committed_but_never_started_end_interrupted(
         done = (await student.until("done"))[-1]
         assert question.reply is not None and (done["reply_id"], done["status"]) == (question.reply.id, "interrupted")
     assert (await busy.until("done"))[-1]["status"] == "complete"
+
+
+async def test_a_takeover_that_fails_is_retried_and_spares_the_other_answers(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The takeover claims a batch of expired leases at once: PostgreSQL failing for the first one must not
+    drop the rest (their leases are gone, so no replica would end them), and the failed one is tried again."""
+    server = await serve()
+    students = [await server.connect({"token": token(f"stu-{n}")}) for n in (1, 2)]
+    database = server.client.app[DATABASE]
+    monkeypatch.setattr(database, "_insert_questions", commit_then_lose_the_reply(database._insert_questions))
+    saved = await asyncio.gather(*(
+        database.save_question("school-a", s.frames[0]["conversation_id"], "q1", "Why?", s.frames[0]["user"]["id"])
+        for s in students
+    ))
+    finish_reply = database.finish_reply
+    failures: list[int] = []
+
+    async def failing_once(*args: Any, **kwargs: Any) -> bool:
+        if not failures:
+            failures.append(args[3])
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return await finish_reply(*args, **kwargs)
+
+    monkeypatch.setattr(database, "finish_reply", failing_once)
+    await server.client.app[CHAT].answers.end_unstarted(older_than_s=0)
+    for student, question in zip(students, saved, strict=True):
+        async with asyncio.timeout(10):
+            done = (await student.until("done"))[-1]
+        assert question.reply is not None and (done["reply_id"], done["status"]) == (question.reply.id, "interrupted")
+    assert len(failures) == 1
+
+
+async def test_a_slow_replica_whose_answer_was_taken_over_stops_generating_it(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A stalls past its lease, so B ends A's answer as interrupted; when A comes back it must stop
+    generating that answer (no tokens after the `done`, no tokens spent on it), not stream it to the end."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=20)
+    answers_a = a.client.app[CHAT].answers
+
+    async def stalled() -> None:
+        return None
+
+    monkeypatch.setattr(answers_a, "renew_leases", stalled)
+    monkeypatch.setattr(answers_a, "take_over_expired", stalled)
+    sock = await a.connect({"token": token()})
+    await sock.send(type="message", id="s1", text="Explain long division step by step")
+    ack = await sock.expect("ack")
+    await sock.expect("token")
+    turn = answers_a._turns[ack["reply_id"]]
+    store = a.client.app[REDIS]
+    member = orjson.dumps(["school-a", turn.user_id, turn.conversation_id, turn.reply_id, None]).decode()
+    await store.client.zadd(store.keys.leases(), {member: int(time.time() * 1000) - 1})  # A missed its renewals
+    await b.client.app[CHAT].answers.take_over_expired()  # (or B's maintenance loop, within a second)
+    frames = await sock.until("done")
+    assert frames[-1]["status"] == "interrupted"
+    assert turn.task is not None
+    async with asyncio.timeout(30):
+        await asyncio.wait([turn.task])
+    assert turn.stop_reason is not None  # stopped, not generated to its end
+    row = await _committed(db, ack["reply_id"])
+    assert row["status"] == "interrupted" and answer_text(sock.frames, ack["reply_id"]).startswith(row["text"])
+    assert await store.client.zscore(store.keys.leases(), member) is None
+
+
+async def test_the_first_message_after_a_redis_restart_is_answered(serve: Serve) -> None:
+    """Redis restarts while no answer streams. The replica's own admit and emit connections (outside the
+    pool, whose checkouts notice a closed connection) were closed by the old server: the next message
+    must still be admitted, acknowledged and answered, not fail on the dead connections."""
+    redis = EmbeddedServices(Path(tempfile.mkdtemp(prefix="w2c-")))
+    redis.start(postgres=False, redis=True)
+    try:
+        server = await serve(redis_url=redis.redis_url)
+        sock = await server.connect({"token": token()})
+        await sock.send(type="message", id="b1", text="Before the restart")
+        assert (await sock.until("done"))[-1]["status"] == "complete"
+        redis.stop()
+        redis.start(postgres=False, redis=True)
+        await sock.send(type="message", id="a1", text="After the restart")
+        frames = await sock.until("done")
+        assert [f for f in frames if f["type"] == "error"] == [] and frames[-1]["status"] == "complete"
+    finally:
+        redis.stop()
+        shutil.rmtree(redis.data_dir, ignore_errors=True)
+
+
+async def test_a_long_takeover_batch_does_not_let_the_replicas_own_leases_expire(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B takes over many answers of a dead replica while PostgreSQL is slow: the batch lasts longer than a
+    lease. B's own answer, streaming all the while, must keep its lease, else A ends it as interrupted."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=5)
+    answers_a, answers_b = a.client.app[CHAT].answers, b.client.app[CHAT].answers
+    take_over_a = answers_a.take_over_expired
+
+    async def idle() -> None:
+        return None
+
+    monkeypatch.setattr(answers_a, "take_over_expired", idle)  # until B has claimed the dead replica's
+    sock = await b.connect({"token": token()})
+    await sock.send(type="message", id="l1", text="Explain long division")
+    await sock.expect("ack")
+    store = b.client.app[REDIS]
+    dead = {orjson.dumps(["school-a", "u-dead", str(uuid.uuid4()), 10_000 + n, None]).decode(): 1 for n in range(16)}
+    database = b.client.app[DATABASE]
+    finish_reply = database.finish_reply
+
+    async def slow_finish_reply(*args: Any, **kwargs: Any) -> bool:
+        if args[1] == "u-dead":
+            await asyncio.sleep(0.5)
+        return await finish_reply(*args, **kwargs)
+
+    monkeypatch.setattr(database, "finish_reply", slow_finish_reply)
+    await store.client.zadd(store.keys.leases(), dead)
+    async with asyncio.timeout(10):
+        while await store.client.zscore(store.keys.leases(), next(iter(dead))) is not None:
+            await asyncio.sleep(0.05)
+    monkeypatch.setattr(answers_a, "take_over_expired", take_over_a)
+    assert answers_b.active == 1
+    frames = await sock.until("done", timeout=40)
+    assert frames[-1]["status"] == "complete"
