@@ -220,7 +220,14 @@ class ChatService:
         conversation = await self.user_conversation(session.claims, session.user.id, conversation_id)
         joined = Joined(conversation, await self._course_of(conversation))
         session.joined[conversation.id] = joined
-        await self.hub.join(conversation.id, session.peer)
+        try:
+            await self.hub.join(conversation.id, session.peer)
+        except BaseException:
+            # Not joined after all: the next frame naming it tries again (else this socket would never
+            # hold it, and would miss what other replicas send about it).
+            del session.joined[conversation.id]
+            self.hub.leave(conversation.id, session.peer)
+            raise
         return joined
 
     async def close_session(self, session: Session) -> None:

@@ -48,3 +48,38 @@ async def test_a_hello_that_fails_late_is_unwound(server: Server) -> None:
     async with asyncio.timeout(5):
         while chat._sessions or chat.hub.members(conversation):
             await asyncio.sleep(0.02)
+
+
+async def test_a_conversation_whose_join_failed_is_joined_by_the_next_frame(server: Server) -> None:
+    for course in ("alg-1", "geo-1"):
+        await seed_course(server.settings, "school-a", course, course)
+    student = token(courses=["alg-1", "geo-1"])
+    other = await server.connect({"token": student, "course_id": "geo-1"})
+    geometry = other.frames[0]["conversation_id"]
+    await other.close()
+    chat = server.client.app[CHAT]
+    async with asyncio.timeout(5):
+        while chat.hub.members(geometry):
+            await asyncio.sleep(0.02)
+    await chat.hub.prune()  # this replica lets go of it, so the next join must hold it again
+    sock = await server.connect({"token": student, "course_id": "alg-1"})
+    store = chat.hub.store
+    original = store.hold
+    calls = 0
+
+    async def hold_fails_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RedisConnectionError("redis went away")
+        return await original(*args, **kwargs)
+
+    store.hold = hold_fails_once  # type: ignore[method-assign]
+    await sock.send(type="message", id="g1", text="What is a rhombus?", conversation_id=geometry)
+    error = await sock.expect("error")
+    assert error["code"] == "internal" and error["ref"] == "g1", error
+    assert chat.hub.members(geometry) == 0
+    await sock.send(type="message", id="g1", text="What is a rhombus?", conversation_id=geometry)
+    assert (await sock.expect("ack"))["conversation_id"] == geometry
+    assert calls == 2 and chat.hub.members(geometry) == 1
+    await sock.until("done")
