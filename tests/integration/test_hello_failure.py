@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,21 +15,24 @@ from tests.conftest import Server, seed_course, token
 pytestmark = pytest.mark.integration
 
 
+def _fails_once(original: Callable[..., Awaitable[Any]]) -> tuple[Callable[..., Awaitable[Any]], list[int]]:
+    """`original`, except that its first call raises a Redis connection error; and the count of calls."""
+    calls = [0]
+
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RedisConnectionError("redis went away")
+        return await original(*args, **kwargs)
+
+    return wrapper, calls
+
+
 async def test_a_hello_that_fails_late_is_unwound(server: Server) -> None:
     await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
     chat = server.client.app[CHAT]
     store = chat.hub.store
-    original = store.announce
-    calls = 0
-
-    async def announce_fails_once(*args: Any, **kwargs: Any) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RedisConnectionError("redis went away")
-        await original(*args, **kwargs)
-
-    store.announce = announce_fails_once  # type: ignore[method-assign]
+    store.announce, _ = _fails_once(store.announce)  # type: ignore[method-assign]
     hello = {"type": "hello", "token": token(courses=["alg-1"]), "course_id": "alg-1"}
     sock = await server.connect()
     await sock.send(**hello)
@@ -64,22 +68,12 @@ async def test_a_conversation_whose_join_failed_is_joined_by_the_next_frame(serv
     await chat.hub.prune()  # this replica lets go of it, so the next join must hold it again
     sock = await server.connect({"token": student, "course_id": "alg-1"})
     store = chat.hub.store
-    original = store.hold
-    calls = 0
-
-    async def hold_fails_once(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RedisConnectionError("redis went away")
-        return await original(*args, **kwargs)
-
-    store.hold = hold_fails_once  # type: ignore[method-assign]
+    store.hold, calls = _fails_once(store.hold)  # type: ignore[method-assign]
     await sock.send(type="message", id="g1", text="What is a rhombus?", conversation_id=geometry)
     error = await sock.expect("error")
     assert error["code"] == "internal" and error["ref"] == "g1", error
     assert chat.hub.members(geometry) == 0
     await sock.send(type="message", id="g1", text="What is a rhombus?", conversation_id=geometry)
     assert (await sock.expect("ack"))["conversation_id"] == geometry
-    assert calls == 2 and chat.hub.members(geometry) == 1
+    assert calls == [2] and chat.hub.members(geometry) == 1
     await sock.until("done")
