@@ -51,6 +51,10 @@ class TokenBatcher:
         self.error: BaseException | None = None
 
     def push(self, text: str) -> None:
+        """Queue a chunk; after an emit failed, raise it instead: a later frame would leave a hole in the
+        client's text, so the answer ends there (as failed, with its whole text committed)."""
+        if self.error is not None:
+            raise self.error
         if not text:
             return
         self._pending.append(text)

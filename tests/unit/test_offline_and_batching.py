@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from ai.base import AIRequest, CourseContext, Turn, Usage
 from ai.offline import OfflineProvider, compose_reply
 from server.turns import TokenBatcher
@@ -88,3 +90,26 @@ async def test_batcher_reports_emit_failures() -> None:
         assert "redis" in str(exc)
     else:
         raise AssertionError("flush should re-raise the emit failure")
+
+
+async def test_after_an_emit_failure_nothing_more_is_emitted() -> None:
+    # Frames after a lost one would leave a hole in the client's text (Redis restarted mid-answer): the
+    # answer stops there instead, and `push` tells the stream, which ends the turn as failed.
+    sent: list[tuple[str, int]] = []
+
+    async def emit(text: str, offset: int) -> None:
+        if len(sent) == 1:
+            sent.append(("lost", offset))
+            raise ConnectionError("redis went away")
+        sent.append((text, offset))
+
+    batcher = TokenBatcher(emit, min_interval=0.0)
+    batcher.push("one ")
+    await asyncio.sleep(0.01)
+    batcher.push("two ")
+    await asyncio.sleep(0.01)
+    with pytest.raises(ConnectionError):
+        batcher.push("three ")
+    with pytest.raises(ConnectionError):
+        await batcher.flush()
+    assert sent == [("one ", 0), ("lost", 4)]
