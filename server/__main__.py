@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
+import asyncpg
 from aiohttp import web
 
 from . import __version__, lifecycle_cli
@@ -244,6 +245,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, EmbeddedError) as exc:
         print(f"smartedu: configuration error: {exc}", file=sys.stderr)
         return 2
+    # What the machine or the database refuses (a port in use, an unreachable or missing database) is the
+    # operator's to fix: one line naming it, not a traceback.
+    except asyncpg.PostgresError as exc:
+        print(f"smartedu {args.command}: database error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"smartedu {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"smartedu {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import aiohttp
 import jwt
 import orjson
 import pytest
+
+from tests.conftest import Services
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +113,30 @@ def test_serve_embedded_prints_a_working_url_and_keeps_data_across_restarts(tmp_
         assert history[1]["status"] == "complete"
     finally:
         _stop(proc)
+
+
+def _external_env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "REDIS_URL")}
+    env.update({"REDIS_URL": "redis://127.0.0.1:1/0", "SMARTEDU_JWT_SECRET": "cli-secret-" + "q" * 60, **extra})
+    return env
+
+
+def test_a_missing_database_is_one_line_not_a_traceback(services: Services) -> None:
+    missing = services.database_url.rsplit("/", 1)[0] + "/smartedu_no_such_database"
+    result = _run("migrate", env=_external_env(DATABASE_URL=missing))
+    assert result.returncode == 1, result.stderr
+    assert "smartedu migrate: database error" in result.stderr and "smartedu_no_such_database" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(services: Services, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _external_env(DATABASE_URL=services.database_url, REDIS_URL=services.redis_url,
+                            SMARTEDU_DATA_DIR=str(tmp_path), SMARTEDU_REDIS_PREFIX=f"test:{uuid.uuid4().hex[:12]}:")
+        result = _run("serve", "--port", str(port), env=env)
+    assert result.returncode == 1, result.stderr
+    assert "smartedu serve:" in result.stderr and "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr
