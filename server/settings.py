@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -18,7 +19,10 @@ def _default_static_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "static"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+MAX_PORT = 65535
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -28,6 +32,9 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    # A port above 65535 is not refused by the event loop: it binds the number modulo 65536.
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -39,6 +46,8 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):  # nan passes every comparison below; inf never elapses
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
@@ -184,8 +193,8 @@ class Settings:
             static_dir=Path(env["SMARTEDU_STATIC_DIR"]) if env.get("SMARTEDU_STATIC_DIR") else _default_static_dir(),
             allowed_origins=origins,
             host=env.get("SMARTEDU_HOST") or defaults.host,
-            port=_int(env, "SMARTEDU_PORT", defaults.port, minimum=0),
-            public_url=(env.get("SMARTEDU_PUBLIC_URL") or "").rstrip("/") or None,
+            port=_int(env, "SMARTEDU_PORT", defaults.port, 0, MAX_PORT),
+            public_url=(_url(env, "SMARTEDU_PUBLIC_URL", ("http", "https")) or "").rstrip("/") or None,
             max_message_chars=_int(env, "SMARTEDU_MAX_MESSAGE_CHARS", defaults.max_message_chars, 1),
             messages_per_minute=_int(env, "SMARTEDU_MESSAGES_PER_MINUTE", defaults.messages_per_minute, 1),
             hello_timeout=_float(env, "SMARTEDU_HELLO_TIMEOUT", defaults.hello_timeout, 0.1),
@@ -206,12 +215,19 @@ class Settings:
             grounding_chars=_int(env, "SMARTEDU_GROUNDING_CHARS", defaults.grounding_chars),
             grounding_passages=_int(env, "SMARTEDU_GROUNDING_PASSAGES", defaults.grounding_passages),
             # Off unless set (the container images set 9100), so several local replicas never clash.
-            metrics_port=_int(env, "SMARTEDU_METRICS_PORT", -1) if env.get("SMARTEDU_METRICS_PORT") else None,
+            metrics_port=(
+                _int(env, "SMARTEDU_METRICS_PORT", -1, 0, MAX_PORT) if env.get("SMARTEDU_METRICS_PORT") else None
+            ),
             metrics_host=env.get("SMARTEDU_METRICS_HOST") or None,
             session_key=_session_key(env),
             session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", defaults.session_ttl_s, 60),
             migrate_on_start=_bool(env, "SMARTEDU_MIGRATE_ON_START", defaults.migrate_on_start),
         )
+        if settings.db_pool_min > settings.db_pool_max:
+            raise ConfigError(
+                f"SMARTEDU_DB_POOL_MIN ({settings.db_pool_min}) must not exceed SMARTEDU_DB_POOL_MAX "
+                f"({settings.db_pool_max})"
+            )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
         return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))
 

@@ -59,6 +59,12 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_LOG_LEVEL": "LOUD"}, "SMARTEDU_LOG_LEVEL"),
         ({"SMARTEDU_LOG_CONTENT": "maybe"}, "SMARTEDU_LOG_CONTENT"),
         ({"SMARTEDU_MIGRATE_ON_START": "sometimes"}, "SMARTEDU_MIGRATE_ON_START"),
+        ({"SMARTEDU_PORT": "70000"}, "SMARTEDU_PORT"),
+        ({"SMARTEDU_METRICS_PORT": "65536"}, "SMARTEDU_METRICS_PORT"),
+        ({"SMARTEDU_HELLO_TIMEOUT": "nan"}, "SMARTEDU_HELLO_TIMEOUT"),
+        ({"SMARTEDU_DRAIN_SECONDS": "inf"}, "SMARTEDU_DRAIN_SECONDS"),
+        ({"SMARTEDU_DB_POOL_MIN": "20", "SMARTEDU_DB_POOL_MAX": "5"}, "SMARTEDU_DB_POOL_MIN"),
+        ({"SMARTEDU_PUBLIC_URL": "chat.example.edu"}, "SMARTEDU_PUBLIC_URL"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -85,3 +91,10 @@ def test_replicas_migrate_on_start_unless_told_not_to() -> None:
     assert Settings.from_env({}).migrate_on_start is True
     assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": ""}).migrate_on_start is True
     assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": "false"}).migrate_on_start is False
+
+
+def test_ports_span_the_whole_range_and_public_url_keeps_its_scheme() -> None:
+    settings = Settings.from_env(
+        {"SMARTEDU_PORT": "65535", "SMARTEDU_METRICS_PORT": "0", "SMARTEDU_PUBLIC_URL": "https://chat.example.edu/"}
+    )
+    assert (settings.port, settings.metrics_port, settings.public_url) == (65535, 0, "https://chat.example.edu")
