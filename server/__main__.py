@@ -21,13 +21,20 @@ from .auth import ROLES, mint_token
 from .embedded import EmbeddedError, EmbeddedServices, dev_session_key, jwt_secret
 from .errors import ConfigError
 from .logs import configure_logging
-from .settings import Settings
+from .settings import MAX_PORT, Settings
 
 # Allocations between young-generation collections (CPython's default is 700): a streaming frame allocates
 # a few dozen objects, so the default collects hundreds of times a second under load.
 GC_YOUNG_THRESHOLD = 20_000
 
 log = logging.getLogger("smartedu")
+
+
+def _port(text: str) -> int:
+    # Checked here as SMARTEDU_PORT is: the event loop would bind 70000 as 4464 without a word.
+    if not text.isdigit() or int(text) > MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to {MAX_PORT}, got {text!r}")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the chat server", description="Run the chat server.")
     serve.add_argument("--host", help="interface to listen on (default SMARTEDU_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default SMARTEDU_PORT or 8080)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default SMARTEDU_PORT or 8080)")
     serve.add_argument("--no-seed", action="store_true", help="do not create the demo school in embedded mode")
 
     commands.add_parser(
@@ -59,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--tenant", required=True, help="the tenant (school) id (claim tid)")
     token.add_argument("--course", action="append", help="a course the token may use (repeatable; claim courses)")
     token.add_argument("--name", help="display name (claim name)")
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--ttl", type=lifecycle_cli.positive_int, default=3600, help="lifetime in seconds (default 3600)"
+    )
 
     commands.add_parser(
         "seed-demo",

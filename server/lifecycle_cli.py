@@ -64,7 +64,8 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
@@ -129,7 +130,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     purge.add_argument("--tenant", metavar="T", help="purge only this tenant")
     purge.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
     purge.add_argument(
-        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
         help=f"conversations per transaction (default {DEFAULT_BATCH_SIZE})",
     )
 

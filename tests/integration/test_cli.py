@@ -140,3 +140,18 @@ def test_a_port_in_use_is_one_line_not_a_traceback(services: Services, tmp_path:
     assert result.returncode == 1, result.stderr
     assert "smartedu serve:" in result.stderr and "address already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["serve", "--port", "70000"], "--port"),
+        (["serve", "--port", "-1"], "--port"),
+        (["token", "--user", "u", "--role", "student", "--tenant", "t", "--ttl", "-5"], "--ttl"),
+        (["token", "--user", "u", "--role", "student", "--tenant", "t", "--ttl", "0"], "--ttl"),
+    ],
+)
+def test_out_of_range_arguments_are_usage_errors(argv: list[str], named: str, tmp_path: Path) -> None:
+    # Before: --port 70000 listened on 4464, and --ttl -5 printed a token that had already expired.
+    result = _run(*argv, env={**os.environ, "SMARTEDU_DATA_DIR": str(tmp_path)})
+    assert result.returncode == 2 and named in result.stderr and result.stdout == ""
