@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import jwt
 import orjson
+import psutil
 import pytest
 
 from tests.conftest import Services
@@ -155,3 +156,37 @@ def test_out_of_range_arguments_are_usage_errors(argv: list[str], named: str, tm
     # Before: --port 70000 listened on 4464, and --ttl -5 printed a token that had already expired.
     result = _run(*argv, env={**os.environ, "SMARTEDU_DATA_DIR": str(tmp_path)})
     assert result.returncode == 2 and named in result.stderr and result.stdout == ""
+
+
+def _embedded_servers(data: Path) -> list[psutil.Process]:
+    """The embedded postgres and redis processes serving `data` (their command lines name it)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if str(data) in cmdline and ("postgres" in cmdline or "redis-server" in cmdline):
+            found.append(proc)
+    return found
+
+
+def test_the_run_after_a_killed_one_adopts_and_stops_its_embedded_servers(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port = _free_port()
+    try:
+        killed, _ = _start(tmp_path, port)
+        killed.kill()
+        killed.wait()
+        assert killed.stdout is not None
+        killed.stdout.close()
+        assert len(_embedded_servers(data)) == 2  # SIGKILL leaves both running, as a crash would
+
+        proc, url = _start(tmp_path, port)
+        try:
+            asyncio.run(_chat(f"http://127.0.0.1:{port}/ws", url.split("token=")[1], "Still here?"))
+        finally:
+            _stop(proc)
+        # Before: the killed run stayed recorded as a user of both servers, so no later run ever stopped them.
+        _gone, alive = psutil.wait_procs(_embedded_servers(data), timeout=15)
+        assert alive == [] and not (data / "postgres" / "postmaster.pid").exists()
+    finally:
+        for leftover in _embedded_servers(data):
+            leftover.kill()
