@@ -133,6 +133,9 @@ class EmbeddedServices:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Out of our process group: Ctrl-C in the terminal would otherwise stop Redis at the same moment
+            # as the server, whose shutdown still finishes answers through it; `stop` ends it afterwards.
+            start_new_session=True,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

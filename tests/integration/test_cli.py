@@ -68,14 +68,19 @@ async def _chat(url: str, token: str, text: str) -> dict[str, object]:
         return welcome
 
 
-def _start(tmp_path: Path, port: int) -> tuple[subprocess.Popen[str], str]:
+def _start(
+    tmp_path: Path, port: int, *, stderr: Path | None = None, **extra: str
+) -> tuple[subprocess.Popen[str], str]:
     env = {
         key: value for key, value in os.environ.items()
         if key not in ("DATABASE_URL", "REDIS_URL", "SMARTEDU_JWT_SECRET")
     }
     env.update(SMARTEDU_DATA_DIR=str(tmp_path / "data"), SMARTEDU_PORT=str(port), SMARTEDU_OFFLINE_TTFT_MS="0")
-    proc = subprocess.Popen([*SMARTEDU, "serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
+    env.update(extra)
+    with open(stderr or os.devnull, "w") as errors:
+        # Its own session, as a shell gives a foreground job: killpg then does what Ctrl-C in a terminal does.
+        proc = subprocess.Popen([*SMARTEDU, "serve"], stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
+                                start_new_session=True)
     assert proc.stdout is not None
     for line in proc.stdout:
         match = re.search(r"Student chat:\s+(\S+)", line)
@@ -190,3 +195,50 @@ def test_the_run_after_a_killed_one_adopts_and_stops_its_embedded_servers(tmp_pa
     finally:
         for leftover in _embedded_servers(data):
             leftover.kill()
+
+
+async def _ask_until_streaming(url: str, token: str) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse]:
+    session = aiohttp.ClientSession()
+    ws = await session.ws_connect(url)
+    await ws.send_str(orjson.dumps({"type": "hello", "token": token, "course_id": "algebra-1"}).decode())
+    await ws.receive(timeout=10)
+    await ws.send_str(orjson.dumps({"type": "message", "id": "ctrl-c", "text": "Explain slopes"}).decode())
+    while orjson.loads((await ws.receive(timeout=10)).data)["type"] != "token":
+        pass
+    return session, ws
+
+
+def test_ctrl_c_in_the_terminal_stops_the_server_before_its_embedded_redis(tmp_path: Path) -> None:
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    # An answer of 400 words, so it is still streaming when Ctrl-C comes.
+    proc, url = _start(tmp_path, port, stderr=log, SMARTEDU_OFFLINE_REPLY_WORDS="400")
+
+    async def interrupt_mid_answer() -> None:
+        session, ws = await _ask_until_streaming(f"http://127.0.0.1:{port}/ws", url.split("token=")[1])
+        try:
+            os.killpg(proc.pid, signal.SIGINT)  # the whole foreground group, as a terminal's Ctrl-C
+            await ws.receive(timeout=30)
+        finally:
+            await ws.close()
+            await session.close()
+
+    try:
+        # A terminal delivers Ctrl-C to its foreground process group: the embedded servers must not be in it,
+        # or Redis dies at the same moment as the server, whose shutdown still finishes answers through it
+        # (before: "turn could not be finished", connection reset, whenever Redis won that race).
+        servers = _embedded_servers(tmp_path / "data")
+        assert len(servers) == 2 and all(os.getpgid(server.pid) != proc.pid for server in servers)
+        asyncio.run(interrupt_mid_answer())
+        assert proc.wait(timeout=30) == 0
+        _gone, alive = psutil.wait_procs(servers, timeout=15)
+        assert alive == []  # the server stopped them after itself
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert proc.stdout is not None
+        proc.stdout.close()
+        for leftover in _embedded_servers(tmp_path / "data"):
+            leftover.kill()
+    errors = [line for line in log.read_text().splitlines() if '"level":"error"' in line]
+    assert errors == [], log.read_text()[-3000:]
