@@ -89,7 +89,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     backup.add_argument(
         "-o", "--output", type=Path, metavar="FILE",
-        help="where to write the backup (default smartedu-YYYYmmdd-HHMMSS.dump in the current directory, UTC)",
+        help="where to write the backup: a file, or a directory for the default name (default "
+        "smartedu-YYYYmmdd-HHMMSS.dump in the current directory, UTC)",
     )
     backup.add_argument("--pg-bin", type=Path, metavar="DIR", help=pg_bin_help)
 
@@ -265,7 +266,10 @@ def _confirm(prompt: str) -> bool:
 
 
 def _backup(args: argparse.Namespace, dsn: str) -> int:
-    output: Path = args.output or Path(f"smartedu-{datetime.now(UTC):%Y%m%d-%H%M%S}.dump")
+    name = f"smartedu-{datetime.now(UTC):%Y%m%d-%H%M%S}.dump"
+    output: Path = args.output or Path(name)
+    if output.is_dir():  # `--output /backups`: the usual name, in that directory
+        output = output / name
     progress = _Progress()
     try:
         result = asyncio.run(backup_database(dsn, output, pg_bin=args.pg_bin, on_table=progress.table("dumped")))

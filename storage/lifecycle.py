@@ -275,10 +275,10 @@ async def backup_database(
                     env,
                     _table_counter(_DUMPING, len(contents.tables), on_table),
                 )
-            except BaseException:
+                os.replace(partial, output)
+            except BaseException:  # nothing half-written stays behind, nor a whole dump under the wrong name
                 partial.unlink(missing_ok=True)
                 raise
-        os.replace(partial, output)
     finally:
         await conn.close()
     size = await asyncio.to_thread(os.path.getsize, output)

@@ -28,6 +28,7 @@ from storage.lifecycle import (
     PgTool,
     RetentionRule,
     TenantRetention,
+    backup_database,
     closest_first,
     libpq_target,
     pick_dump_tool,
@@ -197,6 +198,32 @@ async def test_backup_then_restore_into_a_fresh_database_keeps_every_conversatio
         assert await restored.fetch(MESSAGES) == messages
     finally:
         await restored.close()
+
+
+async def test_backup_into_a_directory_uses_the_default_name_there(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: the dump went to "<dir>.partial", the rename onto the directory failed (exit 1) and the whole
+    # dump stayed behind under that name.
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    assert await _cli(settings, "backup", "--output", str(backups)) == 0, capsys.readouterr().err
+    written = list(backups.iterdir())
+    assert len(written) == 1 and written[0].name.startswith("smartedu-") and written[0].suffix == ".dump"
+    assert written[0].read_bytes().startswith(b"PGDMP")
+    assert f"backup written to {written[0]}" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["backups"]
+
+
+async def test_a_backup_that_cannot_be_put_in_place_leaves_no_partial_file(
+    settings: Settings, tmp_path: Path
+) -> None:
+    occupied = tmp_path / "nightly.dump"  # a directory where the finished dump should be renamed to
+    occupied.mkdir()
+    assert settings.database_url is not None
+    with pytest.raises(IsADirectoryError):
+        await backup_database(settings.database_url, occupied)
+    assert os.listdir(tmp_path) == ["nightly.dump"]
 
 
 async def test_restore_refuses_a_file_that_is_not_a_backup(
