@@ -77,6 +77,9 @@ def _start(
     }
     env.update(SMARTEDU_DATA_DIR=str(tmp_path / "data"), SMARTEDU_PORT=str(port), SMARTEDU_OFFLINE_TTFT_MS="0")
     env.update(extra)
+    # As on most servers and containers: the embedded PostgreSQL then warns of the runtime directory it falls
+    # back to (a Python warning, which must reach the log as JSON like the rest).
+    env.pop("XDG_RUNTIME_DIR", None)
     with open(stderr or os.devnull, "w") as errors:
         # Its own session, as a shell gives a foreground job: killpg then does what Ctrl-C in a terminal does.
         proc = subprocess.Popen([*SMARTEDU, "serve"], stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
@@ -240,5 +243,8 @@ def test_ctrl_c_in_the_terminal_stops_the_server_before_its_embedded_redis(tmp_p
         proc.stdout.close()
         for leftover in _embedded_servers(tmp_path / "data"):
             leftover.kill()
-    errors = [line for line in log.read_text().splitlines() if '"level":"error"' in line]
+    lines = log.read_text().splitlines()
+    errors = [line for line in lines if '"level":"error"' in line]
     assert errors == [], log.read_text()[-3000:]
+    # Structured logs: every line of stderr is one JSON object (before, the runtime-directory warning was not).
+    assert all(line.startswith("{") and isinstance(orjson.loads(line), dict) for line in lines), lines[:5]
