@@ -93,15 +93,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _services(settings: Settings) -> Iterator[Settings]:
-    """Fill in embedded servers and the development secret for whatever the environment leaves out."""
+def _services(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
+    """Fill in embedded servers and the development secret for whatever the environment leaves out.
+
+    `redis=False` for the commands that use only PostgreSQL (migrate, seed-demo, backup, ...): run against
+    a DATABASE_URL they start nothing, so a cron job or a migration step needs no REDIS_URL."""
     embedded = EmbeddedServices(settings.data_dir)
-    if settings.embedded:
-        embedded.start(postgres=settings.database_url is None, redis=settings.redis_url is None)
+    postgres, redis = settings.database_url is None, redis and settings.redis_url is None
+    if postgres or redis:
+        embedded.start(postgres=postgres, redis=redis)
         settings = replace(
             settings,
             database_url=settings.database_url or embedded.database_url,
-            redis_url=settings.redis_url or embedded.redis_url,
+            redis_url=settings.redis_url or embedded.redis_url or None,
         )
         if not settings.jwt_secret and not settings.jwt_public_key:
             settings = replace(settings, jwt_secret=jwt_secret(settings.data_dir))
@@ -117,8 +121,9 @@ async def _prepare(settings: Settings, *, seed: bool) -> None:
     from storage.postgres import Database, connect_pool
     from storage.seed import seed_demo
 
-    database_url, _ = settings.require_services()
-    pool = await connect_pool(database_url, min_size=1, max_size=2)
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set")
+    pool = await connect_pool(settings.database_url, min_size=1, max_size=2)
     try:
         db = Database(pool)
         applied = await db.migrate()
@@ -241,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(settings, args)
         if args.command == "serve":
             return _serve(settings, args)
-        with _services(settings) as ready:
+        with _services(settings, redis=False) as ready:
             # Before _prepare: restore must find an empty database, not a freshly migrated one.
             if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
                 return lifecycle_cli.run(args, ready)

@@ -10,9 +10,11 @@ import socket
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import jwt
 import orjson
 import psutil
@@ -248,3 +250,33 @@ def test_ctrl_c_in_the_terminal_stops_the_server_before_its_embedded_redis(tmp_p
     assert errors == [], log.read_text()[-3000:]
     # Structured logs: every line of stderr is one JSON object (before, the runtime-directory warning was not).
     assert all(line.startswith("{") and isinstance(orjson.loads(line), dict) for line in lines), lines[:5]
+
+
+@pytest.fixture
+def empty_database(services: Services) -> Iterator[str]:
+    """A database of its own on the test server (seed-demo must not add a tenant to the shared one)."""
+    name = f"smartedu_cli_{uuid.uuid4().hex[:10]}"
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(services.database_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield services.database_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def test_database_only_commands_need_no_redis(empty_database: str, tmp_path: Path) -> None:
+    # Before: without REDIS_URL these started an embedded Redis under SMARTEDU_DATA_DIR (or, where none is
+    # installed, refused: "REDIS_URL is not set"), though they never use Redis.
+    env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "REDIS_CLUSTER_URLS")}
+    env.update(DATABASE_URL=empty_database, SMARTEDU_DATA_DIR=str(tmp_path / "data"))
+    for command in (["migrate"], ["seed-demo"], ["export-user", "--tenant", "demo", "--user", "demo-student"]):
+        result = _run(*command, env=env)
+        assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+    assert not (tmp_path / "data").exists()
