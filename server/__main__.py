@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import asyncpg
+import redis.exceptions
 from aiohttp import web
 
 from . import __version__, lifecycle_cli
@@ -93,15 +94,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _services(settings: Settings, *, redis: bool = True) -> Iterator[Settings]:
+def _services(settings: Settings, *, need_redis: bool = True) -> Iterator[Settings]:
     """Fill in embedded servers and the development secret for whatever the environment leaves out.
 
-    `redis=False` for the commands that use only PostgreSQL (migrate, seed-demo, backup, ...): run against
+    `need_redis=False` for the commands that use only PostgreSQL (migrate, seed-demo, backup, ...): run against
     a DATABASE_URL they start nothing, so a cron job or a migration step needs no REDIS_URL."""
     embedded = EmbeddedServices(settings.data_dir)
-    postgres, redis = settings.database_url is None, redis and settings.redis_url is None
-    if postgres or redis:
-        embedded.start(postgres=postgres, redis=redis)
+    postgres, redis_ = settings.database_url is None, need_redis and settings.redis_url is None
+    if postgres or redis_:
+        embedded.start(postgres=postgres, redis=redis_)
         settings = replace(
             settings,
             database_url=settings.database_url or embedded.database_url,
@@ -246,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(settings, args)
         if args.command == "serve":
             return _serve(settings, args)
-        with _services(settings, redis=False) as ready:
+        with _services(settings, need_redis=False) as ready:
             # Before _prepare: restore must find an empty database, not a freshly migrated one.
             if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
                 return lifecycle_cli.run(args, ready)
@@ -263,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # operator's to fix: one line naming it, not a traceback.
     except asyncpg.PostgresError as exc:
         print(f"smartedu {args.command}: database error: {exc}", file=sys.stderr)
+        return 1
+    except redis.exceptions.RedisError as exc:  # unreachable after the retries, a wrong password
+        print(f"smartedu {args.command}: redis error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"smartedu {args.command}: {exc}", file=sys.stderr)

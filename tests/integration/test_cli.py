@@ -140,6 +140,13 @@ def test_a_missing_database_is_one_line_not_a_traceback(services: Services) -> N
     assert "Traceback" not in result.stderr
 
 
+def test_an_unreachable_redis_is_one_line_not_a_traceback(services: Services, tmp_path: Path) -> None:
+    env = _external_env(DATABASE_URL=services.database_url, SMARTEDU_DATA_DIR=str(tmp_path))
+    result = _run("serve", "--port", "0", env=env)  # _external_env's REDIS_URL names port 1
+    assert result.returncode == 1, result.stderr
+    assert "smartedu serve: redis error" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_port_in_use_is_one_line_not_a_traceback(services: Services, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
