@@ -86,6 +86,16 @@ def _session_key(env: Mapping[str, str]) -> str | None:
     return raw
 
 
+def _static_dir(env: Mapping[str, str]) -> Path:
+    raw = env.get("SMARTEDU_STATIC_DIR", "").strip()
+    if not raw:
+        return _default_static_dir()
+    # A typo here otherwise shows only as 404s for the pages and 500s for /embed and LTI launches.
+    if not Path(raw).is_dir():
+        raise ConfigError(f"SMARTEDU_STATIC_DIR must be an existing directory, got {raw!r}")
+    return Path(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the server needs to run; built by `from_env` or directly in tests."""
@@ -190,7 +200,7 @@ class Settings:
             jwt_audience=env.get("SMARTEDU_JWT_AUDIENCE") or None,
             ai_provider=ai,
             data_dir=Path(env.get("SMARTEDU_DATA_DIR") or ".smartedu"),
-            static_dir=Path(env["SMARTEDU_STATIC_DIR"]) if env.get("SMARTEDU_STATIC_DIR") else _default_static_dir(),
+            static_dir=_static_dir(env),
             allowed_origins=origins,
             host=env.get("SMARTEDU_HOST") or defaults.host,
             port=_int(env, "SMARTEDU_PORT", defaults.port, 0, MAX_PORT),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.errors import ConfigError
@@ -65,6 +67,7 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_DRAIN_SECONDS": "inf"}, "SMARTEDU_DRAIN_SECONDS"),
         ({"SMARTEDU_DB_POOL_MIN": "20", "SMARTEDU_DB_POOL_MAX": "5"}, "SMARTEDU_DB_POOL_MIN"),
         ({"SMARTEDU_PUBLIC_URL": "chat.example.edu"}, "SMARTEDU_PUBLIC_URL"),
+        ({"SMARTEDU_STATIC_DIR": "/no/such/static/dir"}, "SMARTEDU_STATIC_DIR"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -98,3 +101,8 @@ def test_ports_span_the_whole_range_and_public_url_keeps_its_scheme() -> None:
         {"SMARTEDU_PORT": "65535", "SMARTEDU_METRICS_PORT": "0", "SMARTEDU_PUBLIC_URL": "https://chat.example.edu/"}
     )
     assert (settings.port, settings.metrics_port, settings.public_url) == (65535, 0, "https://chat.example.edu")
+
+
+def test_static_dir_is_taken_when_it_exists(tmp_path: Path) -> None:
+    assert Settings.from_env({"SMARTEDU_STATIC_DIR": str(tmp_path)}).static_dir == tmp_path
+    assert (Settings.from_env({}).static_dir / "chat.html").is_file()
