@@ -8,6 +8,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -84,6 +85,28 @@ def _session_key(env: Mapping[str, str]) -> str | None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return raw
+
+
+def _origin(entry: str) -> str:
+    """An allowed origin as browsers send it (lower case, no default port), or *; anything else is refused:
+    origins are compared as strings, so `https://lms.example.edu/moodle` or `...:443` would never match."""
+    if entry == "*":
+        return entry
+    parts = urlsplit(entry)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (
+        parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or port == -1
+        or parts.path.strip("/") or parts.query or parts.fragment
+    ):
+        raise ConfigError(
+            f"SMARTEDU_ALLOWED_ORIGINS entries must be origins (http(s)://host[:port], no path) or *, got {entry!r}"
+        )
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
 
 
 def _static_dir(env: Mapping[str, str]) -> Path:
@@ -173,12 +196,7 @@ class Settings:
         if ai not in AI_PROVIDERS:
             raise ConfigError(f"SMARTEDU_AI must be one of {', '.join(AI_PROVIDERS)}, got {ai!r}")
 
-        origins = tuple(
-            o.strip().rstrip("/") for o in env.get("SMARTEDU_ALLOWED_ORIGINS", "").split(",") if o.strip()
-        )
-        for origin in origins:
-            if origin != "*" and not origin.startswith(("http://", "https://")):
-                raise ConfigError(f"SMARTEDU_ALLOWED_ORIGINS entries must be http(s) origins or *, got {origin!r}")
+        origins = tuple(_origin(o.strip()) for o in env.get("SMARTEDU_ALLOWED_ORIGINS", "").split(",") if o.strip())
 
         level = env.get("SMARTEDU_LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

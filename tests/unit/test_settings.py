@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.errors import ConfigError
+from server.origins import origin_allowed
 from server.settings import Settings
 
 SECRET = "s" * 40
@@ -68,6 +69,9 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_DB_POOL_MIN": "20", "SMARTEDU_DB_POOL_MAX": "5"}, "SMARTEDU_DB_POOL_MIN"),
         ({"SMARTEDU_PUBLIC_URL": "chat.example.edu"}, "SMARTEDU_PUBLIC_URL"),
         ({"SMARTEDU_STATIC_DIR": "/no/such/static/dir"}, "SMARTEDU_STATIC_DIR"),
+        ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu/moodle"}, "SMARTEDU_ALLOWED_ORIGINS"),
+        ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu:99999"}, "SMARTEDU_ALLOWED_ORIGINS"),
+        ({"SMARTEDU_ALLOWED_ORIGINS": "https://"}, "SMARTEDU_ALLOWED_ORIGINS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -106,3 +110,12 @@ def test_ports_span_the_whole_range_and_public_url_keeps_its_scheme() -> None:
 def test_static_dir_is_taken_when_it_exists(tmp_path: Path) -> None:
     assert Settings.from_env({"SMARTEDU_STATIC_DIR": str(tmp_path)}).static_dir == tmp_path
     assert (Settings.from_env({}).static_dir / "chat.html").is_file()
+
+
+def test_allowed_origins_are_written_as_browsers_send_them() -> None:
+    # Origins are compared as strings: before, these entries were kept as written and never matched.
+    settings = Settings.from_env(
+        {"SMARTEDU_ALLOWED_ORIGINS": "HTTPS://LMS.Example.edu:443/, http://localhost:8000, http://[::1]:80, *"}
+    )
+    assert settings.allowed_origins == ("https://lms.example.edu", "http://localhost:8000", "http://[::1]", "*")
+    assert origin_allowed("https://lms.example.edu", "chat.example.edu", settings.allowed_origins[:1])
