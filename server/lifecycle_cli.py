@@ -61,7 +61,10 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: use a positive number and a unit, like 365d, 12h or 52w"
         )
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:  # argparse reports only ValueError and TypeError: this was a traceback
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: too long, use 365d, 12h or 52w") from None
 
 
 def positive_int(text: str) -> int:
@@ -318,7 +321,8 @@ async def _purge(args: argparse.Namespace, lifecycle: Lifecycle) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     total = DataCounts()
     for rule in rules:
-        cutoff = f"{rule.cutoff.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        at = rule.cutoff.astimezone(UTC)
+        cutoff = f"{at.year:04d}-{at:%m-%d %H:%M} UTC"  # %Y is not zero-padded for year 1 ("keep forever")
         expired = await lifecycle.count_expired(rule.tenant_id, rule.cutoff)
         if not args.dry_run and expired.conversations:
             progress = _Progress()
