@@ -36,13 +36,27 @@ class EmbeddedError(RuntimeError):
 
 
 def _dev_secret(path: Path, make: Callable[[], str]) -> str:
-    if path.exists():
-        return path.read_text().strip()
+    existing = path.read_text().strip() if path.exists() else ""
+    if existing:
+        return existing
+    # Written whole under a temporary name, then linked into place: the file is never seen empty (an empty
+    # one, left by an older start that died before writing, made every token command a traceback and is
+    # replaced), and two first starts at once end up with the same secret.
     path.parent.mkdir(parents=True, exist_ok=True)
     secret = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(secret + "\n")
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        existing = path.read_text().strip()
+        if existing:
+            return existing
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return secret
 
 

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -46,6 +47,20 @@ def test_token_is_signed_with_the_configured_secret(tmp_path: Path) -> None:
     claims = jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])
     assert (claims["sub"], claims["tid"], claims["role"], claims["courses"]) == ("u7", "t9", "teacher", ["c1"])
     assert 55 <= claims["exp"] - claims["iat"] <= 60
+
+
+def test_an_empty_development_secret_file_is_replaced(tmp_path: Path) -> None:
+    # Left by a first start that died between creating and writing it; before: "HMAC key must not be empty".
+    (tmp_path / "jwt-secret").write_text("")
+    env = {key: value for key, value in os.environ.items() if key != "SMARTEDU_JWT_SECRET"}
+    env["SMARTEDU_DATA_DIR"] = str(tmp_path)
+    result = _run("token", "--user", "u7", "--role", "student", "--tenant", "t9", env=env)
+    assert result.returncode == 0, result.stderr
+    secret = (tmp_path / "jwt-secret").read_text().strip()
+    assert len(secret) >= 32 and jwt.decode(result.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "u7"
+    assert stat.S_IMODE((tmp_path / "jwt-secret").stat().st_mode) == 0o600 and os.listdir(tmp_path) == ["jwt-secret"]
+    again = _run("token", "--user", "u8", "--role", "student", "--tenant", "t9", env=env)
+    assert jwt.decode(again.stdout.strip(), secret, algorithms=["HS256"])["sub"] == "u8"
 
 
 def test_bad_configuration_exits_2_naming_the_variable() -> None:
