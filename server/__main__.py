@@ -180,7 +180,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_until_signal(app: web.Application, settings: Settings, announce: bool) -> None:
-    """Serve until a signal: SIGTERM drains first (rolling restarts), SIGINT stops at once."""
+    """Serve until a signal: SIGTERM drains first (rolling restarts), SIGINT and SIGHUP stop at once."""
     from .app import drain, stop
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -194,7 +194,9 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
             _print_demo(settings, settings.host, settings.port)
         received: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP (the terminal closed) stops like SIGINT; by default it killed the process on the spot, leaving
+        # the embedded servers running.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, received.put_nowait, signum)
         if await received.get() == signal.SIGTERM:
             log.info("draining", extra={"deadline_s": settings.drain_seconds})

@@ -302,3 +302,22 @@ def test_database_only_commands_need_no_redis(empty_database: str, tmp_path: Pat
         result = _run(*command, env=env)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
     assert not (tmp_path / "data").exists()
+
+
+def test_closing_the_terminal_stops_the_server_and_its_embedded_servers(tmp_path: Path) -> None:
+    proc, _ = _start(tmp_path, _free_port())
+    try:
+        servers = _embedded_servers(tmp_path / "data")
+        assert len(servers) == 2
+        proc.send_signal(signal.SIGHUP)
+        # Before: killed by the signal (exit -1), both embedded servers left running.
+        assert proc.wait(timeout=30) == 0
+        _gone, alive = psutil.wait_procs(servers, timeout=15)
+        assert alive == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert proc.stdout is not None
+        proc.stdout.close()
+        for leftover in _embedded_servers(tmp_path / "data"):
+            leftover.kill()
