@@ -200,6 +200,16 @@ def _embedded_servers(data: Path) -> list[psutil.Process]:
     return found
 
 
+def _reap(proc: subprocess.Popen[str], data: Path) -> None:
+    """After a test of a server: nothing of it is left running, whatever failed."""
+    if proc.poll() is None:
+        proc.kill()
+    assert proc.stdout is not None
+    proc.stdout.close()
+    for leftover in _embedded_servers(data):
+        leftover.kill()
+
+
 def test_the_run_after_a_killed_one_adopts_and_stops_its_embedded_servers(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = _free_port()
@@ -261,12 +271,7 @@ def test_ctrl_c_in_the_terminal_stops_the_server_before_its_embedded_redis(tmp_p
         _gone, alive = psutil.wait_procs(servers, timeout=15)
         assert alive == []  # the server stopped them after itself
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        assert proc.stdout is not None
-        proc.stdout.close()
-        for leftover in _embedded_servers(tmp_path / "data"):
-            leftover.kill()
+        _reap(proc, tmp_path / "data")
     lines = log.read_text().splitlines()
     errors = [line for line in lines if '"level":"error"' in line]
     assert errors == [], log.read_text()[-3000:]
@@ -315,9 +320,4 @@ def test_closing_the_terminal_stops_the_server_and_its_embedded_servers(tmp_path
         _gone, alive = psutil.wait_procs(servers, timeout=15)
         assert alive == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        assert proc.stdout is not None
-        proc.stdout.close()
-        for leftover in _embedded_servers(tmp_path / "data"):
-            leftover.kill()
+        _reap(proc, tmp_path / "data")
