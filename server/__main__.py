@@ -189,9 +189,11 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
         await site.start()
         _settle_heap()
-        log.info("serving", extra={"host": settings.host, "port": settings.port, "ai": settings.ai_provider})
+        # Port 0 asks the system for a free port: say which one it gave, in the log and the demo links.
+        port = int(runner.addresses[0][1]) if settings.port == 0 else settings.port
+        log.info("serving", extra={"host": settings.host, "port": port, "ai": settings.ai_provider})
         if announce:
-            _print_demo(settings, settings.host, settings.port)
+            _print_demo(settings, settings.host, port)
         received: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
         # SIGHUP (the terminal closed) stops like SIGINT; by default it killed the process on the spot, leaving

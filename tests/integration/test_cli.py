@@ -321,3 +321,17 @@ def test_closing_the_terminal_stops_the_server_and_its_embedded_servers(tmp_path
         assert alive == []
     finally:
         _reap(proc, tmp_path / "data")
+
+
+def test_port_0_announces_the_port_the_system_gave(tmp_path: Path) -> None:
+    # Before: "http://127.0.0.1:0/chat#..." was printed, a link that leads nowhere.
+    proc, url = _start(tmp_path, 0)
+    try:
+        match = re.match(r"http://127\.0\.0\.1:(\d+)/chat#", url)
+        assert match is not None and int(match.group(1)) > 0, url
+        welcome = asyncio.run(_chat(f"http://127.0.0.1:{match.group(1)}/ws", url.split("token=")[1], ""))
+        assert welcome["type"] == "welcome"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        _reap(proc, tmp_path / "data")
