@@ -140,7 +140,8 @@ def _print_demo(settings: Settings, host: str, port: int) -> None:
     from storage.seed import DEMO_COURSE, DEMO_STUDENT, DEMO_TEACHER, DEMO_TENANT
 
     assert settings.jwt_secret is not None
-    base = settings.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host  # IPv6 in brackets
+    base = settings.public_url or f"http://{shown}:{port}"
     student = mint_token(
         settings.jwt_secret, user=DEMO_STUDENT, tenant=DEMO_TENANT, role="student", name="Demo Student",
         ttl_s=7 * 86400,

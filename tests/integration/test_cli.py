@@ -335,3 +335,16 @@ def test_port_0_announces_the_port_the_system_gave(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
         _reap(proc, tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("host", "shown"), [("::1", "[::1]:8123"), ("0.0.0.0", "127.0.0.1:8123"), ("localhost", "localhost:8123")]
+)
+def test_the_demo_links_are_urls_for_any_host(host: str, shown: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.__main__ import _print_demo
+    from server.settings import Settings
+
+    # Before: --host ::1 printed http://::1:8123/chat, which no browser opens.
+    _print_demo(Settings(jwt_secret="d" * 40), host, 8123)
+    out = capsys.readouterr().out
+    assert f"http://{shown}/chat#" in out and f"http://{shown}/teacher#" in out
