@@ -118,7 +118,8 @@ def _services(settings: Settings, *, need_redis: bool = True) -> Iterator[Settin
         embedded.stop()
 
 
-async def _prepare(settings: Settings, *, seed: bool) -> None:
+async def _prepare(settings: Settings, *, seed: bool) -> list[int]:
+    """Migrate (and seed the demo school); the versions of the migrations applied."""
     from storage.postgres import Database, connect_pool
     from storage.seed import seed_demo
 
@@ -132,6 +133,7 @@ async def _prepare(settings: Settings, *, seed: bool) -> None:
             log.info("migrations applied", extra={"versions": applied})
         if seed:
             await seed_demo(db)
+        return applied
     finally:
         await pool.close()
 
@@ -256,9 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Before _prepare: restore must find an empty database, not a freshly migrated one.
             if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
                 return lifecycle_cli.run(args, ready)
-            asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
+            applied = asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
         if args.command == "migrate":
-            print("migrations applied")
+            print(f"migrations applied: {', '.join(map(str, applied))}" if applied else "no migrations pending")
         else:
             print("demo school ready: tenant 'demo', course 'algebra-1'")
         return 0

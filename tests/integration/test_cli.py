@@ -303,10 +303,15 @@ def test_database_only_commands_need_no_redis(empty_database: str, tmp_path: Pat
     # installed, refused: "REDIS_URL is not set"), though they never use Redis.
     env = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "REDIS_CLUSTER_URLS")}
     env.update(DATABASE_URL=empty_database, SMARTEDU_DATA_DIR=str(tmp_path / "data"))
-    for command in (["migrate"], ["seed-demo"], ["export-user", "--tenant", "demo", "--user", "demo-student"]):
+    outputs = []
+    export = ["export-user", "--tenant", "demo", "--user", "demo-student"]
+    for command in (["migrate"], ["migrate"], ["seed-demo"], export):
         result = _run(*command, env=env)
         assert result.returncode == 0 and "Traceback" not in result.stderr, (command, result.stderr)
+        outputs.append(result.stdout)
     assert not (tmp_path / "data").exists()
+    # What migrate did: before, "migrations applied" either way.
+    assert outputs[0].startswith("migrations applied: 1, 2") and outputs[1] == "no migrations pending\n"
 
 
 def test_closing_the_terminal_stops_the_server_and_its_embedded_servers(tmp_path: Path) -> None:
