@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # What the machine or the database refuses (a port in use, an unreachable or missing database) is the
     # operator's to fix: one line naming it, not a traceback.
-    except asyncpg.PostgresError as exc:
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # also a DATABASE_URL option asyncpg refuses
         print(f"smartedu {args.command}: database error: {exc}", file=sys.stderr)
         return 1
     except redis.exceptions.RedisError as exc:  # unreachable after the retries, a wrong password

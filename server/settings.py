@@ -71,6 +71,13 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
         return None
     if not raw.startswith(tuple(f"{s}://" for s in schemes)):
         raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+    # A malformed host or port otherwise surfaces at the first connection, as the driver's traceback.
+    try:
+        parts = urlsplit(raw)
+        if not raw.startswith("redis+cluster://"):  # host:port,host:port has no single port
+            _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a valid URL: {exc}") from None
     return raw
 
 

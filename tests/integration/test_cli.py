@@ -162,6 +162,13 @@ def test_an_unreachable_redis_is_one_line_not_a_traceback(services: Services, tm
     assert "smartedu serve: redis error" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_database_option_the_driver_refuses_is_one_line_not_a_traceback(services: Services) -> None:
+    result = _run("migrate", env=_external_env(DATABASE_URL=services.database_url + "?sslmode=bogus"))
+    assert result.returncode == 1, result.stderr
+    assert "smartedu migrate: database error" in result.stderr and "sslmode" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_port_in_use_is_one_line_not_a_traceback(services: Services, tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

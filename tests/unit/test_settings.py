@@ -69,6 +69,10 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_DB_POOL_MIN": "20", "SMARTEDU_DB_POOL_MAX": "5"}, "SMARTEDU_DB_POOL_MIN"),
         ({"SMARTEDU_PUBLIC_URL": "chat.example.edu"}, "SMARTEDU_PUBLIC_URL"),
         ({"SMARTEDU_STATIC_DIR": "/no/such/static/dir"}, "SMARTEDU_STATIC_DIR"),
+        ({"DATABASE_URL": "postgresql://db:abc/smartedu"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://[db/smartedu"}, "DATABASE_URL"),
+        ({"REDIS_URL": "redis://cache:abc/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:70000/0"}, "REDIS_URL"),
         ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu/moodle"}, "SMARTEDU_ALLOWED_ORIGINS"),
         ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu:99999"}, "SMARTEDU_ALLOWED_ORIGINS"),
         ({"SMARTEDU_ALLOWED_ORIGINS": "https://"}, "SMARTEDU_ALLOWED_ORIGINS"),
@@ -119,3 +123,11 @@ def test_allowed_origins_are_written_as_browsers_send_them() -> None:
     )
     assert settings.allowed_origins == ("https://lms.example.edu", "http://localhost:8000", "http://[::1]", "*")
     assert origin_allowed("https://lms.example.edu", "chat.example.edu", settings.allowed_origins[:1])
+
+
+def test_urls_without_a_single_port_are_still_taken() -> None:
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgresql:///smartedu?host=/run/postgresql", "REDIS_URL": "redis+cluster://a:7000,b:7001"}
+    )
+    assert settings.require_services() == ("postgresql:///smartedu?host=/run/postgresql", "redis+cluster://a:7000,b:7001")
+    assert Settings.from_env({"REDIS_CLUSTER_URLS": "a:7000, b:7001"}).redis_url == "redis+cluster://a:7000,b:7001"
