@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
+import asyncpg
+import redis.exceptions
 from aiohttp import web
 
 from . import __version__, lifecycle_cli
@@ -20,13 +22,20 @@ from .auth import ROLES, mint_token
 from .embedded import EmbeddedError, EmbeddedServices, dev_session_key, jwt_secret
 from .errors import ConfigError
 from .logs import configure_logging
-from .settings import Settings
+from .settings import MAX_PORT, Settings
 
 # Allocations between young-generation collections (CPython's default is 700): a streaming frame allocates
 # a few dozen objects, so the default collects hundreds of times a second under load.
 GC_YOUNG_THRESHOLD = 20_000
 
 log = logging.getLogger("smartedu")
+
+
+def _port(text: str) -> int:
+    # Checked here as SMARTEDU_PORT is: the event loop would bind 70000 as 4464 without a word.
+    if not text.isdigit() or int(text) > MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to {MAX_PORT}, got {text!r}")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the chat server", description="Run the chat server.")
     serve.add_argument("--host", help="interface to listen on (default SMARTEDU_HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default SMARTEDU_PORT or 8080)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default SMARTEDU_PORT or 8080)")
     serve.add_argument("--no-seed", action="store_true", help="do not create the demo school in embedded mode")
 
     commands.add_parser(
@@ -58,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--tenant", required=True, help="the tenant (school) id (claim tid)")
     token.add_argument("--course", action="append", help="a course the token may use (repeatable; claim courses)")
     token.add_argument("--name", help="display name (claim name)")
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    token.add_argument(
+        "--ttl", type=lifecycle_cli.positive_int, default=3600, help="lifetime in seconds (default 3600)"
+    )
 
     commands.add_parser(
         "seed-demo",
@@ -83,15 +94,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _services(settings: Settings) -> Iterator[Settings]:
-    """Fill in embedded servers and the development secret for whatever the environment leaves out."""
+def _services(settings: Settings, *, need_redis: bool = True) -> Iterator[Settings]:
+    """Fill in embedded servers and the development secret for whatever the environment leaves out.
+
+    `need_redis=False` for the commands that use only PostgreSQL (migrate, seed-demo, backup, ...): run against
+    a DATABASE_URL they start nothing, so a cron job or a migration step needs no REDIS_URL."""
     embedded = EmbeddedServices(settings.data_dir)
-    if settings.embedded:
-        embedded.start(postgres=settings.database_url is None, redis=settings.redis_url is None)
+    postgres, redis_ = settings.database_url is None, need_redis and settings.redis_url is None
+    if postgres or redis_:
+        embedded.start(postgres=postgres, redis=redis_)
         settings = replace(
             settings,
             database_url=settings.database_url or embedded.database_url,
-            redis_url=settings.redis_url or embedded.redis_url,
+            redis_url=settings.redis_url or embedded.redis_url or None,
         )
         if not settings.jwt_secret and not settings.jwt_public_key:
             settings = replace(settings, jwt_secret=jwt_secret(settings.data_dir))
@@ -103,12 +118,14 @@ def _services(settings: Settings) -> Iterator[Settings]:
         embedded.stop()
 
 
-async def _prepare(settings: Settings, *, seed: bool) -> None:
+async def _prepare(settings: Settings, *, seed: bool) -> list[int]:
+    """Migrate (and seed the demo school); the versions of the migrations applied."""
     from storage.postgres import Database, connect_pool
     from storage.seed import seed_demo
 
-    database_url, _ = settings.require_services()
-    pool = await connect_pool(database_url, min_size=1, max_size=2)
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set")
+    pool = await connect_pool(settings.database_url, min_size=1, max_size=2)
     try:
         db = Database(pool)
         applied = await db.migrate()
@@ -116,6 +133,7 @@ async def _prepare(settings: Settings, *, seed: bool) -> None:
             log.info("migrations applied", extra={"versions": applied})
         if seed:
             await seed_demo(db)
+        return applied
     finally:
         await pool.close()
 
@@ -124,7 +142,8 @@ def _print_demo(settings: Settings, host: str, port: int) -> None:
     from storage.seed import DEMO_COURSE, DEMO_STUDENT, DEMO_TEACHER, DEMO_TENANT
 
     assert settings.jwt_secret is not None
-    base = settings.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host  # IPv6 in brackets
+    base = settings.public_url or f"http://{shown}:{port}"
     student = mint_token(
         settings.jwt_secret, user=DEMO_STUDENT, tenant=DEMO_TENANT, role="student", name="Demo Student",
         ttl_s=7 * 86400,
@@ -164,7 +183,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_until_signal(app: web.Application, settings: Settings, announce: bool) -> None:
-    """Serve until a signal: SIGTERM drains first (rolling restarts), SIGINT stops at once."""
+    """Serve until a signal: SIGTERM drains first (rolling restarts), SIGINT and SIGHUP stop at once."""
     from .app import drain, stop
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
@@ -173,12 +192,16 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
         await site.start()
         _settle_heap()
-        log.info("serving", extra={"host": settings.host, "port": settings.port, "ai": settings.ai_provider})
+        # Port 0 asks the system for a free port: say which one it gave, in the log and the demo links.
+        port = int(runner.addresses[0][1]) if settings.port == 0 else settings.port
+        log.info("serving", extra={"host": settings.host, "port": port, "ai": settings.ai_provider})
         if announce:
-            _print_demo(settings, settings.host, settings.port)
+            _print_demo(settings, settings.host, port)
         received: asyncio.Queue[int] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP (the terminal closed) stops like SIGINT; by default it killed the process on the spot, leaving
+        # the embedded servers running.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, received.put_nowait, signum)
         if await received.get() == signal.SIGTERM:
             log.info("draining", extra={"deadline_s": settings.drain_seconds})
@@ -231,19 +254,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(settings, args)
         if args.command == "serve":
             return _serve(settings, args)
-        with _services(settings) as ready:
+        with _services(settings, need_redis=False) as ready:
             # Before _prepare: restore must find an empty database, not a freshly migrated one.
             if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
                 return lifecycle_cli.run(args, ready)
-            asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
+            applied = asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
         if args.command == "migrate":
-            print("migrations applied")
+            print(f"migrations applied: {', '.join(map(str, applied))}" if applied else "no migrations pending")
         else:
             print("demo school ready: tenant 'demo', course 'algebra-1'")
         return 0
     except (ConfigError, EmbeddedError) as exc:
         print(f"smartedu: configuration error: {exc}", file=sys.stderr)
         return 2
+    # What the machine or the database refuses (a port in use, an unreachable or missing database) is the
+    # operator's to fix: one line naming it, not a traceback.
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # also a DATABASE_URL option asyncpg refuses
+        print(f"smartedu {args.command}: database error: {exc}", file=sys.stderr)
+        return 1
+    except redis.exceptions.RedisError as exc:  # unreachable after the retries, a wrong password
+        print(f"smartedu {args.command}: redis error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"smartedu {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"smartedu {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

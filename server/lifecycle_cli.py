@@ -61,10 +61,14 @@ def parse_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(
             f"invalid duration {text!r}: use a positive number and a unit, like 365d, 12h or 52w"
         )
-    return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    try:
+        return timedelta(**{_UNITS[match.group(2)]: int(match.group(1))})
+    except OverflowError:  # argparse reports only ValueError and TypeError: this was a traceback
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: too long, use 365d, 12h or 52w") from None
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return int(text)
@@ -88,7 +92,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     backup.add_argument(
         "-o", "--output", type=Path, metavar="FILE",
-        help="where to write the backup (default smartedu-YYYYmmdd-HHMMSS.dump in the current directory, UTC)",
+        help="where to write the backup: a file, or a directory for the default name (default "
+        "smartedu-YYYYmmdd-HHMMSS.dump in the current directory, UTC)",
     )
     backup.add_argument("--pg-bin", type=Path, metavar="DIR", help=pg_bin_help)
 
@@ -129,7 +134,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     purge.add_argument("--tenant", metavar="T", help="purge only this tenant")
     purge.add_argument("--dry-run", action="store_true", help="count what would be deleted, delete nothing")
     purge.add_argument(
-        "--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, metavar="N",
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, metavar="N",
         help=f"conversations per transaction (default {DEFAULT_BATCH_SIZE})",
     )
 
@@ -264,7 +269,10 @@ def _confirm(prompt: str) -> bool:
 
 
 def _backup(args: argparse.Namespace, dsn: str) -> int:
-    output: Path = args.output or Path(f"smartedu-{datetime.now(UTC):%Y%m%d-%H%M%S}.dump")
+    name = f"smartedu-{datetime.now(UTC):%Y%m%d-%H%M%S}.dump"
+    output: Path = args.output or Path(name)
+    if output.is_dir():  # `--output /backups`: the usual name, in that directory
+        output = output / name
     progress = _Progress()
     try:
         result = asyncio.run(backup_database(dsn, output, pg_bin=args.pg_bin, on_table=progress.table("dumped")))
@@ -313,7 +321,8 @@ async def _purge(args: argparse.Namespace, lifecycle: Lifecycle) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     total = DataCounts()
     for rule in rules:
-        cutoff = f"{rule.cutoff.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+        at = rule.cutoff.astimezone(UTC)
+        cutoff = f"{at.year:04d}-{at:%m-%d %H:%M} UTC"  # %Y is not zero-padded for year 1 ("keep forever")
         expired = await lifecycle.count_expired(rule.tenant_id, rule.cutoff)
         if not args.dry_run and expired.conversations:
             progress = _Progress()

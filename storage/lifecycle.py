@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -275,10 +275,10 @@ async def backup_database(
                     env,
                     _table_counter(_DUMPING, len(contents.tables), on_table),
                 )
-            except BaseException:
+                os.replace(partial, output)
+            except BaseException:  # nothing half-written stays behind, nor a whole dump under the wrong name
                 partial.unlink(missing_ok=True)
                 raise
-        os.replace(partial, output)
     finally:
         await conn.close()
     size = await asyncio.to_thread(os.path.getsize, output)
@@ -461,12 +461,19 @@ def retention_rules(
     for policy in policies:
         if policy.retention_days is not None and policy.retention_days > 0:
             days = policy.retention_days
-            rules.append(
-                RetentionRule(policy.tenant_id, now - timedelta(days=days), f"tenant retention {days} days")
-            )
+            rules.append(RetentionRule(policy.tenant_id, _cutoff(now, days=days), f"tenant retention {days} days"))
         elif default is not None:
-            rules.append(RetentionRule(policy.tenant_id, now - default, "default limit"))
+            rules.append(RetentionRule(policy.tenant_id, _cutoff(now, default=default), "default limit"))
     return rules
+
+
+def _cutoff(now: datetime, *, days: int = 0, default: timedelta | None = None) -> datetime:
+    # A retention reaching back before year 1 (retention_days = 2147483647 for "keep forever") expires
+    # nothing; before, it was an OverflowError that stopped the purge of every tenant.
+    try:
+        return now - (default if default is not None else timedelta(days=days))
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from storage.lifecycle import (
     PgTool,
     RetentionRule,
     TenantRetention,
+    backup_database,
     closest_first,
     libpq_target,
     pick_dump_tool,
@@ -199,6 +200,32 @@ async def test_backup_then_restore_into_a_fresh_database_keeps_every_conversatio
         await restored.close()
 
 
+async def test_backup_into_a_directory_uses_the_default_name_there(
+    settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: the dump went to "<dir>.partial", the rename onto the directory failed (exit 1) and the whole
+    # dump stayed behind under that name.
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    assert await _cli(settings, "backup", "--output", str(backups)) == 0, capsys.readouterr().err
+    written = list(backups.iterdir())
+    assert len(written) == 1 and written[0].name.startswith("smartedu-") and written[0].suffix == ".dump"
+    assert written[0].read_bytes().startswith(b"PGDMP")
+    assert f"backup written to {written[0]}" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["backups"]
+
+
+async def test_a_backup_that_cannot_be_put_in_place_leaves_no_partial_file(
+    settings: Settings, tmp_path: Path
+) -> None:
+    occupied = tmp_path / "nightly.dump"  # a directory where the finished dump should be renamed to
+    occupied.mkdir()
+    assert settings.database_url is not None
+    with pytest.raises(IsADirectoryError):
+        await backup_database(settings.database_url, occupied)
+    assert os.listdir(tmp_path) == ["nightly.dump"]
+
+
 async def test_restore_refuses_a_file_that_is_not_a_backup(
     settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -247,7 +274,7 @@ def test_durations(text: str, expected: timedelta) -> None:
     assert lifecycle_cli.parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "30", "d", "0d", "-1d", "1y", "1.5d"])
+@pytest.mark.parametrize("text", ["", "30", "d", "0d", "-1d", "1y", "1.5d", "9999999999d", "99999999999999999999w"])
 def test_bad_durations_are_refused(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="365d"):
         lifecycle_cli.parse_duration(text)
@@ -262,6 +289,27 @@ def test_a_tenants_own_retention_wins_over_the_default() -> None:
         RetentionRule("c", now - timedelta(days=365), "default limit"),
     ]
     assert [r.tenant_id for r in retention_rules(policies, now, None)] == ["b"]
+
+
+def test_retention_beyond_the_calendar_expires_nothing() -> None:
+    now = datetime(2025, 6, 1, tzinfo=UTC)
+    rules = retention_rules([TenantRetention("forever", 2147483647)], now, timedelta(days=5_000_000))
+    rules += retention_rules([TenantRetention("default", None)], now, timedelta(days=5_000_000))
+    assert [r.cutoff for r in rules] == [datetime.min.replace(tzinfo=UTC)] * 2
+
+
+async def test_a_purge_survives_a_tenant_that_keeps_everything(
+    settings: Settings, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: OverflowError, a traceback, and no tenant purged at all.
+    await seed_user(db, "school-forever", "stu-1", conversations=1, age_days=400)
+    await seed_user(db, "school-short", "stu-1", conversations=1, age_days=400)
+    await db.execute("UPDATE tenants SET retention_days = 2147483647 WHERE id = 'school-forever'")
+    await db.execute("UPDATE tenants SET retention_days = 30 WHERE id = 'school-short'")
+    assert await _cli(settings, "purge", "--per-tenant") == 0
+    out = capsys.readouterr().out
+    assert "school-forever: inactive since before 0001-01-01 00:00 UTC" in out and "deleted 0 conversations" in out
+    assert "school-short:" in out and "deleted 1 conversation," in out, out
 
 
 async def test_purge_deletes_only_expired_conversations_of_the_tenant(

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.errors import ConfigError
+from server.origins import origin_allowed
 from server.settings import Settings
 
 SECRET = "s" * 40
@@ -59,6 +62,20 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_LOG_LEVEL": "LOUD"}, "SMARTEDU_LOG_LEVEL"),
         ({"SMARTEDU_LOG_CONTENT": "maybe"}, "SMARTEDU_LOG_CONTENT"),
         ({"SMARTEDU_MIGRATE_ON_START": "sometimes"}, "SMARTEDU_MIGRATE_ON_START"),
+        ({"SMARTEDU_PORT": "70000"}, "SMARTEDU_PORT"),
+        ({"SMARTEDU_METRICS_PORT": "65536"}, "SMARTEDU_METRICS_PORT"),
+        ({"SMARTEDU_HELLO_TIMEOUT": "nan"}, "SMARTEDU_HELLO_TIMEOUT"),
+        ({"SMARTEDU_DRAIN_SECONDS": "inf"}, "SMARTEDU_DRAIN_SECONDS"),
+        ({"SMARTEDU_DB_POOL_MIN": "20", "SMARTEDU_DB_POOL_MAX": "5"}, "SMARTEDU_DB_POOL_MIN"),
+        ({"SMARTEDU_PUBLIC_URL": "chat.example.edu"}, "SMARTEDU_PUBLIC_URL"),
+        ({"SMARTEDU_STATIC_DIR": "/no/such/static/dir"}, "SMARTEDU_STATIC_DIR"),
+        ({"DATABASE_URL": "postgresql://db:abc/smartedu"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://[db/smartedu"}, "DATABASE_URL"),
+        ({"REDIS_URL": "redis://cache:abc/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://cache:70000/0"}, "REDIS_URL"),
+        ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu/moodle"}, "SMARTEDU_ALLOWED_ORIGINS"),
+        ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu:99999"}, "SMARTEDU_ALLOWED_ORIGINS"),
+        ({"SMARTEDU_ALLOWED_ORIGINS": "https://"}, "SMARTEDU_ALLOWED_ORIGINS"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -85,3 +102,32 @@ def test_replicas_migrate_on_start_unless_told_not_to() -> None:
     assert Settings.from_env({}).migrate_on_start is True
     assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": ""}).migrate_on_start is True
     assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": "false"}).migrate_on_start is False
+
+
+def test_ports_span_the_whole_range_and_public_url_keeps_its_scheme() -> None:
+    settings = Settings.from_env(
+        {"SMARTEDU_PORT": "65535", "SMARTEDU_METRICS_PORT": "0", "SMARTEDU_PUBLIC_URL": "https://chat.example.edu/"}
+    )
+    assert (settings.port, settings.metrics_port, settings.public_url) == (65535, 0, "https://chat.example.edu")
+
+
+def test_static_dir_is_taken_when_it_exists(tmp_path: Path) -> None:
+    assert Settings.from_env({"SMARTEDU_STATIC_DIR": str(tmp_path)}).static_dir == tmp_path
+    assert (Settings.from_env({}).static_dir / "chat.html").is_file()
+
+
+def test_allowed_origins_are_written_as_browsers_send_them() -> None:
+    # Origins are compared as strings: before, these entries were kept as written and never matched.
+    settings = Settings.from_env(
+        {"SMARTEDU_ALLOWED_ORIGINS": "HTTPS://LMS.Example.edu:443/, http://localhost:8000, http://[::1]:80, *"}
+    )
+    assert settings.allowed_origins == ("https://lms.example.edu", "http://localhost:8000", "http://[::1]", "*")
+    assert origin_allowed("https://lms.example.edu", "chat.example.edu", settings.allowed_origins[:1])
+
+
+def test_urls_without_a_single_port_are_still_taken() -> None:
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgresql:///smartedu?host=/run/postgresql", "REDIS_URL": "redis+cluster://a:7000,b:7001"}
+    )
+    assert settings.require_services() == ("postgresql:///smartedu?host=/run/postgresql", "redis+cluster://a:7000,b:7001")
+    assert Settings.from_env({"REDIS_CLUSTER_URLS": "a:7000, b:7001"}).redis_url == "redis+cluster://a:7000,b:7001"
