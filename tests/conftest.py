@@ -55,7 +55,8 @@ class Services:
     redis_url: str
 
 
-def _with_database(url: str, name: str) -> str:
+def with_database(url: str, name: str) -> str:
+    """The same server's URL for another database (its query, such as an embedded server's socket, kept)."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
 
@@ -104,7 +105,7 @@ def services() -> Iterator[Services]:
             redis_url = redis_url or embedded.redis_url
         name = f"smartedu_test_{uuid.uuid4().hex[:10]}"
         asyncio.run(_create_database(admin_url, name))
-        database_url = _with_database(admin_url, name)
+        database_url = with_database(admin_url, name)
         asyncio.run(_migrate(database_url))
         try:
             yield Services(database_url, redis_url)

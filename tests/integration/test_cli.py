@@ -13,6 +13,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -21,7 +22,7 @@ import orjson
 import psutil
 import pytest
 
-from tests.conftest import Services
+from tests.conftest import Services, with_database
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +149,7 @@ def _external_env(**extra: str) -> dict[str, str]:
 
 
 def test_a_missing_database_is_one_line_not_a_traceback(services: Services) -> None:
-    missing = services.database_url.rsplit("/", 1)[0] + "/smartedu_no_such_database"
+    missing = with_database(services.database_url, "smartedu_no_such_database")
     result = _run("migrate", env=_external_env(DATABASE_URL=missing))
     assert result.returncode == 1, result.stderr
     assert "smartedu migrate: database error" in result.stderr and "smartedu_no_such_database" in result.stderr
@@ -163,7 +164,9 @@ def test_an_unreachable_redis_is_one_line_not_a_traceback(services: Services, tm
 
 
 def test_a_database_option_the_driver_refuses_is_one_line_not_a_traceback(services: Services) -> None:
-    result = _run("migrate", env=_external_env(DATABASE_URL=services.database_url + "?sslmode=bogus"))
+    parts = urlsplit(services.database_url)  # the embedded server's URL has a query already (its socket)
+    bogus = urlunsplit(parts._replace(query="&".join(q for q in (parts.query, "sslmode=bogus") if q)))
+    result = _run("migrate", env=_external_env(DATABASE_URL=bogus))
     assert result.returncode == 1, result.stderr
     assert "smartedu migrate: database error" in result.stderr and "sslmode" in result.stderr
     assert "Traceback" not in result.stderr
@@ -300,7 +303,7 @@ def empty_database(services: Services) -> Iterator[str]:
 
     asyncio.run(run(f'CREATE DATABASE "{name}"'))
     try:
-        yield services.database_url.rsplit("/", 1)[0] + "/" + name
+        yield with_database(services.database_url, name)
     finally:
         asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

@@ -12,7 +12,7 @@ import pytest
 from storage import migrate
 from storage.migrate import Migration, apply_migrations, load_migrations
 from storage.postgres import Database
-from tests.conftest import Services, _with_database
+from tests.conftest import Services, with_database
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ async def test_concurrent_migrations_apply_each_version_once(services: Services)
     admin = await asyncpg.connect(services.database_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        url = _with_database(services.database_url, name)
+        url = with_database(services.database_url, name)
         connections = [await asyncpg.connect(url) for _ in range(4)]
         try:
             results = await asyncio.gather(*(apply_migrations(c) for c in connections))
@@ -56,7 +56,7 @@ async def test_a_migration_longer_than_the_command_timeout_applies_while_another
     admin = await asyncpg.connect(services.database_url)
     await admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        url = _with_database(services.database_url, name)
+        url = with_database(services.database_url, name)
         # The product's pools have a command timeout (30 s); these have a much shorter one.
         pools = [await asyncpg.create_pool(url, min_size=1, max_size=1, command_timeout=0.4) for _ in range(2)]
         try:
