@@ -188,6 +188,13 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
 
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()
+    # Before the server is announced: a signal right after the announcement must find its handler.
+    received: asyncio.Queue[int] = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    # SIGHUP (the terminal closed) stops like SIGINT; by default it killed the process on the spot, leaving
+    # the embedded servers running.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, received.put_nowait, signum)
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
         await site.start()
@@ -197,12 +204,6 @@ async def _run_until_signal(app: web.Application, settings: Settings, announce: 
         log.info("serving", extra={"host": settings.host, "port": port, "ai": settings.ai_provider})
         if announce:
             _print_demo(settings, settings.host, port)
-        received: asyncio.Queue[int] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        # SIGHUP (the terminal closed) stops like SIGINT; by default it killed the process on the spot, leaving
-        # the embedded servers running.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, received.put_nowait, signum)
         if await received.get() == signal.SIGTERM:
             log.info("draining", extra={"deadline_s": settings.drain_seconds})
             await drain(app, settings.drain_seconds)
