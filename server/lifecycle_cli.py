@@ -42,6 +42,7 @@ from storage.lifecycle import (
     retention_rules,
 )
 from storage.postgres import connect_pool
+from storage.schema_check import pending_migrations
 
 from .errors import ConfigError
 from .settings import Settings
@@ -172,7 +173,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise ConfigError("DATABASE_URL is not set")
     handler = _HANDLERS[args.command]
     try:
-        return handler(args, settings.database_url)
+        return handler(args, settings)
     except LifecycleError as exc:
         print(f"smartedu {args.command}: {exc}", file=sys.stderr)
     except asyncpg.PostgresError as exc:
@@ -268,7 +269,13 @@ def _confirm(prompt: str) -> bool:
 # -- commands -------------------------------------------------------------------------------------
 
 
-def _backup(args: argparse.Namespace, dsn: str) -> int:
+def _dsn(settings: Settings) -> str:
+    assert settings.database_url is not None  # `run` checked
+    return settings.database_url
+
+
+def _backup(args: argparse.Namespace, settings: Settings) -> int:
+    dsn = _dsn(settings)
     name = f"smartedu-{datetime.now(UTC):%Y%m%d-%H%M%S}.dump"
     output: Path = args.output or Path(name)
     if output.is_dir():  # `--output /backups`: the usual name, in that directory
@@ -288,7 +295,8 @@ def _backup(args: argparse.Namespace, dsn: str) -> int:
     return 0
 
 
-def _restore(args: argparse.Namespace, dsn: str) -> int:
+def _restore(args: argparse.Namespace, settings: Settings) -> int:
+    dsn = _dsn(settings)
     progress = _Progress()
     try:
         result = asyncio.run(
@@ -337,12 +345,20 @@ async def _purge(args: argparse.Namespace, lifecycle: Lifecycle) -> int:
     return 0
 
 
-async def _with_lifecycle(dsn: str, action: Callable[[Lifecycle], Awaitable[T]]) -> T:
-    """Run `action` with a small pool on a migrated database."""
-    pool = await connect_pool(dsn, min_size=1, max_size=2)
+async def _with_lifecycle(settings: Settings, action: Callable[[Lifecycle], Awaitable[T]]) -> T:
+    """Run `action` with a small pool on a database with this build's schema: migrated first, unless
+    SMARTEDU_MIGRATE_ON_START is false (the replicas do not migrate either), which checks it instead."""
+    pool = await connect_pool(_dsn(settings), min_size=1, max_size=2)
     try:
         lifecycle = Lifecycle(pool)
-        await lifecycle.migrate()
+        if settings.migrate_on_start:
+            await lifecycle.migrate()
+        elif pending := await pending_migrations(pool):
+            names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+            raise LifecycleError(
+                f"the database lacks migrations {names}: run `smartedu migrate` first "
+                "(SMARTEDU_MIGRATE_ON_START=false: this command does not change the schema)"
+            )
         return await action(lifecycle)
     finally:
         await pool.close()
@@ -352,8 +368,8 @@ def _no_user(args: argparse.Namespace) -> LifecycleError:
     return LifecycleError(f"there is no user {args.user!r} in tenant {args.tenant!r}")
 
 
-def _export_user(args: argparse.Namespace, dsn: str) -> int:
-    export = asyncio.run(_with_lifecycle(dsn, lambda lc: lc.export_user(args.tenant, args.user)))
+def _export_user(args: argparse.Namespace, settings: Settings) -> int:
+    export = asyncio.run(_with_lifecycle(settings, lambda lc: lc.export_user(args.tenant, args.user)))
     if export is None:
         raise _no_user(args)
     data = orjson.dumps(export.document(), option=orjson.OPT_INDENT_2) + b"\n"
@@ -369,8 +385,8 @@ def _export_user(args: argparse.Namespace, dsn: str) -> int:
     return 0
 
 
-def _delete_user(args: argparse.Namespace, dsn: str) -> int:
-    found = asyncio.run(_with_lifecycle(dsn, lambda lc: lc.count_user_data(args.tenant, args.user)))
+def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
+    found = asyncio.run(_with_lifecycle(settings, lambda lc: lc.count_user_data(args.tenant, args.user)))
     if found is None:
         raise _no_user(args)
     elsewhere = (
@@ -381,7 +397,7 @@ def _delete_user(args: argparse.Namespace, dsn: str) -> int:
     if not args.yes and not _confirm("Delete this user and all of the above? This cannot be undone. [y/N] "):
         print("nothing deleted", file=sys.stderr)
         return 1
-    deleted = asyncio.run(_with_lifecycle(dsn, lambda lc: lc.delete_user(args.tenant, args.user)))
+    deleted = asyncio.run(_with_lifecycle(settings, lambda lc: lc.delete_user(args.tenant, args.user)))
     if deleted is None:
         raise _no_user(args)
     kept = deleted.authored_elsewhere
@@ -390,10 +406,10 @@ def _delete_user(args: argparse.Namespace, dsn: str) -> int:
     return 0
 
 
-_HANDLERS: dict[str, Callable[[argparse.Namespace, str], int]] = {
+_HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "backup": _backup,
     "restore": _restore,
-    "purge": lambda args, dsn: asyncio.run(_with_lifecycle(dsn, lambda lc: _purge(args, lc))),
+    "purge": lambda args, settings: asyncio.run(_with_lifecycle(settings, lambda lc: _purge(args, lc))),
     "export-user": _export_user,
     "delete-user": _delete_user,
 }

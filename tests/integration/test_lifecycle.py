@@ -511,3 +511,21 @@ def test_every_lifecycle_command_has_help(command: str, capsys: pytest.CaptureFi
     assert exited.value.code == 0
     help_text = capsys.readouterr().out
     assert f"usage: smartedu {command}" in help_text and "example" in help_text
+
+
+async def test_without_migrate_on_start_the_data_commands_check_the_schema_and_change_nothing(
+    settings: Settings, fresh_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A newer checkout run against production, whose replicas do not migrate either: the schema is not
+    # changed behind them; the command says what to run.
+    target = replace(settings, database_url=fresh_database, migrate_on_start=False)
+    for argv in (("purge", "--per-tenant"), ("export-user", "--tenant", "school-a", "--user", "stu-1")):
+        assert await _cli(target, *argv) == 1
+        assert "lacks migrations 0001_" in capsys.readouterr().err
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('schema_migrations')") is None
+    finally:
+        await conn.close()
+    # With the setting's default, the command migrates first, as before.
+    assert await _cli(replace(target, migrate_on_start=True), "purge", "--per-tenant") == 0
