@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ai.base import estimate_tokens
 from storage.models import TenantSettings
@@ -19,6 +21,8 @@ from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,18 @@ class Budgets:
             reservation.tenant_id, reservation.user_id, reservation.day,
             total_tokens - reservation.tenant_tokens, output_tokens - reservation.user_tokens,
         )
+
+    async def reserved_for(self, reservation: Reservation, make: Awaitable[T | None]) -> T | None:
+        """What `make` makes (an answer's placeholder); when it fails or makes nothing, no answer will use
+        the reservation, so it is given back at once."""
+        try:
+            made = await make
+        except Exception:
+            await self.settle(reservation, 0, 0)
+            raise
+        if made is None:
+            await self.settle(reservation, 0, 0)
+        return made
 
     async def settle(self, reservation: Reservation | None, total_tokens: int, output_tokens: int) -> None:
         """Replace a reservation by what was really used, on its own round trip."""

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 
 from ai.base import Provider
-from storage.errors import ClientIdTakenError
 from storage.models import Conversation, Course, Message, PastMessage, TenantSettings, User
 from storage.postgres import Database
 from storage.roundtrips import RoundTrips
@@ -27,7 +26,7 @@ from .budgets import Budgets, Reservation
 from .errors import ChatError, CloseCode, ErrorCode, bad_request, forbidden, not_found
 from .hub import Hub, Peer
 from .metrics import Metrics
-from .protocol import HistoryRequest, SendMessage, encode, is_uuid
+from .protocol import HistoryRequest, SendMessage, encode
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .teacher import Classroom
@@ -186,9 +185,7 @@ class ChatService:
 
     async def user_conversation(self, claims: Claims, user_id: str, conversation_id: str) -> Conversation:
         """The user's own conversation (else not_found), if the token may use its course (else forbidden)."""
-        conversation = None
-        if is_uuid(conversation_id):  # a malformed id is simply not found, never a database error
-            conversation = await self.db.get_conversation(claims.tenant, user_id, conversation_id)
+        conversation = await self.db.get_conversation(claims.tenant, user_id, conversation_id)
         if conversation is None:
             raise not_found("conversation")
         if conversation.course_id is None:
@@ -294,10 +291,8 @@ class ChatService:
                     claims.tenant, conversation.id, frame.id, frame.text, session.user.id,
                     history=self.settings.history_messages,
                 )
-        except Exception as exc:
+        except Exception:
             await self.budgets.settle(reservation, 0, 0)
-            if isinstance(exc, ClientIdTakenError):
-                raise bad_request(str(exc), frame.id) from None
             raise
         if not saved.created or saved.reply is None:
             await self.budgets.settle(reservation, 0, 0)  # nothing will be generated for this message
@@ -413,14 +408,10 @@ class ChatService:
             raise not_found("reply", ref=ref)
         tenant = session.tenant or TenantSettings(claims.tenant)
         reservation = await self.budgets.admit(tenant, session.user.id, question.text, ref)
-        try:
-            reply = await self.db.regenerate_reply(claims.tenant, conversation.id, question.id, reply_id)
-        except Exception:
-            await self.budgets.settle(reservation, 0, 0)
-            raise
-        if reply is None:
-            # Another regenerate (or a pause) got there first.
-            await self.budgets.settle(reservation, 0, 0)
+        reply = await self.budgets.reserved_for(
+            reservation, self.db.regenerate_reply(claims.tenant, conversation.id, question.id, reply_id)
+        )
+        if reply is None:  # another regenerate (or a pause) got there first
             raise bad_request("only the newest answer of a question, once ended, can be regenerated", ref)
         ack = {
             "type": "ack",

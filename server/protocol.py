@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,16 +186,6 @@ def _has_nul(value: object) -> bool:
     if isinstance(value, list):
         return any(_has_nul(v) for v in value)
     return False
-
-
-def is_uuid(value: str) -> bool:
-    """Whether a client's id is a UUID in its canonical form (what PostgreSQL is sure to accept)."""
-    if len(value) != 36:
-        return False
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except ValueError:
-        return False
 
 
 def ref_of(frame: ClientFrame | None) -> str | None:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from storage.errors import ClientIdTakenError
 from storage.models import Conversation, Course, TenantSettings
 from storage.postgres import Database
 
 from .answers import Answers, course_key
 from .auth import Claims
-from .errors import bad_request, forbidden, not_found
+from .errors import forbidden, not_found
 from .hub import Hub
-from .protocol import Intervene, SetAI, encode, is_uuid
+from .protocol import Intervene, SetAI, encode
 
 if TYPE_CHECKING:
     from .chat import Session
@@ -62,9 +61,7 @@ class Classroom:
 
     async def teacher_conversation(self, claims: Claims, conversation_id: str) -> Conversation:
         """A conversation in a course the teacher may see (admins: any course of the tenant)."""
-        conversation = None
-        if is_uuid(conversation_id):  # a malformed id is simply not found, never a database error
-            conversation = await self.db.tenant_conversation(claims.tenant, conversation_id)
+        conversation = await self.db.tenant_conversation(claims.tenant, conversation_id)
         if conversation is None or conversation.course_id is None:
             raise not_found("conversation")
         await self.visible_course(claims, conversation.course_id)
@@ -76,12 +73,10 @@ class Classroom:
     async def intervene(self, session: Session, frame: Intervene) -> None:
         """A teacher's message in a student's conversation: committed, delivered live, part of the AI's context."""
         conversation = await self._teacher_conversation(session, frame.conversation_id)
-        try:
-            message, created = await self.db.save_teacher_message(
-                session.claims.tenant, conversation.id, frame.id, frame.text, session.user.id
-            )
-        except ClientIdTakenError as exc:
-            raise bad_request(str(exc), frame.id) from None
+        # A client id that names another author's message: ClientIdTakenError, a bad_request for the socket.
+        message, created = await self.db.save_teacher_message(
+            session.claims.tenant, conversation.id, frame.id, frame.text, session.user.id
+        )
         body = {
             "type": "teacher_message",
             "conversation_id": conversation.id,
@@ -119,14 +114,11 @@ class Classroom:
         reservation = await budgets.admit(
             tenant, conversation.user_id, question.text, conversation.id, rate_limited=False
         )
-        try:
-            # Only if it is still waiting: another teacher may be resuming at the same moment.
-            reply = await self.db.answer_waiting_question(session.claims.tenant, conversation.id, question.id)
-        except Exception:
-            await budgets.settle(reservation, 0, 0)
-            raise
+        # Only if it is still waiting: another teacher may be resuming at the same moment.
+        reply = await budgets.reserved_for(
+            reservation, self.db.answer_waiting_question(session.claims.tenant, conversation.id, question.id)
+        )
         if reply is None:
-            await budgets.settle(reservation, 0, 0)
             return
         course = await self._course_of(conversation)
         self.answers.start(conversation, course, question, reply.id, tenant, reservation)

@@ -137,14 +137,14 @@ def _conversation(row: asyncpg.Record) -> Conversation:
 
 
 def _is_uuid(value: str) -> bool:
-    # Ids come from clients; a malformed one is simply "not found", never a database error.
+    """Whether an id is a UUID in its canonical form, in either case (what PostgreSQL is sure to accept).
+    Ids come from clients; a malformed one is simply "not found", never a database error."""
     if len(value) != 36:
         return False
     try:
-        int(value.replace("-", ""), 16)
+        return str(uuid.UUID(value)) == value.lower()
     except ValueError:
         return False
-    return value.count("-") == 4
 
 
 def _canonical(conversation_id: str) -> str:
