@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import asyncpg
 import pytest
 
 from server.settings import Settings
-from tests.conftest import TEST_SECRET, Serve, Server, seed_course, token
+from tests.conftest import TEST_SECRET, Serve, Server, interrupt, seed_course, token
 from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, browser, free_port, host_site, new_page, rendered
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
@@ -348,13 +347,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        interrupt(proc, 20)
 
 
 async def test_the_framed_chat_survives_a_killed_and_restarted_server(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.conftest import TEST_SECRET, Services, token
+from tests.conftest import TEST_SECRET, Services, interrupt, token
 
 pytestmark = pytest.mark.integration
 
@@ -115,13 +114,7 @@ def serving(env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        interrupt(proc, 30)
         assert proc.stderr is not None
         proc.stderr.close()
 
