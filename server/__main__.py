@@ -146,18 +146,19 @@ def _print_demo(settings: Settings, host: str, port: int) -> None:
     base = settings.public_url or f"http://{shown}:{port}"
     student = mint_token(
         settings.jwt_secret, user=DEMO_STUDENT, tenant=DEMO_TENANT, role="student", name="Demo Student",
-        ttl_s=7 * 86400,
+        ttl_s=settings.max_token_lifetime_s,
     )
     teacher = mint_token(
         settings.jwt_secret, user=DEMO_TEACHER, tenant=DEMO_TENANT, role="teacher", name="Demo Teacher",
-        courses=[DEMO_COURSE], ttl_s=7 * 86400,
+        courses=[DEMO_COURSE], ttl_s=settings.max_token_lifetime_s,
     )
     print(
         "\nSmartEdu Tutor Chat is running (embedded PostgreSQL and Redis, "
         f"{settings.ai_provider} tutor).\n\n"
         f"  Student chat:       {base}/chat#course={DEMO_COURSE}&token={student}\n\n"
         f"  Teacher dashboard:  {base}/teacher#token={teacher}\n\n"
-        "Tokens last a week; `smartedu token --help` mints others. Press Ctrl-C to stop.\n",
+        f"Tokens last {settings.max_token_lifetime_s / 3600:g} h (SMARTEDU_MAX_TOKEN_LIFETIME_S); "
+        "`smartedu token --help` mints others. Press Ctrl-C to stop.\n",
         flush=True,
     )
 
@@ -228,6 +229,11 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
         if settings.jwt_public_key:
             raise ConfigError("token needs SMARTEDU_JWT_SECRET; with a public key your identity provider signs tokens")
         secret = jwt_secret(settings.data_dir)
+    if args.ttl > settings.max_token_lifetime_s:
+        raise ConfigError(
+            f"--ttl {args.ttl} exceeds SMARTEDU_MAX_TOKEN_LIFETIME_S ({settings.max_token_lifetime_s} s): "
+            "the server would refuse the token"
+        )
     print(
         mint_token(
             secret, user=args.user, tenant=args.tenant, role=args.role, name=args.name, courses=args.course,

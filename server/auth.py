@@ -13,6 +13,7 @@ from .settings import Settings
 
 ROLES = ("student", "teacher", "admin")
 MAX_TOKEN_CHARS = 8192
+LEEWAY_S = 5  # clock skew between the token's issuer and this server
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class Claims:
     exp: int
     name: str = ""
     courses: tuple[str, ...] | None = None
+    session_id: str | None = None  # the cookie session these claims came from (None for a token)
 
     def may_use_course(self, course_id: str) -> bool:
         return self.courses is None or course_id in self.courses
@@ -48,6 +50,7 @@ class TokenVerifier:
             ) from None
         self.issuer = settings.jwt_issuer
         self.audience = settings.jwt_audience
+        self.max_lifetime_s = settings.max_token_lifetime_s
 
     def verify(self, token: object) -> Claims:
         """Return the claims of a valid token, or raise `unauthorized`."""
@@ -63,10 +66,17 @@ class TokenVerifier:
                 issuer=self.issuer,
                 audience=self.audience,
                 options={"require": ["exp", "sub"]},
-                leeway=5,
+                leeway=LEEWAY_S,
             )
         except jwt.ExpiredSignatureError:
             raise unauthorized("token expired") from None
+        except jwt.MissingRequiredClaimError as exc:
+            if exc.claim == "exp":
+                raise unauthorized(
+                    f"invalid token: it has no expiry (exp); tokens must expire within "
+                    f"SMARTEDU_MAX_TOKEN_LIFETIME_S ({self.max_lifetime_s} s)"
+                ) from None
+            raise unauthorized(f"invalid token: {exc}") from None
         except jwt.InvalidAudienceError as exc:
             if self.audience is None:
                 # PyJWT refuses any `aud` when none is expected; say which setting the school is missing.
@@ -76,7 +86,20 @@ class TokenVerifier:
             raise unauthorized(f"invalid token: {exc}") from None
         except jwt.InvalidTokenError as exc:
             raise unauthorized(f"invalid token: {exc}") from None
+        self._check_lifetime(payload)
         return claims_from_payload(payload)
+
+    def _check_lifetime(self, payload: dict[str, Any]) -> None:
+        """Refuse a token that lives longer than SMARTEDU_MAX_TOKEN_LIFETIME_S (PyJWT checked exp and iat are
+        numbers)."""
+        issued = payload.get("iat")
+        since, start = ("iat", float(issued)) if issued is not None else ("now", time.time())
+        lifetime = float(payload["exp"]) - start
+        if lifetime > self.max_lifetime_s + LEEWAY_S:
+            raise unauthorized(
+                f"invalid token: its lifetime (exp - {since}, {lifetime:.0f} s) exceeds "
+                f"SMARTEDU_MAX_TOKEN_LIFETIME_S ({self.max_lifetime_s} s)"
+            )
 
 
 def claims_from_payload(payload: dict[str, Any]) -> Claims:

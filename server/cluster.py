@@ -477,12 +477,13 @@ def _announce(
     ]
     if secret is not None:
         student = mint_token(
-            secret, user=DEMO_STUDENT, tenant=DEMO_TENANT, role="student", name="Demo Student", ttl_s=7 * 86400,
-            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+            secret, user=DEMO_STUDENT, tenant=DEMO_TENANT, role="student", name="Demo Student",
+            ttl_s=settings.max_token_lifetime_s, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
         )
         teacher = mint_token(
             secret, user=DEMO_TEACHER, tenant=DEMO_TENANT, role="teacher", name="Demo Teacher",
-            courses=[DEMO_COURSE], ttl_s=7 * 86400, issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+            courses=[DEMO_COURSE], ttl_s=settings.max_token_lifetime_s,
+            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
         )
         lines += [
             "",

@@ -300,7 +300,7 @@ class LtiService:
             role=role,
             name=_display_name(claims) or None,
             courses=[course_id],
-            ttl_s=TOKEN_TTL_S,
+            ttl_s=min(TOKEN_TTL_S, self.settings.max_token_lifetime_s),
             issuer=self.settings.jwt_issuer,
             audience=self.settings.jwt_audience,
         )

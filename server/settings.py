@@ -116,6 +116,14 @@ def _origin(entry: str) -> str:
     return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
 
 
+DEFAULT_MAX_TOKEN_LIFETIME_S = 24 * 3600
+
+
+def max_token_lifetime(env: Mapping[str, str]) -> int:
+    """SMARTEDU_MAX_TOKEN_LIFETIME_S (also read by the load tester, which mints tokens the server must accept)."""
+    return _int(env, "SMARTEDU_MAX_TOKEN_LIFETIME_S", DEFAULT_MAX_TOKEN_LIFETIME_S, 60)
+
+
 def _static_dir(env: Mapping[str, str]) -> Path:
     raw = env.get("SMARTEDU_STATIC_DIR", "").strip()
     if not raw:
@@ -171,6 +179,9 @@ class Settings:
     metrics_port: int | None = None
     session_key: str | None = None
     session_ttl_s: int = 8 * 3600
+    # The longest lifetime (exp - iat, or exp - now without iat) a token may have: a leaked token with exp
+    # a year away would otherwise work for a year.
+    max_token_lifetime_s: int = DEFAULT_MAX_TOKEN_LIFETIME_S
     metrics_host: str | None = None
     # False where a separate, more privileged step (the Kubernetes Job, `smartedu migrate`) migrates: the
     # app then only checks, read-only, that no migration is pending, and refuses to start otherwise.
@@ -255,13 +266,20 @@ class Settings:
             ),
             metrics_host=env.get("SMARTEDU_METRICS_HOST") or None,
             session_key=_session_key(env),
-            session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", defaults.session_ttl_s, 60),
+            # A cookie session is a credential too: by default it lasts no longer than a token may.
+            session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", min(defaults.session_ttl_s, max_token_lifetime(env)), 60),
+            max_token_lifetime_s=max_token_lifetime(env),
             migrate_on_start=_bool(env, "SMARTEDU_MIGRATE_ON_START", defaults.migrate_on_start),
         )
         if settings.db_pool_min > settings.db_pool_max:
             raise ConfigError(
                 f"SMARTEDU_DB_POOL_MIN ({settings.db_pool_min}) must not exceed SMARTEDU_DB_POOL_MAX "
                 f"({settings.db_pool_max})"
+            )
+        if settings.session_ttl_s > settings.max_token_lifetime_s:
+            raise ConfigError(
+                f"SMARTEDU_SESSION_TTL_S ({settings.session_ttl_s}) must not exceed SMARTEDU_MAX_TOKEN_LIFETIME_S "
+                f"({settings.max_token_lifetime_s})"
             )
         # The frame limit leaves room for JSON escaping of a maximal message (up to 6 bytes a char).
         return replace(settings, max_frame_bytes=max(64 * 1024, settings.max_message_chars * 6 + 1024))

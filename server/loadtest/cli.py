@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 import orjson
 from rich.console import Console
 
+from ..errors import ConfigError
+from ..settings import max_token_lifetime
 from .report import (
     ALL,
     THRESHOLD_OPTIONS,
@@ -72,6 +74,7 @@ EXIT_CRASHED = 4
 EXIT_ABORTED = 130
 MAX_DURATION = 24 * 3600.0
 SECRET_ENV = "SMARTEDU_JWT_SECRET"
+LIFETIME_ENV = "SMARTEDU_MAX_TOKEN_LIFETIME_S"  # read as the server reads it: tokens must fit its cap
 DEFAULT_COURSE = "algebra-1"  # the demo school's course (`smartedu seed-demo`)
 
 _EPILOG = f"""\
@@ -501,6 +504,14 @@ class Prepared:
     summary: dict[str, Any]
 
 
+def server_token_lifetime() -> int:
+    """The server's token lifetime cap, from the same variable (its default when unset)."""
+    try:
+        return max_token_lifetime(os.environ)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def prepare(args: argparse.Namespace) -> Prepared:
     """Turn parsed arguments into a run configuration; raises UsageError naming the bad option."""
     check_target(args.url, args.allow_remote)
@@ -512,6 +523,12 @@ def prepare(args: argparse.Namespace) -> Prepared:
         raise UsageError(f"--duration is capped at {MAX_DURATION:.0f} s")
     if args.ttl < args.duration + args.drain_timeout:
         raise UsageError("--ttl is shorter than the run: tokens would expire during it")
+    cap = server_token_lifetime()
+    if args.ttl > cap:
+        raise UsageError(
+            f"--ttl {args.ttl:g} exceeds {LIFETIME_ENV} ({cap} s): the server refuses tokens that live longer; "
+            f"shorten the run, or raise {LIFETIME_ENV} on the server and here"
+        )
     for option, path in (("--out", args.out), ("--plot", args.plot)):
         if path is not None:
             _check_output(option, path)

@@ -50,6 +50,15 @@ def test_token_is_signed_with_the_configured_secret(tmp_path: Path) -> None:
     assert 55 <= claims["exp"] - claims["iat"] <= 60
 
 
+def test_token_longer_than_the_servers_cap_is_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "SMARTEDU_DATA_DIR": str(tmp_path), "SMARTEDU_MAX_TOKEN_LIFETIME_S": "3600"}
+    result = _run("token", "--user", "u7", "--role", "student", "--tenant", "t9", "--ttl", "3601", env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "--ttl 3601 exceeds SMARTEDU_MAX_TOKEN_LIFETIME_S (3600 s)" in result.stderr
+    result = _run("token", "--user", "u7", "--role", "student", "--tenant", "t9", "--ttl", "3600", env=env)
+    assert result.returncode == 0, result.stderr
+
+
 def test_an_empty_development_secret_file_is_replaced(tmp_path: Path) -> None:
     # Left by a first start that died between creating and writing it; before: "HMAC key must not be empty".
     (tmp_path / "jwt-secret").write_text("")

@@ -579,6 +579,18 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str], monkeypatch: py
     assert "ws:// or wss://" in err and "no tokens" in err and "capped" in err and "expire" in err
 
 
+def test_ttl_beyond_the_servers_token_lifetime_cap_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server refuses tokens living longer than SMARTEDU_MAX_TOKEN_LIFETIME_S: every student would fail.
+    monkeypatch.delenv("SMARTEDU_MAX_TOKEN_LIFETIME_S", raising=False)
+    assert main(["--url", "ws://127.0.0.1/ws", "--jwt-secret", SECRET, "--ttl", "90000"]) == 2
+    assert "--ttl 90000 exceeds SMARTEDU_MAX_TOKEN_LIFETIME_S (86400 s)" in capsys.readouterr().err
+    monkeypatch.setenv("SMARTEDU_MAX_TOKEN_LIFETIME_S", "600")
+    assert main(["--url", "ws://127.0.0.1/ws", "--jwt-secret", SECRET, "--duration", "10", "--ttl", "900"]) == 2
+    assert "(600 s)" in capsys.readouterr().err
+
+
 # -- outputs ------------------------------------------------------------------------------------------
 
 

@@ -76,11 +76,21 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu/moodle"}, "SMARTEDU_ALLOWED_ORIGINS"),
         ({"SMARTEDU_ALLOWED_ORIGINS": "https://lms.example.edu:99999"}, "SMARTEDU_ALLOWED_ORIGINS"),
         ({"SMARTEDU_ALLOWED_ORIGINS": "https://"}, "SMARTEDU_ALLOWED_ORIGINS"),
+        ({"SMARTEDU_MAX_TOKEN_LIFETIME_S": "30"}, "SMARTEDU_MAX_TOKEN_LIFETIME_S"),
+        ({"SMARTEDU_MAX_TOKEN_LIFETIME_S": "3600", "SMARTEDU_SESSION_TTL_S": "3601"},
+         "SMARTEDU_SESSION_TTL_S .3601. must not exceed"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         Settings.from_env(env)
+
+
+def test_token_lifetime_cap_defaults_to_a_day_and_bounds_the_session_default() -> None:
+    assert Settings.from_env({}).max_token_lifetime_s == 86400
+    assert Settings.from_env({}).session_ttl_s == 8 * 3600
+    capped = Settings.from_env({"SMARTEDU_MAX_TOKEN_LIFETIME_S": "3600"})
+    assert (capped.max_token_lifetime_s, capped.session_ttl_s) == (3600, 3600)
 
 
 def test_missing_auth_and_services_are_named() -> None:
