@@ -25,9 +25,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         raise ChatError(ErrorCode.AI_UNAVAILABLE, "this replica is restarting; reconnect", retry_after=1.0)
     origin = request.headers.get("Origin")
     trusted = origin_allowed(origin, request.host, settings.allowed_origins)
-    if not trusted and not is_web_origin(origin):
+    anyone = "*" in settings.allowed_origins
+    if not trusted and not anyone and not is_web_origin(origin):
         raise forbidden("this origin may not open a socket")
-    # The session cookie counts only from trusted origins; other origins must be a tenant's, checked at hello.
+    # The session cookie counts only from trusted origins; other origins must be a tenant's, checked at hello
+    # (with `*`, any origin, but with a token only).
     cookie_claims = await session_claims(request) if trusted and origin else None
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
     await ws.prepare(request)
@@ -35,7 +37,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     peer = WebSocketPeer(ws)
     session = SocketSession(
         settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request),
-        cookie_claims=cookie_claims, pending_origin=None if trusted else origin,
+        cookie_claims=cookie_claims, pending_origin=None if trusted or anyone else origin,
     )
     try:
         if await _hello_in_time(ws, session, settings.hello_timeout):

@@ -216,9 +216,11 @@ async def _require_current_schema(pool: asyncpg.Pool) -> None:
 
 
 def _setup_cors(app: web.Application, settings: Settings) -> None:
-    """CORS for the REST API from the configured origins (tenant origins apply to /embed and the socket)."""
+    """Credentialed CORS for the REST API from the origins configured by name. `*` gets CORS without
+    credentials from the tenant middleware (server/cors.py): a credentialed `*` lets any site call the API
+    with the user's cookie session."""
     origins = [o for o in settings.allowed_origins if o != "*"]
-    if not origins and "*" not in settings.allowed_origins:
+    if not origins:
         return
     options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]
         allow_credentials=True,
@@ -226,7 +228,7 @@ def _setup_cors(app: web.Application, settings: Settings) -> None:
         allow_headers=("Authorization", "Content-Type", "X-CSRF-Token", "X-Request-ID"),
         max_age=600,
     )
-    cors = aiohttp_cors.setup(app, defaults={o: options for o in origins or ["*"]})
+    cors = aiohttp_cors.setup(app, defaults={o: options for o in origins})
     for route in list(app.router.routes()):
         if route.resource is not None and route.resource.canonical.startswith("/api/"):
             cors.add(route)

@@ -2,7 +2,8 @@
 
 aiohttp-cors serves the origins configured in SMARTEDU_ALLOWED_ORIGINS; its configuration is fixed at
 start. This middleware adds the origins schools list in the database (cached for a minute), for the
-REST API only and without credentials (Bearer tokens, not the cookie session). CORS only decides which
+REST API only and without credentials (Bearer tokens, not the cookie session); so does `*` in
+SMARTEDU_ALLOWED_ORIGINS, for any origin. CORS only decides which
 pages may read responses: the token still decides what data a request may see.
 """
 
@@ -48,13 +49,13 @@ def tenant_cors_middleware(origins: TenantOrigins) -> Middleware:
             origin is None
             or not request.path.startswith("/api/")
             or origin in configured
-            or "*" in configured
-            or not await origins.allowed(request, origin)
+            or ("*" not in configured and not await origins.allowed(request, origin))
         ):
             return await handler(request)
         # No Access-Control-Allow-Credentials: any one school can list any origin, and a credentialed
         # grant would let that origin's pages call the API with the cookie session of every school's
-        # users (when it is same-site with this server). Tenant pages send the token as Bearer.
+        # users (when it is same-site with this server). Tenant pages send the token as Bearer. The same
+        # goes for `*` in SMARTEDU_ALLOWED_ORIGINS: any origin, but never with the cookie.
         headers = {
             "Access-Control-Allow-Origin": origin,
             "Access-Control-Expose-Headers": "X-Request-ID",

@@ -8,11 +8,12 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
-    """True for non-browser clients (no Origin), the server's own origin, and configured origins."""
+    """True for non-browser clients (no Origin), the server's own origin, and configured origins: those
+    whose requests may carry the cookie session. `*` does not count: it lets any origin in with a token."""
     if origin is None:
         return True
     origin = origin.rstrip("/")
-    if "*" in allowed or origin in allowed:
+    if origin in allowed:
         return True
     if host is None or origin == "null":
         return False

@@ -202,3 +202,40 @@ def test_a_missing_session_key_is_warned_about(settings: Settings, caplog: pytes
     with caplog.at_level(logging.WARNING, logger="server.app"):
         create_app(replace(settings, session_key=new_session_key()))
     assert not [record for record in caplog.records if "SESSION_KEY" in record.getMessage()]
+
+
+async def test_wildcard_origins_get_cors_and_sockets_without_the_cookie(serve: Serve) -> None:
+    # `*` used to grant credentialed CORS (and the cookie on sockets) to every site on the web.
+    server = await serve(allowed_origins=("*",))
+    _, cookies = await _login(server, token("stu-1"))
+    evil = "https://evil.example"
+    preflight = {"Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "Authorization"}
+    response = await server.client.options("/api/conversations", headers={"Origin": evil, **preflight})
+    assert response.status == 200 and response.headers["Access-Control-Allow-Origin"] == evil
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    response = await server.client.get("/api/session", headers={**cookies, "Origin": evil})
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    bearer = {"Origin": evil, "Authorization": f"Bearer {token()}"}
+    response = await server.client.get("/api/conversations", headers=bearer)
+    assert response.status == 200 and response.headers["Access-Control-Allow-Origin"] == evil
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    # Any origin may open a socket with a token, but the cookie alone does not sign it in...
+    sock = await server.connect({}, headers={**cookies, "Origin": evil}, welcome=False)
+    assert (await sock.expect("error"))["code"] == "unauthorized"
+    sock = await server.connect({"token": token()}, headers={"Origin": evil})
+    assert sock.frames[0]["type"] == "welcome"
+    # ...while the server's own origin keeps its cookie session.
+    own = f"http://{server.client.host}:{server.client.port}"
+    sock = await server.connect({}, headers={**cookies, "Origin": own})
+    assert sock.frames[0]["type"] == "welcome" and sock.frames[0]["user"]["role"] == "student"
+
+
+async def test_origins_listed_by_name_keep_credentialed_cors_next_to_a_wildcard(serve: Serve) -> None:
+    server = await serve(allowed_origins=("https://lms.example", "*"))
+    preflight = {"Access-Control-Request-Method": "DELETE", "Access-Control-Request-Headers": "X-CSRF-Token"}
+    response = await server.client.options("/api/session", headers={"Origin": "https://lms.example", **preflight})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://lms.example"
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    response = await server.client.options("/api/session", headers={"Origin": "https://other.example", **preflight})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://other.example"
+    assert "Access-Control-Allow-Credentials" not in response.headers
