@@ -88,6 +88,9 @@ class ChatService:
         self._closing = False
         self._maintenance: asyncio.Task[None] | None = None
         self._expiring: set[asyncio.Task[None]] = set()  # closes of sockets whose token expired
+        # Cookie sessions logged out (id -> when they would have expired), from the control channel: their
+        # sockets are closed, including one whose hello was under way when the logout was announced.
+        self._revoked: dict[str, float] = {}
 
     async def start(self) -> None:
         await self.hub.start()
@@ -379,6 +382,9 @@ class ChatService:
     def _on_control(self, message: dict[str, Any]) -> None:
         if message.get("op") == "cancel":
             self.answers.stop(int(message.get("reply_id", 0)), str(message.get("tenant")), str(message.get("user")))
+        elif message.get("op") == "revoke_session":
+            self._revoked[str(message.get("session"))] = float(message.get("until", 0))
+            self._close_expired()
 
     async def regenerate(self, session: Session, reply_id: int) -> None:
         """Answer a question again after its newest answer ended as interrupted, failed or stopped: admitted
@@ -468,17 +474,37 @@ class ChatService:
             except Exception:
                 log.exception("maintenance failed")
 
+    async def log_out(self, session_id: str, remaining_s: int) -> None:
+        """Revoke a cookie session until it would have expired and close its sockets on every replica (this
+        one at once, before the announcement comes back)."""
+        await self.hub.store.revoke_session(session_id, remaining_s)
+        self._on_control({"op": "revoke_session", "session": session_id, "until": time.time() + remaining_s})
+
+    def logged_out(self, claims: Claims) -> bool:
+        """Whether these cookie-session claims were logged out since they were read (no round trip)."""
+        return claims.session_id is not None and claims.session_id in self._revoked
+
     def _close_expired(self) -> None:
-        """Close the sockets whose token (or cookie session) has expired with 4401, as a hello with it would
-        be refused; the client signs in again and resumes. Each close waits for the client's closing
-        handshake, so it runs in a task of its own (kept in `_expiring`) and never holds up the leases."""
+        """Close the sockets whose token (or cookie session) has expired or was logged out with 4401, as a
+        hello with it would be refused; the client signs in again and resumes. Each close waits for the
+        client's closing handshake, so it runs in a task of its own (kept in `_expiring`) and never holds up
+        the leases."""
         now = time.time()
+        if self._revoked:
+            self._revoked = {sid: until for sid, until in self._revoked.items() if until > now}
         for session in self._sessions.values():
-            if session.claims.exp <= now and not session.expired:
-                session.expired = True
-                task = asyncio.create_task(session.peer.close(CloseCode.BAD_TOKEN, "token expired"))
-                self._expiring.add(task)
-                task.add_done_callback(self._expiring.discard)
+            if session.expired:
+                continue
+            if session.claims.exp <= now:
+                reason = "token expired"
+            elif self.logged_out(session.claims):
+                reason = "session logged out"
+            else:
+                continue
+            session.expired = True
+            task = asyncio.create_task(session.peer.close(CloseCode.BAD_TOKEN, reason))
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
 
     async def drain(self, deadline_s: float) -> None:
         """Stop taking messages, ask clients to reconnect elsewhere, and let answers finish until the deadline."""

@@ -15,7 +15,7 @@ from storage.errors import StorageError
 
 from .auth import Claims, TokenVerifier
 from .chat import ChatService, Session
-from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden, from_storage
+from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden, from_storage, unauthorized
 from .protocol import (
     PONG,
     Cancel,
@@ -130,6 +130,8 @@ class SocketSession:
             token = frame.token or self.header_token
             if token is None and self.cookie_claims is not None:
                 claims = self.cookie_claims
+                if self.chat.logged_out(claims):  # after the upgrade, before this hello
+                    raise unauthorized("this session has been logged out; sign in again")
             else:
                 claims = self.verifier.verify(token)
             if self.pending_origin is not None and not await self.chat.origin_allowed_for(

@@ -3,6 +3,10 @@
 State-changing requests authenticated by the cookie need the double-submit CSRF token (the readable
 `smartedu_csrf` cookie echoed in `X-CSRF-Token`). The WebSocket accepts the cookie only from an
 allowed Origin.
+
+Each session has an id. Logging out revokes it in Redis until the session would have expired, so a copy
+of the cookie stops working too (one EXISTS per request or socket upgrade that carries the cookie), and
+closes that session's open sockets on every replica (4401).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from .auth import Claims
 from .errors import ChatError, ErrorCode, forbidden, unauthorized
+from .keys import CHAT, REDIS
 
 SESSION_COOKIE = "smartedu_session"
 CSRF_COOKIE = "smartedu_csrf"
@@ -59,6 +64,7 @@ def _claims_to_dict(claims: Claims, expires: int) -> dict[str, Any]:
     return {
         "sub": claims.sub, "tid": claims.tenant, "role": claims.role, "name": claims.name,
         "courses": list(claims.courses) if claims.courses is not None else None, "exp": expires,
+        "sid": secrets.token_urlsafe(16),
     }
 
 
@@ -89,6 +95,10 @@ async def end_session(request: web.Request) -> web.Response:
     if "claims" not in session:
         raise unauthorized("no session")
     check_csrf(request, session.get("csrf"))
+    data = session["claims"]
+    if isinstance(data, dict) and isinstance(data.get("sid"), str):
+        remaining = int(data.get("exp", 0)) - int(time.time())
+        await request.app[CHAT].log_out(data["sid"], remaining)
     session.invalidate()
     response = web.json_response({"status": "logged out"})
     response.del_cookie(CSRF_COOKIE, path="/")
@@ -125,12 +135,17 @@ async def session_claims(request: web.Request) -> Claims | None:
     data = session.get("claims")
     if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
         return None
+    # A session without an id (made before sessions had one) could not be revoked by logging out.
+    session_id = data.get("sid")
+    if not isinstance(session_id, str) or await request.app[REDIS].session_revoked(session_id):
+        return None
     if request.method not in SAFE_METHODS:
         check_csrf(request, session.get("csrf"))
     courses = data.get("courses")
     return Claims(
         sub=str(data["sub"]), tenant=str(data["tid"]), role=str(data["role"]), exp=int(data["exp"]),
         name=str(data.get("name") or ""), courses=tuple(courses) if isinstance(courses, list) else None,
+        session_id=session_id,
     )
 
 

@@ -59,3 +59,7 @@ class Keys:
 
     def control_channel(self) -> str:
         return f"{self.prefix}control"
+
+    def revoked_session(self, session_id: str) -> str:
+        """Present while a logged-out cookie session would otherwise still be valid."""
+        return f"{self.prefix}session:{session_id}:revoked"

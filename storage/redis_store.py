@@ -465,6 +465,15 @@ class RedisStore:
         """Tell every replica something (e.g. cancel an answer that another replica generates)."""
         await self.client.publish(self.keys.control_channel(), orjson.dumps(message))
 
+    async def revoke_session(self, session_id: str, ttl_s: int) -> None:
+        """Mark a cookie session as logged out until it would have expired, and tell every replica."""
+        await self.client.set(self.keys.revoked_session(session_id), b"1", ex=max(1, ttl_s))
+        await self.publish_control({"op": "revoke_session", "session": session_id, "until": time.time() + ttl_s})
+
+    async def session_revoked(self, session_id: str) -> bool:
+        """Whether a cookie session was logged out (one round trip: on HTTP requests and socket upgrades)."""
+        return bool(await self.client.exists(self.keys.revoked_session(session_id)))
+
     async def publish_course_event(self, tenant_id: str, course_id: str, node: str, frame: bytes) -> None:
         """A course-level event (students joining or leaving) for teachers watching on any replica."""
         await self.client.publish(self.keys.course_channel(tenant_id, course_id), _course_envelope(node, frame))

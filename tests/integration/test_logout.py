@@ -1,0 +1,73 @@
+"""Logging out revokes the cookie session server-side: a copied cookie stops working everywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, new_session_key
+from tests.conftest import Serve, Server, token
+
+pytestmark = pytest.mark.integration
+
+
+async def _login(server: Server) -> tuple[str, dict[str, str]]:
+    response = await server.client.post("/api/session", json={"token": token("stu-1")})
+    assert response.status == 200, await response.text()
+    csrf = str((await response.json())["csrf_token"])
+    server.client.session.cookie_jar.clear()  # carried by hand, as a copy of the cookie would be
+    return csrf, {"Cookie": f"{SESSION_COOKIE}={response.cookies[SESSION_COOKIE].value}; {CSRF_COOKIE}={csrf}"}
+
+
+def _own_origin(server: Server) -> dict[str, str]:
+    return {"Origin": f"http://{server.client.host}:{server.client.port}"}
+
+
+async def test_a_copied_cookie_is_refused_after_logout_and_its_sockets_close(serve: Serve) -> None:
+    key = new_session_key()  # both replicas read the same cookies
+    first, second = await serve(session_key=key), await serve(session_key=key)
+    csrf, copied = await _login(first)
+    here = await first.connect({}, headers={**copied, **_own_origin(first)})
+    there = await second.connect({}, headers={**copied, **_own_origin(second)})
+    with_token = await second.connect({"token": token("stu-1")})  # the user's token is not the session
+    assert (await second.client.get("/api/conversations", headers=copied)).status == 200
+
+    response = await first.client.delete("/api/session", headers={**copied, CSRF_HEADER: csrf})
+    assert response.status == 200
+
+    # Open sockets of the session close with 4401 on every replica...
+    assert await here.close_code() == 4401
+    assert await there.close_code() == 4401
+    # ...and the copied cookie no longer signs in a request or a socket, on either replica.
+    for server in (first, second):
+        response = await server.client.get("/api/conversations", headers=copied)
+        assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
+        assert (await server.client.get("/api/session", headers=copied)).status == 401
+        sock = await server.connect({}, headers={**copied, **_own_origin(server)}, welcome=False)
+        assert (await sock.expect("error"))["code"] == "unauthorized"
+        assert await sock.close_code() == 4401
+    await with_token.send(type="ping")
+    assert (await with_token.expect("pong"))["type"] == "pong"
+
+
+async def test_logout_ends_only_its_own_session(serve: Serve) -> None:
+    server = await serve()
+    csrf, leaving = await _login(server)
+    _, staying = await _login(server)  # the same user signed in on another device
+    sock = await server.connect({}, headers={**staying, **_own_origin(server)})
+    response = await server.client.delete("/api/session", headers={**leaving, CSRF_HEADER: csrf})
+    assert response.status == 200
+    assert (await server.client.get("/api/conversations", headers=staying)).status == 200
+    await sock.send(type="ping")
+    assert (await sock.expect("pong"))["type"] == "pong"
+
+
+async def test_a_socket_upgraded_before_logout_cannot_say_hello_after_it(serve: Serve) -> None:
+    server = await serve()
+    csrf, cookies = await _login(server)
+    sock = await server.connect(None, headers={**cookies, **_own_origin(server)})  # upgraded, no hello yet
+    response = await server.client.delete("/api/session", headers={**cookies, CSRF_HEADER: csrf})
+    assert response.status == 200
+    await sock.send(type="hello")
+    error = await sock.expect("error")
+    assert error["code"] == "unauthorized" and "logged out" in error["message"]
+    assert await sock.close_code() == 4401
