@@ -16,7 +16,8 @@ Tests and benchmarks render for loopback replicas with private paths, then run
 
 Behind a load balancer, `--trusted-proxy CIDR` (repeat it) makes NGINX take the client address from
 X-Forwarded-For when the connection comes from such an address, so ip_hash, the per-address limits and
-the access log see clients instead of the balancer. docker-compose renders with
+the access log see clients instead of the balancer; an incoming X-Forwarded-Proto is passed on only from
+such an address. docker-compose renders with
 `--real-ip-include /etc/nginx/smartedu/real-ip.conf` instead: real-ip.sh writes that file from the
 container's SMARTEDU_TRUSTED_PROXIES when NGINX starts.
 
@@ -99,13 +100,19 @@ def _network(value: str) -> str:
 
 
 def real_ip_directives(trusted_proxies: Sequence[str]) -> list[str]:
-    """The realip directives that trust X-Forwarded-For from `trusted_proxies` (none for no proxy)."""
-    if not trusted_proxies:
-        return []
+    """The realip directives that trust X-Forwarded-For from `trusted_proxies` (none for no proxy), and
+    `$smartedu_trusted_peer`: 1 when the connecting peer is one of them (0 for every peer without any)."""
+    networks = [_network(proxy) for proxy in trusted_proxies]
+    # Only a trusted proxy may say which scheme the client used (X-Forwarded-Proto); the template maps it.
+    peer = [
+        "geo $realip_remote_addr $smartedu_trusted_peer {", "    default 0;", *(f"    {n} 1;" for n in networks), "}"
+    ]
+    if not networks:
+        return peer
     # Recursive: the client address is the last one in X-Forwarded-For that no trusted proxy added, so a
     # client cannot choose its own address by sending the header itself.
-    lines = [f"set_real_ip_from {_network(proxy)};" for proxy in trusted_proxies]
-    return [*lines, "real_ip_header X-Forwarded-For;", "real_ip_recursive on;"]
+    lines = [f"set_real_ip_from {network};" for network in networks]
+    return [*lines, "real_ip_header X-Forwarded-For;", "real_ip_recursive on;", *peer]
 
 
 def _real_ip(options: NginxOptions) -> str:
@@ -114,8 +121,8 @@ def _real_ip(options: NginxOptions) -> str:
     if options.real_ip_include:
         return f"    include {_absolute('real_ip_include', options.real_ip_include)};"
     lines = real_ip_directives(options.trusted_proxies)
-    if not lines:
-        return "    # No trusted proxy (render.py --trusted-proxy): $remote_addr is the connecting peer."
+    if not options.trusted_proxies:
+        lines.insert(0, "# No trusted proxy (render.py --trusted-proxy): $remote_addr is the connecting peer.")
     return "\n".join(f"    {line}" for line in lines)
 
 

@@ -182,6 +182,21 @@ async def count(db: asyncpg.Connection, table: str) -> int:
     return int(await db.fetchval(f"SELECT count(*) FROM {table}"))
 
 
+async def test_forwarded_headers_from_a_client_do_not_change_the_redirect_uri(lti: Lti) -> None:
+    # The app reads no X-Forwarded-* (nor Forwarded): behind a proxy SMARTEDU_PUBLIC_URL says the URL, and
+    # NGINX passes X-Forwarded-Proto on only from SMARTEDU_TRUSTED_PROXIES (tests/unit/test_deploy_static.py).
+    faked = {
+        "X-Forwarded-Proto": "https", "X-Forwarded-Host": "evil.example", "Forwarded": "proto=https;host=evil.example"
+    }
+    response = await lti.server.client.get(
+        "/lti/login", params=lti.login_params(), headers=faked, allow_redirects=False
+    )
+    assert response.status == 302
+    query = parse_qs(urlsplit(response.headers["Location"]).query)
+    assert query["redirect_uri"] == [str(lti.server.client.make_url("/lti/launch"))]
+    assert query["redirect_uri"][0].startswith("http://127.0.0.1:")
+
+
 async def test_student_launch_ends_in_the_embed_with_a_token_in_the_fragment(lti: Lti) -> None:
     response = await lti.server.client.get("/lti/login", params=lti.login_params(), allow_redirects=False)
     assert response.status == 302 and response.headers["Cache-Control"] == "no-store"

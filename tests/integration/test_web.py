@@ -230,6 +230,16 @@ async def test_wildcard_origins_get_cors_and_sockets_without_the_cookie(serve: S
     assert sock.frames[0]["type"] == "welcome" and sock.frames[0]["user"]["role"] == "student"
 
 
+async def test_forwarded_headers_do_not_make_a_foreign_origin_the_servers_own(serve: Serve) -> None:
+    # The socket's same-origin check reads Host only: a client's X-Forwarded-Host/Proto do not make its page
+    # the server's own origin, whose sockets the cookie session signs in.
+    server = await serve()
+    _, cookies = await _login(server, token("stu-1"))
+    faked = {"Origin": "https://evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https"}
+    sock = await server.connect({}, headers={**cookies, **faked}, welcome=False)
+    assert (await sock.expect("error"))["code"] == "unauthorized"
+
+
 async def test_origins_listed_by_name_keep_credentialed_cors_next_to_a_wildcard(serve: Serve) -> None:
     server = await serve(allowed_origins=("https://lms.example", "*"))
     preflight = {"Access-Control-Request-Method": "DELETE", "Access-Control-Request-Headers": "X-CSRF-Token"}

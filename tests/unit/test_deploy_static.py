@@ -487,8 +487,12 @@ def test_render_trusted_proxies() -> None:
         "real_ip_header X-Forwarded-For;",
         "real_ip_recursive on;",
     ]
+    assert directives(nginx_block(RENDER.render(options), "geo $realip_remote_addr $smartedu_trusted_peer")) == [
+        "default 0;", "10.0.0.0/8 1;", "2001:db8::/32 1;"
+    ]
     untrusted = RENDER.render(RENDER.NginxOptions(upstreams=("127.0.0.1:9001",)))
     assert not any("real_ip" in line or line.startswith("include") for line in directives(untrusted))
+    assert directives(nginx_block(untrusted, "geo $realip_remote_addr $smartedu_trusted_peer")) == ["default 0;"]
 
 
 def run_real_ip_script(output: Path, proxies: str | None) -> subprocess.CompletedProcess[str]:
@@ -504,13 +508,16 @@ def test_real_ip_script_writes_what_render_renders(tmp_path: Path) -> None:
     output = tmp_path / "conf" / "real-ip.conf"
     result = run_real_ip_script(output, "10.0.0.0/8, 2001:db8::/32 192.0.2.7")
     assert result.returncode == 0, result.stderr
-    expected = RENDER.real_ip_directives(("10.0.0.0/8", "2001:db8::/32", "192.0.2.7"))
+    expected = directives("\n".join(RENDER.real_ip_directives(("10.0.0.0/8", "2001:db8::/32", "192.0.2.7"))))
     assert directives(output.read_text(encoding="utf-8")) == expected
 
     for unset in (None, "", " , "):
         result = run_real_ip_script(output, unset)
         assert result.returncode == 0, result.stderr
-        assert directives(output.read_text(encoding="utf-8")) == [], unset
+        # No realip directives; the peer is never trusted.
+        assert directives(output.read_text(encoding="utf-8")) == [
+            "geo $realip_remote_addr $smartedu_trusted_peer {", "default 0;", "}"
+        ], unset
 
     bad = tmp_path / "bad" / "real-ip.conf"
     for value in ("10.0.0.0/8;include /etc/passwd", "lb.example", "*"):
@@ -720,6 +727,9 @@ def test_nginx_proxies_serves_static_and_hides_metrics(
     # The port stays in Host: the app's same-origin check compares it with the Origin's.
     assert upstream_headers["host"] == upstream_headers["x-forwarded-host"] == f"127.0.0.1:{port}"
     assert upstream_headers["x-forwarded-proto"] == "http"
+    # Without a trusted proxy a client cannot claim https (the scheme the app would be told it was reached by).
+    faked = fetch(port, "/health", {"X-Forwarded-Proto": "https"})
+    assert json.loads(faked.body)["headers"]["x-forwarded-proto"] == "http"
     assert re.fullmatch(r"[0-9a-f]{32}", upstream_headers["x-request-id"])
     assert "upgrade" not in upstream_headers and "connection" not in upstream_headers
     assert reply.headers["x-request-id"] == upstream_headers["x-request-id"]
@@ -778,6 +788,10 @@ def test_nginx_keys_clients_by_forwarded_address_from_a_trusted_proxy(tmp_path: 
             for i in range(8)
         }
         assert len(replicas) == 2, replicas
+        # A TLS-terminating balancer says which scheme the client used.
+        for scheme in ("https", "http"):
+            reply = fetch(nginx.port, "/health", {"X-Forwarded-Proto": scheme})
+            assert json.loads(reply.body)["headers"]["x-forwarded-proto"] == scheme
     # Read once NGINX has stopped: it writes a log line after the response has gone out.
     health = [entry for entry in nginx.access_log() if entry["uri"] == "/health"]
     assert health[0]["remote_addr"] == "203.0.113.9" and health[0]["peer_addr"] == "127.0.0.1"
@@ -790,8 +804,11 @@ def test_nginx_container_trusts_only_smartedu_trusted_proxies(tmp_path: Path, tr
     result = run_real_ip_script(include, trusted)
     assert result.returncode == 0, result.stderr
     with stubbed_nginx(tmp_path, real_ip_include=str(include)) as nginx:
-        reply = fetch(nginx.port, "/health", {"X-Forwarded-For": "203.0.113.9"})
-        assert json.loads(reply.body)["headers"]["x-real-ip"] == client
+        reply = fetch(nginx.port, "/health", {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"})
+        headers = json.loads(reply.body)["headers"]
+        assert headers["x-real-ip"] == client
+        # X-Forwarded-Proto counts only from a trusted proxy: the test client (127.0.0.1) is one in the first case.
+        assert headers["x-forwarded-proto"] == ("https" if client != "127.0.0.1" else "http")
     assert [entry["remote_addr"] for entry in nginx.access_log()] == [client]
 
 
