@@ -58,7 +58,7 @@ class Session:
     presence: tuple[str, str] | None = None  # (tenant, course) where this session is announced
     tenant: TenantSettings | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    expired: bool = False  # its token (or cookie session) ran out and its socket is being closed
+    expired: bool = False  # its token (or cookie session) ran out or was logged out; its socket is closing
 
 
 class ChatService:

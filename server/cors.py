@@ -3,8 +3,8 @@
 aiohttp-cors serves the origins configured in SMARTEDU_ALLOWED_ORIGINS; its configuration is fixed at
 start. This middleware adds the origins schools list in the database (cached for a minute), for the
 REST API only and without credentials (Bearer tokens, not the cookie session); so does `*` in
-SMARTEDU_ALLOWED_ORIGINS, for any origin. CORS only decides which
-pages may read responses: the token still decides what data a request may see.
+SMARTEDU_ALLOWED_ORIGINS, for any origin. CORS only decides which pages may read responses: the token
+still decides what data a request may see.
 """
 
 from __future__ import annotations
