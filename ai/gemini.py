@@ -80,6 +80,9 @@ def map_api_error(error: errors.APIError, provider: str = "gemini") -> AIError:
     if retry_after is None and code == 429:
         retry_after = _retry_delay_from_details(error.details)
     message = f"{provider} answered HTTP {code} {error.status or ''}".strip()
+    if 400 <= code <= 499 and code not in (408, 429) and error.message:
+        # What is wrong with the key, model or settings ("thinking_config is not supported."), for staff.
+        message = f"{message}: {error.message[:200]}"
     return http_status_error(code, message, retry_after)
 
 
@@ -116,6 +119,7 @@ class GeminiProvider:
         base_url: str | None = None,
         connect_timeout: float | None = 10.0,
         request_timeout: float | None = None,
+        max_output_tokens: int | None = None,
         thinking_budget: int | None = None,
     ) -> None:
         if not api_key:
@@ -124,6 +128,7 @@ class GeminiProvider:
         self.base_url = base_url
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.max_output_tokens = max_output_tokens
         self.thinking_budget = thinking_budget
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
@@ -153,9 +158,17 @@ class GeminiProvider:
             self._client = genai.Client(api_key=self._api_key, vertexai=False, http_options=options)
         return self._client
 
+    def output_limit(self) -> int | None:
+        """maxOutputTokens: a thinking model's thoughts count against it, so the answer's limit gets the
+        thinking budget on top, and a long think can never leave the answer empty."""
+        if self.max_output_tokens is None:
+            return None
+        return self.max_output_tokens + (self.thinking_budget or 0)
+
     def _config(self, request: AIRequest) -> types.GenerateContentConfig:
         return types.GenerateContentConfig(
             system_instruction=request.system_instruction or None,
+            max_output_tokens=self.output_limit(),
             # Resuming a broken stream is the SDK re-sending the request: our retry policy owns that.
             automatic_continuation=False,
             automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
@@ -268,7 +281,7 @@ class GeminiProvider:
         if blocked:
             return Usage(prompt_tokens, output_tokens, finish_reason="SAFETY", blocked=True)
         reason = "stop" if finish in (None, "STOP") else finish.lower()
-        return Usage(prompt_tokens, output_tokens, finish_reason=reason)
+        return Usage(prompt_tokens, output_tokens, finish_reason=reason, truncated=finish == "MAX_TOKENS")
 
     async def close(self) -> None:
         """Close the genai client and the aiohttp session behind it."""

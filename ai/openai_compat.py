@@ -71,6 +71,16 @@ class _Progress:
     output_chars: int = 0
 
 
+def _filter_refusal(detail: str) -> bool:
+    """Azure OpenAI refuses a prompt its content filter blocks with a 400 whose error code says so."""
+    try:
+        body = orjson.loads(detail)
+    except orjson.JSONDecodeError:
+        return False
+    error = body.get("error") if isinstance(body, dict) else None
+    return isinstance(error, dict) and error.get("code") == "content_filter"
+
+
 class OpenAICompatProvider:
     """Streams `POST {base_url}/chat/completions` answers; usage from the final chunk, else estimated."""
 
@@ -140,7 +150,10 @@ class OpenAICompatProvider:
                     f"{self.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
                 )
                 if response.status != 200:
-                    raise await self._status_error(response)
+                    error = await self._status_error(response)
+                    if error.kind != "prompt_filtered":
+                        raise error
+                    progress.finish, progress.done = "content_filter", True  # told as a safety block
                 decoder = SSEDecoder()
                 while not progress.done:
                     line = await response.content.readline()
@@ -221,6 +234,8 @@ class OpenAICompatProvider:
         except aiohttp.ClientError:
             detail = ""
         log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})
+        if response.status == 400 and _filter_refusal(detail):
+            return AIError("prompt_filtered", "openai: the prompt was refused by a content filter", cause="refused")
         return http_status_error(response.status, f"openai answered HTTP {response.status}", retry_after)
 
     def _usage(self, request: AIRequest, progress: _Progress) -> Usage:
@@ -234,7 +249,7 @@ class OpenAICompatProvider:
         if progress.finish in _BLOCKING_FINISH:
             return Usage(prompt, output, finish_reason="SAFETY", blocked=True)
         reason = "stop" if progress.finish in (None, "stop") else str(progress.finish)
-        return Usage(prompt, output, finish_reason=reason)
+        return Usage(prompt, output, finish_reason=reason, truncated=progress.finish == "length")
 
     async def close(self) -> None:
         """Close the aiohttp session."""

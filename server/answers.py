@@ -24,7 +24,7 @@ from storage.postgres import Database
 from storage.redis_store import TokenAdjustment
 
 from .budgets import Budgets, Reservation
-from .errors import ChatError, ErrorCode
+from .errors import ai_failure
 from .hub import Hub
 from .logs import request_id
 from .metrics import Metrics
@@ -306,18 +306,15 @@ class Answers:
             await self.budgets.settle(reservation, *used)
             return  # another replica already ended it (its lease had expired)
         # The reservation is settled and the lease dropped in the `done`'s round trip.
+        error = ai_failure(failure, str(turn.reply_id)) if failure is not None else None
         await self._emit_done(
             turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, done_seq - 1,
             release=_lease_member(turn), adjust=self.budgets.adjustment(reservation, *used),
+            truncated=usage is not None and usage.truncated and status == "complete",
+            retryable=error.retryable if error is not None else None,
         )
         turn.leased = False
-        if failure is not None:
-            error = ChatError(
-                ErrorCode.AI_UNAVAILABLE,
-                "the tutor is unavailable right now; please try again",
-                ref=str(turn.reply_id),
-                retry_after=failure.retry_after,
-            )
+        if error is not None:
             await self.hub.deliver(turn.conversation_id, [(0, error_frame(error))])
 
     def _observe(self, status: str, record: UsageRecord | None) -> None:
@@ -342,18 +339,23 @@ class Answers:
         floor: int,
         release: str | None = None,
         adjust: TokenAdjustment | None = None,
+        truncated: bool = False,
+        retryable: bool | None = None,
     ) -> None:
-        done = {
+        done: dict[str, object] = {
             "type": "done",
             "reply_id": reply_id,
             "conversation_id": conversation_id,
             "status": status,
             "length": length,
+            "truncated": truncated,
             "usage": {
                 "prompt_tokens": record.prompt_tokens if record else 0,
                 "output_tokens": record.output_tokens if record else 0,
             },
         }
+        if retryable is not None:
+            done["retryable"] = retryable  # a failed answer: whether asking again can help (see its `error`)
         await self.hub.emit(
             conversation_id, [encode(done)], floor=floor, course=course, release=release, adjust=adjust
         )

@@ -525,6 +525,8 @@
     }
   };
 
+  var TRUNCATED = 'Cut short: the answer reached its length limit';
+
   var STATUS_TEXT = {
     queued: 'Waiting for connection \u2014 will send automatically',
     sending: 'Sending\u2026',
@@ -541,9 +543,11 @@
     if (item.status === 'rejected' && item.reason) text = 'Not sent: ' + item.reason;
     if (item.stopRequested && ACTIVE[item.status]) text = 'Stopping\u2026';
     if (item.gap && FINAL[item.status]) text = 'Loading the full answer\u2026';
+    else if (item.status === 'complete' && item.truncated) text = TRUNCATED;
     item.statusEl.textContent = text;
     item.actions.textContent = '';
-    if (item.kind === 'assistant' && (item.status === 'failed' || item.status === 'interrupted') && !item.retried && item.question) {
+    if (item.kind === 'assistant' && (item.status === 'failed' || item.status === 'interrupted') && !item.retried &&
+        !item.noRetry && item.question) {
       item.actions.appendChild(h('button', { type: 'button', className: 'se-link-button', 'data-action': 'retry',
         text: 'Retry', 'aria-label': 'Retry this question' }));
     }
@@ -780,6 +784,8 @@
     if (item.kind !== 'assistant') return;
     item.status = FINAL[f.status] ? f.status : 'complete';
     item.stopRequested = false;
+    item.truncated = f.truncated === true;
+    if (f.retryable === false) item.noRetry = true; // asking again cannot help (see the error that follows)
     var complete = typeof f.length === 'number' ? item.len === f.length && !item.gap : !item.gap;
     if (!complete) {
       item.gap = true;
@@ -825,6 +831,8 @@
       interrupted: 'The answer was interrupted. Use Retry to ask again. ',
       failed: 'The answer could not be completed. Use Retry to ask again. ',
     };
+    if (item.truncated) words.complete = 'The tutor answered (cut short at its length limit): ';
+    if (item.noRetry) words.failed = 'The answer could not be completed. ';
     var plain = item.body ? plainText(item.body) : '';
     this.view.announce((words[item.status] || '') + plain);
     if (!this.visible) this.emit('unread');
@@ -1004,7 +1012,11 @@
       this.flushOutbox(false);
       return;
     }
-    if (item && (code === 'ai_unavailable' || code === 'internal') && (item.attempts || 0) < 3) {
+    if (f.retryable === false && ref && (code === 'ai_unavailable' || code === 'ai_declined')) {
+      var failed = this.byServerId.get(Number(ref));
+      if (failed && failed.kind === 'assistant' && !failed.noRetry) { failed.noRetry = true; this.render(failed); }
+    }
+    if (item && (code === 'ai_unavailable' || code === 'internal') && f.retryable !== false && (item.attempts || 0) < 3) {
       // Transient (the server is restarting or a dependency hiccuped): send the same id again shortly.
       item.attempts = (item.attempts || 0) + 1;
       item.status = 'held';
@@ -1022,7 +1034,10 @@
         : 'Your sign-in has expired. Open the tutor again from your school\u2019s site.',
       not_found: 'That conversation or message no longer exists.',
       quota_exceeded: 'You\u2019ve used your tutor time for now.',
-      ai_unavailable: 'The tutor is unavailable right now. Please try again in a moment.',
+      ai_unavailable: f.retryable === false
+        ? 'The tutor is unavailable at the moment. Your school\u2019s staff have been told.'
+        : 'The tutor is unavailable right now. Please try again in a moment.',
+      ai_declined: 'The tutor can\u2019t answer that question. Try asking about your course in another way.',
       internal: 'Something went wrong on our side.',
     };
     if (item) {
@@ -1044,8 +1059,8 @@
     }
     var logRef = typeof f.log_ref === 'string' ? f.log_ref : null;
     if (code === 'internal' && logRef) text += ' (reference ' + logRef.slice(0, 24) + ')';
-    var spec = { key: code, tone: code === 'ai_unavailable' ? 'warn' : 'error', text: text, ttl: 15000 };
-    if (code === 'ai_unavailable' && f.retry_after) {
+    var spec = { key: code, tone: /^ai_/.test(code) ? 'warn' : 'error', text: text, ttl: 15000 };
+    if (code === 'ai_unavailable' && f.retry_after && f.retryable !== false) {
       spec.until = Date.now() + seconds(f.retry_after, 5) * 1000;
       spec.text = 'The tutor is unavailable right now. Try again in';
       spec.srText = 'The tutor is unavailable right now. Try again in about ' + seconds(f.retry_after, 5) + ' seconds.';

@@ -369,3 +369,52 @@ async def test_wrapper_cancel_closes_the_upstream(fake: FakeGemini, gemini: Gemi
         await task
     assert await fake.wait_disconnect(within=1.0)
     assert provider.breaker.state == "closed"
+
+
+def _camel(config: dict[str, object]) -> dict[str, object]:
+    # google-genai sends thinkingConfig's fields under their Python names; the API reads both spellings.
+    return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key): value for key, value in config.items()}
+
+
+async def test_request_carries_the_answer_limit_plus_the_thinking_budget(fake: FakeGemini) -> None:
+    # maxOutputTokens covers a thinking model's thoughts too: the answer's own limit comes on top of them.
+    provider = GeminiProvider("k", base_url=fake.base_url, max_output_tokens=300, thinking_budget=200)
+    try:
+        await collect(provider.stream(QUESTION))
+        config = fake.last_body["generationConfig"]
+        assert config["maxOutputTokens"] == 500 and _camel(config["thinkingConfig"]) == {"thinkingBudget": 200}
+        provider.thinking_budget = 0  # thinking off (where the model allows it): the answer gets the limit
+        await collect(provider.stream(QUESTION))
+        config = fake.last_body["generationConfig"]
+        assert config["maxOutputTokens"] == 300 and _camel(config["thinkingConfig"]) == {"thinkingBudget": 0}
+        provider.thinking_budget = None  # a model that does not think refuses any thinkingConfig
+        await collect(provider.stream(QUESTION))
+        assert fake.last_body["generationConfig"] == {"maxOutputTokens": 300}
+    finally:
+        await provider.close()
+
+
+async def test_an_answer_cut_by_the_limit_is_kept_and_reported_truncated(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.finish_reason = "MAX_TOKENS"
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == fake.chunks
+    assert usage is not None and usage.truncated and usage.finish_reason == "max_tokens" and not usage.blocked
+    fake.finish_reason = "STOP"
+    _, usage = await collect(gemini.stream(QUESTION))
+    assert usage is not None and not usage.truncated
+
+
+async def test_a_refused_key_or_setting_is_a_configuration_failure_naming_the_cause(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.fail_next(400)
+    with pytest.raises(AIError) as caught:
+        await collect(gemini.stream(QUESTION))
+    assert caught.value.cause == "config" and not caught.value.retryable
+    assert "scripted failure 400" in str(caught.value)  # Gemini's own words, for the staff who read the log
+    fake.fail_next(503)
+    with pytest.raises(AIError) as caught:
+        await collect(gemini.stream(QUESTION))
+    assert caught.value.cause == "transient" and caught.value.retryable

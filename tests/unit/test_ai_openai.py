@@ -265,3 +265,33 @@ def test_sse_decoder() -> None:
     assert events == ['{"a":\n1}']
     assert decoder.flush() == "[DONE]"
     assert decoder.flush() is None
+
+
+async def test_the_output_limit_is_sent_and_a_cut_answer_reported_truncated(fake: FakeOpenAI) -> None:
+    from ai.factory import create_provider
+    from server.settings import Settings
+
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_MODEL": "tutor-7b"}
+    provider = create_provider(Settings(ai_provider="openai", max_output_tokens=77, ai_thinking_budget=500), env)
+    try:
+        fake.finish_reason = "length"
+        texts: list[str] = []
+        usage = await collect(provider.stream(QUESTION), texts)
+    finally:
+        await provider.close()
+    assert fake.last_body["max_tokens"] == 77  # the thinking budget is Gemini's alone
+    assert texts == fake.chunks and usage is not None and usage.truncated and usage.finish_reason == "length"
+
+
+async def test_a_prompt_refused_by_a_content_filter_is_a_block_not_a_failure(
+    fake: FakeOpenAI, openai: OpenAICompatProvider
+) -> None:
+    fake.filter_prompt = True
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert texts == [] and usage is not None and usage.blocked and usage.finish_reason == "SAFETY"
+    fake.filter_prompt = False
+    fake.fail_next(400)  # any other 400 is the deployment's fault
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION))
+    assert (caught.value.kind, caught.value.cause) == ("bad_request", "config")
