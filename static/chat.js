@@ -416,12 +416,21 @@
       var age = Date.now() - new Date(m.created_at).getTime();
       status = age > STALE_STREAM_MS ? 'interrupted' : text ? 'streaming' : 'waiting';
     }
-    return {
+    var item = {
       kind: kind, id: typeof m.id === 'number' ? m.id : null, clientId: null, text: text, len: cpLength(text),
       pieces: new Map(), gap: false, status: kind === 'user' ? 'sent' : status, createdAt: m.created_at,
       question: null, announced: FINAL[status] === true, stopRequested: false, retried: false, li: null,
     };
+    outcome(item, m);
+    return item;
   };
+
+  // What a `done` or a history item says of how an answer ended, beyond its status (see renderMeta).
+  function outcome(item, f) {
+    item.truncated = f.truncated === true;
+    if (typeof f.error === 'string') item.failure = f.error;
+    if (f.retryable === false) item.noRetry = true; // asking again cannot help
+  }
 
   Client.prototype.resetTranscript = function (history, hasMore) {
     var previous = this.byServerId;
@@ -538,12 +547,21 @@
     waiting: 'Thinking\u2026',
   };
 
+  // A failed answer that asking again cannot help: why, as the error sent with it said.
+  var FAILED_FOR_GOOD = {
+    ai_declined: 'The tutor can\u2019t answer that question',
+    ai_unavailable: 'The tutor is unavailable; your school\u2019s staff have been told',
+  };
+
   Client.prototype.renderMeta = function (item) {
     var text = STATUS_TEXT[item.status] || '';
     if (item.status === 'rejected' && item.reason) text = 'Not sent: ' + item.reason;
     if (item.stopRequested && ACTIVE[item.status]) text = 'Stopping\u2026';
     if (item.gap && FINAL[item.status]) text = 'Loading the full answer\u2026';
     else if (item.status === 'complete' && item.truncated) text = TRUNCATED;
+    else if (item.status === 'failed' && item.noRetry && FAILED_FOR_GOOD[item.failure]) {
+      text = FAILED_FOR_GOOD[item.failure];
+    }
     item.statusEl.textContent = text;
     item.actions.textContent = '';
     if (item.kind === 'assistant' && (item.status === 'failed' || item.status === 'interrupted') && !item.retried &&
@@ -784,8 +802,7 @@
     if (item.kind !== 'assistant') return;
     item.status = FINAL[f.status] ? f.status : 'complete';
     item.stopRequested = false;
-    item.truncated = f.truncated === true;
-    if (f.retryable === false) item.noRetry = true; // asking again cannot help (see the error that follows)
+    outcome(item, f); // the error that follows says more
     var complete = typeof f.length === 'number' ? item.len === f.length && !item.gap : !item.gap;
     if (!complete) {
       item.gap = true;
@@ -809,7 +826,7 @@
         if (row && typeof row.text === 'string') {
           item.text = row.text;
           item.len = cpLength(row.text);
-          if (FINAL[row.status]) item.status = row.status;
+          if (FINAL[row.status]) { item.status = row.status; outcome(item, row); }
         }
       })
       .catch(function () { /* keep the partial text */ })
@@ -1014,7 +1031,10 @@
     }
     if (f.retryable === false && ref && (code === 'ai_unavailable' || code === 'ai_declined')) {
       var failed = this.byServerId.get(Number(ref));
-      if (failed && failed.kind === 'assistant' && !failed.noRetry) { failed.noRetry = true; this.render(failed); }
+      if (failed && failed.kind === 'assistant' && !failed.noRetry) {
+        outcome(failed, { error: code, retryable: false });
+        this.render(failed);
+      }
     }
     if (item && (code === 'ai_unavailable' || code === 'internal') && f.retryable !== false && (item.attempts || 0) < 3) {
       // Transient (the server is restarting or a dependency hiccuped): send the same id again shortly.

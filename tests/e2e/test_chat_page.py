@@ -435,7 +435,12 @@ async def test_ai_failures_offer_retry_only_when_it_can_help_and_a_cut_answer_sa
     assert "try again" not in (await notice.text_content() or "").lower()
     await page.wait_for_selector('.se-msg--assistant[data-id="30"][data-status="failed"]')
     assert await page.locator('.se-msg[data-id="30"] [data-action="retry"]').count() == 0
-    announced = await page.locator('[aria-live="polite"][aria-atomic="true"]').text_content()
+    # The announcer is emptied, then filled a tick later (so that a repeated text is announced again).
+    announcer = '[aria-live="polite"][aria-atomic="true"]'
+    await page.wait_for_function(
+        f"() => /could not be completed/.test(document.querySelector('{announcer}').textContent)"
+    )
+    announced = await page.locator(announcer).text_content()
     assert announced and "Retry" not in announced
     assert await page.locator('.se-msg[data-id="10"] [data-action="retry"]').count() == 1  # the outage's stays
 
@@ -461,4 +466,52 @@ async def test_an_offline_answer_cut_by_the_output_limit_is_marked_as_cut(serve:
     assert await status.text_content() == "Cut short: the answer reached its length limit"
     announced = await page.locator('[aria-live="polite"][aria-atomic="true"]').text_content()
     assert announced and announced.startswith("The tutor answered (cut short")
+    assert problems == []
+    # Opened again, it shows the same: the note comes from the history, not from the live `done`.
+    again, again_problems = await _open_page(browser)
+    await again.goto(url)
+    await again.wait_for_selector('.se-status[data-state="online"]')
+    status = again.locator(f'.se-msg[data-id="{answer["id"]}"] .se-meta__status')
+    assert await status.text_content() == "Cut short: the answer reached its length limit"
+    assert problems == again_problems == []
+
+
+async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, browser: Browser) -> None:
+    """Failed answers from the history offer Retry only when asking again can help, and say why when not."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    sockets: list[WebSocketRoute] = []
+    created = "2026-01-05T10:00:00+00:00"
+
+    def answer_of(reply: int, status: str, **outcome: Any) -> list[dict[str, Any]]:
+        question = {"id": reply - 1, "role": "user", "text": f"question {reply}", "status": "complete",
+                    "created_at": created}
+        return [question, {"id": reply, "role": "assistant", "text": "Partly", "status": status,
+                           "created_at": created, **outcome}]
+
+    history = [
+        *answer_of(10, "failed", error="ai_unavailable", retryable=True),
+        *answer_of(20, "failed", error="ai_declined", retryable=False),
+        *answer_of(30, "failed", error="ai_unavailable", retryable=False),
+        *answer_of(40, "complete", truncated=True),
+        *answer_of(50, "failed"),  # ended before its outcome was recorded: as before, Retry
+    ]
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=60, history=history, has_more=False)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await page.wait_for_selector('.se-msg--assistant[data-id="50"]')
+
+    async def shown(reply: int) -> tuple[str, bool]:
+        status = await page.locator(f'.se-msg[data-id="{reply}"] .se-meta__status').text_content()
+        retry = await page.locator(f'.se-msg[data-id="{reply}"] [data-action="retry"]').count()
+        return status or "", retry == 1
+
+    assert await shown(10) == ("The answer could not be completed", True)
+    assert await shown(20) == ("The tutor can\u2019t answer that question", False)
+    assert await shown(30) == ("The tutor is unavailable; your school\u2019s staff have been told", False)
+    assert await shown(40) == ("Cut short: the answer reached its length limit", False)
+    assert await shown(50) == ("The answer could not be completed", True)
     assert problems == []

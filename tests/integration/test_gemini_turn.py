@@ -366,3 +366,52 @@ async def test_a_question_the_model_declines_is_told_apart_from_an_outage(serve:
     fake.chunks, fake.finish_reason = ["Sure."], "STOP"
     _, frames = await _ask(server, "explain chapter one", "ok")
     assert frames[-1]["status"] == "complete"
+
+
+async def test_how_each_answer_ended_is_in_the_history_after_a_reload(serve: Serve, fake: FakeGemini) -> None:
+    # The widget shows a cut answer's note and offers Retry only where it can help: after a reload too.
+    server = await _gemini(serve, fake, env=_env(fake, SMARTEDU_AI_MAX_RETRIES="0"))
+    hello = {"token": token(courses=["alg-1"]), "course_id": "alg-1"}
+    sock = await server.connect(hello)
+    replies: dict[str, int] = {}
+
+    async def ask(name: str, error: str | None) -> None:
+        await sock.send(type="message", id=name, text=f"question {name}")
+        replies[name] = (await sock.expect("ack"))["reply_id"]
+        await sock.until("done")
+        if error is not None:
+            assert (await sock.expect("error"))["code"] == error
+
+    fake.finish_reason = "MAX_TOKENS"
+    await ask("cut", None)
+    fake.chunks, fake.finish_reason = [], "RECITATION"
+    await ask("declined", "ai_declined")
+    fake.chunks, fake.finish_reason = ["Fine."], "STOP"
+    fake.fail_next(403)
+    await ask("bad_key", "ai_unavailable")
+    fake.fail_next(503)
+    await ask("outage", "ai_unavailable")
+    await ask("fine", None)
+    await sock.close()
+
+    expected = {
+        "cut": {"status": "complete", "truncated": True},
+        "declined": {"status": "failed", "error": "ai_declined", "retryable": False},
+        "bad_key": {"status": "failed", "error": "ai_unavailable", "retryable": False},
+        "outage": {"status": "failed", "error": "ai_unavailable", "retryable": True},
+        "fine": {"status": "complete"},
+    }
+    keys = ("status", "truncated", "error", "retryable")
+
+    def outcomes(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        by_id = {item["id"]: item for item in items}
+        return {name: {k: v for k, v in by_id[reply].items() if k in keys} for name, reply in replies.items()}
+
+    reload = await server.connect(hello)
+    welcome = reload.frames[0]
+    assert outcomes(welcome["history"]) == expected
+    await reload.send(type="history", conversation_id=welcome["conversation_id"], before=replies["fine"] + 1)
+    assert outcomes((await reload.expect("history"))["messages"]) == expected
+    auth = {"Authorization": f"Bearer {hello['token']}"}
+    response = await server.client.get(f"/api/conversations/{welcome['conversation_id']}/messages", headers=auth)
+    assert response.status == 200 and outcomes((await response.json())["messages"]) == expected
