@@ -61,8 +61,10 @@ StreamItem = str | Usage
 # Why a call failed, as far as the people involved are concerned:
 #   transient: an outage, a rate limit, a timeout; asking again later may well work;
 #   config: the deployment is wrong (API key, model, request shape); every question fails until staff fix it;
-#   refused: the provider declined this question or its answer (a filter); asking it again will not help.
-Cause = Literal["transient", "config", "refused"]
+#   refused: the provider declined this question or its answer (a filter); asking it again will not help;
+#   request: the provider could not process this request (a conversation longer than the model's context,
+#            content it rejects); others' questions are unaffected, and this one fails the same way again.
+Cause = Literal["transient", "config", "refused", "request"]
 
 
 class AIError(Exception):

@@ -17,7 +17,13 @@ from google.genai import errors, types
 
 from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
 from .prompt import conversation_turns
-from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
+from .resilience import (
+    ConnectTimeoutConnector,
+    http_status_error,
+    invalid_request,
+    map_transport_error,
+    parse_retry_after,
+)
 
 log = logging.getLogger("smartedu.ai.gemini")
 
@@ -54,18 +60,41 @@ def build_contents(request: AIRequest) -> list[types.Content]:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 
 
-def _retry_delay_from_details(details: Any) -> float | None:
-    """Gemini puts a google.rpc.RetryInfo (`retryDelay: "17s"`) in the details of a 429."""
+def _detail_items(details: Any, kind: str) -> list[dict[str, Any]]:
+    """The items of type google.rpc.`kind` in an error body's `details` (as the SDK's APIError keeps it)."""
     error = details.get("error", details) if isinstance(details, dict) else None
     items = error.get("details") if isinstance(error, dict) else None
     if not isinstance(items, list):
-        return None
-    for item in items:
-        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
-            match = _DURATION.match(str(item.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
+        return []
+    return [item for item in items if isinstance(item, dict) and str(item.get("@type", "")).endswith(kind)]
+
+
+def _retry_delay_from_details(details: Any) -> float | None:
+    """Gemini puts a google.rpc.RetryInfo (`retryDelay: "17s"`) in the details of a 429."""
+    for item in _detail_items(details, "RetryInfo"):
+        match = _DURATION.match(str(item.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
     return None
+
+
+# Gemini refuses a bad, expired or restricted API key with HTTP 400 INVALID_ARGUMENT, not 401/403: the
+# ErrorInfo reason tells it from a 400 about one request (a conversation over the model's context).
+_KEY_OR_PERMISSION = re.compile(r"API_KEY|ACCESS_TOKEN|PERMISSION|SERVICE_DISABLED|BILLING|CONSUMER")
+# A 400 about what the deployment's settings put in every request (the thinking budget, the output limit).
+_SETTINGS = re.compile(r"thinking|budget|generation_?config|max_?output_?tokens", re.IGNORECASE)
+
+
+def _bad_request(error: errors.APIError, message: str) -> AIError:
+    """A 400: the deployment's fault (key, permissions, region, settings) or this request's alone."""
+    reasons = [str(item.get("reason", "")) for item in _detail_items(error.details, "ErrorInfo")]
+    if reasons:
+        message = f"{message} [{', '.join(reasons)}]"
+    if any(_KEY_OR_PERMISSION.search(reason) for reason in reasons):
+        return AIError("auth", message, cause="config")
+    if error.status == "FAILED_PRECONDITION" or _SETTINGS.search(error.message or ""):
+        return AIError("bad_request", message, cause="config")  # e.g. a region Gemini is not offered in
+    return invalid_request(message)
 
 
 def _headers_of(response: Any) -> Mapping[str, str]:
@@ -83,6 +112,8 @@ def map_api_error(error: errors.APIError, provider: str = "gemini") -> AIError:
     if 400 <= code <= 499 and code not in (408, 429) and error.message:
         # What is wrong with the key, model or settings ("thinking_config is not supported."), for staff.
         message = f"{message}: {error.message[:200]}"
+    if code == 400:
+        return _bad_request(error, message)
     return http_status_error(code, message, retry_after)
 
 

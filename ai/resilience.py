@@ -66,8 +66,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def http_status_error(code: int, message: str, retry_after: float | None = None) -> AIError:
-    """The AIError for an upstream HTTP status: 408/429/5xx are retryable; other 4xx are the deployment's
-    fault (key, model, request shape) and fail every question alike until staff fix them."""
+    """The AIError for an upstream HTTP status: 408/429/5xx are retryable; 400 and 413 concern this request
+    (too long, content refused); other 4xx are the deployment's fault (key, model, permissions) and fail
+    every question alike until staff fix them. Providers tell a 400 that is the deployment's (a refused
+    key or setting) by its body before falling back on this."""
     if code == 429:
         return AIError("rate_limited", message, retryable=True, retry_after=retry_after)
     if code == 408:
@@ -78,9 +80,16 @@ def http_status_error(code: int, message: str, retry_after: float | None = None)
         return AIError("auth", message, cause="config")
     if code == 404:
         return AIError("not_found", message, cause="config")
+    if code in (400, 413):
+        return invalid_request(message)
     if 400 <= code <= 499:
         return AIError("bad_request", message, cause="config")
     return AIError("api_error", message)
+
+
+def invalid_request(message: str) -> AIError:
+    """The provider could not process this one request; the deployment is fine (see `Cause`)."""
+    return AIError("invalid_request", message, cause="request")
 
 
 def map_transport_error(error: BaseException, provider: str) -> AIError:
@@ -314,6 +323,13 @@ class ResilientProvider:
                     raise
                 if not error.retryable:
                     verdict = "success"  # the upstream answered; it just refused this request
+                    if error.cause == "request":
+                        # Not an alert (the tutor works for everyone else), but staff may want the reason.
+                        log.warning(
+                            "ai_request_rejected",
+                            extra={"provider": self.name, "model": self.model, "kind": error.kind,
+                                   "error": str(error)},
+                        )
                     raise
                 verdict, failure = "failure", error
                 self.failures += 1

@@ -19,6 +19,7 @@ class ErrorCode(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     AI_UNAVAILABLE = "ai_unavailable"
     AI_DECLINED = "ai_declined"
+    AI_REJECTED = "ai_rejected"
     INTERNAL = "internal"
 
 
@@ -32,6 +33,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.AI_UNAVAILABLE: 503,
     ErrorCode.AI_DECLINED: 422,
+    ErrorCode.AI_REJECTED: 422,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -87,6 +89,9 @@ def ai_failure(error: AIError, ref: str | None = None) -> ChatError:
     """What the student is told about a failed answer: whether asking again can help, and when."""
     if error.cause == "refused":
         return ChatError(ErrorCode.AI_DECLINED, "the tutor can't answer that question", ref, retryable=False)
+    if error.cause == "request":
+        message = "the tutor could not process this conversation"
+        return ChatError(ErrorCode.AI_REJECTED, message, ref, retryable=False)
     if error.cause == "config":
         message = "the tutor is unavailable; the school's staff have been told"
         return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retryable=False)

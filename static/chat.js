@@ -551,6 +551,7 @@
   var FAILED_FOR_GOOD = {
     ai_declined: 'The tutor can\u2019t answer that question',
     ai_unavailable: 'The tutor is unavailable; your school\u2019s staff have been told',
+    ai_rejected: 'The tutor could not process this conversation',
   };
 
   Client.prototype.renderMeta = function (item) {
@@ -1029,7 +1030,7 @@
       this.flushOutbox(false);
       return;
     }
-    if (f.retryable === false && ref && (code === 'ai_unavailable' || code === 'ai_declined')) {
+    if (f.retryable === false && ref && /^ai_(unavailable|declined|rejected)$/.test(code)) {
       var failed = this.byServerId.get(Number(ref));
       if (failed && failed.kind === 'assistant' && !failed.noRetry) {
         outcome(failed, { error: code, retryable: false });
@@ -1058,6 +1059,7 @@
         ? 'The tutor is unavailable at the moment. Your school\u2019s staff have been told.'
         : 'The tutor is unavailable right now. Please try again in a moment.',
       ai_declined: 'The tutor can\u2019t answer that question. Try asking about your course in another way.',
+      ai_rejected: 'The tutor could not process this conversation. Your teacher can see that this answer failed.',
       internal: 'Something went wrong on our side.',
     };
     if (item) {

@@ -49,6 +49,7 @@
   }
   var FAILED_FOR_GOOD = {
     ai_declined: 'The tutor declined this question',
+    ai_rejected: 'The AI provider could not process this conversation (for example, too long for the model)',
     ai_unavailable: 'The answer could not be completed: the AI provider refuses this deployment\u2019s settings',
   };
 

@@ -495,14 +495,15 @@ async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, brows
         *answer_of(30, "failed", error="ai_unavailable", retryable=False),
         *answer_of(40, "complete", truncated=True),
         *answer_of(50, "failed"),  # ended before its outcome was recorded: as before, Retry
+        *answer_of(60, "failed", error="ai_rejected", retryable=False),
     ]
 
     def answer(number: int, frame: dict[str, Any], send: Send) -> None:
         if frame["type"] == "hello":
-            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=60, history=history, has_more=False)
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=70, history=history, has_more=False)
 
     await _open_scripted(page, url, scripted_server(sockets, answer))
-    await page.wait_for_selector('.se-msg--assistant[data-id="50"]')
+    await page.wait_for_selector('.se-msg--assistant[data-id="60"]')
 
     async def shown(reply: int) -> tuple[str, bool]:
         status = await page.locator(f'.se-msg[data-id="{reply}"] .se-meta__status').text_content()
@@ -514,4 +515,5 @@ async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, brows
     assert await shown(30) == ("The tutor is unavailable; your school\u2019s staff have been told", False)
     assert await shown(40) == ("Cut short: the answer reached its length limit", False)
     assert await shown(50) == ("The answer could not be completed", True)
+    assert await shown(60) == ("The tutor could not process this conversation", False)
     assert problems == []

@@ -11,7 +11,7 @@ import pytest
 from server.answers import SAFETY_MESSAGE
 from server.keys import REDIS
 from tests.conftest import Serve, Server, answer_text, seed_course, token
-from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
+from tests.fakes.fake_gemini import API_KEY_INVALID, CONTEXT_TOO_LONG, FakeGemini, start_fake_gemini
 
 pytestmark = pytest.mark.integration
 
@@ -330,12 +330,15 @@ async def test_an_answer_cut_by_the_output_limit_is_committed_and_reported(
     assert frames[-1]["truncated"] is False
 
 
+# Gemini refuses a bad key with HTTP 400 INVALID_ARGUMENT and ErrorInfo reason API_KEY_INVALID; a key
+# without access to the API with 403 PERMISSION_DENIED.
+@pytest.mark.parametrize(("status", "body"), [(403, None), (400, API_KEY_INVALID)], ids=["403", "400-key"])
 async def test_a_bad_key_is_not_retried_and_tells_the_student_staff_know(
-    serve: Serve, fake: FakeGemini, caplog: pytest.LogCaptureFixture
+    serve: Serve, fake: FakeGemini, caplog: pytest.LogCaptureFixture, status: int, body: dict[str, Any] | None
 ) -> None:
     env = _env(fake, SMARTEDU_AI_BREAKER_FAILURES="2", SMARTEDU_AI_MAX_RETRIES="2")
     server = await _gemini(serve, fake, env=env)
-    fake.fail_next(403, times=10)
+    fake.fail_next(status, times=10, body=body)
     sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
     with caplog.at_level("ERROR", logger="smartedu.ai.resilience"):
         for i in range(3):  # two reach Gemini and open the breaker; the third is refused without a call
@@ -347,7 +350,8 @@ async def test_a_bad_key_is_not_retried_and_tells_the_student_staff_know(
             assert "staff" in error["message"] and "try again" not in error["message"]
             assert "retry_after" not in error
     assert fake.calls == 2, "a refused key is never retried, and an open breaker stops the calls"
-    assert len([r for r in caplog.records if r.getMessage() == "ai_misconfigured"]) == 1
+    alerts = [r for r in caplog.records if r.getMessage() == "ai_misconfigured"]
+    assert len(alerts) == 1 and getattr(alerts[0], "kind", None) == "auth"
 
 
 async def test_a_question_the_model_declines_is_told_apart_from_an_outage(serve: Serve, fake: FakeGemini) -> None:
@@ -415,3 +419,29 @@ async def test_how_each_answer_ended_is_in_the_history_after_a_reload(serve: Ser
     auth = {"Authorization": f"Bearer {hello['token']}"}
     response = await server.client.get(f"/api/conversations/{welcome['conversation_id']}/messages", headers=auth)
     assert response.status == 200 and outcomes((await response.json())["messages"]) == expected
+
+
+async def test_a_400_about_one_conversation_fails_it_alone(
+    serve: Serve, fake: FakeGemini, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HTTP 400 INVALID_ARGUMENT, as for a refused key (test above), but without ErrorInfo: this request's
+    fault alone. No retry, no breaker, no misconfiguration alert; a WARNING with Gemini's reason."""
+    env = _env(fake, SMARTEDU_AI_BREAKER_FAILURES="2", SMARTEDU_AI_MAX_RETRIES="2")
+    server = await _gemini(serve, fake, env=env)
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    fake.fail_next(400, times=3, body=CONTEXT_TOO_LONG)
+    with caplog.at_level("WARNING", logger="smartedu.ai.resilience"):
+        for i in range(3):  # more than the breaker's threshold: it stays closed
+            await sock.send(type="message", id=f"long{i}", text="hello")
+            done = (await sock.until("done"))[-1]
+            assert (done["status"], done["error"], done["retryable"]) == ("failed", "ai_rejected", False)
+            error = await sock.expect("error")
+            assert error["code"] == "ai_rejected" and error["retryable"] is False and "retry_after" not in error
+            assert "could not process this conversation" in error["message"]
+    assert fake.calls == 3, "not retried"
+    rejected = [r for r in caplog.records if r.getMessage() == "ai_request_rejected"]
+    assert len(rejected) == 3 and all(r.levelname == "WARNING" for r in rejected)
+    assert "exceeds the maximum number of tokens" in getattr(rejected[0], "error", "")  # the provider's reason
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "no misconfiguration alert"
+    await sock.send(type="message", id="fine", text="hello")
+    assert (await sock.until("done"))[-1]["status"] == "complete"  # the breaker never opened

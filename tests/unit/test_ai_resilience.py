@@ -478,13 +478,16 @@ def test_breaker_can_be_switched_off() -> None:
 @pytest.mark.parametrize(
     ("status", "kind", "retryable"),
     [(429, "rate_limited", True), (408, "timeout", True), (500, "unavailable", True), (502, "unavailable", True),
-     (400, "bad_request", False), (401, "auth", False), (404, "not_found", False), (422, "bad_request", False)],
+     (400, "invalid_request", False), (413, "invalid_request", False), (401, "auth", False),
+     (404, "not_found", False), (422, "bad_request", False)],
 )
 def test_http_status_classification(status: int, kind: str, retryable: bool) -> None:
     error = http_status_error(status, f"HTTP {status}")
     assert (error.kind, error.retryable) == (kind, retryable)
-    # Other 4xx statuses are the deployment's (key, model, request shape): no student can fix them by asking again.
-    assert error.cause == ("transient" if retryable else "config")
+    # 400 and 413 concern the request (too long, invalid content); other 4xx statuses are the deployment's
+    # (key, model, permissions): no student can fix them by asking again.
+    cause = "transient" if retryable else "request" if kind == "invalid_request" else "config"
+    assert error.cause == cause
 
 
 def test_transport_error_classification() -> None:

@@ -1182,9 +1182,11 @@ def test_alerts_fire_as_intended(tmp_path: Path) -> None:
                     series("up", "1 0x11", job="smartedu", replica="app3", instance="app3:9100"),
                     series("smartedu_turns_total", "0+100x12", status="complete", replica="app1"),
                     series("smartedu_turns_total", "0+1x12", status="failed", replica="app1"),
-                    # A refused key fails every answer from minute 3; rate limits are an outage, not settings.
+                    # A refused key fails every answer from minute 3; rate limits are an outage, not settings,
+                    # and a 400 about one conversation (too long for the model) is that conversation's.
                     series("smartedu_ai_errors_total", "0 0 0 1+20x9", kind="auth", replica="app1"),
                     series("smartedu_ai_errors_total", "0+5x12", kind="rate_limited", replica="app1"),
+                    series("smartedu_ai_errors_total", "0+1x12", kind="invalid_request", replica="app1"),
                 ],
                 "alert_rule_test": [
                     expect("SmartEduPostgresDown", {"replica": "app1"}) | {"eval_time": "8m"},
