@@ -397,3 +397,22 @@ async def test_without_a_token_the_page_says_how_to_sign_in(serve: Serve, browse
     await student_page.goto(str(server.client.make_url("/teacher")) + f"#token={STUDENT}")
     await student_page.wait_for_selector('.se-notice:has-text("This dashboard is for teachers")')
     assert problems == []
+
+
+async def test_a_transcript_opened_later_says_an_answer_was_cut_short(serve: Serve, browser: Browser) -> None:
+    """The dashboard reads the answer's ending from the transcript (history rows), not only from `done`."""
+    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=0, max_output_tokens=6)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    student = await _open_chat(server, browser, problems)
+    await _ask(student, "What is a prime number?")
+    await student.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    conversation = await student.evaluate("SmartEdu.client.conversationId")
+    answer = (await committed(server, f"/api/teacher/conversations/{conversation}/messages", TEACHER))[-1]
+    assert answer["truncated"] is True
+
+    teacher = await _open_dashboard(server, browser, problems)
+    await teacher.get_by_role("button", name=re.compile(r"^Ada")).click()
+    status = teacher.locator(f'.se-msg--assistant[data-id="{answer["id"]}"] .se-meta__status')
+    await status.get_by_text("Cut short: the answer reached its length limit").wait_for()
+    assert problems == []
