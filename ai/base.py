@@ -52,19 +52,39 @@ class Usage:
     output_tokens: int = 0
     finish_reason: str = "stop"
     blocked: bool = False
+    truncated: bool = False  # the output limit cut the answer short (it is kept, and the student told)
 
 
 StreamItem = str | Usage
 
 
-class AIError(Exception):
-    """The provider failed; `retryable` and `retry_after` tell the caller what to do."""
+# Why a call failed, as far as the people involved are concerned:
+#   transient: an outage, a rate limit, a timeout; asking again later may well work;
+#   config: the deployment is wrong (API key, model, request shape); every question fails until staff fix it;
+#   refused: the provider declined this question or its answer (a filter); asking it again will not help;
+#   request: the provider could not process this request (a conversation longer than the model's context,
+#            content it rejects); others' questions are unaffected, and this one fails the same way again.
+Cause = Literal["transient", "config", "refused", "request"]
 
-    def __init__(self, kind: str, message: str, *, retryable: bool = False, retry_after: float | None = None):
+
+class AIError(Exception):
+    """The provider failed; `retryable` says whether this call may be tried again at once, `retry_after`
+    how long to wait, `cause` whether anyone asking again could ever succeed (see `Cause`)."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        cause: Cause = "transient",
+    ):
         super().__init__(message)
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.cause = cause
 
 
 class Provider(Protocol):

@@ -19,7 +19,10 @@ _BACKSTOP_S = 5.0
 def create_provider(settings: Settings, env: Mapping[str, str]) -> Provider:
     """Build the provider named by `settings.ai_provider`; errors name the missing variable."""
     if settings.ai_provider == "offline":
-        return OfflineProvider(settings.offline_ttft_ms, settings.offline_tokens_per_s, settings.offline_reply_words)
+        return OfflineProvider(
+            settings.offline_ttft_ms, settings.offline_tokens_per_s, settings.offline_reply_words,
+            max_output_tokens=settings.max_output_tokens,
+        )
     config = AIConfig.from_env(env)
     if settings.ai_provider == "gemini":
         if not config.gemini_api_key:
@@ -33,6 +36,8 @@ def create_provider(settings: Settings, env: Mapping[str, str]) -> Provider:
             base_url=config.gemini_base_url,
             connect_timeout=config.connect_timeout_s,
             request_timeout=config.total_timeout_s + _BACKSTOP_S,
+            max_output_tokens=settings.max_output_tokens,
+            thinking_budget=settings.ai_thinking_budget,
         )
         return ResilientProvider(gemini, config.policy())
     if settings.ai_provider == "openai":
@@ -48,6 +53,7 @@ def create_provider(settings: Settings, env: Mapping[str, str]) -> Provider:
             api_key=config.openai_api_key,
             connect_timeout=config.connect_timeout_s,
             request_timeout=config.total_timeout_s + _BACKSTOP_S,
+            max_tokens=settings.max_output_tokens,
         )
         return ResilientProvider(openai, config.policy())
     raise ConfigError(f"SMARTEDU_AI={settings.ai_provider} is not available in this build")

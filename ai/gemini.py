@@ -17,7 +17,13 @@ from google.genai import errors, types
 
 from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
 from .prompt import conversation_turns
-from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
+from .resilience import (
+    ConnectTimeoutConnector,
+    http_status_error,
+    invalid_request,
+    map_transport_error,
+    parse_retry_after,
+)
 
 log = logging.getLogger("smartedu.ai.gemini")
 
@@ -54,18 +60,41 @@ def build_contents(request: AIRequest) -> list[types.Content]:
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 
 
-def _retry_delay_from_details(details: Any) -> float | None:
-    """Gemini puts a google.rpc.RetryInfo (`retryDelay: "17s"`) in the details of a 429."""
+def _detail_items(details: Any, kind: str) -> list[dict[str, Any]]:
+    """The items of type google.rpc.`kind` in an error body's `details` (as the SDK's APIError keeps it)."""
     error = details.get("error", details) if isinstance(details, dict) else None
     items = error.get("details") if isinstance(error, dict) else None
     if not isinstance(items, list):
-        return None
-    for item in items:
-        if isinstance(item, dict) and str(item.get("@type", "")).endswith("RetryInfo"):
-            match = _DURATION.match(str(item.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
+        return []
+    return [item for item in items if isinstance(item, dict) and str(item.get("@type", "")).endswith(kind)]
+
+
+def _retry_delay_from_details(details: Any) -> float | None:
+    """Gemini puts a google.rpc.RetryInfo (`retryDelay: "17s"`) in the details of a 429."""
+    for item in _detail_items(details, "RetryInfo"):
+        match = _DURATION.match(str(item.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
     return None
+
+
+# Gemini refuses a bad, expired or restricted API key with HTTP 400 INVALID_ARGUMENT, not 401/403: the
+# ErrorInfo reason tells it from a 400 about one request (a conversation over the model's context).
+_KEY_OR_PERMISSION = re.compile(r"API_KEY|ACCESS_TOKEN|PERMISSION|SERVICE_DISABLED|BILLING|CONSUMER")
+# A 400 about what the deployment's settings put in every request (the thinking budget, the output limit).
+_SETTINGS = re.compile(r"thinking|budget|generation_?config|max_?output_?tokens", re.IGNORECASE)
+
+
+def _bad_request(error: errors.APIError, message: str) -> AIError:
+    """A 400: the deployment's fault (key, permissions, region, settings) or this request's alone."""
+    reasons = [str(item.get("reason", "")) for item in _detail_items(error.details, "ErrorInfo")]
+    if reasons:
+        message = f"{message} [{', '.join(reasons)}]"
+    if any(_KEY_OR_PERMISSION.search(reason) for reason in reasons):
+        return AIError("auth", message, cause="config")
+    if error.status == "FAILED_PRECONDITION" or _SETTINGS.search(error.message or ""):
+        return AIError("bad_request", message, cause="config")  # e.g. a region Gemini is not offered in
+    return invalid_request(message)
 
 
 def _headers_of(response: Any) -> Mapping[str, str]:
@@ -80,6 +109,11 @@ def map_api_error(error: errors.APIError, provider: str = "gemini") -> AIError:
     if retry_after is None and code == 429:
         retry_after = _retry_delay_from_details(error.details)
     message = f"{provider} answered HTTP {code} {error.status or ''}".strip()
+    if 400 <= code <= 499 and code not in (408, 429) and error.message:
+        # What is wrong with the key, model or settings ("thinking_config is not supported."), for staff.
+        message = f"{message}: {error.message[:200]}"
+    if code == 400:
+        return _bad_request(error, message)
     return http_status_error(code, message, retry_after)
 
 
@@ -116,6 +150,7 @@ class GeminiProvider:
         base_url: str | None = None,
         connect_timeout: float | None = 10.0,
         request_timeout: float | None = None,
+        max_output_tokens: int | None = None,
         thinking_budget: int | None = None,
     ) -> None:
         if not api_key:
@@ -124,6 +159,7 @@ class GeminiProvider:
         self.base_url = base_url
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        self.max_output_tokens = max_output_tokens
         self.thinking_budget = thinking_budget
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
@@ -153,9 +189,17 @@ class GeminiProvider:
             self._client = genai.Client(api_key=self._api_key, vertexai=False, http_options=options)
         return self._client
 
+    def output_limit(self) -> int | None:
+        """maxOutputTokens: a thinking model's thoughts count against it, so the answer's limit gets the
+        thinking budget on top, and a long think can never leave the answer empty."""
+        if self.max_output_tokens is None:
+            return None
+        return self.max_output_tokens + (self.thinking_budget or 0)
+
     def _config(self, request: AIRequest) -> types.GenerateContentConfig:
         return types.GenerateContentConfig(
             system_instruction=request.system_instruction or None,
+            max_output_tokens=self.output_limit(),
             # Resuming a broken stream is the SDK re-sending the request: our retry policy owns that.
             automatic_continuation=False,
             automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
@@ -268,7 +312,7 @@ class GeminiProvider:
         if blocked:
             return Usage(prompt_tokens, output_tokens, finish_reason="SAFETY", blocked=True)
         reason = "stop" if finish in (None, "STOP") else finish.lower()
-        return Usage(prompt_tokens, output_tokens, finish_reason=reason)
+        return Usage(prompt_tokens, output_tokens, finish_reason=reason, truncated=finish == "MAX_TOKENS")
 
     async def close(self) -> None:
         """Close the genai client and the aiohttp session behind it."""

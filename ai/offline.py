@@ -44,10 +44,17 @@ class OfflineProvider:
     name = "offline"
     model = "offline-tutor"
 
-    def __init__(self, ttft_ms: float = 300.0, tokens_per_s: float = 40.0, reply_words: int | None = None):
+    def __init__(
+        self,
+        ttft_ms: float = 300.0,
+        tokens_per_s: float = 40.0,
+        reply_words: int | None = None,
+        max_output_tokens: int | None = None,
+    ):
         self.ttft = ttft_ms / 1000.0
         self.interval = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
         self.reply_words = reply_words
+        self.max_output_tokens = max_output_tokens
 
     def split(self, text: str) -> list[str]:
         words = _WORD.findall(text)
@@ -58,7 +65,11 @@ class OfflineProvider:
         return words
 
     async def stream(self, request: AIRequest) -> AsyncGenerator[StreamItem, None]:
+        """Yield the reply a word (a token) at a time, cut at `max_output_tokens` as a hosted model would."""
         words = self.split(compose_reply(request))
+        truncated = self.max_output_tokens is not None and len(words) > self.max_output_tokens
+        if truncated:
+            words = words[: self.max_output_tokens]
         if self.ttft:
             await asyncio.sleep(self.ttft)
         for index, word in enumerate(words):
@@ -66,7 +77,10 @@ class OfflineProvider:
                 await asyncio.sleep(self.interval)
             yield word
         prompt = estimate_tokens(request.question) + sum(estimate_tokens(t.text) for t in request.history)
-        yield Usage(prompt_tokens=prompt, output_tokens=len(words))
+        if truncated:
+            yield Usage(prompt, len(words), finish_reason="max_tokens", truncated=True)
+        else:
+            yield Usage(prompt_tokens=prompt, output_tokens=len(words))
 
     async def close(self) -> None:
         return None

@@ -13,7 +13,13 @@ import orjson
 
 from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
 from .prompt import conversation_turns
-from .resilience import ConnectTimeoutConnector, http_status_error, map_transport_error, parse_retry_after
+from .resilience import (
+    ConnectTimeoutConnector,
+    http_status_error,
+    invalid_request,
+    map_transport_error,
+    parse_retry_after,
+)
 
 log = logging.getLogger("smartedu.ai.openai")
 
@@ -71,6 +77,50 @@ class _Progress:
     output_chars: int = 0
 
 
+def _error_object(detail: str) -> dict[str, Any]:
+    """The `error` object of an error response's body (OpenAI's, or a look-alike's), else {}."""
+    try:
+        body = orjson.loads(detail)
+    except orjson.JSONDecodeError:
+        return {}
+    # vLLM and some others put `message` and `code` at the top level instead.
+    error = body.get("error", body) if isinstance(body, dict) else None
+    return error if isinstance(error, dict) else {}
+
+
+# Parameters every request carries from the deployment's settings: a 400 naming one is the deployment's fault.
+_SETTINGS_PARAMS = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "stream_options"})
+
+
+def _bad_request(error: dict[str, Any]) -> AIError:
+    """A 400: Azure's content filter (a safety block), a refused setting (the deployment's fault), or a
+    problem of this request alone (e.g. context_length_exceeded)."""
+    code = error["code"] if isinstance(error.get("code"), str) else ""  # vLLM's is the HTTP status
+    param = str(error.get("param") or "")
+    if code == "content_filter":
+        return AIError("prompt_filtered", "openai: the prompt was refused by a content filter", cause="refused")
+    message = f"openai answered HTTP 400 {code}".strip()
+    if isinstance(error.get("message"), str):
+        message = f"{message}: {error['message'][:200]}"
+    if param in _SETTINGS_PARAMS or code.startswith("unsupported_") or code in ("model_not_found", "invalid_api_key"):
+        return AIError("bad_request", message, cause="config")
+    return invalid_request(message)
+
+
+def _wants_max_completion_tokens(status: int, detail: str) -> bool:
+    """OpenAI's reasoning models refuse `max_tokens` and ask for `max_completion_tokens` instead."""
+    error = _error_object(detail) if status == 400 else {}
+    return error.get("param") == "max_tokens" and "max_completion_tokens" in str(error.get("message", ""))
+
+
+async def _read_detail(response: aiohttp.ClientResponse) -> str:
+    """The start of an error response's body (for its classification and the debug log)."""
+    try:
+        return (await response.content.read(_ERROR_BODY_LIMIT)).decode("utf-8", "replace")
+    except aiohttp.ClientError:
+        return ""
+
+
 class OpenAICompatProvider:
     """Streams `POST {base_url}/chat/completions` answers; usage from the final chunk, else estimated."""
 
@@ -92,6 +142,8 @@ class OpenAICompatProvider:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_tokens = max_tokens
+        # What the output limit is sent as: `max_tokens`, until the server asks for `max_completion_tokens`.
+        self.limit_param = "max_tokens"
         self.temperature = temperature
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
@@ -122,7 +174,7 @@ class OpenAICompatProvider:
             "stream_options": {"include_usage": True},
         }
         if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
+            body[self.limit_param] = self.max_tokens
         if self.temperature is not None:
             body["temperature"] = self.temperature
         return body
@@ -130,17 +182,27 @@ class OpenAICompatProvider:
     async def stream(self, request: AIRequest) -> AsyncGenerator[StreamItem, None]:
         """Yield content deltas as they arrive, then one Usage (blocked=True on a content filter)."""
         session = self._ensure_session()
-        body = orjson.dumps(self.payload(request))
         response: aiohttp.ClientResponse | None = None
         progress = _Progress()
         started = time.monotonic()
         try:
             try:
-                response = await session.post(
-                    f"{self.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
-                )
+                response = await self._post(session, request)
                 if response.status != 200:
-                    raise await self._status_error(response)
+                    detail = await _read_detail(response)
+                    if self.limit_param == "max_tokens" and _wants_max_completion_tokens(response.status, detail):
+                        # Once per provider: every later request is sent the way this server wants.
+                        self.limit_param = "max_completion_tokens"
+                        log.warning("ai_limit_param_switched", extra={"provider": self.name, "model": self.model,
+                                                                      "param": self.limit_param})
+                        response.release()
+                        response = await self._post(session, request)
+                        detail = await _read_detail(response) if response.status != 200 else ""
+                if response.status != 200:
+                    error = self._status_error(response, detail)
+                    if error.kind != "prompt_filtered":
+                        raise error
+                    progress.finish, progress.done = "content_filter", True  # told as a safety block
                 decoder = SSEDecoder()
                 while not progress.done:
                     line = await response.content.readline()
@@ -214,13 +276,17 @@ class OpenAICompatProvider:
             raise http_status_error(status, f"openai: error event in stream ({status})")
         return chunk
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> AIError:
-        retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        try:
-            detail = (await response.content.read(_ERROR_BODY_LIMIT)).decode("utf-8", "replace")
-        except aiohttp.ClientError:
-            detail = ""
+    async def _post(self, session: aiohttp.ClientSession, request: AIRequest) -> aiohttp.ClientResponse:
+        body = orjson.dumps(self.payload(request))
+        return await session.post(
+            f"{self.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
+        )
+
+    def _status_error(self, response: aiohttp.ClientResponse, detail: str) -> AIError:
         log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})
+        if response.status == 400:
+            return _bad_request(_error_object(detail))
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return http_status_error(response.status, f"openai answered HTTP {response.status}", retry_after)
 
     def _usage(self, request: AIRequest, progress: _Progress) -> Usage:
@@ -234,7 +300,7 @@ class OpenAICompatProvider:
         if progress.finish in _BLOCKING_FINISH:
             return Usage(prompt, output, finish_reason="SAFETY", blocked=True)
         reason = "stop" if progress.finish in (None, "stop") else str(progress.finish)
-        return Usage(prompt, output, finish_reason=reason)
+        return Usage(prompt, output, finish_reason=reason, truncated=progress.finish == "length")
 
     async def close(self) -> None:
         """Close the aiohttp session."""

@@ -66,7 +66,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def http_status_error(code: int, message: str, retry_after: float | None = None) -> AIError:
-    """The AIError for an upstream HTTP status: 408/429/5xx are retryable, other statuses are not."""
+    """The AIError for an upstream HTTP status: 408/429/5xx are retryable; 400 and 413 concern this request
+    (too long, content refused); other 4xx are the deployment's fault (key, model, permissions) and fail
+    every question alike until staff fix them. Providers tell a 400 that is the deployment's (a refused
+    key or setting) by its body before falling back on this."""
     if code == 429:
         return AIError("rate_limited", message, retryable=True, retry_after=retry_after)
     if code == 408:
@@ -74,12 +77,19 @@ def http_status_error(code: int, message: str, retry_after: float | None = None)
     if 500 <= code <= 599:
         return AIError("unavailable", message, retryable=True, retry_after=retry_after)
     if code in (401, 403):
-        return AIError("auth", message)
+        return AIError("auth", message, cause="config")
     if code == 404:
-        return AIError("not_found", message)
+        return AIError("not_found", message, cause="config")
+    if code in (400, 413):
+        return invalid_request(message)
     if 400 <= code <= 499:
-        return AIError("bad_request", message)
+        return AIError("bad_request", message, cause="config")
     return AIError("api_error", message)
+
+
+def invalid_request(message: str) -> AIError:
+    """The provider could not process this one request; the deployment is fine (see `Cause`)."""
+    return AIError("invalid_request", message, cause="request")
 
 
 def map_transport_error(error: BaseException, provider: str) -> AIError:
@@ -108,7 +118,9 @@ def empty_answer_error(provider: str, finish_reason: str) -> AIError:
     for another reason (max_tokens spent on thinking, recitation, language) would end the same way again.
     """
     message = f"{provider}: the answer was empty (finish reason {finish_reason})"
-    return AIError("empty_answer", message, retryable=finish_reason in ("stop", "other"))
+    if finish_reason in ("stop", "other"):
+        return AIError("empty_answer", message, retryable=True)
+    return AIError("empty_answer", message, cause="refused")
 
 
 # --- the policy, the breaker and the wrapper ---
@@ -153,6 +165,8 @@ class CircuitBreaker:
         self.rejected = 0
         self._recent: deque[float] = deque(maxlen=max(1, failures))
         self._probing = False
+        self._last: AIError | None = None
+        self.opened_by: AIError | None = None  # the failure that opened the breaker
 
     def remaining_cooldown(self) -> float:
         """Seconds until an open breaker lets a probe through (0 when not open)."""
@@ -172,6 +186,10 @@ class CircuitBreaker:
             self._probing = True
             return True
         self.rejected += 1
+        cause = self.opened_by
+        if cause is not None and cause.cause == "config":
+            # Opened by a bad key or model: waiting out the cooldown will not help the student either.
+            raise AIError(cause.kind, f"calls are paused after: {cause}", cause="config")
         retry_after = self.remaining_cooldown() if self.state == "open" else min(1.0, self.cooldown)
         raise AIError("circuit_open", "the AI provider is failing; calls are paused", retry_after=retry_after)
 
@@ -183,11 +201,13 @@ class CircuitBreaker:
         if self.state == "half_open":
             self._move("closed")
 
-    def record_failure(self, probe: bool) -> None:
-        """The upstream failed (retryable error): count it, and open when the threshold is reached."""
+    def record_failure(self, probe: bool, error: AIError | None = None) -> None:
+        """The upstream failed (an outage, or a configuration every call fails on): count it, and open when
+        the threshold is reached."""
         if self.failures <= 0:
             return
         now = self.clock()
+        self._last = error
         if probe:
             self._probing = False
         if self.state == "half_open":
@@ -204,6 +224,7 @@ class CircuitBreaker:
 
     def _open(self, now: float) -> None:
         self.opened_at = now
+        self.opened_by = self._last
         self.times_opened += 1
         self._recent.clear()
         self._move("open")
@@ -211,7 +232,7 @@ class CircuitBreaker:
     def _move(self, new: BreakerState) -> None:
         old, self.state = self.state, new
         if new == "closed":
-            self.opened_at = None
+            self.opened_at = self.opened_by = None
         log.warning("ai_breaker_state", extra={"old": old, "new": new, "cooldown_s": self.cooldown})
         if self.on_change is not None:
             _notify(self.on_change, old, new)
@@ -249,6 +270,7 @@ class ResilientProvider:
         self.retries = 0
         self.failures = 0
         self.errors: Counter[str] = Counter()
+        self._misconfigured: str | None = None  # the kind of configuration failure already logged
 
     def backoff(self, retry: int, error: AIError) -> float:
         """Full-jitter exponential delay before retry number `retry` (1-based), at least any Retry-After."""
@@ -288,11 +310,26 @@ class ResilientProvider:
                             # minute-long) answer ends, during which every other call would be refused.
                             self.breaker.record_success(probe)
                             started, probe = True, False
+                            self._misconfigured = None
                         yield item
             except AIError as error:
                 self.errors[error.kind] += 1
+                if error.cause == "config":
+                    # A bad key or model fails every call alike: the provider is down for everyone, as in an
+                    # outage, but trying again cannot help.
+                    verdict, failure = "failure", error
+                    self.failures += 1
+                    self._alert(error)
+                    raise
                 if not error.retryable:
                     verdict = "success"  # the upstream answered; it just refused this request
+                    if error.cause == "request":
+                        # Not an alert (the tutor works for everyone else), but staff may want the reason.
+                        log.warning(
+                            "ai_request_rejected",
+                            extra={"provider": self.name, "model": self.model, "kind": error.kind,
+                                   "error": str(error)},
+                        )
                     raise
                 verdict, failure = "failure", error
                 self.failures += 1
@@ -304,7 +341,7 @@ class ResilientProvider:
                 if verdict == "success":
                     self.breaker.record_success(probe)
                 elif verdict == "failure":
-                    self.breaker.record_failure(probe)
+                    self.breaker.record_failure(probe, failure)
                 else:
                     self.breaker.release(probe)
             if final is not None:
@@ -325,6 +362,16 @@ class ResilientProvider:
             if self.on_retry is not None:
                 _notify(self.on_retry, retry, failure, delay)
             await asyncio.sleep(delay)
+
+    def _alert(self, error: AIError) -> None:
+        # Staff must hear of a bad key or model at once, but once, not for every student's question.
+        if self._misconfigured == error.kind:
+            return
+        self._misconfigured = error.kind
+        log.error(
+            "ai_misconfigured",
+            extra={"provider": self.name, "model": self.model, "kind": error.kind, "error": str(error)},
+        )
 
     def _may_retry(self, retry: int, error: AIError, delay: float, deadline: float) -> bool:
         if retry >= self.policy.max_retries:

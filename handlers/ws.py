@@ -8,7 +8,7 @@ import logging
 
 from aiohttp import WSMessage, WSMsgType, web
 
-from server.errors import ChatError, CloseCode, ErrorCode, forbidden
+from server.errors import CloseCode, forbidden, restarting
 from server.keys import CHAT, SETTINGS, SOCKETS, STATE, VERIFIER
 from server.origins import is_web_origin, origin_allowed
 from server.session import SocketSession, WebSocketPeer
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     settings = request.app[SETTINGS]
     if request.app[STATE].draining:
-        raise ChatError(ErrorCode.AI_UNAVAILABLE, "this replica is restarting; reconnect", retry_after=1.0)
+        raise restarting("this replica is restarting; reconnect")
     origin = request.headers.get("Origin")
     trusted = origin_allowed(origin, request.host, settings.allowed_origins)
     anyone = "*" in settings.allowed_origins

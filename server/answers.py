@@ -24,7 +24,7 @@ from storage.postgres import Database
 from storage.redis_store import TokenAdjustment
 
 from .budgets import Budgets, Reservation
-from .errors import ChatError, ErrorCode
+from .errors import ChatError, ai_failure
 from .hub import Hub
 from .logs import request_id
 from .metrics import Metrics
@@ -292,10 +292,13 @@ class Answers:
         # The conversation's durable last seq becomes the `done`'s, which is emitted after the commit: the
         # next seq after every one seen here (exactly the done's unless another frame comes in between).
         done_seq = max(turn.seq_floor, self.hub.last_seq(turn.conversation_id)) + 1
+        truncated = usage is not None and usage.truncated and status == "complete"
+        error = ai_failure(failure, str(turn.reply_id)) if failure is not None else None
         try:
             committed = await self.db.finish_reply(
                 turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, done_seq,
                 record, question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
+                truncated=truncated, error=(error.code.value, bool(error.retryable)) if error else None,
             )
         except BaseException:
             await self.budgets.settle(reservation, *used)
@@ -309,15 +312,10 @@ class Answers:
         await self._emit_done(
             turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, done_seq - 1,
             release=_lease_member(turn), adjust=self.budgets.adjustment(reservation, *used),
+            truncated=truncated, error=error,
         )
         turn.leased = False
-        if failure is not None:
-            error = ChatError(
-                ErrorCode.AI_UNAVAILABLE,
-                "the tutor is unavailable right now; please try again",
-                ref=str(turn.reply_id),
-                retry_after=failure.retry_after,
-            )
+        if error is not None:
             await self.hub.deliver(turn.conversation_id, [(0, error_frame(error))])
 
     def _observe(self, status: str, record: UsageRecord | None) -> None:
@@ -342,18 +340,26 @@ class Answers:
         floor: int,
         release: str | None = None,
         adjust: TokenAdjustment | None = None,
+        truncated: bool = False,
+        error: ChatError | None = None,
     ) -> None:
-        done = {
+        done: dict[str, object] = {
             "type": "done",
             "reply_id": reply_id,
             "conversation_id": conversation_id,
             "status": status,
             "length": length,
+            "truncated": truncated,
             "usage": {
                 "prompt_tokens": record.prompt_tokens if record else 0,
                 "output_tokens": record.output_tokens if record else 0,
             },
         }
+        if error is not None:
+            # A failed answer: why, and whether asking again can help (the `error` that follows says more);
+            # teachers watching get the `done` only.
+            done["error"] = error.code.value
+            done["retryable"] = bool(error.retryable)
         await self.hub.emit(
             conversation_id, [encode(done)], floor=floor, course=course, release=release, adjust=adjust
         )

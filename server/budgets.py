@@ -55,7 +55,7 @@ class Budgets:
             tenant_limit if tenant_limit is not None else settings.tenant_daily_tokens,
             user_limit if user_limit is not None else settings.user_daily_tokens,
         )
-        output = settings.max_output_tokens
+        output = settings.output_reserve
         amounts = (output + estimate_tokens(text) + 1000, output)
         day = time.strftime("%Y%m%d", time.gmtime())
         code, wait = await self.store.admit(

@@ -23,7 +23,7 @@ from storage.roundtrips import RoundTrips
 from .answers import Answers, course_key, lease_member
 from .auth import Claims
 from .budgets import Budgets, Reservation
-from .errors import ChatError, CloseCode, ErrorCode, bad_request, forbidden, not_found
+from .errors import ChatError, CloseCode, bad_request, forbidden, not_found, restarting
 from .hub import Hub, Peer
 from .metrics import Metrics
 from .protocol import HistoryRequest, SendMessage, encode
@@ -279,7 +279,7 @@ class ChatService:
     async def submit(self, session: Session, frame: SendMessage) -> None:
         """Validate, rate-limit, commit, ack, then start (or queue) the answer."""
         if self._closing:
-            raise ChatError(ErrorCode.AI_UNAVAILABLE, "the server is restarting", frame.id, retry_after=1.0)
+            raise restarting("the server is restarting", frame.id)
         try:
             joined = await self._joined(session, frame.conversation_id)
         except ChatError as exc:
@@ -391,7 +391,7 @@ class ChatService:
         like a message (rate limit, budgets), and not while a teacher has paused the AI."""
         claims, ref = session.claims, str(reply_id)
         if self._closing:
-            raise ChatError(ErrorCode.AI_UNAVAILABLE, "the server is restarting", ref, retry_after=1.0)
+            raise restarting("the server is restarting", ref)
         message = await self.db.find_user_message(claims.tenant, session.user.id, reply_id)
         if message is None or message.role != "assistant" or message.reply_to is None:
             raise not_found("reply", ref=ref)

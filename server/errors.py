@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ai.base import AIError
 from storage.errors import ClientIdTakenError, StorageError
 
 
@@ -17,6 +18,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     QUOTA_EXCEEDED = "quota_exceeded"
     AI_UNAVAILABLE = "ai_unavailable"
+    AI_DECLINED = "ai_declined"
+    AI_REJECTED = "ai_rejected"
     INTERNAL = "internal"
 
 
@@ -29,6 +32,8 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.AI_UNAVAILABLE: 503,
+    ErrorCode.AI_DECLINED: 422,
+    ErrorCode.AI_REJECTED: 422,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -60,6 +65,7 @@ class ChatError(Exception):
     message: str
     ref: str | None = None
     retry_after: float | None = None
+    retryable: bool | None = None  # said of AI failures: whether asking again can help
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -74,7 +80,28 @@ class ChatError(Exception):
             body["ref"] = self.ref
         if self.retry_after is not None:
             body["retry_after"] = round(self.retry_after, 3)
+        if self.retryable is not None:
+            body["retryable"] = self.retryable
         return body
+
+
+def ai_failure(error: AIError, ref: str | None = None) -> ChatError:
+    """What the student is told about a failed answer: whether asking again can help, and when."""
+    if error.cause == "refused":
+        return ChatError(ErrorCode.AI_DECLINED, "the tutor can't answer that question", ref, retryable=False)
+    if error.cause == "request":
+        message = "the tutor could not process this conversation"
+        return ChatError(ErrorCode.AI_REJECTED, message, ref, retryable=False)
+    if error.cause == "config":
+        message = "the tutor is unavailable; the school's staff have been told"
+        return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retryable=False)
+    message = "the tutor is unavailable right now; please try again"
+    return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retry_after=error.retry_after, retryable=True)
+
+
+def restarting(message: str, ref: str | None = None) -> ChatError:
+    """This replica is shutting down: the same request succeeds on another in a moment."""
+    return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retry_after=1.0, retryable=True)
 
 
 def bad_request(message: str, ref: str | None = None) -> ChatError:

@@ -81,6 +81,19 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return raw
 
 
+MAX_THINKING_BUDGET = 32768  # Gemini 2.5 Pro's ceiling; Flash's is lower, and Gemini says so with a 400
+
+
+def _thinking_budget(env: Mapping[str, str], default: int | None) -> int | None:
+    """Tokens a thinking model may think before answering; `none` sends no thinking settings at all (models
+    that do not think, such as gemini-2.0-flash, refuse them)."""
+    name = "SMARTEDU_AI_THINKING_BUDGET"
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    return None if raw == "none" else _int({name: raw}, name, 0, 0, MAX_THINKING_BUDGET)
+
+
 def _session_key(env: Mapping[str, str]) -> str | None:
     raw = env.get("SMARTEDU_SESSION_KEY", "").strip()
     if not raw:
@@ -174,6 +187,8 @@ class Settings:
     tenant_daily_tokens: int = 5_000_000
     user_daily_tokens: int = 100_000
     max_output_tokens: int = 1024
+    # Gemini only (sent as thinkingConfig.thinkingBudget): 0 turns thinking off where the model allows it.
+    ai_thinking_budget: int | None = 1024
     grounding_chars: int = 6000
     grounding_passages: int = 4
     metrics_port: int | None = None
@@ -186,6 +201,12 @@ class Settings:
     # False where a separate, more privileged step (the Kubernetes Job, `smartedu migrate`) migrates: the
     # app then only checks, read-only, that no migration is pending, and refuses to start otherwise.
     migrate_on_start: bool = True
+
+    @property
+    def output_reserve(self) -> int:
+        """The most output one answer can be billed for: Gemini's thoughts come on top of the answer."""
+        thinking = (self.ai_thinking_budget or 0) if self.ai_provider == "gemini" else 0
+        return self.max_output_tokens + thinking
 
     @property
     def embedded(self) -> bool:
@@ -258,6 +279,7 @@ class Settings:
             tenant_daily_tokens=_int(env, "SMARTEDU_TENANT_DAILY_TOKENS", defaults.tenant_daily_tokens),
             user_daily_tokens=_int(env, "SMARTEDU_USER_DAILY_TOKENS", defaults.user_daily_tokens),
             max_output_tokens=_int(env, "SMARTEDU_AI_MAX_OUTPUT_TOKENS", defaults.max_output_tokens, 1),
+            ai_thinking_budget=_thinking_budget(env, defaults.ai_thinking_budget),
             grounding_chars=_int(env, "SMARTEDU_GROUNDING_CHARS", defaults.grounding_chars),
             grounding_passages=_int(env, "SMARTEDU_GROUNDING_PASSAGES", defaults.grounding_passages),
             # Off unless set (the container images set 9100), so several local replicas never clash.

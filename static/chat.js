@@ -416,12 +416,21 @@
       var age = Date.now() - new Date(m.created_at).getTime();
       status = age > STALE_STREAM_MS ? 'interrupted' : text ? 'streaming' : 'waiting';
     }
-    return {
+    var item = {
       kind: kind, id: typeof m.id === 'number' ? m.id : null, clientId: null, text: text, len: cpLength(text),
       pieces: new Map(), gap: false, status: kind === 'user' ? 'sent' : status, createdAt: m.created_at,
       question: null, announced: FINAL[status] === true, stopRequested: false, retried: false, li: null,
     };
+    outcome(item, m);
+    return item;
   };
+
+  // What a `done` or a history item says of how an answer ended, beyond its status (see renderMeta).
+  function outcome(item, f) {
+    item.truncated = f.truncated === true;
+    if (typeof f.error === 'string') item.failure = f.error;
+    if (f.retryable === false) item.noRetry = true; // asking again cannot help
+  }
 
   Client.prototype.resetTranscript = function (history, hasMore) {
     var previous = this.byServerId;
@@ -525,6 +534,8 @@
     }
   };
 
+  var TRUNCATED = 'Cut short: the answer reached its length limit';
+
   var STATUS_TEXT = {
     queued: 'Waiting for connection \u2014 will send automatically',
     sending: 'Sending\u2026',
@@ -536,14 +547,26 @@
     waiting: 'Thinking\u2026',
   };
 
+  // A failed answer that asking again cannot help: why, as the error sent with it said.
+  var FAILED_FOR_GOOD = {
+    ai_declined: 'The tutor can\u2019t answer that question',
+    ai_unavailable: 'The tutor is unavailable; your school\u2019s staff have been told',
+    ai_rejected: 'The tutor could not process this conversation',
+  };
+
   Client.prototype.renderMeta = function (item) {
     var text = STATUS_TEXT[item.status] || '';
     if (item.status === 'rejected' && item.reason) text = 'Not sent: ' + item.reason;
     if (item.stopRequested && ACTIVE[item.status]) text = 'Stopping\u2026';
     if (item.gap && FINAL[item.status]) text = 'Loading the full answer\u2026';
+    else if (item.status === 'complete' && item.truncated) text = TRUNCATED;
+    else if (item.status === 'failed' && item.noRetry && FAILED_FOR_GOOD[item.failure]) {
+      text = FAILED_FOR_GOOD[item.failure];
+    }
     item.statusEl.textContent = text;
     item.actions.textContent = '';
-    if (item.kind === 'assistant' && (item.status === 'failed' || item.status === 'interrupted') && !item.retried && item.question) {
+    if (item.kind === 'assistant' && (item.status === 'failed' || item.status === 'interrupted') && !item.retried &&
+        !item.noRetry && item.question) {
       item.actions.appendChild(h('button', { type: 'button', className: 'se-link-button', 'data-action': 'retry',
         text: 'Retry', 'aria-label': 'Retry this question' }));
     }
@@ -780,6 +803,7 @@
     if (item.kind !== 'assistant') return;
     item.status = FINAL[f.status] ? f.status : 'complete';
     item.stopRequested = false;
+    outcome(item, f); // the error that follows says more
     var complete = typeof f.length === 'number' ? item.len === f.length && !item.gap : !item.gap;
     if (!complete) {
       item.gap = true;
@@ -803,7 +827,7 @@
         if (row && typeof row.text === 'string') {
           item.text = row.text;
           item.len = cpLength(row.text);
-          if (FINAL[row.status]) item.status = row.status;
+          if (FINAL[row.status]) { item.status = row.status; outcome(item, row); }
         }
       })
       .catch(function () { /* keep the partial text */ })
@@ -825,6 +849,8 @@
       interrupted: 'The answer was interrupted. Use Retry to ask again. ',
       failed: 'The answer could not be completed. Use Retry to ask again. ',
     };
+    if (item.truncated) words.complete = 'The tutor answered (cut short at its length limit): ';
+    if (item.noRetry) words.failed = 'The answer could not be completed. ';
     var plain = item.body ? plainText(item.body) : '';
     this.view.announce((words[item.status] || '') + plain);
     if (!this.visible) this.emit('unread');
@@ -1004,7 +1030,14 @@
       this.flushOutbox(false);
       return;
     }
-    if (item && (code === 'ai_unavailable' || code === 'internal') && (item.attempts || 0) < 3) {
+    if (f.retryable === false && ref && /^ai_(unavailable|declined|rejected)$/.test(code)) {
+      var failed = this.byServerId.get(Number(ref));
+      if (failed && failed.kind === 'assistant' && !failed.noRetry) {
+        outcome(failed, { error: code, retryable: false });
+        this.render(failed);
+      }
+    }
+    if (item && (code === 'ai_unavailable' || code === 'internal') && f.retryable !== false && (item.attempts || 0) < 3) {
       // Transient (the server is restarting or a dependency hiccuped): send the same id again shortly.
       item.attempts = (item.attempts || 0) + 1;
       item.status = 'held';
@@ -1022,7 +1055,11 @@
         : 'Your sign-in has expired. Open the tutor again from your school\u2019s site.',
       not_found: 'That conversation or message no longer exists.',
       quota_exceeded: 'You\u2019ve used your tutor time for now.',
-      ai_unavailable: 'The tutor is unavailable right now. Please try again in a moment.',
+      ai_unavailable: f.retryable === false
+        ? 'The tutor is unavailable at the moment. Your school\u2019s staff have been told.'
+        : 'The tutor is unavailable right now. Please try again in a moment.',
+      ai_declined: 'The tutor can\u2019t answer that question. Try asking about your course in another way.',
+      ai_rejected: 'The tutor could not process this conversation. Your teacher can see that this answer failed.',
       internal: 'Something went wrong on our side.',
     };
     if (item) {
@@ -1044,8 +1081,8 @@
     }
     var logRef = typeof f.log_ref === 'string' ? f.log_ref : null;
     if (code === 'internal' && logRef) text += ' (reference ' + logRef.slice(0, 24) + ')';
-    var spec = { key: code, tone: code === 'ai_unavailable' ? 'warn' : 'error', text: text, ttl: 15000 };
-    if (code === 'ai_unavailable' && f.retry_after) {
+    var spec = { key: code, tone: /^ai_/.test(code) ? 'warn' : 'error', text: text, ttl: 15000 };
+    if (code === 'ai_unavailable' && f.retry_after && f.retryable !== false) {
       spec.until = Date.now() + seconds(f.retry_after, 5) * 1000;
       spec.text = 'The tutor is unavailable right now. Try again in';
       spec.srText = 'The tutor is unavailable right now. Try again in about ' + seconds(f.retry_after, 5) + ' seconds.';

@@ -41,6 +41,18 @@
     rejected: 'Not sent',
   };
 
+  // How an answer ended beyond its status, as its `done` or history row says: cut short by the output limit,
+  // or failed for a reason asking again will not fix.
+  function outcome(msg, f) {
+    msg.truncated = f.truncated === true;
+    msg.failure = f.retryable === false && typeof f.error === 'string' ? f.error : null;
+  }
+  var FAILED_FOR_GOOD = {
+    ai_declined: 'The tutor declined this question',
+    ai_rejected: 'The AI provider could not process this conversation (for example, too long for the model)',
+    ai_unavailable: 'The answer could not be completed: the AI provider refuses this deployment\u2019s settings',
+  };
+
   /* ---- helpers --------------------------------------------------------------------------------- */
 
   function $(root, selector) { return root.querySelector(selector); }
@@ -654,6 +666,7 @@
         if (typeof f.reply_id !== 'number') return;
         var done = this.message(convo, f.reply_id, 'assistant');
         done.status = FINAL[f.status] ? f.status : 'complete';
+        outcome(done, f);
         if (done.partial || done.gap || (typeof f.length === 'number' && f.length !== done.len)) done.needsText = true;
         convo.state = this.activeState(convo);
         if (done.status === 'failed' || done.status === 'interrupted') {
@@ -821,12 +834,14 @@
       var msg = convo.messages.get(m.id);
       if (!msg) {
         msg = newMessage(kind, m.id, text, status, m.created_at);
+        outcome(msg, m);
         if (kind === 'assistant' && !FINAL[status]) msg.status = text ? 'streaming' : 'waiting';
         convo.messages.set(m.id, msg);
       } else if (FINAL[status] || kind !== 'assistant') {
         msg.text = text;
         msg.len = cpLength(text);
         msg.status = kind === 'assistant' ? status : 'complete';
+        outcome(msg, m);
         msg.gap = msg.partial = msg.needsText = false;
         msg.pieces = new Map();
       } else if (cpLength(text) > msg.len) {
@@ -912,6 +927,8 @@
     var status = STATUS_TEXT[msg.status] || '';
     if (msg.status === 'rejected' && msg.reason) status = 'Not sent: ' + msg.reason;
     if (msg.partial && !FINAL[msg.status]) status = 'Streaming (watching began mid-answer)';
+    if (msg.status === 'complete' && msg.truncated) status = 'Cut short: the answer reached its length limit';
+    if (msg.status === 'failed' && FAILED_FOR_GOOD[msg.failure]) status = FAILED_FOR_GOOD[msg.failure];
     if (msg.needsText && FINAL[msg.status]) status = 'Loading the full answer\u2026';
     setText(msg.statusEl, status);
     msg.flagEl.hidden = !msg.flag;

@@ -64,16 +64,25 @@ class Message:
     created_at: datetime
     prompt_tokens: int | None = None
     output_tokens: int | None = None
+    truncated: bool = False  # a complete answer the output limit cut short
+    error_code: str | None = None  # a failed answer: the error its student was sent (None: not an AI failure)
+    retryable: bool | None = None  # ... and whether asking again can help
 
     def to_wire(self) -> dict[str, object]:
-        """The protocol's history item."""
-        return {
+        """The protocol's history item: what `done` (and the `error` after it) said of an answer."""
+        item: dict[str, object] = {
             "id": self.id,
             "role": self.role,
             "text": self.text,
             "status": self.status,
             "created_at": self.created_at.isoformat(),
         }
+        if self.truncated:
+            item["truncated"] = True
+        if self.error_code is not None:
+            item["error"] = self.error_code
+            item["retryable"] = bool(self.retryable)
+        return item
 
 
 class PastMessage(NamedTuple):

@@ -36,9 +36,9 @@ R = TypeVar("R")
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id::text AS conversation_id, role, text, status, client_id, reply_to, seq, created_at,"
-    " prompt_tokens, output_tokens"
+    " prompt_tokens, output_tokens, truncated, error_code, retryable"
 )
-_HISTORY_COLUMNS = "h.id, NULL, h.role, h.text, h.status, NULL, NULL, NULL, NULL, NULL, NULL"
+_HISTORY_COLUMNS = "h.id, NULL, h.role, h.text, h.status, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
 _CONVERSATION_COLUMNS = (
     "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at,"
     " ai_paused"
@@ -83,9 +83,11 @@ class _Reply:
     seq: int
     usage: UsageRecord | None
     question: tuple[int, int]  # (id, seq of its ack); (0, 0): nothing to store
+    truncated: bool = False
+    error: tuple[str, bool] | None = None  # a failed answer's (error code, retryable)
 
     def params(self) -> tuple[Any, ...]:
-        """The statements' parameters, in order ($1..$16); the passages as an array literal (a batch
+        """The statements' parameters, in order ($1..$19); the passages as an array literal (a batch
         cannot pass arrays of arrays of different lengths)."""
         u = self.usage
         return (
@@ -93,7 +95,8 @@ class _Reply:
             u.prompt_tokens if u else None, u.output_tokens if u else None, self.user_id,
             u.provider if u else None, u.model if u else None, u.ttft_ms if u else None,
             u.duration_ms if u else None, "{" + ",".join(map(str, u.passage_ids)) + "}" if u else "{}",
-            self.question[0], self.question[1],
+            self.question[0], self.question[1], self.truncated,
+            self.error[0] if self.error else None, self.error[1] if self.error else None,
         )
 
 
@@ -263,7 +266,7 @@ _SAVE_MANY = (
 _FINISH_ONE = (
     "WITH m AS ("
     "  UPDATE messages SET text = $4, status = $5, seq = $6, prompt_tokens = $7, output_tokens = $8,"
-    "  updated_at = clock_timestamp()"
+    "  truncated = $17, error_code = $18, retryable = $19, updated_at = clock_timestamp()"
     "  WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND status = 'streaming' RETURNING id),"
     " u AS ("
     "  INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
@@ -282,12 +285,14 @@ _FINISH_MANY = (
     "WITH i AS ("
     "  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],"
     "  $7::int[], $8::int[], $9::uuid[], $10::text[], $11::text[], $12::float8[], $13::float8[],"
-    "  $14::text[], $15::bigint[], $16::bigint[])"
+    "  $14::text[], $15::bigint[], $16::bigint[], $17::bool[], $18::text[], $19::bool[])"
     "  AS i(reply_id, conversation_id, tenant_id, text, status, seq, prompt_tokens, output_tokens,"
-    "  user_id, provider, model, ttft_ms, duration_ms, passage_ids, question_id, question_seq)),"
+    "  user_id, provider, model, ttft_ms, duration_ms, passage_ids, question_id, question_seq,"
+    "  truncated, error_code, retryable)),"
     " m AS ("
     "  UPDATE messages m SET text = i.text, status = i.status, seq = i.seq, prompt_tokens = i.prompt_tokens,"
-    "  output_tokens = i.output_tokens, updated_at = clock_timestamp() FROM i"
+    "  output_tokens = i.output_tokens, truncated = i.truncated, error_code = i.error_code,"
+    "  retryable = i.retryable, updated_at = clock_timestamp() FROM i"
     "  WHERE m.id = i.reply_id AND m.conversation_id = i.conversation_id AND m.tenant_id = i.tenant_id"
     "  AND m.status = 'streaming' RETURNING m.id),"
     " f AS (SELECT i.* FROM i JOIN m ON m.id = i.reply_id),"
@@ -815,12 +820,19 @@ class Database:
         seq: int,
         usage: UsageRecord | None,
         question: tuple[int, int] | None = None,
+        *,
+        truncated: bool = False,
+        error: tuple[str, bool] | None = None,
     ) -> bool:
-        """Commit the answer's final text and status (only if still streaming), its usage row and the
-        question's ack seq (`question` = (id, seq)); False if it had already ended. Answers finishing
-        while another batch is being committed are committed together (`_update_replies`)."""
+        """Commit the answer's final text and status (only if still streaming), whether the output limit cut
+        it (`truncated`) or why it failed (`error` = (code, retryable)), its usage row and the question's ack
+        seq (`question` = (id, seq)); False if it had already ended. Answers finishing while another batch
+        is being committed are committed together (`_update_replies`)."""
         return await self._replies.submit(
-            _Reply(tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0))
+            _Reply(
+                tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0),
+                truncated, error,
+            )
         )
 
     async def stale_placeholders(

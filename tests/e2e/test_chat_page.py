@@ -376,3 +376,144 @@ async def test_a_socket_lost_during_a_resume_replay_resumes_from_the_last_frame_
     assert await page.locator('.se-msg--assistant[data-id="5"] .se-bubble__body').text_content() == "Hello wörld!"
     assert [h.get("resume_from") for h in hellos] == [None, 12, 13]
     assert problems == []
+
+
+async def test_ai_failures_offer_retry_only_when_it_can_help_and_a_cut_answer_says_so(
+    serve: Serve, browser: Browser
+) -> None:
+    """An outage offers Retry; a declined question and a misconfigured tutor say why and offer none; an
+    answer the length limit cut is marked as cut."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    sockets: list[WebSocketRoute] = []
+    questions: list[str] = []
+    failures: list[dict[str, Any]] = [
+        {"code": "ai_unavailable", "message": "the tutor is unavailable right now; please try again",
+         "retryable": True, "retry_after": 2},
+        {"code": "ai_declined", "message": "the tutor can't answer that question", "retryable": False},
+        {"code": "ai_unavailable", "message": "the tutor is unavailable; the school's staff have been told",
+         "retryable": False},
+    ]
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=1, history=[])
+        elif frame["type"] == "message":
+            questions.append(frame["text"])
+            n = len(questions)
+            reply, seq = 10 * n, 10 * n
+            send(type="ack", id=frame["id"], message_id=reply - 1, reply_id=reply, conversation_id="c1",
+                 text=frame["text"], seq=seq)
+            send(type="token", conversation_id="c1", reply_id=reply, offset=0, text="Partly", seq=seq + 1)
+            if n <= len(failures):
+                failure = failures[n - 1]
+                send(type="done", conversation_id="c1", reply_id=reply, status="failed", length=6,
+                     truncated=False, retryable=failure["retryable"], seq=seq + 2)
+                send(type="error", ref=str(reply), **failure)
+            else:
+                send(type="done", conversation_id="c1", reply_id=reply, status="complete", length=6, truncated=True,
+                     seq=seq + 2)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+
+    await _ask(page, "Outage?")
+    await page.wait_for_selector('.se-msg--assistant[data-id="10"][data-status="failed"]')
+    await page.locator('.se-msg[data-id="10"] [data-action="retry"]').wait_for()
+    notice = page.locator('.se-notice[data-code="ai_unavailable"]')
+    assert "Try again" in (await notice.text_content() or "")
+
+    await _ask(page, "Recite the textbook?")
+    declined = page.locator('.se-notice[data-code="ai_declined"]')
+    await declined.wait_for()
+    assert "can\u2019t answer that question" in (await declined.text_content() or "")
+    assert await page.locator('.se-msg[data-id="20"][data-status="failed"] [data-action="retry"]').count() == 0
+
+    await _ask(page, "Misconfigured?")
+    await page.wait_for_function(
+        "() => /staff/.test(document.querySelector('.se-notice[data-code=\"ai_unavailable\"]')?.textContent)"
+    )
+    assert "try again" not in (await notice.text_content() or "").lower()
+    await page.wait_for_selector('.se-msg--assistant[data-id="30"][data-status="failed"]')
+    assert await page.locator('.se-msg[data-id="30"] [data-action="retry"]').count() == 0
+    # The announcer is emptied, then filled a tick later (so that a repeated text is announced again).
+    announcer = '[aria-live="polite"][aria-atomic="true"]'
+    await page.wait_for_function(
+        f"() => /could not be completed/.test(document.querySelector('{announcer}').textContent)"
+    )
+    announced = await page.locator(announcer).text_content()
+    assert announced and "Retry" not in announced
+    assert await page.locator('.se-msg[data-id="10"] [data-action="retry"]').count() == 1  # the outage's stays
+
+    await _ask(page, "Everything?")
+    await page.wait_for_selector('.se-msg--assistant[data-id="40"][data-status="complete"]')
+    status = page.locator('.se-msg[data-id="40"] .se-meta__status')
+    assert "length limit" in (await status.text_content() or "")
+    assert await page.locator('.se-msg[data-id="40"] [data-action="retry"]').count() == 0
+    assert problems == []
+
+
+async def test_an_offline_answer_cut_by_the_output_limit_is_marked_as_cut(serve: Serve, browser: Browser) -> None:
+    server, url = await _live(serve, offline_ttft_ms=0, offline_tokens_per_s=0, max_output_tokens=6)
+    page, problems = await _open_page(browser)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    await _ask(page, "What is a prime number?")
+    await page.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    answer = (await _committed(server, page))[-1]
+    assert len(answer["text"].split()) == 6
+    await _shown_as_committed(page, answer["id"], answer["text"])
+    status = page.locator(f'.se-msg[data-id="{answer["id"]}"] .se-meta__status')
+    assert await status.text_content() == "Cut short: the answer reached its length limit"
+    announced = await page.locator('[aria-live="polite"][aria-atomic="true"]').text_content()
+    assert announced and announced.startswith("The tutor answered (cut short")
+    assert problems == []
+    # Opened again, it shows the same: the note comes from the history, not from the live `done`.
+    again, again_problems = await _open_page(browser)
+    await again.goto(url)
+    await again.wait_for_selector('.se-status[data-state="online"]')
+    status = again.locator(f'.se-msg[data-id="{answer["id"]}"] .se-meta__status')
+    assert await status.text_content() == "Cut short: the answer reached its length limit"
+    assert problems == again_problems == []
+
+
+async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, browser: Browser) -> None:
+    """Failed answers from the history offer Retry only when asking again can help, and say why when not."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    sockets: list[WebSocketRoute] = []
+    created = "2026-01-05T10:00:00+00:00"
+
+    def answer_of(reply: int, status: str, **outcome: Any) -> list[dict[str, Any]]:
+        question = {"id": reply - 1, "role": "user", "text": f"question {reply}", "status": "complete",
+                    "created_at": created}
+        return [question, {"id": reply, "role": "assistant", "text": "Partly", "status": status,
+                           "created_at": created, **outcome}]
+
+    history = [
+        *answer_of(10, "failed", error="ai_unavailable", retryable=True),
+        *answer_of(20, "failed", error="ai_declined", retryable=False),
+        *answer_of(30, "failed", error="ai_unavailable", retryable=False),
+        *answer_of(40, "complete", truncated=True),
+        *answer_of(50, "failed"),  # ended before its outcome was recorded: as before, Retry
+        *answer_of(60, "failed", error="ai_rejected", retryable=False),
+    ]
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=70, history=history, has_more=False)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await page.wait_for_selector('.se-msg--assistant[data-id="60"]')
+
+    async def shown(reply: int) -> tuple[str, bool]:
+        status = await page.locator(f'.se-msg[data-id="{reply}"] .se-meta__status').text_content()
+        retry = await page.locator(f'.se-msg[data-id="{reply}"] [data-action="retry"]').count()
+        return status or "", retry == 1
+
+    assert await shown(10) == ("The answer could not be completed", True)
+    assert await shown(20) == ("The tutor can\u2019t answer that question", False)
+    assert await shown(30) == ("The tutor is unavailable; your school\u2019s staff have been told", False)
+    assert await shown(40) == ("Cut short: the answer reached its length limit", False)
+    assert await shown(50) == ("The answer could not be completed", True)
+    assert await shown(60) == ("The tutor could not process this conversation", False)
+    assert problems == []

@@ -344,6 +344,16 @@ async def test_flags_failures_and_reconnect_on_a_scripted_socket(serve: Serve, b
         "() => document.querySelector('.st-announcer').textContent.includes("
         "'Flag in algebra-1: Ada\u2019s question was blocked by the safety filter.')"
     )
+    # How answers ended, as the student was told: cut short, declined (asking again will not help).
+    event("c-ada", type="ack", id="q3", message_id=15, reply_id=16, text="Recite chapter one", seq=6)
+    event("c-ada", type="done", reply_id=16, status="failed", length=0, error="ai_declined", retryable=False, seq=7)
+    event("c-ada", type="ack", id="q4", message_id=17, reply_id=18, text="Tell me everything", seq=8)
+    event("c-ada", type="token", reply_id=18, offset=0, text="All of it", seq=9)
+    event("c-ada", type="done", reply_id=18, status="complete", length=9, truncated=True, seq=10)
+    cut = page.locator('.se-msg--assistant[data-id="18"][data-status="complete"] .se-meta__status')
+    await cut.get_by_text("Cut short: the answer reached its length limit").wait_for()
+    declined = page.locator('.se-msg--assistant[data-id="16"] .se-meta__status')
+    assert await declined.text_content() == "The tutor declined this question"
 
     # A failed answer in a conversation that is not open still needs attention.
     event("c-ben", type="ack", id="q2", message_id=13, reply_id=14, text="Explain slopes", seq=1)
@@ -386,4 +396,23 @@ async def test_without_a_token_the_page_says_how_to_sign_in(serve: Serve, browse
     student_page = await new_page(browser, problems)
     await student_page.goto(str(server.client.make_url("/teacher")) + f"#token={STUDENT}")
     await student_page.wait_for_selector('.se-notice:has-text("This dashboard is for teachers")')
+    assert problems == []
+
+
+async def test_a_transcript_opened_later_says_an_answer_was_cut_short(serve: Serve, browser: Browser) -> None:
+    """The dashboard reads the answer's ending from the transcript (history rows), not only from `done`."""
+    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=0, max_output_tokens=6)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    student = await _open_chat(server, browser, problems)
+    await _ask(student, "What is a prime number?")
+    await student.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    conversation = await student.evaluate("SmartEdu.client.conversationId")
+    answer = (await committed(server, f"/api/teacher/conversations/{conversation}/messages", TEACHER))[-1]
+    assert answer["truncated"] is True
+
+    teacher = await _open_dashboard(server, browser, problems)
+    await teacher.get_by_role("button", name=re.compile(r"^Ada")).click()
+    status = teacher.locator(f'.se-msg--assistant[data-id="{answer["id"]}"] .se-meta__status')
+    await status.get_by_text("Cut short: the answer reached its length limit").wait_for()
     assert problems == []

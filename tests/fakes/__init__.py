@@ -29,10 +29,11 @@ class RecordedRequest:
 
 @dataclass(slots=True)
 class Failure:
-    """A scripted error answer: the HTTP status and an optional Retry-After header."""
+    """A scripted error answer: the HTTP status, an optional Retry-After header and JSON body."""
 
     status: int
     retry_after: str | None = None
+    body: dict[str, Any] | None = None  # None: the fake's usual body for the status
 
 
 @dataclass
@@ -53,9 +54,11 @@ class FakeUpstream:
     _failures: deque[Failure] = field(default_factory=deque)
     _disconnected: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def fail_next(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
-        """Answer the next `times` calls with `status` (and Retry-After when given)."""
-        self._failures.extend(Failure(status, retry_after) for _ in range(times))
+    def fail_next(
+        self, status: int, times: int = 1, retry_after: str | None = None, body: dict[str, Any] | None = None
+    ) -> None:
+        """Answer the next `times` calls with `status` (and Retry-After, and this JSON body, when given)."""
+        self._failures.extend(Failure(status, retry_after, body) for _ in range(times))
 
     @property
     def calls(self) -> int:
@@ -87,7 +90,8 @@ class FakeUpstream:
             return None
         failure = self._failures.popleft()
         headers = {"Retry-After": failure.retry_after} if failure.retry_after is not None else {}
-        return web.json_response(self.error_body(failure.status), status=failure.status, headers=headers)
+        body = failure.body if failure.body is not None else self.error_body(failure.status)
+        return web.json_response(body, status=failure.status, headers=headers)
 
     def error_body(self, status: int) -> dict[str, Any]:
         return {"error": {"code": status, "message": f"scripted failure {status}"}}

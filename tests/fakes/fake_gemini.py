@@ -21,6 +21,37 @@ _STATUS_NAMES = {
 }
 
 
+# Two HTTP 400 bodies as the Gemini API sends them: a refused API key (google.rpc.ErrorInfo in the
+# details), and a request longer than the model's context (no details).
+API_KEY_INVALID: dict[str, Any] = {
+    "error": {
+        "code": 400,
+        "message": "API key not valid. Please pass a valid API key.",
+        "status": "INVALID_ARGUMENT",
+        "details": [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+                "metadata": {"service": "generativelanguage.googleapis.com"},
+            },
+            {
+                "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                "locale": "en-US",
+                "message": "API key not valid. Please pass a valid API key.",
+            },
+        ],
+    }
+}
+CONTEXT_TOO_LONG: dict[str, Any] = {
+    "error": {
+        "code": 400,
+        "message": "The input token count (1048600) exceeds the maximum number of tokens allowed (1048576).",
+        "status": "INVALID_ARGUMENT",
+    }
+}
+
+
 @dataclass
 class FakeGemini(FakeUpstream):
     """Streams `chunks` as candidates with running `usageMetadata`; scripted per test."""

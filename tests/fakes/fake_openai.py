@@ -22,8 +22,23 @@ class FakeOpenAI(FakeUpstream):
     send_done: bool = True  # False: end the body after the last event without `data: [DONE]`
     end_cleanly_after: int | None = None  # end the body normally after this many events (a truncated answer)
     strict_roles: bool = False  # refuse, like Mistral's chat template on vLLM, turns that do not alternate
+    filter_prompt: bool = False  # refuse the prompt as Azure OpenAI's content filter does (HTTP 400)
+    reasoning_model: bool = False  # refuse `max_tokens` as OpenAI's reasoning models (o1, o3, ...) do
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self.reasoning_model and "max_tokens" in (await request.json()):
+            await self.record(request)
+            error = {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model."
+                " Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter",
+            }
+            return web.json_response({"error": error}, status=400)
+        if self.filter_prompt:
+            await self.record(request)
+            error = {"code": "content_filter", "status": 400, "message": "The response was filtered due to the "
+                     "prompt triggering Azure OpenAI's content management policy."}
+            return web.json_response({"error": error}, status=400)
         if self.strict_roles:
             roles = [m.get("role") for m in (await request.json()).get("messages", ())]
             turns = roles[1:] if roles[:1] == ["system"] else roles

@@ -11,7 +11,7 @@ import pytest
 from server.answers import SAFETY_MESSAGE
 from server.keys import REDIS
 from tests.conftest import Serve, Server, answer_text, seed_course, token
-from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
+from tests.fakes.fake_gemini import API_KEY_INVALID, CONTEXT_TOO_LONG, FakeGemini, start_fake_gemini
 
 pytestmark = pytest.mark.integration
 
@@ -145,9 +145,10 @@ async def test_failure_after_first_token_sends_ai_unavailable(serve: Serve, fake
     fake.drop_after = 2
     sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
     await sock.send(type="message", id="x", text="hello")
-    await sock.until("done")
+    done = (await sock.until("done"))[-1]
     error = await sock.expect("error")
-    assert error["code"] == "ai_unavailable"
+    assert error["code"] == "ai_unavailable" and error["retryable"] is True  # a broken stream: asking again may work
+    assert done["status"] == "failed" and done["retryable"] is True and done["truncated"] is False
 
 
 async def test_cancel_closes_the_upstream_connection(serve: Serve, fake: FakeGemini, db: asyncpg.Connection) -> None:
@@ -221,14 +222,15 @@ async def test_a_queued_question_sees_the_answer_it_waited_for(serve: Serve, fak
 
 
 async def test_budgets_refuse_and_reconcile(serve: Serve, fake: FakeGemini, db: asyncpg.Connection) -> None:
-    server = await _gemini(serve, fake, user_daily_tokens=1500, max_output_tokens=1000)
+    # Each message reserves its answer's limit plus Gemini's thinking budget: 1400 of the 1500.
+    server = await _gemini(serve, fake, user_daily_tokens=1500, max_output_tokens=1000, ai_thinking_budget=400)
     store = server.client.app[REDIS]
     sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
     user_id = sock.frames[0]["user"]["id"]
     import time
 
     day = time.strftime("%Y%m%d", time.gmtime())
-    for i in range(3):  # each reserves 1000 but uses 6: the reservations are given back
+    for i in range(3):  # each reserves 1400 but uses 6: the reservations are given back
         await sock.send(type="message", id=f"b{i}", text="hello")
         await sock.until("done")
     tenant_used, user_used = await store.tokens_used("school-a", user_id, day)
@@ -294,3 +296,152 @@ async def test_an_empty_answer_is_retried_then_reported_not_committed_blank(
     fake.chunks = ["Back ", "again."]
     await sock.send(type="message", id="e2", text="anything")
     assert (await sock.until("done"))[-1]["status"] == "complete"
+
+
+async def test_the_thinking_budget_is_reserved_on_top_of_the_answer_limit(serve: Serve, fake: FakeGemini) -> None:
+    # 1000 + 600 could really be spent (thoughts are billed as output), more than the 1500 left to the student.
+    server = await _gemini(serve, fake, user_daily_tokens=1500, max_output_tokens=1000, ai_thinking_budget=600)
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    await sock.send(type="message", id="think", text="hello")
+    error = await sock.expect("error")
+    assert error["code"] == "quota_exceeded" and fake.calls == 0
+
+
+async def test_an_answer_cut_by_the_output_limit_is_committed_and_reported(
+    serve: Serve, fake: FakeGemini, db: asyncpg.Connection
+) -> None:
+    server = await _gemini(serve, fake, max_output_tokens=200, ai_thinking_budget=300)
+    fake.finish_reason = "MAX_TOKENS"
+    ack, frames = await _ask(server, "tell me everything")
+    config = fake.last_body["generationConfig"]
+    assert config["maxOutputTokens"] == 500  # the answer's 200 after up to 300 of thinking
+    assert {key.replace("_b", "B"): value for key, value in config["thinkingConfig"].items()} == {
+        "thinkingBudget": 300
+    }
+    done = frames[-1]
+    assert (done["status"], done["truncated"]) == ("complete", True) and "retryable" not in done
+    text = answer_text(frames, ack["reply_id"])
+    assert text == "Let's solve it step by step." and done["length"] == len(text)
+    row = await db.fetchrow("SELECT text, status FROM messages WHERE id = $1", ack["reply_id"])
+    assert row is not None and (row["text"], row["status"]) == (text, "complete")
+
+    fake.finish_reason = "STOP"
+    _, frames = await _ask(server, "and briefly?", "q2")
+    assert frames[-1]["truncated"] is False
+
+
+# Gemini refuses a bad key with HTTP 400 INVALID_ARGUMENT and ErrorInfo reason API_KEY_INVALID; a key
+# without access to the API with 403 PERMISSION_DENIED.
+@pytest.mark.parametrize(("status", "body"), [(403, None), (400, API_KEY_INVALID)], ids=["403", "400-key"])
+async def test_a_bad_key_is_not_retried_and_tells_the_student_staff_know(
+    serve: Serve, fake: FakeGemini, caplog: pytest.LogCaptureFixture, status: int, body: dict[str, Any] | None
+) -> None:
+    env = _env(fake, SMARTEDU_AI_BREAKER_FAILURES="2", SMARTEDU_AI_MAX_RETRIES="2")
+    server = await _gemini(serve, fake, env=env)
+    fake.fail_next(status, times=10, body=body)
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    with caplog.at_level("ERROR", logger="smartedu.ai.resilience"):
+        for i in range(3):  # two reach Gemini and open the breaker; the third is refused without a call
+            await sock.send(type="message", id=f"k{i}", text="hello")
+            done = (await sock.until("done"))[-1]
+            assert (done["status"], done["retryable"]) == ("failed", False)
+            error = await sock.expect("error")
+            assert error["code"] == "ai_unavailable" and error["retryable"] is False
+            assert "staff" in error["message"] and "try again" not in error["message"]
+            assert "retry_after" not in error
+    assert fake.calls == 2, "a refused key is never retried, and an open breaker stops the calls"
+    alerts = [r for r in caplog.records if r.getMessage() == "ai_misconfigured"]
+    assert len(alerts) == 1 and getattr(alerts[0], "kind", None) == "auth"
+
+
+async def test_a_question_the_model_declines_is_told_apart_from_an_outage(serve: Serve, fake: FakeGemini) -> None:
+    env = _env(fake, SMARTEDU_AI_BREAKER_FAILURES="2")
+    server = await _gemini(serve, fake, env=env)
+    fake.chunks, fake.finish_reason = [], "RECITATION"  # nothing but a refusal to recite
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    for i in range(3):
+        await sock.send(type="message", id=f"r{i}", text="recite chapter one")
+        done = (await sock.until("done"))[-1]
+        assert (done["status"], done["retryable"]) == ("failed", False)
+        error = await sock.expect("error")
+        assert error["code"] == "ai_declined" and error["retryable"] is False and "retry_after" not in error
+        assert error["message"] == "the tutor can't answer that question"
+    assert fake.calls == 3, "not retried, and the breaker stays closed: the provider is up for other questions"
+    fake.chunks, fake.finish_reason = ["Sure."], "STOP"
+    _, frames = await _ask(server, "explain chapter one", "ok")
+    assert frames[-1]["status"] == "complete"
+
+
+async def test_how_each_answer_ended_is_in_the_history_after_a_reload(serve: Serve, fake: FakeGemini) -> None:
+    # The widget shows a cut answer's note and offers Retry only where it can help: after a reload too.
+    server = await _gemini(serve, fake, env=_env(fake, SMARTEDU_AI_MAX_RETRIES="0"))
+    hello = {"token": token(courses=["alg-1"]), "course_id": "alg-1"}
+    sock = await server.connect(hello)
+    replies: dict[str, int] = {}
+
+    async def ask(name: str, error: str | None) -> None:
+        await sock.send(type="message", id=name, text=f"question {name}")
+        replies[name] = (await sock.expect("ack"))["reply_id"]
+        await sock.until("done")
+        if error is not None:
+            assert (await sock.expect("error"))["code"] == error
+
+    fake.finish_reason = "MAX_TOKENS"
+    await ask("cut", None)
+    fake.chunks, fake.finish_reason = [], "RECITATION"
+    await ask("declined", "ai_declined")
+    fake.chunks, fake.finish_reason = ["Fine."], "STOP"
+    fake.fail_next(403)
+    await ask("bad_key", "ai_unavailable")
+    fake.fail_next(503)
+    await ask("outage", "ai_unavailable")
+    await ask("fine", None)
+    await sock.close()
+
+    expected = {
+        "cut": {"status": "complete", "truncated": True},
+        "declined": {"status": "failed", "error": "ai_declined", "retryable": False},
+        "bad_key": {"status": "failed", "error": "ai_unavailable", "retryable": False},
+        "outage": {"status": "failed", "error": "ai_unavailable", "retryable": True},
+        "fine": {"status": "complete"},
+    }
+    keys = ("status", "truncated", "error", "retryable")
+
+    def outcomes(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        by_id = {item["id"]: item for item in items}
+        return {name: {k: v for k, v in by_id[reply].items() if k in keys} for name, reply in replies.items()}
+
+    reload = await server.connect(hello)
+    welcome = reload.frames[0]
+    assert outcomes(welcome["history"]) == expected
+    await reload.send(type="history", conversation_id=welcome["conversation_id"], before=replies["fine"] + 1)
+    assert outcomes((await reload.expect("history"))["messages"]) == expected
+    auth = {"Authorization": f"Bearer {hello['token']}"}
+    response = await server.client.get(f"/api/conversations/{welcome['conversation_id']}/messages", headers=auth)
+    assert response.status == 200 and outcomes((await response.json())["messages"]) == expected
+
+
+async def test_a_400_about_one_conversation_fails_it_alone(
+    serve: Serve, fake: FakeGemini, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HTTP 400 INVALID_ARGUMENT, as for a refused key (test above), but without ErrorInfo: this request's
+    fault alone. No retry, no breaker, no misconfiguration alert; a WARNING with Gemini's reason."""
+    env = _env(fake, SMARTEDU_AI_BREAKER_FAILURES="2", SMARTEDU_AI_MAX_RETRIES="2")
+    server = await _gemini(serve, fake, env=env)
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    fake.fail_next(400, times=3, body=CONTEXT_TOO_LONG)
+    with caplog.at_level("WARNING", logger="smartedu.ai.resilience"):
+        for i in range(3):  # more than the breaker's threshold: it stays closed
+            await sock.send(type="message", id=f"long{i}", text="hello")
+            done = (await sock.until("done"))[-1]
+            assert (done["status"], done["error"], done["retryable"]) == ("failed", "ai_rejected", False)
+            error = await sock.expect("error")
+            assert error["code"] == "ai_rejected" and error["retryable"] is False and "retry_after" not in error
+            assert "could not process this conversation" in error["message"]
+    assert fake.calls == 3, "not retried"
+    rejected = [r for r in caplog.records if r.getMessage() == "ai_request_rejected"]
+    assert len(rejected) == 3 and all(r.levelname == "WARNING" for r in rejected)
+    assert "exceeds the maximum number of tokens" in getattr(rejected[0], "error", "")  # the provider's reason
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], "no misconfiguration alert"
+    await sock.send(type="message", id="fine", text="hello")
+    assert (await sock.until("done"))[-1]["status"] == "complete"  # the breaker never opened

@@ -140,17 +140,24 @@ async def test_answers_finished_together_share_one_commit(database: Database, db
     replies = [s.reply.id for s in saved if s.reply]
     results = await asyncio.gather(
         database.finish_reply("school-a", user.id, conversations[0].id, replies[0], "because", "complete", 5, USAGE,
-                              question=(saved[0].message.id, 4)),
-        database.finish_reply("school-a", user.id, conversations[1].id, replies[1], "stop", "stopped", 7, None),
+                              question=(saved[0].message.id, 4), truncated=True),
+        database.finish_reply("school-a", user.id, conversations[1].id, replies[1], "stop", "failed", 7, None,
+                              error=("ai_declined", False)),
         # A guessed id with another tenant: nothing changes.
         database.finish_reply("school-b", user.id, conversations[2].id, replies[2], "leak", "complete", 9, None),
     )
     assert results == [True, True, False]
     assert len(await _transactions(db, replies[:2])) == 1
-    rows = {r["id"]: r for r in await db.fetch("SELECT id, text, status, seq FROM messages")}
+    columns = "id, text, status, seq, truncated, error_code, retryable"
+    rows = {r["id"]: r for r in await db.fetch(f"SELECT {columns} FROM messages")}
     assert (rows[replies[0]]["text"], rows[replies[0]]["status"], rows[replies[0]]["seq"]) == ("because", "complete", 5)
     assert rows[saved[0].message.id]["seq"] == 4
-    assert (rows[replies[1]]["text"], rows[replies[1]]["status"]) == ("stop", "stopped")
+    assert (rows[replies[1]]["text"], rows[replies[1]]["status"]) == ("stop", "failed")
+    # How each ended, in the same statement: a cut answer, and a failure asking again cannot fix.
+    outcome = ("truncated", "error_code", "retryable")
+    assert [tuple(rows[r][k] for k in outcome) for r in replies] == [
+        (True, None, None), (False, "ai_declined", False), (False, None, None)
+    ]
     assert (rows[replies[2]]["text"], rows[replies[2]]["status"]) == ("", "streaming")
     usage = await db.fetch("SELECT message_id, passage_ids, prompt_tokens FROM ai_usage")
     assert [(r["message_id"], r["passage_ids"], r["prompt_tokens"]) for r in usage] == [(replies[0], [3, 5], 12)]

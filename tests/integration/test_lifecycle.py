@@ -411,6 +411,8 @@ async def test_export_user_holds_exactly_that_users_data(
     assert [c["id"] for c in conversations] == mine.conversations
     assert sorted(m["id"] for c in conversations for m in c["messages"]) == sorted([*mine.messages, teacher_note])
     assert all(m["conversation_id"] == c["id"] for c in conversations for m in c["messages"])
+    # How each answer ended is part of the student's data too.
+    assert all({"truncated", "error_code", "retryable"} <= m.keys() for c in conversations for m in c["messages"])
     assert sorted(f["id"] for c in conversations for f in c["flags"]) == mine.flags
     assert [u["id"] for u in document["ai_usage"]] == mine.usage
     assert document["messages_in_other_conversations"] == []

@@ -15,7 +15,7 @@ from ai.gemini import DEFAULT_MODEL, GeminiProvider, build_contents, map_api_err
 from ai.prompt import build_system_instruction
 from ai.resilience import ResiliencePolicy, ResilientProvider
 from tests.fakes import closed_port, unresponsive_port
-from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
+from tests.fakes.fake_gemini import API_KEY_INVALID, CONTEXT_TOO_LONG, FakeGemini, start_fake_gemini
 
 QUESTION = AIRequest(question="What is a prime number?", request_id="req-1")
 
@@ -187,7 +187,7 @@ async def test_blocked_prompt_yields_no_text(fake: FakeGemini, gemini: GeminiPro
 @pytest.mark.parametrize(
     ("status", "kind", "retryable"),
     [(429, "rate_limited", True), (500, "unavailable", True), (503, "unavailable", True),
-     (400, "bad_request", False), (403, "auth", False), (404, "not_found", False)],
+     (400, "invalid_request", False), (403, "auth", False), (404, "not_found", False)],
 )
 async def test_http_errors_map_to_ai_errors_without_sdk_retries(
     fake: FakeGemini, gemini: GeminiProvider, status: int, kind: str, retryable: bool
@@ -369,3 +369,72 @@ async def test_wrapper_cancel_closes_the_upstream(fake: FakeGemini, gemini: Gemi
         await task
     assert await fake.wait_disconnect(within=1.0)
     assert provider.breaker.state == "closed"
+
+
+def _camel(config: dict[str, object]) -> dict[str, object]:
+    # google-genai sends thinkingConfig's fields under their Python names; the API reads both spellings.
+    return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), key): value for key, value in config.items()}
+
+
+async def test_request_carries_the_answer_limit_plus_the_thinking_budget(fake: FakeGemini) -> None:
+    # maxOutputTokens covers a thinking model's thoughts too: the answer's own limit comes on top of them.
+    provider = GeminiProvider("k", base_url=fake.base_url, max_output_tokens=300, thinking_budget=200)
+    try:
+        await collect(provider.stream(QUESTION))
+        config = fake.last_body["generationConfig"]
+        assert config["maxOutputTokens"] == 500 and _camel(config["thinkingConfig"]) == {"thinkingBudget": 200}
+        provider.thinking_budget = 0  # thinking off (where the model allows it): the answer gets the limit
+        await collect(provider.stream(QUESTION))
+        config = fake.last_body["generationConfig"]
+        assert config["maxOutputTokens"] == 300 and _camel(config["thinkingConfig"]) == {"thinkingBudget": 0}
+        provider.thinking_budget = None  # a model that does not think refuses any thinkingConfig
+        await collect(provider.stream(QUESTION))
+        assert fake.last_body["generationConfig"] == {"maxOutputTokens": 300}
+    finally:
+        await provider.close()
+
+
+async def test_an_answer_cut_by_the_limit_is_kept_and_reported_truncated(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.finish_reason = "MAX_TOKENS"
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == fake.chunks
+    assert usage is not None and usage.truncated and usage.finish_reason == "max_tokens" and not usage.blocked
+    fake.finish_reason = "STOP"
+    _, usage = await collect(gemini.stream(QUESTION))
+    assert usage is not None and not usage.truncated
+
+
+async def test_a_refused_key_or_setting_is_a_configuration_failure_naming_the_cause(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    # Gemini refuses a bad key with HTTP 400 INVALID_ARGUMENT; the ErrorInfo reason tells it apart.
+    fake.fail_next(400, body=API_KEY_INVALID)
+    with pytest.raises(AIError) as caught:
+        await collect(gemini.stream(QUESTION))
+    assert (caught.value.kind, caught.value.cause, caught.value.retryable) == ("auth", "config", False)
+    assert "API key not valid" in str(caught.value) and "API_KEY_INVALID" in str(caught.value)  # for staff
+    # A setting every request carries (the thinking budget) that the model refuses, and a region Gemini is
+    # not offered in: the deployment's fault too.
+    for status, message in (("INVALID_ARGUMENT", "Budget 0 is invalid. This model only works in thinking mode."),
+                            ("FAILED_PRECONDITION", "User location is not supported for the API use.")):
+        fake.fail_next(400, body={"error": {"code": 400, "message": message, "status": status}})
+        with pytest.raises(AIError) as caught:
+            await collect(gemini.stream(QUESTION))
+        assert (caught.value.kind, caught.value.cause) == ("bad_request", "config") and message in str(caught.value)
+    fake.fail_next(503)
+    with pytest.raises(AIError) as caught:
+        await collect(gemini.stream(QUESTION))
+    assert caught.value.cause == "transient" and caught.value.retryable
+
+
+async def test_a_request_over_the_models_context_concerns_that_request_only(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.fail_next(400, body=CONTEXT_TOO_LONG)
+    with pytest.raises(AIError) as caught:
+        await collect(gemini.stream(QUESTION))
+    assert (caught.value.kind, caught.value.cause, caught.value.retryable) == ("invalid_request", "request", False)
+    assert "exceeds the maximum number of tokens" in str(caught.value)
+    assert fake.calls == 1

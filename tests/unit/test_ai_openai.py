@@ -127,7 +127,7 @@ async def test_length_finish_reason_is_reported(fake: FakeOpenAI, openai: OpenAI
 @pytest.mark.parametrize(
     ("status", "kind", "retryable", "retry_after"),
     [(429, "rate_limited", True, 3.0), (500, "unavailable", True, None), (503, "unavailable", True, None),
-     (401, "auth", False, None), (400, "bad_request", False, None), (404, "not_found", False, None)],
+     (401, "auth", False, None), (400, "invalid_request", False, None), (404, "not_found", False, None)],
 )
 async def test_http_errors(
     fake: FakeOpenAI, openai: OpenAICompatProvider, status: int, kind: str, retryable: bool, retry_after: float | None
@@ -265,3 +265,58 @@ def test_sse_decoder() -> None:
     assert events == ['{"a":\n1}']
     assert decoder.flush() == "[DONE]"
     assert decoder.flush() is None
+
+
+async def test_the_output_limit_is_sent_and_a_cut_answer_reported_truncated(fake: FakeOpenAI) -> None:
+    from ai.factory import create_provider
+    from server.settings import Settings
+
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_MODEL": "tutor-7b"}
+    provider = create_provider(Settings(ai_provider="openai", max_output_tokens=77, ai_thinking_budget=500), env)
+    try:
+        fake.finish_reason = "length"
+        texts: list[str] = []
+        usage = await collect(provider.stream(QUESTION), texts)
+    finally:
+        await provider.close()
+    assert fake.last_body["max_tokens"] == 77  # the thinking budget is Gemini's alone
+    assert texts == fake.chunks and usage is not None and usage.truncated and usage.finish_reason == "length"
+
+
+async def test_a_prompt_refused_by_a_content_filter_is_a_block_not_a_failure(
+    fake: FakeOpenAI, openai: OpenAICompatProvider
+) -> None:
+    fake.filter_prompt = True
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert texts == [] and usage is not None and usage.blocked and usage.finish_reason == "SAFETY"
+    fake.filter_prompt = False
+    # Another 400 concerns this request (e.g. over the model's context), unless it names a setting.
+    too_long = {"message": "This model's maximum context length is 8192 tokens.", "type": "invalid_request_error",
+                "param": "messages", "code": "context_length_exceeded"}
+    fake.fail_next(400, body={"error": too_long})
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION))
+    assert (caught.value.kind, caught.value.cause) == ("invalid_request", "request")
+    assert "maximum context length" in str(caught.value)
+    bad_temperature = {"message": "Unsupported value: 'temperature' does not support 0.2 with this model.",
+                       "type": "invalid_request_error", "param": "temperature", "code": "unsupported_value"}
+    fake.fail_next(400, body={"error": bad_temperature})
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION))
+    assert (caught.value.kind, caught.value.cause) == ("bad_request", "config")
+
+
+async def test_a_server_refusing_max_tokens_gets_max_completion_tokens_from_then_on(fake: FakeOpenAI) -> None:
+    fake.reasoning_model = True
+    provider = OpenAICompatProvider(fake.base_url, "o3-mini", max_tokens=300)
+    try:
+        texts: list[str] = []
+        usage = await collect(provider.stream(QUESTION), texts)
+        assert texts == fake.chunks and usage is not None
+        await collect(provider.stream(QUESTION))
+    finally:
+        await provider.close()
+    sent = [{k: v for k, v in r.body.items() if k.startswith("max_")} for r in fake.requests]
+    # Refused once, sent again at once, and remembered for the next question.
+    assert sent == [{"max_tokens": 300}, {"max_completion_tokens": 300}, {"max_completion_tokens": 300}]

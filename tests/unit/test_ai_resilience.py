@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -276,6 +276,56 @@ async def test_an_empty_answer_is_an_error_retried_only_when_it_ended_normally()
     assert (caught.value.kind, caught.value.retryable, inner.calls) == ("empty_answer", False, 1)
 
 
+async def test_a_refused_question_is_not_retried_and_leaves_the_breaker_closed() -> None:
+    # Nothing but an empty answer with a finish reason that would come again (max_tokens, recitation): the
+    # provider declined this question; it is up for everyone else.
+    inner = ScriptedProvider([Step(chunks=(), finish="recitation")])
+    provider = ResilientProvider(inner, policy(max_retries=2, breaker_failures=2))
+    for _ in range(3):
+        with pytest.raises(AIError) as caught:
+            await collect(provider)
+        assert (caught.value.cause, caught.value.retryable, caught.value.retry_after) == ("refused", False, None)
+    assert inner.calls == 3 and state_of(provider) == "closed" and provider.failures == 0
+
+
+async def test_a_configuration_failure_is_not_retried_opens_the_breaker_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inner = ScriptedProvider([Step(error=http_status_error(403, "gemini answered HTTP 403 PERMISSION_DENIED"))])
+    provider = ResilientProvider(inner, policy(max_retries=2, breaker_failures=2))
+    with caplog.at_level("ERROR", logger="smartedu.ai.resilience"):
+        for _ in range(2):
+            with pytest.raises(AIError) as caught:
+                await collect(provider)
+            assert (caught.value.kind, caught.value.cause) == ("auth", "config")
+        assert inner.calls == 2, "a bad key is not retried"
+        assert state_of(provider) == "open", "a bad key is down for everyone, as an outage is"
+        # Refused at once, and told as what it is: waiting out the cool-down will not fix a key.
+        with pytest.raises(AIError) as caught:
+            await collect(provider)
+        assert (caught.value.kind, caught.value.cause, caught.value.retry_after) == ("auth", "config", None)
+        assert inner.calls == 2
+    alerts = [r for r in caplog.records if r.getMessage() == "ai_misconfigured"]
+    assert len(alerts) == 1 and alerts[0].levelname == "ERROR" and alerts[0].__dict__["kind"] == "auth"
+
+    await asyncio.sleep(0.25)  # staff fixed the key: the probe answers, and a later bad key is told again
+    inner.steps = [Step()]
+    await collect(provider)
+    assert state_of(provider) == "closed"
+    inner.steps = [Step(error=http_status_error(401, "HTTP 401"))]
+    with caplog.at_level("ERROR", logger="smartedu.ai.resilience"), pytest.raises(AIError):
+        await collect(provider)
+    assert len([r for r in caplog.records if r.getMessage() == "ai_misconfigured"]) == 2
+
+
+async def test_an_outage_opened_breaker_still_says_when_to_try_again() -> None:
+    _, provider = await opened_breaker()
+    with pytest.raises(AIError) as caught:
+        await collect(provider)
+    assert (caught.value.kind, caught.value.cause) == ("circuit_open", "transient")
+    assert caught.value.retry_after is not None and caught.value.retry_after > 0
+
+
 async def test_a_block_without_text_is_not_an_empty_answer() -> None:
     inner = ScriptedProvider([Step(chunks=(), finish="SAFETY", blocked=True)])
     usage = await collect(ResilientProvider(inner, policy()))
@@ -428,11 +478,16 @@ def test_breaker_can_be_switched_off() -> None:
 @pytest.mark.parametrize(
     ("status", "kind", "retryable"),
     [(429, "rate_limited", True), (408, "timeout", True), (500, "unavailable", True), (502, "unavailable", True),
-     (400, "bad_request", False), (401, "auth", False), (404, "not_found", False), (422, "bad_request", False)],
+     (400, "invalid_request", False), (413, "invalid_request", False), (401, "auth", False),
+     (404, "not_found", False), (422, "bad_request", False)],
 )
 def test_http_status_classification(status: int, kind: str, retryable: bool) -> None:
     error = http_status_error(status, f"HTTP {status}")
     assert (error.kind, error.retryable) == (kind, retryable)
+    # 400 and 413 concern the request (too long, invalid content); other 4xx statuses are the deployment's
+    # (key, model, permissions): no student can fix them by asking again.
+    cause = "transient" if retryable else "request" if kind == "invalid_request" else "config"
+    assert error.cause == cause
 
 
 def test_transport_error_classification() -> None:
@@ -532,6 +587,27 @@ async def test_factory_builds_wrapped_hosted_providers() -> None:
         await openai.close()
     offline = create_provider(Settings(ai_provider="offline"), {})
     assert isinstance(offline, OfflineProvider)
+
+
+async def test_factory_hands_the_output_limits_to_every_provider() -> None:
+    from ai.gemini import GeminiProvider
+    from ai.openai_compat import OpenAICompatProvider
+
+    settings = Settings(max_output_tokens=300, ai_thinking_budget=200)
+    gemini = create_provider(replace(settings, ai_provider="gemini"), {"GEMINI_API_KEY": "k"})
+    openai = create_provider(
+        replace(settings, ai_provider="openai"), {"OPENAI_BASE_URL": "http://127.0.0.1:1/v1", "OPENAI_MODEL": "m"}
+    )
+    try:
+        assert isinstance(gemini, ResilientProvider) and isinstance(gemini.inner, GeminiProvider)
+        assert gemini.inner.output_limit() == 500 and gemini.inner.thinking_budget == 200
+        assert isinstance(openai, ResilientProvider) and isinstance(openai.inner, OpenAICompatProvider)
+        assert openai.inner.payload(REQUEST)["max_tokens"] == 300
+    finally:
+        await gemini.close()
+        await openai.close()
+    offline = create_provider(replace(settings, ai_provider="offline"), {})
+    assert isinstance(offline, OfflineProvider) and offline.max_output_tokens == 300
 
 
 @pytest.mark.parametrize(

@@ -1137,6 +1137,7 @@ def test_alerts_cover_the_runbook_and_use_known_metrics() -> None:
         "SmartEduAITimeToFirstTokenSlow",
         "SmartEduAICircuitOpen",
         "SmartEduAIUnavailable",
+        "SmartEduAIMisconfigured",
         "SmartEduPostgresDown",
         "SmartEduRedisDown",
         "SmartEduReplicaRestarting",
@@ -1198,12 +1199,19 @@ def test_alerts_fire_as_intended(tmp_path: Path) -> None:
                     series("up", "1 0x11", job="smartedu", replica="app3", instance="app3:9100"),
                     series("smartedu_turns_total", "0+100x12", status="complete", replica="app1"),
                     series("smartedu_turns_total", "0+1x12", status="failed", replica="app1"),
+                    # A refused key fails every answer from minute 3; rate limits are an outage, not settings,
+                    # and a 400 about one conversation (too long for the model) is that conversation's.
+                    series("smartedu_ai_errors_total", "0 0 0 1+20x9", kind="auth", replica="app1"),
+                    series("smartedu_ai_errors_total", "0+5x12", kind="rate_limited", replica="app1"),
+                    series("smartedu_ai_errors_total", "0+1x12", kind="invalid_request", replica="app1"),
                 ],
                 "alert_rule_test": [
                     expect("SmartEduPostgresDown", {"replica": "app1"}) | {"eval_time": "8m"},
                     expect("SmartEduRedisDown") | {"eval_time": "8m"},
                     expect("SmartEduAICircuitOpen", {"replica": "app1"}, {"replica": "app2"}) | {"eval_time": "8m"},
                     expect("SmartEduAIUnavailable", {}) | {"eval_time": "8m"},
+                    expect("SmartEduAIMisconfigured") | {"eval_time": "2m"},
+                    expect("SmartEduAIMisconfigured", {"kind": "auth"}) | {"eval_time": "4m"},
                     expect("SmartEduReplicaDown", {"job": "smartedu", "replica": "app3", "instance": "app3:9100"})
                     | {"eval_time": "8m"},
                     # 1% failures stays below the 5% threshold.

@@ -60,6 +60,14 @@ async def test_offline_pacing_and_exact_length() -> None:
     assert elapsed >= 0.05 + 9 / 200 * 0.9
 
 
+async def test_offline_answers_stop_at_the_output_limit_and_say_so() -> None:
+    question = AIRequest(question="q")
+    text, usage = await collect(OfflineProvider(ttft_ms=0, tokens_per_s=0, max_output_tokens=5), question)
+    assert len(text.split()) == 5 and usage == Usage(usage.prompt_tokens, 5, "max_tokens", truncated=True)
+    whole, usage = await collect(OfflineProvider(ttft_ms=0, tokens_per_s=0, max_output_tokens=500), question)
+    assert whole.startswith(text) and not usage.truncated and usage.finish_reason == "stop"
+
+
 async def test_batcher_keeps_order_and_offsets_and_coalesces() -> None:
     sent: list[tuple[str, int]] = []
 

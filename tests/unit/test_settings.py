@@ -79,6 +79,11 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_MAX_TOKEN_LIFETIME_S": "30"}, "SMARTEDU_MAX_TOKEN_LIFETIME_S"),
         ({"SMARTEDU_MAX_TOKEN_LIFETIME_S": "3600", "SMARTEDU_SESSION_TTL_S": "3601"},
          "SMARTEDU_SESSION_TTL_S .3601. must not exceed"),
+        ({"SMARTEDU_AI_MAX_OUTPUT_TOKENS": "0"}, "SMARTEDU_AI_MAX_OUTPUT_TOKENS"),
+        ({"SMARTEDU_AI_MAX_OUTPUT_TOKENS": "lots"}, "SMARTEDU_AI_MAX_OUTPUT_TOKENS"),
+        ({"SMARTEDU_AI_THINKING_BUDGET": "-1"}, "SMARTEDU_AI_THINKING_BUDGET"),
+        ({"SMARTEDU_AI_THINKING_BUDGET": "a little"}, "SMARTEDU_AI_THINKING_BUDGET"),
+        ({"SMARTEDU_AI_THINKING_BUDGET": "100000"}, "SMARTEDU_AI_THINKING_BUDGET"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -141,3 +146,16 @@ def test_urls_without_a_single_port_are_still_taken() -> None:
     )
     assert settings.require_services() == ("postgresql:///smartedu?host=/run/postgresql", "redis+cluster://a:7000,b:7001")
     assert Settings.from_env({"REDIS_CLUSTER_URLS": "a:7000, b:7001"}).redis_url == "redis+cluster://a:7000,b:7001"
+
+
+def test_output_limits_and_what_an_answer_reserves() -> None:
+    settings = Settings.from_env({})
+    assert (settings.max_output_tokens, settings.ai_thinking_budget) == (1024, 1024)
+    gemini = {"GEMINI_API_KEY": "k", "SMARTEDU_AI_MAX_OUTPUT_TOKENS": "800"}
+    # Gemini bills its thoughts as output, so an answer can cost its limit plus the thinking budget.
+    assert Settings.from_env({**gemini, "SMARTEDU_AI_THINKING_BUDGET": "300"}).output_reserve == 1100
+    off = Settings.from_env({**gemini, "SMARTEDU_AI_THINKING_BUDGET": "0"})
+    assert (off.ai_thinking_budget, off.output_reserve) == (0, 800)
+    unset = Settings.from_env({**gemini, "SMARTEDU_AI_THINKING_BUDGET": "None"})  # no thinkingConfig at all
+    assert (unset.ai_thinking_budget, unset.output_reserve) == (None, 800)
+    assert Settings.from_env({**gemini, "SMARTEDU_AI": "offline"}).output_reserve == 800  # only Gemini thinks
