@@ -2,13 +2,15 @@
 
 Transport-agnostic: handlers pass the request's parameters as plain mappings and get back the URL to
 redirect to (login) or a `Launch` describing where the browser goes next (launch). Every refusal is a
-`ChatError` from the catalogue; nothing is written for a refused launch except using up its state.
+`ChatError` from the catalogue. Login writes nothing (its state is signed, not stored), and a refused
+launch writes nothing: only a verified launch records its nonce as used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -23,7 +25,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aiohttp
 import jwt
 
-from storage.lti import LtiStore, PendingLogin, Platform
+from storage.lti import LtiStore, Platform
 from storage.postgres import Database
 
 from .auth import mint_token
@@ -59,6 +61,8 @@ _RANK = {"student": 0, "teacher": 1}
 _SAFE_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,150}")
 _PLAIN_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?")
 _ISSUED_NONCE = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what secrets.token_urlsafe makes
+STATE_AUDIENCE = "smartedu:lti-state"  # a state can never pass for one of our access tokens, nor they for it
+MAX_STATE_CHARS = 1024
 
 
 class LtiUnavailableError(ChatError):
@@ -196,6 +200,45 @@ class Launch:
     role: str
 
 
+@dataclass(frozen=True, slots=True)
+class PendingLogin:
+    """What a login's signed state says: the platform it was for, the nonce it issued, when it expires."""
+
+    tenant_id: str
+    platform_id: int
+    nonce: str
+    expires_at: int
+
+
+def _state_key(secret: str) -> bytes:
+    """The key states are signed with: derived from the JWT secret, so it is never the key our tokens use."""
+    return hmac.new(secret.encode(), b"smartedu lti login state", hashlib.sha256).digest()
+
+
+def sign_state(secret: str, login: PendingLogin) -> str:
+    """The `state` sent to the platform: the login itself, signed (HS256), so /lti/login stores nothing."""
+    payload = {
+        "aud": STATE_AUDIENCE, "tid": login.tenant_id, "pid": login.platform_id, "nonce": login.nonce,
+        "exp": login.expires_at,
+    }
+    return jwt.encode(payload, _state_key(secret), algorithm="HS256")
+
+
+def read_state(secret: str, state: str) -> PendingLogin:
+    """The login a state was signed for; `unauthorized` if it is forged, altered or expired."""
+    try:
+        payload = jwt.decode(
+            state, _state_key(secret), algorithms=["HS256"], audience=STATE_AUDIENCE,
+            options={"require": ["exp", "aud", "tid", "pid", "nonce"]},
+        )
+    except jwt.InvalidTokenError:
+        raise unauthorized("unknown or expired state: open the tutor again from the LMS") from None
+    tenant_id, platform_id, nonce = payload["tid"], payload["pid"], payload["nonce"]
+    if not (isinstance(tenant_id, str) and isinstance(platform_id, int) and isinstance(nonce, str)):
+        raise unauthorized("unknown or expired state: open the tutor again from the LMS")
+    return PendingLogin(tenant_id, platform_id, nonce, int(payload["exp"]))
+
+
 class LtiService:
     """LTI 1.3 for one request: the platform registrations and logins in PostgreSQL, keys in `keys`."""
 
@@ -213,8 +256,9 @@ class LtiService:
         return self.settings.jwt_secret
 
     async def login(self, params: Mapping[str, str], base_url: str) -> str:
-        """Check a third-party initiated login and return the platform's authorization URL to redirect to."""
-        self._signing_secret()
+        """Check a third-party initiated login and return the platform's authorization URL to redirect to.
+        Nothing is stored: the state carries the login, signed, so a flood of logins writes nothing."""
+        secret = self._signing_secret()
         issuer = _param(params, "iss", 500)
         login_hint = _param(params, "login_hint", 4096)
         target_link_uri = _param(params, "target_link_uri", 2048)
@@ -231,8 +275,9 @@ class LtiService:
         platform = platforms[0]
         if deployment_id is not None and platform.deployment_id not in (None, deployment_id):
             raise forbidden("this LTI deployment is not registered")
-        state, nonce = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        await self.store.start_login(platform, state, nonce, LOGIN_TTL_S)
+        nonce = secrets.token_urlsafe(32)
+        login = PendingLogin(platform.tenant_id, platform.id, nonce, int(time.time()) + LOGIN_TTL_S)
+        state = sign_state(secret, login)
         query = {
             "scope": "openid",
             "response_type": "id_token",
@@ -253,10 +298,7 @@ class LtiService:
         """Verify the platform's form post (id_token, state), create the course if needed and mint our token."""
         secret = self._signing_secret()
         id_token = _param(form, "id_token", 64 * 1024)
-        state = _param(form, "state", 200)
-        pending = await self.store.take_login(state)
-        if pending is None or not pending.live:
-            raise unauthorized("unknown or expired state: open the tutor again from the LMS")
+        pending = read_state(secret, _param(form, "state", MAX_STATE_CHARS))
         try:
             return await self._launch(secret, pending, id_token)
         except ChatError as exc:
@@ -282,11 +324,14 @@ class LtiService:
             raise bad_request("only LTI version 1.3.0 is supported")
         nonce = claims["nonce"]
         # A nonce we cannot have issued is refused without a query (PostgreSQL would reject a NUL in it).
-        issued = isinstance(nonce, str) and _ISSUED_NONCE.fullmatch(nonce) is not None
-        if not issued or not await self.store.consume_nonce(platform.tenant_id, platform.id, nonce):
-            raise unauthorized("the id_token's nonce is unknown, expired or already used")
+        if not isinstance(nonce, str) or _ISSUED_NONCE.fullmatch(nonce) is None:
+            raise unauthorized("the id_token's nonce is not one this tutor issued")
         if not secrets.compare_digest(nonce, pending.nonce):
             raise unauthorized("the id_token's nonce belongs to another login")
+        # The first verified launch of a login uses its nonce up, on every replica: a replayed id_token (or
+        # its state again) is refused. Only now is anything written.
+        if not await self.store.use_nonce(platform.tenant_id, platform.id, nonce, pending.expires_at):
+            raise unauthorized("this login was already used (a replayed id_token): open the tutor again from the LMS")
 
         role = map_role(claims.get(ROLES_CLAIM))
         user_id = lti_user_id(platform, claims["sub"])

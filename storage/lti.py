@@ -26,16 +26,6 @@ class Platform:
     jwks_url: str
 
 
-@dataclass(frozen=True, slots=True)
-class PendingLogin:
-    """What /lti/login remembered for its state; `live` is False once the state has expired."""
-
-    tenant_id: str
-    platform_id: int
-    nonce: str
-    live: bool
-
-
 def _platform(row: asyncpg.Record) -> Platform:
     return Platform(**dict(row))
 
@@ -90,50 +80,20 @@ class LtiStore:
         )
         return _platform(row) if row else None
 
-    async def start_login(self, platform: Platform, state: str, nonce: str, ttl_s: int) -> None:
-        """Remember a login's state and issue its nonce; purge the tenant's expired ones on the way."""
+    async def use_nonce(self, tenant_id: str, platform_id: int, nonce: str, expires_at: int) -> bool:
+        """Record a verified launch's nonce as used until its login expires; False if it was used before (a
+        replay). The tenant's expired nonces are purged on the way: only verified launches write here."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "DELETE FROM lti_login_states WHERE tenant_id = $1 AND expires_at < now()", platform.tenant_id
-            )
-            await conn.execute("DELETE FROM lti_nonces WHERE tenant_id = $1 AND expires_at < now()", platform.tenant_id)
-            await conn.execute(
-                "INSERT INTO lti_login_states (state, tenant_id, platform_id, nonce, expires_at)"
-                " VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))",
-                state,
-                platform.tenant_id,
-                platform.id,
-                nonce,
-                float(ttl_s),
-            )
-            await conn.execute(
+            await conn.execute("DELETE FROM lti_nonces WHERE tenant_id = $1 AND expires_at < now()", tenant_id)
+            used = await conn.fetchval(
                 "INSERT INTO lti_nonces (nonce, tenant_id, platform_id, expires_at)"
-                " VALUES ($1, $2, $3, now() + make_interval(secs => $4))",
+                " VALUES ($1, $2, $3, to_timestamp($4)) ON CONFLICT (nonce) DO NOTHING RETURNING true",
                 nonce,
-                platform.tenant_id,
-                platform.id,
-                float(ttl_s),
+                tenant_id,
+                platform_id,
+                float(expires_at),
             )
-
-    async def take_login(self, state: str) -> PendingLogin | None:
-        """Delete and return the login behind a state (each state works once), or None if unknown."""
-        row = await self.pool.fetchrow(
-            "DELETE FROM lti_login_states WHERE state = $1"
-            " RETURNING tenant_id, platform_id, nonce, expires_at > now() AS live",
-            state,
-        )
-        return PendingLogin(**dict(row)) if row else None
-
-    async def consume_nonce(self, tenant_id: str, platform_id: int, nonce: str) -> bool:
-        """Use up a nonce this server issued to the platform; False if unknown, expired or already used."""
-        live = await self.pool.fetchval(
-            "DELETE FROM lti_nonces WHERE nonce = $1 AND tenant_id = $2 AND platform_id = $3"
-            " RETURNING expires_at > now()",
-            nonce,
-            tenant_id,
-            platform_id,
-        )
-        return bool(live)
+        return used is not None
 
     async def ensure_course(self, tenant_id: str, course_id: str, title: str) -> bool:
         """Create the course if the tenant does not have it yet (an existing one is left as it is)."""

@@ -9,7 +9,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from server.auth import Claims, TokenVerifier
 from server.keys import LTI_KEYS
+from server.lti import PendingLogin, read_state, sign_state
 from tests.conftest import Serve, Server
 
 pytestmark = pytest.mark.integration
@@ -109,6 +110,11 @@ class Lti:
     platform: FakePlatform
     platform_id: int
     db: asyncpg.Connection
+
+    @property
+    def secret(self) -> str:
+        assert self.server.settings.jwt_secret is not None
+        return self.server.settings.jwt_secret
 
     def login_params(self, **overrides: str | None) -> dict[str, str]:
         params: dict[str, str | None] = {
@@ -216,7 +222,13 @@ async def test_student_launch_ends_in_the_embed_with_a_token_in_the_fragment(lti
         "login_hint": "hint-42",
         "lti_message_hint": "message-hint-7",
     }
-    assert await lti.db.fetchval("SELECT tenant_id FROM lti_login_states WHERE state = $1", state) == TENANT
+    # Login stores nothing: the state is the login, signed with a key derived from the server's secret.
+    assert await count(lti.db, "lti_login_states") == 0 and await count(lti.db, "lti_nonces") == 0
+    login = read_state(lti.secret, state)
+    assert (login.tenant_id, login.platform_id, login.nonce) == (TENANT, lti.platform_id, nonce)
+    assert 0 < login.expires_at - time.time() <= 600
+    with pytest.raises(jwt.InvalidTokenError):  # nor is it signed with the key of our access tokens
+        jwt.decode(state, lti.secret, algorithms=["HS256"], options={"verify_aud": False})
 
     response = await lti.launch(lti.platform.id_token(nonce), state)
     assert response.status == 200, await response.text()
@@ -238,7 +250,8 @@ async def test_student_launch_ends_in_the_embed_with_a_token_in_the_fragment(lti
     assert claims.exp - time.time() <= 3600
     row = await lti.db.fetchrow("SELECT tenant_id, title FROM courses WHERE id = $1", course)
     assert row is not None and dict(row) == {"tenant_id": TENANT, "title": "Algebra I"}
-    assert await count(lti.db, "lti_login_states") == 0 and await count(lti.db, "lti_nonces") == 0
+    # The verified launch used its nonce up (until the login would have expired): a replay is refused.
+    assert await lti.db.fetchval("SELECT tenant_id FROM lti_nonces WHERE nonce = $1", nonce) == TENANT
 
     script = await lti.server.client.get("/static/lti-launch.js")
     assert script.status == 200 and "location.replace" in await script.text()
@@ -321,7 +334,7 @@ async def test_an_unreachable_key_set_is_a_503_until_keys_are_known_then_they_ke
     state, nonce = await lti.login()
     response = await lti.launch(lti.platform.id_token(nonce), state)
     await _assert_refused(response, 503, "internal", "signing keys")
-    assert await count(lti.db, "courses") == 0 and await count(lti.db, "lti_login_states") == 0
+    assert await count(lti.db, "courses") == 0 and await count(lti.db, "lti_nonces") == 0
 
     lti.platform.jwks_down = False
     await lti.launch_ok()  # nothing bad was cached: the next launch fetches the keys
@@ -372,9 +385,8 @@ async def test_an_issuer_with_several_registrations_needs_the_client_id(lti: Lti
     response = await lti.server.client.get("/lti/login", params=lti.login_params(client_id=None),
                                            allow_redirects=False)
     await _assert_refused(response, 400, "bad_request", "'client_id' is required")
-    assert await count(lti.db, "lti_login_states") == 0
     state, _ = await lti.login()  # with its client id, each registration is found
-    assert await lti.db.fetchval("SELECT platform_id FROM lti_login_states WHERE state = $1", state) == lti.platform_id
+    assert read_state(lti.secret, state).platform_id == lti.platform_id
 
 
 Refusal = Callable[[Lti], Awaitable[ClientResponse]]
@@ -385,12 +397,31 @@ async def _bad_state(lti: Lti) -> ClientResponse:
     return await lti.launch(lti.platform.id_token(nonce), "no-such-state")
 
 
-async def _expired_then_used_state(lti: Lti) -> ClientResponse:
+async def _expired_state(lti: Lti) -> ClientResponse:
     state, nonce = await lti.login()
-    await lti.db.execute("UPDATE lti_login_states SET expires_at = now() - interval '1 second'")
-    expired = await lti.launch(lti.platform.id_token(nonce), state)
-    await _assert_refused(expired, 401, "unauthorized", "unknown or expired state")
-    return await lti.launch(lti.platform.id_token(nonce), state)  # and a state works once, even refused
+    login = replace(read_state(lti.secret, state), expires_at=int(time.time()) - 1)
+    return await lti.launch(lti.platform.id_token(nonce), sign_state(lti.secret, login))
+
+
+async def _forged_state(lti: Lti) -> ClientResponse:
+    # A state for this platform and a nonce of the attacker's choosing, signed with another secret.
+    login = PendingLogin(TENANT, lti.platform_id, "attacker-nonce", int(time.time()) + 600)
+    return await lti.launch(lti.platform.id_token(login.nonce), sign_state("another-secret-" + "x" * 40, login))
+
+
+async def _state_signed_as_an_access_token(lti: Lti) -> ClientResponse:
+    # Signed with the server's JWT secret itself (the key of its access tokens), not the state key.
+    _, nonce = await lti.login()
+    claims = {"aud": "smartedu:lti-state", "tid": TENANT, "pid": lti.platform_id, "nonce": nonce,
+              "exp": int(time.time()) + 600}
+    return await lti.launch(lti.platform.id_token(nonce), jwt.encode(claims, lti.secret, algorithm="HS256"))
+
+
+async def _replayed_launch(lti: Lti) -> ClientResponse:
+    state, nonce = await lti.login()
+    id_token = lti.platform.id_token(nonce, **{LTI + "context": {"id": "c-100", "title": "First"}})
+    assert (await lti.launch(id_token, state)).status == 200
+    return await lti.launch(id_token, state)  # the same form post again (e.g. from the browser history)
 
 
 async def _reused_nonce(lti: Lti) -> ClientResponse:
@@ -464,8 +495,11 @@ async def _missing_id_token(lti: Lti) -> ClientResponse:
     ("refusal", "status", "code", "words"),
     [
         (_bad_state, 401, "unauthorized", "unknown or expired state"),
-        (_expired_then_used_state, 401, "unauthorized", "unknown or expired state"),
-        (_reused_nonce, 401, "unauthorized", "nonce is unknown, expired or already used"),
+        (_expired_state, 401, "unauthorized", "unknown or expired state"),
+        (_forged_state, 401, "unauthorized", "unknown or expired state"),
+        (_state_signed_as_an_access_token, 401, "unauthorized", "unknown or expired state"),
+        (_replayed_launch, 401, "unauthorized", "already used"),
+        (_reused_nonce, 401, "unauthorized", "nonce belongs to another login"),
         (_nonce_of_another_login, 401, "unauthorized", "nonce belongs to another login"),
         (_expired, 401, "unauthorized", "expired"),
         (_issued_in_the_future, 401, "unauthorized", "invalid id_token"),
@@ -492,7 +526,8 @@ async def _missing_id_token(lti: Lti) -> ClientResponse:
         (_with_claims(sub="user-\udc00"), 401, "unauthorized", "sub"),
         (_with_claims(**{LTI + "context": {"id": "c-\ud800"}}), 400, "bad_request", "context"),
     ],
-    ids=["bad-state", "expired-or-used-state", "reused-nonce", "nonce-of-another-login", "expired",
+    ids=["bad-state", "expired-state", "forged-state", "state-signed-as-an-access-token", "replayed-launch",
+         "reused-nonce", "nonce-of-another-login", "expired",
          "issued-in-the-future", "wrong-audience", "audiences-without-azp", "wrong-azp", "wrong-issuer",
          "other-key", "unknown-kid", "hs256", "not-a-jwt", "no-id-token", "no-nonce", "wrong-deployment",
          "no-deployment", "wrong-message-type", "wrong-version", "no-usable-role", "no-context", "nul-in-nonce",
@@ -522,7 +557,7 @@ async def test_an_unreadable_form_is_a_bad_request(lti: Lti, path: str, content_
     response = await lti.server.client.post(path, data=body, headers={"Content-Type": content_type},
                                             allow_redirects=False)
     await _assert_refused(response, 400, "bad_request", "form could not be read")
-    assert await count(lti.db, "lti_login_states") == 0
+    assert await count(lti.db, "lti_nonces") == 0
 
 
 async def test_without_a_secret_lti_is_unavailable(serve: Serve) -> None:
