@@ -410,6 +410,100 @@ async def test_a_recovery_that_fails_after_a_pubsub_reconnect_is_tried_again(
     assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
 
 
+def _hold_pubsub_reconnects(server: Server, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the replica's next pub/sub connections wait before they subscribe: (reconnecting, let_go)."""
+    client = server.client.app[REDIS].client
+    pubsub = client.pubsub
+    reconnecting, let_go = asyncio.Event(), asyncio.Event()
+
+    def held(**kwargs: Any) -> Any:
+        connection = pubsub(**kwargs)
+        subscribe = connection.subscribe
+
+        async def subscribe_later(*args: Any, **kw: Any) -> Any:
+            reconnecting.set()
+            await let_go.wait()
+            return await subscribe(*args, **kw)
+
+        connection.subscribe = subscribe_later
+        return connection
+
+    monkeypatch.setattr(client, "pubsub", held)
+    return reconnecting, let_go
+
+
+async def test_teachers_resync_after_a_pubsub_reconnect(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Course events published while a replica's pub/sub connection is down are lost for its watching
+    teachers (pub/sub keeps nothing); once it is back, each gets `resync` for the course, and reading the
+    course again (watch, the transcript over HTTP) shows what happened meanwhile."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=500)
+    teacher_token = token("teach-1", **TEACHER)  # type: ignore[arg-type]
+    teacher = await b.connect({"token": teacher_token})
+    await teacher.send(type="watch", course_id="alg-1")
+    assert (await teacher.expect("snapshot"))["students"] == []
+    student = await a.connect({"token": token("stu-9", courses=["alg-1"]), "course_id": "alg-1"})
+    assert (await teacher.expect("event"))["kind"] == "joined"
+    conversation = student.frames[0]["conversation_id"]
+
+    reconnecting, let_go = _hold_pubsub_reconnects(b, monkeypatch)
+    await _kill_pubsub_of(b)
+    async with asyncio.timeout(5):
+        await reconnecting.wait()
+    # Meanwhile on replica a: another student arrives, the first asks and is answered.
+    late = await a.connect({"token": token("stu-8", courses=["alg-1"]), "course_id": "alg-1"})
+    await student.send(type="message", id="q1", text="What is a prime?")
+    ack = await student.expect("ack")
+    await student.until("done")
+    await _committed(db, ack["reply_id"])
+    let_go.set()
+
+    frames = await teacher.until("resync")
+    assert frames == [{"type": "resync", "course_id": "alg-1"}]  # nothing of the gap came through
+    await teacher.send(type="watch", course_id="alg-1")
+    snapshot = await teacher.expect("snapshot")
+    assert {s["user_id"] for s in snapshot["students"]} == {"stu-9", "stu-8"}
+    response = await b.client.get(
+        f"/api/teacher/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {teacher_token}"}
+    )
+    assert response.status == 200
+    messages = (await response.json())["messages"]
+    assert [(m["id"], m["status"]) for m in messages] == [
+        (ack["message_id"], "complete"), (ack["reply_id"], "complete")
+    ]
+    # Live again: what happens from now on arrives as events, once.
+    await late.close()
+    left = await teacher.expect("event")
+    assert left["kind"] == "left" and left["student"]["user_id"] == "stu-8"
+
+
+async def test_a_tab_whose_pubsub_gap_the_log_no_longer_holds_is_told_to_resume(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More frames were published while the replica's pub/sub connection was down than the capped log
+    keeps: instead of a gap, the tab gets `reconnect`, and its resume's welcome has the whole answer."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=1000, frame_interval_ms=5, stream_maxlen=3)
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    reconnecting, let_go = _hold_pubsub_reconnects(b, monkeypatch)
+    await _kill_pubsub_of(b)
+    async with asyncio.timeout(5):
+        await reconnecting.wait()
+    await tab1.send(type="message", id="m1", text="Tell me a long story")
+    ack = await tab1.expect("ack")
+    assert len(await tab1.until("done")) > 3
+    row = await _committed(db, ack["reply_id"])
+    let_go.set()
+
+    assert await tab2.until("reconnect") == [{"type": "reconnect", "after_ms": 0}]
+    again = await b.connect({"token": token(), "conversation_id": conversation, "resume_from": tab2.frames[0]["seq"]})
+    welcome = again.frames[0]
+    assert welcome["resumed"] is False
+    assert [(m["id"], m["text"]) for m in welcome["history"]][-1] == (ack["reply_id"], row["text"])
+
+
 async def test_frames_are_published_only_to_the_other_replicas_holding_the_conversation(serve: Serve) -> None:
     a, b = await _two_replicas(serve, offline_tokens_per_s=0, offline_ttft_ms=0)
     store = a.client.app[REDIS]
