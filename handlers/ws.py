@@ -11,7 +11,8 @@ from aiohttp import WSMessage, WSMsgType, web
 from server.errors import ChatError, CloseCode, ErrorCode, forbidden
 from server.keys import CHAT, SETTINGS, SOCKETS, STATE, VERIFIER
 from server.origins import is_web_origin, origin_allowed
-from server.session import SocketSession, WebSocketPeer
+from server.peer import WebSocketPeer
+from server.session import SocketSession
 from server.websession import session_claims
 
 from .common import bearer_token
@@ -32,7 +33,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    peer = WebSocketPeer(ws)
+    peer = WebSocketPeer(ws, request.transport)
     session = SocketSession(
         settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request),
         cookie_claims=cookie_claims, pending_origin=None if trusted else origin,
@@ -45,7 +46,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         log.exception("socket crashed")
         await ws.close(code=CloseCode.CRASH, message=b"internal error")
     finally:
-        await session.close()
+        try:
+            await session.close()
+        finally:
+            await peer.discard()  # the socket's writer, if a backlog was being written
     return ws
 
 
