@@ -9,7 +9,7 @@ import logging
 from aiohttp import WSMessage, WSMsgType, web
 
 from server.errors import ChatError, CloseCode, ErrorCode, forbidden
-from server.keys import CHAT, SETTINGS, SOCKETS, STATE, VERIFIER
+from server.keys import CHAT, METRICS, SETTINGS, SOCKETS, STATE, VERIFIER
 from server.origins import is_web_origin, origin_allowed
 from server.peer import WebSocketPeer
 from server.session import SocketSession
@@ -33,7 +33,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    peer = WebSocketPeer(ws, request.transport)
+    peer = WebSocketPeer(ws, request.transport, on_fall_behind=request.app[METRICS].slow_sockets.inc)
     session = SocketSession(
         settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request),
         cookie_claims=cookie_claims, pending_origin=None if trusted else origin,

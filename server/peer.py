@@ -10,6 +10,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
+from collections.abc import Callable
 
 from aiohttp import WSMsgType, web
 
@@ -35,6 +36,7 @@ class WebSocketPeer:
         ws: web.WebSocketResponse,
         transport: asyncio.BaseTransport | None,
         backlog_limit: int | None = None,
+        on_fall_behind: Callable[[], None] | None = None,
     ):
         self.ws = ws
         self.id = uuid.uuid4().hex
@@ -44,6 +46,7 @@ class WebSocketPeer:
         self._backlog_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._shedding: asyncio.Task[None] | None = None
+        self._on_fall_behind = on_fall_behind  # counts it (a metric)
 
     async def send(self, data: bytes) -> bool:
         if self.ws.closed or self._shedding is not None:
@@ -93,6 +96,8 @@ class WebSocketPeer:
 
     def _fall_behind(self) -> None:
         log.warning("closing a socket that fell behind", extra={"behind_bytes": self._behind()})
+        if self._on_fall_behind is not None:
+            self._on_fall_behind()
         self._backlog.clear()
         self._backlog_bytes = 0
         self._shedding = asyncio.create_task(self._shed(), name="socket-shed")

@@ -17,7 +17,7 @@ import pytest
 
 from server import peer
 from server.hub import Hub
-from server.keys import CHAT
+from server.keys import CHAT, METRICS
 from tests.conftest import Serve, Server, Socket, seed_course, token
 
 pytestmark = pytest.mark.integration
@@ -191,3 +191,4 @@ async def test_an_answer_streams_on_while_another_tab_stalls(
     assert frames[-1]["status"] == "complete" and gaps[-1] < 1
     assert await stalled[0].closed_by_server(10)
     assert hub.members(conversation) == 1
+    assert server.client.app[METRICS].registry.get_sample_value("smartedu_slow_sockets_closed_total") == 1
