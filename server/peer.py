@@ -34,14 +34,14 @@ class WebSocketPeer:
     def __init__(
         self,
         ws: web.WebSocketResponse,
-        transport: asyncio.BaseTransport | None,
-        backlog_limit: int | None = None,
+        transport: asyncio.Transport | None,
         on_fall_behind: Callable[[], None] | None = None,
     ):
         self.ws = ws
         self.id = uuid.uuid4().hex
-        self._transport = transport if isinstance(transport, asyncio.WriteTransport) else None
-        self._backlog_limit = BACKLOG_LIMIT_BYTES if backlog_limit is None else backlog_limit
+        # Not checked with isinstance: uvloop's transports have the methods but not the asyncio classes.
+        self._transport = transport
+        self._backlog_limit = BACKLOG_LIMIT_BYTES
         self._backlog: deque[bytes] = deque()
         self._backlog_bytes = 0
         self._writer: asyncio.Task[None] | None = None
