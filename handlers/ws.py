@@ -9,9 +9,10 @@ import logging
 from aiohttp import WSMessage, WSMsgType, web
 
 from server.errors import CloseCode, forbidden, restarting
-from server.keys import CHAT, SETTINGS, SOCKETS, STATE, VERIFIER
+from server.keys import CHAT, METRICS, SETTINGS, SOCKETS, STATE, VERIFIER
 from server.origins import is_web_origin, origin_allowed
-from server.session import SocketSession, WebSocketPeer
+from server.peer import WebSocketPeer
+from server.session import SocketSession
 from server.websession import session_claims
 
 from .common import bearer_token
@@ -34,7 +35,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    peer = WebSocketPeer(ws)
+    peer = WebSocketPeer(ws, request.transport, on_fall_behind=request.app[METRICS].slow_sockets.inc)
     session = SocketSession(
         settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request),
         cookie_claims=cookie_claims, pending_origin=None if trusted or anyone else origin,
@@ -47,7 +48,10 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         log.exception("socket crashed")
         await ws.close(code=CloseCode.CRASH, message=b"internal error")
     finally:
-        await session.close()
+        try:
+            await session.close()
+        finally:
+            await peer.discard()  # the socket's writer, if a backlog was being written
     return ws
 
 

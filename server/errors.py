@@ -44,6 +44,7 @@ class CloseCode:
     NORMAL = 1000
     GOING_AWAY = 1001
     SERVICE_RESTART = 1012
+    TOO_SLOW = 1013  # the client fell too far behind the frames sent to it: reconnect and resume
     CRASH = 1011
     BAD_TOKEN = 4401
     FORBIDDEN = 4403

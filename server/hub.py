@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 Numbered = tuple[int, bytes]
 
+# Sent to a socket that missed frames the log no longer holds: reconnect with resume_from, at once.
+RESUME_NOW = b'{"type":"reconnect","after_ms":0}'
+
 # How often a replica renews its entries in the nodes sets of the conversations it holds.
 HOLD_REFRESH_S = 600.0
 
@@ -71,6 +74,11 @@ def event_frame(course_id: str, frame: bytes, conversation_id: str | None = None
     return b'{"type":"event","course_id":%b,"kind":"frame","conversation_id":%b,"frame":%b}' % (
         orjson.dumps(course_id), orjson.dumps(conversation_id), frame
     )
+
+
+def resync_frame(course_id: str) -> bytes:
+    """Tell a teacher that course events may have been missed: read the course again."""
+    return b'{"type":"resync","course_id":%b}' % orjson.dumps(course_id)
 
 
 class Hub:
@@ -147,6 +155,7 @@ class Hub:
                         # nodes sets for as long as HOLD_REFRESH_S.
                         await self._recover_all()
                         recovering = False
+                        await self._resync_watchers()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -213,15 +222,34 @@ class Hub:
                 held.set_result(None)
             await self._recover(conversation_id)
 
+    async def _resync_watchers(self) -> None:
+        """After a reconnect: course events published meanwhile are gone (pub/sub keeps nothing), so every
+        watching teacher is told to read its course again. The course channels were subscribed by the same
+        SUBSCRIBE as the node channel, whose confirmation came first: every event from now on arrives."""
+        for (tenant_id, course_id), watchers in list(self._watchers.items()):
+            frame = resync_frame(course_id)
+            for peer in list(watchers.values()):
+                if not await peer.send(frame):
+                    self.unwatch(tenant_id, course_id, peer)
+        if self._watchers:
+            log.info("teachers told to resync after a pub/sub reconnect", extra={"courses": len(self._watchers)})
+
     async def _recover(self, conversation_id: str) -> None:
         snapshot = await self.store.snapshot(conversation_id)
         last = self._remote_seq.get(conversation_id, snapshot.seq)
+        self._remote_seq[conversation_id] = max(last, snapshot.seq)
+        if snapshot.seq > last and not snapshot.covers(last):
+            # The capped log no longer holds everything published meanwhile: the sockets resume instead,
+            # and their welcome's history is authoritative.
+            log.info("pub/sub gap beyond the log: sockets told to resume", extra={"conversation_id": conversation_id})
+            for member in list(self._members.get(conversation_id, {}).values()):
+                await member.peer.send(RESUME_NOW)
+            return
         missed = [
             entry
             for entry, node in zip(snapshot.entries, snapshot.nodes, strict=True)
             if entry[0] > last and node != self.node
         ]
-        self._remote_seq[conversation_id] = max(last, snapshot.seq)
         if missed:
             log.info("recovered frames after a pub/sub reconnect", extra={"frames": len(missed)})
             await self.deliver(conversation_id, missed)

@@ -68,6 +68,9 @@ class Metrics:
         self.refusals = Counter("smartedu_refusals", "Messages refused by rate limit or quota", ["reason"], registry=r)
         self.resumes = Counter("smartedu_resumes", "hello with resume_from, by outcome", ["outcome"], registry=r)
         self.replayed = Counter("smartedu_replayed_frames", "Frames replayed to resuming clients", registry=r)
+        self.slow_sockets = Counter(
+            "smartedu_slow_sockets_closed", "Sockets closed with 1013 for falling too far behind", registry=r
+        )
         self.db_ops = Histogram(
             "smartedu_db_op_seconds", "PostgreSQL operation latency", ["op"], buckets=LATENCY, registry=r
         )

@@ -8,7 +8,6 @@ import uuid
 from collections.abc import Awaitable
 
 import asyncpg
-from aiohttp import WSMsgType, web
 from redis.exceptions import RedisError
 
 from storage.errors import StorageError
@@ -16,6 +15,7 @@ from storage.errors import StorageError
 from .auth import Claims, TokenVerifier
 from .chat import ChatService, Session
 from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden, from_storage, unauthorized
+from .peer import WebSocketPeer
 from .protocol import (
     PONG,
     Cancel,
@@ -37,26 +37,6 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 _DEPENDENCY_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, OSError, TimeoutError)
-
-
-class WebSocketPeer:
-    """An aiohttp WebSocket as the hub's `Peer`: text frames from ready-made JSON bytes."""
-
-    def __init__(self, ws: web.WebSocketResponse):
-        self.ws = ws
-        self.id = uuid.uuid4().hex
-
-    async def send(self, data: bytes) -> bool:
-        if self.ws.closed:
-            return False
-        try:
-            await self.ws.send_frame(data, WSMsgType.TEXT)
-        except (ConnectionError, RuntimeError):
-            return False
-        return True
-
-    async def close(self, code: int, message: str) -> None:
-        await self.ws.close(code=code, message=message.encode()[:120])
 
 
 class SocketSession:

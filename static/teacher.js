@@ -525,6 +525,7 @@
       case 'welcome': this.onWelcome(f); break;
       case 'snapshot': this.onSnapshot(f); break;
       case 'event': this.onEvent(f); break;
+      case 'resync': this.onResync(f); break;
       case 'error': this.onError(f); break;
       case 'reconnect':
         var after = typeof f.after_ms === 'number' && f.after_ms >= 0 ? f.after_ms : 1000;
@@ -561,6 +562,23 @@
     });
     if (this.open && again) this.loadTranscript(this.open, false);
     this.renderControls();
+  };
+
+  // The server may have missed this course's events (its connection to the other servers dropped):
+  // read the course again, as after a reconnect. The snapshot replaces who is online; the open
+  // transcript is merged by message id, so nothing shows twice.
+  Dashboard.prototype.onResync = function (f) {
+    var course = this.courses.get(f.course_id);
+    if (!course) return;
+    var self = this;
+    this.convos.forEach(function (convo) {
+      if (convo.course !== course) return;
+      if (convo.state === 'waiting' || convo.state === 'streaming') convo.state = 'idle';
+      convo.loaded = false;
+      self.renderRow(convo);
+    });
+    this.watch(course);
+    if (this.open && this.open.course === course) this.loadTranscript(this.open, false);
   };
 
   Dashboard.prototype.onEvent = function (f) {

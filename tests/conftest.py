@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient
 from server.app import create_app
 from server.auth import mint_token
 from server.embedded import EmbeddedServices
+from server.keys import CHAT, REDIS
 from server.settings import Settings
 
 T = TypeVar("T")
@@ -245,6 +246,38 @@ class Server:
             if welcome:
                 await sock.expect("welcome")
         return sock
+
+
+async def kill_pubsub_of(server: Server) -> None:
+    """Drop one replica's pub/sub connection (its own socket: other runs on the same Redis are left alone)."""
+    hub = server.client.app[CHAT].hub
+    assert hub._pubsub is not None and hub._pubsub.connection is not None
+    writer = hub._pubsub.connection._writer
+    assert writer is not None
+    writer.transport.abort()
+
+
+def hold_pubsub_reconnects(server: Server, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the replica's next pub/sub connections wait before they subscribe, so that what is published
+    meanwhile is missed for sure: (set when it is reconnecting, set it to let it go on)."""
+    client = server.client.app[REDIS].client
+    pubsub = client.pubsub
+    reconnecting, let_go = asyncio.Event(), asyncio.Event()
+
+    def held(**kwargs: Any) -> Any:
+        connection = pubsub(**kwargs)
+        subscribe = connection.subscribe
+
+        async def subscribe_later(*args: Any, **kw: Any) -> Any:
+            reconnecting.set()
+            await let_go.wait()
+            return await subscribe(*args, **kw)
+
+        connection.subscribe = subscribe_later
+        return connection
+
+    monkeypatch.setattr(client, "pubsub", held)
+    return reconnecting, let_go
 
 
 Serve = Callable[..., Awaitable[Server]]

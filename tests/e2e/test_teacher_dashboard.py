@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.conftest import Serve, Server, seed_course, token
+from tests.conftest import Serve, Server, hold_pubsub_reconnects, kill_pubsub_of, seed_course, token
 from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, Send, browser, committed, new_page, rendered, scripted_server
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
@@ -383,6 +383,49 @@ async def test_flags_failures_and_reconnect_on_a_scripted_socket(serve: Serve, b
     await page.wait_for_function(
         "() => document.querySelector('.st-attention-total').textContent === '1 conversation needs attention'"
     )
+    assert problems == []
+
+
+async def test_the_dashboard_reads_a_course_again_on_resync(
+    serve: Serve, browser: Browser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dashboard's replica loses its pub/sub connection while the student, on another replica, asks
+    and is answered: those events never arrive. On the `resync` the dashboard watches the course again and
+    reloads the open transcript, which then shows the new question and answer, each once."""
+    a = await serve(replica_id="replica-a", offline_ttft_ms=0, offline_tokens_per_s=200)
+    b = await serve(replica_id="replica-b")
+    await seed_course(a.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    teacher = await _open_dashboard(b, browser, problems)
+    student = await a.connect({"token": STUDENT, "course_id": COURSE})
+    await student.send(type="message", id="q1", text="What is a prime number?")
+    await student.until("done")
+    await teacher.get_by_role("button", name=re.compile(r"^Ada")).click()
+    assistant = '.st-messages .se-msg--assistant[data-status="complete"]'
+    await teacher.wait_for_selector(assistant, timeout=ANSWER_WAIT_MS)
+
+    reconnecting, let_go = hold_pubsub_reconnects(b, monkeypatch)
+    await kill_pubsub_of(b)
+    await asyncio.wait_for(reconnecting.wait(), 10)
+    await student.send(type="message", id="q2", text="Is 1 prime?")
+    await student.until("done")
+    await teacher.wait_for_timeout(300)
+    assert await teacher.locator(".st-messages .se-msg--user").count() == 1  # missed: nothing came
+    let_go.set()
+
+    await teacher.wait_for_selector('.st-messages .se-msg--user:has-text("Is 1 prime?")', timeout=10_000)
+    await teacher.wait_for_function(
+        f"() => document.querySelectorAll('{assistant}').length === 2", timeout=ANSWER_WAIT_MS
+    )
+    assert await teacher.locator(".st-messages .se-msg--user").count() == 2
+    assert await teacher.locator(".st-messages .se-msg--assistant").count() == 2
+    conversation = student.frames[0]["conversation_id"]
+    messages = await committed(b, f"/api/teacher/conversations/{conversation}/messages", TEACHER)
+    shown = await teacher.locator(f'.se-msg--assistant[data-id="{messages[-1]["id"]}"] .se-bubble__body').text_content()
+    assert shown == await rendered(teacher, messages[-1]["text"])
+    # Live again: the student's leaving arrives as an event.
+    await student.close()
+    await teacher.wait_for_selector(".st-student .st-chip--gone:visible")
     assert problems == []
 
 

@@ -20,7 +20,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from server.app import drain
 from server.embedded import EmbeddedServices
 from server.keys import CHAT, DATABASE, REDIS
-from tests.conftest import Serve, Server, answer_text, commit_then_lose_the_reply, seed_course, token
+from tests.conftest import (
+    Serve,
+    Server,
+    answer_text,
+    commit_then_lose_the_reply,
+    hold_pubsub_reconnects,
+    kill_pubsub_of,
+    seed_course,
+    token,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,15 +50,6 @@ async def _committed(db: asyncpg.Connection, reply_id: int) -> asyncpg.Record:
             if row is not None and row["status"] != "streaming":
                 return row
             await asyncio.sleep(0.05)
-
-
-async def _kill_pubsub_of(server: Server) -> None:
-    """Drop one replica's pub/sub connection (its own socket: other runs on the same Redis are left alone)."""
-    hub = server.client.app[CHAT].hub
-    assert hub._pubsub is not None and hub._pubsub.connection is not None
-    writer = hub._pubsub.connection._writer
-    assert writer is not None
-    writer.transport.abort()
 
 
 async def test_tabs_on_two_replicas_each_get_every_frame_once(serve: Serve, db: asyncpg.Connection) -> None:
@@ -318,8 +318,8 @@ async def test_pubsub_reconnect_fills_the_gap_from_the_log(
     ack = await tab1.expect("ack")
     await tab2.until("token")
     # Drop both replicas' pub/sub connections: frames published until the listeners are back are not pushed.
-    await _kill_pubsub_of(a)
-    await _kill_pubsub_of(b)
+    await kill_pubsub_of(a)
+    await kill_pubsub_of(b)
     await tab2.until("done")
     frames2 = tab2.frames  # every frame the tab received, the welcome included
     seqs = [f["seq"] for f in frames2[1:] if f.get("conversation_id") == conversation]
@@ -363,7 +363,7 @@ async def test_a_socket_whose_hold_failed_is_held_by_the_next_recovery(
         await hub_b.join(conversation, tab2)
     assert hub_b.members(conversation) == 1 and conversation not in hub_b._held
     monkeypatch.setattr(store, "hold", hold)
-    await _kill_pubsub_of(b)
+    await kill_pubsub_of(b)
     nodes = store.keys.conversation_nodes(conversation)
     async with asyncio.timeout(10):
         while hub_b.node.encode() not in await store.client.smembers(nodes):
@@ -400,7 +400,7 @@ async def test_a_recovery_that_fails_after_a_pubsub_reconnect_is_tried_again(
     ack = await tab1.expect("ack")
     await tab2.until("token")
     monkeypatch.setattr(store, "hold", hold_failing_once)
-    await _kill_pubsub_of(b)
+    await kill_pubsub_of(b)
     await tab2.until("done")
     assert failures
     seqs = [f["seq"] for f in tab2.frames[1:] if f.get("conversation_id") == conversation]
@@ -408,6 +408,78 @@ async def test_a_recovery_that_fails_after_a_pubsub_reconnect_is_tried_again(
     row = await _committed(db, ack["reply_id"])
     assert answer_text(tab2.frames, ack["reply_id"]) == row["text"]
     assert any(r.getMessage() == "recovered frames after a pub/sub reconnect" for r in caplog.records)
+
+
+async def test_teachers_resync_after_a_pubsub_reconnect(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Course events published while a replica's pub/sub connection is down are lost for its watching
+    teachers (pub/sub keeps nothing); once it is back, each gets `resync` for the course, and reading the
+    course again (watch, the transcript over HTTP) shows what happened meanwhile."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=500)
+    teacher_token = token("teach-1", **TEACHER)  # type: ignore[arg-type]
+    teacher = await b.connect({"token": teacher_token})
+    await teacher.send(type="watch", course_id="alg-1")
+    assert (await teacher.expect("snapshot"))["students"] == []
+    student = await a.connect({"token": token("stu-9", courses=["alg-1"]), "course_id": "alg-1"})
+    assert (await teacher.expect("event"))["kind"] == "joined"
+    conversation = student.frames[0]["conversation_id"]
+
+    reconnecting, let_go = hold_pubsub_reconnects(b, monkeypatch)
+    await kill_pubsub_of(b)
+    async with asyncio.timeout(5):
+        await reconnecting.wait()
+    # Meanwhile on replica a: another student arrives, the first asks and is answered.
+    late = await a.connect({"token": token("stu-8", courses=["alg-1"]), "course_id": "alg-1"})
+    await student.send(type="message", id="q1", text="What is a prime?")
+    ack = await student.expect("ack")
+    await student.until("done")
+    await _committed(db, ack["reply_id"])
+    let_go.set()
+
+    frames = await teacher.until("resync")
+    assert frames == [{"type": "resync", "course_id": "alg-1"}]  # nothing of the gap came through
+    await teacher.send(type="watch", course_id="alg-1")
+    snapshot = await teacher.expect("snapshot")
+    assert {s["user_id"] for s in snapshot["students"]} == {"stu-9", "stu-8"}
+    response = await b.client.get(
+        f"/api/teacher/conversations/{conversation}/messages", headers={"Authorization": f"Bearer {teacher_token}"}
+    )
+    assert response.status == 200
+    messages = (await response.json())["messages"]
+    assert [(m["id"], m["status"]) for m in messages] == [
+        (ack["message_id"], "complete"), (ack["reply_id"], "complete")
+    ]
+    # Live again: what happens from now on arrives as events, once.
+    await late.close()
+    left = await teacher.expect("event")
+    assert left["kind"] == "left" and left["student"]["user_id"] == "stu-8"
+
+
+async def test_a_tab_whose_pubsub_gap_the_log_no_longer_holds_is_told_to_resume(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More frames were published while the replica's pub/sub connection was down than the capped log
+    keeps: instead of a gap, the tab gets `reconnect`, and its resume's welcome has the whole answer."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=1000, frame_interval_ms=5, stream_maxlen=3)
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    reconnecting, let_go = hold_pubsub_reconnects(b, monkeypatch)
+    await kill_pubsub_of(b)
+    async with asyncio.timeout(5):
+        await reconnecting.wait()
+    await tab1.send(type="message", id="m1", text="Tell me a long story")
+    ack = await tab1.expect("ack")
+    assert len(await tab1.until("done")) > 3
+    row = await _committed(db, ack["reply_id"])
+    let_go.set()
+
+    assert await tab2.until("reconnect") == [{"type": "reconnect", "after_ms": 0}]
+    again = await b.connect({"token": token(), "conversation_id": conversation, "resume_from": tab2.frames[0]["seq"]})
+    welcome = again.frames[0]
+    assert welcome["resumed"] is False
+    assert [(m["id"], m["text"]) for m in welcome["history"]][-1] == (ack["reply_id"], row["text"])
 
 
 async def test_frames_are_published_only_to_the_other_replicas_holding_the_conversation(serve: Serve) -> None:
