@@ -105,6 +105,12 @@ def test_replicas_migrate_on_start_unless_told_not_to() -> None:
     assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": "false"}).migrate_on_start is False
 
 
+def test_content_is_logged_only_when_switched_on() -> None:
+    assert Settings.from_env({}).log_content is False
+    assert Settings.from_env({"SMARTEDU_LOG_CONTENT": ""}).log_content is False
+    assert Settings.from_env({"SMARTEDU_LOG_CONTENT": "true"}).log_content is True
+
+
 def test_ports_span_the_whole_range_and_public_url_keeps_its_scheme() -> None:
     settings = Settings.from_env(
         {"SMARTEDU_PORT": "65535", "SMARTEDU_METRICS_PORT": "0", "SMARTEDU_PUBLIC_URL": "https://chat.example.edu/"}
