@@ -15,8 +15,14 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from .keys import Keys
 from .roundtrips import RoundTrips
@@ -272,7 +278,7 @@ def _cluster_client(url: str) -> RedisCluster:
 
 async def connect_redis(url: str, attempts: int = 10) -> RedisClient:
     """Connect (a `redis+cluster://` or `rediss+cluster://` URL selects Redis Cluster) and ping, retrying
-    while the server starts."""
+    while the server starts; refused credentials fail at once."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         client: RedisClient = _cluster_client(url) if url.startswith(CLUSTER_PREFIXES) else _client(url)
@@ -283,12 +289,19 @@ async def connect_redis(url: str, attempts: int = 10) -> RedisClient:
             return client
         except (RedisConnectionError, RedisClusterException, OSError) as exc:
             await client.aclose()
-            if attempt == attempts:
+            if attempt == attempts or _refused_credentials(exc):
                 raise
             log.warning("redis not reachable, retrying", extra={"attempt": attempt, "error": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
     raise RuntimeError("unreachable")
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """A wrong or missing password or user (the cluster client wraps it): waiting will not help."""
+    return isinstance(exc, AuthenticationError | AuthorizationError) or isinstance(
+        exc.__cause__, AuthenticationError | AuthorizationError
+    )
 
 
 class RedisStore:
