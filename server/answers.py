@@ -305,6 +305,8 @@ class Answers:
             raise
         turn.finished = True
         self._observe(status, record)
+        if committed and self.settings.log_content:
+            _log_content(turn, status)
         if not committed:
             await self.budgets.settle(reservation, *used)
             return  # another replica already ended it (its lease had expired)
@@ -441,6 +443,18 @@ class Answers:
             for result in results:
                 if isinstance(result, Exception):
                     log.error("turn ended with an error at shutdown", exc_info=result)
+
+
+def _log_content(turn: Turn, status: str) -> None:
+    """SMARTEDU_LOG_CONTENT: a turn's question and answer text, once the answer is committed (personal
+    data: for debugging a school's tutor, never on by default)."""
+    log.info(
+        "turn content",
+        extra={
+            "tenant": turn.tenant_id, "conversation_id": turn.conversation_id, "question_id": turn.question_id,
+            "reply_id": turn.reply_id, "status": status, "question": turn.question, "answer": turn.text,
+        },
+    )
 
 
 def _unlabelled(text: str) -> str:

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from .errors import ConfigError
 
@@ -73,9 +73,10 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
         raise ConfigError(f"{name} must start with one of {', '.join(s + '://' for s in schemes)}")
     # A malformed host or port otherwise surfaces at the first connection, as the driver's traceback.
     try:
-        parts = urlsplit(raw)
-        if not raw.startswith("redis+cluster://"):  # host:port,host:port has no single port
-            _ = parts.port
+        if "+cluster://" in raw:  # host:port,host:port has no single port
+            _check_cluster_url(raw)
+        else:
+            _ = urlsplit(raw).port
     except ValueError as exc:
         raise ConfigError(f"{name} is not a valid URL: {exc}") from None
     return raw
@@ -92,6 +93,57 @@ def _thinking_budget(env: Mapping[str, str], default: int | None) -> int | None:
     if not raw:
         return default
     return None if raw == "none" else _int({name: raw}, name, 0, 0, MAX_THINKING_BUDGET)
+
+
+def _check_cluster_url(url: str) -> None:
+    from storage.redis_store import cluster_options
+
+    cluster_options(url)
+
+
+def _cluster_url(raw: str) -> str:
+    """REDIS_CLUSTER_URLS, `[redis[s]://][user:password@]host:port,...` (some of the cluster's masters; the
+    client discovers the rest), as one `redis[s]+cluster://` URL. The seeds are one cluster: they must agree
+    on TLS, credentials and options, or some connections would fail, or silently go in plain text."""
+    try:
+        seeds = [urlsplit(s if "://" in s else f"redis://{s}") for s in (s.strip() for s in raw.split(",")) if s]
+        for seed in seeds:
+            if seed.scheme not in ("redis", "rediss"):
+                raise ConfigError(
+                    f"REDIS_CLUSTER_URLS entries must be host:port, redis://... or rediss://..., got {seed.scheme}://"
+                )
+        first = seeds[0]
+        for seed in seeds[1:]:
+            differs = [
+                what for what, mine, theirs in zip(_SEED_PARTS, _seed_shape(seed), _seed_shape(first), strict=True)
+                if mine != theirs
+            ]
+            if differs:
+                raise ConfigError(
+                    f"REDIS_CLUSTER_URLS: the seeds of one cluster must agree on scheme, credentials and options; "
+                    f"{_seed_host(seed)} differs from {_seed_host(first)} in its {', '.join(differs)}"
+                )
+        userinfo, at, _ = first.netloc.rpartition("@")
+        hosts = ",".join(_seed_host(seed) for seed in seeds)
+        url = f"{first.scheme}+cluster://{userinfo}{at}{hosts}{first.path}" + (f"?{first.query}" if first.query else "")
+        _check_cluster_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_CLUSTER_URLS is not valid: {exc}") from None
+    return url
+
+
+_SEED_PARTS = ("scheme (redis:// or rediss://)", "user name", "password", "database", "options")
+
+
+def _seed_shape(seed: SplitResult) -> tuple[str, ...]:
+    return (
+        seed.scheme, unquote(seed.username or ""), unquote(seed.password or ""), seed.path.strip("/") or "0",
+        seed.query,
+    )
+
+
+def _seed_host(seed: SplitResult) -> str:
+    return seed.netloc.rpartition("@")[2]
 
 
 def _session_key(env: Mapping[str, str]) -> str | None:
@@ -151,9 +203,10 @@ def _static_dir(env: Mapping[str, str]) -> Path:
 class Settings:
     """Everything the server needs to run; built by `from_env` or directly in tests."""
 
-    database_url: str | None = None
-    redis_url: str | None = None
-    jwt_secret: str | None = None
+    # Out of the repr: the URLs carry passwords.
+    database_url: str | None = field(default=None, repr=False)
+    redis_url: str | None = field(default=None, repr=False)
+    jwt_secret: str | None = field(default=None, repr=False)
     jwt_public_key: str | None = None
     jwt_algorithm: str = "HS256"
     jwt_issuer: str | None = None
@@ -192,7 +245,7 @@ class Settings:
     grounding_chars: int = 6000
     grounding_passages: int = 4
     metrics_port: int | None = None
-    session_key: str | None = None
+    session_key: str | None = field(default=None, repr=False)
     session_ttl_s: int = 8 * 3600
     # The longest lifetime (exp - iat, or exp - now without iat) a token may have: a leaked token with exp
     # a year away would otherwise work for a year.
@@ -241,11 +294,9 @@ class Settings:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"SMARTEDU_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
 
-        redis_url = _url(env, "REDIS_URL", ("redis", "rediss", "unix", "redis+cluster"))
-        cluster_urls = env.get("REDIS_CLUSTER_URLS", "").strip()
-        if cluster_urls and redis_url is None:
-            # host:port,host:port of some of the cluster's masters; the client discovers the rest.
-            redis_url = "redis+cluster://" + cluster_urls.replace("redis://", "").replace(" ", "")
+        redis_url = _url(env, "REDIS_URL", ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"))
+        if redis_url is None and env.get("REDIS_CLUSTER_URLS", "").strip():
+            redis_url = _cluster_url(env["REDIS_CLUSTER_URLS"])
         defaults = cls()
         settings = cls(
             database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),

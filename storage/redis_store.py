@@ -8,14 +8,21 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import hiredis
 import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, SSLConnection, parse_url
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, ResponseError
 
 from .keys import Keys
 from .roundtrips import RoundTrips
@@ -212,25 +219,69 @@ def _client(url: str) -> Redis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
-def _cluster_nodes(url: str) -> list[ClusterNode]:
-    """`redis+cluster://host:port,host:port` -> startup nodes."""
-    hosts = url.split("://", 1)[1].split("/", 1)[0]
-    nodes = []
-    for item in hosts.split(","):
-        host, _, port = item.rpartition(":")
-        nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
-    return nodes
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+CLUSTER_PREFIXES = tuple(f"{scheme}://" for scheme in CLUSTER_SCHEMES)
+# What a cluster URL's query may set: the options of redis-py's cluster client that a URL can carry (the
+# same names a single node's `rediss://...?ssl_ca_certs=...` takes), anything else is a typo.
+_CLUSTER_URL_OPTIONS = frozenset({
+    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "socket_read_size", "health_check_interval",
+    "max_connections", "client_name", "protocol", "ssl_ca_certs", "ssl_ca_data", "ssl_cert_reqs", "ssl_certfile",
+    "ssl_keyfile", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
+    "ssl_include_verify_flags", "ssl_exclude_verify_flags",
+})
+
+
+def cluster_options(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]:
+    """`redis+cluster://[user:password@]host:port,host:port[/?options]` (`rediss+cluster://` for TLS) -> the
+    seeds and the cluster client's options. Credentials and options are parsed as redis-py parses a single
+    node's URL, so TLS settings (`?ssl_ca_certs=...&ssl_certfile=...`) read the same. ValueError if malformed;
+    its message never holds the password."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in CLUSTER_SCHEMES:
+        raise ValueError(f"must start with {' or '.join(CLUSTER_PREFIXES)}")
+    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    userinfo, at, hosts = rest[:end].rpartition("@")
+    seeds = [_seed(item.strip()) for item in hosts.split(",")]
+    node_url = f"{scheme.removesuffix('+cluster')}://{userinfo}{at}{hosts.split(',')[0].strip()}{rest[end:]}"
+    options: dict[str, Any] = dict(parse_url(node_url))
+    for name in ("host", "port"):
+        options.pop(name, None)
+    if options.pop("db", 0):
+        raise ValueError("a Redis Cluster has only database 0")
+    tls = options.pop("connection_class", None) is SSLConnection
+    unknown = sorted(set(options) - _CLUSTER_URL_OPTIONS - {"username", "password"})
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}")
+    if not tls and any(name.startswith("ssl_") for name in options):
+        raise ValueError("ssl_* options need rediss+cluster://")
+    if tls:
+        options["ssl"] = True
+    return seeds, options
+
+
+def _seed(item: str) -> tuple[str, int]:
+    try:
+        parts = urlsplit(f"//{item}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = None
+    if not host:
+        raise ValueError(f"{item!r} is not host:port")
+    return host, port or 6379
+
+
+def _cluster_client(url: str) -> RedisCluster:
+    seeds, options = cluster_options(url)
+    options.setdefault("health_check_interval", 30)
+    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in seeds], **options)
 
 
 async def connect_redis(url: str, attempts: int = 10) -> RedisClient:
-    """Connect (a `redis+cluster://` URL selects Redis Cluster) and ping, retrying while the server starts."""
+    """Connect (a `redis+cluster://` or `rediss+cluster://` URL selects Redis Cluster) and ping, retrying
+    while the server starts; refused credentials fail at once."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
-        client: RedisClient
-        if url.startswith("redis+cluster://"):
-            client = RedisCluster(startup_nodes=_cluster_nodes(url), health_check_interval=30)
-        else:
-            client = _client(url)
+        client: RedisClient = _cluster_client(url) if url.startswith(CLUSTER_PREFIXES) else _client(url)
         try:
             if isinstance(client, RedisCluster):
                 await client.initialize()
@@ -238,12 +289,19 @@ async def connect_redis(url: str, attempts: int = 10) -> RedisClient:
             return client
         except (RedisConnectionError, RedisClusterException, OSError) as exc:
             await client.aclose()
-            if attempt == attempts:
+            if attempt == attempts or _refused_credentials(exc):
                 raise
             log.warning("redis not reachable, retrying", extra={"attempt": attempt, "error": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
     raise RuntimeError("unreachable")
+
+
+def _refused_credentials(exc: BaseException) -> bool:
+    """A wrong or missing password or user (the cluster client wraps it): waiting will not help."""
+    return isinstance(exc, AuthenticationError | AuthorizationError) or isinstance(
+        exc.__cause__, AuthenticationError | AuthorizationError
+    )
 
 
 class RedisStore:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import asyncpg
+import orjson
 import pytest
 
+from server.logs import JsonFormatter
 from tests.conftest import Serve, Server, answer_text, seed_course, token
 
 pytestmark = pytest.mark.integration
@@ -263,3 +266,30 @@ async def test_shutdown_mid_answer_commits_interrupted(serve: Serve, db: asyncpg
     assert [r["status"] for r in rows] == ["interrupted", "interrupted"]
     assert rows[0]["text"] and rows[1]["text"] == ""
     assert await db.fetchval("SELECT count(*) FROM messages WHERE status = 'streaming'") == 0
+
+
+@pytest.mark.parametrize("log_content", [True, False])
+async def test_turn_text_is_logged_only_with_log_content(
+    serve: Serve, caplog: pytest.LogCaptureFixture, log_content: bool
+) -> None:
+    server = await serve(log_content=log_content)
+    sock = await server.connect({"token": token()})
+    question = "Is zebra-4711 a prime number?"
+    with caplog.at_level(logging.DEBUG):
+        await sock.send(type="message", id="q1", text=question)
+        ack = await sock.expect("ack")
+        answer = answer_text(await sock.until("done"), ack["reply_id"])
+    # As the replica writes them: one JSON object a line.
+    lines = [JsonFormatter("test").format(record) for record in caplog.records]
+    logged = [orjson.loads(line) for line in lines if "zebra-4711" in line]
+    if not log_content:
+        assert logged == [] and not any(answer in line for line in lines)
+        return
+    assert len(logged) == 1 and logged[0]["level"] == "info"
+    entry = {key: logged[0][key] for key in ("event", "tenant", "question_id", "reply_id", "status")}
+    assert entry == {
+        "event": "turn content", "tenant": "school-a", "question_id": ack["message_id"], "reply_id": ack["reply_id"],
+        "status": "complete",
+    }
+    assert (logged[0]["question"], logged[0]["answer"]) == (question, answer)
+    assert logged[0]["conversation_id"] == sock.frames[0]["conversation_id"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from server.errors import ConfigError
 from server.origins import origin_allowed
 from server.settings import Settings
+from storage.redis_store import cluster_options
 
 SECRET = "s" * 40
 
@@ -119,6 +121,12 @@ def test_replicas_migrate_on_start_unless_told_not_to() -> None:
     assert Settings.from_env({"SMARTEDU_MIGRATE_ON_START": "false"}).migrate_on_start is False
 
 
+def test_content_is_logged_only_when_switched_on() -> None:
+    assert Settings.from_env({}).log_content is False
+    assert Settings.from_env({"SMARTEDU_LOG_CONTENT": ""}).log_content is False
+    assert Settings.from_env({"SMARTEDU_LOG_CONTENT": "true"}).log_content is True
+
+
 def test_ports_span_the_whole_range_and_public_url_keeps_its_scheme() -> None:
     settings = Settings.from_env(
         {"SMARTEDU_PORT": "65535", "SMARTEDU_METRICS_PORT": "0", "SMARTEDU_PUBLIC_URL": "https://chat.example.edu/"}
@@ -159,3 +167,64 @@ def test_output_limits_and_what_an_answer_reserves() -> None:
     unset = Settings.from_env({**gemini, "SMARTEDU_AI_THINKING_BUDGET": "None"})  # no thinkingConfig at all
     assert (unset.ai_thinking_budget, unset.output_reserve) == (None, 800)
     assert Settings.from_env({**gemini, "SMARTEDU_AI": "offline"}).output_reserve == 800  # only Gemini thinks
+
+
+def test_cluster_seeds_keep_tls_credentials_and_options() -> None:
+    # Before, "rediss://" was left in the host list and credentials made the port unparsable.
+    seeds = "rediss://app:p%40ss@10.0.0.1:7000/?ssl_ca_certs=/ca.pem, rediss://app:p%40ss@10.0.0.2:7001/?ssl_ca_certs=/ca.pem"
+    url = Settings.from_env({"REDIS_CLUSTER_URLS": seeds}).redis_url
+    assert url == "rediss+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2:7001/?ssl_ca_certs=/ca.pem"
+    assert cluster_options(url) == (
+        [("10.0.0.1", 7000), ("10.0.0.2", 7001)],
+        {"username": "app", "password": "p@ss", "ssl": True, "ssl_ca_certs": "/ca.pem"},
+    )
+    assert cluster_options("redis+cluster://:pw@a:7000,[::1]:7001,b") == (
+        [("a", 7000), ("::1", 7001), ("b", 6379)], {"password": "pw"}
+    )
+    assert Settings.from_env({"REDIS_URL": "rediss+cluster://:pw@a:7000,b:7001"}).redis_url is not None
+
+
+@pytest.mark.parametrize(
+    ("seeds", "differs"),
+    [
+        ("redis://:hunter2-secret@a:7000, redis://:other-secret@b:7001", "password"),
+        ("rediss://:hunter2-secret@a:7000, b:7001", "scheme (redis:// or rediss://), password"),
+        ("redis://ann:hunter2-secret@a:7000, redis://bob:hunter2-secret@b:7001", "user name"),
+        ("rediss://a:7000/?ssl_ca_certs=/ca.pem, rediss://b:7001", "options"),
+    ],
+)
+def test_cluster_seeds_that_disagree_are_refused_without_showing_the_password(seeds: str, differs: str) -> None:
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER_URLS") as raised:
+        Settings.from_env({"REDIS_CLUSTER_URLS": seeds})
+    assert str(raised.value).endswith(f"b:7001 differs from a:7000 in its {differs}")
+    assert "secret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_CLUSTER_URLS": "a:7000, b:port"}, "REDIS_CLUSTER_URLS is not valid: 'b:port' is not host:port"),
+        ({"REDIS_CLUSTER_URLS": "http://a:7000"}, "REDIS_CLUSTER_URLS entries must be host:port"),
+        ({"REDIS_CLUSTER_URLS": "redis://a:7000/2"}, "REDIS_CLUSTER_URLS is not valid: .* only database 0"),
+        ({"REDIS_CLUSTER_URLS": "redis://a:7000/?ssl_ca_certs=/ca.pem"}, "ssl_\\* options need rediss\\+cluster://"),
+        ({"REDIS_URL": "rediss+cluster://:pw@a:7000?ssl_ca_cert=/ca.pem"}, "REDIS_URL .* option\\(s\\) ssl_ca_cert"),
+        ({"REDIS_URL": "redis+cluster://a:7000,"}, "REDIS_URL .* '' is not host:port"),
+    ],
+)
+def test_bad_cluster_urls_are_refused_at_start(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
+
+
+def test_settings_repr_hides_the_service_passwords() -> None:
+    settings = Settings.from_env(
+        {"DATABASE_URL": "postgresql://app:db-pw-9f3@db/smartedu", "REDIS_CLUSTER_URLS": "redis://:redis-pw-7c1@a:7000"}
+    )
+    assert "db-pw-9f3" not in repr(settings) and "redis-pw-7c1" not in repr(settings)
+
+
+def test_settings_repr_hides_the_signing_secrets() -> None:
+    key = base64.urlsafe_b64encode(b"k" * 32).decode()
+    settings = Settings.from_env({"SMARTEDU_JWT_SECRET": "jwt-" + "s" * 60, "SMARTEDU_SESSION_KEY": key})
+    assert settings.jwt_secret and "jwt-sss" not in repr(settings)
+    assert settings.session_key == key and key not in repr(settings)
