@@ -354,14 +354,15 @@ _UPSERT_USER = (
 
 # Starting a conversation: the user's most recent conversation of the course that has no messages is reused
 # (and moved to the top of their list), so clicking "New conversation" again and again piles up nothing; else
-# a new one is inserted. It starts with the AI paused when the course's most recent conversation is paused: a
-# teacher pauses the tutor for a student, and a new conversation must not lift that.
+# a new one is inserted. Either is paused when the course's most recent conversation is paused: a teacher
+# pauses the tutor for a student, and starting over must not lift that.
 _START_CONVERSATION = (
     "WITH l AS (SELECT id, ai_paused FROM conversations"
     "  WHERE tenant_id = $1 AND user_id = $2 AND course_id IS NOT DISTINCT FROM $3"
     "  ORDER BY updated_at DESC LIMIT 1),"
     " e AS ("
-    "  UPDATE conversations SET updated_at = now() WHERE tenant_id = $1 AND id = ("
+    "  UPDATE conversations SET updated_at = now(), ai_paused = ai_paused OR coalesce((SELECT ai_paused FROM l), false)"
+    "  WHERE tenant_id = $1 AND id = ("
     "  SELECT c.id FROM conversations c WHERE c.tenant_id = $1 AND c.user_id = $2"
     "  AND c.course_id IS NOT DISTINCT FROM $3"
     "  AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)"

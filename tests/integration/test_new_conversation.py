@@ -187,14 +187,21 @@ async def _frames_of(sock: Socket, client_id: str, text: str) -> list[dict[str, 
     return await sock.until("done")
 
 
-async def test_a_new_conversation_keeps_the_teachers_pause(serve: Serve) -> None:
+@pytest.mark.parametrize("empty_one", [False, True], ids=["inserted", "reused"])
+async def test_a_new_conversation_keeps_the_teachers_pause(serve: Serve, empty_one: bool) -> None:
     server = await _server(serve)
     teacher = await server.connect({"token": token("teach-1", role="teacher", courses=["alg-1"])})
     student = await server.connect({"token": ALGEBRA, "course_id": "alg-1"})
+    paused = student.frames[0]["conversation_id"]
     await _ask(student, "q", "first")
-    await teacher.send(type="ai", conversation_id=student.frames[0]["conversation_id"], paused=True)
-    await student.expect("ai_state")
+    empty = None
+    if empty_one:  # an empty conversation, older than the paused one's last answer
+        empty = (await server.connect({"token": ALGEBRA, "new_conversation": True})).frames[0]["conversation_id"]
+        await _ask(await server.connect({"token": ALGEBRA, "conversation_id": paused}), "q2", "second")
+    await teacher.send(type="ai", conversation_id=paused, paused=True)
+    await student.until("ai_state")
     fresh = await server.connect({"token": ALGEBRA, "course_id": "alg-1", "new_conversation": True})
     assert fresh.frames[0]["ai_paused"] is True
+    assert (fresh.frames[0]["conversation_id"] == empty) if empty_one else fresh.frames[0]["conversation_id"] != paused
     await fresh.send(type="message", id="p", text="answer me anyway")
     assert (await fresh.expect("ack"))["reply_id"] is None
