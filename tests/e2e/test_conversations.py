@@ -55,13 +55,18 @@ async def _listed(server: Server, conversation: str) -> list[dict[str, Any]]:
     return messages
 
 
-async def test_new_conversation_then_back_to_the_earlier_one(serve: Serve, browser: Browser) -> None:
-    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=400)
+async def _open_chat(serve: Serve, browser: Browser, problems: Problems, tokens_per_s: int) -> tuple[Server, Page]:
+    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=tokens_per_s)
     await seed_course(server.settings, TENANT, COURSE, "Algebra I")
-    problems = Problems()
     page = await new_page(browser, problems)
     await page.goto(str(server.client.make_url("/chat")) + f"#course={COURSE}&token={STUDENT}")
     await page.wait_for_selector('.se-status[data-state="online"]')
+    return server, page
+
+
+async def test_new_conversation_then_back_to_the_earlier_one(serve: Serve, browser: Browser) -> None:
+    problems = Problems()
+    server, page = await _open_chat(serve, browser, problems, 400)
     first = await page.evaluate("SmartEdu.client.conversationId")
     await _ask(page, "What is a prime number?")
 
@@ -103,7 +108,8 @@ async def test_new_conversation_then_back_to_the_earlier_one(serve: Serve, brows
     await toggle.click()
     await items.first.wait_for()
     await page.keyboard.press("Escape")
-    assert await toggle.get_attribute("aria-expanded") == "false" and await page.locator(".se-conversations").is_hidden()
+    assert await toggle.get_attribute("aria-expanded") == "false"
+    assert await page.locator(".se-conversations").is_hidden()
     await new_button.click()
     third = await _switched(page, first)
     assert third not in (first, second)
@@ -114,12 +120,8 @@ async def test_new_conversation_then_back_to_the_earlier_one(serve: Serve, brows
 
 
 async def test_switching_waits_while_an_answer_streams(serve: Serve, browser: Browser) -> None:
-    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=8)
-    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
     problems = Problems()
-    page = await new_page(browser, problems)
-    await page.goto(str(server.client.make_url("/chat")) + f"#course={COURSE}&token={STUDENT}")
-    await page.wait_for_selector('.se-status[data-state="online"]')
+    _, page = await _open_chat(serve, browser, problems, 8)
     new_button = page.get_by_role("button", name="New conversation")
     assert await new_button.is_enabled()
     await page.fill(".se-input", "Explain slope slowly")
