@@ -4,17 +4,25 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from server.errors import bad_request, forbidden
 from server.keys import CHAT, DATABASE, SETTINGS
 from server.protocol import HistoryRequest
 
-from .common import path_param, query_int, require_claims
+from .common import no_nul, path_param, query_int, require_claims
 
 
 async def list_conversations(request: web.Request) -> web.Response:
     claims = await require_claims(request)
     db = request.app[DATABASE]
+    limit = query_int(request, "limit", 50, 1, 100) or 50
+    course_id = request.query.get("course_id") or None
+    if course_id is not None:
+        if len(no_nul(course_id, "'course_id'")) > 200:
+            raise bad_request("query parameter 'course_id' must be at most 200 characters")
+        if not claims.may_use_course(course_id):
+            raise forbidden("this course is not in your token's courses")
     user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
-    conversations = await db.list_conversations(claims.tenant, user.id)
+    conversations = await db.list_conversations(claims.tenant, user.id, limit, course_id)
     return web.json_response(
         {
             "conversations": [

@@ -103,10 +103,12 @@ class ChatService:
         conversation_id: str | None,
         course_id: str | None,
         resume_from: int | None = None,
+        *,
+        new_conversation: bool = False,
     ) -> Session:
         """Resolve `hello`, send `welcome` and the catch-up (replay), then let live frames through."""
         with self.tracer.span("hello", tenant=claims.tenant, role=claims.role):
-            return await self._open_session(peer, claims, conversation_id, course_id, resume_from)
+            return await self._open_session(peer, claims, conversation_id, course_id, resume_from, new_conversation)
 
     async def _open_session(
         self,
@@ -115,6 +117,7 @@ class ChatService:
         conversation_id: str | None,
         course_id: str | None,
         resume_from: int | None,
+        new_conversation: bool,
     ) -> Session:
         user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
         course: Course | None = None
@@ -128,8 +131,11 @@ class ChatService:
                 course_id = claims.courses[0]
             if course_id is not None:
                 course = await self._course(claims, course_id)  # the conversation's course, read once
-            latest = await self.db.latest_conversation(claims.tenant, user.id, course_id)
-            conversation = latest or await self.db.create_conversation(claims.tenant, user.id, course_id)
+            if new_conversation:
+                conversation = await self.db.start_conversation(claims.tenant, user.id, course_id)
+            else:
+                latest = await self.db.latest_conversation(claims.tenant, user.id, course_id)
+                conversation = latest or await self.db.create_conversation(claims.tenant, user.id, course_id)
         session = Session(peer=peer, claims=claims, user=user, current=conversation.id)
         session.tenant = await self.db.get_tenant(claims.tenant)
         if course is None:

@@ -18,6 +18,7 @@ class Hello:
     conversation_id: str | None
     course_id: str | None
     resume_from: int | None
+    new_conversation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,13 @@ def _optional_int(obj: dict[str, Any], name: str, minimum: int = 0) -> int | Non
     return value
 
 
+def _optional_bool(obj: dict[str, Any], name: str) -> bool:
+    value = obj.get(name, False)
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false")
+    return value
+
+
 def parse_client_frame(data: str, *, max_message_chars: int, history_page_max: int = 100) -> ClientFrame:
     """Decode and validate one text frame; raise ChatError(bad_request | too_large) on anything else."""
     try:
@@ -133,12 +141,16 @@ def parse_client_frame(data: str, *, max_message_chars: int, history_page_max: i
         token = obj.get("token")
         if token is not None and not isinstance(token, str):
             raise bad_request("'token' must be a string")
-        return Hello(
+        hello = Hello(
             token=token,
             conversation_id=_optional_str(obj, "conversation_id", 64),
             course_id=_optional_str(obj, "course_id", 200),
             resume_from=_optional_int(obj, "resume_from"),
+            new_conversation=_optional_bool(obj, "new_conversation"),
         )
+        if hello.new_conversation and (hello.conversation_id is not None or hello.resume_from is not None):
+            raise bad_request("'new_conversation' cannot be combined with 'conversation_id' or 'resume_from'")
+        return hello
     if kind == "cancel":
         reply_id = _optional_int(obj, "reply_id", 1)
         if reply_id is None:

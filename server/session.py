@@ -119,7 +119,8 @@ class SocketSession:
             ):
                 raise forbidden("this origin may not open a socket for your school")
             self.session = await self.chat.open_session(
-                self.peer, claims, frame.conversation_id, frame.course_id, frame.resume_from
+                self.peer, claims, frame.conversation_id, frame.course_id, frame.resume_from,
+                new_conversation=frame.new_conversation,
             )
             self.metrics.hellos.labels(outcome="ok").inc()
             self.metrics.connections.labels(role=claims.role).inc()

@@ -74,6 +74,16 @@
       ]),
       close,
     ]);
+    // Switching conversations reconnects with another hello: both controls are disabled until it can.
+    this.newConversation = h('button', { type: 'button', className: 'se-link-button', disabled: true,
+      text: 'New conversation' });
+    this.conversationsToggle = h('button', { type: 'button', className: 'se-link-button', disabled: true,
+      text: 'Earlier conversations', 'aria-expanded': 'false', 'aria-controls': options.idPrefix + 'conversations' });
+    this.conversationList = h('ul', { className: 'se-conversations__list' });
+    this.conversationNote = h('p', { className: 'se-conversations__note', hidden: true });
+    this.conversations = h('nav', { id: options.idPrefix + 'conversations', className: 'se-conversations',
+      'aria-label': 'Your conversations in this course', hidden: true }, [this.conversationNote, this.conversationList]);
+    var tools = h('div', { className: 'se-tools' }, [this.newConversation, this.conversationsToggle]);
     this.older = h('button', { type: 'button', className: 'se-older', hidden: true, text: 'Load older messages' });
     this.list = h('ol', { className: 'se-messages' });
     this.empty = h('p', { className: 'se-empty', hidden: true,
@@ -95,6 +105,8 @@
     ]);
     this.announcer = h('div', { className: 'se-sr-only', 'aria-live': 'polite', 'aria-atomic': 'true' });
     root.appendChild(header);
+    root.appendChild(tools);
+    root.appendChild(this.conversations);
     root.appendChild(this.log);
     root.appendChild(this.notices);
     root.appendChild(this.form);
@@ -206,6 +218,10 @@
     this.course = options.course || null;
     this.storageKey = 'smartedu.conversation.' + (this.course || '-');
     this.conversationId = options.conversationId || storageGet(this.storageKey);
+    this.startNew = false; // the next hello asks for a new conversation (New conversation was pressed)
+    this.switchedTo = null; // what to announce after the welcome of a switch
+    this.courseId = this.course;
+    this.conversationsAsked = null; // the pending list request (a newer one, or closing, makes it stale)
     this.lastSeq = 0;
     this.ready = false;
     this.everWelcomed = false;
@@ -274,6 +290,18 @@
     view.stop.addEventListener('click', function () { self.stopAnswer(); });
     view.reconnect.addEventListener('click', function () { self.transport.reconnectNow(); });
     view.older.addEventListener('click', function () { self.loadOlder(); });
+    view.newConversation.addEventListener('click', function () { self.switchTo(null); });
+    view.conversationsToggle.addEventListener('click', function () {
+      if (view.conversations.hidden) self.openConversations();
+      else self.closeConversations(true);
+    });
+    var escape = function (event) {
+      if (event.key !== 'Escape' || view.conversations.hidden) return;
+      event.stopPropagation(); // the embed's Escape closes the whole panel: here it closes only the list
+      self.closeConversations(true);
+    };
+    view.conversations.addEventListener('keydown', escape);
+    view.conversationsToggle.addEventListener('keydown', escape);
     view.log.addEventListener('scroll', function () {
       view.stick = view.nearBottom();
       if (view.log.scrollTop < 40 && self.hasMore) self.loadOlder();
@@ -297,7 +325,8 @@
     this.ready = false;
     var hello = { type: 'hello', token: this.token };
     if (this.course) hello.course_id = this.course;
-    if (this.conversationId) hello.conversation_id = this.conversationId;
+    if (this.startNew) hello.new_conversation = true;
+    else if (this.conversationId) hello.conversation_id = this.conversationId;
     if (this.conversationId && this.everWelcomed && this.lastSeq > 0) hello.resume_from = this.lastSeq;
     this.transport.send(hello);
   };
@@ -370,6 +399,8 @@
   Client.prototype.onWelcome = function (f) {
     var firstConversation = this.conversationId;
     this.conversationId = f.conversation_id || this.conversationId;
+    this.startNew = false;
+    this.courseId = f.course_id || null;
     storageSet(this.storageKey, this.conversationId);
     this.ready = true;
     this.olderLoaded();
@@ -398,6 +429,10 @@
       }
     });
     this.updateStop();
+    if (this.switchedTo) {
+      this.view.announce(this.switchedTo);
+      this.switchedTo = null;
+    }
     this.emit('ready');
   };
 
@@ -876,6 +911,7 @@
     stop.hidden = !active;
     stop.disabled = !active;
     if (hadFocus && !active) this.view.input.focus();
+    this.updateConversationControls();
   };
 
   Client.prototype.stopAnswer = function () {
@@ -892,6 +928,112 @@
     reply.stopRequested = true;
     this.transport.send({ type: 'cancel', reply_id: reply.id });
     this.render(reply);
+  };
+
+  /* -- conversations ---------------------------------------------------------------------------- */
+
+  // Switching waits while an answer streams or a question is not yet acknowledged: it neither stops the
+  // answer nor drops the question (both would go on in the conversation being left, unseen).
+  Client.prototype.canSwitch = function () {
+    return this.ready && this.activeReplies().length === 0 &&
+      !this.outbox.some(function (item) { return item.status !== 'rejected'; });
+  };
+
+  Client.prototype.updateConversationControls = function () {
+    var view = this.view;
+    var can = this.canSwitch();
+    view.newConversation.disabled = !can;
+    view.conversationsToggle.disabled = !can;
+    if (!can && !view.conversations.hidden) {
+      var inside = view.conversations.contains(document.activeElement);
+      this.closeConversations(false);
+      if (inside) view.input.focus();
+    }
+  };
+
+  // `conversationId` null: a new conversation (the server reuses the course's empty one, if any).
+  Client.prototype.switchTo = function (conversationId, title) {
+    if (!this.canSwitch()) return;
+    this.closeConversations(false);
+    if (conversationId && conversationId === this.conversationId) {
+      this.view.input.focus();
+      return;
+    }
+    this.startNew = !conversationId;
+    this.conversationId = conversationId || null;
+    this.switchedTo = conversationId ? 'Opened the conversation ' + (title || 'without a title') : 'New conversation started';
+    this.everWelcomed = false; // nothing to resume: the welcome's history is the whole transcript
+    this.lastSeq = 0;
+    this.outbox = [];
+    this.byServerId = new Map();
+    this.byClientId = new Map();
+    this.regenerating = new Map();
+    this.view.list.textContent = '';
+    this.oldestId = null;
+    this.hasMore = false;
+    this.view.older.hidden = true;
+    this.refreshEmpty();
+    this.ready = false;
+    this.updateStop();
+    this.view.input.focus();
+    this.transport.stop(); // a socket's conversation is chosen by its hello: say hello again on a new one
+    this.transport.start();
+  };
+
+  Client.prototype.openConversations = function () {
+    var view = this.view;
+    var self = this;
+    view.conversations.hidden = false;
+    view.conversationsToggle.setAttribute('aria-expanded', 'true');
+    view.conversationList.textContent = '';
+    this.conversationsNote('Loading\u2026');
+    var url = '/api/conversations?limit=20' + (this.courseId ? '&course_id=' + encodeURIComponent(this.courseId) : '');
+    var base = this.options.apiBase || '';
+    var asked = this.conversationsAsked = {};
+    fetch(base + url, { headers: { Authorization: 'Bearer ' + this.token }, credentials: 'omit', cache: 'no-store' })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .catch(function () { return null; })
+      .then(function (body) {
+        if (asked !== self.conversationsAsked || view.conversations.hidden) return;
+        var list = body && Array.isArray(body.conversations) ? body.conversations : null;
+        if (!list) {
+          self.conversationsNote('Your conversations could not be loaded. Try again in a moment.');
+          return;
+        }
+        var course = self.courseId;
+        list = list.filter(function (c) { return (c.course_id || null) === course; });
+        self.conversationsNote(list.length ? null : 'No conversations yet.');
+        list.forEach(function (c) { view.conversationList.appendChild(self.conversationItem(c)); });
+      });
+  };
+
+  Client.prototype.conversationsNote = function (text) {
+    var note = this.view.conversationNote;
+    note.hidden = !text;
+    note.textContent = text || '';
+  };
+
+  Client.prototype.conversationItem = function (c) {
+    var self = this;
+    var title = typeof c.title === 'string' && c.title ? c.title : 'Untitled conversation';
+    var when = new Date(c.updated_at);
+    var date = isNaN(when.getTime()) ? '' : when.toLocaleString([], { dateStyle: 'medium', timeStyle: 'short' });
+    var current = c.id === this.conversationId;
+    var button = h('button', { type: 'button', className: 'se-conversation', 'data-id': c.id,
+      'aria-current': current ? 'true' : null }, [
+      h('span', { className: 'se-conversation__title', text: title }),
+      h('span', { className: 'se-conversation__meta', text: current ? date + ' \u00b7 current' : date }),
+    ]);
+    button.addEventListener('click', function () { self.switchTo(c.id, title); });
+    return h('li', null, [button]);
+  };
+
+  Client.prototype.closeConversations = function (focusToggle) {
+    var view = this.view;
+    this.conversationsAsked = null;
+    view.conversations.hidden = true;
+    view.conversationsToggle.setAttribute('aria-expanded', 'false');
+    if (focusToggle) view.conversationsToggle.focus();
   };
 
   /* -- history ---------------------------------------------------------------------------------- */
@@ -1008,6 +1150,7 @@
       // The remembered conversation is gone (or belongs to someone else): start from the default one.
       this.conversationId = null;
       this.everWelcomed = false;
+      this.switchedTo = null;
       storageSet(this.storageKey, null);
       this.sendHello();
       return;

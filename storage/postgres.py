@@ -352,6 +352,29 @@ _UPSERT_USER = (
 )
 
 
+# Starting a conversation: the user's most recent conversation of the course that has no messages is reused
+# (and moved to the top of their list), so clicking "New conversation" again and again piles up nothing; else
+# a new one is inserted. Either is paused when the course's most recent conversation is paused: a teacher
+# pauses the tutor for a student, and starting over must not lift that.
+_START_CONVERSATION = (
+    "WITH l AS (SELECT id, ai_paused FROM conversations"
+    "  WHERE tenant_id = $1 AND user_id = $2 AND course_id IS NOT DISTINCT FROM $3"
+    "  ORDER BY updated_at DESC LIMIT 1),"
+    " e AS ("
+    "  UPDATE conversations SET updated_at = now(), ai_paused = ai_paused OR coalesce((SELECT ai_paused FROM l), false)"
+    "  WHERE tenant_id = $1 AND id = ("
+    "  SELECT c.id FROM conversations c WHERE c.tenant_id = $1 AND c.user_id = $2"
+    "  AND c.course_id IS NOT DISTINCT FROM $3"
+    "  AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = c.id)"
+    f"  ORDER BY c.updated_at DESC LIMIT 1) RETURNING {_CONVERSATION_COLUMNS}),"
+    " n AS ("
+    "  INSERT INTO conversations (tenant_id, user_id, course_id, ai_paused)"
+    "  SELECT $1, $2, $3, coalesce((SELECT ai_paused FROM l), false) WHERE NOT EXISTS (SELECT 1 FROM e)"
+    f"  RETURNING {_CONVERSATION_COLUMNS})"
+    " SELECT * FROM e UNION ALL SELECT * FROM n"
+)
+
+
 class Database:
     """The product's queries over one asyncpg pool."""
 
@@ -512,8 +535,32 @@ class Database:
         assert row is not None
         return _conversation(row)
 
-    async def list_conversations(self, tenant_id: str, user_id: str, limit: int = 50) -> list[Conversation]:
-        """The user's conversations, most recent first."""
+    async def start_conversation(self, tenant_id: str, user_id: str, course_id: str | None) -> Conversation:
+        """A new conversation for the user in the course, or their latest one that has no messages yet."""
+        async with self._transaction() as conn:
+            # Two hellos at once (a double click, two tabs) must not both insert: one user and course at a time.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                f"conversation-start\x1f{tenant_id}\x1f{user_id}\x1f{course_id or ''}",
+            )
+            row = await conn.fetchrow(_START_CONVERSATION, tenant_id, user_id, course_id)
+        assert row is not None
+        return _conversation(row)
+
+    async def list_conversations(
+        self, tenant_id: str, user_id: str, limit: int = 50, course_id: str | None = None
+    ) -> list[Conversation]:
+        """The user's conversations (only those of `course_id` when given), most recent first."""
+        if course_id is not None:
+            rows = await self.pool.fetch(
+                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2"
+                " AND course_id = $4 ORDER BY updated_at DESC LIMIT $3",
+                tenant_id,
+                user_id,
+                limit,
+                course_id,
+            )
+            return [_conversation(r) for r in rows]
         rows = await self.pool.fetch(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2"
             " ORDER BY updated_at DESC LIMIT $3",

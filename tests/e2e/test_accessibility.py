@@ -160,6 +160,10 @@ async def test_pages_have_no_serious_accessibility_violations(serve: Serve, brow
         await phone.get_by_role("button", name=re.compile(r"^Ada")).click()
         await phone.wait_for_selector(".st-messages .se-msg--teacher[data-id]")
 
+        # The list of the student's conversations open, with the current one marked.
+        await chat.get_by_role("button", name="Earlier conversations").click()
+        await chat.wait_for_selector('.se-conversation[aria-current="true"]')
+
         violations = (
             await _audit(chat, f"/chat {scheme}")
             + await _audit(embed, f"/embed {scheme}")

@@ -63,6 +63,16 @@ async def _open_scripted(page: Page, url: str, script: Callable[[WebSocketRoute]
     await page.wait_for_selector('.se-status[data-state="online"]')
 
 
+async def _announced(page: Page, prefix: str) -> str:
+    """The live region's text once it starts with `prefix`: it is emptied, then filled 60 ms later (so that
+    a repeated text is announced again), and reading it at once can catch it empty."""
+    announcer = '[aria-live="polite"][aria-atomic="true"]'
+    await page.wait_for_function(
+        "([sel, prefix]) => document.querySelector(sel).textContent.startsWith(prefix)", arg=[announcer, prefix]
+    )
+    return await page.locator(announcer).text_content() or ""
+
+
 async def _ask(page: Page, text: str) -> None:
     await page.fill(".se-input", text)
     await page.press(".se-input", "Enter")
@@ -94,8 +104,7 @@ async def test_question_streams_the_committed_answer_and_survives_a_reload(serve
     assert answer["role"] == "assistant" and answer["status"] == "complete" and answer["text"]
     await _shown_as_committed(page, answer["id"], answer["text"])
     # The live region announces the finished answer once, not token by token.
-    announced = await page.locator('[aria-live="polite"][aria-atomic="true"]').text_content()
-    assert announced and announced.startswith("The tutor answered:")
+    assert (await _announced(page, "The tutor answered:")).startswith("The tutor answered:")
 
     await page.goto("about:blank")
     await page.goto(url)  # a reload needs the sign-in link again: the token is kept in memory only
@@ -464,8 +473,7 @@ async def test_an_offline_answer_cut_by_the_output_limit_is_marked_as_cut(serve:
     await _shown_as_committed(page, answer["id"], answer["text"])
     status = page.locator(f'.se-msg[data-id="{answer["id"]}"] .se-meta__status')
     assert await status.text_content() == "Cut short: the answer reached its length limit"
-    announced = await page.locator('[aria-live="polite"][aria-atomic="true"]').text_content()
-    assert announced and announced.startswith("The tutor answered (cut short")
+    assert (await _announced(page, "The tutor answered (cut short")).startswith("The tutor answered (cut short")
     assert problems == []
     # Opened again, it shows the same: the note comes from the history, not from the live `done`.
     again, again_problems = await _open_page(browser)

@@ -459,3 +459,28 @@ async def test_a_transcript_opened_later_says_an_answer_was_cut_short(serve: Ser
     status = teacher.locator(f'.se-msg--assistant[data-id="{answer["id"]}"] .se-meta__status')
     await status.get_by_text("Cut short: the answer reached its length limit").wait_for()
     assert problems == []
+
+
+async def test_a_students_new_conversation_shows_in_the_dashboard(serve: Serve, browser: Browser) -> None:
+    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=400)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    teacher = await _open_dashboard(server, browser, problems)
+    student = await _open_chat(server, browser, problems)
+    old = await student.evaluate("SmartEdu.client.conversationId")
+    await _ask(student, "old topic")
+    await student.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+
+    await student.get_by_role("button", name="New conversation").click()
+    await student.wait_for_function("old => SmartEdu.client.ready && SmartEdu.client.conversationId !== old", arg=old)
+    new = await student.evaluate("SmartEdu.client.conversationId")
+    # The row of the student online is the new conversation's (the old one's socket left).
+    row = teacher.locator(f'.st-student[data-conversation-id="{new}"]')
+    await row.wait_for()
+    await teacher.locator(f'.st-student[data-conversation-id="{old}"]').wait_for(state="detached")
+    await row.click()
+    await _ask(student, "new topic")
+    await teacher.wait_for_selector('.st-messages .se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    shown = await teacher.locator(".st-messages .se-msg--user .se-bubble__body").all_text_contents()
+    assert shown == ["new topic"]
+    assert problems == []
