@@ -34,8 +34,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     cookie_claims = await session_claims(request) if trusted and origin else None
     ws = web.WebSocketResponse(heartbeat=30, compress=False, max_msg_size=settings.max_frame_bytes * 4)
     await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
     peer = WebSocketPeer(ws, request.transport, on_fall_behind=request.app[METRICS].slow_sockets.inc)
+    request.app[SOCKETS].add(peer)
     session = SocketSession(
         settings, request.app[CHAT], request.app[VERIFIER], peer, bearer_token(request),
         cookie_claims=cookie_claims, pending_origin=None if trusted or anyone else origin,

@@ -34,6 +34,7 @@ from .keys import CHAT, DATABASE, LTI_KEYS, METRICS, PROVIDER, REDIS, SETTINGS, 
 from .logs import request_id
 from .lti import JwksCache
 from .metrics import Metrics, measure_loop_lag, serve_metrics
+from .peer import WebSocketPeer
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .tracing import create_tracer
@@ -237,13 +238,21 @@ def _setup_cors(app: web.Application, settings: Settings) -> None:
 async def _close_sockets(app: web.Application) -> None:
     # 1012: the service is restarting, so clients reconnect (to another replica) at once.
     # All at once: each close waits for the client's reply, and one after the other a replica with 10,000
-    # sockets took longer to stop than an orchestrator's grace period.
-    sockets: weakref.WeakSet[web.WebSocketResponse] = app[SOCKETS]
+    # sockets took longer to stop than an orchestrator's grace period. A client that does not answer within
+    # SHUTDOWN_CLOSE_TIMEOUT_S is dropped: aiohttp alone would wait its close timeout (10 s), past the stop
+    # deadline, and the cleanup after this (interrupted answers, pools) would be given up on.
+    sockets: weakref.WeakSet[WebSocketPeer] = app[SOCKETS]
     await asyncio.gather(
-        *(socket.close(code=CloseCode.SERVICE_RESTART, message=b"server restarting") for socket in list(sockets)),
+        *(
+            peer.close(CloseCode.SERVICE_RESTART, "server restarting", timeout=SHUTDOWN_CLOSE_TIMEOUT_S)
+            for peer in list(sockets)
+        ),
         return_exceptions=True,
     )
 
+
+# How long a client gets to answer the close at shutdown (healthy ones answer within milliseconds).
+SHUTDOWN_CLOSE_TIMEOUT_S = 2.0
 
 # How long stopping may take once it starts (closing sockets, committing interrupted answers, closing the
 # pools): inside the margin compose (10 s) and the Kubernetes manifests (15 s) leave after the drain.

@@ -15,6 +15,7 @@ from .auth import TokenVerifier
 from .chat import ChatService
 from .lti import JwksCache
 from .metrics import Metrics
+from .peer import WebSocketPeer
 from .settings import Settings
 
 
@@ -35,4 +36,4 @@ CHAT = web.AppKey("chat", ChatService)
 METRICS = web.AppKey("metrics", Metrics)
 VERIFIER = web.AppKey("verifier", TokenVerifier)
 LTI_KEYS = web.AppKey("lti_keys", JwksCache)
-SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
+SOCKETS: web.AppKey[weakref.WeakSet[WebSocketPeer]] = web.AppKey("sockets")

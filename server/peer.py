@@ -107,12 +107,12 @@ class WebSocketPeer:
             await cancel_and_wait(self._writer)
         await self._close(CloseCode.TOO_SLOW, "too far behind: reconnect and resume", SHED_TIMEOUT_S)
 
-    async def close(self, code: int, message: str) -> None:
-        """Close after the frames already sent (within CLOSE_TIMEOUT_S, else the connection is aborted)."""
+    async def close(self, code: int, message: str, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Close after the frames already sent (within `timeout`, else the connection is aborted)."""
         if self._shedding is not None:
             await asyncio.wait({self._shedding})
             return
-        await self._close(code, message, CLOSE_TIMEOUT_S)
+        await self._close(code, message, timeout)
 
     async def _close(self, code: int, message: str, timeout: float) -> None:
         closed = False

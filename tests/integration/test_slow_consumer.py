@@ -20,7 +20,7 @@ import uvloop
 from aiohttp.test_utils import TestClient, TestServer
 
 from server import peer
-from server.app import create_app
+from server.app import SHUTDOWN_CLOSE_TIMEOUT_S, create_app, stop
 from server.hub import Hub
 from server.keys import CHAT, METRICS
 from server.settings import Settings
@@ -229,3 +229,41 @@ async def test_an_answer_streams_on_while_another_tab_stalls(
     assert await stalled[0].closed_by_server(10)
     assert hub.members(conversation) == 1
     assert server.client.app[METRICS].registry.get_sample_value("smartedu_slow_sockets_closed_total") == 1
+
+
+async def test_a_stalled_client_does_not_hold_up_stopping(
+    serve: Serve, stalled: list[StalledClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopping closes every socket with 1012, after the frames already queued for it. A client that has
+    stopped reading with frames still queued (not yet far enough behind to be closed for it) is dropped
+    after SHUTDOWN_CLOSE_TIMEOUT_S. Before, its close waited on its full connection with no limit, until
+    the stop deadline (8 s) gave up on the whole cleanup behind it (interrupted answers, the pools)."""
+    monkeypatch.setattr(peer, "BACKLOG_LIMIT_BYTES", 64 << 20)  # never closed for falling behind here
+    server = await serve()
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I", "Equations.")
+    tab = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    conversation = tab.frames[0]["conversation_id"]
+    hub = server.client.app[CHAT].hub
+    healthy = {m.peer for m in hub._members[conversation].values()}
+    hello = {"token": token(courses=["alg-1"]), "conversation_id": conversation}
+    stalled.append(await StalledClient.open(server, hello))
+    _small_send_buffers(hub, conversation)
+    stuck = [m.peer for m in hub._members[conversation].values() if m.peer not in healthy]
+    assert len(stuck) == 1 and isinstance(stuck[0], peer.WebSocketPeer)
+    teacher = await server.connect({"token": token("teach-1", role="teacher", courses=["alg-1"])})
+    await teacher.send(type="watch", course_id="alg-1")
+    await teacher.expect("snapshot")
+    for i in range(400):  # until the stalled client's frames queue up behind its full connection
+        await teacher.send(type="intervene", conversation_id=conversation, id=f"n{i}", text="x" * 4000)
+        await tab.expect("teacher_message")  # the healthy tab keeps reading
+        if stuck[0]._backlog:
+            break
+    assert stuck[0]._backlog
+    runner = server.client.server.runner
+    assert runner is not None
+    started = time.monotonic()
+    finished = await stop(runner)
+    elapsed = time.monotonic() - started
+    print(f"stopped in {elapsed:.2f} s")
+    assert finished and elapsed < SHUTDOWN_CLOSE_TIMEOUT_S + 2
+    assert await stalled[0].closed_by_server(1)
