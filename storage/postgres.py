@@ -805,8 +805,12 @@ class Database:
         return _message(row), True
 
     async def set_ai_paused(self, tenant_id: str, conversation_id: str, paused: bool) -> None:
+        """Pause or resume the tutor for the conversation's student in its course: for every conversation of
+        theirs in that course, so that reopening an earlier one does not bring an answering tutor back."""
         await self.pool.execute(
-            "UPDATE conversations SET ai_paused = $3 WHERE id = $1 AND tenant_id = $2",
+            "UPDATE conversations c SET ai_paused = $3 FROM conversations t"
+            " WHERE t.id = $1 AND t.tenant_id = $2 AND c.tenant_id = t.tenant_id AND c.user_id = t.user_id"
+            " AND c.course_id IS NOT DISTINCT FROM t.course_id AND c.ai_paused <> $3",
             conversation_id,
             tenant_id,
             paused,

@@ -205,3 +205,34 @@ async def test_a_new_conversation_keeps_the_teachers_pause(serve: Serve, empty_o
     assert (fresh.frames[0]["conversation_id"] == empty) if empty_one else fresh.frames[0]["conversation_id"] != paused
     await fresh.send(type="message", id="p", text="answer me anyway")
     assert (await fresh.expect("ack"))["reply_id"] is None
+
+
+async def test_the_pause_covers_the_students_earlier_conversations_in_the_course(serve: Serve) -> None:
+    """A teacher pauses the tutor for a student (in a course), not for one thread: reopening an earlier
+    conversation from the widget's list must not bring an answering tutor back. Resuming resumes them all.
+    The student's conversations in other courses are not touched."""
+    server = await _server(serve)
+    teacher = await server.connect({"token": token("teach-1", role="teacher", courses=["alg-1"])})
+    older = await server.connect({"token": BOTH, "course_id": "alg-1"})
+    earlier = older.frames[0]["conversation_id"]
+    await _ask(older, "e1", "first thread")
+    geometry = await server.connect({"token": BOTH, "course_id": "geo-1"})
+    await _ask(geometry, "g1", "a geometry thread")
+    current = await server.connect({"token": BOTH, "course_id": "alg-1", "new_conversation": True})
+    conversation = current.frames[0]["conversation_id"]
+    await _ask(current, "c1", "second thread")
+
+    await teacher.send(type="ai", conversation_id=conversation, paused=True)
+    await current.until("ai_state")
+    back = await server.connect({"token": BOTH, "conversation_id": earlier})
+    assert back.frames[0]["ai_paused"] is True
+    await back.send(type="message", id="e2", text="answer me here instead")
+    assert (await back.expect("ack"))["reply_id"] is None  # kept, not answered
+    other_course = await server.connect({"token": BOTH, "course_id": "geo-1"})
+    assert other_course.frames[0]["ai_paused"] is False
+
+    await teacher.send(type="ai", conversation_id=conversation, paused=False)
+    await current.until("ai_state")
+    again = await server.connect({"token": BOTH, "conversation_id": earlier})
+    assert again.frames[0]["ai_paused"] is False
+    assert "answer me here instead" in await _ask(again, "e3", "and now?")  # its own thread, answering again
