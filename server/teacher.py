@@ -96,12 +96,14 @@ class Classroom:
     async def set_ai(self, session: Session, frame: SetAI) -> None:
         """Pause or resume the tutor for one student; on resume, a waiting question is answered."""
         conversation = await self._teacher_conversation(session, frame.conversation_id)
-        await self.db.set_ai_paused(session.claims.tenant, conversation.id, frame.paused)
-        state = {"type": "ai_state", "conversation_id": conversation.id, "paused": frame.paused}
-        [(seq, _)] = await self.hub.emit(
-            conversation.id, [encode(state)], floor=conversation.last_seq, course=course_key(conversation)
-        )
-        await self.db.record_seq(session.claims.tenant, conversation.id, seq)
+        changed = await self.db.set_ai_paused(session.claims.tenant, conversation.id, frame.paused)
+        # The named conversation always says so (the teacher's switch is settled by it); the student's other
+        # conversations in the course do when they changed (a tab may be open on one of them).
+        siblings = [c for c in changed if c.id != conversation.id]
+        for each in [conversation, *siblings]:
+            state = {"type": "ai_state", "conversation_id": each.id, "paused": frame.paused}
+            [(seq, _)] = await self.hub.emit(each.id, [encode(state)], floor=each.last_seq, course=course_key(each))
+            await self.db.record_seq(session.claims.tenant, each.id, seq)
         if frame.paused:
             return
         question = await self.db.unanswered_question(session.claims.tenant, conversation.id)

@@ -375,6 +375,15 @@ _START_CONVERSATION = (
 )
 
 
+async def _lock_student_course(conn: PoolConnectionProxy, tenant_id: str, user_id: str, course_id: str | None) -> None:
+    """One student's conversations of one course, one transaction at a time (until it ends): starting one,
+    pausing or resuming them."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        f"conversation-start\x1f{tenant_id}\x1f{user_id}\x1f{course_id or ''}",
+    )
+
+
 class Database:
     """The product's queries over one asyncpg pool."""
 
@@ -539,10 +548,7 @@ class Database:
         """A new conversation for the user in the course, or their latest one that has no messages yet."""
         async with self._transaction() as conn:
             # Two hellos at once (a double click, two tabs) must not both insert: one user and course at a time.
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                f"conversation-start\x1f{tenant_id}\x1f{user_id}\x1f{course_id or ''}",
-            )
+            await _lock_student_course(conn, tenant_id, user_id, course_id)
             row = await conn.fetchrow(_START_CONVERSATION, tenant_id, user_id, course_id)
         assert row is not None
         return _conversation(row)
@@ -804,17 +810,29 @@ class Database:
             )
         return _message(row), True
 
-    async def set_ai_paused(self, tenant_id: str, conversation_id: str, paused: bool) -> None:
+    async def set_ai_paused(self, tenant_id: str, conversation_id: str, paused: bool) -> list[Conversation]:
         """Pause or resume the tutor for the conversation's student in its course: for every conversation of
-        theirs in that course, so that reopening an earlier one does not bring an answering tutor back."""
-        await self.pool.execute(
-            "UPDATE conversations c SET ai_paused = $3 FROM conversations t"
-            " WHERE t.id = $1 AND t.tenant_id = $2 AND c.tenant_id = t.tenant_id AND c.user_id = t.user_id"
-            " AND c.course_id IS NOT DISTINCT FROM t.course_id AND c.ai_paused <> $3",
-            conversation_id,
-            tenant_id,
-            paused,
-        )
+        theirs in that course, so that reopening an earlier one does not bring an answering tutor back.
+        Returns the conversations whose state changed. Under the lock `start_conversation` takes, so that a
+        conversation started meanwhile is either changed here or copies the new state."""
+        async with self._transaction() as conn:
+            owner = await conn.fetchrow(
+                "SELECT user_id, course_id FROM conversations WHERE id = $1 AND tenant_id = $2",
+                conversation_id,
+                tenant_id,
+            )
+            if owner is None:
+                return []
+            await _lock_student_course(conn, tenant_id, str(owner["user_id"]), owner["course_id"])
+            rows = await conn.fetch(
+                "UPDATE conversations SET ai_paused = $4 WHERE tenant_id = $1 AND user_id = $2"
+                f" AND course_id IS NOT DISTINCT FROM $3 AND ai_paused <> $4 RETURNING {_CONVERSATION_COLUMNS}",
+                tenant_id,
+                owner["user_id"],
+                owner["course_id"],
+                paused,
+            )
+        return [_conversation(r) for r in rows]
 
     async def paused_conversations(self, tenant_id: str, conversation_ids: Sequence[str]) -> set[str]:
         """Which of these conversations of the tenant have the AI paused now (ids of other tenants: none)."""

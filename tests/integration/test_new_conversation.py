@@ -224,6 +224,8 @@ async def test_the_pause_covers_the_students_earlier_conversations_in_the_course
 
     await teacher.send(type="ai", conversation_id=conversation, paused=True)
     await current.until("ai_state")
+    state = (await older.until("ai_state"))[-1]  # a tab still open on the earlier one is told at once
+    assert (state["conversation_id"], state["paused"]) == (earlier, True)
     back = await server.connect({"token": BOTH, "conversation_id": earlier})
     assert back.frames[0]["ai_paused"] is True
     await back.send(type="message", id="e2", text="answer me here instead")
