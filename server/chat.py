@@ -82,6 +82,7 @@ class ChatService:
         self.answers = Answers(settings, db, hub, provider, self.budgets, self.metrics, self.tracer)
         self.classroom = Classroom(db, hub, self.answers)
         self.hub.on_control = self._on_control
+        self.hub.on_reconnect = self._recheck_logged_out
         self._sessions: dict[str, Session] = {}
         # Sockets close in crowds (a class ends, a network drops): their departures share round trips.
         self._departures: RoundTrips[tuple[str, str, str, bytes], None] = RoundTrips(self._depart, "departures")
@@ -485,6 +486,18 @@ class ChatService:
         one at once, before the announcement comes back)."""
         await self.hub.store.revoke_session(session_id, remaining_s)
         self._on_control({"op": "revoke_session", "session": session_id, "until": time.time() + remaining_s})
+
+    async def _recheck_logged_out(self) -> None:
+        """After a pub/sub reconnect: a logout announced meanwhile was not heard here, so ask Redis about the
+        cookie sessions with sockets on this replica (one round trip) and close those logged out."""
+        open_sessions = {
+            s.claims.session_id: s.claims.exp for s in self._sessions.values() if s.claims.session_id and not s.expired
+        }
+        if not open_sessions:
+            return
+        for session_id in await self.hub.store.revoked_sessions(list(open_sessions)):
+            self._revoked[session_id] = float(open_sessions[session_id])
+        self._close_expired()
 
     def logged_out(self, claims: Claims) -> bool:
         """Whether these cookie-session claims were logged out since they were read (no round trip)."""

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -88,6 +88,8 @@ class Hub:
         self.store = store
         self.node = f"{replica_id}-{uuid.uuid4().hex[:6]}".replace(" ", "_")
         self.on_control = on_control
+        # Called once the listener is back after losing Redis: what was announced meanwhile was not heard.
+        self.on_reconnect: Callable[[], Awaitable[None]] | None = None
         self._members: dict[str, dict[str, Member]] = {}
         self._watchers: dict[tuple[str, str], dict[str, Peer]] = {}
         self._node_channel = store.keys.node_channel(self.node)
@@ -156,6 +158,8 @@ class Hub:
                         await self._recover_all()
                         recovering = False
                         await self._resync_watchers()
+                        if self.on_reconnect is not None:
+                            await self.on_reconnect()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -135,9 +135,13 @@ async def session_claims(request: web.Request) -> Claims | None:
     data = session.get("claims")
     if not isinstance(data, dict) or int(data.get("exp", 0)) < time.time():
         return None
-    # A session without an id (made before sessions had one) could not be revoked by logging out.
+    # A session without an id was made by an earlier version, before sessions had one (or by a replica of it
+    # during a rolling upgrade): it is taken until it expires, at most SMARTEDU_SESSION_TTL_S after it was
+    # made, but logging out cannot revoke a copy of it.
     session_id = data.get("sid")
-    if not isinstance(session_id, str) or await request.app[REDIS].session_revoked(session_id):
+    if not isinstance(session_id, str):
+        session_id = None
+    elif await request.app[REDIS].session_revoked(session_id):
         return None
     if request.method not in SAFE_METHODS:
         check_csrf(request, session.get("csrf"))

@@ -528,6 +528,14 @@ class RedisStore:
         await self.client.set(self.keys.revoked_session(session_id), b"1", ex=max(1, ttl_s))
         await self.publish_control({"op": "revoke_session", "session": session_id, "until": time.time() + ttl_s})
 
+    async def revoked_sessions(self, session_ids: Sequence[str]) -> set[str]:
+        """Which of these cookie sessions were logged out (one pipelined round trip)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.exists(self.keys.revoked_session(session_id))
+            found = await pipe.execute()
+        return {session_id for session_id, hit in zip(session_ids, found, strict=True) if hit}
+
     async def session_revoked(self, session_id: str) -> bool:
         """Whether a cookie session was logged out (one round trip: on HTTP requests and socket upgrades)."""
         return bool(await self.client.exists(self.keys.revoked_session(session_id)))

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import base64
+import json
+import time
 
-from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, new_session_key
-from tests.conftest import Serve, Server, token
+import pytest
+from cryptography.fernet import Fernet
+
+from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, new_session_key, session_key
+from tests.conftest import Serve, Server, hold_pubsub_reconnects, kill_pubsub_of, token
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +77,45 @@ async def test_a_socket_upgraded_before_logout_cannot_say_hello_after_it(serve: 
     error = await sock.expect("error")
     assert error["code"] == "unauthorized" and "logged out" in error["message"]
     assert await sock.close_code() == 4401
+
+
+async def test_a_logout_announced_while_a_replica_was_reconnecting_still_closes_its_sockets(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logouts reach other replicas by pub/sub, which keeps nothing for a listener that is away: once its
+    listener is back, a replica asks Redis about the cookie sessions it has sockets for."""
+    key = new_session_key()
+    first, second = await serve(session_key=key), await serve(session_key=key)
+    csrf, copied = await _login(first)
+    there = await second.connect({}, headers={**copied, **_own_origin(second)})
+    reconnecting, let_go = hold_pubsub_reconnects(second, monkeypatch)
+    await kill_pubsub_of(second)
+    async with asyncio.timeout(5):
+        await reconnecting.wait()
+    response = await first.client.delete("/api/session", headers={**copied, CSRF_HEADER: csrf})
+    assert response.status == 200
+    let_go.set()
+    assert await there.close_code() == 4401
+
+
+def _cookie_of_an_earlier_version(server: Server, csrf: str) -> str:
+    """A session cookie as versions before session ids made it: the same claims, no `sid`."""
+    assert server.settings.session_key is not None
+    fernet = Fernet(base64.urlsafe_b64encode(session_key(server.settings.session_key)))
+    claims = {"sub": "stu-1", "tid": "school-a", "role": "student", "name": "", "courses": None,
+              "exp": int(time.time()) + 3600}
+    stored = {"created": int(time.time()), "session": {"claims": claims, "csrf": csrf}}
+    return fernet.encrypt(json.dumps(stored).encode()).decode()
+
+
+async def test_a_cookie_of_an_earlier_version_is_taken_until_it_expires(serve: Serve) -> None:
+    """Deploying this version (or a rolling upgrade, where older replicas still make such cookies) does not
+    sign everyone out: a session without an id works until it expires, though logout cannot revoke a copy."""
+    server = await serve(session_key=new_session_key())
+    csrf = "csrf-of-an-earlier-version"
+    cookies = {"Cookie": f"{SESSION_COOKIE}={_cookie_of_an_earlier_version(server, csrf)}; {CSRF_COOKIE}={csrf}"}
+    assert (await server.client.get("/api/conversations", headers=cookies)).status == 200
+    sock = await server.connect({}, headers={**cookies, **_own_origin(server)})
+    assert sock.frames[0]["type"] == "welcome"
+    response = await server.client.delete("/api/session", headers={**cookies, CSRF_HEADER: csrf})
+    assert response.status == 200
