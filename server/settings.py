@@ -298,6 +298,7 @@ class Settings:
         if redis_url is None and env.get("REDIS_CLUSTER_URLS", "").strip():
             redis_url = _cluster_url(env["REDIS_CLUSTER_URLS"])
         defaults = cls()
+        lifetime = max_token_lifetime(env)
         settings = cls(
             database_url=_url(env, "DATABASE_URL", ("postgres", "postgresql")),
             redis_url=redis_url,
@@ -340,8 +341,8 @@ class Settings:
             metrics_host=env.get("SMARTEDU_METRICS_HOST") or None,
             session_key=_session_key(env),
             # A cookie session is a credential too: by default it lasts no longer than a token may.
-            session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", min(defaults.session_ttl_s, max_token_lifetime(env)), 60),
-            max_token_lifetime_s=max_token_lifetime(env),
+            session_ttl_s=_int(env, "SMARTEDU_SESSION_TTL_S", min(defaults.session_ttl_s, lifetime), 60),
+            max_token_lifetime_s=lifetime,
             migrate_on_start=_bool(env, "SMARTEDU_MIGRATE_ON_START", defaults.migrate_on_start),
         )
         if settings.db_pool_min > settings.db_pool_max:

@@ -17,6 +17,7 @@
   var formatTime = common.formatTime;
   var FINAL = { complete: true, stopped: true, interrupted: true, failed: true };
   var RESNAPSHOT_MS = 60000; // presence of a replica that died ends without a `left` event
+  var RESYNC_SPREAD_MS = 1500; // re-reads after a `resync` start at random within this
   var PAGE = 50;
   var KEEP_MESSAGES = 300; // per conversation that is not open
   var STATE_LABEL = {
@@ -577,8 +578,12 @@
       convo.loaded = false;
       self.renderRow(convo);
     });
-    this.watch(course);
-    if (this.open && this.open.course === course) this.loadTranscript(this.open, false);
+    // Every dashboard watching the course on that server is told at once: spread the reads over a moment.
+    setTimeout(function () {
+      if (self.courses.get(f.course_id) !== course) return;
+      self.watch(course);
+      if (self.open && self.open.course === course) self.loadTranscript(self.open, false);
+    }, Math.random() * RESYNC_SPREAD_MS);
   };
 
   Dashboard.prototype.onEvent = function (f) {

@@ -557,22 +557,14 @@ class Database:
         self, tenant_id: str, user_id: str, limit: int = 50, course_id: str | None = None
     ) -> list[Conversation]:
         """The user's conversations (only those of `course_id` when given), most recent first."""
-        if course_id is not None:
-            rows = await self.pool.fetch(
-                f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2"
-                " AND course_id = $4 ORDER BY updated_at DESC LIMIT $3",
-                tenant_id,
-                user_id,
-                limit,
-                course_id,
-            )
-            return [_conversation(r) for r in rows]
+        in_course = "" if course_id is None else " AND course_id = $4"
         rows = await self.pool.fetch(
-            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2"
+            f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2{in_course}"
             " ORDER BY updated_at DESC LIMIT $3",
             tenant_id,
             user_id,
             limit,
+            *(() if course_id is None else (course_id,)),
         )
         return [_conversation(r) for r in rows]
 
