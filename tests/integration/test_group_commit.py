@@ -122,11 +122,12 @@ async def test_one_bad_question_fails_alone(database: Database, db: asyncpg.Conn
 
 
 async def test_a_paused_conversation_gets_no_placeholder_in_a_batch(database: Database) -> None:
-    user, [paused, live] = await _student(database, conversations=2)
+    # Two students: a pause covers all of one student's conversations in a course.
+    (held, [paused]), (other, [live]) = await _student(database), await _student(database)
     await database.set_ai_paused("school-a", paused.id, True)
     waiting, answered = await asyncio.gather(
-        database.save_question("school-a", paused.id, "m-1", "hold on", user.id, history=10),
-        database.save_question("school-a", live.id, "m-2", "go", user.id, history=10),
+        database.save_question("school-a", paused.id, "m-1", "hold on", held.id, history=10),
+        database.save_question("school-a", live.id, "m-2", "go", other.id, history=10),
     )
     assert waiting.created and waiting.reply is None and waiting.history is None
     assert answered.reply is not None
