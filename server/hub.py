@@ -35,6 +35,10 @@ Numbered = tuple[int, bytes]
 # Sent to a socket that missed frames the log no longer holds: reconnect with resume_from, at once.
 RESUME_NOW = b'{"type":"reconnect","after_ms":0}'
 
+# How long a watch waits for Redis to confirm its course channel's subscription before the snapshot is
+# sent anyway; a confirmation that comes later is followed by a `resync` (events between were missed).
+SUBSCRIBE_CONFIRM_S = 5.0
+
 # How often a replica renews its entries in the nodes sets of the conversations it holds.
 HOLD_REFRESH_S = 600.0
 
@@ -102,6 +106,7 @@ class Hub:
         self._pubsub: PubSub | ClusterPubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._subscribed: dict[str, asyncio.Future[None]] = {}
+        self._late: set[str] = set()  # course channels whose subscription was not confirmed in time
         self._ready = asyncio.Event()
         # The last seq received from other replicas, per conversation: pub/sub frames at or below it are
         # duplicates of a catch-up, and after a reconnect the log fills in what was published meanwhile.
@@ -178,6 +183,11 @@ class Hub:
             waiter = self._subscribed.pop(channel, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+            target = self._channels.get(channel)
+            if channel in self._late and target is not None:
+                # Its watchers got their snapshot before the course's events reached this replica.
+                self._late.discard(channel)
+                await self._resync_course(*target)
             return
         if kind != "message":
             return
@@ -210,10 +220,11 @@ class Hub:
         waiter = self._subscribed.setdefault(channel, loop.create_future())
         await self._pubsub.subscribe(channel)
         try:
-            async with asyncio.timeout(5):
+            async with asyncio.timeout(SUBSCRIBE_CONFIRM_S):
                 await asyncio.shield(waiter)
         except TimeoutError:
             log.warning("subscription not confirmed in time", extra={"channel": channel})
+            self._late.add(channel)
 
     async def _recover_all(self) -> None:
         """After a reconnect: hold every conversation again (Redis may have restarted and lost the sets) and
@@ -230,13 +241,18 @@ class Hub:
         """After a reconnect: course events published meanwhile are gone (pub/sub keeps nothing), so every
         watching teacher is told to read its course again. The course channels were subscribed by the same
         SUBSCRIBE as the node channel, whose confirmation came first: every event from now on arrives."""
-        for (tenant_id, course_id), watchers in list(self._watchers.items()):
-            frame = resync_frame(course_id)
-            for peer in list(watchers.values()):
-                if not await peer.send(frame):
-                    self.unwatch(tenant_id, course_id, peer)
+        self._late.clear()
+        for tenant_id, course_id in list(self._watchers):
+            await self._resync_course(tenant_id, course_id)
         if self._watchers:
             log.info("teachers told to resync after a pub/sub reconnect", extra={"courses": len(self._watchers)})
+
+    async def _resync_course(self, tenant_id: str, course_id: str) -> None:
+        """Tell the course's watchers here to read it again: events of it may have been missed."""
+        frame = resync_frame(course_id)
+        for peer in list(self._watchers.get((tenant_id, course_id), {}).values()):
+            if not await peer.send(frame):
+                self.unwatch(tenant_id, course_id, peer)
 
     async def _recover(self, conversation_id: str) -> None:
         snapshot = await self.store.snapshot(conversation_id)

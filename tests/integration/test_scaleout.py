@@ -17,6 +17,7 @@ import orjson
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from server import hub as hub_module
 from server.app import drain
 from server.embedded import EmbeddedServices
 from server.keys import CHAT, DATABASE, REDIS
@@ -454,6 +455,38 @@ async def test_teachers_resync_after_a_pubsub_reconnect(
     await late.close()
     left = await teacher.expect("event")
     assert left["kind"] == "left" and left["student"]["user_id"] == "stu-8"
+
+
+async def test_a_watch_whose_subscription_is_confirmed_late_is_followed_by_a_resync(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch waits a while for Redis to confirm the course channel, then sends its snapshot anyway: a
+    student who joins on another replica before the subscription is in place is missed, so when the
+    confirmation comes the teacher is told to read the course again."""
+    monkeypatch.setattr(hub_module, "SUBSCRIBE_CONFIRM_S", 0.2)
+    a, b = await _two_replicas(serve)
+    pubsub = b.client.app[CHAT].hub._pubsub
+    assert pubsub is not None
+    subscribe, pending = pubsub.subscribe, []
+
+    async def slow_subscribe(*channels: str) -> None:  # Redis is slow to take the course's channel
+        async def later() -> None:
+            await arrived.wait()
+            await subscribe(*channels)
+
+        pending.append(asyncio.create_task(later()))
+
+    arrived = asyncio.Event()
+    monkeypatch.setattr(pubsub, "subscribe", slow_subscribe)
+    teacher = await b.connect({"token": token("teach-1", **TEACHER)})  # type: ignore[arg-type]
+    await teacher.send(type="watch", course_id="alg-1")
+    assert (await teacher.expect("snapshot"))["students"] == []  # sent once the wait for confirmation ran out
+    await a.connect({"token": token("stu-9", courses=["alg-1"]), "course_id": "alg-1"})  # missed by b
+    arrived.set()
+    assert await teacher.until("resync") == [{"type": "resync", "course_id": "alg-1"}]
+    await teacher.send(type="watch", course_id="alg-1")
+    assert [s["user_id"] for s in (await teacher.expect("snapshot"))["students"]] == ["stu-9"]
+    await asyncio.gather(*pending)
 
 
 async def test_a_tab_whose_pubsub_gap_the_log_no_longer_holds_is_told_to_resume(
