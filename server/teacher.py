@@ -94,7 +94,8 @@ class Classroom:
             await session.peer.send(encode({**body, "seq": message.seq}))
 
     async def set_ai(self, session: Session, frame: SetAI) -> None:
-        """Pause or resume the tutor for one student; on resume, a waiting question is answered."""
+        """Pause or resume the tutor for one student (all their conversations in the course); on resume, each
+        waiting question is answered."""
         conversation = await self._teacher_conversation(session, frame.conversation_id)
         changed = await self.db.set_ai_paused(session.claims.tenant, conversation.id, frame.paused)
         # The named conversation always says so (the teacher's switch is settled by it); the student's other
@@ -106,6 +107,11 @@ class Classroom:
             await self.db.record_seq(session.claims.tenant, each.id, seq)
         if frame.paused:
             return
+        for each in [conversation, *siblings]:
+            await self._answer_waiting(session, each)
+
+    async def _answer_waiting(self, session: Session, conversation: Conversation) -> None:
+        """On resume: answer the question the conversation kept waiting while paused, if there is one."""
         question = await self.db.unanswered_question(session.claims.tenant, conversation.id)
         if question is None:
             return

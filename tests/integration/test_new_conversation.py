@@ -235,6 +235,9 @@ async def test_the_pause_covers_the_students_earlier_conversations_in_the_course
 
     await teacher.send(type="ai", conversation_id=conversation, paused=False)
     await current.until("ai_state")
+    # Resuming answers the question that waited in the earlier thread too.
+    done = (await back.until("done"))[-1]
+    assert done["status"] == "complete" and done["conversation_id"] == earlier
     again = await server.connect({"token": BOTH, "conversation_id": earlier})
     assert again.frames[0]["ai_paused"] is False
-    assert "answer me here instead" in await _ask(again, "e3", "and now?")  # its own thread, answering again
+    assert "answer me here instead" in await _ask(again, "e3", "and now?")  # answering again, in its own thread
