@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from server.errors import bad_request, forbidden
+from server.errors import bad_request
 from server.keys import CHAT, DATABASE, SETTINGS
 from server.protocol import HistoryRequest
 
@@ -19,8 +19,7 @@ async def list_conversations(request: web.Request) -> web.Response:
     if course_id is not None:
         if len(no_nul(course_id, "'course_id'")) > 200:
             raise bad_request("query parameter 'course_id' must be at most 200 characters")
-        if not claims.may_use_course(course_id):
-            raise forbidden("this course is not in your token's courses")
+        claims.require_course(course_id)
     user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
     conversations = await db.list_conversations(claims.tenant, user.id, limit, course_id)
     return web.json_response(

@@ -8,7 +8,7 @@ from typing import Any
 
 import jwt
 
-from .errors import ConfigError, unauthorized
+from .errors import ConfigError, forbidden, unauthorized
 from .settings import Settings
 
 ROLES = ("student", "teacher", "admin")
@@ -28,6 +28,11 @@ class Claims:
 
     def may_use_course(self, course_id: str) -> bool:
         return self.courses is None or course_id in self.courses
+
+    def require_course(self, course_id: str) -> None:
+        """`forbidden` unless the token may use the course."""
+        if not self.may_use_course(course_id):
+            raise forbidden("this course is not in your token's courses")
 
 
 class TokenVerifier:

@@ -201,13 +201,12 @@ class ChatService:
         if conversation.course_id is None:
             if claims.role == "student" and claims.courses is not None:
                 raise forbidden("this conversation is outside your token's courses")
-        elif not claims.may_use_course(conversation.course_id):
-            raise forbidden("this course is not in your token's courses")
+        else:
+            claims.require_course(conversation.course_id)
         return conversation
 
     async def _course(self, claims: Claims, course_id: str) -> Course:
-        if not claims.may_use_course(course_id):
-            raise forbidden("this course is not in your token's courses")
+        claims.require_course(course_id)
         course = await self.db.get_course(claims.tenant, course_id)
         if course is None:
             raise not_found("course")

@@ -97,7 +97,9 @@ class Classroom:
         """Pause or resume the tutor for one student (all their conversations in the course); on resume, each
         waiting question is answered."""
         conversation = await self._teacher_conversation(session, frame.conversation_id)
-        changed = await self.db.set_ai_paused(session.claims.tenant, conversation.id, frame.paused)
+        changed = await self.db.set_ai_paused(
+            session.claims.tenant, conversation.user_id, conversation.course_id, frame.paused
+        )
         # The named conversation always says so (the teacher's switch is settled by it); the student's other
         # conversations in the course do when they changed (a tab may be open on one of them).
         siblings = [c for c in changed if c.id != conversation.id]

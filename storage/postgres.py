@@ -802,26 +802,21 @@ class Database:
             )
         return _message(row), True
 
-    async def set_ai_paused(self, tenant_id: str, conversation_id: str, paused: bool) -> list[Conversation]:
-        """Pause or resume the tutor for the conversation's student in its course: for every conversation of
-        theirs in that course, so that reopening an earlier one does not bring an answering tutor back.
-        Returns the conversations whose state changed. Under the lock `start_conversation` takes, so that a
-        conversation started meanwhile is either changed here or copies the new state."""
+    async def set_ai_paused(
+        self, tenant_id: str, user_id: str, course_id: str | None, paused: bool
+    ) -> list[Conversation]:
+        """Pause or resume the tutor for a student in a course: for every conversation of theirs in it, so
+        that reopening an earlier one does not bring an answering tutor back. Returns the conversations
+        whose state changed. Under the lock `start_conversation` takes, so that a conversation started
+        meanwhile is either changed here or copies the new state."""
         async with self._transaction() as conn:
-            owner = await conn.fetchrow(
-                "SELECT user_id, course_id FROM conversations WHERE id = $1 AND tenant_id = $2",
-                conversation_id,
-                tenant_id,
-            )
-            if owner is None:
-                return []
-            await _lock_student_course(conn, tenant_id, str(owner["user_id"]), owner["course_id"])
+            await _lock_student_course(conn, tenant_id, user_id, course_id)
             rows = await conn.fetch(
                 "UPDATE conversations SET ai_paused = $4 WHERE tenant_id = $1 AND user_id = $2"
                 f" AND course_id IS NOT DISTINCT FROM $3 AND ai_paused <> $4 RETURNING {_CONVERSATION_COLUMNS}",
                 tenant_id,
-                owner["user_id"],
-                owner["course_id"],
+                user_id,
+                course_id,
                 paused,
             )
         return [_conversation(r) for r in rows]

@@ -124,7 +124,7 @@ async def test_one_bad_question_fails_alone(database: Database, db: asyncpg.Conn
 async def test_a_paused_conversation_gets_no_placeholder_in_a_batch(database: Database) -> None:
     # Two students: a pause covers all of one student's conversations in a course.
     (held, [paused]), (other, [live]) = await _student(database), await _student(database)
-    await database.set_ai_paused("school-a", paused.id, True)
+    await database.set_ai_paused("school-a", held.id, paused.course_id, True)
     waiting, answered = await asyncio.gather(
         database.save_question("school-a", paused.id, "m-1", "hold on", held.id, history=10),
         database.save_question("school-a", live.id, "m-2", "go", other.id, history=10),
