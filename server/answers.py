@@ -122,6 +122,16 @@ class Answers:
         turn.stop("stopped")
         return True
 
+    def stop_user(self, tenant_id: str, user_id: str) -> list[asyncio.Task[None]]:
+        """Stop every answer of the user this process generates (or has queued); their tasks."""
+        tasks: list[asyncio.Task[None]] = []
+        for turn in list(self._turns.values()):
+            if turn.tenant_id == tenant_id and turn.user_id == user_id:
+                turn.stop("stopped")
+                if turn.task is not None:
+                    tasks.append(turn.task)
+        return tasks
+
     def _lock(self, conversation_id: str) -> asyncio.Lock:
         lock = self._locks.get(conversation_id)
         if lock is None:

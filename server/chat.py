@@ -10,6 +10,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +89,8 @@ class ChatService:
         self._departures: RoundTrips[tuple[str, str, str, bytes], None] = RoundTrips(self._depart, "departures")
         self._closing = False
         self._maintenance: asyncio.Task[None] | None = None
-        self._expiring: set[asyncio.Task[None]] = set()  # closes of sockets whose token expired
+        # Closes of sockets whose token expired or whose user was erased, and erased users' log deletions.
+        self._expiring: set[asyncio.Task[None]] = set()
         # Cookie sessions logged out (id -> when they would have expired), from the control channel: their
         # sockets are closed, including one whose hello was under way when the logout was announced.
         self._revoked: dict[str, float] = {}
@@ -391,6 +393,40 @@ class ChatService:
         elif message.get("op") == "revoke_session":
             self._revoked[str(message.get("session"))] = float(message.get("until", 0))
             self._close_expired()
+        elif message.get("op") == "erase_user":
+            self._erase_user(
+                str(message.get("tenant")),
+                str(message.get("user")),
+                str(message.get("user_id")),
+                [str(c) for c in message.get("conversations") or ()],
+            )
+
+    def _erase_user(self, tenant_id: str, external_id: str, user_id: str, conversation_ids: list[str]) -> None:
+        """`smartedu delete-user` erased this user: close their sockets here with 4403 (a frame into the
+        deleted account could only fail), stop their answers, and once those have ended delete the
+        conversations' stream logs again, since an answer's last frames may have been logged after the
+        command deleted them."""
+        for session in self._sessions.values():
+            if session.expired or session.claims.tenant != tenant_id or session.claims.sub != external_id:
+                continue
+            session.expired = True
+            self._own(session.peer.close(CloseCode.FORBIDDEN, "account deleted"))
+        stopped = self.answers.stop_user(tenant_id, user_id)
+        if stopped:
+            self._own(self._forget_after(stopped, conversation_ids))
+
+    async def _forget_after(self, answers: list[asyncio.Task[None]], conversation_ids: list[str]) -> None:
+        await asyncio.wait(answers)
+        try:
+            await self.hub.store.forget_conversations(conversation_ids)
+        except Exception as exc:  # the logs expire SMARTEDU_STREAM_TTL_S after their last frame
+            log.warning("could not delete an erased user's stream logs", extra={"error": repr(exc)})
+
+    def _own(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in a task of its own, kept in `_expiring` (cancelled and awaited on shutdown)."""
+        task = asyncio.create_task(work)
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
 
     async def regenerate(self, session: Session, reply_id: int) -> None:
         """Answer a question again after its newest answer ended as interrupted, failed or stopped: admitted
@@ -520,9 +556,7 @@ class ChatService:
             else:
                 continue
             session.expired = True
-            task = asyncio.create_task(session.peer.close(CloseCode.BAD_TOKEN, reason))
-            self._expiring.add(task)
-            task.add_done_callback(self._expiring.discard)
+            self._own(session.peer.close(CloseCode.BAD_TOKEN, reason))
 
     async def drain(self, deadline_s: float) -> None:
         """Stop taking messages, ask clients to reconnect elsewhere, and let answers finish until the deadline."""

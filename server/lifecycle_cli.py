@@ -1,7 +1,8 @@
 """`smartedu backup | restore | purge | export-user | delete-user`: backups and the data lifecycle.
 
 Wiring into server/__main__.py (the commands need only `settings.database_url`, which `_services` fills in
-with the embedded server's in embedded mode; they never use Redis):
+with the embedded server's in embedded mode; purge and delete-user also clean Redis when REDIS_URL is set,
+and say what they left there when it is not):
 
     from . import lifecycle_cli
 
@@ -31,17 +32,21 @@ from typing import TypeVar
 
 import asyncpg
 import orjson
+import redis.exceptions
 
+from storage.keys import Keys
 from storage.lifecycle import (
     DEFAULT_BATCH_SIZE,
     DataCounts,
     Lifecycle,
     LifecycleError,
+    UserData,
     backup_database,
     restore_database,
     retention_rules,
 )
 from storage.postgres import connect_pool
+from storage.redis_store import RedisStore, connect_redis
 from storage.schema_check import pending_migrations
 
 from .errors import ConfigError
@@ -122,7 +127,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         description="Delete conversations (with their messages, AI usage rows and flags) whose last activity\n"
         "is older than the retention period. A tenant's own tenants.retention_days wins over\n"
         "--older-than; with --per-tenant only tenants that set one are purged. Deletes run in batches,\n"
-        "one transaction each, so an interrupted purge keeps what it did and can simply be run again.",
+        "one transaction each, so an interrupted purge keeps what it did and can simply be run again.\n"
+        "With REDIS_URL (and the servers' SMARTEDU_REDIS_PREFIX) their stream logs are deleted from Redis too.",
         epilog="examples:\n  smartedu purge --older-than 365d --dry-run\n"
         "  smartedu purge --older-than 52w --tenant school-a\n  smartedu purge --per-tenant",
     )
@@ -159,7 +165,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         formatter_class=raw,
         description="Delete the user, their conversations with every message, flag and AI usage row, in one\n"
         "transaction. Messages they wrote in other users' conversations stay there without an author.\n"
-        "Only the given tenant is touched. Asks for confirmation unless --yes.",
+        "Only the given tenant is touched. Asks for confirmation unless --yes. With REDIS_URL (and the\n"
+        "servers' SMARTEDU_REDIS_PREFIX) the running servers close the user's sockets (4403) and stop their\n"
+        "answers, and their stream logs and presence entries are deleted from Redis.",
         epilog="example:\n  smartedu delete-user --tenant school-a --user stu-42",
     )
     delete.add_argument("--tenant", required=True, metavar="T", help="the user's tenant (school) id")
@@ -317,17 +325,67 @@ def _restore(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _purge(args: argparse.Namespace, lifecycle: Lifecycle) -> int:
+# -- Redis: copies of deleted data in live state ---------------------------------------------------
+
+
+def _redis_not_cleaned(command: str, what: str) -> None:
+    print(
+        f"smartedu {command}: REDIS_URL is not set, so Redis was not cleaned: {what}. Set the servers' REDIS_URL "
+        "(and SMARTEDU_REDIS_PREFIX) for this command to clean it too",
+        file=sys.stderr,
+    )
+
+
+async def _clean_redis(command: str, settings: Settings, clean: Callable[[RedisStore], Awaitable[None]]) -> bool:
+    """Run `clean` on the servers' Redis (REDIS_URL, the servers' SMARTEDU_REDIS_PREFIX); False if it failed,
+    having said so: the database rows are deleted already, Redis's copies expire on their own."""
+    assert settings.redis_url is not None
+    try:
+        client = await connect_redis(settings.redis_url, attempts=3)
+    except (redis.exceptions.RedisError, OSError) as exc:
+        print(f"smartedu {command}: the database rows are deleted, but Redis was not cleaned: {exc}", file=sys.stderr)
+        return False
+    store = RedisStore(client, Keys(settings.redis_prefix), log_ttl_s=settings.stream_ttl_s)
+    try:
+        await clean(store)
+        return True
+    except redis.exceptions.RedisError as exc:
+        print(f"smartedu {command}: the database rows are deleted, but Redis was not cleaned: {exc}", file=sys.stderr)
+        return False
+    finally:
+        await store.close()
+        await client.aclose()
+
+
+async def _erase_live_state(settings: Settings, deleted: UserData) -> bool:
+    """Close the deleted user's sockets and stop their answers on every replica (`erase_user` on the control
+    channel), then delete their conversations' stream logs and their presence entries."""
+    user = deleted.user
+
+    async def clean(store: RedisStore) -> None:
+        await store.publish_control(
+            {"op": "erase_user", "tenant": user.tenant_id, "user": user.external_id, "user_id": user.id,
+             "conversations": list(deleted.conversation_ids)}
+        )
+        await store.forget_conversations(deleted.conversation_ids)
+        await store.forget_presence(user.tenant_id, deleted.course_ids, user.external_id)
+
+    return await _clean_redis("delete-user", settings, clean)
+
+
+async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecycle) -> int:
     policies = await lifecycle.retention_policies(args.tenant)
     if args.tenant is not None and not policies:
         raise LifecycleError(f"there is no tenant {args.tenant!r}")
-    rules = retention_rules(policies, await lifecycle.now(), None if args.per_tenant else args.older_than)
+    now = await lifecycle.now()
+    rules = retention_rules(policies, now, None if args.per_tenant else args.older_than)
     if not rules:
         whose = f"tenant {args.tenant!r} sets" if args.tenant else "no tenant sets its"
         print(f"nothing to purge: {whose} own retention_days" if args.per_tenant else "nothing to purge: no tenants")
         return 0
     verb = "would delete" if args.dry_run else "deleted"
     total = DataCounts()
+    purged: list[str] = []  # their stream logs may still be in Redis (with a short retention)
     for rule in rules:
         at = rule.cutoff.astimezone(UTC)
         cutoff = f"{at.year:04d}-{at:%m-%d %H:%M} UTC"  # %Y is not zero-padded for year 1 ("keep forever")
@@ -336,12 +394,23 @@ async def _purge(args: argparse.Namespace, lifecycle: Lifecycle) -> int:
             progress = _Progress()
             on_batch = progress.deletions(rule.tenant_id, expired.conversations)
             try:
-                expired = await lifecycle.purge(rule, batch_size=args.batch_size, on_batch=on_batch)
+                expired = await lifecycle.purge(rule, batch_size=args.batch_size, on_batch=on_batch, purged=purged)
             finally:
                 progress.done()
         total += expired
         print(f"{rule.tenant_id}: inactive since before {cutoff} ({rule.source}): {verb} {describe(expired)}")
     print(f"{'dry run: ' if args.dry_run else ''}{verb} {describe(total)} in {_plural(len(rules), 'tenant')}")
+    if purged and settings.redis_url is None:
+        # A log expires SMARTEDU_STREAM_TTL_S after its conversation's last frame: only a retention shorter than
+        # that can purge a conversation whose log is still there.
+        if any(rule.cutoff > now - timedelta(seconds=settings.stream_ttl_s) for rule in rules):
+            _redis_not_cleaned(
+                "purge",
+                "the purged conversations' stream logs stay there until SMARTEDU_STREAM_TTL_S "
+                f"({settings.stream_ttl_s} s) after their last frame, longer than this retention",
+            )
+    elif purged and not await _clean_redis("purge", settings, lambda store: store.forget_conversations(purged)):
+        return 1
     return 0
 
 
@@ -403,13 +472,22 @@ def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
     kept = deleted.authored_elsewhere
     kept_note = f"; {_plural(kept, 'message')} in other users' conversations kept without an author" if kept else ""
     print(f"deleted user {args.user!r} of tenant {args.tenant!r}: {describe(deleted.counts)}{kept_note}")
-    return 0
+    if settings.redis_url is None:
+        _redis_not_cleaned(
+            "delete-user",
+            "their questions and answers of the last SMARTEDU_STREAM_TTL_S "
+            f"({settings.stream_ttl_s} s) stay in the stream logs until they expire, their name in the presence "
+            "lists of their courses until those are next read or idle, and their open sockets stay open (until "
+            "their token expires), answers being generated for them go on",
+        )
+        return 0
+    return 0 if asyncio.run(_erase_live_state(settings, deleted)) else 1
 
 
 _HANDLERS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "backup": _backup,
     "restore": _restore,
-    "purge": lambda args, settings: asyncio.run(_with_lifecycle(settings, lambda lc: _purge(args, lc))),
+    "purge": lambda args, settings: asyncio.run(_with_lifecycle(settings, lambda lc: _purge(args, settings, lc))),
     "export-user": _export_user,
     "delete-user": _delete_user,
 }

@@ -497,6 +497,9 @@ class UserData:
     user: UserRef
     counts: DataCounts
     authored_elsewhere: int
+    # Filled in by `delete_user`: what Redis may still hold copies of (stream logs, presence entries).
+    conversation_ids: tuple[str, ...] = ()
+    course_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -608,8 +611,11 @@ class Lifecycle:
         assert row is not None
         return DataCounts(row["conversations"], row["messages"], row["usage"], row["flags"])
 
-    async def purge_batch(self, tenant_id: str, cutoff: datetime, batch_size: int = DEFAULT_BATCH_SIZE) -> DataCounts:
-        """Delete up to `batch_size` of the tenant's expired conversations (and their rows) in one transaction."""
+    async def purge_batch(
+        self, tenant_id: str, cutoff: datetime, batch_size: int = DEFAULT_BATCH_SIZE, purged: list[str] | None = None
+    ) -> DataCounts:
+        """Delete up to `batch_size` of the tenant's expired conversations (and their rows) in one transaction;
+        their ids are appended to `purged`."""
         async with self.pool.acquire() as conn, conn.transaction():
             while True:
                 # Oldest first; a row locked right now belongs to a conversation in use (a message being
@@ -652,6 +658,8 @@ class Lifecycle:
             conversations = await conn.execute(
                 "DELETE FROM conversations WHERE tenant_id = $1 AND id = ANY($2::uuid[])", tenant_id, ids
             )
+        if purged is not None:
+            purged.extend(str(i) for i in ids)
         return DataCounts(_rowcount(conversations), _rowcount(messages), _rowcount(usage), _rowcount(flags))
 
     async def purge(
@@ -660,11 +668,13 @@ class Lifecycle:
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         on_batch: Callable[[DataCounts], None] | None = None,
+        purged: list[str] | None = None,
     ) -> DataCounts:
-        """Delete every conversation the rule expires, batch by batch; `on_batch` gets the running total."""
+        """Delete every conversation the rule expires, batch by batch; `on_batch` gets the running total and
+        `purged` the deleted conversations' ids."""
         total = DataCounts()
         while True:
-            batch = await self.purge_batch(rule.tenant_id, rule.cutoff, batch_size)
+            batch = await self.purge_batch(rule.tenant_id, rule.cutoff, batch_size, purged)
             if batch.conversations == 0:
                 return total
             total += batch
@@ -715,12 +725,12 @@ class Lifecycle:
             if row is None:
                 return None
             user = UserRef(**dict(row))
-            ids = [
-                r["id"]
-                for r in await conn.fetch(
-                    "SELECT id FROM conversations WHERE tenant_id = $1 AND user_id = $2 FOR UPDATE", tenant_id, user.id
-                )
-            ]
+            owned = await conn.fetch(
+                "SELECT id, course_id FROM conversations WHERE tenant_id = $1 AND user_id = $2 FOR UPDATE",
+                tenant_id,
+                user.id,
+            )
+            ids = [r["id"] for r in owned]
             usage = await conn.execute(
                 "DELETE FROM ai_usage WHERE tenant_id = $1 AND (user_id = $2 OR conversation_id = ANY($3::uuid[]))",
                 tenant_id,
@@ -742,7 +752,8 @@ class Lifecycle:
             )
             await conn.execute("DELETE FROM users WHERE tenant_id = $1 AND id = $2", tenant_id, user.id)
         counts = DataCounts(_rowcount(conversations), _rowcount(messages), _rowcount(usage), _rowcount(flags))
-        return UserData(user, counts, _rowcount(elsewhere))
+        courses = sorted({r["course_id"] for r in owned if r["course_id"] is not None})
+        return UserData(user, counts, _rowcount(elsewhere), tuple(str(i) for i in ids), tuple(courses))
 
     async def export_user(self, tenant_id: str, external_id: str) -> UserExport | None:
         """Every row stored about the tenant's user, read in one snapshot; None if there is no such user."""

@@ -519,6 +519,38 @@ class RedisStore:
                     pipe.srem(self.keys.conversation_nodes(conversation_id), node)
                 await pipe.execute()
 
+    async def forget_conversations(self, conversation_ids: Sequence[str]) -> None:
+        """Delete what Redis keeps of these conversations (deleted from PostgreSQL): their stream logs, which
+        hold questions and answers, their seq counters and nodes sets."""
+        for chunk in _chunks(conversation_ids):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for conversation_id in chunk:
+                    # One DEL per key: on a Redis Cluster a multi-key DEL must stay within one slot.
+                    for key in (
+                        self.keys.conversation_log(conversation_id),
+                        self.keys.conversation_log_start(conversation_id),
+                        self.keys.conversation_seq(conversation_id),
+                        self.keys.conversation_nodes(conversation_id),
+                    ):
+                        pipe.delete(key)
+                await pipe.execute()
+
+    async def forget_presence(self, tenant_id: str, course_ids: Sequence[str], external_id: str) -> int:
+        """Take the user's entries (which hold their name) off these courses' presence lists, also those a
+        crashed replica left behind; how many there were."""
+        removed = 0
+        for course_id in course_ids:
+            zkey, hkey = self.keys.presence(tenant_id, course_id), self.keys.presence_info(tenant_id, course_id)
+            entries = await self.client.hgetall(hkey)
+            theirs = [s for s, info in entries.items() if orjson.loads(info).get("user_id") == external_id]
+            if theirs:
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.zrem(zkey, *theirs)
+                    pipe.hdel(hkey, *theirs)
+                    await pipe.execute()
+                removed += len(theirs)
+        return removed
+
     async def publish_control(self, message: dict[str, object]) -> None:
         """Tell every replica something (e.g. cancel an answer that another replica generates)."""
         await self.client.publish(self.keys.control_channel(), orjson.dumps(message))

@@ -1,0 +1,159 @@
+"""delete-user and purge against live state: a running server, connected sockets, answers streaming, Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp import WSMsgType
+from redis.asyncio import Redis
+
+from server.errors import CloseCode
+from server.keys import CHAT
+from server.settings import Settings
+from tests.conftest import Serve, Server, Socket, seed_course, token
+from tests.integration.test_lifecycle import _cli
+
+pytestmark = pytest.mark.integration
+
+
+async def _redis_dump(settings: Settings) -> bytes:
+    """Every key under the test's prefix and everything stored in it, as one blob to search."""
+    assert settings.redis_url
+    client = Redis.from_url(settings.redis_url)
+    parts: list[bytes] = []
+    try:
+        async for key in client.scan_iter(match=f"{settings.redis_prefix}*"):
+            parts.append(key)
+            kind = (await client.type(key)).decode()
+            if kind == "string":
+                parts.append(await client.get(key) or b"")
+            elif kind == "stream":
+                parts += [v for _, fields in await client.xrange(key) for v in fields.values()]
+            elif kind == "hash":
+                parts += [v for pair in (await client.hgetall(key)).items() for v in pair]
+            elif kind == "zset":
+                parts += await client.zrange(key, 0, -1)
+            elif kind == "set":
+                parts += list(await client.smembers(key))
+    finally:
+        await client.aclose()
+    return b"\n".join(parts)
+
+
+async def _ask(sock: Socket, client_id: str, text: str) -> list[dict[str, Any]]:
+    await sock.send(type="message", id=client_id, text=text)
+    return await sock.until("done")
+
+
+async def _close_frame(sock: Socket) -> tuple[int, str]:
+    """The code and reason of the close frame the server sends, after any text frames."""
+    while True:
+        msg = await sock.ws.receive(timeout=5)
+        if msg.type != WSMsgType.TEXT:
+            assert msg.type == WSMsgType.CLOSE, msg
+            return int(msg.data), str(msg.extra)
+
+
+async def _idle(server: Server) -> None:
+    """Until no answer runs on the server any more."""
+    async with asyncio.timeout(10):
+        while server.client.app[CHAT].answers.active:
+            await asyncio.sleep(0.05)
+
+
+async def test_delete_user_while_connected_and_streaming_closes_them_and_leaves_nothing_in_redis(
+    serve: Serve, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await serve(offline_tokens_per_s=15)
+    for tenant in ("school-a", "school-b"):
+        await seed_course(server.settings, tenant, "alg-1", "Algebra")
+    teacher = await server.connect({"token": token("tea-1", role="teacher", courses=["alg-1"])})
+    await teacher.send(type="watch", course_id="alg-1")
+    await teacher.expect("snapshot")
+    doomed = await server.connect({"token": token(name="Ada Lovelace", courses=["alg-1"])})
+    mine = doomed.frames[0]["conversation_id"]
+    # The same external id in another school is another person: untouched.
+    other = await server.connect({"token": token(tenant="school-b", name="Bob Builder", courses=["alg-1"])})
+    theirs = other.frames[0]["conversation_id"]
+    await _ask(other, "b1", "question-from-bob about fractions")
+
+    await _ask(doomed, "a1", "question-from-ada about rhombi")
+    await doomed.send(type="message", id="a2", text="second-question-from-ada")
+    await doomed.until("token")  # an answer is streaming
+    before = await _redis_dump(server.settings)
+    assert b"question-from-ada" in before and b"Ada Lovelace" in before and mine.encode() in before
+
+    assert await _cli(server.settings, "delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes") == 0
+    assert "deleted user 'stu-1' of tenant 'school-a'" in capsys.readouterr().out
+
+    # Their socket is closed (it cannot go on chatting into the deleted account), and the teacher is told.
+    assert await _close_frame(doomed) == (CloseCode.FORBIDDEN, "account deleted")
+    async with asyncio.timeout(5):
+        while True:
+            event = await teacher.expect("event")
+            if event["kind"] == "left":
+                assert event["student"]["user_id"] == "stu-1"
+                break
+    await _idle(server)
+    # The streaming answer's commit recreated nothing: school-a keeps only the teacher and their (empty)
+    # conversation from the watch's hello.
+    assert await db.fetch("SELECT external_id FROM users WHERE tenant_id = 'school-a'") == [("tea-1",)]
+    owners = await db.fetch(
+        "SELECT DISTINCT u.external_id FROM conversations c JOIN users u ON u.id = c.user_id"
+        " WHERE c.tenant_id = 'school-a'"
+    )
+    assert owners == [("tea-1",)]
+    for table in ("messages", "ai_usage", "message_flags"):
+        assert await db.fetchval(f"SELECT count(*) FROM {table} WHERE tenant_id = 'school-a'") == 0, table
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE conversation_id = $1", theirs) == 2
+    # Nothing of theirs is readable in Redis any more: no question, answer, name or conversation.
+    async with asyncio.timeout(5):
+        while True:
+            after = await _redis_dump(server.settings)
+            if mine.encode() not in after:
+                break
+            await asyncio.sleep(0.1)
+    for personal in (b"question-from-ada", b"second-question-from-ada", b"Ada Lovelace"):
+        assert personal not in after, personal
+    # The other school's student keeps everything and chats on.
+    assert b"question-from-bob" in after and b"Bob Builder" in after
+    assert (await _ask(other, "b2", "still here?"))[-1]["status"] == "complete"
+
+
+async def test_purge_removes_the_purged_conversations_stream_logs(
+    serve: Serve, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await serve(offline_tokens_per_s=0)
+    old = await server.connect({"token": token("stu-old")})
+    purged = old.frames[0]["conversation_id"]
+    await _ask(old, "o1", "question-to-be-purged")
+    await old.close()
+    kept = await server.connect({"token": token("stu-new")})
+    await _ask(kept, "n1", "question-to-be-kept")
+    await db.execute("UPDATE conversations SET updated_at = now() - interval '400 days' WHERE id = $1", purged)
+    await db.execute("UPDATE messages SET created_at = now() - interval '400 days' WHERE conversation_id = $1", purged)
+    assert b"question-to-be-purged" in await _redis_dump(server.settings)
+
+    assert await _cli(server.settings, "purge", "--older-than", "365d") == 0
+    assert "deleted 1 conversation," in capsys.readouterr().out
+    after = await _redis_dump(server.settings)
+    assert b"question-to-be-purged" not in after and purged.encode() not in after
+    assert b"question-to-be-kept" in after
+
+
+async def test_without_redis_the_commands_work_and_say_what_was_not_cleaned(
+    serve: Serve, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await serve(offline_tokens_per_s=0)
+    sock = await server.connect({"token": token()})
+    await _ask(sock, "q1", "a question")
+    database_only = replace(server.settings, redis_url=None)
+    assert await _cli(database_only, "delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes") == 0
+    captured = capsys.readouterr()
+    assert "deleted user 'stu-1'" in captured.out
+    assert "REDIS_URL is not set" in captured.err and "not cleaned" in captured.err, captured.err
+    assert await db.fetchval("SELECT count(*) FROM users") == 0
