@@ -7,12 +7,13 @@ from dataclasses import replace
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp import WSMsgType
 from redis.asyncio import Redis
 
 from server.errors import CloseCode
-from server.keys import CHAT
+from server.keys import CHAT, REDIS
 from server.settings import Settings
 from tests.conftest import Serve, Server, Socket, seed_course, token
 from tests.integration.test_lifecycle import _cli
@@ -26,7 +27,7 @@ async def _redis_dump(settings: Settings) -> bytes:
     client = Redis.from_url(settings.redis_url)
     parts: list[bytes] = []
     try:
-        async for key in client.scan_iter(match=f"{settings.redis_prefix}*"):
+        async for key in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000):
             parts.append(key)
             kind = (await client.type(key)).decode()
             if kind == "string":
@@ -68,7 +69,8 @@ async def _idle(server: Server) -> None:
 async def test_delete_user_while_connected_and_streaming_closes_them_and_leaves_nothing_in_redis(
     serve: Serve, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server = await serve(offline_tokens_per_s=15)
+    # Long answers in frequent frames: frames keep coming while the command runs.
+    server = await serve(offline_tokens_per_s=1000, offline_reply_words=5000, frame_interval_ms=1)
     for tenant in ("school-a", "school-b"):
         await seed_course(server.settings, tenant, "alg-1", "Algebra")
     teacher = await server.connect({"token": token("tea-1", role="teacher", courses=["alg-1"])})
@@ -79,10 +81,11 @@ async def test_delete_user_while_connected_and_streaming_closes_them_and_leaves_
     # The same external id in another school is another person: untouched.
     other = await server.connect({"token": token(tenant="school-b", name="Bob Builder", courses=["alg-1"])})
     theirs = other.frames[0]["conversation_id"]
-    await _ask(other, "b1", "question-from-bob about fractions")
+    await other.send(type="message", id="b1", text="question-from-bob about fractions")
+    bobs_reply = (await other.expect("ack"))["reply_id"]
+    await other.until("token")
 
-    await _ask(doomed, "a1", "question-from-ada about rhombi")
-    await doomed.send(type="message", id="a2", text="second-question-from-ada")
+    await doomed.send(type="message", id="a1", text="question-from-ada about rhombi")
     await doomed.until("token")  # an answer is streaming
     before = await _redis_dump(server.settings)
     assert b"question-from-ada" in before and b"Ada Lovelace" in before and mine.encode() in before
@@ -98,7 +101,11 @@ async def test_delete_user_while_connected_and_streaming_closes_them_and_leaves_
             if event["kind"] == "left":
                 assert event["student"]["user_id"] == "stu-1"
                 break
+    await other.send(type="cancel", reply_id=bobs_reply)
     await _idle(server)
+    # A teacher opening the course afterwards does not see them either.
+    await teacher.send(type="watch", course_id="alg-1")
+    assert (await teacher.until("snapshot"))[-1]["students"] == []
     # The streaming answer's commit recreated nothing: school-a keeps only the teacher and their (empty)
     # conversation from the watch's hello.
     assert await db.fetch("SELECT external_id FROM users WHERE tenant_id = 'school-a'") == [("tea-1",)]
@@ -117,11 +124,13 @@ async def test_delete_user_while_connected_and_streaming_closes_them_and_leaves_
             if mine.encode() not in after:
                 break
             await asyncio.sleep(0.1)
-    for personal in (b"question-from-ada", b"second-question-from-ada", b"Ada Lovelace"):
+    for personal in (b"question-from-ada", b"Ada Lovelace"):
         assert personal not in after, personal
-    # The other school's student keeps everything and chats on.
+    # The other school's student keeps everything, and their socket.
     assert b"question-from-bob" in after and b"Bob Builder" in after
-    assert (await _ask(other, "b2", "still here?"))[-1]["status"] == "complete"
+    assert (await other.until("done"))[-1]["status"] == "stopped"
+    await other.send(type="ping")
+    await other.expect("pong")
 
 
 async def test_purge_removes_the_purged_conversations_stream_logs(
@@ -157,3 +166,23 @@ async def test_without_redis_the_commands_work_and_say_what_was_not_cleaned(
     assert "deleted user 'stu-1'" in captured.out
     assert "REDIS_URL is not set" in captured.err and "not cleaned" in captured.err, captured.err
     assert await db.fetchval("SELECT count(*) FROM users") == 0
+
+
+async def test_delete_user_removes_presence_entries_a_crashed_replica_left_behind(
+    serve: Serve, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await serve(offline_tokens_per_s=0)
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra")
+    sock = await server.connect({"token": token(courses=["alg-1"])})
+    await sock.close()
+    # A replica that crashed never takes its sessions off; a classmate's heartbeats keep the course's keys.
+    store = server.client.app[REDIS]
+    for session, user, name in (("gone", "stu-1", "Ada Lovelace"), ("here", "stu-2", "Grace Hopper")):
+        info = orjson.dumps({"session_id": session, "user_id": user, "name": name, "role": "student"})
+        await store.announce("school-a", "alg-1", session, info, 60_000)
+
+    assert await _cli(server.settings, "delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes") == 0
+    capsys.readouterr()
+    after = await _redis_dump(server.settings)
+    assert b"Ada Lovelace" not in after and b"Grace Hopper" in after
+    assert [s["user_id"] for s in await store.online("school-a", "alg-1")] == ["stu-2"]
