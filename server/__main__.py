@@ -261,7 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _token(settings, args)
         if args.command == "serve":
             return _serve(settings, args)
-        with _services(settings, need_redis=False) as ready:
+        # In embedded mode the servers' Redis is the embedded one (shared with a running server, else started
+        # for the command): purge and delete-user clean it too. With a DATABASE_URL they use REDIS_URL or none.
+        embedded_redis = args.command in lifecycle_cli.REDIS_COMMANDS and settings.database_url is None
+        with _services(settings, need_redis=embedded_redis) as ready:
             # Before _prepare: restore must find an empty database, not a freshly migrated one.
             if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
                 return lifecycle_cli.run(args, ready)

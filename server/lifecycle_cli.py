@@ -55,6 +55,8 @@ from .settings import Settings
 T = TypeVar("T")
 
 LIFECYCLE_COMMANDS = frozenset({"backup", "restore", "purge", "export-user", "delete-user"})
+# Those that also delete the copies the servers keep in Redis.
+REDIS_COMMANDS = frozenset({"purge", "delete-user"})
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

@@ -489,7 +489,7 @@ async def test_delete_user_asks_first_when_run_as_a_command(
 ) -> None:
     doomed = await seed_user(db, "school-a", "stu-1", conversations=1)
     env = {**os.environ, "DATABASE_URL": services.database_url, "REDIS_URL": services.redis_url,
-           "SMARTEDU_DATA_DIR": str(tmp_path)}
+           "SMARTEDU_REDIS_PREFIX": settings.redis_prefix, "SMARTEDU_DATA_DIR": str(tmp_path)}
     command = [*_smartedu(), "delete-user", "--tenant", "school-a", "--user", "stu-1"]
 
     def answer(text: str) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,7 +18,9 @@ from redis.asyncio import Redis
 from server.errors import CloseCode
 from server.keys import CHAT, REDIS
 from server.settings import Settings
+from storage.seed import DEMO_STUDENT, DEMO_TENANT
 from tests.conftest import Serve, Server, Socket, seed_course, token
+from tests.integration.test_cli import SMARTEDU, _chat, _free_port, _start, _stop
 from tests.integration.test_lifecycle import _cli
 
 pytestmark = pytest.mark.integration
@@ -186,3 +191,25 @@ async def test_delete_user_removes_presence_entries_a_crashed_replica_left_behin
     after = await _redis_dump(server.settings)
     assert b"Ada Lovelace" not in after and b"Grace Hopper" in after
     assert [s["user_id"] for s in await store.online("school-a", "alg-1")] == ["stu-2"]
+
+
+def test_in_embedded_mode_delete_user_cleans_the_running_servers_embedded_redis(tmp_path: Path) -> None:
+    port = _free_port()
+    proc, url = _start(tmp_path, port)
+    try:
+        token = url.split("token=")[1]
+        asyncio.run(_chat(f"http://127.0.0.1:{port}/ws", token, "embedded-question-to-erase"))
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "SMARTEDU_JWT_SECRET")}
+        env["SMARTEDU_DATA_DIR"] = str(tmp_path / "data")
+        deleted = subprocess.run(
+            [*SMARTEDU, "delete-user", "--tenant", DEMO_TENANT, "--user", DEMO_STUDENT, "--yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert deleted.returncode == 0 and "REDIS_URL is not set" not in deleted.stderr, deleted
+        embedded = Settings(redis_url=f"unix://{tmp_path / 'data' / 'redis.sock'}")
+        assert b"embedded-question-to-erase" not in asyncio.run(_redis_dump(embedded))
+    finally:
+        _stop(proc)
