@@ -402,18 +402,22 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
         total += expired
         print(f"{rule.tenant_id}: inactive since before {cutoff} ({rule.source}): {verb} {describe(expired)}")
     print(f"{'dry run: ' if args.dry_run else ''}{verb} {describe(total)} in {_plural(len(rules), 'tenant')}")
-    if purged and settings.redis_url is None:
-        # A log expires SMARTEDU_STREAM_TTL_S after its conversation's last frame: only a retention shorter than
-        # that can purge a conversation whose log is still there.
-        if any(rule.cutoff > now - timedelta(seconds=settings.stream_ttl_s) for rule in rules):
+    if not purged:
+        return 0
+    # A log expires SMARTEDU_STREAM_TTL_S after its conversation's last frame: only a retention shorter than
+    # that can purge a conversation whose log is still there. Otherwise Redis is cleaned all the same, but
+    # failing to changes nothing, and does not fail the (daily) command.
+    logs_left = any(rule.cutoff > now - timedelta(seconds=settings.stream_ttl_s) for rule in rules)
+    if settings.redis_url is None:
+        if logs_left:
             _redis_not_cleaned(
                 "purge",
                 "the purged conversations' stream logs stay there until SMARTEDU_STREAM_TTL_S "
                 f"({settings.stream_ttl_s} s) after their last frame, longer than this retention",
             )
-    elif purged and not await _clean_redis("purge", settings, lambda store: store.forget_conversations(purged)):
-        return 1
-    return 0
+        return 0
+    cleaned = await _clean_redis("purge", settings, lambda store: store.forget_conversations(purged))
+    return 1 if logs_left and not cleaned else 0
 
 
 async def _with_lifecycle(settings: Settings, action: Callable[[Lifecycle], Awaitable[T]]) -> T:

@@ -21,7 +21,7 @@ from server.settings import Settings
 from storage.seed import DEMO_STUDENT, DEMO_TENANT
 from tests.conftest import Serve, Server, Socket, seed_course, token
 from tests.integration.test_cli import SMARTEDU, _chat, _free_port, _start, _stop
-from tests.integration.test_lifecycle import _cli
+from tests.integration.test_lifecycle import _cli, seed_user
 
 pytestmark = pytest.mark.integration
 
@@ -171,6 +171,26 @@ async def test_without_redis_the_commands_work_and_say_what_was_not_cleaned(
     assert "deleted user 'stu-1'" in captured.out
     assert "REDIS_URL is not set" in captured.err and "not cleaned" in captured.err, captured.err
     assert await db.fetchval("SELECT count(*) FROM users") == 0
+
+    # A purge with a retention longer than the logs live has nothing to say about Redis.
+    old = await seed_user(db, "school-a", "stu-2", conversations=1, age_days=400)
+    assert await _cli(database_only, "purge", "--older-than", "365d") == 0
+    captured = capsys.readouterr()
+    assert "deleted 1 conversation," in captured.out and "REDIS_URL" not in captured.err, captured.err
+    assert old.conversations[0] not in str(await db.fetch("SELECT id FROM conversations"))
+
+    # A Redis that cannot be reached: the rows are deleted, the command says what it could not do.
+    await seed_user(db, "school-a", "stu-3", conversations=1)
+    unreachable = replace(server.settings, redis_url="redis://127.0.0.1:1/0")
+    assert await _cli(unreachable, "delete-user", "--tenant", "school-a", "--user", "stu-3", "--yes") == 1
+    captured = capsys.readouterr()
+    assert "deleted user 'stu-3'" in captured.out
+    assert "the database rows are deleted, but Redis was not cleaned" in captured.err, captured.err
+    assert await db.fetchval("SELECT count(*) FROM users WHERE external_id = 'stu-3'") == 0
+    # A daily purge does not fail for logs that have expired anyway.
+    await seed_user(db, "school-a", "stu-4", conversations=1, age_days=400)
+    assert await _cli(unreachable, "purge", "--older-than", "365d") == 0
+    assert "Redis was not cleaned" in capsys.readouterr().err
 
 
 async def test_delete_user_removes_presence_entries_a_crashed_replica_left_behind(
