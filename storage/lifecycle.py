@@ -33,6 +33,8 @@ Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
 TableProgress: TypeAlias = Callable[[str, int, int], None]
 
 DEFAULT_BATCH_SIZE = 1000
+# How often delete-user is tried when it deadlocks with an answer being committed.
+_DELETE_ATTEMPTS = 3
 _ARCHIVE_MAGIC = b"PGDMP"
 
 
@@ -715,6 +717,19 @@ class Lifecycle:
 
     async def delete_user(self, tenant_id: str, external_id: str) -> UserData | None:
         """Delete the tenant's user with their conversations, messages, flags and usage rows; None if absent."""
+        for attempt in range(1, _DELETE_ATTEMPTS + 1):
+            try:
+                return await self._delete_user(tenant_id, external_id)
+            except asyncpg.DeadlockDetectedError:
+                # An answer committed meanwhile: its statement holds the answer's row and waits for the user's
+                # (its usage row's foreign key), which this transaction holds while it waits for the answer's
+                # row. PostgreSQL aborts one of the two; when it is this one, the answer is committed by now and
+                # deleted by the next attempt.
+                if attempt == _DELETE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _delete_user(self, tenant_id: str, external_id: str) -> UserData | None:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT id::text AS id, tenant_id, external_id, role FROM users"

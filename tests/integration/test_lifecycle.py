@@ -467,6 +467,40 @@ async def test_delete_user_removes_everything_of_theirs_and_nothing_else(
     assert await _cli(settings, "delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes") == 1
 
 
+async def test_delete_user_wins_over_an_answer_committed_at_the_same_moment(
+    settings: Settings, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: "database error: deadlock detected", exit 1, and the user and their answer stayed.
+    doomed = await seed_user(db, "school-a", "stu-1", conversations=1)
+    conversation = doomed.conversations[0]
+    reply = await db.fetchval(
+        "INSERT INTO messages (tenant_id, conversation_id, role, status) VALUES ('school-a', $1, 'assistant',"
+        " 'streaming') RETURNING id",
+        conversation,
+    )
+    # An answer's commit, in the order its statement takes its locks: the answer's row, then (the usage
+    # row's foreign keys) the user's; delete-user starts in between.
+    answer = await asyncpg.connect(settings.database_url)
+    try:
+        async with answer.transaction():
+            await answer.execute("UPDATE messages SET text = 'an answer', status = 'complete' WHERE id = $1", reply)
+            deleting = asyncio.create_task(
+                _cli(settings, "delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes")
+            )
+            await asyncio.sleep(0.5)  # delete-user holds the user's row and waits for the answer's
+            await answer.execute(
+                "INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model, status)"
+                " VALUES ('school-a', $1, $2, $3, 'offline', 'tutor', 'complete')",
+                doomed.user_id, conversation, reply,
+            )
+    finally:
+        await answer.close()
+    assert await deleting == 0, capsys.readouterr().err
+    assert "deleted user 'stu-1' of tenant 'school-a'" in capsys.readouterr().out
+    for table in ("users", "conversations", "messages", "ai_usage", "message_flags"):
+        assert await _ids(db, table) == set(), table
+
+
 def _smartedu() -> list[str]:
     """`python -m server` once server/__main__.py wires the commands; until then the same two-line wiring."""
     from server.__main__ import _parser
