@@ -10,6 +10,10 @@
   var WELCOME_LIMIT_MS = 15000;
   var BACKOFF_BASE_MS = 500;
   var BACKOFF_CAP_MS = 30000;
+  // Close code 1013: the server shed this client for falling behind (server/peer.py), not because it is
+  // failing. Such a client comes back at once and resumes; a second shed within this window backs off.
+  var SLOW_CLOSE = 1013;
+  var SHED_AGAIN_MS = 10000;
 
   /* ---- helpers --------------------------------------------------------------------------------- */
 
@@ -69,6 +73,7 @@
     this.stopped = true;
     this.welcomed = false;
     this.connections = 0;
+    this.shedAt = 0;
     var self = this;
     window.addEventListener('online', function () { if (!self.stopped) { self.attempt = 0; self.connect(); } });
     window.addEventListener('offline', function () { if (!self.stopped) self.detach('offline'); });
@@ -134,6 +139,7 @@
       clearInterval(self.pinger);
       var decision = self.hooks.onClose(event.code);
       if (decision === 'stop') self.stop();
+      else if (event.code === SLOW_CLOSE && self.welcomed && decision === undefined && self.shed()) self.connect();
       else self.retry(typeof decision === 'number' ? decision : undefined);
     };
     ws.onerror = function () { /* a close event follows */ };
@@ -164,6 +170,15 @@
     this.hooks.onClose(0);
     if (state === 'offline') this.state('offline');
     else this.retry(delay);
+  };
+
+  // True when a close for falling behind may reconnect at once: the first one in SHED_AGAIN_MS. The
+  // backoff's attempt count is left alone (this is no failure of the server).
+  Socket.prototype.shed = function () {
+    var now = Date.now();
+    var first = now - this.shedAt > SHED_AGAIN_MS;
+    this.shedAt = now;
+    return first;
   };
 
   Socket.prototype.welcome = function () {

@@ -525,3 +525,52 @@ async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, brows
     assert await shown(50) == ("The answer could not be completed", True)
     assert await shown(60) == ("The tutor could not process this conversation", False)
     assert problems == []
+
+
+STATES = """sel => {
+  window.states = [];
+  const box = document.querySelector(sel);
+  new MutationObserver(() => window.states.push(box.dataset.state)).observe(box, { attributes: true });
+}"""
+
+
+async def test_a_client_shed_for_falling_behind_resumes_at_once_without_a_reconnecting_state(
+    serve: Serve, browser: Browser
+) -> None:
+    """Close code 1013 (the server's backlog for this client was full) is no failure of the server: the
+    page reconnects at once with resume_from, without the "Reconnecting in N s" state or a notice. A second
+    1013 right after backs off like any drop (a client that cannot keep up does not hammer the server)."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    hellos: list[dict[str, Any]] = []
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] != "hello":
+            return
+        hellos.append(frame)
+        base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE, "user": {"name": "Ada"}}
+        if number == 1:
+            send(**base, seq=4, history=_history(1, 4))
+            send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Half an", seq=5)
+        else:
+            send(**base, seq=6, resumed=True, history=[])
+            send(type="token", conversation_id="c1", reply_id=5, offset=7, text=" answer", seq=6)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await page.wait_for_function("() => SmartEdu.client.lastSeq === 5")
+    await page.evaluate(STATES, ".se-status")
+    await sockets[0].close(code=1013, reason="too slow")
+
+    await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Half an answer'")
+    await page.wait_for_function("() => SmartEdu.client.ready")
+    assert [(h.get("conversation_id"), h.get("resume_from")) for h in hellos] == [(None, None), ("c1", 5)]
+    assert "reconnecting" not in await page.evaluate("window.states")
+    assert await page.locator(".se-notice").count() == 0
+    assert await page.locator(".se-status").get_attribute("data-state") == "online"
+
+    await sockets[1].close(code=1013, reason="too slow")  # again within seconds: backs off
+    await page.wait_for_selector('.se-status[data-state="reconnecting"]')
+    await page.wait_for_function("() => SmartEdu.client.ready")
+    assert len(hellos) == 3
+    assert problems == []

@@ -484,3 +484,38 @@ async def test_a_students_new_conversation_shows_in_the_dashboard(serve: Serve, 
     shown = await teacher.locator(".st-messages .se-msg--user .se-bubble__body").all_text_contents()
     assert shown == ["new topic"]
     assert problems == []
+
+
+async def test_a_dashboard_shed_for_falling_behind_watches_again_at_once(serve: Serve, browser: Browser) -> None:
+    """Close code 1013 (the dashboard read too slowly) is no failure of the server: the dashboard
+    reconnects at once and watches its courses again, never showing "Reconnecting in N s"."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    sockets: list[WebSocketRoute] = []
+    watches: list[int] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            _welcome_teacher(send)
+        elif frame["type"] == "watch":
+            watches.append(number)
+            send(type="snapshot", course_id=COURSE, students=[ADA] if number == 1 else [])
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")
+    await page.get_by_role("button", name=re.compile(r"^Ada")).wait_for()
+    await page.evaluate(
+        """() => {
+          window.states = [];
+          const box = document.querySelector('.st-status');
+          new MutationObserver(() => window.states.push(box.dataset.state)).observe(box, { attributes: true });
+        }"""
+    )
+    await sockets[0].close(code=1013, reason="too slow")
+    await page.get_by_role("button", name=re.compile(r"^Ada")).wait_for(state="detached")  # the new snapshot
+    assert watches == [1, 2]
+    assert "reconnecting" not in await page.evaluate("window.states")
+    assert await page.locator(".st-status").get_attribute("data-state") == "online"
+    assert problems == []
