@@ -987,7 +987,10 @@
     view.conversationsToggle.setAttribute('aria-expanded', 'true');
     view.conversationList.textContent = '';
     this.conversationsNote('Loading\u2026');
-    var url = '/api/conversations?limit=20' + (this.courseId ? '&course_id=' + encodeURIComponent(this.courseId) : '');
+    // The server picks this conversation's course (or no course): a page filtering the newest 20 of all
+    // the student's conversations would show an empty or short list beside many in other courses.
+    var url = '/api/conversations?limit=20' +
+      (this.courseId ? '&course_id=' + encodeURIComponent(this.courseId) : '&no_course=true');
     var base = this.options.apiBase || '';
     var asked = this.conversationsAsked = {};
     fetch(base + url, { headers: { Authorization: 'Bearer ' + this.token }, credentials: 'omit', cache: 'no-store' })
@@ -1000,8 +1003,6 @@
           self.conversationsNote('Your conversations could not be loaded. Try again in a moment.');
           return;
         }
-        var course = self.courseId;
-        list = list.filter(function (c) { return (c.course_id || null) === course; });
         self.conversationsNote(list.length ? null : 'No conversations yet.');
         list.forEach(function (c) { view.conversationList.appendChild(self.conversationItem(c)); });
       });
