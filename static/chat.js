@@ -235,7 +235,6 @@
     this.rateUntil = 0;
     this.rateTimer = null;
     this.dirty = new Set();
-    this.frame = 0;
     this.signedOut = false;
     this.tokenTimer = null;
     this.aiPaused = false;
@@ -245,6 +244,7 @@
     if (this.course) this.view.title.textContent = this.course;
     var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     var self = this;
+    this.pacer = new common.Pacer(function () { self.renderDirty(); });
     this.transport = new Transport(options.socketUrl || scheme + '//' + location.host + '/ws', {
       onOpen: function () { self.sendHello(); },
       onFrame: function (frame) { self.onFrame(frame); },
@@ -615,19 +615,14 @@
 
   Client.prototype.markDirty = function (item) {
     this.dirty.add(item);
-    if (this.frame) return;
-    var self = this;
-    var flush = function () { self.frame = 0; self.flushRender(); };
-    // Hidden tabs get no animation frames; a timer keeps the transcript current there.
-    this.frame = document.hidden ? setTimeout(flush, 250) : requestAnimationFrame(flush);
+    this.pacer.request();
   };
 
   Client.prototype.flushRender = function () {
-    if (this.frame) {
-      cancelAnimationFrame(this.frame);
-      clearTimeout(this.frame);
-      this.frame = 0;
-    }
+    this.pacer.flush();
+  };
+
+  Client.prototype.renderDirty = function () {
     var stick = this.view.stick || this.view.nearBottom();
     var self = this;
     this.dirty.forEach(function (item) { self.render(item); });

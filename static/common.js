@@ -56,9 +56,36 @@
     return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
-  /* ---- Socket ---------------------------------------------------------------------------------- */
+  /* ---- Pacer ----------------------------------------------------------------------------------- */
 
-  /* ---- Socket ------------------------------------------------------------------------------- */
+  // Renders what changed at most once an animation frame (hidden tabs get none: a timer instead). Frame
+  // and timer ids are separate counters, so each is cancelled by its own kind: clearTimeout with a
+  // frame's id would cancel whatever timer has the same number (a heartbeat, a resend, a notice's).
+  var HIDDEN_RENDER_MS = 250;
+
+  function Pacer(render) {
+    this.render = render;
+    this.frame = 0;
+    this.timer = 0;
+  }
+
+  Pacer.prototype.request = function () {
+    if (this.frame || this.timer) return;
+    var self = this;
+    var run = function () { self.flush(); };
+    if (document.hidden) this.timer = setTimeout(run, HIDDEN_RENDER_MS);
+    else this.frame = requestAnimationFrame(run);
+  };
+
+  // Render now (an answer that ended is shown whole at once), instead of at the requested time.
+  Pacer.prototype.flush = function () {
+    if (this.frame) cancelAnimationFrame(this.frame);
+    if (this.timer) clearTimeout(this.timer);
+    this.frame = this.timer = 0;
+    this.render();
+  };
+
+  /* ---- Socket ---------------------------------------------------------------------------------- */
 
   function Socket(url, hooks) {
     this.url = url;
@@ -228,6 +255,6 @@
   };
 
   ns.common = {
-    newId: newId, cpLength: cpLength, cpSlice: cpSlice, h: h, formatTime: formatTime, Socket: Socket,
+    newId: newId, cpLength: cpLength, cpSlice: cpSlice, h: h, formatTime: formatTime, Socket: Socket, Pacer: Pacer,
   };
 })();

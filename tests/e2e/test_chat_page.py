@@ -574,3 +574,44 @@ async def test_a_client_shed_for_falling_behind_resumes_at_once_without_a_reconn
     await page.wait_for_function("() => SmartEdu.client.ready")
     assert len(hellos) == 3
     assert problems == []
+
+
+# Start a page timer whose id is the number the next animation frame will get, then a token and the `done`
+# of its answer arrive in one task.
+TOKEN_AND_DONE_BESIDE_A_TIMER = """() => {
+  window.fired = false;
+  let frame = requestAnimationFrame(() => {});
+  cancelAnimationFrame(frame);
+  let timer = 0;
+  do {
+    clearTimeout(timer);
+    timer = setTimeout(() => { window.fired = true; }, 100);
+  } while (timer <= frame + 1);
+  while (frame < timer - 1) {
+    frame = requestAnimationFrame(() => {});
+    cancelAnimationFrame(frame);
+  }
+  const client = SmartEdu.client;
+  client.onFrame({ type: 'token', conversation_id: 'c1', reply_id: 5, offset: 0, text: 'Hi', seq: 1 });
+  client.onFrame({ type: 'done', conversation_id: 'c1', reply_id: 5, status: 'complete', length: 2, seq: 2 });
+}"""
+
+
+async def test_an_answer_ending_before_its_render_cancels_no_timer_of_the_page(serve: Serve, browser: Browser) -> None:
+    """A token asks for an animation frame to render in; a `done` in the same task renders at once and
+    cancels that frame. It used to cancel it with clearTimeout too, and timer and frame ids are separate
+    counters: the page's timer with the same number (a heartbeat, a resend, a notice's) silently stopped."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=0, history=[])
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await page.evaluate(TOKEN_AND_DONE_BESIDE_A_TIMER)
+    await page.wait_for_timeout(300)
+    assert await page.evaluate("window.fired") is True
+    assert await page.locator('.se-msg--assistant[data-id="5"] .se-bubble__body').text_content() == "Hi"
+    assert problems == []
