@@ -1257,6 +1257,7 @@
     var root = document.querySelector('[data-smartedu-chat]');
     if (!root || root.getAttribute('data-started')) return;
     root.setAttribute('data-started', 'true');
+    common.reloadOnNewToken();
     var mode = root.getAttribute('data-mode') === 'embed' ? 'embed' : 'page';
     var fragment = readFragment();
     var query = new URLSearchParams(location.search);

@@ -56,6 +56,15 @@
     return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
+  // A sign-in link opened again in a tab already showing the page (a school's site reusing a named window)
+  // changes only the fragment: the page is not loaded again, so the new token would stay unread in the
+  // address bar and the history. Loading the page again reads it like the first time, and takes it out.
+  function reloadOnNewToken() {
+    window.addEventListener('hashchange', function () {
+      if (new URLSearchParams(location.hash.replace(/^#/, '')).has('token')) location.reload();
+    });
+  }
+
   /* ---- Pacer ----------------------------------------------------------------------------------- */
 
   // Renders what changed at most once an animation frame (hidden tabs get none: a timer instead). Frame
@@ -256,5 +265,6 @@
 
   ns.common = {
     newId: newId, cpLength: cpLength, cpSlice: cpSlice, h: h, formatTime: formatTime, Socket: Socket, Pacer: Pacer,
+    reloadOnNewToken: reloadOnNewToken,
   };
 })();

@@ -1197,6 +1197,7 @@
     var root = document.querySelector('[data-smartedu-teacher]');
     if (!root || root.getAttribute('data-started')) return;
     root.setAttribute('data-started', 'true');
+    common.reloadOnNewToken();
     var theme = new URLSearchParams(location.search).get('theme');
     if (theme === 'light' || theme === 'dark') document.documentElement.setAttribute('data-theme', theme);
     var token = readFragment();

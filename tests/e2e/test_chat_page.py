@@ -615,3 +615,21 @@ async def test_an_answer_ending_before_its_render_cancels_no_timer_of_the_page(s
     assert await page.evaluate("window.fired") is True
     assert await page.locator('.se-msg--assistant[data-id="5"] .se-bubble__body').text_content() == "Hi"
     assert problems == []
+
+
+async def test_a_sign_in_link_opened_again_in_the_same_tab_signs_in_and_leaves_no_token(
+    serve: Serve, browser: Browser
+) -> None:
+    """A school's site reusing a tab (a named window) already on /chat changes only the fragment: the
+    page was not loaded again, so the new token stayed in the address bar and the history, and unread."""
+    server, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    await page.goto(str(server.client.make_url("/chat")) + f"#course={COURSE}")
+    await page.wait_for_selector('.se-status[data-state="signed-out"]')
+    await page.evaluate("url => window.open(url, '_self')", url)  # same document: only the fragment changes
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    assert "token=" not in page.url
+    assert await page.evaluate("SmartEdu.client.course") == COURSE
+    await page.go_back()
+    assert "token=" not in page.url
+    assert problems == []

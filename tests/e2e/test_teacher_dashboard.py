@@ -567,3 +567,21 @@ async def test_hostile_names_course_ids_questions_and_answers_are_text_on_both_p
     for page in (chat, teacher):
         assert await page.locator(f"body {INJECTED}").count() == 0
     assert problems == []
+
+
+async def test_a_sign_in_link_opened_again_in_the_same_tab_signs_the_teacher_in(
+    serve: Serve, browser: Browser
+) -> None:
+    """As on the chat page: a sign-in link that changes only the fragment of an open dashboard is read
+    (the page loads again) and taken out of the address bar, instead of staying there unread."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    await page.goto(str(server.client.make_url("/teacher")))
+    await page.wait_for_selector('.st-status[data-state="signed-out"]')
+    link = str(server.client.make_url("/teacher")) + f"#token={TEACHER}"
+    await page.evaluate("url => window.open(url, '_self')", link)  # same document: only the fragment changes
+    await page.wait_for_selector('.st-status[data-state="online"]')
+    assert "token=" not in page.url
+    assert problems == []
