@@ -8,7 +8,7 @@ from server.errors import bad_request
 from server.keys import CHAT, DATABASE, SETTINGS
 from server.protocol import HistoryRequest
 
-from .common import no_nul, path_param, query_int, require_claims
+from .common import no_nul, path_param, query_flag, query_int, require_claims
 
 
 async def list_conversations(request: web.Request) -> web.Response:
@@ -16,12 +16,17 @@ async def list_conversations(request: web.Request) -> web.Response:
     db = request.app[DATABASE]
     limit = query_int(request, "limit", 50, 1, 100) or 50
     course_id = request.query.get("course_id") or None
+    no_course = query_flag(request, "no_course")
     if course_id is not None:
         if len(no_nul(course_id, "'course_id'")) > 200:
             raise bad_request("query parameter 'course_id' must be at most 200 characters")
+        if no_course:
+            raise bad_request("query parameters 'course_id' and 'no_course' exclude each other")
         claims.require_course(course_id)
+    elif no_course:
+        claims.require_no_course()
     user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
-    conversations = await db.list_conversations(claims.tenant, user.id, limit, course_id)
+    conversations = await db.list_conversations(claims.tenant, user.id, limit, course_id, no_course=no_course)
     return web.json_response(
         {
             "conversations": [

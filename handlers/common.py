@@ -43,6 +43,14 @@ def query_int(request: web.Request, name: str, default: int | None, minimum: int
     return value
 
 
+def query_flag(request: web.Request, name: str) -> bool:
+    """A `true`/`false` query parameter (absent or empty: false)."""
+    raw = request.query.get(name, "")
+    if raw not in ("", "true", "false"):
+        raise bad_request(f"query parameter '{name}' must be true or false")
+    return raw == "true"
+
+
 def no_nul(value: str, what: str) -> str:
     """The value, unless it holds a NUL character (PostgreSQL cannot store one): a bad request."""
     if "\x00" in value:

@@ -7,6 +7,7 @@ import html
 from aiohttp import web
 
 from server.keys import DATABASE, SETTINGS
+from server.origins import framing_origins
 
 _BASE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -34,11 +35,11 @@ async def teacher_page(request: web.Request) -> web.FileResponse:
 async def embed_page(request: web.Request) -> web.Response:
     """The iframe page: only the tenant's allowed origins (and the configured ones) may frame it."""
     settings = request.app[SETTINGS]
-    origins = [o for o in settings.allowed_origins if o != "*"]
+    tenant_origins: tuple[str, ...] = ()
     tenant_id = request.query.get("tenant", "")
     if tenant_id and len(tenant_id) <= 100 and "\x00" not in tenant_id:
-        tenant = await request.app[DATABASE].get_tenant(tenant_id)
-        origins += [o for o in tenant.allowed_origins if o not in origins]
+        tenant_origins = (await request.app[DATABASE].get_tenant(tenant_id)).allowed_origins
+    origins = framing_origins(settings.allowed_origins, tenant_origins)
     ancestors = " ".join(origins) if origins else "'none'"
     body = (settings.static_dir / "embed.html").read_text(encoding="utf-8")
     if len(origins) == 1:

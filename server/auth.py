@@ -34,6 +34,11 @@ class Claims:
         if not self.may_use_course(course_id):
             raise forbidden("this course is not in your token's courses")
 
+    def require_no_course(self) -> None:
+        """`forbidden` for a student whose token names its courses: they chat only in those."""
+        if self.role == "student" and self.courses is not None:
+            raise forbidden("conversations without a course are outside your token's courses")
+
 
 class TokenVerifier:
     """Checks signature, algorithm, expiry, issuer, audience and the product's own claims."""

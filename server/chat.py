@@ -201,8 +201,7 @@ class ChatService:
         if conversation is None:
             raise not_found("conversation")
         if conversation.course_id is None:
-            if claims.role == "student" and claims.courses is not None:
-                raise forbidden("this conversation is outside your token's courses")
+            claims.require_no_course()
         else:
             claims.require_course(conversation.course_id)
         return conversation

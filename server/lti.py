@@ -30,6 +30,7 @@ from storage.postgres import Database
 
 from .auth import mint_token
 from .errors import ChatError, ErrorCode, bad_request, forbidden, unauthorized
+from .origins import framing_origins, is_plain_origin
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ ROLE_MAP: dict[str, str] = {
 }
 _RANK = {"student": 0, "teacher": 1}
 _SAFE_ID = re.compile(r"[A-Za-z0-9._~:@-]{1,150}")
-_PLAIN_ORIGIN = re.compile(r"https?://[a-z0-9.-]+(:[0-9]{1,5})?")
 _ISSUED_NONCE = re.compile(r"[A-Za-z0-9_-]{1,100}")  # what secrets.token_urlsafe makes
 STATE_AUDIENCE = "smartedu:lti-state"  # a state can never pass for one of our access tokens, nor they for it
 MAX_STATE_CHARS = 1024
@@ -406,11 +406,8 @@ class LtiService:
 
     async def _frame_ancestors(self, platform: Platform) -> tuple[str, ...]:
         """Who may frame the launch page: as for /embed, plus the platform's own origin."""
-        origins = [o for o in self.settings.allowed_origins if o != "*"]
         tenant = await self.database.get_tenant(platform.tenant_id)
-        candidates = [*tenant.allowed_origins, _origin(platform.issuer)]
-        origins += [o for o in candidates if o and o not in origins]
-        return tuple(origins)
+        return framing_origins(self.settings.allowed_origins, tenant.allowed_origins, [_origin(platform.issuer) or ""])
 
 
 # -- mapping ---------------------------------------------------------------------------------------
@@ -495,7 +492,7 @@ def _origin(url: str) -> str | None:
     # The result goes into a CSP header: anything but a plain scheme://host[:port] is dropped.
     parts = urlsplit(url)
     origin = f"{parts.scheme}://{parts.netloc.lower()}"
-    return origin if _PLAIN_ORIGIN.fullmatch(origin) else None
+    return origin if is_plain_origin(origin) else None
 
 
 def _with_query(url: str, params: Mapping[str, str]) -> str:

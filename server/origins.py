@@ -1,10 +1,16 @@
-"""Origin checking for WebSocket upgrades (CORS does not protect WebSockets)."""
+"""Origin checking for WebSocket upgrades (CORS does not protect WebSockets), and the origins that may frame
+the pages."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from itertools import chain
 from urllib.parse import urlsplit
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# One http(s) origin as a CSP source: a host name or bracketed IPv6 address, an optional port, nothing else.
+_PLAIN_ORIGIN = re.compile(r"https?://(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -50,3 +56,22 @@ def is_web_origin(origin: str | None) -> bool:
         return False
     parts = urlsplit(origin)
     return parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.path.strip("/")
+
+
+def is_plain_origin(value: str) -> bool:
+    """True for `scheme://host[:port]` (http or https) and nothing more: safe to put in a CSP header."""
+    return _PLAIN_ORIGIN.fullmatch(value) is not None
+
+
+def framing_origins(*lists: Iterable[str]) -> tuple[str, ...]:
+    """The origins of these lists that may frame a page (CSP `frame-ancestors`), each once, in order.
+
+    Only well-formed http(s) origins are kept: a school's list is not checked where it is written, and
+    one bad entry must not let every site frame the page (`*`) nor add CSP directives of its own (a
+    space or a `;`)."""
+    kept: list[str] = []
+    for origin in chain.from_iterable(lists):
+        origin = origin.rstrip("/")
+        if is_plain_origin(origin) and origin not in kept:
+            kept.append(origin)
+    return tuple(kept)

@@ -235,7 +235,6 @@
     this.rateUntil = 0;
     this.rateTimer = null;
     this.dirty = new Set();
-    this.frame = 0;
     this.signedOut = false;
     this.tokenTimer = null;
     this.aiPaused = false;
@@ -245,6 +244,7 @@
     if (this.course) this.view.title.textContent = this.course;
     var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     var self = this;
+    this.pacer = new common.Pacer(function () { self.renderDirty(); });
     this.transport = new Transport(options.socketUrl || scheme + '//' + location.host + '/ws', {
       onOpen: function () { self.sendHello(); },
       onFrame: function (frame) { self.onFrame(frame); },
@@ -615,19 +615,14 @@
 
   Client.prototype.markDirty = function (item) {
     this.dirty.add(item);
-    if (this.frame) return;
-    var self = this;
-    var flush = function () { self.frame = 0; self.flushRender(); };
-    // Hidden tabs get no animation frames; a timer keeps the transcript current there.
-    this.frame = document.hidden ? setTimeout(flush, 250) : requestAnimationFrame(flush);
+    this.pacer.request();
   };
 
   Client.prototype.flushRender = function () {
-    if (this.frame) {
-      cancelAnimationFrame(this.frame);
-      clearTimeout(this.frame);
-      this.frame = 0;
-    }
+    this.pacer.flush();
+  };
+
+  Client.prototype.renderDirty = function () {
     var stick = this.view.stick || this.view.nearBottom();
     var self = this;
     this.dirty.forEach(function (item) { self.render(item); });
@@ -987,7 +982,10 @@
     view.conversationsToggle.setAttribute('aria-expanded', 'true');
     view.conversationList.textContent = '';
     this.conversationsNote('Loading\u2026');
-    var url = '/api/conversations?limit=20' + (this.courseId ? '&course_id=' + encodeURIComponent(this.courseId) : '');
+    // The server picks this conversation's course (or no course): a page filtering the newest 20 of all
+    // the student's conversations would show an empty or short list beside many in other courses.
+    var url = '/api/conversations?limit=20' +
+      (this.courseId ? '&course_id=' + encodeURIComponent(this.courseId) : '&no_course=true');
     var base = this.options.apiBase || '';
     var asked = this.conversationsAsked = {};
     fetch(base + url, { headers: { Authorization: 'Bearer ' + this.token }, credentials: 'omit', cache: 'no-store' })
@@ -1000,8 +998,6 @@
           self.conversationsNote('Your conversations could not be loaded. Try again in a moment.');
           return;
         }
-        var course = self.courseId;
-        list = list.filter(function (c) { return (c.course_id || null) === course; });
         self.conversationsNote(list.length ? null : 'No conversations yet.');
         list.forEach(function (c) { view.conversationList.appendChild(self.conversationItem(c)); });
       });
@@ -1261,6 +1257,7 @@
     var root = document.querySelector('[data-smartedu-chat]');
     if (!root || root.getAttribute('data-started')) return;
     root.setAttribute('data-started', 'true');
+    common.reloadOnNewToken();
     var mode = root.getAttribute('data-mode') === 'embed' ? 'embed' : 'page';
     var fragment = readFragment();
     var query = new URLSearchParams(location.search);

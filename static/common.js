@@ -10,6 +10,10 @@
   var WELCOME_LIMIT_MS = 15000;
   var BACKOFF_BASE_MS = 500;
   var BACKOFF_CAP_MS = 30000;
+  // Close code 1013: the server shed this client for falling behind (server/peer.py), not because it is
+  // failing. Such a client comes back at once and resumes; a second shed within this window backs off.
+  var SLOW_CLOSE = 1013;
+  var SHED_AGAIN_MS = 10000;
 
   /* ---- helpers --------------------------------------------------------------------------------- */
 
@@ -52,9 +56,45 @@
     return d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
   }
 
-  /* ---- Socket ---------------------------------------------------------------------------------- */
+  // A sign-in link opened again in a tab already showing the page (a school's site reusing a named window)
+  // changes only the fragment: the page is not loaded again, so the new token would stay unread in the
+  // address bar and the history. Loading the page again reads it like the first time, and takes it out.
+  function reloadOnNewToken() {
+    window.addEventListener('hashchange', function () {
+      if (new URLSearchParams(location.hash.replace(/^#/, '')).has('token')) location.reload();
+    });
+  }
 
-  /* ---- Socket ------------------------------------------------------------------------------- */
+  /* ---- Pacer ----------------------------------------------------------------------------------- */
+
+  // Renders what changed at most once an animation frame (hidden tabs get none: a timer instead). Frame
+  // and timer ids are separate counters, so each is cancelled by its own kind: clearTimeout with a
+  // frame's id would cancel whatever timer has the same number (a heartbeat, a resend, a notice's).
+  var HIDDEN_RENDER_MS = 250;
+
+  function Pacer(render) {
+    this.render = render;
+    this.frame = 0;
+    this.timer = 0;
+  }
+
+  Pacer.prototype.request = function () {
+    if (this.frame || this.timer) return;
+    var self = this;
+    var run = function () { self.flush(); };
+    if (document.hidden) this.timer = setTimeout(run, HIDDEN_RENDER_MS);
+    else this.frame = requestAnimationFrame(run);
+  };
+
+  // Render now (an answer that ended is shown whole at once), instead of at the requested time.
+  Pacer.prototype.flush = function () {
+    if (this.frame) cancelAnimationFrame(this.frame);
+    if (this.timer) clearTimeout(this.timer);
+    this.frame = this.timer = 0;
+    this.render();
+  };
+
+  /* ---- Socket ---------------------------------------------------------------------------------- */
 
   function Socket(url, hooks) {
     this.url = url;
@@ -69,6 +109,7 @@
     this.stopped = true;
     this.welcomed = false;
     this.connections = 0;
+    this.shedAt = 0;
     var self = this;
     window.addEventListener('online', function () { if (!self.stopped) { self.attempt = 0; self.connect(); } });
     window.addEventListener('offline', function () { if (!self.stopped) self.detach('offline'); });
@@ -134,6 +175,7 @@
       clearInterval(self.pinger);
       var decision = self.hooks.onClose(event.code);
       if (decision === 'stop') self.stop();
+      else if (event.code === SLOW_CLOSE && self.welcomed && decision === undefined && self.shed()) self.connect();
       else self.retry(typeof decision === 'number' ? decision : undefined);
     };
     ws.onerror = function () { /* a close event follows */ };
@@ -164,6 +206,15 @@
     this.hooks.onClose(0);
     if (state === 'offline') this.state('offline');
     else this.retry(delay);
+  };
+
+  // True when a close for falling behind may reconnect at once: the first one in SHED_AGAIN_MS. The
+  // backoff's attempt count is left alone (this is no failure of the server).
+  Socket.prototype.shed = function () {
+    var now = Date.now();
+    var first = now - this.shedAt > SHED_AGAIN_MS;
+    this.shedAt = now;
+    return first;
   };
 
   Socket.prototype.welcome = function () {
@@ -213,6 +264,7 @@
   };
 
   ns.common = {
-    newId: newId, cpLength: cpLength, cpSlice: cpSlice, h: h, formatTime: formatTime, Socket: Socket,
+    newId: newId, cpLength: cpLength, cpSlice: cpSlice, h: h, formatTime: formatTime, Socket: Socket, Pacer: Pacer,
+    reloadOnNewToken: reloadOnNewToken,
   };
 })();

@@ -112,7 +112,6 @@
     this.pending = [];          // frames awaiting their answer, in the order sent; errors name theirs by ref
     this.open = null;
     this.dirty = new Set();
-    this.frameRequest = 0;
     this.ui = {
       whoami: $(root, '.st-whoami'),
       status: $(root, '.st-status'),
@@ -153,6 +152,7 @@
     };
     var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     var self = this;
+    this.pacer = new common.Pacer(function () { self.renderDirty(); });
     this.connection = new common.Socket(scheme + '//' + location.host + '/ws', {
       onOpen: function () { self.connection.send({ type: 'hello', token: self.token }); },
       onFrame: function (f) { self.onFrame(f); },
@@ -881,19 +881,14 @@
   Dashboard.prototype.touch = function (convo, msg) {
     if (convo !== this.open) return;
     this.dirty.add(msg);
-    if (this.frameRequest) return;
-    var self = this;
-    var flush = function () { self.frameRequest = 0; self.flush(); };
-    // Hidden tabs get no animation frames; a timer keeps the transcript current there.
-    this.frameRequest = document.hidden ? setTimeout(flush, 250) : requestAnimationFrame(flush);
+    this.pacer.request();
   };
 
   Dashboard.prototype.flush = function () {
-    if (this.frameRequest) {
-      cancelAnimationFrame(this.frameRequest);
-      clearTimeout(this.frameRequest);
-      this.frameRequest = 0;
-    }
+    this.pacer.flush();
+  };
+
+  Dashboard.prototype.renderDirty = function () {
     var convo = this.open;
     var log = this.ui.log;
     var stick = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
@@ -1202,6 +1197,7 @@
     var root = document.querySelector('[data-smartedu-teacher]');
     if (!root || root.getAttribute('data-started')) return;
     root.setAttribute('data-started', 'true');
+    common.reloadOnNewToken();
     var theme = new URLSearchParams(location.search).get('theme');
     if (theme === 'light' || theme === 'dark') document.documentElement.setAttribute('data-theme', theme);
     var token = readFragment();

@@ -554,10 +554,13 @@ class Database:
         return _conversation(row)
 
     async def list_conversations(
-        self, tenant_id: str, user_id: str, limit: int = 50, course_id: str | None = None
+        self, tenant_id: str, user_id: str, limit: int = 50, course_id: str | None = None, *, no_course: bool = False
     ) -> list[Conversation]:
-        """The user's conversations (only those of `course_id` when given), most recent first."""
-        in_course = "" if course_id is None else " AND course_id = $4"
+        """The user's conversations (only those of `course_id` when given, only those without a course when
+        `no_course`), most recent first."""
+        if no_course and course_id is not None:
+            raise ValueError("course_id and no_course exclude each other")
+        in_course = " AND course_id IS NULL" if no_course else "" if course_id is None else " AND course_id = $4"
         rows = await self.pool.fetch(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2{in_course}"
             " ORDER BY updated_at DESC LIMIT $3",

@@ -525,3 +525,111 @@ async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, brows
     assert await shown(50) == ("The answer could not be completed", True)
     assert await shown(60) == ("The tutor could not process this conversation", False)
     assert problems == []
+
+
+STATES = """sel => {
+  window.states = [];
+  const box = document.querySelector(sel);
+  new MutationObserver(() => window.states.push(box.dataset.state)).observe(box, { attributes: true });
+}"""
+
+
+async def test_a_client_shed_for_falling_behind_resumes_at_once_without_a_reconnecting_state(
+    serve: Serve, browser: Browser
+) -> None:
+    """Close code 1013 (the server's backlog for this client was full) is no failure of the server: the
+    page reconnects at once with resume_from, without the "Reconnecting in N s" state or a notice. A second
+    1013 right after backs off like any drop (a client that cannot keep up does not hammer the server)."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    hellos: list[dict[str, Any]] = []
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] != "hello":
+            return
+        hellos.append(frame)
+        base = {"type": "welcome", "conversation_id": "c1", "course_id": COURSE, "user": {"name": "Ada"}}
+        if number == 1:
+            send(**base, seq=4, history=_history(1, 4))
+            send(type="token", conversation_id="c1", reply_id=5, offset=0, text="Half an", seq=5)
+        else:
+            send(**base, seq=6, resumed=True, history=[])
+            send(type="token", conversation_id="c1", reply_id=5, offset=7, text=" answer", seq=6)
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await page.wait_for_function("() => SmartEdu.client.lastSeq === 5")
+    await page.evaluate(STATES, ".se-status")
+    await sockets[0].close(code=1013, reason="too slow")
+
+    await page.wait_for_function("() => SmartEdu.client.byServerId.get(5)?.text === 'Half an answer'")
+    await page.wait_for_function("() => SmartEdu.client.ready")
+    assert [(h.get("conversation_id"), h.get("resume_from")) for h in hellos] == [(None, None), ("c1", 5)]
+    assert "reconnecting" not in await page.evaluate("window.states")
+    assert await page.locator(".se-notice").count() == 0
+    assert await page.locator(".se-status").get_attribute("data-state") == "online"
+
+    await sockets[1].close(code=1013, reason="too slow")  # again within seconds: backs off
+    await page.wait_for_selector('.se-status[data-state="reconnecting"]')
+    await page.wait_for_function("() => SmartEdu.client.ready")
+    assert len(hellos) == 3
+    assert problems == []
+
+
+# Start a page timer whose id is the number the next animation frame will get, then a token and the `done`
+# of its answer arrive in one task.
+TOKEN_AND_DONE_BESIDE_A_TIMER = """() => {
+  window.fired = false;
+  let frame = requestAnimationFrame(() => {});
+  cancelAnimationFrame(frame);
+  let timer = 0;
+  do {
+    clearTimeout(timer);
+    timer = setTimeout(() => { window.fired = true; }, 100);
+  } while (timer <= frame + 1);
+  while (frame < timer - 1) {
+    frame = requestAnimationFrame(() => {});
+    cancelAnimationFrame(frame);
+  }
+  const client = SmartEdu.client;
+  client.onFrame({ type: 'token', conversation_id: 'c1', reply_id: 5, offset: 0, text: 'Hi', seq: 1 });
+  client.onFrame({ type: 'done', conversation_id: 'c1', reply_id: 5, status: 'complete', length: 2, seq: 2 });
+}"""
+
+
+async def test_an_answer_ending_before_its_render_cancels_no_timer_of_the_page(serve: Serve, browser: Browser) -> None:
+    """A token asks for an animation frame to render in; a `done` in the same task renders at once and
+    cancels that frame. It used to cancel it with clearTimeout too, and timer and frame ids are separate
+    counters: the page's timer with the same number (a heartbeat, a resend, a notice's) silently stopped."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=0, history=[])
+
+    await _open_scripted(page, url, scripted_server(sockets, answer))
+    await page.evaluate(TOKEN_AND_DONE_BESIDE_A_TIMER)
+    await page.wait_for_timeout(300)
+    assert await page.evaluate("window.fired") is True
+    assert await page.locator('.se-msg--assistant[data-id="5"] .se-bubble__body').text_content() == "Hi"
+    assert problems == []
+
+
+async def test_a_sign_in_link_opened_again_in_the_same_tab_signs_in_and_leaves_no_token(
+    serve: Serve, browser: Browser
+) -> None:
+    """A school's site reusing a tab (a named window) already on /chat changes only the fragment: the
+    page was not loaded again, so the new token stayed in the address bar and the history, and unread."""
+    server, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    await page.goto(str(server.client.make_url("/chat")) + f"#course={COURSE}")
+    await page.wait_for_selector('.se-status[data-state="signed-out"]')
+    await page.evaluate("url => window.open(url, '_self')", url)  # same document: only the fragment changes
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    assert "token=" not in page.url
+    assert await page.evaluate("SmartEdu.client.course") == COURSE
+    await page.go_back()
+    assert "token=" not in page.url
+    assert problems == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.conftest import Serve, Server, seed_course, token
@@ -132,4 +133,40 @@ async def test_switching_waits_while_an_answer_streams(serve: Serve, browser: Br
     await page.get_by_role("button", name="Stop the answer").click()
     await page.wait_for_selector('.se-msg--assistant[data-status="stopped"]', timeout=ANSWER_WAIT_MS)
     assert await new_button.is_enabled()
+    assert problems == []
+
+
+async def test_the_list_without_a_course_is_asked_of_the_server(serve: Serve, browser: Browser) -> None:
+    """A chat opened without a course lists the student's conversations without a course, even when
+    more than a page of newer ones are in other courses (a page that took the newest 20 of all of them
+    and filtered them itself showed "No conversations yet")."""
+    problems = Problems()
+    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=400)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    page = await new_page(browser, problems)
+    await page.goto(str(server.client.make_url("/chat")) + f"#token={STUDENT}")
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    assert await page.evaluate("SmartEdu.client.courseId") is None
+    await _ask(page, "A question without a course")
+    assert server.settings.database_url
+    conn = await asyncpg.connect(server.settings.database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO conversations (tenant_id, user_id, course_id, title, updated_at)"
+            " SELECT $1, id, $2, 'Algebra ' || n, now() + n * interval '1 second'"
+            " FROM users, generate_series(1, 25) AS n WHERE tenant_id = $1 AND external_id = $3",
+            TENANT,
+            COURSE,
+            "stu-conv",
+        )
+    finally:
+        await conn.close()
+
+    await page.get_by_role("button", name="Earlier conversations").click()
+    await page.wait_for_function(
+        "() => !document.querySelector('.se-conversations__note').textContent.startsWith('Loading')"
+    )
+    titles = await page.locator(".se-conversation__title").all_text_contents()
+    assert titles == ["A question without a course"]
+    assert await page.locator(".se-conversation").first.get_attribute("aria-current") == "true"
     assert problems == []

@@ -168,6 +168,25 @@ async def test_a_school_that_is_not_allowed_cannot_frame_the_chat(serve: Serve, 
         await page.close()
 
 
+async def test_a_star_in_a_schools_origins_lets_no_other_site_frame_the_chat(serve: Serve, browser: Browser) -> None:
+    """`*` in a tenant's allowed_origins (meaningless for its CORS and WebSockets) used to become
+    `frame-ancestors *`: any site could frame the chat with that tenant's id and click it for the student."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    tutor = str(server.client.make_url("")).rstrip("/")
+    assert server.settings.database_url
+    await _allow(server.settings.database_url, "*")
+    async with host_site({"/": school_page(tutor, STUDENT)}) as intruder:
+        page = await browser.new_page()
+        scripts: list[str] = []
+        page.on("request", lambda r: scripts.append(r.url) if r.url.endswith("/static/chat.js") else None)
+        await page.goto(f"{intruder}/", wait_until="load")
+        await page.wait_for_timeout(1000)  # time enough for a page that did load to ask for its token
+        assert scripts == []
+        assert await page.evaluate("window.events") == []
+        await page.close()
+
+
 def widget_page(tutor: str, tenant: str) -> str:
     """A school's page with the one-tag widget, opened on load; its token comes from /smartedu/token."""
     return f"""<!doctype html>

@@ -49,6 +49,14 @@ async def _ms(page: Page, unit: str) -> float:
         pytest.param("\\(a ", id="inline-tex-parens"),
         pytest.param("x \\[a ", id="mid-line-tex-brackets"),
         pytest.param("http://[", id="autolink-not-a-url"),
+        pytest.param("*a **b _c ~~d `e $f ", id="emphasis-never-closed"),
+        pytest.param("*a*_b_", id="emphasis-closed"),
+        pytest.param("[a](", id="link-never-closed"),
+        pytest.param('![a](http://x "', id="image-title-never-closed"),
+        pytest.param("- a\n  ", id="nested-lists"),
+        pytest.param("> - ", id="quoted-lists"),
+        pytest.param("|a|b|\n|-|-|\n", id="tables"),
+        pytest.param("$$\n", id="display-math-never-closed"),
     ],
 )
 async def test_unclosed_delimiters_render_in_linear_time(browser: Browser, unit: str) -> None:
@@ -73,4 +81,39 @@ async def test_closed_delimiters_still_render(browser: Browser) -> None:
         "see http://[oops, https://example.com/a. and http://x.org",
     )
     assert links == ["https://example.com/a", "http://x.org/"]
+    assert problems == []
+
+
+HOSTILE_LINKS = [
+    "[a](javascript:alert(1))",
+    "[b](JaVaScRiPt:alert(1))",
+    "[c]( javascript:alert(1))",
+    "[d](&#106;avascript:alert(1))",
+    "[e](java\tscript:alert(1))",
+    "[f](data:text/html,<script>alert(1)</script>)",
+    "[g](vbscript:msgbox(1))",
+    "[h](https:javascript:alert(1))",
+    "[i](//evil.example/x)",
+    "<javascript:alert(1)>",
+    "![j](http://img.example/pixel.png)",
+    '[k](http://ok.example "t" onmouseover="alert(1)")',
+    '<img src=x onerror=alert(1)><a href="javascript:alert(1)">l</a>',
+]
+ELEMENTS = """t => { const d = document.createElement('div'); d.appendChild(SmartEdu.renderMarkdown(t));
+  return [...d.querySelectorAll('*')].map(e => [e.tagName, ...[...e.attributes].map(a => a.name + '=' + a.value)]) }"""
+
+
+@pytest.mark.parametrize("markdown", HOSTILE_LINKS)
+async def test_hostile_links_and_markup_make_only_safe_links(browser: Browser, markdown: str) -> None:
+    """Only absolute http(s) links are made, never with a title or an event attribute, always in a new
+    tab without a referrer; images become links (never loaded) and HTML is text."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    for element in await page.evaluate(ELEMENTS, markdown):
+        tag, attributes = element[0], sorted(element[1:])
+        assert tag in ("P", "A"), (markdown, element)
+        if tag == "A":
+            href = attributes[0]
+            assert href.startswith(("href=http://", "href=https://")), (markdown, element)
+            assert attributes[1:] == ["rel=noopener noreferrer nofollow", "target=_blank"], (markdown, element)
     assert problems == []

@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -483,4 +484,104 @@ async def test_a_students_new_conversation_shows_in_the_dashboard(serve: Serve, 
     await teacher.wait_for_selector('.st-messages .se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
     shown = await teacher.locator(".st-messages .se-msg--user .se-bubble__body").all_text_contents()
     assert shown == ["new topic"]
+    assert problems == []
+
+
+async def test_a_dashboard_shed_for_falling_behind_watches_again_at_once(serve: Serve, browser: Browser) -> None:
+    """Close code 1013 (the dashboard read too slowly) is no failure of the server: the dashboard
+    reconnects at once and watches its courses again, never showing "Reconnecting in N s"."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    sockets: list[WebSocketRoute] = []
+    watches: list[int] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            _welcome_teacher(send)
+        elif frame["type"] == "watch":
+            watches.append(number)
+            send(type="snapshot", course_id=COURSE, students=[ADA] if number == 1 else [])
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")
+    await page.get_by_role("button", name=re.compile(r"^Ada")).wait_for()
+    await page.evaluate(
+        """() => {
+          window.states = [];
+          const box = document.querySelector('.st-status');
+          new MutationObserver(() => window.states.push(box.dataset.state)).observe(box, { attributes: true });
+        }"""
+    )
+    await sockets[0].close(code=1013, reason="too slow")
+    await page.get_by_role("button", name=re.compile(r"^Ada")).wait_for(state="detached")  # the new snapshot
+    assert watches == [1, 2]
+    assert "reconnecting" not in await page.evaluate("window.states")
+    assert await page.locator(".st-status").get_attribute("data-state") == "online"
+    assert problems == []
+
+
+INJECTED = "img, svg, script:not([src]), iframe, object, embed, a[href^='javascript:' i], [onerror], [onload]"
+
+
+async def test_hostile_names_course_ids_questions_and_answers_are_text_on_both_pages(
+    serve: Serve, browser: Browser
+) -> None:
+    """Markup in a student's display name (the JWT `name` claim), a teacher's, a course id and title, a
+    question, the answer quoting it, and a teacher's note is shown as
+    text on the chat page and the dashboard: nothing runs (no dialog, no CSP report), no element is made."""
+    server = await serve(offline_ttft_ms=0, offline_tokens_per_s=400)
+    course = "c\"'><img src=x onerror=alert(1)>"
+    title = "<svg onload=alert(2)>Algebra"
+    await seed_course(server.settings, TENANT, course, title)
+    student_name = '<img src=x onerror="alert(3)">Ada'
+    student = token("stu-x", tenant=TENANT, name=student_name, courses=[course])
+    teacher_jwt = token("tea-x", role="teacher", tenant=TENANT, courses=[course], name="<script>alert(4)</script>Ms R")
+    problems = Problems()
+    teacher = await _open_dashboard(server, browser, problems, teacher_jwt)
+    assert await teacher.locator(".st-whoami").text_content() == "Signed in as <script>alert(4)</script>Ms R (teacher)"
+    await teacher.get_by_text(title).wait_for()
+
+    chat = await new_page(browser, problems, "student")
+    fragment = urlencode({"course": course, "token": student})
+    await chat.goto(str(server.client.make_url("/chat")) + "#" + fragment)
+    await chat.wait_for_selector('.se-status[data-state="online"]')
+    assert await chat.locator(".se-title__course").text_content() == title
+    assert await chat.locator(".se-whoami").text_content() == f"Signed in as {student_name}"
+    question = '<img src=x onerror=alert(5)> [x](javascript:alert(6)) [y]( JaVaScRiPt:alert(7)) "><b onmouseover=x>'
+    await _ask(chat, question)
+    await chat.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+
+    row = teacher.get_by_role("button", name=re.compile(r"^<img"))
+    await row.click()
+    assert await teacher.locator("#st-convo-title").text_content() == student_name
+    await teacher.wait_for_selector('.st-messages .se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    shown = await teacher.locator(".st-messages .se-msg--user .se-bubble__body").text_content()
+    assert shown == question
+    await teacher.fill("#st-input", "<img src=x onerror=alert(8)>[z](vbscript:msgbox)")
+    await teacher.press("#st-input", "Enter")
+    await chat.locator(".se-msg--teacher").wait_for()
+    await teacher.wait_for_timeout(300)  # an onerror or onload would have run by now
+
+    for page in (chat, teacher):
+        assert await page.locator(f"body {INJECTED}").count() == 0
+    assert problems == []
+
+
+async def test_a_sign_in_link_opened_again_in_the_same_tab_signs_the_teacher_in(
+    serve: Serve, browser: Browser
+) -> None:
+    """As on the chat page: a sign-in link that changes only the fragment of an open dashboard is read
+    (the page loads again) and taken out of the address bar, instead of staying there unread."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    await page.goto(str(server.client.make_url("/teacher")))
+    await page.wait_for_selector('.st-status[data-state="signed-out"]')
+    link = str(server.client.make_url("/teacher")) + f"#token={TEACHER}"
+    await page.evaluate("url => window.open(url, '_self')", link)  # same document: only the fragment changes
+    await page.wait_for_selector('.st-status[data-state="online"]')
+    assert "token=" not in page.url
     assert problems == []

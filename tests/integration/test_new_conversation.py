@@ -156,6 +156,34 @@ async def test_the_conversation_list_filter_and_limit(serve: Serve) -> None:
     assert response.status == 403 and (await response.json())["error"]["code"] == "forbidden"
 
 
+async def test_the_conversation_list_of_conversations_without_a_course(serve: Serve) -> None:
+    """`no_course=true` lists only the conversations without a course, however many newer ones other
+    courses have; a student whose token names courses may not have any."""
+    server = await _server(serve)
+    free = token("stu-free")  # no `courses` claim: may chat without a course
+    sock = await server.connect({"token": free})
+    assert sock.frames[0]["course_id"] is None
+    await _ask(sock, "q", "no course at all")
+    for n in range(3):
+        sock = await server.connect({"token": free, "course_id": "alg-1", "new_conversation": True})
+        await _ask(sock, "q", f"algebra {n}")
+
+    async def listed(query: str, jwt: str = free) -> tuple[int, Any]:
+        response = await server.client.get(f"/api/conversations{query}", headers={"Authorization": f"Bearer {jwt}"})
+        return response.status, await response.json()
+
+    status, body = await listed("?no_course=true&limit=2")
+    assert status == 200
+    assert [(c["title"], c["course_id"]) for c in body["conversations"]] == [("no course at all", None)]
+    status, body = await listed("?no_course=false&limit=2")
+    assert status == 200 and [c["title"] for c in body["conversations"]] == ["algebra 2", "algebra 1"]
+    for query in ("?no_course=true&course_id=alg-1", "?no_course=yes"):
+        status, body = await listed(query)
+        assert status == 400 and body["error"]["code"] == "bad_request", query
+    status, body = await listed("?no_course=true", ALGEBRA)
+    assert status == 403 and body["error"]["code"] == "forbidden"
+
+
 async def test_a_teacher_watching_the_course_sees_the_new_conversation(serve: Serve) -> None:
     server = await _server(serve)
     teacher = await server.connect({"token": token("teach-1", role="teacher", courses=["alg-1"])})

@@ -105,6 +105,22 @@ async def test_embed_frame_ancestors_follow_the_tenant(serve: Serve, db: asyncpg
         assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"], path
 
 
+async def test_bad_entries_in_a_schools_origins_never_reach_the_csp(serve: Serve, db: asyncpg.Connection) -> None:
+    """A tenant's allowed_origins are not checked where they are written: `*` (which means nothing for CORS
+    or WebSockets) made /embed frameable by every site, and an entry with `;` added its own directives."""
+    server = await serve()
+    bad = ["*", "https://x.example; script-src *", "javascript:alert(1)", "https://y.example/path", "https://"]
+    await db.execute("INSERT INTO tenants (id, allowed_origins) VALUES ('school-a', $1)", [*bad, "https://ok.example/"])
+    response = await server.client.get("/embed?course=alg-1&tenant=school-a")
+    csp = response.headers["Content-Security-Policy"]
+    assert csp.endswith("; frame-ancestors https://ok.example"), csp
+    assert "script-src *" not in csp and "unsafe-inline" not in csp
+    assert 'name="smartedu-parent-origin" content="https://ok.example"' in await response.text()
+    await db.execute("UPDATE tenants SET allowed_origins = $1 WHERE id = 'school-a'", bad)
+    response = await server.client.get("/embed?course=alg-1&tenant=school-a")
+    assert response.headers["Content-Security-Policy"].endswith("; frame-ancestors 'none'")
+
+
 async def test_teacher_views(serve: Serve) -> None:
     server = await serve()
     await seed_course(server.settings, "school-a", "alg-1", "Algebra")
