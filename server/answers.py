@@ -461,6 +461,10 @@ class Answers:
         if given := await self.hub.store.lease_unleased(members):
             log.warning("answers that never started will be ended", extra={"answers": given})
 
+    def running(self, reply_id: int) -> bool:
+        """Whether this process generates (or has queued) the answer."""
+        return reply_id in self._turns
+
     @property
     def active(self) -> int:
         return len(self._turns)

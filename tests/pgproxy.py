@@ -4,6 +4,7 @@ server: every connection dropped, new ones refused for a while, then back (the s
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -19,6 +20,9 @@ class PostgresProxy:
         self.port = 0
         self.hold_new = False  # accept new connections but never answer them (an unreachable host)
         self.linger_s = 0.0  # how long a connection PostgreSQL closed stays open on the server's side
+        # The next reply from PostgreSQL holding these bytes is not delivered: its connection is cut instead
+        # (a statement committed, its reply lost to a restart).
+        self.lose_reply_with: bytes | None = None
 
     @property
     def url(self) -> str:
@@ -38,7 +42,7 @@ class PostgresProxy:
                 return
             up_reader, up_writer = await asyncio.open_connection(*self._target)
             self._links.add(up_writer)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer, self.linger_s))
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer, self.linger_s, self._lost))
         except OSError:
             pass
         finally:
@@ -46,6 +50,12 @@ class PostgresProxy:
                 if isinstance(link, asyncio.StreamWriter):
                     self._links.discard(link)
                     link.transport.abort()
+
+    def _lost(self, data: bytes) -> bool:
+        if self.lose_reply_with is None or self.lose_reply_with not in data:
+            return False
+        self.lose_reply_with = None
+        return True
 
     def drop(self) -> None:
         """Cut every open connection at once, as a database restart does."""
@@ -77,9 +87,16 @@ class PostgresProxy:
         await self.down()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, linger_s: float = 0.0) -> None:
+async def _pipe(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    linger_s: float = 0.0,
+    lost: Callable[[bytes], bool] | None = None,
+) -> None:
     try:
         while data := await reader.read(65536):
+            if lost is not None and lost(data):
+                return
             writer.write(data)
             await writer.drain()
         # The other side closed: what it sent last (PostgreSQL's FATAL) is delivered, the close only later.

@@ -56,6 +56,36 @@ async def _ready(server: Server) -> tuple[int, dict[str, Any]]:
     return response.status, await response.json()
 
 
+async def test_a_question_committed_whose_reply_was_lost_is_answered_when_resent(
+    proxy: PostgresProxy, serve: Serve, db: asyncpg.Connection
+) -> None:
+    """The connection drops after the question's commit, before its reply: the client gets an error and
+    resends. The resend finds the question stored, never acknowledged and its answer never started: it is
+    acknowledged and answered then (not left 'streaming' for the sweep of unstarted answers)."""
+    server = await _serve(serve, proxy)
+    sock = await server.connect({"token": token()})
+    proxy.lose_reply_with = b"reply lost on the way"
+    await sock.send(type="message", id="q1", text="reply lost on the way")
+    error = await sock.expect("error")
+    assert (error["code"], error["ref"]) == ("internal", "q1")
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE client_id = 'q1'") == 1  # committed
+
+    await sock.send(type="message", id="q1", text="reply lost on the way")  # the client's retry
+    frames = await sock.until("done", timeout=5)
+    ack, done = frames[0], frames[-1]
+    assert ack["type"] == "ack" and ack["seq"] > 0 and done["status"] == "complete", frames
+    assert done["reply_id"] == ack["reply_id"] and answer_text(frames, ack["reply_id"])
+    rows = await db.fetch("SELECT role, client_id, status FROM messages ORDER BY id")
+    assert [tuple(r) for r in rows] == [("user", "q1", "complete"), ("assistant", None, "complete")]
+    assert await db.fetchval("SELECT seq FROM messages WHERE client_id = 'q1'") == ack["seq"]
+
+    await sock.send(type="message", id="q1", text="reply lost on the way")  # a resend after all that
+    again = await sock.expect("ack")
+    assert (again["reply_id"], again["seq"]) == (ack["reply_id"], ack["seq"])
+    await asyncio.sleep(0.3)
+    assert [f["type"] for f in sock.frames[-1:]] == ["ack"]  # no second answer
+
+
 async def _answer_across_a_restart(sock: Socket, proxy: PostgresProxy, db: asyncpg.Connection, status: str) -> None:
     """Ask; once the answer streams, PostgreSQL goes down for 2 s (its commit, under a second later, finds no
     database): the `done` comes once it is back, with `status` and the text streamed, as committed."""
