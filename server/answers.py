@@ -24,7 +24,7 @@ from storage.postgres import UNAVAILABLE_ERRORS, Database
 from storage.redis_store import TokenAdjustment
 
 from .budgets import Budgets, Reservation
-from .errors import ChatError, ai_failure
+from .errors import ChatError, ai_failure, answer_failed
 from .hub import Hub
 from .logs import request_id
 from .metrics import Metrics
@@ -170,7 +170,7 @@ class Answers:
         )
         status: MessageStatus = "complete"
         usage: Usage | None = None
-        failure: AIError | None = None
+        failure: ChatError | None = None
         cancelled = False
         try:
             with self.tracer.span("history"):
@@ -191,17 +191,20 @@ class Answers:
                 await asyncio.wait([turn.stream_task])
             status = "interrupted" if cancelled else _final(turn.stop_reason or "stopped")
         except AIError as exc:
-            failure, status = exc, "failed"
+            failure, status = ai_failure(exc, str(turn.reply_id)), "failed"
             self.metrics.ai_errors.labels(kind=exc.kind).inc()
             log.warning("ai provider failed", extra={"kind": exc.kind, "reply_id": turn.reply_id})
         except Exception:
+            # PostgreSQL gone while the answer's context was read, or a bug: the student is told, as for an
+            # AI failure, rather than given a `done` that does not say why.
             log.exception("turn failed", extra={"reply_id": turn.reply_id})
-            status = "failed"
+            failure, status = answer_failed(str(turn.reply_id)), "failed"
         try:
             await batcher.flush()
         except Exception:
             log.exception("token delivery failed", extra={"reply_id": turn.reply_id})
-            status = "failed" if status == "complete" else status
+            if status == "complete":
+                status, failure = "failed", answer_failed(str(turn.reply_id))
         with self.tracer.span("done", status=status):
             await self._finish(turn, status, usage, batcher.offset, failure)
         if cancelled:
@@ -282,7 +285,7 @@ class Answers:
         turn.last_seq = seq
 
     async def _finish(
-        self, turn: Turn, status: MessageStatus, usage: Usage | None, length: int, failure: AIError | None
+        self, turn: Turn, status: MessageStatus, usage: Usage | None, length: int, error: ChatError | None
     ) -> None:
         """Commit the answer's final state, then tell every joined socket (`done`)."""
         now = time.monotonic()
@@ -303,7 +306,6 @@ class Answers:
         # next seq after every one seen here (exactly the done's unless another frame comes in between).
         done_seq = max(turn.seq_floor, self.hub.last_seq(turn.conversation_id)) + 1
         truncated = usage is not None and usage.truncated and status == "complete"
-        error = ai_failure(failure, str(turn.reply_id)) if failure is not None else None
         try:
             committed = await self._commit(
                 turn, status, done_seq, record, truncated, (error.code.value, bool(error.retryable)) if error else None

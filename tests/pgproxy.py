@@ -23,6 +23,7 @@ class PostgresProxy:
         # The next reply from PostgreSQL holding these bytes is not delivered: its connection is cut instead
         # (a statement committed, its reply lost to a restart).
         self.lose_reply_with: bytes | None = None
+        self.lose_request_with: bytes | None = None  # the same for the next statement sent with these bytes
 
     @property
     def url(self) -> str:
@@ -42,7 +43,9 @@ class PostgresProxy:
                 return
             up_reader, up_writer = await asyncio.open_connection(*self._target)
             self._links.add(up_writer)
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer, self.linger_s, self._lost))
+            await asyncio.gather(
+                _pipe(reader, up_writer, 0.0, self._lost_request), _pipe(up_reader, writer, self.linger_s, self._lost)
+            )
         except OSError:
             pass
         finally:
@@ -55,6 +58,12 @@ class PostgresProxy:
         if self.lose_reply_with is None or self.lose_reply_with not in data:
             return False
         self.lose_reply_with = None
+        return True
+
+    def _lost_request(self, data: bytes) -> bool:
+        if self.lose_request_with is None or self.lose_request_with not in data:
+            return False
+        self.lose_request_with = None
         return True
 
     def drop(self) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from server import answers
 from server.keys import CHAT, METRICS
-from tests.conftest import Serve, Server, Services, Socket, answer_text, token
+from tests.conftest import Serve, Server, Services, Socket, answer_text, seed_course, token
 from tests.pgproxy import PostgresProxy
 
 pytestmark = pytest.mark.integration
@@ -84,6 +84,30 @@ async def test_a_question_committed_whose_reply_was_lost_is_answered_when_resent
     assert (again["reply_id"], again["seq"]) == (ack["reply_id"], ack["seq"])
     await asyncio.sleep(0.3)
     assert [f["type"] for f in sock.frames[-1:]] == ["ack"]  # no second answer
+
+
+async def test_an_answer_whose_context_cannot_be_read_fails_with_an_explicit_error(
+    proxy: PostgresProxy, serve: Serve, db: asyncpg.Connection
+) -> None:
+    """The database goes away as the answer starts, while the course's documents are read: the answer ends
+    failed with a reason (`internal`, retryable) in its `done`, an `error` frame and the stored row, not a
+    `done` that does not say why; regenerating it works."""
+    server = await _serve(serve, proxy)
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    proxy.lose_request_with = b"FROM course_documents"
+    await sock.send(type="message", id="q1", text="How do I solve 2x = 6?")
+    ack = await sock.expect("ack")
+    done = (await sock.until("done"))[-1]
+    assert (done["status"], done.get("error"), done.get("retryable")) == ("failed", "internal", True), done
+    error = await sock.expect("error")
+    assert (error["code"], error["ref"], error["retryable"]) == ("internal", str(ack["reply_id"]), True)
+    row = await db.fetchrow("SELECT status, error_code, retryable FROM messages WHERE id = $1", ack["reply_id"])
+    assert row is not None and tuple(row) == ("failed", "internal", True)
+
+    await sock.send(type="regenerate", reply_id=ack["reply_id"])
+    again = await sock.expect("ack")
+    assert (await sock.until("done"))[-1]["status"] == "complete" and again["reply_id"] != ack["reply_id"]
 
 
 async def _answer_across_a_restart(sock: Socket, proxy: PostgresProxy, db: asyncpg.Connection, status: str) -> None:
