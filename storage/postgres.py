@@ -33,11 +33,10 @@ log = logging.getLogger(__name__)
 
 # What a database restart or fail-over raises (connection lost or refused, server shutting down or starting
 # up, no answer in time, a demoted primary refusing writes): the same statement can succeed once PostgreSQL
-# is back.
+# is back. (A stale pooled connection's errors are handled by `_Statements`.)
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
-    asyncpg.InterfaceError,
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
