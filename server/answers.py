@@ -20,11 +20,11 @@ from ai.base import Turn as HistoryTurn
 from ai.prompt import build_system_instruction
 from storage.documents import Documents
 from storage.models import Conversation, Course, Message, MessageStatus, PastMessage, TenantSettings, UsageRecord
-from storage.postgres import Database
+from storage.postgres import UNAVAILABLE_ERRORS, Database
 from storage.redis_store import TokenAdjustment
 
 from .budgets import Budgets, Reservation
-from .errors import ChatError, ai_failure
+from .errors import ChatError, ai_failure, answer_failed
 from .hub import Hub
 from .logs import request_id
 from .metrics import Metrics
@@ -41,6 +41,12 @@ LEASE_RENEW_S = 2.0
 # An answer's lease is taken with its question's ack, milliseconds after its placeholder is committed: one
 # still without a lease after this long was never started.
 UNSTARTED_AFTER_S = 60.0
+# An answer's commit that fails because PostgreSQL restarts or fails over is tried again, after 0.2 s,
+# then twice as long each time up to 2 s, for this long: a restart takes seconds, a managed fail-over
+# usually under half a minute.
+COMMIT_RETRY_S = 30.0
+COMMIT_RETRY_FIRST_S = 0.2
+COMMIT_RETRY_MAX_S = 2.0
 
 SAFETY_MESSAGE = (
     "I can't help with that. Let's keep our conversation safe and about your learning. "
@@ -81,6 +87,7 @@ class Answers:
         self.documents = Documents(db)
         self._turns: dict[int, Turn] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = False  # stopping: a failed commit is left to another replica's takeover at once
 
     def start(
         self,
@@ -160,7 +167,10 @@ class Answers:
             self._turns.pop(turn.reply_id, None)
             if not lock.locked() and self._locks.get(turn.conversation_id) is lock:
                 del self._locks[turn.conversation_id]
-            if turn.leased:  # usually dropped with the `done`, in the same round trip
+            # Usually dropped with the `done`, in the same round trip. An answer that could not be committed
+            # keeps it: no longer renewed, it expires and a takeover (here or on another replica, once
+            # PostgreSQL answers) ends the answer as interrupted, with its `done`.
+            if turn.leased and turn.finished:
                 with contextlib.suppress(Exception):
                     await self.hub.store.release_lease(member)
 
@@ -170,7 +180,7 @@ class Answers:
         )
         status: MessageStatus = "complete"
         usage: Usage | None = None
-        failure: AIError | None = None
+        failure: ChatError | None = None
         cancelled = False
         try:
             with self.tracer.span("history"):
@@ -191,17 +201,20 @@ class Answers:
                 await asyncio.wait([turn.stream_task])
             status = "interrupted" if cancelled else _final(turn.stop_reason or "stopped")
         except AIError as exc:
-            failure, status = exc, "failed"
+            failure, status = ai_failure(exc, str(turn.reply_id)), "failed"
             self.metrics.ai_errors.labels(kind=exc.kind).inc()
             log.warning("ai provider failed", extra={"kind": exc.kind, "reply_id": turn.reply_id})
         except Exception:
+            # PostgreSQL gone while the answer's context was read, or a bug: the student is told, as for an
+            # AI failure, rather than given a `done` that does not say why.
             log.exception("turn failed", extra={"reply_id": turn.reply_id})
-            status = "failed"
+            failure, status = answer_failed(str(turn.reply_id)), "failed"
         try:
             await batcher.flush()
         except Exception:
             log.exception("token delivery failed", extra={"reply_id": turn.reply_id})
-            status = "failed" if status == "complete" else status
+            if status == "complete":
+                status, failure = "failed", answer_failed(str(turn.reply_id))
         with self.tracer.span("done", status=status):
             await self._finish(turn, status, usage, batcher.offset, failure)
         if cancelled:
@@ -282,7 +295,7 @@ class Answers:
         turn.last_seq = seq
 
     async def _finish(
-        self, turn: Turn, status: MessageStatus, usage: Usage | None, length: int, failure: AIError | None
+        self, turn: Turn, status: MessageStatus, usage: Usage | None, length: int, error: ChatError | None
     ) -> None:
         """Commit the answer's final state, then tell every joined socket (`done`)."""
         now = time.monotonic()
@@ -303,12 +316,9 @@ class Answers:
         # next seq after every one seen here (exactly the done's unless another frame comes in between).
         done_seq = max(turn.seq_floor, self.hub.last_seq(turn.conversation_id)) + 1
         truncated = usage is not None and usage.truncated and status == "complete"
-        error = ai_failure(failure, str(turn.reply_id)) if failure is not None else None
         try:
-            committed = await self.db.finish_reply(
-                turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, done_seq,
-                record, question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
-                truncated=truncated, error=(error.code.value, bool(error.retryable)) if error else None,
+            committed = await self._commit(
+                turn, status, done_seq, record, truncated, (error.code.value, bool(error.retryable)) if error else None
             )
         except BaseException:
             await self.budgets.settle(reservation, *used)
@@ -329,6 +339,39 @@ class Answers:
         turn.leased = False
         if error is not None:
             await self.hub.deliver(turn.conversation_id, [(0, error_frame(error))])
+
+    async def _commit(
+        self,
+        turn: Turn,
+        status: MessageStatus,
+        seq: int,
+        record: UsageRecord | None,
+        truncated: bool,
+        error: tuple[str, bool] | None,
+    ) -> bool:
+        """`finish_reply`, tried again while PostgreSQL restarts or fails over (for up to COMMIT_RETRY_S):
+        the answer stays this replica's (its lease renewed) and gets its `done` once the database is back.
+        Past that, the error is raised; the lease, no longer renewed, expires and a takeover ends the answer."""
+        deadline = time.monotonic() + COMMIT_RETRY_S
+        delay, attempt = COMMIT_RETRY_FIRST_S, 0
+        while True:
+            try:
+                return await self.db.finish_reply(
+                    turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, seq,
+                    record, question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
+                    truncated=truncated, error=error, again=attempt > 0,
+                )
+            except UNAVAILABLE_ERRORS as exc:
+                if self._closing or time.monotonic() + delay > deadline:
+                    raise
+                attempt += 1
+                self.metrics.commit_retries.inc()
+                log.warning(
+                    "database unavailable; answer commit will be retried",
+                    extra={"reply_id": turn.reply_id, "attempt": attempt, "error": repr(exc)},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, COMMIT_RETRY_MAX_S)
 
     def _observe(self, status: str, record: UsageRecord | None) -> None:
         metrics = self.metrics
@@ -430,6 +473,10 @@ class Answers:
         if given := await self.hub.store.lease_unleased(members):
             log.warning("answers that never started will be ended", extra={"answers": given})
 
+    def running(self, reply_id: int) -> bool:
+        """Whether this process generates (or has queued) the answer."""
+        return reply_id in self._turns
+
     @property
     def active(self) -> int:
         return len(self._turns)
@@ -442,6 +489,7 @@ class Answers:
 
     async def close(self) -> None:
         """Interrupt every answer still running and wait until each is committed."""
+        self._closing = True
         turns = list(self._turns.values())
         for turn in turns:
             turn.stop("interrupted")

@@ -110,7 +110,10 @@ def create_app(
     metrics = app[METRICS] = Metrics(settings.replica_id)
 
     async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
-        pool = await connect_pool(database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
+        pool = await connect_pool(
+            database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max,
+            connect_timeout=settings.db_connect_timeout_s,
+        )
         try:
             db = Database(pool)
             if settings.migrate_on_start:

@@ -21,7 +21,7 @@ from storage.models import Conversation, Course, Message, PastMessage, TenantSet
 from storage.postgres import Database
 from storage.roundtrips import RoundTrips
 
-from .answers import Answers, course_key, lease_member
+from .answers import LEASE_TTL_MS, Answers, course_key, lease_member
 from .auth import Claims
 from .budgets import Budgets, Reservation
 from .errors import ChatError, CloseCode, bad_request, forbidden, not_found, restarting
@@ -304,8 +304,6 @@ class ChatService:
         except Exception:
             await self.budgets.settle(reservation, 0, 0)
             raise
-        if not saved.created or saved.reply is None:
-            await self.budgets.settle(reservation, 0, 0)  # nothing will be generated for this message
         ack: dict[str, Any] = {
             "type": "ack",
             "id": frame.id,
@@ -319,12 +317,30 @@ class ChatService:
             # committed with the answer; until then it is read back from the log (resends are rare, and
             # storing it right after the ack would cost every turn a write).
             seq = saved.message.seq or await self._logged_ack_seq(conversation.id, saved.message.id)
+            if not seq and await self._claim_unstarted(conversation, saved.reply):
+                # Never acknowledged, its answer never started: the first send was committed but its reply
+                # lost (the connection dropped as PostgreSQL restarted). Acknowledged and answered now.
+                await self._acknowledge(session, joined, ack, saved.message, saved.reply, reservation)
+                return
+            await self.budgets.settle(reservation, 0, 0)  # nothing will be generated for this message
             ack["seq"] = seq
             await session.peer.send(encode(ack))
             return
+        if saved.reply is None:
+            await self.budgets.settle(reservation, 0, 0)  # paused: nothing will be generated yet
         await self._acknowledge(
             session, joined, ack, saved.message, saved.reply, reservation, history=saved.history
         )
+
+    async def _claim_unstarted(self, conversation: Conversation, reply: Message | None) -> bool:
+        """Whether a resent question's answer is still a placeholder no replica generates (none holds its
+        lease), taking its lease for this replica if so."""
+        if reply is None or reply.status != "streaming" or self.answers.running(reply.id):
+            return False
+        member = lease_member(
+            conversation.tenant_id, conversation.user_id, conversation.id, reply.id, conversation.course_id
+        )
+        return await self.hub.store.lease_if_free(member, LEASE_TTL_MS)
 
     async def _logged_ack_seq(self, conversation_id: str, message_id: int) -> int:
         """The seq of a question's first ack, from the conversation's log (0 when it is not there)."""

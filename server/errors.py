@@ -100,6 +100,12 @@ def ai_failure(error: AIError, ref: str | None = None) -> ChatError:
     return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retry_after=error.retry_after, retryable=True)
 
 
+def answer_failed(ref: str | None = None) -> ChatError:
+    """An answer that failed otherwise than at the AI provider (its context could not be read): asking again
+    can help."""
+    return ChatError(ErrorCode.INTERNAL, "the tutor could not answer; please try again", ref, retryable=True)
+
+
 def restarting(message: str, ref: str | None = None) -> ChatError:
     """This replica is shutting down: the same request succeeds on another in a moment."""
     return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retry_after=1.0, retryable=True)

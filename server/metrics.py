@@ -62,6 +62,9 @@ class Metrics:
         self.tokens = Counter("smartedu_tokens_streamed", "Output tokens streamed to students", registry=r)
         self.ai_errors = Counter("smartedu_ai_errors", "AI provider failures by kind", ["kind"], registry=r)
         self.ai_retries = Counter("smartedu_ai_retries", "AI calls retried before the first token", registry=r)
+        self.commit_retries = Counter(
+            "smartedu_answer_commit_retries", "Answer commits tried again while PostgreSQL was unavailable", registry=r
+        )
         self.circuit_open = Gauge(
             "smartedu_ai_circuit_open", "1 while the AI circuit breaker is open", registry=r, multiprocess_mode="max"
         )

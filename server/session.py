@@ -36,7 +36,10 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-_DEPENDENCY_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, RedisError, OSError, TimeoutError)
+# InternalClientError: asyncpg's, on a connection PostgreSQL is closing (a restart) mid-transaction.
+_DEPENDENCY_ERRORS = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, RedisError, OSError, TimeoutError
+)
 
 
 class SocketSession:

@@ -236,6 +236,9 @@ class Settings:
     log_content: bool = False
     db_pool_min: int = 2
     db_pool_max: int = 10
+    # How long opening a PostgreSQL connection may take: an unreachable host (a fail-over under way) then
+    # costs a request this long, not asyncpg's default of a minute.
+    db_connect_timeout_s: float = 5.0
     drain_seconds: float = 20.0
     tenant_daily_tokens: int = 5_000_000
     user_daily_tokens: int = 100_000
@@ -327,6 +330,7 @@ class Settings:
             log_content=_bool(env, "SMARTEDU_LOG_CONTENT", False),
             db_pool_min=_int(env, "SMARTEDU_DB_POOL_MIN", defaults.db_pool_min, 1),
             db_pool_max=_int(env, "SMARTEDU_DB_POOL_MAX", defaults.db_pool_max, 1),
+            db_connect_timeout_s=_float(env, "SMARTEDU_DB_CONNECT_TIMEOUT_S", defaults.db_connect_timeout_s, 0.1),
             drain_seconds=_float(env, "SMARTEDU_DRAIN_SECONDS", defaults.drain_seconds),
             tenant_daily_tokens=_int(env, "SMARTEDU_TENANT_DAILY_TOKENS", defaults.tenant_daily_tokens),
             user_daily_tokens=_int(env, "SMARTEDU_USER_DAILY_TOKENS", defaults.user_daily_tokens),

@@ -31,6 +31,19 @@ from .roundtrips import RoundTrips
 
 log = logging.getLogger(__name__)
 
+# What a database restart or fail-over raises (connection lost or refused, server shutting down or starting
+# up, no answer in time, a demoted primary refusing writes): the same statement can succeed once PostgreSQL
+# is back. (A stale pooled connection's errors are handled by `_Statements`.)
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.ReadOnlySQLTransactionError,
+)
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -159,18 +172,68 @@ def _canonical(conversation_id: str) -> str:
         raise NotFoundError("conversation") from None
 
 
+class _Statements:
+    """One-statement calls on the pool. A statement given a pooled connection that PostgreSQL had already
+    closed (a restart, a fail-over or pg_terminate_backend while it sat idle) before this process noticed is
+    sent once more, on another connection: it was not applied (`_not_applied`), so it cannot be applied
+    twice, and a stale connection does not become the student's error."""
+
+    def __init__(self, pool: asyncpg.Pool):
+        self._pool = pool
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        return await self._run(lambda conn: conn.fetch(query, *args))  # type: ignore[no-any-return]
+
+    async def fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        return await self._run(lambda conn: conn.fetchrow(query, *args))  # type: ignore[no-any-return]
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        return await self._run(lambda conn: conn.fetchval(query, *args))
+
+    async def execute(self, query: str, *args: Any) -> str:
+        return await self._run(lambda conn: conn.execute(query, *args))  # type: ignore[no-any-return]
+
+    async def _run(self, call: Callable[[PoolConnectionProxy], Awaitable[Any]]) -> Any:
+        # After a restart every idle connection is stale: as many attempts as the pool holds, and one more.
+        attempts = self._pool.get_max_size() + 1
+        for attempt in range(1, attempts + 1):
+            async with self._pool.acquire() as conn:
+                try:
+                    return await call(conn)
+                except (asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.PostgresError) as exc:
+                    if attempt == attempts or not _not_applied(exc, conn):
+                        raise
+                    conn.terminate()  # the pool opens a new one in its place
+                    log.warning("stale PostgreSQL connection replaced; statement sent again", extra={"error": str(exc)})
+        raise AssertionError("unreachable")
+
+
+def _not_applied(exc: Exception, conn: PoolConnectionProxy) -> bool:
+    """Whether a statement failed on a connection PostgreSQL had closed without applying it: asyncpg found
+    the connection closed, or still reading the FATAL sent before the close, and refused to send it; or the
+    reply was that FATAL (a terminated backend rolls back what it was running). A connection lost while
+    the statement was on its way is not one: it may have committed."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return isinstance(exc, (asyncpg.AdminShutdownError, asyncpg.CrashShutdownError))
+    return isinstance(exc, asyncpg.InternalClientError) or conn.is_closed()
+
+
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Nothing to undo: queries leave no session state (advisory locks are released where taken,
     nothing LISTENs), so the default reset, a round trip on every release, is skipped."""
 
 
-async def connect_pool(dsn: str, *, min_size: int = 2, max_size: int = 10, attempts: int = 10) -> asyncpg.Pool:
-    """Create a pool, retrying with a log line per attempt while the server starts."""
+async def connect_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, attempts: int = 10, connect_timeout: float = 5.0
+) -> asyncpg.Pool:
+    """Create a pool, retrying with a log line per attempt while the server starts. Each new connection
+    (the pool's later ones too, after a database restart) gives up after `connect_timeout` seconds."""
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             pool = await asyncpg.create_pool(
-                dsn, min_size=min_size, max_size=max_size, command_timeout=30, reset=_keep_session
+                dsn, min_size=min_size, max_size=max_size, command_timeout=30, reset=_keep_session,
+                timeout=connect_timeout,
             )
             assert pool is not None
             return pool
@@ -389,6 +452,7 @@ class Database:
 
     def __init__(self, pool: asyncpg.Pool):
         self.pool = pool
+        self._sql = _Statements(pool)
         self._questions: RoundTrips[_Question, SavedQuestion | None] = RoundTrips(
             self._save_questions, "question-commits", limit=COMMIT_BATCH
         )
@@ -400,9 +464,8 @@ class Database:
             return await apply_migrations(conn)
 
     async def ping(self) -> None:
-        """Raise if the database cannot answer."""
-        async with self.pool.acquire(timeout=2) as conn:
-            await conn.fetchval("SELECT 1")
+        """Raise if the database cannot answer (a stale pooled connection replaced first)."""
+        await self._sql.fetchval("SELECT 1")
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[PoolConnectionProxy]:
@@ -416,13 +479,13 @@ class Database:
 
         One statement, so one round trip and one commit on every `hello`: the user's foreign key is checked
         at the end of the statement, which sees the tenant its first part inserted."""
-        row = await self.pool.fetchrow(_UPSERT_USER, tenant_id, external_id, role, display_name)
+        row = await self._sql.fetchrow(_UPSERT_USER, tenant_id, external_id, role, display_name)
         assert row is not None
         return User(**dict(row))
 
     async def get_tenant(self, tenant_id: str) -> TenantSettings:
         """The tenant's own settings (defaults when it has none)."""
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             "SELECT system_prompt, daily_token_budget, user_daily_token_budget, allowed_origins"
             " FROM tenants WHERE id = $1",
             tenant_id,
@@ -439,7 +502,7 @@ class Database:
 
     async def origin_is_allowed(self, origin: str) -> bool:
         """Whether any tenant lists this browser origin as one of its embedding origins."""
-        found = await self.pool.fetchval("SELECT 1 FROM tenants WHERE $1 = ANY(allowed_origins) LIMIT 1", origin)
+        found = await self._sql.fetchval("SELECT 1 FROM tenants WHERE $1 = ANY(allowed_origins) LIMIT 1", origin)
         return found is not None
 
     async def update_tenant(
@@ -452,7 +515,7 @@ class Database:
         allowed_origins: list[str] | None = None,
     ) -> None:
         """Create the tenant if needed and set the given settings (None leaves a setting as it is)."""
-        await self.pool.execute(
+        await self._sql.execute(
             "INSERT INTO tenants (id, system_prompt, daily_token_budget, user_daily_token_budget, allowed_origins)"
             " VALUES ($1, $2, $3, $4, COALESCE($5, '{}'::text[]))"
             " ON CONFLICT (id) DO UPDATE SET"
@@ -471,7 +534,7 @@ class Database:
 
     async def get_course(self, tenant_id: str, course_id: str) -> Course | None:
         """The tenant's course, or None."""
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             "SELECT tenant_id, id, title, description, system_prompt FROM courses WHERE tenant_id = $1 AND id = $2",
             tenant_id,
             course_id,
@@ -500,7 +563,7 @@ class Database:
 
     async def list_courses(self, tenant_id: str) -> list[Course]:
         """Every course of the tenant, by title."""
-        rows = await self.pool.fetch(
+        rows = await self._sql.fetch(
             "SELECT tenant_id, id, title, description, system_prompt FROM courses WHERE tenant_id = $1 ORDER BY title",
             tenant_id,
         )
@@ -512,7 +575,7 @@ class Database:
         """The user's own conversation, or None (also for other users' and other tenants' ids)."""
         if not _is_uuid(conversation_id):
             return None
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND tenant_id = $2 AND user_id = $3",
             conversation_id,
             tenant_id,
@@ -522,7 +585,7 @@ class Database:
 
     async def latest_conversation(self, tenant_id: str, user_id: str, course_id: str | None) -> Conversation | None:
         """The user's most recently active conversation in the course (or without course)."""
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations"
             " WHERE tenant_id = $1 AND user_id = $2 AND course_id IS NOT DISTINCT FROM $3"
             " ORDER BY updated_at DESC LIMIT 1",
@@ -534,7 +597,7 @@ class Database:
 
     async def create_conversation(self, tenant_id: str, user_id: str, course_id: str | None) -> Conversation:
         """Start a new conversation for the user."""
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             f"INSERT INTO conversations (tenant_id, user_id, course_id) VALUES ($1, $2, $3)"
             f" RETURNING {_CONVERSATION_COLUMNS}",
             tenant_id,
@@ -561,7 +624,7 @@ class Database:
         if no_course and course_id is not None:
             raise ValueError("course_id and no_course exclude each other")
         in_course = " AND course_id IS NULL" if no_course else "" if course_id is None else " AND course_id = $4"
-        rows = await self.pool.fetch(
+        rows = await self._sql.fetch(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE tenant_id = $1 AND user_id = $2{in_course}"
             " ORDER BY updated_at DESC LIMIT $3",
             tenant_id,
@@ -578,14 +641,14 @@ class Database:
     ) -> list[Message]:
         """Up to `limit` messages older than `before` (or the newest), oldest first; one index scan."""
         if before is None:
-            rows = await self.pool.fetch(_RECENT_NEWEST, conversation_id, tenant_id, limit)
+            rows = await self._sql.fetch(_RECENT_NEWEST, conversation_id, tenant_id, limit)
         else:
-            rows = await self.pool.fetch(_RECENT_BEFORE, conversation_id, tenant_id, limit, before)
+            rows = await self._sql.fetch(_RECENT_BEFORE, conversation_id, tenant_id, limit, before)
         return [_message(r) for r in reversed(rows)]
 
     async def get_message(self, tenant_id: str, conversation_id: str, message_id: int) -> Message | None:
         """One message of the conversation, or None."""
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3",
             message_id,
             conversation_id,
@@ -595,7 +658,7 @@ class Database:
 
     async def find_user_message(self, tenant_id: str, user_id: str, message_id: int) -> Message | None:
         """A message in any of the user's conversations, or None."""
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             f"SELECT {', '.join('m.' + c.strip() for c in _MESSAGE_COLUMNS.split(','))} FROM messages m"
             " JOIN conversations c ON c.id = m.conversation_id"
             " WHERE m.id = $1 AND m.tenant_id = $2 AND c.tenant_id = $2 AND c.user_id = $3",
@@ -658,9 +721,9 @@ class Database:
         question, its placeholder and its history (`_SAVE_ONE`, `_SAVE_MANY`). None for a question whose
         client id was already in its conversation."""
         if len(questions) == 1:
-            rows = await self.pool.fetch(_SAVE_ONE, *questions[0].params())
+            rows = await self._sql.fetch(_SAVE_ONE, *questions[0].params())
         else:
-            rows = await self.pool.fetch(_SAVE_MANY, *_columns([q.params() for q in questions]))
+            rows = await self._sql.fetch(_SAVE_MANY, *_columns([q.params() for q in questions]))
         parts: list[dict[str, list[Message]]] = [{"q": [], "r": []} for _ in questions]
         histories: list[list[PastMessage]] = [[] for _ in questions]
         for row in rows:
@@ -770,13 +833,13 @@ class Database:
 
     async def set_message_seq(self, tenant_id: str, message_id: int, seq: int) -> None:
         """Remember the seq of a message's ack, so a resend gets the same ack."""
-        await self.pool.execute(
+        await self._sql.execute(
             "UPDATE messages SET seq = $3 WHERE id = $1 AND tenant_id = $2", message_id, tenant_id, seq
         )
 
     async def unanswered_question(self, tenant_id: str, conversation_id: str) -> Message | None:
         """The newest student message if nothing (answer or teacher message) came after it."""
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = $1 AND tenant_id = $2"
             " ORDER BY id DESC LIMIT 1",
             conversation_id,
@@ -829,7 +892,7 @@ class Database:
         ids = [c for c in dict.fromkeys(conversation_ids) if _is_uuid(c)]
         if not ids:
             return set()
-        rows = await self.pool.fetch(
+        rows = await self._sql.fetch(
             "SELECT id::text FROM conversations WHERE tenant_id = $1 AND id = any($2::uuid[]) AND ai_paused",
             tenant_id,
             ids,
@@ -840,7 +903,7 @@ class Database:
         """Any conversation of the tenant (for teachers; the caller checks the course)."""
         if not _is_uuid(conversation_id):
             return None
-        row = await self.pool.fetchrow(
+        row = await self._sql.fetchrow(
             f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = $1 AND tenant_id = $2",
             conversation_id,
             tenant_id,
@@ -852,7 +915,7 @@ class Database:
     ) -> int:
         """Record something a teacher should see (a safety block, repeated failures); `NotFoundError` unless
         the conversation (and the message, if given) is the tenant's."""
-        flag_id = await self.pool.fetchval(
+        flag_id = await self._sql.fetchval(
             "INSERT INTO message_flags (tenant_id, conversation_id, message_id, kind, detail)"
             " SELECT $1, $2, $3, $4, $5"
             " WHERE EXISTS (SELECT 1 FROM conversations WHERE id = $2 AND tenant_id = $1) AND ($3::bigint IS NULL"
@@ -882,17 +945,21 @@ class Database:
         *,
         truncated: bool = False,
         error: tuple[str, bool] | None = None,
+        again: bool = False,
     ) -> bool:
         """Commit the answer's final text and status (only if still streaming), whether the output limit cut
         it (`truncated`) or why it failed (`error` = (code, retryable)), its usage row and the question's ack
         seq (`question` = (id, seq)); False if it had already ended. Answers finishing while another batch
-        is being committed are committed together (`_update_replies`)."""
-        return await self._replies.submit(
-            _Reply(
-                tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0),
-                truncated, error,
-            )
+        is being committed are committed together (`_update_replies`). `again`: the same commit after a
+        failed one, alone, which may have committed before its reply was lost (`_update_reply_again`)."""
+        reply = _Reply(
+            tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0),
+            truncated, error,
         )
+        if again:
+            [committed] = await self._update_reply_again([reply])
+            return committed
+        return await self._replies.submit(reply)
 
     async def stale_placeholders(
         self, older_than_s: float, limit: int = 500
@@ -901,7 +968,7 @@ class Database:
         (tenant, user, conversation, reply id, course): for the sweep of answers that never started (the
         leases they are checked against are not per tenant either). Read through the index of streaming
         messages."""
-        rows = await self.pool.fetch(
+        rows = await self._sql.fetch(
             "SELECT m.tenant_id, c.user_id::text, m.conversation_id::text, m.id, c.course_id FROM messages m"
             " JOIN conversations c ON c.id = m.conversation_id AND c.tenant_id = m.tenant_id"
             " WHERE m.status = 'streaming' AND m.created_at < now() - make_interval(secs => $1) LIMIT $2",
@@ -922,7 +989,7 @@ class Database:
         if committed:
             return [True]
         reply = replies[0]
-        same = await self.pool.fetchval(
+        same = await self._sql.fetchval(
             "SELECT 1 FROM messages WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND text = $4"
             " AND status = $5 AND seq = $6",
             *reply.params()[:6],
@@ -933,8 +1000,8 @@ class Database:
         """One statement (one round trip, one commit) for a batch of answers: each answer's row, its
         usage row, its question's ack seq and its conversation's `updated_at` and `last_seq`."""
         if len(replies) == 1:
-            return [await self.pool.fetchval(_FINISH_ONE, *replies[0].params()) is not None]
-        rows = await self.pool.fetch(_FINISH_MANY, *_columns([r.params() for r in replies]))
+            return [await self._sql.fetchval(_FINISH_ONE, *replies[0].params()) is not None]
+        rows = await self._sql.fetch(_FINISH_MANY, *_columns([r.params() for r in replies]))
         done = {row[0] for row in rows}
         return [r.reply_id in done for r in replies]
 
@@ -942,7 +1009,7 @@ class Database:
         """Raise the conversation's last seq to `seq`, a frame no answer's commit records (a teacher's message,
         a pause, a question's ack while paused), and with `message_id` keep it as that message's seq (a
         resend gets it back); one statement."""
-        await self.pool.execute(
+        await self._sql.execute(
             "WITH m AS (UPDATE messages SET seq = $3 WHERE id = $4 AND tenant_id = $1 AND conversation_id = $2)"
             " UPDATE conversations SET last_seq = GREATEST(last_seq, $3) WHERE id = $2 AND tenant_id = $1",
             tenant_id,

@@ -639,6 +639,11 @@ class RedisStore:
     async def release_lease(self, member: str) -> None:
         await self.client.zrem(self.keys.leases(), member)
 
+    async def lease_if_free(self, member: str, ttl_ms: int) -> bool:
+        """Take the lease of an answer that holds none (an expired one still counts as held: its takeover is
+        due); whether it was taken."""
+        return bool(await self.client.zadd(self.keys.leases(), {member: now_ms() + ttl_ms}, nx=True))
+
     async def lease_unleased(self, members: Sequence[str]) -> int:
         """Give each of these answers that holds no lease an expired one (a lease held is left as it is), so
         that `claim_expired_leases` hands it to one replica; how many were given one."""
