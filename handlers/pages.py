@@ -59,6 +59,16 @@ async def embed_page(request: web.Request) -> web.Response:
     )
 
 
+async def static_file(request: web.Request) -> web.FileResponse:
+    """A file under static/. A missing one is a `not_found` JSON error like any other path: aiohttp's
+    static route answered it with an empty 404 of type application/octet-stream."""
+    root = request.app[SETTINGS].static_dir.resolve()
+    path = (root / request.match_info["path"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise web.HTTPNotFound(reason="no such file")
+    return web.FileResponse(path)
+
+
 async def protect_html(request: web.Request, response: web.StreamResponse) -> None:
     """Every other HTML response (static files included) refuses framing and inline script."""
     if response.content_type == "text/html" and "Content-Security-Policy" not in response.headers:

@@ -203,7 +203,7 @@ def create_app(
     app.router.add_post("/lti/login", lti.login)
     app.router.add_post("/lti/launch", lti.launch)
     if settings.static_dir.is_dir():
-        app.router.add_static("/static/", settings.static_dir, append_version=False)
+        app.router.add_get("/static/{path:.+}", pages.static_file)
     _setup_cors(app, settings)
     return app
 

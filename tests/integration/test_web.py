@@ -265,3 +265,19 @@ async def test_origins_listed_by_name_keep_credentialed_cors_next_to_a_wildcard(
     response = await server.client.options("/api/session", headers={"Origin": "https://other.example", **preflight})
     assert response.headers["Access-Control-Allow-Origin"] == "https://other.example"
     assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+async def test_static_files_and_missing_ones(serve: Serve) -> None:
+    """A missing file under /static/ is a `not_found` JSON error like any other path (aiohttp's static route
+    sent an empty body of type application/octet-stream); paths never leave the directory."""
+    server = await serve()
+    script = await server.client.get("/static/chat.js")
+    assert script.status == 200 and script.content_type in ("application/javascript", "text/javascript")
+    assert script.headers["X-Content-Type-Options"] == "nosniff"
+    etag = script.headers["ETag"]
+    assert (await server.client.get("/static/chat.js", headers={"If-None-Match": etag})).status == 304
+    for path in ("/static/nope.js", "/static/%2E%2E/pyproject.toml", "/static/..%2Fpyproject.toml", "/static/vendor/"):
+        response = await server.client.get(path)
+        assert response.status == 404, path
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert (await response.json())["error"]["code"] == "not_found", path
