@@ -15,14 +15,23 @@
     }
   }
 
+  function sameOrigin(path) {
+    try {
+      return new URL(path, location.href).origin === location.origin;
+    } catch (e) {
+      return false;
+    }
+  }
+
   function start() {
     var root = document.querySelector('[data-lti-launch]');
     if (!root) return;
     var target = root.getAttribute('data-lti-target') || '';
     root.removeAttribute('data-lti-target');
     var status = root.querySelector('[data-lti-status]');
-    // Only a path on this server: never another origin, never a javascript: URL.
-    if (target.charAt(0) !== '/' || target.charAt(1) === '/' || target.charAt(1) === '\\') {
+    // Only a path on this server: never another origin, never a javascript: URL. The check is on the URL
+    // the browser makes of it, since browsers drop tabs and newlines ('/\t/host' is '//host').
+    if (target.charAt(0) !== '/' || !sameOrigin(target)) {
       if (status) status.textContent = 'The launch could not be completed. Open the tutor again from your course.';
       return;
     }
