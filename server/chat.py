@@ -108,10 +108,15 @@ class ChatService:
         resume_from: int | None = None,
         *,
         new_conversation: bool = False,
+        deadline: asyncio.Timeout | None = None,
     ) -> Session:
-        """Resolve `hello`, send `welcome` and the catch-up (replay), then let live frames through."""
+        """Resolve `hello`, send `welcome` and the catch-up (replay), then let live frames through. `deadline`
+        (the caller's bound on the hello) is lifted when the welcome goes: a welcomed socket is never told
+        `busy`."""
         with self.tracer.span("hello", tenant=claims.tenant, role=claims.role):
-            return await self._open_session(peer, claims, conversation_id, course_id, resume_from, new_conversation)
+            return await self._open_session(
+                peer, claims, conversation_id, course_id, resume_from, new_conversation, deadline
+            )
 
     async def _open_session(
         self,
@@ -121,6 +126,7 @@ class ChatService:
         course_id: str | None,
         resume_from: int | None,
         new_conversation: bool,
+        deadline: asyncio.Timeout | None,
     ) -> Session:
         user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
         course: Course | None = None
@@ -145,7 +151,7 @@ class ChatService:
             course = await self._course_of(conversation)
         session.joined[conversation.id] = Joined(conversation, course)
         try:
-            await self._welcome(session, conversation, course, resume_from)
+            await self._welcome(session, conversation, course, resume_from, deadline)
         except BaseException:
             # Nothing of a failed hello stays (hub membership, presence): the socket may say hello again.
             await self.close_session(session)
@@ -154,7 +160,12 @@ class ChatService:
         return session
 
     async def _welcome(
-        self, session: Session, conversation: Conversation, course: Course | None, resume_from: int | None
+        self,
+        session: Session,
+        conversation: Conversation,
+        course: Course | None,
+        resume_from: int | None,
+        deadline: asyncio.Timeout | None = None,
     ) -> None:
         """Join the conversation, announce the student, then send `welcome` and the catch-up: the welcome
         goes only once every step that can fail has succeeded."""
@@ -192,6 +203,8 @@ class ChatService:
             welcome["resumed"] = resumed
             self.metrics.resumes.labels(outcome="resumed" if resumed else "missed").inc()
             self.metrics.replayed.inc(len(catch_up))
+        if deadline is not None and not deadline.expired():
+            deadline.reschedule(None)
         await peer.send(encode(welcome))
         await self.hub.catch_up(member, catch_up, snapshot.seq)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -20,6 +21,7 @@ class ErrorCode(StrEnum):
     AI_UNAVAILABLE = "ai_unavailable"
     AI_DECLINED = "ai_declined"
     AI_REJECTED = "ai_rejected"
+    BUSY = "busy"
     INTERNAL = "internal"
 
 
@@ -34,6 +36,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.AI_UNAVAILABLE: 503,
     ErrorCode.AI_DECLINED: 422,
     ErrorCode.AI_REJECTED: 422,
+    ErrorCode.BUSY: 503,
     ErrorCode.INTERNAL: 500,
 }
 
@@ -45,6 +48,7 @@ class CloseCode:
     GOING_AWAY = 1001
     SERVICE_RESTART = 1012
     TOO_SLOW = 1013  # the client fell too far behind the frames sent to it: reconnect and resume
+    TRY_AGAIN_LATER = 1013  # a hello the server could not finish in time: reconnect after a backoff
     CRASH = 1011
     BAD_TOKEN = 4401
     FORBIDDEN = 4403
@@ -55,6 +59,7 @@ class CloseCode:
 FATAL_CLOSE: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: CloseCode.BAD_TOKEN,
     ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
+    ErrorCode.BUSY: CloseCode.TRY_AGAIN_LATER,
 }
 
 
@@ -109,6 +114,12 @@ def answer_failed(ref: str | None = None) -> ChatError:
 def restarting(message: str, ref: str | None = None) -> ChatError:
     """This replica is shutting down: the same request succeeds on another in a moment."""
     return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retry_after=1.0, retryable=True)
+
+
+def busy(message: str) -> ChatError:
+    """The server could not get to this request in time (its database is saturated): try again later,
+    spread out (each client is told a different `retry_after`)."""
+    return ChatError(ErrorCode.BUSY, message, retry_after=random.uniform(1.0, 3.0))
 
 
 def bad_request(message: str, ref: str | None = None) -> ChatError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ from storage.errors import StorageError
 
 from .auth import Claims, TokenVerifier
 from .chat import ChatService, Session
-from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, forbidden, from_storage, unauthorized
+from .errors import FATAL_CLOSE, ChatError, ErrorCode, bad_request, busy, forbidden, from_storage, unauthorized
 from .peer import WebSocketPeer
 from .protocol import (
     PONG,
@@ -110,28 +111,7 @@ class SocketSession:
         if self.session is None:
             if not isinstance(frame, Hello):
                 raise bad_request("the first frame must be hello")
-            token = frame.token or self.header_token
-            if token is None and self.cookie_claims is not None:
-                claims = self.cookie_claims
-                if self.chat.logged_out(claims):  # after the upgrade, before this hello
-                    raise unauthorized("this session has been logged out; sign in again")
-            else:
-                claims = self.verifier.verify(token)
-            if self.pending_origin is not None and not await self.chat.origin_allowed_for(
-                claims.tenant, self.pending_origin
-            ):
-                raise forbidden("this origin may not open a socket for your school")
-            self.session = await self.chat.open_session(
-                self.peer, claims, frame.conversation_id, frame.course_id, frame.resume_from,
-                new_conversation=frame.new_conversation,
-            )
-            self.metrics.hellos.labels(outcome="ok").inc()
-            self.metrics.connections.labels(role=claims.role).inc()
-            log.info(
-                "hello",
-                extra={"tenant": claims.tenant, "user_id": self.session.user.id,
-                       "conversation_id": self.session.current, "session_id": self.session.id},
-            )
+            await self._hello_within_deadline(frame)
             return
         session = self.session
         if isinstance(frame, SendMessage):
@@ -152,6 +132,44 @@ class SocketSession:
             await _referenced(frame, self.chat.classroom.set_ai(session, frame))
         else:
             raise bad_request("hello was already received")
+
+    async def _hello_within_deadline(self, frame: Hello) -> None:
+        """`hello`, given at most `hello_deadline` seconds: at class start hundreds of hellos queue for a small
+        database pool, and one that waits longer is told `busy` (and closed with 1013, so the client backs
+        off) instead of hanging until the client gives up and retries on top of the work still queued."""
+        deadline = asyncio.timeout(self.settings.hello_deadline)
+        try:
+            async with deadline:
+                await self._hello(frame, deadline)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            log.warning("hello over its deadline", extra={"deadline_s": self.settings.hello_deadline})
+            raise busy("the server is busy; try again in a moment") from None
+
+    async def _hello(self, frame: Hello, deadline: asyncio.Timeout) -> None:
+        token = frame.token or self.header_token
+        if token is None and self.cookie_claims is not None:
+            claims = self.cookie_claims
+            if self.chat.logged_out(claims):  # after the upgrade, before this hello
+                raise unauthorized("this session has been logged out; sign in again")
+        else:
+            claims = self.verifier.verify(token)
+        if self.pending_origin is not None and not await self.chat.origin_allowed_for(
+            claims.tenant, self.pending_origin
+        ):
+            raise forbidden("this origin may not open a socket for your school")
+        self.session = await self.chat.open_session(
+            self.peer, claims, frame.conversation_id, frame.course_id, frame.resume_from,
+            new_conversation=frame.new_conversation, deadline=deadline,
+        )
+        self.metrics.hellos.labels(outcome="ok").inc()
+        self.metrics.connections.labels(role=claims.role).inc()
+        log.info(
+            "hello",
+            extra={"tenant": claims.tenant, "user_id": self.session.user.id,
+                   "conversation_id": self.session.current, "session_id": self.session.id},
+        )
 
     async def close(self) -> None:
         if self.session is not None:

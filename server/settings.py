@@ -222,6 +222,9 @@ class Settings:
     max_frame_bytes: int = 64 * 1024
     messages_per_minute: int = 20
     hello_timeout: float = 10.0
+    # Seconds the server may spend on one `hello` (a database connection's wait included) before it answers
+    # `busy` and closes with 1013: below the clients' own limits (loadtest 10 s, the widget 15 s).
+    hello_deadline: float = 8.0
     history_messages: int = 20
     history_page_max: int = 100
     frame_interval_ms: float = 100.0
@@ -320,6 +323,7 @@ class Settings:
             max_message_chars=_int(env, "SMARTEDU_MAX_MESSAGE_CHARS", defaults.max_message_chars, 1),
             messages_per_minute=_int(env, "SMARTEDU_MESSAGES_PER_MINUTE", defaults.messages_per_minute, 1),
             hello_timeout=_float(env, "SMARTEDU_HELLO_TIMEOUT", defaults.hello_timeout, 0.1),
+            hello_deadline=_float(env, "SMARTEDU_HELLO_DEADLINE", defaults.hello_deadline, 0.1),
             frame_interval_ms=_float(env, "SMARTEDU_FRAME_INTERVAL_MS", defaults.frame_interval_ms),
             offline_ttft_ms=_float(env, "SMARTEDU_OFFLINE_TTFT_MS", defaults.offline_ttft_ms),
             offline_tokens_per_s=_float(env, "SMARTEDU_OFFLINE_TOKENS_PER_S", defaults.offline_tokens_per_s),

@@ -421,6 +421,7 @@
     if (typeof f.ai_paused === 'boolean') this.onAiState(f.ai_paused, this.conversationId);
     this.view.clearNotice('unauthorized');
     this.view.clearNotice('forbidden');
+    this.view.clearNotice('busy');
     this.flushOutbox(true);
     var self = this;
     this.byServerId.forEach(function (item) {
@@ -1200,6 +1201,7 @@
       ai_declined: 'The tutor can\u2019t answer that question. Try asking about your course in another way.',
       ai_rejected: 'The tutor could not process this conversation. Your teacher can see that this answer failed.',
       internal: 'Something went wrong on our side.',
+      busy: 'Many students are connecting right now. Trying again in a moment\u2026',
     };
     if (item) {
       item.status = 'rejected';
@@ -1220,7 +1222,7 @@
     }
     var logRef = typeof f.log_ref === 'string' ? f.log_ref : null;
     if (code === 'internal' && logRef) text += ' (reference ' + logRef.slice(0, 24) + ')';
-    var spec = { key: code, tone: /^ai_/.test(code) ? 'warn' : 'error', text: text, ttl: 15000 };
+    var spec = { key: code, tone: /^ai_|^busy$/.test(code) ? 'warn' : 'error', text: text, ttl: 15000 };
     if (code === 'ai_unavailable' && f.retry_after && f.retryable !== false) {
       spec.until = Date.now() + seconds(f.retry_after, 5) * 1000;
       spec.text = 'The tutor is unavailable right now. Try again in';

@@ -508,11 +508,18 @@ class Student:
             turn = self.outbox[0]
             self.by_id[turn.client_id] = turn  # before sending: the ack may beat send_str's return
             text = ctx.config.questions.pick(ctx.rng)
+            ws = self.ws
             try:
-                await self.ws.send_str(_dumps({"type": "message", "id": turn.client_id, "text": text}))
+                await ws.send_str(_dumps({"type": "message", "id": turn.client_id, "text": text}))
             except (aiohttp.ClientError, ConnectionError, RuntimeError):
                 # The socket broke under us; the turn is resent (same id, so idempotent) after reconnecting.
                 self.by_id.pop(turn.client_id, None)
+                # The reader has not finished with it yet (it is closing it after `reconnect`, or has yet to
+                # see the connection's end): wait for it. Returning at once made the caller send again at
+                # once, failing without ever giving the event loop back, so every student of the process
+                # (and the close the reader waited for) froze until the end of the run.
+                await _close_quietly(ws)
+                await self._join_reader()
                 return
             self.outbox.popleft()
             now = ctx.clock()

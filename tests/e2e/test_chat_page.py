@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.conftest import Serve, Server, seed_course, token
@@ -238,6 +239,31 @@ def _history(first: int, count: int) -> list[dict[str, Any]]:
          "created_at": "2024-05-01T10:00:00Z"}
         for i in range(first, first + count)
     ]
+
+
+async def test_a_busy_server_is_shown_and_the_page_reconnects_by_itself(
+    serve: Serve, browser: Browser, db: asyncpg.Connection
+) -> None:
+    """Class start on a saturated database: the hello is told `busy` (then 1013); the page says so, backs
+    off, and is online once the database answers again."""
+    _, url = await _live(serve, hello_deadline=0.3, db_pool_min=1, db_pool_max=1)
+    page, problems = await _open_page(browser)
+    lock = db.transaction()
+    await lock.start()
+    await db.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+    try:
+        await page.goto(url)
+        notice = page.locator('.se-notice[data-code="busy"]')
+        await notice.wait_for(timeout=5000)
+        assert "Many students are connecting" in (await notice.text_content() or "")
+        await page.wait_for_selector('.se-status[data-state="reconnecting"]', timeout=5000)
+    finally:
+        await lock.rollback()
+    await page.wait_for_selector('.se-status[data-state="online"]', timeout=15000)
+    assert await notice.count() == 0  # the welcome clears it
+    await _ask(page, "What is a slope?")
+    await page.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+    assert problems == []
 
 
 async def test_load_older_recovers_from_an_error_and_from_a_dropped_socket(serve: Serve, browser: Browser) -> None:

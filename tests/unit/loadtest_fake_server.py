@@ -36,6 +36,7 @@ class Behaviour:
     redirect_to: str | None = None  # answer the upgrade with 307 to this URL
     reconnect_in_turn: int | None = None  # answer number whose first token is followed by `reconnect`
     reconnect_after_ms: int = 300
+    reconnect_every: int = 0  # every Nth answer's first token is followed by `reconnect`
     commit_other_text_in_turn: int | None = None  # answer number whose committed text differs from the stream
     history: bool = True  # offer the `history` frame (welcome.features)
 
@@ -271,7 +272,8 @@ class FakeServer:
                 token = {"type": "token", "reply_id": reply_id, "text": text, "offset": offset}
                 if not skip:
                     await self._emit(conv, dict(token))
-                if number == b.reconnect_in_turn and i == 0:
+                every = b.reconnect_every and number % b.reconnect_every == 0
+                if (number == b.reconnect_in_turn or every) and i == 0:
                     # Not a conversation frame: no seq, not logged, sent to the socket there is now.
                     self.counts.reconnects_sent += 1
                     reconnect = {"type": "reconnect", "after_ms": b.reconnect_after_ms}

@@ -400,6 +400,23 @@ async def test_a_reconnect_frame_moves_the_student_after_the_delay(start_server:
     assert phase["latency_ms"]["done"]["max"] >= 400.0
 
 
+async def test_a_student_told_to_reconnect_while_a_question_is_due_reconnects(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # A question falls due while the student closes its socket after `reconnect` (waiting for the server's
+    # close reply). The failed send must give the event loop back: retrying it at once, forever, froze every
+    # student of the process (and the close it waited for) until the end of the run.
+    server = await start_server(Behaviour(tokens=4, token_delay=0.002, reconnect_every=5, reconnect_after_ms=0))
+    code, results = await _run(server, tmp_path, "--students", "20", "--rate", "3000", "--duration", "2")
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    assert counters["reconnect_requests"] >= 20, counters  # (one sent to a socket already closing is not read)
+    assert counters["resumes_ok"] == counters["reconnect_requests"], counters
+    assert phase["latency_ms"]["reconnect"]["max"] < 1000, phase["latency_ms"]["reconnect"]
+    assert counters.get("turns_unfinished", 0) == 0 and counters.get("lost_tokens", 0) == 0
+
+
 @pytest.mark.parametrize("watch_events", [True, False])
 async def test_teachers_watching(start_server: StartServer, tmp_path: Path, watch_events: bool) -> None:
     server = await start_server(Behaviour(tokens=2, watch_events=watch_events))
