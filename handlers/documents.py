@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import web
 
@@ -21,19 +23,32 @@ async def _document_from(request: web.Request) -> tuple[str, str]:
             raise bad_request("body must be a JSON object with 'name' and 'body'")
         name, body = data.get("name"), data.get("body")
     elif request.content_type in ("text/plain", "text/markdown"):
+        name = _query_name(request)
         try:
-            name, body = request.query.get("name"), await request.text()
+            body = await request.text()
         except (UnicodeDecodeError, LookupError):
             raise bad_request("body is not text in its declared charset (UTF-8 when none is given)") from None
     else:
         raise bad_request("send application/json {name, body}, or text/plain or text/markdown with ?name=")
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         raise bad_request("'name' must be a non-empty string of at most 200 characters")
+    # A name goes into the tutor's instructions: a line break there could start what reads as a new one.
+    if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in no_nul(name, "'name'")):
+        raise bad_request("'name' must be one line of text, without line breaks or other control characters")
     if not isinstance(body, str) or not body.strip():
         raise bad_request("'body' must be non-empty text")
     if len(body) > MAX_DOCUMENT_CHARS:
         raise ChatError(ErrorCode.TOO_LARGE, f"documents are limited to {MAX_DOCUMENT_CHARS} characters")
     return no_nul(name, "'name'").strip(), no_nul(body, "'body'")
+
+
+def _query_name(request: web.Request) -> str | None:
+    """`?name=` decoded strictly: invalid UTF-8 is refused rather than stored as U+FFFD."""
+    try:
+        pairs = parse_qsl(request.rel_url.raw_query_string, errors="strict")
+    except UnicodeDecodeError:
+        raise bad_request("query parameter 'name' is not valid UTF-8") from None
+    return next((value for key, value in pairs if key == "name"), None)
 
 
 async def add_document(request: web.Request) -> web.Response:

@@ -84,7 +84,7 @@ class Answers:
         self.budgets = budgets
         self.metrics = metrics
         self.tracer = tracer
-        self.documents = Documents(db)
+        self.documents = Documents(db, settings.max_course_documents)
         self._turns: dict[int, Turn] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._closing = False  # stopping: a failed commit is left to another replica's takeover at once

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ai.base import AIError
-from storage.errors import ClientIdTakenError, StorageError
+from storage.errors import ClientIdTakenError, LimitReachedError, StorageError
 
 
 class ErrorCode(StrEnum):
@@ -143,6 +143,8 @@ def from_storage(error: StorageError, ref: str | None = None) -> ChatError:
     for the races they cannot see (a conversation deleted between the check and the write)."""
     if isinstance(error, ClientIdTakenError):
         return bad_request(str(error), ref)
+    if isinstance(error, LimitReachedError):
+        return ChatError(ErrorCode.TOO_LARGE, str(error), ref)
     return not_found(str(error), ref)
 
 

@@ -250,6 +250,7 @@ class Settings:
     ai_thinking_budget: int | None = 1024
     grounding_chars: int = 6000
     grounding_passages: int = 4
+    max_course_documents: int = 1000
     metrics_port: int | None = None
     session_key: str | None = field(default=None, repr=False)
     session_ttl_s: int = 8 * 3600
@@ -342,6 +343,7 @@ class Settings:
             ai_thinking_budget=_thinking_budget(env, defaults.ai_thinking_budget),
             grounding_chars=_int(env, "SMARTEDU_GROUNDING_CHARS", defaults.grounding_chars),
             grounding_passages=_int(env, "SMARTEDU_GROUNDING_PASSAGES", defaults.grounding_passages),
+            max_course_documents=_int(env, "SMARTEDU_MAX_COURSE_DOCUMENTS", defaults.max_course_documents, 1),
             # Off unless set (the container images set 9100), so several local replicas never clash.
             metrics_port=(
                 _int(env, "SMARTEDU_METRICS_PORT", -1, 0, MAX_PORT) if env.get("SMARTEDU_METRICS_PORT") else None

@@ -6,6 +6,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from .errors import LimitReachedError
 from .postgres import Database
 
 PASSAGE_CHARS = 900
@@ -61,14 +62,25 @@ class Documents:
     # them for half a minute (a document added on another replica shows up within that time).
     NAMES_TTL_S = 30.0
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, max_per_course: int = 1000):
         self.pool = db.pool
+        self.max_per_course = max_per_course
         self._names: dict[tuple[str, str], tuple[float, list[str]]] = {}
 
     async def add(self, tenant_id: str, course_id: str, name: str, body: str) -> Document:
-        """Store a document and its passages in one transaction."""
+        """Store a document and its passages in one transaction; `LimitReachedError` if the course already
+        has `max_per_course` documents."""
         passages = split_passages(body)
         async with self.pool.acquire() as conn, conn.transaction():
+            # The course row's lock makes concurrent additions count one after another.
+            await conn.execute(
+                "SELECT 1 FROM courses WHERE tenant_id = $1 AND id = $2 FOR NO KEY UPDATE", tenant_id, course_id
+            )
+            count = await conn.fetchval(
+                "SELECT count(*) FROM course_documents WHERE tenant_id = $1 AND course_id = $2", tenant_id, course_id
+            )
+            if count >= self.max_per_course:
+                raise LimitReachedError(f"a course holds at most {self.max_per_course} documents")
             document_id = await conn.fetchval(
                 "INSERT INTO course_documents (tenant_id, course_id, name, body) VALUES ($1, $2, $3, $4) RETURNING id",
                 tenant_id,

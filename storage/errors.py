@@ -11,5 +11,9 @@ class ClientIdTakenError(StorageError):
     """The client id already names another author's message, or another kind of message, in the conversation."""
 
 
+class LimitReachedError(StorageError):
+    """A write would take a row count past its configured limit: nothing was written."""
+
+
 class NotFoundError(StorageError):
     """The row a write refers to does not exist for this tenant (and user): nothing was written."""
