@@ -1152,6 +1152,18 @@
       this.sendHello();
       return;
     }
+    if (code === 'internal' && !this.ready && !ref) {
+      // The hello failed on a dependency (the database restarting): the socket still waits for a hello,
+      // so say it again after retry_after (jittered, so a class does not come back in lockstep) instead
+      // of waiting for the server's hello deadline to close the socket.
+      var connection = this.transport.connections;
+      var again = seconds(f.retry_after, 1) * (1 + Math.random()) * 1000;
+      setTimeout(function () {
+        if (!self.ready && self.transport.connections === connection && self.transport.ws) self.sendHello();
+      }, again);
+      view.setStatus('connecting');
+      return;
+    }
     if (code === 'rate_limited' || (code === 'quota_exceeded' && seconds(f.retry_after, 30) <= 120)) {
       var wait = seconds(f.retry_after, 10);
       this.rateUntil = Math.max(this.rateUntil, Date.now() + wait * 1000);

@@ -659,3 +659,31 @@ async def test_a_sign_in_link_opened_again_in_the_same_tab_signs_in_and_leaves_n
     await page.go_back()
     assert "token=" not in page.url
     assert problems == []
+
+
+async def test_a_hello_that_failed_on_the_database_is_said_again_on_the_same_socket(
+    serve: Serve, browser: Browser
+) -> None:
+    """A hello the server could not serve (the database restarting: `internal` with retry_after, and the
+    socket still waits for a hello) is sent again after retry_after, not left until the page's 15 s welcome
+    limit drops the socket."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    sockets: list[WebSocketRoute] = []
+    hellos: list[int] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] != "hello":
+            return
+        hellos.append(number)
+        if len(hellos) == 1:
+            send(type="error", code="internal", message="a backing service is unavailable; try again",
+                 retry_after=0.3, log_ref="3f9a0c")
+        else:
+            send(type="welcome", conversation_id="c1", course_id=COURSE, seq=0, history=[], has_more=False)
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]', timeout=5000)
+    assert hellos == [1, 1]  # both on the first socket
+    assert problems == []
