@@ -547,6 +547,7 @@
     this.aiFramesAtWelcome = this.aiFrames;  // frames may have been missed while away
     this.connection.welcome();
     this.clearNotice('signed-out');
+    this.clearNotice('connect');
     if (again) {
       // Frames were missed while away: what was streaming may have ended. The open transcript is
       // reloaded; the others show their state again as frames arrive.
@@ -607,11 +608,30 @@
     return null;
   };
 
+  Dashboard.prototype.helloAgain = function (seconds) {
+    var self = this;
+    var connection = this.connection.connections;
+    setTimeout(function () {
+      if (!self.ready && self.connection.connections === connection && self.connection.ws) {
+        self.connection.send({ type: 'hello', token: self.token });
+      }
+    }, Math.min(Math.max(seconds, 0.2), 30) * (1 + Math.random()) * 1000);
+  };
+
   Dashboard.prototype.onError = function (f) {
     var ref = typeof f.ref === 'string' ? f.ref : null;
     // An error about a teacher's frame has `ref` (the course of a watch, the client id of an
     // intervention, the conversation of an ai switch): it belongs to the oldest request with that ref.
     // Only one without a known ref (a refused frame, a backing service down) is put on the oldest request.
+    if (!this.ready && !ref && (f.code === 'internal' || f.code === 'busy')) {
+      // The hello itself failed: `busy` (the socket is closed next, and reconnects after its backoff) or
+      // a dependency (the database restarting; the socket still waits for a hello, said again after
+      // retry_after, jittered).
+      if (f.code === 'internal') this.helloAgain(typeof f.retry_after === 'number' ? f.retry_after : 1);
+      this.notice('connect', f.code === 'busy' ? 'The server is busy. Connecting again in a moment\u2026'
+        : 'The server could not sign you in yet. Trying again\u2026', 'warn');
+      return;
+    }
     var op = (ref && this.settle(function (o) { return o.ref === ref; })) || this.pending.shift() || null;
     var reasons = {
       forbidden: 'you may not watch it', not_found: 'it does not exist', too_large: 'the message is too long',

@@ -585,3 +585,37 @@ async def test_a_sign_in_link_opened_again_in_the_same_tab_signs_the_teacher_in(
     await page.wait_for_selector('.st-status[data-state="online"]')
     assert "token=" not in page.url
     assert problems == []
+
+
+async def test_a_hello_that_failed_on_the_database_is_said_again_on_the_same_socket(
+    serve: Serve, browser: Browser
+) -> None:
+    """The dashboard's hello failed on a dependency (`internal` with retry_after: the database restarting;
+    the socket still waits for a hello): it is said again after retry_after, with a notice meanwhile, not
+    left until the welcome limit drops the socket."""
+    server = await serve()
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    sockets: list[WebSocketRoute] = []
+    hellos: list[int] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            hellos.append(number)
+            if len(hellos) == 1:
+                send(type="error", code="internal", message="a backing service is unavailable; try again",
+                     retry_after=0.5, log_ref="3f9a0c")
+            else:
+                _welcome_teacher(send)
+        elif frame["type"] == "watch":
+            send(type="snapshot", course_id=COURSE, students=[ADA])
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")
+    notice = page.locator('.se-notice[data-code="connect"]')
+    await notice.wait_for(timeout=5000)
+    await page.get_by_role("button", name=re.compile(r"^Ada")).wait_for(timeout=5000)
+    assert hellos == [1, 1]  # both on the first socket
+    assert await notice.count() == 0  # the welcome clears it
+    assert problems == []
