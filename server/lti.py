@@ -101,7 +101,8 @@ async def fetch_jwks(url: str) -> Mapping[str, Any]:
                 if len(body) > JWKS_MAX_BYTES:
                     raise JwksFetchError("key set too large")
         document = json.loads(body)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+    # RecursionError: a body of nested arrays, which 256 KB allow far deeper than the JSON decoder goes.
+    except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
         raise JwksFetchError(str(exc) or type(exc).__name__) from None
     if not isinstance(document, dict):
         raise JwksFetchError("key set is not a JSON object")

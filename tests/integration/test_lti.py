@@ -611,8 +611,9 @@ async def test_launches_waiting_on_a_hanging_key_set_share_one_fetch(lti: Lti, m
         web.Response(text="[]", content_type="application/json"),
         web.Response(text='{"keys": "none"}', content_type="application/json"),
         web.Response(text="oops", status=500),
+        web.Response(text="[" * 100_000 + "]" * 100_000, content_type="application/json"),
     ],
-    ids=["html", "huge", "not-an-object", "no-keys-list", "http-500"],
+    ids=["html", "huge", "not-an-object", "no-keys-list", "http-500", "deeply-nested"],
 )
 async def test_a_key_set_that_is_not_one_is_a_503(lti: Lti, answer: web.Response) -> None:
     lti.platform.jwks_answer = answer
@@ -642,3 +643,37 @@ async def test_missing_or_odd_roles_are_refused(lti: Lti, roles: object, status:
     response = await lti.launch(lti.platform.id_token(nonce, **{LTI + "roles": roles}), state)
     await _assert_refused(response, status, "bad_request" if status == 400 else "forbidden", words)
     assert await count(lti.db, "users") == 0 and await count(lti.db, "lti_nonces") == 0
+
+
+async def test_concurrent_launches_after_a_key_rotation_refetch_once(lti: Lti) -> None:
+    await lti.launch_ok()
+    lti.platform.kid = "platform-key-2"
+    lti.platform.published = {"platform-key-2": rsa_key("rotated")}
+    logins = [await lti.login() for _ in range(5)]
+    responses = await asyncio.gather(*(lti.launch(lti.platform.id_token(nonce), state) for state, nonce in logins))
+    assert [response.status for response in responses] == [200] * 5
+    assert lti.platform.jwks_fetches == 2
+
+
+async def test_an_id_token_for_one_registration_does_not_launch_another(lti: Lti) -> None:
+    """Two schools on one LMS (one issuer and key set, a client id each): a user of the first who gets the LMS
+    to sign an id_token with the nonce of a login for the second cannot launch into the second school."""
+    await lti.db.execute("INSERT INTO tenants (id) VALUES ('school-other')")
+    await lti.db.execute(
+        "INSERT INTO lti_platforms (tenant_id, issuer, client_id, auth_login_url, jwks_url)"
+        " VALUES ('school-other', $1, 'tutor-client-2', $2, $3)",
+        lti.platform.issuer,
+        f"{lti.platform.issuer}/auth",
+        f"{lti.platform.issuer}/jwks",
+    )
+    for aud, azp in ((CLIENT_ID, None), ([CLIENT_ID, "tutor-client-2"], CLIENT_ID), (CLIENT_ID, "tutor-client-2")):
+        state, nonce = await lti.login(client_id="tutor-client-2")
+        response = await lti.launch(lti.platform.id_token(nonce, aud=aud, azp=azp), state)
+        assert response.status == 401, (aud, azp, await response.text())
+    # The state of one registration with an id_token of the other's login: the nonces differ.
+    state_other, _ = await lti.login(client_id="tutor-client-2")
+    _, nonce = await lti.login()
+    response = await lti.launch(lti.platform.id_token(nonce, aud="tutor-client-2"), state_other)
+    await _assert_refused(response, 401, "unauthorized", "nonce belongs to another login")
+    assert await count(lti.db, "users") == 0 and await count(lti.db, "lti_nonces") == 0
+    assert await count(lti.db, "courses") == 0
