@@ -145,7 +145,8 @@ class JwksCache:
     `refetch_s` per URL, so tokens with made-up kids cannot make us hammer the platform. If a refresh
     fails, keys already known keep working and the refresh is retried after `refetch_s`. If a first fetch
     fails, that is remembered for `refetch_s` too: launches waiting for it, and those in the next
-    `refetch_s`, get the 503 at once instead of each fetching (and waiting for a timeout) again.
+    `refetch_s`, get the 503 at once instead of each fetching (and waiting for a timeout) again. While a
+    refresh is under way, launches whose kid is already known do not wait for it.
     """
 
     def __init__(self, *, ttl_s: float = 300.0, refetch_s: float = 10.0, fetch: JwksFetch | None = None):
@@ -158,7 +159,13 @@ class JwksCache:
     async def key(self, url: str, kid: str) -> Any:
         """The public key for `kid` from the key set at `url`, or `unauthorized`."""
         # One lock per URL: concurrent launches share one fetch instead of each making their own.
-        async with self._locks.setdefault(url, asyncio.Lock()):
+        lock = self._locks.setdefault(url, asyncio.Lock())
+        known = self._sets.get(url)
+        if lock.locked() and known is not None and kid in known.keys:
+            # A refresh is under way (the set expired, or another launch named an unknown kid): a key we
+            # know serves now, not after a fetch that may hang until the timeout.
+            return known.keys[kid]
+        async with lock:
             now = time.monotonic()
             current = self._sets.get(url)
             just_fetched = False

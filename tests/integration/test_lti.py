@@ -677,3 +677,27 @@ async def test_an_id_token_for_one_registration_does_not_launch_another(lti: Lti
     await _assert_refused(response, 401, "unauthorized", "nonce belongs to another login")
     assert await count(lti.db, "users") == 0 and await count(lti.db, "lti_nonces") == 0
     assert await count(lti.db, "courses") == 0
+
+
+async def test_launches_with_a_known_key_do_not_wait_for_a_refresh_that_hangs(
+    lti: Lti, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached set has expired and the LMS hangs: the launch that refreshes it waits for the timeout (and
+    then uses the key it knows), but launches meanwhile use the known key at once. Before, each of them
+    waited for the hanging refresh too."""
+    await lti.launch_ok()
+    monkeypatch.setattr(server_lti, "JWKS_TIMEOUT_S", 2.0)
+    lti.server.client.app[LTI_KEYS].ttl_s = 0  # every launch finds the set expired
+    lti.platform.jwks_delay = 30
+    (state, nonce), (other_state, other_nonce) = await lti.login(), await lti.login()
+    refreshing = asyncio.create_task(lti.launch(lti.platform.id_token(nonce), state))
+    async with asyncio.timeout(5):
+        while lti.platform.jwks_fetches < 2:  # the refresh has reached the LMS
+            await asyncio.sleep(0.01)
+    started = time.monotonic()
+    response = await lti.launch(lti.platform.id_token(other_nonce), other_state)
+    assert response.status == 200, await response.text()
+    assert time.monotonic() - started < 1.0
+    assert not refreshing.done()
+    assert (await refreshing).status == 200
+    assert lti.platform.jwks_fetches == 2
