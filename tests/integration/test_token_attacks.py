@@ -176,3 +176,16 @@ async def test_a_token_with_as_many_courses_as_fit_is_served(serve: Serve) -> No
     # Hello without a course: a student must say which of its courses.
     sock = await server.connect({"token": token}, welcome=False)
     assert (await sock.expect("error"))["code"] == "forbidden"
+
+
+async def test_issuer_and_audience_when_configured_must_be_present_and_match(serve: Serve) -> None:
+    server = await serve(jwt_issuer="https://idp.school.example", jwt_audience="smartedu-tutor")
+    good = {"iss": "https://idp.school.example", "aud": "smartedu-tutor"}
+    assert (await _status_everywhere(server, jwt.encode(_claims(**good), TEST_SECRET)))[0] == 200
+    several = {**good, "aud": ["another-app", "smartedu-tutor"]}
+    assert (await _status_everywhere(server, jwt.encode(_claims(**several), TEST_SECRET)))[0] == 200
+    await _refused(server, jwt.encode(_claims(aud="smartedu-tutor"), TEST_SECRET), "iss")
+    await _refused(server, jwt.encode(_claims(**{**good, "iss": "https://idp.evil.example"}), TEST_SECRET), "issuer")
+    await _refused(server, jwt.encode(_claims(iss="https://idp.school.example"), TEST_SECRET), "aud")
+    await _refused(server, jwt.encode(_claims(**{**good, "aud": "another-app"}), TEST_SECRET), "audience")
+    await _refused(server, jwt.encode(_claims(**{**good, "aud": ["another-app"]}), TEST_SECRET), "audience")
