@@ -101,7 +101,8 @@ async def fetch_jwks(url: str) -> Mapping[str, Any]:
                 if len(body) > JWKS_MAX_BYTES:
                     raise JwksFetchError("key set too large")
         document = json.loads(body)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+    # RecursionError: a body of nested arrays, which 256 KB allow far deeper than the JSON decoder goes.
+    except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
         raise JwksFetchError(str(exc) or type(exc).__name__) from None
     if not isinstance(document, dict):
         raise JwksFetchError("key set is not a JSON object")
@@ -134,6 +135,7 @@ class _KeySet:
     keys: dict[str, Any]
     fetched_at: float
     forced_at: float = -math.inf
+    failed: bool = False  # no key set was ever fetched: launches get a 503 until `fetched_at` expires
 
 
 class JwksCache:
@@ -141,7 +143,10 @@ class JwksCache:
 
     An unknown kid refetches the set once (the platform may have rotated its key), at most once per
     `refetch_s` per URL, so tokens with made-up kids cannot make us hammer the platform. If a refresh
-    fails, keys already known keep working and the refresh is retried after `refetch_s`.
+    fails, keys already known keep working and the refresh is retried after `refetch_s`. If a first fetch
+    fails, that is remembered for `refetch_s` too: launches waiting for it, and those in the next
+    `refetch_s`, get the 503 at once instead of each fetching (and waiting for a timeout) again. While a
+    refresh is under way, launches whose kid is already known do not wait for it.
     """
 
     def __init__(self, *, ttl_s: float = 300.0, refetch_s: float = 10.0, fetch: JwksFetch | None = None):
@@ -154,13 +159,21 @@ class JwksCache:
     async def key(self, url: str, kid: str) -> Any:
         """The public key for `kid` from the key set at `url`, or `unauthorized`."""
         # One lock per URL: concurrent launches share one fetch instead of each making their own.
-        async with self._locks.setdefault(url, asyncio.Lock()):
+        lock = self._locks.setdefault(url, asyncio.Lock())
+        known = self._sets.get(url)
+        if lock.locked() and known is not None and kid in known.keys:
+            # A refresh is under way (the set expired, or another launch named an unknown kid): a key we
+            # know serves now, not after a fetch that may hang until the timeout.
+            return known.keys[kid]
+        async with lock:
             now = time.monotonic()
             current = self._sets.get(url)
             just_fetched = False
             if current is None or now - current.fetched_at >= self.ttl_s:
                 current = await self._refresh(url, current, now)
                 just_fetched = True
+            if current.failed:
+                raise LtiUnavailableError("could not fetch the platform's signing keys; try again later")
             found = current.keys.get(kid)
             if found is None and not just_fetched and now - current.forced_at >= self.refetch_s:
                 current = await self._refresh(url, current, now, forced=True)
@@ -174,10 +187,12 @@ class JwksCache:
             keys = parse_jwks(await self._fetch(url))
         except JwksFetchError as exc:
             log.warning("could not fetch a platform's key set", extra={"url": url, "error": str(exc)})
-            if previous is None:
-                raise LtiUnavailableError("could not fetch the platform's signing keys; try again later") from None
-            # Keep the keys we have; try again after refetch_s rather than on every launch.
-            current = replace(previous, fetched_at=now - self.ttl_s + self.refetch_s, forced_at=now)
+            # Keep the keys we have (if any); try again after refetch_s rather than on every launch.
+            expires_at = now - self.ttl_s + self.refetch_s  # what `fetched_at` says for the set to expire then
+            if previous is None or previous.failed:
+                current = _KeySet({}, expires_at, now, failed=True)
+            else:
+                current = replace(previous, fetched_at=expires_at, forced_at=now)
         else:
             current = _KeySet(keys, now, now if forced else -math.inf)
         self._sets[url] = current
@@ -322,6 +337,9 @@ class LtiService:
             raise bad_request("only LtiResourceLinkRequest launches are supported")
         if claims.get(VERSION_CLAIM) != "1.3.0":
             raise bad_request("only LTI version 1.3.0 is supported")
+        # Checked before the nonce is used up: a launch refused for its claims writes nothing.
+        role = map_role(claims.get(ROLES_CLAIM))
+        context_id, title = _context(claims.get(CONTEXT_CLAIM))
         nonce = claims["nonce"]
         # A nonce we cannot have issued is refused without a query (PostgreSQL would reject a NUL in it).
         if not isinstance(nonce, str) or _ISSUED_NONCE.fullmatch(nonce) is None:
@@ -333,9 +351,7 @@ class LtiService:
         if not await self.store.use_nonce(platform.tenant_id, platform.id, nonce, pending.expires_at):
             raise unauthorized("this login was already used (a replayed id_token): open the tutor again from the LMS")
 
-        role = map_role(claims.get(ROLES_CLAIM))
         user_id = lti_user_id(platform, claims["sub"])
-        context_id, title = _context(claims.get(CONTEXT_CLAIM))
         course_id = lti_course_id(platform, context_id)
         await self.store.ensure_course(platform.tenant_id, course_id, title)
         token = mint_token(
@@ -416,7 +432,7 @@ class LtiService:
 def map_role(roles: object) -> str:
     """Our role for the LTI roles claim: teacher (Administrator, Instructor, TA) > student (Learner), or `forbidden`."""
     if not isinstance(roles, list):
-        raise bad_request("the id_token has no roles claim")
+        raise bad_request("the id_token has no roles claim (a list of role URIs)")
     mapped = [ROLE_MAP[r] for r in roles if isinstance(r, str) and r in ROLE_MAP]
     if not mapped:
         raise forbidden("the tutor is for a course's learners, instructors and administrators")

@@ -3,6 +3,7 @@ authorization redirect → launch flow, and every refusal (a 4xx JSON error that
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import html
 import re
@@ -21,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from server import lti as server_lti
 from server.auth import Claims, TokenVerifier
 from server.keys import LTI_KEYS
 from server.lti import PendingLogin, read_state, sign_state
@@ -50,11 +52,16 @@ class FakePlatform:
         self.published: dict[str, rsa.RSAPrivateKey] = {self.kid: rsa_key("platform")}
         self.jwks_fetches = 0
         self.jwks_down = False
+        self.jwks_delay = 0.0  # seconds before the key set is answered (a hanging LMS)
+        self.jwks_answer: web.Response | None = None  # something else than a key set (HTML, a huge body)
         self.server: TestServer | None = None
 
     def app(self) -> web.Application:
         async def jwks(request: web.Request) -> web.Response:
             self.jwks_fetches += 1
+            await asyncio.sleep(self.jwks_delay)
+            if self.jwks_answer is not None:
+                return self.jwks_answer
             if self.jwks_down:
                 return web.json_response({"error": "maintenance"}, status=503)
             keys = []
@@ -330,6 +337,7 @@ async def test_a_rotated_platform_key_is_fetched_once(lti: Lti) -> None:
 
 
 async def test_an_unreachable_key_set_is_a_503_until_keys_are_known_then_they_keep_working(lti: Lti) -> None:
+    lti.server.client.app[LTI_KEYS].refetch_s = 0  # a failed first fetch is retried after refetch_s
     lti.platform.jwks_down = True
     state, nonce = await lti.login()
     response = await lti.launch(lti.platform.id_token(nonce), state)
@@ -337,7 +345,7 @@ async def test_an_unreachable_key_set_is_a_503_until_keys_are_known_then_they_ke
     assert await count(lti.db, "courses") == 0 and await count(lti.db, "lti_nonces") == 0
 
     lti.platform.jwks_down = False
-    await lti.launch_ok()  # nothing bad was cached: the next launch fetches the keys
+    await lti.launch_ok()  # nothing bad was kept: the next launch fetches the keys
     fetches = lti.platform.jwks_fetches
     lti.server.client.app[LTI_KEYS].ttl_s = 0  # every launch now refreshes the set
     lti.platform.jwks_down = True
@@ -540,6 +548,7 @@ async def test_launch_refusals(lti: Lti, refusal: Refusal, status: int, code: st
     # Some refusals start with a good launch (course c-100); the refused launch (c-101) writes nothing.
     courses = {row["id"] for row in await lti.db.fetch("SELECT id FROM courses")}
     assert courses <= {f"lti-{lti.platform_id}-c-100"}
+    assert await count(lti.db, "lti_nonces") == len(courses)  # nor uses up its login's nonce
     assert await count(lti.db, "users") == 0
     assert [row["id"] for row in await lti.db.fetch("SELECT id FROM tenants")] == [TENANT]
 
@@ -572,3 +581,123 @@ async def test_without_a_secret_lti_is_unavailable(serve: Serve) -> None:
         assert response.status == 503
         error = (await response.json())["error"]
         assert "SMARTEDU_JWT_SECRET" in error["message"], error
+
+
+async def test_launches_waiting_on_a_hanging_key_set_share_one_fetch(lti: Lti, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class opens the tutor at once while the LMS's JWKS URL hangs: one fetch, and every launch gets its 503
+    when that fetch times out. Before, each waiting launch made its own fetch after the previous one had
+    timed out: the n-th student waited n timeouts and the LMS got one request per launch."""
+    monkeypatch.setattr(server_lti, "JWKS_TIMEOUT_S", 0.5)
+    lti.platform.jwks_delay = 30
+    logins = [await lti.login() for _ in range(4)]
+    started = time.monotonic()
+    responses = await asyncio.gather(*(lti.launch(lti.platform.id_token(nonce), state) for state, nonce in logins))
+    for response in responses:
+        await _assert_refused(response, 503, "internal", "signing keys")
+    assert time.monotonic() - started < 1.5
+    assert lti.platform.jwks_fetches == 1
+    # Launches right after the failure do not refetch either: a failing LMS is asked at most every refetch_s.
+    state, nonce = await lti.login()
+    await _assert_refused(await lti.launch(lti.platform.id_token(nonce), state), 503, "internal", "signing keys")
+    assert lti.platform.jwks_fetches == 1
+    assert await count(lti.db, "courses") == 0 and await count(lti.db, "lti_nonces") == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        web.Response(text="<html><body>Sign in</body></html>", content_type="text/html"),
+        web.Response(body=b'{"keys": [' + b'{"kty": "oct"},' * 40000 + b"{}]}", content_type="application/json"),
+        web.Response(text="[]", content_type="application/json"),
+        web.Response(text='{"keys": "none"}', content_type="application/json"),
+        web.Response(text="oops", status=500),
+        web.Response(text="[" * 100_000 + "]" * 100_000, content_type="application/json"),
+    ],
+    ids=["html", "huge", "not-an-object", "no-keys-list", "http-500", "deeply-nested"],
+)
+async def test_a_key_set_that_is_not_one_is_a_503(lti: Lti, answer: web.Response) -> None:
+    lti.platform.jwks_answer = answer
+    state, nonce = await lti.login()
+    await _assert_refused(await lti.launch(lti.platform.id_token(nonce), state), 503, "internal", "signing keys")
+    assert lti.platform.jwks_fetches == 1 and await count(lti.db, "lti_nonces") == 0
+
+
+async def test_several_audiences_with_our_azp_are_accepted(lti: Lti) -> None:
+    target, _ = await lti.launch_ok(aud=["another-tool", CLIENT_ID], azp=CLIENT_ID)
+    assert lti.verify(fragment(target)["token"]).role == "student"
+
+
+@pytest.mark.parametrize(
+    ("roles", "status", "words"),
+    [
+        (None, 400, "roles"),
+        (LEARNER, 400, "roles"),
+        ([], 403, "learners"),
+        ([7, {"r": LEARNER}], 403, "learners"),
+        (["Learner"], 403, "learners"),
+    ],
+    ids=["missing", "a-string", "empty", "not-strings", "short-name"],
+)
+async def test_missing_or_odd_roles_are_refused(lti: Lti, roles: object, status: int, words: str) -> None:
+    state, nonce = await lti.login()
+    response = await lti.launch(lti.platform.id_token(nonce, **{LTI + "roles": roles}), state)
+    await _assert_refused(response, status, "bad_request" if status == 400 else "forbidden", words)
+    assert await count(lti.db, "users") == 0 and await count(lti.db, "lti_nonces") == 0
+
+
+async def test_concurrent_launches_after_a_key_rotation_refetch_once(lti: Lti) -> None:
+    await lti.launch_ok()
+    lti.platform.kid = "platform-key-2"
+    lti.platform.published = {"platform-key-2": rsa_key("rotated")}
+    logins = [await lti.login() for _ in range(5)]
+    responses = await asyncio.gather(*(lti.launch(lti.platform.id_token(nonce), state) for state, nonce in logins))
+    assert [response.status for response in responses] == [200] * 5
+    assert lti.platform.jwks_fetches == 2
+
+
+async def test_an_id_token_for_one_registration_does_not_launch_another(lti: Lti) -> None:
+    """Two schools on one LMS (one issuer and key set, a client id each): a user of the first who gets the LMS
+    to sign an id_token with the nonce of a login for the second cannot launch into the second school."""
+    await lti.db.execute("INSERT INTO tenants (id) VALUES ('school-other')")
+    await lti.db.execute(
+        "INSERT INTO lti_platforms (tenant_id, issuer, client_id, auth_login_url, jwks_url)"
+        " VALUES ('school-other', $1, 'tutor-client-2', $2, $3)",
+        lti.platform.issuer,
+        f"{lti.platform.issuer}/auth",
+        f"{lti.platform.issuer}/jwks",
+    )
+    for aud, azp in ((CLIENT_ID, None), ([CLIENT_ID, "tutor-client-2"], CLIENT_ID), (CLIENT_ID, "tutor-client-2")):
+        state, nonce = await lti.login(client_id="tutor-client-2")
+        response = await lti.launch(lti.platform.id_token(nonce, aud=aud, azp=azp), state)
+        assert response.status == 401, (aud, azp, await response.text())
+    # The state of one registration with an id_token of the other's login: the nonces differ.
+    state_other, _ = await lti.login(client_id="tutor-client-2")
+    _, nonce = await lti.login()
+    response = await lti.launch(lti.platform.id_token(nonce, aud="tutor-client-2"), state_other)
+    await _assert_refused(response, 401, "unauthorized", "nonce belongs to another login")
+    assert await count(lti.db, "users") == 0 and await count(lti.db, "lti_nonces") == 0
+    assert await count(lti.db, "courses") == 0
+
+
+async def test_launches_with_a_known_key_do_not_wait_for_a_refresh_that_hangs(
+    lti: Lti, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached set has expired and the LMS hangs: the launch that refreshes it waits for the timeout (and
+    then uses the key it knows), but launches meanwhile use the known key at once. Before, each of them
+    waited for the hanging refresh too."""
+    await lti.launch_ok()
+    monkeypatch.setattr(server_lti, "JWKS_TIMEOUT_S", 2.0)
+    lti.server.client.app[LTI_KEYS].ttl_s = 0  # every launch finds the set expired
+    lti.platform.jwks_delay = 30
+    (state, nonce), (other_state, other_nonce) = await lti.login(), await lti.login()
+    refreshing = asyncio.create_task(lti.launch(lti.platform.id_token(nonce), state))
+    async with asyncio.timeout(5):
+        while lti.platform.jwks_fetches < 2:  # the refresh has reached the LMS
+            await asyncio.sleep(0.01)
+    started = time.monotonic()
+    response = await lti.launch(lti.platform.id_token(other_nonce), other_state)
+    assert response.status == 200, await response.text()
+    assert time.monotonic() - started < 1.0
+    assert not refreshing.done()
+    assert (await refreshing).status == 200
+    assert lti.platform.jwks_fetches == 2
