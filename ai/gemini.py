@@ -246,6 +246,10 @@ class GeminiProvider:
                     if text:
                         output_chars += len(text)
                         yield text
+                if not blocked and finish is None:
+                    # Gemini ends every answer with a finish reason: a body that ends without one was cut
+                    # (a proxy or load balancer closing it cleanly), and its text is not the whole answer.
+                    raise AIError("connection", "gemini: stream ended before the answer did", retryable=True)
             except Exception as error:
                 mapped = _map_error(error)
                 log.warning(

@@ -60,6 +60,7 @@ class FakeGemini(FakeUpstream):
     block_reason: str | None = None  # e.g. "SAFETY": the prompt is blocked, no candidates at all
     model_version: str = "gemini-2.5-flash"
     thoughts_tokens: int = 0  # a thinking model's hidden reasoning, billed as output
+    send_finish: bool = True  # False: end the body after the last text chunk, without a finishReason
 
     @property
     def last_body(self) -> dict[str, Any]:
@@ -88,6 +89,8 @@ class FakeGemini(FakeUpstream):
             candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
             chunk = {"candidates": [candidate], "usageMetadata": self.usage(index + 1)}
             events.append(sse({**chunk, "modelVersion": self.model_version}))
+        if not self.send_finish:
+            return events
         final: dict[str, Any] = {"finishReason": self.finish_reason, "index": 0}
         if self.finish_reason == "SAFETY":
             final["content"] = {"role": "model", "parts": [{"text": "[this text must never be shown]"}]}

@@ -227,6 +227,24 @@ async def test_dropped_stream_fails_after_partial_text_without_sdk_resume(
     assert fake.calls == 1, "automatic continuation must be off"
 
 
+async def test_a_body_ending_without_a_finish_reason_is_a_broken_stream(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    # A proxy that closes the body cleanly mid-answer: the text so far is not the whole answer.
+    fake.send_finish = False
+    texts: list[str] = []
+    with pytest.raises(AIError) as caught:
+        async for item in gemini.stream(QUESTION):
+            if isinstance(item, str):
+                texts.append(item)
+    assert texts == fake.chunks
+    assert caught.value.kind == "connection" and caught.value.retryable
+    provider = ResilientProvider(gemini, fast_policy())
+    with pytest.raises(AIError):
+        await collect(provider.stream(QUESTION))
+    assert fake.calls == 2, "text was streamed, so the wrapper must not retry"
+
+
 async def first_chunk_then_wait(provider: GeminiProvider | ResilientProvider, got_first: asyncio.Event) -> None:
     async with aclosing(provider.stream(QUESTION)) as stream:
         async for item in stream:
