@@ -25,6 +25,8 @@ log = logging.getLogger("smartedu.ai.openai")
 
 _BLOCKING_FINISH = frozenset({"content_filter"})
 _ERROR_BODY_LIMIT = 4096
+# What a 200 that is no answer comes as (text/event-stream is expected; a missing type is let through).
+_NOT_EVENT_STREAMS = frozenset({"text/html", "application/json", "text/xml", "application/xml"})
 
 
 def build_messages(request: AIRequest) -> list[dict[str, str]]:
@@ -203,12 +205,14 @@ class OpenAICompatProvider:
                     if error.kind != "prompt_filtered":
                         raise error
                     progress.finish, progress.done = "content_filter", True  # told as a safety block
+                elif response.content_type in _NOT_EVENT_STREAMS:
+                    raise await self._not_an_event_stream(response)
                 decoder = SSEDecoder()
                 while not progress.done:
                     line = await response.content.readline()
                     data = decoder.feed(line) if line else decoder.flush()
                     if data is not None:
-                        text = self._absorb(data, progress)
+                        text = self._absorb(data, progress, at_end=not line)
                         if text:
                             yield text
                     if not line and not progress.done:
@@ -240,12 +244,12 @@ class OpenAICompatProvider:
         )
         yield self._usage(request, progress)
 
-    def _absorb(self, data: str, progress: _Progress) -> str:
+    def _absorb(self, data: str, progress: _Progress, *, at_end: bool = False) -> str:
         """Take one event's data: note usage and finish reason, return the answer text it carries."""
         if data.strip() == "[DONE]":
             progress.done = True
             return ""
-        chunk = self._parse(data)
+        chunk = self._parse(data, at_end)
         if isinstance(chunk.get("usage"), dict):
             progress.usage = chunk["usage"]
         texts: list[str] = []
@@ -261,10 +265,12 @@ class OpenAICompatProvider:
         progress.output_chars += len(text)
         return text
 
-    def _parse(self, data: str) -> dict[str, Any]:
+    def _parse(self, data: str, at_end: bool = False) -> dict[str, Any]:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
+            if at_end:  # the body ended halfway through an event: a broken stream, not a garbled one
+                raise AIError("connection", "openai: stream ended in the middle of an event", retryable=True) from None
             raise AIError("bad_response", "openai: unreadable stream event") from None
         if not isinstance(chunk, dict):
             raise AIError("bad_response", "openai: unexpected stream event")
@@ -281,6 +287,13 @@ class OpenAICompatProvider:
         return await session.post(
             f"{self.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
         )
+
+    async def _not_an_event_stream(self, response: aiohttp.ClientResponse) -> AIError:
+        detail = await _read_detail(response)
+        log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})
+        # A proxy's login or error page, or a server that ignores `stream: true`: every request gets the same.
+        message = f"openai answered HTTP 200 with {response.content_type}, not an event stream"
+        return AIError("bad_response", message, cause="config")
 
     def _status_error(self, response: aiohttp.ClientResponse, detail: str) -> AIError:
         log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})

@@ -165,15 +165,37 @@ async def test_a_body_ending_after_the_finish_without_done_is_complete(
     assert texts == fake.chunks and usage is not None and usage.prompt_tokens == 42
 
 
+# The body ends cleanly after two events, or halfway through the third.
+@pytest.mark.parametrize("cut", ["end_cleanly_after", "end_mid_event_after"])
 async def test_a_body_ending_before_the_finish_is_a_broken_stream(
-    fake: FakeOpenAI, openai: OpenAICompatProvider
+    fake: FakeOpenAI, openai: OpenAICompatProvider, cut: str
 ) -> None:
-    fake.end_cleanly_after = 2
+    setattr(fake, cut, 2)
     texts: list[str] = []
     with pytest.raises(AIError) as caught:
         await collect(openai.stream(QUESTION), texts)
     assert texts == fake.chunks[:2]
     assert caught.value.kind == "connection" and caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        ("text/html", "<html>\n<body>Please sign in to continue</body>\n</html>\n"),
+        # A server that ignores `stream: true` and sends the whole completion at once.
+        ("application/json", '{"choices": [{"index": 0, "message": {"content": "Hi"}, "finish_reason": "stop"}]}'),
+    ],
+)
+async def test_a_200_that_is_not_an_event_stream_is_a_configuration_failure_not_retried(
+    fake: FakeOpenAI, openai: OpenAICompatProvider, page: tuple[str, str]
+) -> None:
+    fake.page = page
+    provider = ResilientProvider(openai, ResiliencePolicy(max_retries=2, backoff_initial=0.01, backoff_max=0.02))
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "bad_response" and caught.value.cause == "config"
+    assert page[0] in str(caught.value)
+    assert fake.calls == 1, "every request gets the same page: trying again cannot help"
 
 
 async def test_cancel_closes_the_upstream_connection(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
