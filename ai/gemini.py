@@ -15,7 +15,7 @@ import pydantic
 from google import genai
 from google.genai import errors, types
 
-from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
+from .base import AIError, AIRequest, StreamItem, Usage, estimate_prompt_tokens
 from .prompt import conversation_turns
 from .resilience import (
     ConnectTimeoutConnector,
@@ -306,9 +306,7 @@ class GeminiProvider:
         prompt_tokens = usage.prompt_token_count if usage is not None else None
         output_tokens = usage.candidates_token_count if usage is not None else None
         if prompt_tokens is None:
-            prompt_tokens = estimate_tokens(request.system_instruction + request.question) + sum(
-                estimate_tokens(turn.text) for turn in request.history
-            )
+            prompt_tokens = estimate_prompt_tokens(request)
         if output_tokens is None:
             output_tokens = (output_chars + 3) // 4
         # A thinking model's thoughts are not in candidates_token_count but are billed as output.
