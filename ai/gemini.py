@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextvars import ContextVar
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pydantic
@@ -43,6 +43,52 @@ async def _remember_response(
     sink = _open_responses.get()
     if sink is not None:
         sink.append(params.response)
+
+
+# SSE fields other than `data` (an `event:` name, an `id:`, a `retry:` delay), and comments (`: keep-alive`).
+_IGNORED_SSE_LINE = re.compile(rb"^(?::|(?:event|id|retry)(?::|\r?\n?$))")
+
+
+def _sse_line(line: bytes) -> bytes:
+    """A line of an SSE body as google-genai can read it: it takes only `data: ` lines and blank ones, and
+    fails the whole answer on a comment or another field, which the format allows and proxies send."""
+    if _IGNORED_SSE_LINE.match(line):
+        return b""
+    if line.startswith(b"data:") and not line.startswith(b"data: "):
+        return b"data: " + line[5:]
+    return line
+
+
+class _SSELines:
+    """A response body (aiohttp.StreamReader) that google-genai reads through `iter_any`, cut at line ends and
+    given to it as `_sse_line` makes them; everything else is the body's own."""
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._content, name)
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        pending = b""
+        async for data in self._content.iter_any():
+            buffer = pending + data
+            end = buffer.rfind(b"\n") + 1
+            lines, pending = buffer[:end], buffer[end:]
+            if cleaned := b"".join(_sse_line(line) for line in lines.splitlines(keepends=True)):
+                yield cleaned
+        if pending:
+            yield _sse_line(pending)
+
+
+class _SSEResponse(aiohttp.ClientResponse):
+    """The responses of the provider's session: an event stream's body is read through `_SSELines`."""
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        response = await super().start(connection)
+        if self.content_type == "text/event-stream":
+            self.content = cast(aiohttp.StreamReader, _SSELines(self.content))
+        return response
 
 
 def build_contents(request: AIRequest) -> list[types.Content]:
@@ -176,6 +222,7 @@ class GeminiProvider:
             self._session = aiohttp.ClientSession(
                 connector=ConnectTimeoutConnector(self.connect_timeout, limit=0),
                 trace_configs=[trace],
+                response_class=_SSEResponse,
                 trust_env=True,
             )
             options = types.HttpOptions(

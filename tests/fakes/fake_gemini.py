@@ -61,6 +61,9 @@ class FakeGemini(FakeUpstream):
     model_version: str = "gemini-2.5-flash"
     thoughts_tokens: int = 0  # a thinking model's hidden reasoning, billed as output
     send_finish: bool = True  # False: end the body after the last text chunk, without a finishReason
+    # Frame events as proxies may: `: keep-alive` comments, `event:` fields, `data:` without its space; each
+    # event is written in two pieces, cut inside its first multi-byte character.
+    proxy_framing: bool = False
 
     @property
     def last_body(self) -> dict[str, Any]:
@@ -81,6 +84,17 @@ class FakeGemini(FakeUpstream):
         return usage
 
     def events(self, request: RecordedRequest) -> list[bytes]:
+        events = self.gemini_events()
+        if not self.proxy_framing:
+            return events
+        framed = [b": keep-alive\r\n\r\n"]
+        for event in events:
+            event = b"event: message\r\n" + event.replace(b"data: ", b"data:", 1)
+            cut = next((i + 1 for i, byte in enumerate(event) if byte >= 0xC0), len(event) // 2)
+            framed += [event[:cut], event[cut:], b":\n\n"]
+        return framed
+
+    def gemini_events(self) -> list[bytes]:
         if self.block_reason is not None:
             feedback = {"blockReason": self.block_reason, "safetyRatings": []}
             return [sse({"promptFeedback": feedback, "usageMetadata": self.usage(0)})]

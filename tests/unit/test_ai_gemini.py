@@ -245,6 +245,16 @@ async def test_a_body_ending_without_a_finish_reason_is_a_broken_stream(
     assert fake.calls == 2, "text was streamed, so the wrapper must not retry"
 
 
+async def test_comments_and_other_sse_fields_from_a_proxy_are_skipped(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    # google-genai alone fails the answer on a `: keep-alive` comment or an `event:` line. Every event also
+    # reaches the client in two network reads, cut inside a character: it must not become U+FFFD.
+    fake.proxy_framing, fake.chunk_delay = True, 0.02
+    fake.chunks = ["Ça ", "fait ", "½ — ", "😀 fin."]
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == fake.chunks
+    assert usage is not None and (usage.prompt_tokens, usage.output_tokens, usage.finish_reason) == (42, 4, "stop")
+
+
 async def first_chunk_then_wait(provider: GeminiProvider | ResilientProvider, got_first: asyncio.Event) -> None:
     async with aclosing(provider.stream(QUESTION)) as stream:
         async for item in stream:
