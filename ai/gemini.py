@@ -18,10 +18,12 @@ from google.genai import errors, types
 from .base import AIError, AIRequest, StreamItem, Usage, estimate_prompt_tokens
 from .prompt import conversation_turns
 from .resilience import (
+    PAGE_TYPES,
     ConnectTimeoutConnector,
     http_status_error,
     invalid_request,
     map_transport_error,
+    not_an_event_stream,
     parse_retry_after,
 )
 
@@ -86,6 +88,9 @@ class _SSEResponse(aiohttp.ClientResponse):
 
     async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
         response = await super().start(connection)
+        if self.status == 200 and self.content_type in PAGE_TYPES:
+            # The SDK would fail on the page as an unreadable answer, one student at a time; closed by aiohttp.
+            raise not_an_event_stream("gemini", self.content_type)
         if self.content_type == "text/event-stream":
             self.content = cast(aiohttp.StreamReader, _SSELines(self.content))
         return response

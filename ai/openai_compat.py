@@ -14,10 +14,12 @@ import orjson
 from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
 from .prompt import conversation_turns
 from .resilience import (
+    PAGE_TYPES,
     ConnectTimeoutConnector,
     http_status_error,
     invalid_request,
     map_transport_error,
+    not_an_event_stream,
     parse_retry_after,
 )
 
@@ -25,8 +27,9 @@ log = logging.getLogger("smartedu.ai.openai")
 
 _BLOCKING_FINISH = frozenset({"content_filter"})
 _ERROR_BODY_LIMIT = 4096
-# What a 200 that is no answer comes as (text/event-stream is expected; a missing type is let through).
-_NOT_EVENT_STREAMS = frozenset({"text/html", "application/json", "text/xml", "application/xml"})
+# A 200 that is no answer (text/event-stream is expected; a missing type is let through): a page, or one
+# JSON completion from a server that ignores `stream: true`.
+_NOT_EVENT_STREAMS = PAGE_TYPES | {"application/json"}
 
 
 def build_messages(request: AIRequest) -> list[dict[str, str]]:
@@ -291,9 +294,7 @@ class OpenAICompatProvider:
     async def _not_an_event_stream(self, response: aiohttp.ClientResponse) -> AIError:
         detail = await _read_detail(response)
         log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})
-        # A proxy's login or error page, or a server that ignores `stream: true`: every request gets the same.
-        message = f"openai answered HTTP 200 with {response.content_type}, not an event stream"
-        return AIError("bad_response", message, cause="config")
+        return not_an_event_stream(self.name, response.content_type)
 
     def _status_error(self, response: aiohttp.ClientResponse, detail: str) -> AIError:
         log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})

@@ -47,6 +47,7 @@ class FakeUpstream:
     hang_before_headers: bool = False
     hang_before_first_chunk: bool = False
     drop_after: int | None = None  # abort the connection after sending this many chunks
+    page: tuple[str, str] | None = None  # (content type, body): answer HTTP 200 with it, as a proxy's page does
     requests: list[RecordedRequest] = field(default_factory=list)
     completed: int = 0
     disconnects: int = 0
@@ -105,6 +106,8 @@ class FakeUpstream:
         failure = self.next_failure()
         if failure is not None:
             return failure
+        if self.page is not None:
+            return web.Response(body=self.page[1].encode(), headers={"Content-Type": self.page[0]})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             if self.hang_before_headers:

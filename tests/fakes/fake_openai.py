@@ -22,7 +22,6 @@ class FakeOpenAI(FakeUpstream):
     send_done: bool = True  # False: end the body after the last event without `data: [DONE]`
     end_cleanly_after: int | None = None  # end the body normally after this many events (a truncated answer)
     end_mid_event_after: int | None = None  # end the body normally halfway through the event after this many
-    page: tuple[str, str] | None = None  # (content type, body): answer HTTP 200 with it, as a proxy page does
     strict_roles: bool = False  # refuse, like Mistral's chat template on vLLM, turns that do not alternate
     filter_prompt: bool = False  # refuse the prompt as Azure OpenAI's content filter does (HTTP 400)
     reasoning_model: bool = False  # refuse `max_tokens` as OpenAI's reasoning models (o1, o3, ...) do
@@ -36,9 +35,6 @@ class FakeOpenAI(FakeUpstream):
                 "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter",
             }
             return web.json_response({"error": error}, status=400)
-        if self.page is not None:
-            await self.record(request)
-            return web.Response(body=self.page[1].encode(), headers={"Content-Type": self.page[0]})
         if self.filter_prompt:
             await self.record(request)
             error = {"code": "content_filter", "status": 400, "message": "The response was filtered due to the "

@@ -255,6 +255,18 @@ async def test_comments_and_other_sse_fields_from_a_proxy_are_skipped(fake: Fake
     assert usage is not None and (usage.prompt_tokens, usage.output_tokens, usage.finish_reason) == (42, 4, "stop")
 
 
+async def test_a_200_with_a_proxy_page_is_a_configuration_failure_not_retried(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.page = ("text/html", "<html>\n<body>Please sign in to continue</body>\n</html>\n")
+    provider = ResilientProvider(gemini, fast_policy())
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "bad_response" and caught.value.cause == "config"
+    assert "text/html" in str(caught.value) and provider.failures == 1  # counts toward the breaker
+    assert fake.calls == 1
+
+
 async def first_chunk_then_wait(provider: GeminiProvider | ResilientProvider, got_first: asyncio.Event) -> None:
     async with aclosing(provider.stream(QUESTION)) as stream:
         async for item in stream:

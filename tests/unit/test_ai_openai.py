@@ -195,6 +195,7 @@ async def test_a_200_that_is_not_an_event_stream_is_a_configuration_failure_not_
         await collect(provider.stream(QUESTION))
     assert caught.value.kind == "bad_response" and caught.value.cause == "config"
     assert page[0] in str(caught.value)
+    assert provider.failures == 1  # counts toward the breaker
     assert fake.calls == 1, "every request gets the same page: trying again cannot help"
 
 
