@@ -79,8 +79,9 @@ class _SSELines:
             lines, pending = buffer[:end], buffer[end:]
             if cleaned := b"".join(_sse_line(line) for line in lines.splitlines(keepends=True)):
                 yield cleaned
-        if pending:
-            yield _sse_line(pending)
+        if pending.strip():
+            # Every event ends with a blank line: this body was cut (cleanly, by a proxy) inside one.
+            raise aiohttp.ClientPayloadError("the event stream ended halfway through an event")
 
 
 class _SSEResponse(aiohttp.ClientResponse):

@@ -21,7 +21,6 @@ class FakeOpenAI(FakeUpstream):
     error_event_after: int | None = None  # send an in-stream error event after this many chunks
     send_done: bool = True  # False: end the body after the last event without `data: [DONE]`
     end_cleanly_after: int | None = None  # end the body normally after this many events (a truncated answer)
-    end_mid_event_after: int | None = None  # end the body normally halfway through the event after this many
     strict_roles: bool = False  # refuse, like Mistral's chat template on vLLM, turns that do not alternate
     filter_prompt: bool = False  # refuse the prompt as Azure OpenAI's content filter does (HTTP 400)
     reasoning_model: bool = False  # refuse `max_tokens` as OpenAI's reasoning models (o1, o3, ...) do
@@ -74,9 +73,6 @@ class FakeOpenAI(FakeUpstream):
             events.append(sse({**base, "choices": [], "usage": usage}))
         if self.send_done:
             events.append(sse("[DONE]"))
-        if self.end_mid_event_after is not None:
-            cut = events[self.end_mid_event_after]
-            return [*events[: self.end_mid_event_after], cut[: len(cut) // 2]]
         return events if self.end_cleanly_after is None else events[: self.end_cleanly_after]
 
 

@@ -227,11 +227,14 @@ async def test_dropped_stream_fails_after_partial_text_without_sdk_resume(
     assert fake.calls == 1, "automatic continuation must be off"
 
 
+# A proxy that closes the body cleanly mid-answer, before the finishReason's event or halfway through it:
+# the text so far is not the whole answer.
+@pytest.mark.parametrize("cut", [{"send_finish": False}, {"end_mid_event_after": 4}])
 async def test_a_body_ending_without_a_finish_reason_is_a_broken_stream(
-    fake: FakeGemini, gemini: GeminiProvider
+    fake: FakeGemini, gemini: GeminiProvider, cut: dict[str, object]
 ) -> None:
-    # A proxy that closes the body cleanly mid-answer: the text so far is not the whole answer.
-    fake.send_finish = False
+    for key, value in cut.items():
+        setattr(fake, key, value)
     texts: list[str] = []
     with pytest.raises(AIError) as caught:
         async for item in gemini.stream(QUESTION):
