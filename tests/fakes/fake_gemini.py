@@ -64,6 +64,9 @@ class FakeGemini(FakeUpstream):
     # Frame events as proxies may: `: keep-alive` comments, `event:` fields, `data:` without its space; each
     # event is written in two pieces, cut inside its first multi-byte character.
     proxy_framing: bool = False
+    # Odd but valid chunks: each text part between a thought part (to be hidden) and a functionCall part,
+    # and before each of those chunks one without candidates and one with only usage.
+    odd_shapes: bool = False
 
     @property
     def last_body(self) -> dict[str, Any]:
@@ -100,7 +103,12 @@ class FakeGemini(FakeUpstream):
             return [sse({"promptFeedback": feedback, "usageMetadata": self.usage(0)})]
         events = []
         for index, text in enumerate(self.chunks):
-            candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+            parts: list[dict[str, Any]] = [{"text": text}]
+            if self.odd_shapes:
+                thought = {"text": "[a thought: never shown]", "thought": True}
+                parts = [thought, *parts, {"functionCall": {"name": "lookup", "args": {"q": text}}}]
+                events += [sse({"candidates": []}), sse({"usageMetadata": self.usage(index)})]
+            candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
             chunk = {"candidates": [candidate], "usageMetadata": self.usage(index + 1)}
             events.append(sse({**chunk, "modelVersion": self.model_version}))
         if not self.send_finish:

@@ -270,6 +270,13 @@ async def test_a_200_with_a_proxy_page_is_a_configuration_failure_not_retried(
     assert fake.calls == 1
 
 
+async def test_thoughts_and_odd_chunks_are_skipped(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.odd_shapes = True
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == fake.chunks and "never shown" not in "".join(texts)
+    assert usage is not None and (usage.prompt_tokens, usage.finish_reason) == (42, "stop")
+
+
 async def first_chunk_then_wait(provider: GeminiProvider | ResilientProvider, got_first: asyncio.Event) -> None:
     async with aclosing(provider.stream(QUESTION)) as stream:
         async for item in stream:

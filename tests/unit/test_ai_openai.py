@@ -199,6 +199,14 @@ async def test_a_200_that_is_not_an_event_stream_is_a_configuration_failure_not_
     assert fake.calls == 1, "every request gets the same page: trying again cannot help"
 
 
+async def test_thoughts_and_odd_chunks_are_skipped(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.odd_shapes = True
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks and "never shown" not in "".join(texts)
+    assert usage is not None and (usage.prompt_tokens, usage.finish_reason) == (42, "stop")
+
+
 async def test_cancel_closes_the_upstream_connection(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
     fake.chunk_delay = 30.0
     got_first = asyncio.Event()
