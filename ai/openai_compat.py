@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -72,6 +72,48 @@ class SSEDecoder:
         return data
 
 
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+class _Thoughts:
+    """Reasoning models served without a reasoning parser (DeepSeek-R1, QwQ or Qwen3 on vLLM, llama.cpp or an
+    older Ollama) open the content itself with `<think>...</think>`: that part is held back, never shown."""
+
+    def __init__(self) -> None:
+        self._state: Literal["start", "thinking", "answer"] = "start"
+        self._held = ""
+        self._strip = False  # the answer after the thoughts: its leading blank lines go too
+
+    def feed(self, text: str) -> str:
+        """The part of this delta that is answer (the tags may be split between deltas)."""
+        if self._state == "answer":
+            if self._strip:
+                text = text.lstrip()
+                self._strip = not text
+            return text
+        self._held += text
+        if self._state == "start":
+            head = self._held.lstrip()
+            if _THINK_OPEN.startswith(head):  # only blanks so far, or the tag's first characters
+                return ""
+            if not head.startswith(_THINK_OPEN):
+                self._state = "answer"
+                return self.flush()
+            self._state, self._held = "thinking", head[len(_THINK_OPEN) :]
+        end = self._held.find(_THINK_CLOSE)
+        if end < 0:
+            self._held = self._held[-len(_THINK_CLOSE) :]  # enough to find a closing tag cut in two
+            return ""
+        self._state, self._strip = "answer", True
+        rest, self._held = self._held[end + len(_THINK_CLOSE) :], ""
+        return self.feed(rest)
+
+    def flush(self) -> str:
+        """What is held back when no more text comes: text that only began like the tag; never thoughts."""
+        held, self._held = ("" if self._state == "thinking" else self._held), ""
+        return held
+
+
 @dataclass(slots=True)
 class _Progress:
     """What one stream has told us so far."""
@@ -79,7 +121,8 @@ class _Progress:
     done: bool = False
     finish: str | None = None
     usage: dict[str, Any] | None = None
-    output_chars: int = 0
+    output_chars: int = 0  # of the content, thoughts included: they are billed as output
+    thoughts: _Thoughts = field(default_factory=_Thoughts)
 
 
 def _error_object(detail: str) -> dict[str, Any]:
@@ -222,6 +265,8 @@ class OpenAICompatProvider:
                         if progress.finish is None:
                             raise AIError("connection", "openai: stream ended before the answer did", retryable=True)
                         progress.done = True  # a server that ends the body after the last choice, without [DONE]
+                if tail := progress.thoughts.flush():
+                    yield tail
             except AIError:
                 raise
             except Exception as error:
@@ -266,7 +311,7 @@ class OpenAICompatProvider:
                 texts.append(text)
         text = "".join(texts)
         progress.output_chars += len(text)
-        return text
+        return progress.thoughts.feed(text)
 
     def _parse(self, data: str, at_end: bool = False) -> dict[str, Any]:
         try:

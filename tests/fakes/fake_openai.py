@@ -24,6 +24,9 @@ class FakeOpenAI(FakeUpstream):
     # Odd but valid chunks: a role-only first delta, `reasoning_content` deltas (to be hidden) and chunks with
     # no choices between the text.
     odd_shapes: bool = False
+    # A reasoning model served without a reasoning parser: the content opens with `<think>thoughts</think>`,
+    # its tags split between deltas.
+    thoughts: str | None = None
     strict_roles: bool = False  # refuse, like Mistral's chat template on vLLM, turns that do not alternate
     filter_prompt: bool = False  # refuse the prompt as Azure OpenAI's content filter does (HTTP 400)
     reasoning_model: bool = False  # refuse `max_tokens` as OpenAI's reasoning models (o1, o3, ...) do
@@ -59,7 +62,10 @@ class FakeOpenAI(FakeUpstream):
         model = request.body.get("model", "fake-model")
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
         events = []
-        for index, text in enumerate(self.chunks):
+        chunks = self.chunks
+        if self.thoughts is not None:
+            chunks = ["<thi", f"nk>{self.thoughts}</th", "ink>\n\n", *chunks]
+        for index, text in enumerate(chunks):
             if index == self.error_event_after:
                 events.append(sse({"error": {"message": "scripted mid-stream failure", "code": 500}}))
                 return events

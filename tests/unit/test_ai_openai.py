@@ -207,6 +207,20 @@ async def test_thoughts_and_odd_chunks_are_skipped(fake: FakeOpenAI, openai: Ope
     assert usage is not None and (usage.prompt_tokens, usage.finish_reason) == (42, "stop")
 
 
+async def test_thoughts_inside_the_content_are_never_shown(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.thoughts, fake.send_usage = "The student wants the formula; [never shown]", False
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert "".join(texts) == "".join(fake.chunks)
+    # Estimated, the output counts the thoughts too: they are billed.
+    assert usage is not None and usage.output_tokens > len("".join(fake.chunks)) // 4 + 5
+    # A tag later in an answer is the answer's own (a lesson on HTML, say).
+    fake.thoughts, fake.chunks = None, ["Write ", "<think>", " in the page."]
+    texts.clear()
+    await collect(openai.stream(QUESTION), texts)
+    assert "".join(texts) == "Write <think> in the page."
+
+
 async def test_cancel_closes_the_upstream_connection(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
     fake.chunk_delay = 30.0
     got_first = asyncio.Event()
