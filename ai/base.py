@@ -105,3 +105,10 @@ class Provider(Protocol):
 def estimate_tokens(text: str) -> int:
     """A rough token count (about four characters a token) for providers that report none."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def estimate_prompt_tokens(request: AIRequest) -> int:
+    """A rough count of what a request sends (instruction, history, question), for when none is reported."""
+    return estimate_tokens(request.system_instruction + request.question) + sum(
+        estimate_tokens(turn.text) for turn in request.history
+    )

@@ -8,20 +8,22 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from contextvars import ContextVar
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pydantic
 from google import genai
 from google.genai import errors, types
 
-from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
+from .base import AIError, AIRequest, StreamItem, Usage, estimate_prompt_tokens
 from .prompt import conversation_turns
 from .resilience import (
+    PAGE_TYPES,
     ConnectTimeoutConnector,
     http_status_error,
     invalid_request,
     map_transport_error,
+    not_an_event_stream,
     parse_retry_after,
 )
 
@@ -43,6 +45,56 @@ async def _remember_response(
     sink = _open_responses.get()
     if sink is not None:
         sink.append(params.response)
+
+
+# SSE fields other than `data` (an `event:` name, an `id:`, a `retry:` delay), and comments (`: keep-alive`).
+_IGNORED_SSE_LINE = re.compile(rb"^(?::|(?:event|id|retry)(?::|\r?\n?$))")
+
+
+def _sse_line(line: bytes) -> bytes:
+    """A line of an SSE body as google-genai can read it: it takes only `data: ` lines and blank ones, and
+    fails the whole answer on a comment or another field, which the format allows and proxies send."""
+    if _IGNORED_SSE_LINE.match(line):
+        return b""
+    if line.startswith(b"data:") and not line.startswith(b"data: "):
+        return b"data: " + line[5:]
+    return line
+
+
+class _SSELines:
+    """A response body (aiohttp.StreamReader) that google-genai reads through `iter_any`, cut at line ends and
+    given to it as `_sse_line` makes them; everything else is the body's own."""
+
+    def __init__(self, content: aiohttp.StreamReader) -> None:
+        self._content = content
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._content, name)
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        pending = b""
+        async for data in self._content.iter_any():
+            buffer = pending + data
+            end = buffer.rfind(b"\n") + 1
+            lines, pending = buffer[:end], buffer[end:]
+            if cleaned := b"".join(_sse_line(line) for line in lines.splitlines(keepends=True)):
+                yield cleaned
+        if pending.strip():
+            # Every event ends with a blank line: this body was cut (cleanly, by a proxy) inside one.
+            raise aiohttp.ClientPayloadError("the event stream ended halfway through an event")
+
+
+class _SSEResponse(aiohttp.ClientResponse):
+    """The responses of the provider's session: an event stream's body is read through `_SSELines`."""
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        response = await super().start(connection)
+        if self.status == 200 and self.content_type in PAGE_TYPES:
+            # The SDK would fail on the page as an unreadable answer, one student at a time; closed by aiohttp.
+            raise not_an_event_stream("gemini", self.content_type)
+        if self.content_type == "text/event-stream":
+            self.content = cast(aiohttp.StreamReader, _SSELines(self.content))
+        return response
 
 
 def build_contents(request: AIRequest) -> list[types.Content]:
@@ -176,6 +228,7 @@ class GeminiProvider:
             self._session = aiohttp.ClientSession(
                 connector=ConnectTimeoutConnector(self.connect_timeout, limit=0),
                 trace_configs=[trace],
+                response_class=_SSEResponse,
                 trust_env=True,
             )
             options = types.HttpOptions(
@@ -246,6 +299,10 @@ class GeminiProvider:
                     if text:
                         output_chars += len(text)
                         yield text
+                if not blocked and finish is None:
+                    # Gemini ends every answer with a finish reason: a body that ends without one was cut
+                    # (a proxy or load balancer closing it cleanly), and its text is not the whole answer.
+                    raise AIError("connection", "gemini: stream ended before the answer did", retryable=True)
             except Exception as error:
                 mapped = _map_error(error)
                 log.warning(
@@ -302,9 +359,7 @@ class GeminiProvider:
         prompt_tokens = usage.prompt_token_count if usage is not None else None
         output_tokens = usage.candidates_token_count if usage is not None else None
         if prompt_tokens is None:
-            prompt_tokens = estimate_tokens(request.system_instruction + request.question) + sum(
-                estimate_tokens(turn.text) for turn in request.history
-            )
+            prompt_tokens = estimate_prompt_tokens(request)
         if output_tokens is None:
             output_tokens = (output_chars + 3) // 4
         # A thinking model's thoughts are not in candidates_token_count but are billed as output.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -14,10 +14,12 @@ import orjson
 from .base import AIError, AIRequest, StreamItem, Usage, estimate_tokens
 from .prompt import conversation_turns
 from .resilience import (
+    PAGE_TYPES,
     ConnectTimeoutConnector,
     http_status_error,
     invalid_request,
     map_transport_error,
+    not_an_event_stream,
     parse_retry_after,
 )
 
@@ -25,6 +27,9 @@ log = logging.getLogger("smartedu.ai.openai")
 
 _BLOCKING_FINISH = frozenset({"content_filter"})
 _ERROR_BODY_LIMIT = 4096
+# A 200 that is no answer (text/event-stream is expected; a missing type is let through): a page, or one
+# JSON completion from a server that ignores `stream: true`.
+_NOT_EVENT_STREAMS = PAGE_TYPES | {"application/json"}
 
 
 def build_messages(request: AIRequest) -> list[dict[str, str]]:
@@ -67,6 +72,48 @@ class SSEDecoder:
         return data
 
 
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+class _Thoughts:
+    """Reasoning models served without a reasoning parser (DeepSeek-R1, QwQ or Qwen3 on vLLM, llama.cpp or an
+    older Ollama) open the content itself with `<think>...</think>`: that part is held back, never shown."""
+
+    def __init__(self) -> None:
+        self._state: Literal["start", "thinking", "answer"] = "start"
+        self._held = ""
+        self._strip = False  # the answer after the thoughts: its leading blank lines go too
+
+    def feed(self, text: str) -> str:
+        """The part of this delta that is answer (the tags may be split between deltas)."""
+        if self._state == "answer":
+            if self._strip:
+                text = text.lstrip()
+                self._strip = not text
+            return text
+        self._held += text
+        if self._state == "start":
+            head = self._held.lstrip()
+            if _THINK_OPEN.startswith(head):  # only blanks so far, or the tag's first characters
+                return ""
+            if not head.startswith(_THINK_OPEN):
+                self._state = "answer"
+                return self.flush()
+            self._state, self._held = "thinking", head[len(_THINK_OPEN) :]
+        end = self._held.find(_THINK_CLOSE)
+        if end < 0:
+            self._held = self._held[-len(_THINK_CLOSE) :]  # enough to find a closing tag cut in two
+            return ""
+        self._state, self._strip = "answer", True
+        rest, self._held = self._held[end + len(_THINK_CLOSE) :], ""
+        return self.feed(rest)
+
+    def flush(self) -> str:
+        """What is held back when no more text comes: text that only began like the tag; never thoughts."""
+        held, self._held = ("" if self._state == "thinking" else self._held), ""
+        return held
+
+
 @dataclass(slots=True)
 class _Progress:
     """What one stream has told us so far."""
@@ -74,7 +121,8 @@ class _Progress:
     done: bool = False
     finish: str | None = None
     usage: dict[str, Any] | None = None
-    output_chars: int = 0
+    output_chars: int = 0  # of the content, thoughts included: they are billed as output
+    thoughts: _Thoughts = field(default_factory=_Thoughts)
 
 
 def _error_object(detail: str) -> dict[str, Any]:
@@ -203,18 +251,22 @@ class OpenAICompatProvider:
                     if error.kind != "prompt_filtered":
                         raise error
                     progress.finish, progress.done = "content_filter", True  # told as a safety block
+                elif response.content_type in _NOT_EVENT_STREAMS:
+                    raise await self._not_an_event_stream(response)
                 decoder = SSEDecoder()
                 while not progress.done:
                     line = await response.content.readline()
                     data = decoder.feed(line) if line else decoder.flush()
                     if data is not None:
-                        text = self._absorb(data, progress)
+                        text = self._absorb(data, progress, at_end=not line)
                         if text:
                             yield text
                     if not line and not progress.done:
                         if progress.finish is None:
                             raise AIError("connection", "openai: stream ended before the answer did", retryable=True)
                         progress.done = True  # a server that ends the body after the last choice, without [DONE]
+                if tail := progress.thoughts.flush():
+                    yield tail
             except AIError:
                 raise
             except Exception as error:
@@ -240,12 +292,12 @@ class OpenAICompatProvider:
         )
         yield self._usage(request, progress)
 
-    def _absorb(self, data: str, progress: _Progress) -> str:
+    def _absorb(self, data: str, progress: _Progress, *, at_end: bool = False) -> str:
         """Take one event's data: note usage and finish reason, return the answer text it carries."""
         if data.strip() == "[DONE]":
             progress.done = True
             return ""
-        chunk = self._parse(data)
+        chunk = self._parse(data, at_end)
         if isinstance(chunk.get("usage"), dict):
             progress.usage = chunk["usage"]
         texts: list[str] = []
@@ -259,12 +311,14 @@ class OpenAICompatProvider:
                 texts.append(text)
         text = "".join(texts)
         progress.output_chars += len(text)
-        return text
+        return progress.thoughts.feed(text)
 
-    def _parse(self, data: str) -> dict[str, Any]:
+    def _parse(self, data: str, at_end: bool = False) -> dict[str, Any]:
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
+            if at_end:  # the body ended halfway through an event: a broken stream, not a garbled one
+                raise AIError("connection", "openai: stream ended in the middle of an event", retryable=True) from None
             raise AIError("bad_response", "openai: unreadable stream event") from None
         if not isinstance(chunk, dict):
             raise AIError("bad_response", "openai: unexpected stream event")
@@ -281,6 +335,11 @@ class OpenAICompatProvider:
         return await session.post(
             f"{self.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"}
         )
+
+    async def _not_an_event_stream(self, response: aiohttp.ClientResponse) -> AIError:
+        detail = await _read_detail(response)
+        log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})
+        return not_an_event_stream(self.name, response.content_type)
 
     def _status_error(self, response: aiohttp.ClientResponse, detail: str) -> AIError:
         log.debug("ai_upstream_status", extra={"provider": self.name, "status": response.status, "body": detail})

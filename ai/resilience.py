@@ -87,6 +87,16 @@ def http_status_error(code: int, message: str, retry_after: float | None = None)
     return AIError("api_error", message)
 
 
+# What an HTTP 200 that is no answer comes as: a proxy's sign-in or error page instead of the model's events.
+PAGE_TYPES = frozenset({"text/html", "text/xml", "application/xml"})
+
+
+def not_an_event_stream(provider: str, content_type: str) -> AIError:
+    """An HTTP 200 whose body is a page, not events: every request gets the same, so it is the deployment's."""
+    message = f"{provider} answered HTTP 200 with {content_type}, not an event stream"
+    return AIError("bad_response", message, cause="config")
+
+
 def invalid_request(message: str) -> AIError:
     """The provider could not process this one request; the deployment is fine (see `Cause`)."""
     return AIError("invalid_request", message, cause="request")

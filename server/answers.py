@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import orjson
 
-from ai.base import AIError, AIRequest, CourseContext, Provider, Usage
+from ai.base import AIError, AIRequest, CourseContext, Provider, Usage, estimate_prompt_tokens, estimate_tokens
 from ai.base import Turn as HistoryTurn
 from ai.prompt import build_system_instruction
 from storage.documents import Documents
@@ -187,6 +187,7 @@ class Answers:
                 request = await self._build_request(turn, course) if turn.stop_reason is None else None
             # Checked again after the await: a cancel may have arrived while the history loaded.
             if request is not None and turn.stop_reason is None:
+                turn.prompt_estimate = estimate_prompt_tokens(request)
                 with self.tracer.span("ai", provider=self.provider.name, model=self.provider.model):
                     turn.stream_task = asyncio.create_task(stream_answer(self.provider, request, turn, batcher))
                     usage = await turn.stream_task
@@ -301,11 +302,13 @@ class Answers:
         now = time.monotonic()
         record = None
         if turn.started:
+            # An answer that failed or was stopped after some text has no Usage, but the provider bills what
+            # it read and wrote: estimated, so that the budgets count it.
             record = UsageRecord(
                 provider=self.provider.name,
                 model=self.provider.model,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                output_tokens=usage.output_tokens if usage else len(turn.parts),
+                prompt_tokens=usage.prompt_tokens if usage else turn.prompt_estimate if turn.parts else 0,
+                output_tokens=usage.output_tokens if usage else estimate_tokens(turn.text),
                 ttft_ms=(turn.first_token_at - turn.started) * 1000 if turn.first_token_at else None,
                 duration_ms=(now - turn.started) * 1000,
                 passage_ids=turn.passage_ids,

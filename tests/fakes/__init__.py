@@ -47,6 +47,8 @@ class FakeUpstream:
     hang_before_headers: bool = False
     hang_before_first_chunk: bool = False
     drop_after: int | None = None  # abort the connection after sending this many chunks
+    end_mid_event_after: int | None = None  # end the body normally halfway through the event after this many
+    page: tuple[str, str] | None = None  # (content type, body): answer HTTP 200 with it, as a proxy's page does
     requests: list[RecordedRequest] = field(default_factory=list)
     completed: int = 0
     disconnects: int = 0
@@ -105,6 +107,8 @@ class FakeUpstream:
         failure = self.next_failure()
         if failure is not None:
             return failure
+        if self.page is not None:
+            return web.Response(body=self.page[1].encode(), headers={"Content-Type": self.page[0]})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         try:
             if self.hang_before_headers:
@@ -112,7 +116,11 @@ class FakeUpstream:
             await response.prepare(request)
             if self.hang_before_first_chunk:
                 await asyncio.sleep(FOREVER)
-            for index, event in enumerate(self.events(recorded)):
+            events = self.events(recorded)
+            if self.end_mid_event_after is not None:
+                cut = events[self.end_mid_event_after]
+                events = [*events[: self.end_mid_event_after], cut[: len(cut) // 2]]
+            for index, event in enumerate(events):
                 if index == self.drop_after and request.transport is not None:
                     request.transport.abort()
                     return response

@@ -60,6 +60,13 @@ class FakeGemini(FakeUpstream):
     block_reason: str | None = None  # e.g. "SAFETY": the prompt is blocked, no candidates at all
     model_version: str = "gemini-2.5-flash"
     thoughts_tokens: int = 0  # a thinking model's hidden reasoning, billed as output
+    send_finish: bool = True  # False: end the body after the last text chunk, without a finishReason
+    # Frame events as proxies may: `: keep-alive` comments, `event:` fields, `data:` without its space; each
+    # event is written in two pieces, cut inside its first multi-byte character.
+    proxy_framing: bool = False
+    # Odd but valid chunks: each text part between a thought part (to be hidden) and a functionCall part,
+    # and before each of those chunks one without candidates and one with only usage.
+    odd_shapes: bool = False
 
     @property
     def last_body(self) -> dict[str, Any]:
@@ -80,14 +87,32 @@ class FakeGemini(FakeUpstream):
         return usage
 
     def events(self, request: RecordedRequest) -> list[bytes]:
+        events = self.gemini_events()
+        if not self.proxy_framing:
+            return events
+        framed = [b": keep-alive\r\n\r\n"]
+        for event in events:
+            event = b"event: message\r\n" + event.replace(b"data: ", b"data:", 1)
+            cut = next((i + 1 for i, byte in enumerate(event) if byte >= 0xC0), len(event) // 2)
+            framed += [event[:cut], event[cut:], b":\n\n"]
+        return framed
+
+    def gemini_events(self) -> list[bytes]:
         if self.block_reason is not None:
             feedback = {"blockReason": self.block_reason, "safetyRatings": []}
             return [sse({"promptFeedback": feedback, "usageMetadata": self.usage(0)})]
         events = []
         for index, text in enumerate(self.chunks):
-            candidate = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
+            parts: list[dict[str, Any]] = [{"text": text}]
+            if self.odd_shapes:
+                thought = {"text": "[a thought: never shown]", "thought": True}
+                parts = [thought, *parts, {"functionCall": {"name": "lookup", "args": {"q": text}}}]
+                events += [sse({"candidates": []}), sse({"usageMetadata": self.usage(index)})]
+            candidate = {"content": {"role": "model", "parts": parts}, "index": 0}
             chunk = {"candidates": [candidate], "usageMetadata": self.usage(index + 1)}
             events.append(sse({**chunk, "modelVersion": self.model_version}))
+        if not self.send_finish:
+            return events
         final: dict[str, Any] = {"finishReason": self.finish_reason, "index": 0}
         if self.finish_reason == "SAFETY":
             final["content"] = {"role": "model", "parts": [{"text": "[this text must never be shown]"}]}

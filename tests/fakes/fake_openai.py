@@ -21,6 +21,12 @@ class FakeOpenAI(FakeUpstream):
     error_event_after: int | None = None  # send an in-stream error event after this many chunks
     send_done: bool = True  # False: end the body after the last event without `data: [DONE]`
     end_cleanly_after: int | None = None  # end the body normally after this many events (a truncated answer)
+    # Odd but valid chunks: a role-only first delta, `reasoning_content` deltas (to be hidden) and chunks with
+    # no choices between the text.
+    odd_shapes: bool = False
+    # A reasoning model served without a reasoning parser: the content opens with `<think>thoughts</think>`,
+    # its tags split between deltas.
+    thoughts: str | None = None
     strict_roles: bool = False  # refuse, like Mistral's chat template on vLLM, turns that do not alternate
     filter_prompt: bool = False  # refuse the prompt as Azure OpenAI's content filter does (HTTP 400)
     reasoning_model: bool = False  # refuse `max_tokens` as OpenAI's reasoning models (o1, o3, ...) do
@@ -56,11 +62,19 @@ class FakeOpenAI(FakeUpstream):
         model = request.body.get("model", "fake-model")
         base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
         events = []
-        for index, text in enumerate(self.chunks):
+        chunks = self.chunks
+        if self.thoughts is not None:
+            chunks = ["<thi", f"nk>{self.thoughts}</th", "ink>\n\n", *chunks]
+        for index, text in enumerate(chunks):
             if index == self.error_event_after:
                 events.append(sse({"error": {"message": "scripted mid-stream failure", "code": 500}}))
                 return events
             delta = {"role": "assistant", "content": text} if index == 0 else {"content": text}
+            if self.odd_shapes:
+                hidden = {"role": "assistant"} if index == 0 else {"reasoning_content": "[a thought: never shown]"}
+                events.append(sse({**base, "choices": [{"index": 0, "delta": hidden, "finish_reason": None}]}))
+                events.append(sse({**base, "choices": []}))
+                delta = {"content": text, "reasoning_content": None}
             events.append(sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}))
         events.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": self.finish_reason}]}))
         options = request.body.get("stream_options") or {}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
+from ai.base import estimate_tokens
 from server.answers import SAFETY_MESSAGE
 from server.keys import REDIS
 from tests.conftest import Serve, Server, answer_text, seed_course, token
@@ -248,6 +250,38 @@ async def test_budgets_refuse_and_reconcile(serve: Serve, fake: FakeGemini, db: 
     await fresh.send(type="message", id="school", text="and another")
     error = await fresh.expect("error")
     assert error["code"] == "quota_exceeded" and "school" in error["message"]
+
+
+@pytest.mark.parametrize("script", [{"drop_after": 2}, {"send_finish": False}])
+async def test_a_broken_stream_keeps_its_text_and_counts_it_against_the_budgets(
+    serve: Serve, fake: FakeGemini, db: asyncpg.Connection, script: dict[str, Any]
+) -> None:
+    # The connection reset after two chunks, or the body ended cleanly without a finishReason (a proxy): the
+    # text streamed so far is committed once, as failed, and what the provider billed for it is counted
+    # (estimated, as the stream never reached its usage), while the rest of the reservation is given back.
+    server = await _gemini(serve, fake, user_daily_tokens=5000, max_output_tokens=1000)
+    for key, value in script.items():
+        setattr(fake, key, value)
+    store = server.client.app[REDIS]
+    sock = await server.connect({"token": token(courses=["alg-1"]), "course_id": "alg-1"})
+    user_id = sock.frames[0]["user"]["id"]
+    await sock.send(type="message", id="cut", text="hello")
+    ack = await sock.expect("ack")
+    frames = await sock.until("done")
+    streamed = answer_text(frames, ack["reply_id"])
+    expected = "".join(fake.chunks[:2] if "drop_after" in script else fake.chunks)
+    assert streamed == expected and frames[-1]["status"] == "failed"
+    assert (await sock.expect("error"))["code"] == "ai_unavailable"
+    row = await db.fetchrow(
+        "SELECT text, status, prompt_tokens, output_tokens FROM messages WHERE id = $1", ack["reply_id"]
+    )
+    assert row is not None and (row["text"], row["status"]) == (expected, "failed")
+    assert row["output_tokens"] == estimate_tokens(expected) and row["prompt_tokens"] > 0
+    assert frames[-1]["usage"] == {"prompt_tokens": row["prompt_tokens"], "output_tokens": row["output_tokens"]}
+    day = time.strftime("%Y%m%d", time.gmtime())
+    tenant_used, user_used = await store.tokens_used("school-a", user_id, day)
+    assert (tenant_used, user_used) == (row["prompt_tokens"] + row["output_tokens"], row["output_tokens"])
+    assert fake.calls == 1  # text had been streamed: not sent again, so never shown twice
 
 
 async def test_documents_api_is_scoped(serve: Serve, fake: FakeGemini) -> None:

@@ -227,6 +227,56 @@ async def test_dropped_stream_fails_after_partial_text_without_sdk_resume(
     assert fake.calls == 1, "automatic continuation must be off"
 
 
+# A proxy that closes the body cleanly mid-answer, before the finishReason's event or halfway through it:
+# the text so far is not the whole answer.
+@pytest.mark.parametrize("cut", [{"send_finish": False}, {"end_mid_event_after": 4}])
+async def test_a_body_ending_without_a_finish_reason_is_a_broken_stream(
+    fake: FakeGemini, gemini: GeminiProvider, cut: dict[str, object]
+) -> None:
+    for key, value in cut.items():
+        setattr(fake, key, value)
+    texts: list[str] = []
+    with pytest.raises(AIError) as caught:
+        async for item in gemini.stream(QUESTION):
+            if isinstance(item, str):
+                texts.append(item)
+    assert texts == fake.chunks
+    assert caught.value.kind == "connection" and caught.value.retryable
+    provider = ResilientProvider(gemini, fast_policy())
+    with pytest.raises(AIError):
+        await collect(provider.stream(QUESTION))
+    assert fake.calls == 2, "text was streamed, so the wrapper must not retry"
+
+
+async def test_comments_and_other_sse_fields_from_a_proxy_are_skipped(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    # google-genai alone fails the answer on a `: keep-alive` comment or an `event:` line. Every event also
+    # reaches the client in two network reads, cut inside a character: it must not become U+FFFD.
+    fake.proxy_framing, fake.chunk_delay = True, 0.02
+    fake.chunks = ["Ça ", "fait ", "½ — ", "😀 fin."]
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == fake.chunks
+    assert usage is not None and (usage.prompt_tokens, usage.output_tokens, usage.finish_reason) == (42, 4, "stop")
+
+
+async def test_a_200_with_a_proxy_page_is_a_configuration_failure_not_retried(
+    fake: FakeGemini, gemini: GeminiProvider
+) -> None:
+    fake.page = ("text/html", "<html>\n<body>Please sign in to continue</body>\n</html>\n")
+    provider = ResilientProvider(gemini, fast_policy())
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "bad_response" and caught.value.cause == "config"
+    assert "text/html" in str(caught.value) and provider.failures == 1  # counts toward the breaker
+    assert fake.calls == 1
+
+
+async def test_thoughts_and_odd_chunks_are_skipped(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    fake.odd_shapes = True
+    texts, usage = await collect(gemini.stream(QUESTION))
+    assert texts == fake.chunks and "never shown" not in "".join(texts)
+    assert usage is not None and (usage.prompt_tokens, usage.finish_reason) == (42, "stop")
+
+
 async def first_chunk_then_wait(provider: GeminiProvider | ResilientProvider, got_first: asyncio.Event) -> None:
     async with aclosing(provider.stream(QUESTION)) as stream:
         async for item in stream:

@@ -165,15 +165,60 @@ async def test_a_body_ending_after_the_finish_without_done_is_complete(
     assert texts == fake.chunks and usage is not None and usage.prompt_tokens == 42
 
 
+# The body ends cleanly after two events, or halfway through the third.
+@pytest.mark.parametrize("cut", ["end_cleanly_after", "end_mid_event_after"])
 async def test_a_body_ending_before_the_finish_is_a_broken_stream(
-    fake: FakeOpenAI, openai: OpenAICompatProvider
+    fake: FakeOpenAI, openai: OpenAICompatProvider, cut: str
 ) -> None:
-    fake.end_cleanly_after = 2
+    setattr(fake, cut, 2)
     texts: list[str] = []
     with pytest.raises(AIError) as caught:
         await collect(openai.stream(QUESTION), texts)
     assert texts == fake.chunks[:2]
     assert caught.value.kind == "connection" and caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    "page",
+    [
+        ("text/html", "<html>\n<body>Please sign in to continue</body>\n</html>\n"),
+        # A server that ignores `stream: true` and sends the whole completion at once.
+        ("application/json", '{"choices": [{"index": 0, "message": {"content": "Hi"}, "finish_reason": "stop"}]}'),
+    ],
+)
+async def test_a_200_that_is_not_an_event_stream_is_a_configuration_failure_not_retried(
+    fake: FakeOpenAI, openai: OpenAICompatProvider, page: tuple[str, str]
+) -> None:
+    fake.page = page
+    provider = ResilientProvider(openai, ResiliencePolicy(max_retries=2, backoff_initial=0.01, backoff_max=0.02))
+    with pytest.raises(AIError) as caught:
+        await collect(provider.stream(QUESTION))
+    assert caught.value.kind == "bad_response" and caught.value.cause == "config"
+    assert page[0] in str(caught.value)
+    assert provider.failures == 1  # counts toward the breaker
+    assert fake.calls == 1, "every request gets the same page: trying again cannot help"
+
+
+async def test_thoughts_and_odd_chunks_are_skipped(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.odd_shapes = True
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks and "never shown" not in "".join(texts)
+    assert usage is not None and (usage.prompt_tokens, usage.finish_reason) == (42, "stop")
+
+
+async def test_thoughts_inside_the_content_are_never_shown(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.thoughts, fake.send_usage = "The student wants the formula; [never shown]", False
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert "".join(texts) == "".join(fake.chunks)
+    # Estimated, the output counts the thoughts too: they are billed.
+    assert usage is not None and usage.output_tokens > len("".join(fake.chunks)) // 4 + 5
+    # A tag later in an answer is the answer's own (a lesson on HTML, say).
+    fake.thoughts, fake.chunks = None, ["Write ", "<think>", " in the page."]
+    texts.clear()
+    await collect(openai.stream(QUESTION), texts)
+    assert "".join(texts) == "Write <think> in the page."
 
 
 async def test_cancel_closes_the_upstream_connection(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
