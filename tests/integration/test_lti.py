@@ -569,6 +569,41 @@ async def test_an_unreadable_form_is_a_bad_request(lti: Lti, path: str, content_
     assert await count(lti.db, "lti_nonces") == 0
 
 
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+
+
+async def test_a_browser_is_told_in_a_page_what_went_wrong(lti: Lti) -> None:
+    """The LMS's form post comes from a student's browser, often in an iframe: a refused launch or login is a
+    short page saying what to do, with the reason and a reference, not a JSON body; with the same status,
+    no script, and framable (the tenant is unknown when the launch is refused)."""
+    forged = await lti.server.client.post(
+        "/lti/launch",
+        data={"id_token": "not-a-token", "state": "<script>alert(1)</script>"},
+        headers={"Accept": BROWSER_ACCEPT, "X-Request-ID": "req-42"},
+    )
+    assert forged.status == 401 and forged.content_type == "text/html"
+    page = await forged.text()
+    assert "The tutor could not be opened" in page and "Open the tutor again from your course" in page
+    assert "(unauthorized, reference req-42)" in page and "<script" not in page
+    csp = forged.headers["Content-Security-Policy"]
+    assert "script-src" not in csp and "default-src 'none'" in csp and "frame-ancestors" not in csp
+    login = await lti.server.client.get(
+        "/lti/login", params={
+            "iss": "https://unknown.example",
+            "login_hint": "x",
+            "target_link_uri": str(lti.server.client.make_url("/lti/launch")),
+        },
+        headers={"Accept": BROWSER_ACCEPT}, allow_redirects=False,
+    )
+    assert login.status == 400 and "no LTI platform" in await login.text()
+    # Other clients keep the JSON body.
+    await _assert_refused(
+        await lti.server.client.post("/lti/launch", data={"id_token": "not-a-token", "state": "s"}),
+        401, "unauthorized", "",
+    )
+    assert await count(lti.db, "lti_nonces") == 0
+
+
 async def test_without_a_secret_lti_is_unavailable(serve: Serve) -> None:
     public_pem = rsa_key("tutor").public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
