@@ -26,8 +26,8 @@ _Handler = Callable[[web.Request], Awaitable[web.Response]]
 # An error page is plain text in the LMS's frame: no script, no form, nothing to click on.
 _ERROR_CSP = "default-src 'none'; style-src 'self'; base-uri 'none'; form-action 'none'"
 _ERROR_ADVICE = {
-    503: "Your school\u2019s learning platform could not be reached to confirm your sign-in. Please try again "
-    "in a minute.",
+    503: "The tutor cannot confirm sign-ins from your course right now. Please try again in a minute; if this "
+    "keeps happening, tell your teacher.",
     500: "Something went wrong on our side. Please try again in a minute.",
 }
 _DEFAULT_ADVICE = (
