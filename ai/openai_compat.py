@@ -155,6 +155,27 @@ def _bad_request(error: dict[str, Any]) -> AIError:
     return invalid_request(message)
 
 
+# String codes and types of an error event that say what an HTTP status would have said.
+_RATE_LIMITED = frozenset({"rate_limit_exceeded", "rate_limit_error", "insufficient_quota"})
+_THIS_REQUEST = frozenset({"context_length_exceeded", "invalid_request_error"})
+
+
+def _stream_error(error: object) -> AIError:
+    """An error event in the stream (vLLM and others report failures mid-generation so). A number in `code`
+    is an HTTP status; a string `code` or `type` is OpenAI's: a refused request (a context too long) is this
+    request's problem and a rate limit is one, not an outage to retry as a 500."""
+    fields = error if isinstance(error, dict) else {}
+    code = fields.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        return http_status_error(code, f"openai: error event in stream ({code})")
+    names = {value for value in (code, fields.get("type")) if isinstance(value, str)}
+    if names & _RATE_LIMITED:
+        return http_status_error(429, f"openai: error event in stream ({'/'.join(sorted(names))})")
+    if names & _THIS_REQUEST:
+        return _bad_request(fields if isinstance(code, str) else {**fields, "code": ""})
+    return http_status_error(500, f"openai: error event in stream ({'/'.join(sorted(names)) or 500})")
+
+
 def _wants_max_completion_tokens(status: int, detail: str) -> bool:
     """OpenAI's reasoning models refuse `max_tokens` and ask for `max_completion_tokens` instead."""
     error = _error_object(detail) if status == 400 else {}
@@ -324,10 +345,7 @@ class OpenAICompatProvider:
             raise AIError("bad_response", "openai: unexpected stream event")
         error = chunk.get("error")
         if error is not None:
-            # vLLM and others report failures that happen mid-generation as an event.
-            code = error.get("code") if isinstance(error, dict) else None
-            status = code if isinstance(code, int) else 500
-            raise http_status_error(status, f"openai: error event in stream ({status})")
+            raise _stream_error(error)
         return chunk
 
     async def _post(self, session: aiohttp.ClientSession, request: AIRequest) -> aiohttp.ClientResponse:

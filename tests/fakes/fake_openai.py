@@ -19,6 +19,7 @@ class FakeOpenAI(FakeUpstream):
     finish_reason: str = "stop"  # "content_filter" ends the answer as filtered
     send_usage: bool = True  # False: behave like a server that ignores stream_options.include_usage
     error_event_after: int | None = None  # send an in-stream error event after this many chunks
+    error_event: object = None  # that event's error object (default: code 500)
     send_done: bool = True  # False: end the body after the last event without `data: [DONE]`
     end_cleanly_after: int | None = None  # end the body normally after this many events (a truncated answer)
     # Odd but valid chunks: a role-only first delta, `reasoning_content` deltas (to be hidden) and chunks with
@@ -67,7 +68,8 @@ class FakeOpenAI(FakeUpstream):
             chunks = ["<thi", f"nk>{self.thoughts}</th", "ink>\n\n", *chunks]
         for index, text in enumerate(chunks):
             if index == self.error_event_after:
-                events.append(sse({"error": {"message": "scripted mid-stream failure", "code": 500}}))
+                error = self.error_event or {"message": "scripted mid-stream failure", "code": 500}
+                events.append(sse({"error": error}))
                 return events
             delta = {"role": "assistant", "content": text} if index == 0 else {"content": text}
             if self.odd_shapes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import pytest
 
@@ -145,6 +146,36 @@ async def test_error_event_mid_stream(fake: FakeOpenAI, openai: OpenAICompatProv
         await collect(openai.stream(QUESTION), texts)
     assert texts == fake.chunks[:2]
     assert caught.value.kind == "unavailable" and caught.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "retryable"),
+    [
+        (
+            {"message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded"},
+            "invalid_request",
+            False,
+        ),
+        ({"message": "slow down", "type": "rate_limit_error", "code": None}, "rate_limited", True),
+        ({"message": "slow down", "code": "rate_limit_exceeded"}, "rate_limited", True),
+        ({"message": "The server had an error", "type": "server_error", "code": None}, "unavailable", True),
+        ({"message": "overloaded", "code": 503}, "unavailable", True),
+        ("a plain string", "unavailable", True),
+    ],
+    ids=["context-too-long", "rate-limit-type", "rate-limit-code", "server-error", "numeric", "string"],
+)
+async def test_an_error_event_is_classified_by_its_code_or_type(
+    fake: FakeOpenAI, openai: OpenAICompatProvider, error: Any, kind: str, retryable: bool
+) -> None:
+    """A string code or type in an error event says what the HTTP status would have: a context too long is this
+    request's problem (ai_rejected, not retried), not an outage."""
+    fake.error_event_after = 1
+    fake.error_event = error
+    with pytest.raises(AIError) as caught:
+        await collect(openai.stream(QUESTION))
+    assert (caught.value.kind, caught.value.retryable) == (kind, retryable)
+    if kind == "invalid_request":
+        assert caught.value.cause == "request"
 
 
 async def test_dropped_connection_mid_stream(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
