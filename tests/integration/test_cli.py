@@ -107,7 +107,9 @@ def _start(
     # As on most servers and containers: the embedded PostgreSQL then warns of the runtime directory it falls
     # back to (a Python warning, which must reach the log as JSON like the rest).
     env.pop("XDG_RUNTIME_DIR", None)
-    with open(stderr or os.devnull, "w") as errors:
+    # The log goes to a file (the caller's, or one of its own) so that a start that fails can say why.
+    stderr = stderr or tmp_path / f"serve-{uuid.uuid4().hex[:8]}.log"
+    with open(stderr, "w") as errors:
         # Its own session, as a shell gives a foreground job: killpg then does what Ctrl-C in a terminal does.
         proc = subprocess.Popen([*SMARTEDU, "serve"], stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
                                 start_new_session=True)
@@ -116,7 +118,8 @@ def _start(
         match = re.search(r"Student chat:\s+(\S+)", line)
         if match:
             return proc, match.group(1)
-    raise AssertionError(f"serve printed no chat URL (exit {proc.wait()})")
+    tail = stderr.read_text(encoding="utf-8", errors="replace")[-3000:]
+    raise AssertionError(f"serve printed no chat URL (exit {proc.wait()}); its log ends:\n{tail}")
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
