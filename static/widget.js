@@ -9,12 +9,17 @@
  * before it expires. The host page never talks to the tutor's WebSocket itself.
  * Options (data-*): course, token-url (required); tenant (the token's tid: lets the school's per-tenant
  * allowed origins frame /embed); label, position (right|left), theme (light|dark), open ("true" to
- * start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close().
+ * start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close()/refreshToken(),
+ * each taking an optional course (default: the first widget on the page).
+ *
+ * One widget per course: a tag for another course adds a launcher beside the first; a tag for a course
+ * already shown (the script included twice, an SPA adding it again) adds nothing, but puts the widget
+ * back, with a fresh chat, when the page had removed it (an SPA's navigation). A removed widget stops
+ * refreshing its token, and its iframe, unloaded, closes its socket.
  */
 (function () {
   'use strict';
 
-  if (window.SmartEduWidget) return;
   var script = document.currentScript ||
     document.querySelector('script[src*="/static/widget.js"][data-course]');
   if (!script) return;
@@ -25,41 +30,82 @@
     if (window.console) console.warn('SmartEdu widget: data-course and data-token-url are required');
     return;
   }
+  var api = window.SmartEduWidget;
+  if (!api || !api.widgets) {
+    var pick = function (course) {
+      return course ? api.widgets[course] : api.widgets[Object.keys(api.widgets)[0]];
+    };
+    api = window.SmartEduWidget = {
+      widgets: {}, // by course, in the order the tags ran
+      open: function (course) { var w = pick(course); if (w) w.open(); },
+      close: function (course) { var w = pick(course); if (w) w.close(); },
+      refreshToken: function (course) { var w = pick(course); return w ? w.refreshToken() : Promise.resolve(); },
+    };
+  }
+  var existing = api.widgets[config.course];
+  if (existing) {
+    existing.mount(config.open === 'true');
+    return;
+  }
   var THEME_VARS = ['--smartedu-accent', '--smartedu-on-accent', '--smartedu-bg', '--smartedu-surface',
     '--smartedu-text', '--smartedu-muted', '--smartedu-border', '--smartedu-user-bg', '--smartedu-user-text',
     '--smartedu-tutor-bg', '--smartedu-tutor-text', '--smartedu-teacher-bg', '--smartedu-teacher-text',
     '--smartedu-teacher-accent', '--smartedu-font', '--smartedu-font-size', '--smartedu-radius', '--smartedu-focus'];
   var CSS_TEXT = [
     ':host{all:initial}',
-    '.launcher{position:fixed;bottom:20px;right:20px;z-index:2147483000;width:56px;height:56px;border-radius:50%;',
+    // The highest z-index there is: a tie with a host's sticky bar goes to the widget, added last.
+    '.launcher{position:fixed;bottom:20px;right:20px;z-index:2147483647;width:56px;height:56px;border-radius:50%;',
     'border:0;cursor:pointer;display:grid;place-items:center;background:var(--smartedu-accent,#2f55c9);',
     'color:var(--smartedu-on-accent,#fff);box-shadow:0 6px 20px rgba(0,0,0,.28)}',
     '.launcher:hover{filter:brightness(1.08)}',
     '.launcher:focus-visible{outline:3px solid var(--smartedu-focus,#1d4ed8);outline-offset:3px}',
     '.launcher svg{width:28px;height:28px;fill:currentColor}',
     '.badge{position:absolute;top:3px;right:3px;width:14px;height:14px;border-radius:50%;background:#d92d20;border:2px solid #fff}',
-    '.panel{position:fixed;bottom:88px;right:20px;z-index:2147483000;width:min(400px,calc(100vw - 40px));',
-    'height:min(640px,calc(100vh - 112px));border-radius:16px;overflow:hidden;background:var(--smartedu-bg,#f4f6fa);',
-    'box-shadow:0 12px 40px rgba(0,0,0,.3)}',
+    '.panel{position:fixed;bottom:88px;right:20px;z-index:2147483647;width:min(400px,calc(100vw - 40px));',
+    'height:min(640px,calc(100vh - 112px));height:min(640px,calc(100dvh - 112px));border-radius:16px;',
+    'overflow:hidden;background:var(--smartedu-bg,#f4f6fa);box-shadow:0 12px 40px rgba(0,0,0,.3)}',
+    '.notice{position:absolute;inset:auto 12px 12px;z-index:1;padding:12px 14px;border-radius:10px;',
+    'background:#fff;color:#1a1f2b;border:1px solid #d0d5dd;box-shadow:0 4px 14px rgba(0,0,0,.18);',
+    'font:15px/1.4 system-ui,sans-serif}',
+    '.notice p{margin:0 0 8px}',
+    '.notice button{font:inherit;padding:6px 14px;border-radius:8px;border:0;cursor:pointer;',
+    'background:var(--smartedu-accent,#2f55c9);color:var(--smartedu-on-accent,#fff)}',
+    '.notice button:focus-visible{outline:3px solid var(--smartedu-focus,#1d4ed8);outline-offset:2px}',
     '.panel iframe{display:block;width:100%;height:100%;border:0}',
     '.left .launcher,.left .panel{right:auto;left:20px}',
     '[hidden]{display:none!important}',
     '.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip-path:inset(50%);white-space:nowrap}',
-    '@media (max-width:480px){.panel{inset:0;width:100%;height:100%;border-radius:0}.open .launcher{display:none}}',
+    '@media (max-width:480px){.panel{inset:0;width:100%;height:100%;border-radius:0}',
+    '.open .launcher,.behind .launcher{display:none}}',
     '@media (prefers-reduced-motion:no-preference){.panel{transition:opacity .15s}}',
   ].join('');
 
   var host = document.createElement('div');
-  host.id = 'smartedu-widget';
+  // The first widget keeps the id it always had; each one carries its course.
+  if (!document.getElementById('smartedu-widget')) host.id = 'smartedu-widget';
+  host.setAttribute('data-course', config.course);
   var shadow = host.attachShadow({ mode: 'open' });
+  var sheet = null;
+  var style = null;
   if ('adoptedStyleSheets' in shadow && typeof CSSStyleSheet === 'function' && 'replaceSync' in CSSStyleSheet.prototype) {
-    var sheet = new CSSStyleSheet(); // constructed sheets need no 'unsafe-inline' in the host's CSP
-    sheet.replaceSync(CSS_TEXT);
+    sheet = new CSSStyleSheet(); // constructed sheets need no 'unsafe-inline' in the host's CSP
     shadow.adoptedStyleSheets = [sheet];
   } else {
-    var style = document.createElement('style');
-    style.textContent = CSS_TEXT;
+    style = document.createElement('style');
     shadow.appendChild(style);
+  }
+
+  // The nth widget on the page puts its launcher beside the others (its panel opens in the same place).
+  // A CSS zoom on the host page (html { zoom: 1.5 }) would scale the panel's px and vh alike and push
+  // it off the top of the screen: the widget undoes it (browser zoom is no CSS zoom, and stays).
+  var slot = 0;
+  function restyle() {
+    var side = config.position === 'left' ? 'left' : 'right';
+    var css = CSS_TEXT + '.launcher{' + side + ':' + (20 + 68 * slot) + 'px}';
+    var zoom = host.parentElement && host.parentElement.currentCSSZoom;
+    if (typeof zoom === 'number' && zoom > 0 && zoom !== 1) css += ':host{zoom:' + 1 / zoom + '}';
+    if (sheet) sheet.replaceSync(css);
+    else style.textContent = css;
   }
 
   var wrap = document.createElement('div');
@@ -92,18 +138,31 @@
   panel.setAttribute('role', 'region');
   panel.setAttribute('aria-label', 'Tutor chat');
   panel.hidden = true;
+  var notice = document.createElement('div');
+  notice.className = 'notice';
+  notice.setAttribute('role', 'status');
+  notice.hidden = true;
+  var noticeText = document.createElement('p');
+  var retry = document.createElement('button');
+  retry.type = 'button';
+  retry.textContent = 'Try again';
+  notice.appendChild(noticeText);
+  notice.appendChild(retry);
+  panel.appendChild(notice);
   wrap.appendChild(panel);
   wrap.appendChild(launcher);
   shadow.appendChild(wrap);
 
   var MIN_REFRESH_MS = 30000;
   var MAX_REFRESH_MS = 24 * 3600 * 1000;
+  var TOKEN_TIMEOUT_MS = 15000; // a token endpoint that hangs is given up on, and asked again later
   var iframe = null;
   var frameReady = false; // set when the embed page asks for its token
   var token = null;
   var refreshTimer = null;
   var failures = 0;
   var isOpen = false;
+  var pending = null; // the token request in flight
 
   function post(message) {
     // Addressed to the tutor origin: a navigated-away frame never receives the token.
@@ -133,10 +192,24 @@
     refreshTimer = setTimeout(fetchToken, delay);
   }
 
+  function say(text) {
+    noticeText.textContent = text;
+    notice.hidden = false;
+  }
+
   function fetchToken() {
     clearTimeout(refreshTimer);
-    return fetch(config.tokenUrl, { credentials: 'same-origin', cache: 'no-store', headers: { Accept: 'application/json, text/plain' } })
+    if (!host.isConnected) return Promise.resolve(); // removed by the page: mount() starts again
+    if (pending) return pending;
+    if (!notice.hidden) say('Signing you in\u2026');
+    retry.disabled = true;
+    var controller = typeof AbortController === 'function' ? new AbortController() : null;
+    var timeout = controller ? setTimeout(function () { controller.abort(); }, TOKEN_TIMEOUT_MS) : null;
+    var status = 0;
+    pending = fetch(config.tokenUrl, { credentials: 'same-origin', cache: 'no-store',
+      headers: { Accept: 'application/json, text/plain' }, signal: controller ? controller.signal : undefined })
       .then(function (response) {
+        status = response.status;
         if (!response.ok) throw new Error('token endpoint answered ' + response.status);
         var type = response.headers.get('Content-Type') || '';
         return type.indexOf('json') >= 0
@@ -147,6 +220,7 @@
         if (typeof value !== 'string' || value.split('.').length !== 3) throw new Error('no token in the response');
         token = value;
         failures = 0;
+        notice.hidden = true;
         post({ type: 'smartedu:token', token: token });
         var delay = refreshDelay(token);
         if (delay !== null) schedule(delay);
@@ -154,9 +228,25 @@
       .catch(function (error) {
         failures += 1;
         if (window.console) console.warn('SmartEdu widget: could not fetch a token:', error.message);
-        schedule(Math.min(300000, 5000 * Math.pow(2, failures - 1)));
+        var delay = Math.min(300000, 5000 * Math.pow(2, failures - 1));
+        // 401/403: the school's site does not know the student (signed out there); anything else (an
+        // error, no answer in time, no network) is the site's trouble, and asking again may help.
+        say(status === 401 || status === 403
+          ? 'Sign in to your school\u2019s site to use the tutor, then try again.'
+          : 'The tutor could not sign you in just now. Trying again in ' + Math.round(delay / 1000) + ' s.');
+        schedule(delay);
+      })
+      .then(function () {
+        clearTimeout(timeout);
+        pending = null;
+        retry.disabled = false;
       });
+    return pending;
   }
+
+  retry.addEventListener('click', function () {
+    fetchToken();
+  });
 
   function sendTheme() {
     var styles = getComputedStyle(host);
@@ -185,6 +275,12 @@
   }
 
   function open() {
+    mount(false);
+    var others = Object.keys(api.widgets).map(function (course) { return api.widgets[course]; })
+      .filter(function (other) { return other !== widget; });
+    others.forEach(function (other) { other.close(); }); // one panel at a time
+    others.forEach(function (other) { other.behind(true); }); // on a phone, only the open one shows
+    restyle();
     ensureFrame();
     isOpen = true;
     panel.hidden = false;
@@ -196,6 +292,7 @@
   }
 
   function close() {
+    Object.keys(api.widgets).forEach(function (course) { api.widgets[course].behind(false); });
     if (!isOpen) return;
     isOpen = false;
     panel.hidden = true;
@@ -229,12 +326,37 @@
     }
   });
 
-  function mount() {
-    document.body.appendChild(host);
-    if (config.open === 'true') open();
+  // Adds the widget to the page, or puts it back after the page removed it: its iframe was unloaded
+  // then (its socket closed), so it starts over closed, with a new iframe and token when opened.
+  function mount(startOpen) {
+    if (!document.body) return;
+    if (!host.isConnected) {
+      if (iframe) {
+        panel.removeChild(iframe);
+        iframe = null;
+        frameReady = false;
+        token = null;
+        failures = 0;
+        clearTimeout(refreshTimer);
+        isOpen = false;
+        panel.hidden = true;
+        notice.hidden = true;
+        wrap.classList.remove('open');
+        launcher.setAttribute('aria-expanded', 'false');
+      }
+      slot = 0;
+      Object.keys(api.widgets).forEach(function (course) {
+        if (api.widgets[course] !== widget && api.widgets[course].host.isConnected) slot += 1;
+      });
+      document.body.appendChild(host);
+      restyle();
+    }
+    if (startOpen) open();
   }
 
-  window.SmartEduWidget = { open: open, close: close, refreshToken: fetchToken };
-  if (document.body) mount();
-  else document.addEventListener('DOMContentLoaded', mount);
+  var widget = { host: host, open: open, close: close, refreshToken: fetchToken, mount: mount,
+    behind: function (on) { wrap.classList.toggle('behind', on); } };
+  api.widgets[config.course] = widget;
+  if (document.body) mount(config.open === 'true');
+  else document.addEventListener('DOMContentLoaded', function () { mount(config.open === 'true'); });
 })();

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -91,14 +91,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+HostHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Pages = Mapping[str, str | tuple[str, str] | HostHandler]
+
+
 @asynccontextmanager
-async def host_site(
-    pages: dict[str, str | tuple[str, str]], host: str = "localhost", port: int | None = None
-) -> AsyncIterator[str]:
-    """A school's own web site on another origin: serves the given pages (HTML, or `(body, content type)`);
-    yields its origin."""
+async def host_site(pages: Pages, host: str = "localhost", port: int | None = None) -> AsyncIterator[str]:
+    """A school's own web site on another origin: serves the given pages (HTML, `(body, content type)`, or
+    an aiohttp handler for a page with its own status or headers); yields its origin."""
     app = web.Application()
     for path, page in pages.items():
+        if callable(page):
+            app.router.add_get(path, page)
+            continue
         body, content_type = page if isinstance(page, tuple) else (page, "text/html")
 
         async def handler(_: web.Request, body: str = body, content_type: str = content_type) -> web.Response:

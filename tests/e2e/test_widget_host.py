@@ -1,0 +1,302 @@
+"""widget.js on a school's own pages, in real headless Chromium: a host page with a strict CSP of its
+own, two widget tags (two courses) and the tag added, removed and added again as an SPA does, a token
+URL that fails, answers slowly or hands out expired tokens, and host styles (`button { all: unset }`,
+a huge root font size, a sticky header with a high z-index, `dir=rtl`, a phone viewport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from aiohttp import web
+
+from server.keys import SOCKETS
+from tests.conftest import Serve, seed_course, token
+from tests.e2e.helpers import HostHandler, Pages, Problems, browser, host_site, new_page
+from tests.e2e.test_embed import COURSE, STUDENT, TENANT, _tutor_for_a_school
+
+if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
+    from playwright.async_api import Browser, Page
+
+pytestmark = pytest.mark.e2e
+__all__ = ["browser"]  # the fixture, imported for the tests below
+
+OTHER_COURSE = "geometry-1"
+ONLINE = '.se-status[data-state="online"]'
+
+
+def tag(tutor: str, course: str = COURSE, **data: str) -> str:
+    attrs = "".join(f' data-{name}="{value}"' for name, value in data.items())
+    return (
+        f'<script src="{tutor}/static/widget.js" data-course="{course}" data-tenant="{TENANT}"'
+        f' data-token-url="/smartedu/token"{attrs} async></script>'
+    )
+
+
+def page_with(body: str, head: str = "", dir: str = "ltr") -> str:
+    return (
+        f'<!doctype html>\n<html lang="en" dir="{dir}"><head><meta charset="utf-8"><title>Springfield High</title>'
+        f"{head}</head>\n<body><h1>Week 3: prime numbers</h1>\n{body}\n</body></html>"
+    )
+
+
+def html(body: str, **headers: str) -> HostHandler:
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="text/html", headers=headers)
+
+    return handler
+
+
+def tokens(answers: list[tuple[int, str]], requests: list[str]) -> HostHandler:
+    """A token endpoint answering `(status, body)` in turn (the last one from then on); status 0 means
+    it hangs (5 s, then 503: the browser's clock is faked, so the widget gives up long before)."""
+
+    async def handler(request: web.Request) -> web.Response:
+        status, body = answers[min(len(requests), len(answers) - 1)]
+        requests.append(request.path)
+        if status == 0:
+            await asyncio.sleep(5)
+            status = 503
+        return web.Response(status=status, text=body, content_type="text/plain")
+
+    return handler
+
+
+async def launchers(page: Page) -> list[dict[str, Any]]:
+    """Every widget launcher on the page, with its box and the element on top at its centre."""
+    found: list[dict[str, Any]] = await page.evaluate(
+        """() => [...document.querySelectorAll('body > div')].filter(h => h.shadowRoot).flatMap(h =>
+          [...h.shadowRoot.querySelectorAll('.launcher')].map(b => {
+            const r = b.getBoundingClientRect();
+            const top = document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2);
+            return { course: h.dataset.course || null, x: r.x, y: r.y, width: r.width, height: r.height,
+                     onTop: top === h && h.shadowRoot.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2)
+                       .closest('.launcher') === b,
+                     frames: h.shadowRoot.querySelectorAll('iframe').length };
+          }))"""
+    )
+    return found
+
+
+async def test_the_widget_works_under_the_host_pages_strict_csp(serve: Serve, browser: Browser) -> None:
+    """The host allows scripts from the tutor only and styles from itself only (no 'unsafe-inline',
+    no 'unsafe-eval'): the launcher is styled and the chat gets online, with no CSP violation reported."""
+    _, tutor, port = await _tutor_for_a_school(serve)
+    csp = (
+        f"default-src 'none'; script-src {tutor}; style-src 'self'; connect-src 'self'; frame-src {tutor};"
+        " img-src 'self'"
+    )
+    page_csp = {"Content-Security-Policy": csp}
+    pages: Pages = {
+        "/": html(page_with(tag(tutor, open="true")), **page_csp),
+        "/smartedu/token": (STUDENT, "text/plain"),
+    }
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems)
+        await page.goto(f"{school}/")
+        await page.frame_locator("#smartedu-widget iframe").locator(ONLINE).wait_for()
+        [launcher] = await launchers(page)
+        assert (launcher["width"], launcher["height"]) == (56, 56) and launcher["onTop"]
+        assert problems == []
+        await page.close()
+
+
+async def test_two_courses_and_a_repeated_tag_give_one_launcher_per_course(serve: Serve, browser: Browser) -> None:
+    """Two tags for two courses, and the first tag included twice: each course gets its own launcher
+    (they used to be dropped after the first), not on top of each other, each opening its own course;
+    opening one closes the other."""
+    server, tutor, port = await _tutor_for_a_school(serve)
+    await seed_course(server.settings, TENANT, OTHER_COURSE, "Geometry")
+    body = tag(tutor) + tag(tutor, OTHER_COURSE, label="Ask the geometry tutor") + tag(tutor)
+    async with host_site({"/": page_with(body), "/smartedu/token": (STUDENT, "text/plain")}, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems)
+        await page.goto(f"{school}/")
+        await page.wait_for_function("document.querySelectorAll('body > div').length >= 1")
+        await page.wait_for_timeout(300)  # every tag has run
+        shown = await launchers(page)
+        assert sorted(item["course"] for item in shown) == [COURSE, OTHER_COURSE]
+        first, second = shown
+        assert first["x"] >= second["x"] + second["width"] or second["x"] >= first["x"] + first["width"]
+        assert first["onTop"] and second["onTop"]
+        geometry = page.locator(f'[data-course="{OTHER_COURSE}"] .launcher')
+        await geometry.click()
+        frame = page.frame_locator(f'[data-course="{OTHER_COURSE}"] iframe')
+        await frame.locator(ONLINE).wait_for()
+        src = await page.locator(f'[data-course="{OTHER_COURSE}"] iframe').get_attribute("src")
+        assert src and f"course={OTHER_COURSE}" in src
+        await page.locator(f'[data-course="{COURSE}"] .launcher').click()
+        await page.frame_locator(f'[data-course="{COURSE}"] iframe').locator(ONLINE).wait_for()
+        assert await geometry.get_attribute("aria-expanded") == "false"
+        assert await page.locator(f'[data-course="{OTHER_COURSE}"] .panel').is_hidden()
+        assert [item["frames"] for item in await launchers(page)] == [1, 1]
+        assert problems == []
+        await page.close()
+
+
+ADD_TAG = """([src, course]) => { const s = document.createElement('script'); s.src = src; s.async = true;
+  s.dataset.course = course; s.dataset.tenant = 'school-a'; s.dataset.tokenUrl = '/smartedu/token';
+  document.body.appendChild(s); }"""
+# What an SPA's navigation does: the page's content (the widget and its tag among it) is replaced.
+NAVIGATE = (
+    "() => { document.body.replaceChildren(Object.assign(document.createElement('h1'), {textContent: 'Week 4'})) }"
+)
+
+
+async def test_a_tag_added_after_load_removed_and_added_again_by_an_spa(serve: Serve, browser: Browser) -> None:
+    """The tag is added after load, the SPA navigates (replacing the body, widget and open chat with it)
+    and adds the tag again: one launcher again (there was none: the second run saw the first one's
+    global and stopped), its chat online again, and no socket or token refresh left over from before."""
+    server, tutor, port = await _tutor_for_a_school(serve)
+    fetches: list[str] = []
+    pages: Pages = {"/": page_with(""), "/smartedu/token": tokens([(200, STUDENT)], fetches)}
+    open_sockets = server.client.app[SOCKETS]
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems)
+        await page.goto(f"{school}/")
+        src = f"{tutor}/static/widget.js"
+        await page.evaluate(ADD_TAG, [src, COURSE])
+        await page.locator("#smartedu-widget .launcher").click()
+        await page.frame_locator("#smartedu-widget iframe").locator(ONLINE).wait_for()
+        for _ in range(2):
+            await page.evaluate(NAVIGATE)
+            await page.wait_for_function("() => !document.getElementById('smartedu-widget')")
+            await page.evaluate(ADD_TAG, [src, COURSE])
+            await page.locator("#smartedu-widget .launcher").wait_for()
+            await page.evaluate(ADD_TAG, [src, COURSE])  # added twice by a careless template
+            await page.wait_for_timeout(300)
+            assert len(await launchers(page)) == 1
+            await page.locator("#smartedu-widget .launcher").click()
+            await page.frame_locator("#smartedu-widget iframe").locator(ONLINE).wait_for()
+            for _ in range(50):  # the removed chat's socket is closed (the server sees it go)
+                if len(open_sockets) == 1:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(open_sockets) == 1
+        assert len(await launchers(page)) == 1
+        assert len(fetches) == 3  # one per chat opened
+        assert problems == []
+        await page.close()
+
+
+SAYS = "#smartedu-widget .notice"
+
+
+async def test_a_failing_token_url_is_explained_and_retried(serve: Serve, browser: Browser) -> None:
+    """401 (not signed in on the school's site), 500, a network error and an endpoint that never answers:
+    the panel says what is wrong instead of staying on "Connecting" for good, retries by itself, offers
+    Try again, and the chat gets online once a token comes."""
+    _, tutor, port = await _tutor_for_a_school(serve)
+    fetches: list[str] = []
+    answers = [(401, "sign in"), (500, "oops"), (0, ""), (200, STUDENT)]
+    pages: Pages = {"/": page_with(tag(tutor, open="true")), "/smartedu/token": tokens(answers, fetches)}
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems)
+        await page.clock.install()
+        await page.goto(f"{school}/")
+        notice = page.locator(SAYS)
+        await notice.filter(has_text="Sign in to your school").wait_for()
+        await page.locator(f"{SAYS} button").click()  # Try again
+        await notice.filter(has_text="could not sign you in").wait_for()
+        assert len(fetches) == 2
+        await page.clock.fast_forward(11_000)  # the automatic retry (after 10 s): this request hangs
+        await notice.filter(has_text="Signing you in").wait_for()
+        assert len(fetches) == 3
+        await page.clock.fast_forward(16_000)  # given up on after 15 s
+        await notice.filter(has_text="could not sign you in").wait_for()
+        await page.clock.fast_forward(21_000)
+        await page.frame_locator("#smartedu-widget iframe").locator(ONLINE).wait_for()
+        await notice.wait_for(state="hidden")
+        assert len(fetches) == 4
+        await page.close()
+        assert problems == []
+
+
+async def test_a_network_error_at_the_token_url_is_explained(serve: Serve, browser: Browser) -> None:
+    _, tutor, port = await _tutor_for_a_school(serve)
+    pages: Pages = {"/": page_with(tag(tutor, open="true")), "/smartedu/token": (STUDENT, "text/plain")}
+    async with host_site(pages, port=port) as school:
+        page = await browser.new_page()
+        await page.route("**/smartedu/token", lambda route: route.abort("connectionreset"))
+        await page.goto(f"{school}/")
+        await page.locator(SAYS).filter(has_text="could not sign you in").wait_for()
+        await page.unroute("**/smartedu/token")
+        await page.locator(f"{SAYS} button").click()
+        await page.frame_locator("#smartedu-widget iframe").locator(ONLINE).wait_for()
+        await page.close()
+
+
+async def test_expired_tokens_are_replaced_again_and_again(serve: Serve, browser: Browser) -> None:
+    """Each 4401 makes the chat ask for a new token (smartedu:token-expired), and the widget fetches one:
+    two expired tokens in a row, then a valid one."""
+    _, tutor, port = await _tutor_for_a_school(serve)
+    expired = [token("stu-embed", tenant=TENANT, name=name, ttl_s=-3600) for name in ("Ada", "Ada L.")]
+    fetches: list[str] = []
+    answers = [(200, expired[0]), (200, expired[1]), (200, STUDENT)]
+    pages: Pages = {"/": page_with(tag(tutor, open="true")), "/smartedu/token": tokens(answers, fetches)}
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems)
+        await page.goto(f"{school}/")
+        await page.frame_locator("#smartedu-widget iframe").locator(ONLINE).wait_for()
+        assert len(fetches) == 3
+        assert problems == []
+        await page.close()
+
+
+HOSTILE_STYLES = """<style>
+  * { box-sizing: content-box !important; }
+  html { font-size: 48px; }
+  button { all: unset; }
+  div { padding: 30px; transform: none; }
+  .sticky { position: fixed; bottom: 0; left: 0; right: 0; height: 120px; z-index: 2147483647;
+            background: #0f3d75; }
+</style>"""
+
+
+@pytest.mark.parametrize(
+    ("direction", "viewport", "zoom"),
+    [
+        ("ltr", {"width": 1100, "height": 760}, "1"),
+        ("rtl", {"width": 360, "height": 640}, "1"),
+        ("ltr", {"width": 1100, "height": 760}, "1.5"),
+    ],
+)
+async def test_host_styles_do_not_hide_or_break_the_launcher(
+    serve: Serve, browser: Browser, direction: str, viewport: dict[str, int], zoom: str
+) -> None:
+    """Host CSS that resets buttons, boxes and fonts, a full-width sticky footer at the top z-index,
+    `dir=rtl`, a phone viewport and a CSS zoom on the page: the launcher keeps its size, stays on screen
+    and on top, is reached with Tab and opened with Enter, and the open panel fits in the viewport (with
+    `html { zoom: 1.5 }` its top was 330 px above the screen)."""
+    _, tutor, port = await _tutor_for_a_school(serve)
+    body = '<p><a href="#a">A link</a></p><div class="sticky">Sticky footer</div>' + tag(tutor)
+    head = HOSTILE_STYLES + f"<style>html {{ zoom: {zoom} }}</style>"
+    head += '<meta name="viewport" content="width=device-width, initial-scale=1">'
+    pages: Pages = {"/": page_with(body, head, direction), "/smartedu/token": (STUDENT, "text/plain")}
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems, viewport=viewport)
+        await page.goto(f"{school}/")
+        await page.locator("#smartedu-widget .launcher").wait_for()
+        [launcher] = await launchers(page)
+        assert (launcher["width"], launcher["height"]) == (56, 56) and launcher["onTop"]
+        assert launcher["x"] >= 0 and launcher["x"] + 56 <= viewport["width"]
+        assert launcher["y"] >= 0 and launcher["y"] + 56 <= viewport["height"]
+        await page.keyboard.press("Tab")
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate("document.activeElement.shadowRoot?.activeElement?.className ?? null")
+        assert focused == "launcher"
+        await page.keyboard.press("Enter")
+        await page.frame_locator("#smartedu-widget iframe").locator(ONLINE).wait_for()
+        box = await page.locator("#smartedu-widget .panel").bounding_box()
+        assert box is not None
+        assert box["x"] >= 0 and box["y"] >= 0
+        assert box["x"] + box["width"] <= viewport["width"] and box["y"] + box["height"] <= viewport["height"]
+        assert problems == []
+        await page.close()
