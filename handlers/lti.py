@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from server.assets import read_page
 from server.errors import ChatError, bad_request, from_storage
 from server.keys import DATABASE, LTI_KEYS, SETTINGS
 from server.logs import request_id
@@ -115,7 +116,7 @@ async def launch(request: web.Request) -> web.Response:
 
 
 def _launch_page(request: web.Request, result: Launch) -> str:
-    body = (request.app[SETTINGS].static_dir / "lti-launch.html").read_text(encoding="utf-8")
+    body = read_page(request.app[SETTINGS].static_dir, "lti-launch.html")
     if _PLACEHOLDER not in body:
         raise RuntimeError("static/lti-launch.html has lost its data-lti-target placeholder")
     window = "new" if result.new_window else "same"

@@ -6,6 +6,7 @@ import html
 
 from aiohttp import web
 
+from server.assets import read_page, static_cache_control
 from server.keys import DATABASE, SETTINGS
 from server.origins import framing_origins
 
@@ -16,19 +17,19 @@ _BASE_CSP = (
 PAGE_CSP = f"{_BASE_CSP}; frame-ancestors 'none'"
 
 
-def _page(request: web.Request, name: str, csp: str = PAGE_CSP) -> web.FileResponse:
-    response = web.FileResponse(request.app[SETTINGS].static_dir / name)
-    response.headers["Content-Security-Policy"] = csp
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["Referrer-Policy"] = "no-referrer"
-    return response
+def _page(request: web.Request, name: str, csp: str = PAGE_CSP) -> web.Response:
+    return web.Response(
+        text=read_page(request.app[SETTINGS].static_dir, name),
+        content_type="text/html",
+        headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"},
+    )
 
 
-async def chat_page(request: web.Request) -> web.FileResponse:
+async def chat_page(request: web.Request) -> web.Response:
     return _page(request, "chat.html")
 
 
-async def teacher_page(request: web.Request) -> web.FileResponse:
+async def teacher_page(request: web.Request) -> web.Response:
     return _page(request, "teacher.html")
 
 
@@ -41,7 +42,7 @@ async def embed_page(request: web.Request) -> web.Response:
         tenant_origins = (await request.app[DATABASE].get_tenant(tenant_id)).allowed_origins
     origins = framing_origins(settings.allowed_origins, tenant_origins)
     ancestors = " ".join(origins) if origins else "'none'"
-    body = (settings.static_dir / "embed.html").read_text(encoding="utf-8")
+    body = read_page(settings.static_dir, "embed.html")
     if len(origins) == 1:
         # One possible parent: the page accepts postMessage tokens from that origin only.
         body = body.replace(
@@ -66,7 +67,7 @@ async def static_file(request: web.Request) -> web.FileResponse:
     path = (root / request.match_info["path"]).resolve()
     if not path.is_relative_to(root) or not path.is_file():
         raise web.HTTPNotFound(reason="no such file")
-    return web.FileResponse(path)
+    return web.FileResponse(path, headers={"Cache-Control": static_cache_control(path, request.query.get("v"))})
 
 
 async def protect_html(request: web.Request, response: web.StreamResponse) -> None:

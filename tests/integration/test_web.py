@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -265,6 +268,43 @@ async def test_origins_listed_by_name_keep_credentialed_cors_next_to_a_wildcard(
     response = await server.client.options("/api/session", headers={"Origin": "https://other.example", **preflight})
     assert response.headers["Access-Control-Allow-Origin"] == "https://other.example"
     assert "Access-Control-Allow-Credentials" not in response.headers
+
+
+async def test_pages_name_their_files_by_content(serve: Serve, settings: Settings, tmp_path: Path) -> None:
+    """During a rolling upgrade (and for an hour after, as NGINX and browsers cache /static/) a page of this
+    release met the previous release's common.js, which lacks what this chat.js and teacher.js call
+    (`common.Pacer`): a dead page. Each page names its files with a fingerprint of their content, so a file
+    of another release, cached under its own URL, is never used with it."""
+    static = tmp_path / "static"
+    shutil.copytree(settings.static_dir, static)
+    server = await serve(static_dir=static)
+    pages = ("/chat", "/teacher", "/embed")
+    before: dict[str, list[str]] = {}
+    for path in pages:
+        response = await server.client.get(path)
+        assert response.status == 200 and response.headers["Cache-Control"] == "no-cache", path
+        refs = re.findall(r'(?:src|href)="(/static/[^"]+)"', await response.text())
+        assert "/static/common.js" in {ref.split("?")[0] for ref in refs}, (path, refs)
+        for ref in refs:
+            name, _, version = ref.removeprefix("/static/").partition("?v=")
+            assert version, (path, ref)
+            served = await server.client.get(ref)
+            assert served.status == 200 and await served.read() == (static / name).read_bytes(), ref
+            assert served.headers["Cache-Control"] == "public, max-age=31536000, immutable", ref
+        before[path] = refs
+
+    common = static / "common.js"
+    common.write_text(common.read_text(encoding="utf-8") + "\n// the next release\n", encoding="utf-8")
+    for path in pages:
+        refs = re.findall(r'(?:src|href)="(/static/[^"]+)"', await (await server.client.get(path)).text())
+        changed = [(old, new) for old, new in zip(before[path], refs, strict=True) if old != new]
+        assert [old.split("?")[0] for old, _ in changed] == ["/static/common.js"], (path, changed)
+    # Asked for a version it does not hold (a page of another release) or for none, a replica's copy is
+    # revalidated on each use, never kept under that URL.
+    [(stale, _)] = changed
+    for ref in (stale, "/static/common.js"):
+        served = await server.client.get(ref)
+        assert served.status == 200 and served.headers["Cache-Control"] == "no-cache", ref
 
 
 async def test_static_files_and_missing_ones(serve: Serve) -> None:
