@@ -157,8 +157,10 @@ class Answers:
                 with self.tracer.span("turn", conversation_id=turn.conversation_id, reply_id=turn.reply_id):
                     await self._generate(turn, course)
         except asyncio.CancelledError:
-            # Cancelled while queued behind another answer: it still needs a final status.
-            if not turn.finished:
+            # Cancelled while queued behind another answer: it still needs a final status. One cancelled
+            # while being ended (only the stop deadline does that) may have sent frames past a length of 0
+            # and have its commit on its way: it keeps its lease, and a takeover ends it from the log.
+            if not turn.finished and not turn.ending:
                 await self._finish(turn, "interrupted", None, 0, None)
             raise
         except Exception:
@@ -210,6 +212,8 @@ class Answers:
             # AI failure, rather than given a `done` that does not say why.
             log.exception("turn failed", extra={"reply_id": turn.reply_id})
             failure, status = answer_failed(str(turn.reply_id)), "failed"
+        # From here on the answer's length is what the batcher has handed out: a shutdown lets it finish.
+        turn.ending = True
         try:
             await batcher.flush()
         except Exception:
@@ -496,7 +500,9 @@ class Answers:
         turns = list(self._turns.values())
         for turn in turns:
             turn.stop("interrupted")
-            if turn.task is not None:
+            # One being ended is waited for: cancelled while its last frames or its commit are on their way,
+            # it was committed again with a length of 0, or got no `done` at all.
+            if turn.task is not None and not turn.ending:
                 turn.task.cancel()
         tasks = [t.task for t in turns if t.task is not None]
         if tasks:

@@ -116,6 +116,9 @@ class Turn:
     started: float = 0.0
     first_token_at: float | None = None
     finished: bool = False
+    # Its stream is over and it is being ended (last frames, commit, `done`): no longer cancelled, since a
+    # cancel there would leave it half ended (a second commit, or none, and no `done` of the right length).
+    ending: bool = False
     course_id: str | None = None
     last_seq: int = 0  # of this answer's last token
     floor: int = 0  # the conversation's last seq committed to PostgreSQL when the answer started
@@ -146,7 +149,7 @@ class Turn:
             self.stop_reason = reason
         if self.stream_task is not None:
             self.stream_task.cancel()
-        elif self.task is not None and reason == "interrupted":
+        elif self.task is not None and reason == "interrupted" and not self.ending:
             self.task.cancel()
 
 
