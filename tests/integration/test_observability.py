@@ -4,14 +4,18 @@ Grafana dashboard query is one a replica's /metrics really serves after some cha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, get_args
 
 import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
@@ -19,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.errors import ErrorCode
 from server.keys import STATE
+from server.logs import JsonFormatter
 from storage.models import MessageStatus
 from tests.conftest import Serve, Server, token
 
@@ -233,3 +238,48 @@ async def test_series_carry_no_per_user_or_free_text_labels(serve: Serve) -> Non
         for label, values in labels.items():
             for value in values:
                 assert "school-a" not in value and "stu-1" not in value and "prime" not in value, (name, label, value)
+
+
+@contextlib.contextmanager
+def replica_log() -> Iterator[io.StringIO]:
+    """The lines a replica writes to stderr (server/logs.py's formatter, formatted as they are emitted)."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter("test"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield out
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+async def test_a_failed_answer_is_logged_with_its_tenant_and_conversation_but_not_its_text(
+    serve: Serve, aiohttp_server: Any
+) -> None:
+    """With SMARTEDU_LOG_LEVEL=WARNING (exam week: less noise) the `hello` line naming the socket's tenant and
+    conversation is not written: the warning itself has to say whose answer failed."""
+    server = await serve(
+        ai_provider="openai",
+        env={"OPENAI_BASE_URL": await refusing_provider(aiohttp_server), "OPENAI_MODEL": "tutor-7b"},
+    )
+    sock = await server.connect({"token": token()})
+    conversation = sock.frames[0]["conversation_id"]
+    with replica_log() as out:
+        await sock.send(type="message", id="q1", text="Is zebra-4711 a prime number?")
+        ack = await sock.expect("ack")
+        assert (await sock.until("done"))[-1]["status"] == "failed"
+    entries = [orjson.loads(line) for line in out.getvalue().splitlines()]  # one JSON object a line
+    assert "zebra-4711" not in out.getvalue()
+    failed = [e for e in entries if e["event"] == "ai provider failed"]
+    assert failed and all(e["level"] == "warning" for e in failed)
+    for entry in failed:
+        context = {key: entry.get(key) for key in ("tenant", "conversation_id", "reply_id")}
+        assert context == {"tenant": "school-a", "conversation_id": conversation, "reply_id": ack["reply_id"]}
+        assert entry["request_id"]
+    for entry in entries:
+        if entry["level"] in ("warning", "error", "critical"):
+            assert entry.get("request_id") or entry.get("tenant"), entry
