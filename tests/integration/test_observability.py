@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import aiohttp
+import asyncpg
 import orjson
 import pytest
 import yaml
@@ -22,7 +23,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.errors import ErrorCode
-from server.keys import STATE
+from server.keys import DATABASE, STATE
 from server.logs import JsonFormatter
 from storage.models import MessageStatus
 from tests.conftest import Serve, Server, token
@@ -75,10 +76,15 @@ class Scrape:
     def __init__(self) -> None:
         self.types: dict[str, str] = {}
         self.labels: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
+        self.values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.values.get((name, tuple(sorted(labels.items()))))
 
     def add(self, text: str) -> None:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
+                self.values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
                 self.types[sample.name] = family.type
                 seen = self.labels[sample.name]
                 for key, value in sample.labels.items():
@@ -283,3 +289,29 @@ async def test_a_failed_answer_is_logged_with_its_tenant_and_conversation_but_no
     for entry in entries:
         if entry["level"] in ("warning", "error", "critical"):
             assert entry.get("request_id") or entry.get("tenant"), entry
+
+
+async def test_a_pool_busy_with_a_class_start_is_no_outage(serve: Serve, db: asyncpg.Connection) -> None:
+    """Hellos of a class that starts at once can hold every pooled connection for seconds (they are told
+    `busy` past SMARTEDU_HELLO_DEADLINE). PostgreSQL answers all along: /ready must stay 200 (else every
+    replica leaves the Service at once, and new sockets get the ingress' 503) and dependency_up 1 (else
+    SmartEduPostgresDown pages someone for an outage there is not)."""
+    server = await serve(db_pool_min=1, db_pool_max=1, hello_deadline=6.0, metrics_port=0, metrics_host="127.0.0.1")
+    await asyncio.sleep(0.7)  # the first dependency check
+    lock = db.transaction()
+    await lock.start()
+    # Another session holds `users`: the hello's first statement waits on it with the pool's only connection.
+    await db.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+    try:
+        waiting = await server.connect({"token": token()}, welcome=False)
+        await asyncio.sleep(0.2)
+        assert server.client.app[DATABASE].pool.get_idle_size() == 0
+        response = await server.client.get("/ready")
+        assert response.status == 200, await response.json()
+        await asyncio.sleep(5.5)  # a dependency check meets the busy pool
+        live = Scrape()
+        live.add(await scrape(server))
+        assert live.value("smartedu_dependency_up", dependency="postgres") == 1
+    finally:
+        await lock.rollback()
+    await waiting.expect("welcome")
