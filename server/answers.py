@@ -164,7 +164,7 @@ class Answers:
                 await self._finish(turn, "interrupted", None, 0, None)
             raise
         except Exception:
-            log.exception("turn could not be finished", extra={"reply_id": turn.reply_id})
+            log.exception("turn could not be finished", extra=turn.log_context)
         finally:
             self._turns.pop(turn.reply_id, None)
             if not lock.locked() and self._locks.get(turn.conversation_id) is lock:
@@ -206,18 +206,18 @@ class Answers:
         except AIError as exc:
             failure, status = ai_failure(exc, str(turn.reply_id)), "failed"
             self.metrics.ai_errors.labels(kind=exc.kind).inc()
-            log.warning("ai provider failed", extra={"kind": exc.kind, "reply_id": turn.reply_id})
+            log.warning("ai provider failed", extra={"kind": exc.kind, **turn.log_context})
         except Exception:
             # PostgreSQL gone while the answer's context was read, or a bug: the student is told, as for an
             # AI failure, rather than given a `done` that does not say why.
-            log.exception("turn failed", extra={"reply_id": turn.reply_id})
+            log.exception("turn failed", extra=turn.log_context)
             failure, status = answer_failed(str(turn.reply_id)), "failed"
         # From here on the answer's length is what the batcher has handed out: a shutdown lets it finish.
         turn.ending = True
         try:
             await batcher.flush()
         except Exception:
-            log.exception("token delivery failed", extra={"reply_id": turn.reply_id})
+            log.exception("token delivery failed", extra=turn.log_context)
             if status == "complete":
                 status, failure = "failed", answer_failed(str(turn.reply_id))
         with self.tracer.span("done", status=status):
@@ -331,7 +331,8 @@ class Answers:
             await self.budgets.settle(reservation, *used)
             raise
         turn.finished = True
-        self._observe(status, record)
+        # Counted once, by the replica whose status is stored: here, or by the takeover that ended it first.
+        self._observe(status if committed else None, record)
         if committed and self.settings.log_content:
             _log_content(turn, status)
         if not committed:
@@ -375,14 +376,15 @@ class Answers:
                 self.metrics.commit_retries.inc()
                 log.warning(
                     "database unavailable; answer commit will be retried",
-                    extra={"reply_id": turn.reply_id, "attempt": attempt, "error": repr(exc)},
+                    extra={**turn.log_context, "attempt": attempt, "error": repr(exc)},
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, COMMIT_RETRY_MAX_S)
 
-    def _observe(self, status: str, record: UsageRecord | None) -> None:
+    def _observe(self, status: str | None, record: UsageRecord | None) -> None:
         metrics = self.metrics
-        metrics.turns.labels(status=status).inc()
+        if status is not None:
+            metrics.turns.labels(status=status).inc()
         if record is None:
             return
         labels = {"provider": record.provider, "model": record.model}
@@ -462,7 +464,13 @@ class Answers:
             tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
         )
         if committed:
-            log.warning("took over an abandoned answer", extra={"reply_id": reply_id})
+            # Its own replica never counts it (stopped, or gave up the commit): SmartEduTurnsInterrupted would
+            # miss the answers a crashed replica leaves.
+            self.metrics.turns.labels(status="interrupted").inc()
+            log.warning(
+                "took over an abandoned answer",
+                extra={"tenant": tenant_id, "conversation_id": conversation_id, "reply_id": reply_id},
+            )
             # Its replica may be alive, only slow (a stalled event loop, a Redis hiccup): it stops generating
             # instead of streaming tokens after this `done` and spending the school's budget on them.
             await self.hub.store.publish_control(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ from ai.resilience import ResilientProvider
 from handlers import api, documents, health, lti, pages, sessions, teacher, ws
 from storage.errors import StorageError
 from storage.keys import Keys
-from storage.postgres import Database, connect_pool
+from storage.postgres import Database, connect_pool, probe_connector
 from storage.redis_store import RedisStore, connect_redis
 from storage.schema_check import pending_migrations
 
@@ -114,8 +115,8 @@ def create_app(
             database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max,
             connect_timeout=settings.db_connect_timeout_s,
         )
+        db = Database(pool, probe_connector(database_url, connect_timeout=settings.db_connect_timeout_s))
         try:
-            db = Database(pool)
             if settings.migrate_on_start:
                 await db.migrate()
             else:
@@ -125,6 +126,8 @@ def create_app(
             app[DATABASE] = db
             yield
         finally:
+            with contextlib.suppress(Exception):
+                await db.close_probe()
             await pool.close()
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

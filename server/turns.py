@@ -131,6 +131,12 @@ class Turn:
     prompt_estimate: int = 0  # the request's tokens, roughly: counted when the answer ends without usage
 
     @property
+    def log_context(self) -> dict[str, object]:
+        """Whose answer a log line is about (ids only, never text): a WARNING must say so by itself, as the
+        `hello` line that names the socket's tenant is not written below INFO."""
+        return {"tenant": self.tenant_id, "conversation_id": self.conversation_id, "reply_id": self.reply_id}
+
+    @property
     def course_key(self) -> tuple[str, str] | None:
         return (self.tenant_id, self.course_id) if self.course_id else None
 

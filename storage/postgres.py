@@ -246,6 +246,18 @@ async def connect_pool(
     raise RuntimeError("unreachable")
 
 
+ProbeConnect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
+def probe_connector(dsn: str, *, connect_timeout: float = 5.0) -> ProbeConnect:
+    """How `Database.ping` opens its own connection, outside the pool."""
+
+    async def connect() -> asyncpg.Connection:
+        return await asyncpg.connect(dsn, timeout=connect_timeout)
+
+    return connect
+
+
 # Committing questions: each question, its reply placeholder (none while a teacher has paused the AI) and up
 # to `history` messages before it (the statement's snapshot does not see its own inserts), as rows of
 # (n: the question's place in the batch, part: q / r / h, the message). The conversation row is only written
@@ -450,9 +462,12 @@ async def _lock_student_course(conn: PoolConnectionProxy, tenant_id: str, user_i
 class Database:
     """The product's queries over one asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool):
+    def __init__(self, pool: asyncpg.Pool, probe: ProbeConnect | None = None):
         self.pool = pool
         self._sql = _Statements(pool)
+        self._probe_connect = probe
+        self._probe: asyncpg.Connection | None = None
+        self._probe_lock = asyncio.Lock()
         self._questions: RoundTrips[_Question, SavedQuestion | None] = RoundTrips(
             self._save_questions, "question-commits", limit=COMMIT_BATCH
         )
@@ -464,8 +479,38 @@ class Database:
             return await apply_migrations(conn)
 
     async def ping(self) -> None:
-        """Raise if the database cannot answer (a stale pooled connection replaced first)."""
-        await self._sql.fetchval("SELECT 1")
+        """Raise if the database cannot answer. With a `probe`, on a connection of its own: the hellos of a
+        class that starts at once can hold every pooled connection for seconds while PostgreSQL answers, and
+        readiness must not fail on every replica at once for that."""
+        if self._probe_connect is None:
+            await self._sql.fetchval("SELECT 1")  # a stale pooled connection is replaced first
+            return
+        async with self._probe_lock:
+            reused = self._probe is not None and not self._probe.is_closed()
+            try:
+                await self._ping_probe()
+            except (OSError, asyncpg.InterfaceError, asyncpg.InternalClientError, asyncpg.PostgresError):
+                if not reused:
+                    raise
+                await self._ping_probe()  # a connection a database restart closed: once more, on a new one
+
+    async def _ping_probe(self) -> None:
+        assert self._probe_connect is not None
+        if self._probe is None or self._probe.is_closed():
+            self._probe = await self._probe_connect()
+        try:
+            await self._probe.fetchval("SELECT 1")
+        except BaseException:
+            self._probe.terminate()
+            self._probe = None
+            raise
+
+    async def close_probe(self) -> None:
+        """Close the connection `ping` keeps (the pool is closed by its owner)."""
+        async with self._probe_lock:
+            if self._probe is not None:
+                probe, self._probe = self._probe, None
+                await probe.close(timeout=2.0)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[PoolConnectionProxy]:

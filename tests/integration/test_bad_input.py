@@ -258,6 +258,7 @@ async def test_redis_failure_gives_explicit_error_and_no_row(server: Server, db:
         assert error["code"] == "internal" and error["retry_after"] == 1.0 and "ref" in error
         response = await server.client.get("/ready")
         assert response.status == 503 and (await response.json())["redis"].startswith("unavailable")
+        assert (await server.client.get("/health")).status == 200  # liveness does not ask Redis
     finally:
         store.client = healthy
         for script in (store._emit, store._snapshot, store._admit):
@@ -266,6 +267,7 @@ async def test_redis_failure_gives_explicit_error_and_no_row(server: Server, db:
             setattr(store, name, conn)
         await broken.aclose()
     assert await db.fetchval("SELECT count(*) FROM messages") == 0
+    assert (await server.client.get("/ready")).status == 200
     await sock.send(type="message", id="r1", text="hello?")
     assert (await sock.expect("ack"))["id"] == "r1"
 

@@ -217,6 +217,10 @@ async def test_an_answer_whose_commit_gives_up_is_ended_by_the_takeover_once_pos
     server = await _serve(serve, proxy, offline_tokens_per_s=25.0, offline_reply_words=12)
     sock = await server.connect({"token": token()})
     await _answer_across_a_restart(sock, proxy, db, "interrupted")
+    # Counted once, as stored: by the takeover (the replica that gave the commit up counts nothing).
+    registry = server.client.app[METRICS].registry
+    assert registry.get_sample_value("smartedu_turns_total", {"status": "interrupted"}) == 1
+    assert registry.get_sample_value("smartedu_turns_total", {"status": "complete"}) is None
     done, _ = await _turn(sock, "q2")
     assert done["status"] == "complete"
 
@@ -236,6 +240,8 @@ async def test_while_postgres_refuses_connections_requests_fail_fast_and_readine
     assert (await hello.expect("error"))["code"] == "internal"
     status, body = await _ready(server)
     assert (status, body["postgres"], body["redis"]) == (503, "unavailable: ConnectionRefusedError", "ok")
+    # Liveness does not ask PostgreSQL: an outage must not make Kubernetes restart every replica at once.
+    assert (await server.client.get("/health")).status == 200
     response = await server.client.get("/api/conversations", headers={"Authorization": f"Bearer {token()}"})
     assert response.status == 500 and (await response.json())["error"]["code"] == "internal"
     assert time.monotonic() - started < 3.0

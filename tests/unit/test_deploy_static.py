@@ -1143,6 +1143,8 @@ def test_alerts_cover_the_runbook_and_use_known_metrics() -> None:
         "SmartEduReplicaRestarting",
         "SmartEduReplicaDown",
         "SmartEduConnectionsDropped",
+        "SmartEduAnswerCommitsRetried",
+        "SmartEduHellosBusy",
     ):
         assert name in rules, name
     for name, rule in rules.items():
@@ -1204,6 +1206,14 @@ def test_alerts_fire_as_intended(tmp_path: Path) -> None:
                     series("smartedu_ai_errors_total", "0 0 0 1+20x9", kind="auth", replica="app1"),
                     series("smartedu_ai_errors_total", "0+5x12", kind="rate_limited", replica="app1"),
                     series("smartedu_ai_errors_total", "0+1x12", kind="invalid_request", replica="app1"),
+                    # app1's commits are retried from minute 2 on; app2 rode through one restart at minute 1.
+                    series("smartedu_answer_commit_retries_total", "0 0 0+4x10", replica="app1"),
+                    series("smartedu_answer_commit_retries_total", "0 3x11", replica="app2"),
+                    # A quarter of app1's hellos are busy from minute 1; app2's class start, 2 minutes of it.
+                    series("smartedu_hellos_total", "0+30x12", outcome="ok", replica="app1"),
+                    series("smartedu_hellos_total", "0+10x12", outcome="busy", replica="app1"),
+                    series("smartedu_hellos_total", "0+30x12", outcome="ok", replica="app2"),
+                    series("smartedu_hellos_total", "0 50 100 100x9", outcome="busy", replica="app2"),
                 ],
                 "alert_rule_test": [
                     expect("SmartEduPostgresDown", {"replica": "app1"}) | {"eval_time": "8m"},
@@ -1216,6 +1226,10 @@ def test_alerts_fire_as_intended(tmp_path: Path) -> None:
                     | {"eval_time": "8m"},
                     # 1% failures stays below the 5% threshold.
                     expect("SmartEduTurnFailureRateHigh") | {"eval_time": "11m"},
+                    expect("SmartEduAnswerCommitsRetried") | {"eval_time": "6m"},
+                    expect("SmartEduAnswerCommitsRetried", {"replica": "app1"}) | {"eval_time": "8m"},
+                    expect("SmartEduHellosBusy") | {"eval_time": "10m"},
+                    expect("SmartEduHellosBusy", {"replica": "app1"}) | {"eval_time": "12m"},
                 ],
             }
         ],
@@ -1282,6 +1296,9 @@ def test_grafana_dashboard_queries_use_known_metrics() -> None:
         "smartedu_ai_ttft_seconds_bucket",
         "smartedu_tokens_streamed_total",
         "smartedu_ai_errors_total",
+        'smartedu_hellos_total{replica=~"$replica"}',  # `busy` hellos: a pool too small for a class start
+        "smartedu_answer_commit_retries_total",
+        "smartedu_slow_sockets_closed_total",
         "by (replica)",
         "histogram_quantile(0.95",
     ):
