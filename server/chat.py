@@ -447,7 +447,7 @@ class ChatService:
         await asyncio.wait(answers)
         try:
             await self.hub.store.forget_conversations(conversation_ids)
-        except Exception as exc:  # the logs expire SMARTEDU_STREAM_TTL_S after their last frame
+        except Exception as exc:  # the logs expire an hour after their last frame
             log.warning("could not delete an erased user's stream logs", extra={"error": repr(exc)})
 
     def _own(self, work: Coroutine[Any, Any, None]) -> None:

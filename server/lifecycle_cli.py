@@ -404,7 +404,7 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
     print(f"{'dry run: ' if args.dry_run else ''}{verb} {describe(total)} in {_plural(len(rules), 'tenant')}")
     if not purged:
         return 0
-    # A log expires SMARTEDU_STREAM_TTL_S after its conversation's last frame: only a retention shorter than
+    # A log expires an hour (settings.stream_ttl_s) after its conversation's last frame: only a retention shorter than
     # that can purge a conversation whose log is still there. Otherwise Redis is cleaned all the same, but
     # failing to changes nothing, and does not fail the (daily) command.
     logs_left = any(rule.cutoff > now - timedelta(seconds=settings.stream_ttl_s) for rule in rules)
@@ -412,8 +412,8 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
         if logs_left:
             _redis_not_cleaned(
                 "purge",
-                "the purged conversations' stream logs stay there until SMARTEDU_STREAM_TTL_S "
-                f"({settings.stream_ttl_s} s) after their last frame, longer than this retention",
+                "the purged conversations' stream logs stay there until they expire, "
+                f"{settings.stream_ttl_s} s after their last frame, longer than this retention",
             )
         return 0
     cleaned = await _clean_redis("purge", settings, lambda store: store.forget_conversations(purged))
@@ -481,8 +481,8 @@ def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
     if settings.redis_url is None:
         _redis_not_cleaned(
             "delete-user",
-            "their questions and answers of the last SMARTEDU_STREAM_TTL_S "
-            f"({settings.stream_ttl_s} s) stay in the stream logs until they expire, their name in the presence "
+            "their questions and answers of the last "
+            f"{settings.stream_ttl_s} s stay in the stream logs until they expire, their name in the presence "
             "lists of their courses until those are next read or idle, and their open sockets stay open (until "
             "their token expires), answers being generated for them go on",
         )
