@@ -1153,14 +1153,9 @@
       return;
     }
     if (code === 'internal' && !this.ready && !ref) {
-      // The hello failed on a dependency (the database restarting): the socket still waits for a hello,
-      // so say it again after retry_after (jittered, so a class does not come back in lockstep) instead
-      // of waiting for the server's hello deadline to close the socket.
-      var connection = this.transport.connections;
-      var again = seconds(f.retry_after, 1) * (1 + Math.random()) * 1000;
-      setTimeout(function () {
-        if (!self.ready && self.transport.connections === connection && self.transport.ws) self.sendHello();
-      }, again);
+      // The hello failed on a dependency (the database restarting): said again on this socket instead of
+      // waiting for the server's hello deadline to close it.
+      this.transport.helloAgain(seconds(f.retry_after, 1), function () { self.sendHello(); });
       view.setStatus('connecting');
       return;
     }

@@ -217,6 +217,17 @@
     return first;
   };
 
+  // A hello the server could not serve (a dependency failed, e.g. the database restarting; the socket
+  // still waits for one): `send` it again on this same connection after `seconds`, jittered so that a class
+  // does not come back in lockstep, unless the socket was welcomed or replaced meanwhile.
+  Socket.prototype.helloAgain = function (seconds, send) {
+    var self = this;
+    var connection = this.connections;
+    setTimeout(function () {
+      if (!self.welcomed && self.connections === connection && self.ws) send();
+    }, Math.min(Math.max(seconds, 0.2), 30) * (1 + Math.random()) * 1000);
+  };
+
   Socket.prototype.welcome = function () {
     this.welcomed = true;
     this.attempt = 0;

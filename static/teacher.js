@@ -608,16 +608,6 @@
     return null;
   };
 
-  Dashboard.prototype.helloAgain = function (seconds) {
-    var self = this;
-    var connection = this.connection.connections;
-    setTimeout(function () {
-      if (!self.ready && self.connection.connections === connection && self.connection.ws) {
-        self.connection.send({ type: 'hello', token: self.token });
-      }
-    }, Math.min(Math.max(seconds, 0.2), 30) * (1 + Math.random()) * 1000);
-  };
-
   Dashboard.prototype.onError = function (f) {
     var ref = typeof f.ref === 'string' ? f.ref : null;
     // An error about a teacher's frame has `ref` (the course of a watch, the client id of an
@@ -627,7 +617,12 @@
       // The hello itself failed: `busy` (the socket is closed next, and reconnects after its backoff) or
       // a dependency (the database restarting; the socket still waits for a hello, said again after
       // retry_after, jittered).
-      if (f.code === 'internal') this.helloAgain(typeof f.retry_after === 'number' ? f.retry_after : 1);
+      if (f.code === 'internal') {
+        var self = this;
+        this.connection.helloAgain(typeof f.retry_after === 'number' ? f.retry_after : 1, function () {
+          self.connection.send({ type: 'hello', token: self.token });
+        });
+      }
       this.notice('connect', f.code === 'busy' ? 'The server is busy. Connecting again in a moment\u2026'
         : 'The server could not sign you in yet. Trying again\u2026', 'warn');
       return;
