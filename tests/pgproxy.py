@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class PostgresProxy:
@@ -13,7 +13,12 @@ class PostgresProxy:
 
     def __init__(self, database_url: str):
         parts = urlsplit(database_url)
-        self._url = parts
+        query = parse_qsl(parts.query)
+        socket_dir = next((value for name, value in query if name == "host" and value.startswith("/")), None)
+        # The proxy's URL names the proxy alone: no `host` in the query (it would win over the netloc).
+        self._url = parts._replace(query=urlencode([(name, value) for name, value in query if name != "host"]))
+        # The embedded PostgreSQL (what `make test` runs on a machine without one) listens on a Unix socket.
+        self._socket = f"{socket_dir}/.s.PGSQL.{parts.port or 5432}" if socket_dir else None
         self._target = (parts.hostname or "127.0.0.1", parts.port or 5432)
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.StreamWriter] = set()
@@ -41,7 +46,10 @@ class PostgresProxy:
             if self.hold_new:
                 await reader.read()  # until the client gives up (or `drop`)
                 return
-            up_reader, up_writer = await asyncio.open_connection(*self._target)
+            if self._socket is not None:
+                up_reader, up_writer = await asyncio.open_unix_connection(self._socket)
+            else:
+                up_reader, up_writer = await asyncio.open_connection(*self._target)
             self._links.add(up_writer)
             await asyncio.gather(
                 _pipe(reader, up_writer, 0.0, self._lost_request), _pipe(up_reader, writer, self.linger_s, self._lost)
