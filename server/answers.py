@@ -189,7 +189,7 @@ class Answers:
                 request = await self._build_request(turn, course) if turn.stop_reason is None else None
             # Checked again after the await: a cancel may have arrived while the history loaded.
             if request is not None and turn.stop_reason is None:
-                turn.prompt_estimate = estimate_prompt_tokens(request)
+                turn.request = request
                 with self.tracer.span("ai", provider=self.provider.name, model=self.provider.model):
                     turn.stream_task = asyncio.create_task(stream_answer(self.provider, request, turn, batcher))
                     usage = await turn.stream_task
@@ -308,10 +308,13 @@ class Answers:
         if turn.started:
             # An answer that failed or was stopped after some text has no Usage, but the provider bills what
             # it read and wrote: estimated, so that the budgets count it.
+            prompt_tokens = usage.prompt_tokens if usage else 0
+            if usage is None and turn.request is not None and turn.parts:  # estimated only when needed
+                prompt_tokens = estimate_prompt_tokens(turn.request)
             record = UsageRecord(
                 provider=self.provider.name,
                 model=self.provider.model,
-                prompt_tokens=usage.prompt_tokens if usage else turn.prompt_estimate if turn.parts else 0,
+                prompt_tokens=prompt_tokens,
                 output_tokens=usage.output_tokens if usage else estimate_tokens(turn.text),
                 ttft_ms=(turn.first_token_at - turn.started) * 1000 if turn.first_token_at else None,
                 duration_ms=(now - turn.started) * 1000,

@@ -404,8 +404,8 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
     print(f"{'dry run: ' if args.dry_run else ''}{verb} {describe(total)} in {_plural(len(rules), 'tenant')}")
     if not purged:
         return 0
-    # A log expires an hour (settings.stream_ttl_s) after its conversation's last frame: only a retention shorter than
-    # that can purge a conversation whose log is still there. Otherwise Redis is cleaned all the same, but
+    # A log expires an hour (settings.stream_ttl_s) after its conversation's last frame: only a retention
+    # shorter than that can purge a conversation whose log is still there. Otherwise Redis is cleaned all the same, but
     # failing to changes nothing, and does not fail the (daily) command.
     logs_left = any(rule.cutoff > now - timedelta(seconds=settings.stream_ttl_s) for rule in rules)
     if settings.redis_url is None:

@@ -128,7 +128,7 @@ class Turn:
     question_seq: int = 0  # the seq of the question's ack, stored with the answer
     leased: bool = False  # whether this answer's lease is (believed to be) held in Redis
     history: list[PastMessage] | None = None  # read with the question; None: read when the answer starts
-    prompt_estimate: int = 0  # the request's tokens, roughly: counted when the answer ends without usage
+    request: AIRequest | None = None  # what the provider was sent: estimated if the answer ends without usage
 
     @property
     def log_context(self) -> dict[str, object]:
