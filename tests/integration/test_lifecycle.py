@@ -482,12 +482,17 @@ async def test_delete_user_wins_over_an_answer_committed_at_the_same_moment(
     # row's foreign keys) the user's; delete-user starts in between.
     answer = await asyncpg.connect(settings.database_url)
     try:
+        # The deadlock is found by whichever side has waited deadlock_timeout first; on a loaded machine that
+        # could be the answer. delete-user is the side meant to lose (and to retry), so the answer waits longer.
+        await answer.execute("SET deadlock_timeout = '30s'")
         async with answer.transaction():
             await answer.execute("UPDATE messages SET text = 'an answer', status = 'complete' WHERE id = $1", reply)
+            answer_pid = await answer.fetchval("SELECT pg_backend_pid()")
             deleting = asyncio.create_task(
                 _cli(settings, "delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes")
             )
-            await asyncio.sleep(0.5)  # delete-user holds the user's row and waits for the answer's
+            # delete-user holds the user's row and waits for the answer's.
+            await _blocked_by(db, answer_pid, deleting)
             await answer.execute(
                 "INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model, status)"
                 " VALUES ('school-a', $1, $2, $3, 'offline', 'tutor', 'complete')",
@@ -499,6 +504,15 @@ async def test_delete_user_wins_over_an_answer_committed_at_the_same_moment(
     assert "deleted user 'stu-1' of tenant 'school-a'" in capsys.readouterr().out
     for table in ("users", "conversations", "messages", "ai_usage", "message_flags"):
         assert await _ids(db, table) == set(), table
+
+
+async def _blocked_by(db: asyncpg.Connection, pid: int, running: asyncio.Task[int]) -> None:
+    """Wait until some backend waits for a lock that backend `pid` holds (or `running` ended without waiting)."""
+    async with asyncio.timeout(30):
+        while not running.done():
+            if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid):
+                return
+            await asyncio.sleep(0.02)
 
 
 def _smartedu() -> list[str]:

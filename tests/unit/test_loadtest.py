@@ -131,7 +131,9 @@ async def test_counts_turns_and_errors_by_code(start_server: StartServer, tmp_pa
     assert phase["done_status"] == {"complete": counts.answers_done}
     # Phases split the run; their counts add up to the whole.
     ramp, steady = results["phases"]["ramp-up"], results["phases"]["steady"]
-    assert ramp["counters"]["turns_attempted"] + steady["counters"]["turns_attempted"] == counts.messages
+    # (Counters are sparse: a ramp-up that asked nothing, as on a loaded machine, has no turns_attempted.)
+    attempted = [phase["counters"].get("turns_attempted", 0) for phase in (ramp, steady)]
+    assert sum(attempted) == counts.messages
     # Rates are over the load window (ramp-up + steady), not diluted by the drain.
     answers = sum(results["phases"][name]["counters"].get("answers", 0) for name in ("ramp-up", "steady"))
     assert phase["rates_per_s"]["turns"] == pytest.approx(answers / steady["window_s"][1], rel=1e-3)
