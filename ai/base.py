@@ -69,7 +69,8 @@ Cause = Literal["transient", "config", "refused", "request"]
 
 class AIError(Exception):
     """The provider failed; `retryable` says whether this call may be tried again at once, `retry_after`
-    how long to wait, `cause` whether anyone asking again could ever succeed (see `Cause`)."""
+    how long to wait, `cause` whether anyone asking again could ever succeed (see `Cause`), `usage` what
+    the provider reported for an answer that ended abnormally after some text (None when it never said)."""
 
     def __init__(
         self,
@@ -79,12 +80,14 @@ class AIError(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
         cause: Cause = "transient",
+        usage: Usage | None = None,
     ):
         super().__init__(message)
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
         self.cause = cause
+        self.usage = usage
 
 
 class Provider(Protocol):

@@ -25,14 +25,22 @@ from .resilience import (
     map_transport_error,
     not_an_event_stream,
     parse_retry_after,
+    unfinished_answer_error,
 )
 
 log = logging.getLogger("smartedu.ai.gemini")
 
 DEFAULT_MODEL = "gemini-2.5-flash"
 
-# Finish reasons that mean a filter stopped the answer: the partial text must not be shown.
-BLOCKING_FINISH_REASONS = frozenset({"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
+# Finish reasons that mean a filter stopped the answer: no more of its text is shown (and the answer is kept
+# out of the model's later context).
+BLOCKING_FINISH_REASONS = frozenset(
+    {"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "ESCALATION"}
+)
+# An answer's own end, or the output limit's (kept as a cut answer). Any other finish reason after some text
+# (OTHER, RECITATION, MALFORMED_FUNCTION_CALL, ...) means the text is not the whole answer.
+FINISHED = frozenset({"STOP"})
+CUT = frozenset({"MAX_TOKENS", "CONTINUATION"})
 
 # The responses opened by the stream currently pulling from the SDK, so that its `finally` can close them:
 # google-genai keeps the aiohttp response inside async generators that closing its iterator does not finalize.
@@ -303,6 +311,10 @@ class GeminiProvider:
                     # Gemini ends every answer with a finish reason: a body that ends without one was cut
                     # (a proxy or load balancer closing it cleanly), and its text is not the whole answer.
                     raise AIError("connection", "gemini: stream ended before the answer did", retryable=True)
+                if output_chars and not blocked and finish not in FINISHED | CUT:
+                    # Text was shown, but the model did not finish it (an answer without any is an empty one).
+                    final = self._usage(request, usage, finish, blocked, output_chars)
+                    raise unfinished_answer_error(self.name, final.finish_reason, final)
             except Exception as error:
                 mapped = _map_error(error)
                 log.warning(
@@ -367,7 +379,7 @@ class GeminiProvider:
         if blocked:
             return Usage(prompt_tokens, output_tokens, finish_reason="SAFETY", blocked=True)
         reason = "stop" if finish in (None, "STOP") else finish.lower()
-        return Usage(prompt_tokens, output_tokens, finish_reason=reason, truncated=finish == "MAX_TOKENS")
+        return Usage(prompt_tokens, output_tokens, finish_reason=reason, truncated=finish in CUT)
 
     async def close(self) -> None:
         """Close the genai client and the aiohttp session behind it."""

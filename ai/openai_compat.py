@@ -21,11 +21,16 @@ from .resilience import (
     map_transport_error,
     not_an_event_stream,
     parse_retry_after,
+    unfinished_answer_error,
 )
 
 log = logging.getLogger("smartedu.ai.openai")
 
 _BLOCKING_FINISH = frozenset({"content_filter"})
+# An answer's own end (OpenAI's `stop`, and the names other servers give it) or the output limit's (`length`,
+# kept as a cut answer). Any other finish reason after some text (`tool_calls` or `function_call` from a model
+# given no tools, vLLM's `abort`, ...) means the text is not the whole answer.
+_FINISHED = frozenset({"stop", "eos", "eos_token", "stop_sequence", "length"})
 _ERROR_BODY_LIMIT = 4096
 # A 200 that is no answer (text/event-stream is expected; a missing type is let through): a page, or one
 # JSON completion from a server that ignores `stream: true`.
@@ -275,19 +280,26 @@ class OpenAICompatProvider:
                 elif response.content_type in _NOT_EVENT_STREAMS:
                     raise await self._not_an_event_stream(response)
                 decoder = SSEDecoder()
+                shown = False
                 while not progress.done:
                     line = await response.content.readline()
                     data = decoder.feed(line) if line else decoder.flush()
                     if data is not None:
                         text = self._absorb(data, progress, at_end=not line)
                         if text:
+                            shown = True
                             yield text
                     if not line and not progress.done:
                         if progress.finish is None:
                             raise AIError("connection", "openai: stream ended before the answer did", retryable=True)
                         progress.done = True  # a server that ends the body after the last choice, without [DONE]
                 if tail := progress.thoughts.flush():
+                    shown = True
                     yield tail
+                finish = None if progress.finish is None else str(progress.finish)
+                if shown and finish is not None and finish not in _FINISHED | _BLOCKING_FINISH:
+                    # Text was shown, but the model did not finish it (an answer without any is an empty one).
+                    raise unfinished_answer_error(self.name, finish, self._usage(request, progress))
             except AIError:
                 raise
             except Exception as error:

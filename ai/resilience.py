@@ -15,7 +15,7 @@ from typing import Any, Final, Literal
 import aiohttp
 import attr
 
-from .base import AIError, AIRequest, Provider, StreamItem, Usage
+from .base import AIError, AIRequest, Cause, Provider, StreamItem, Usage
 
 log = logging.getLogger("smartedu.ai.resilience")
 
@@ -121,16 +121,36 @@ def map_transport_error(error: BaseException, provider: str) -> AIError:
     return AIError("bad_response", f"{provider}: unexpected failure ({name})")
 
 
+# Finish reasons (lower-case) after which the same request would end the same way again: the model's own
+# verdict on the question (it would recite a source, the language is not supported) or the output limit, not
+# a hiccup of one generation.
+SAME_AGAIN_FINISH_REASONS = frozenset({"max_tokens", "length", "continuation", "recitation", "image_recitation",
+                                       "language"})
+
+
 def empty_answer_error(provider: str, finish_reason: str) -> AIError:
     """A stream that ended with no text and no block: an error, never a blank answer shown as complete.
 
-    Gemini now and then ends a stream normally with empty candidates; trying again may well answer. An end
-    for another reason (max_tokens spent on thinking, recitation, language) would end the same way again.
+    Gemini now and then ends a stream normally with empty candidates; trying again may well answer, as after
+    `other` or a stray tool call. An end for a reason in SAME_AGAIN_FINISH_REASONS (max_tokens spent on
+    thinking, recitation, language) would end the same way again.
     """
     message = f"{provider}: the answer was empty (finish reason {finish_reason})"
-    if finish_reason in ("stop", "other"):
-        return AIError("empty_answer", message, retryable=True)
-    return AIError("empty_answer", message, cause="refused")
+    if finish_reason in SAME_AGAIN_FINISH_REASONS:
+        return AIError("empty_answer", message, cause="refused")
+    return AIError("empty_answer", message, retryable=True)
+
+
+def unfinished_answer_error(provider: str, finish_reason: str, usage: Usage) -> AIError:
+    """A stream that ended after some text for a reason other than its natural end, the output limit or a
+    safety block (Gemini's OTHER, RECITATION, a stray tool call...): the text is not the whole answer.
+
+    Never retried by the wrapper (text was shown) and no sign of an outage (the upstream answered), so not
+    `retryable`; the cause tells the student whether asking again can help.
+    """
+    message = f"{provider}: the answer ended early (finish reason {finish_reason})"
+    cause: Cause = "refused" if finish_reason in SAME_AGAIN_FINISH_REASONS else "transient"
+    return AIError("unfinished_answer", message, cause=cause, usage=usage)
 
 
 # --- the policy, the breaker and the wrapper ---

@@ -204,6 +204,8 @@ class Answers:
                 await asyncio.wait([turn.stream_task])
             status = "interrupted" if cancelled else _final(turn.stop_reason or "stopped")
         except AIError as exc:
+            # An answer the model ended early after some text carries the provider's usage (thoughts included).
+            usage = exc.usage
             failure, status = ai_failure(exc, str(turn.reply_id)), "failed"
             self.metrics.ai_errors.labels(kind=exc.kind).inc()
             log.warning("ai provider failed", extra={"kind": exc.kind, **turn.log_context})
@@ -233,11 +235,18 @@ class Answers:
             recent = await self.db.recent_messages(
                 turn.tenant_id, turn.conversation_id, self.settings.history_messages + 1, before=turn.reply_id
             )
-        # The question goes last, separately; unfinished answers are left out of the context.
+        # The question goes last, separately; unfinished answers are left out of the context, and so are
+        # blocked ones with their questions: the model must not read the text a filter stopped, and Gemini
+        # judges a prompt as a whole, so a blocked question kept in it would block every later one.
+        blocked = {m.reply_to for m in recent if m.blocked}
         history = tuple(
             HistoryTurn(m.role, _unlabelled(m.text) if m.role == "user" else m.text)
             for m in recent
-            if m.id != turn.question_id and m.text and (m.role != "assistant" or m.status == "complete")
+            if m.id != turn.question_id
+            and m.text
+            and not m.blocked
+            and m.id not in blocked
+            and (m.role != "assistant" or m.status == "complete")
         )[-self.settings.history_messages :]
         context = None
         if course is not None:
@@ -326,9 +335,11 @@ class Answers:
         # next seq after every one seen here (exactly the done's unless another frame comes in between).
         done_seq = max(turn.seq_floor, self.hub.last_seq(turn.conversation_id)) + 1
         truncated = usage is not None and usage.truncated and status == "complete"
+        blocked = usage is not None and usage.blocked and status == "complete"
         try:
             committed = await self._commit(
-                turn, status, done_seq, record, truncated, (error.code.value, bool(error.retryable)) if error else None
+                turn, status, done_seq, record, truncated, (error.code.value, bool(error.retryable)) if error else None,
+                blocked,
             )
         except BaseException:
             await self.budgets.settle(reservation, *used)
@@ -345,7 +356,7 @@ class Answers:
         await self._emit_done(
             turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, done_seq - 1,
             release=_lease_member(turn), adjust=self.budgets.adjustment(reservation, *used),
-            truncated=truncated, error=error,
+            truncated=truncated, error=error, blocked=blocked,
         )
         turn.leased = False
         if error is not None:
@@ -359,6 +370,7 @@ class Answers:
         record: UsageRecord | None,
         truncated: bool,
         error: tuple[str, bool] | None,
+        blocked: bool = False,
     ) -> bool:
         """`finish_reply`, tried again while PostgreSQL restarts or fails over (for up to COMMIT_RETRY_S):
         the answer stays this replica's (its lease renewed) and gets its `done` once the database is back.
@@ -370,7 +382,7 @@ class Answers:
                 return await self.db.finish_reply(
                     turn.tenant_id, turn.user_id, turn.conversation_id, turn.reply_id, turn.text, status, seq,
                     record, question=(turn.question_id, turn.question_seq) if turn.question_seq else None,
-                    truncated=truncated, error=error, again=attempt > 0,
+                    truncated=truncated, error=error, blocked=blocked, again=attempt > 0,
                 )
             except UNAVAILABLE_ERRORS as exc:
                 if self._closing or time.monotonic() + delay > deadline:
@@ -409,6 +421,7 @@ class Answers:
         adjust: TokenAdjustment | None = None,
         truncated: bool = False,
         error: ChatError | None = None,
+        blocked: bool = False,
     ) -> None:
         done: dict[str, object] = {
             "type": "done",
@@ -417,6 +430,7 @@ class Answers:
             "status": status,
             "length": length,
             "truncated": truncated,
+            "blocked": blocked,
             "usage": {
                 "prompt_tokens": record.prompt_tokens if record else 0,
                 "output_tokens": record.output_tokens if record else 0,

@@ -24,7 +24,7 @@ from storage.roundtrips import RoundTrips
 from .answers import LEASE_TTL_MS, Answers, course_key, lease_member
 from .auth import Claims
 from .budgets import Budgets, Reservation
-from .errors import ChatError, CloseCode, bad_request, forbidden, not_found, restarting
+from .errors import ChatError, CloseCode, bad_request, forbidden, not_found, regenerate_refused, restarting
 from .hub import Hub, Peer
 from .metrics import Metrics
 from .protocol import HistoryRequest, SendMessage, encode
@@ -458,7 +458,8 @@ class ChatService:
 
     async def regenerate(self, session: Session, reply_id: int) -> None:
         """Answer a question again after its newest answer ended as interrupted, failed or stopped: admitted
-        like a message (rate limit, budgets), and not while a teacher has paused the AI."""
+        like a message (rate limit, budgets), and not while a teacher has paused the AI, nor when the answer
+        ended for good (blocked, declined, rejected: `regenerate_refused`)."""
         claims, ref = session.claims, str(reply_id)
         if self._closing:
             raise restarting("the server is restarting", ref)
@@ -470,6 +471,8 @@ class ChatService:
         except ChatError as exc:
             exc.ref = ref
             raise
+        if refused := regenerate_refused(message.blocked, message.error_code, ref):
+            raise refused
         if message.status in ("streaming", "complete"):
             raise bad_request("only an interrupted, failed or stopped answer can be regenerated", ref)
         # Read again: the paused flag (and the seq floor) may have changed since the socket joined.

@@ -105,6 +105,21 @@ def ai_failure(error: AIError, ref: str | None = None) -> ChatError:
     return ChatError(ErrorCode.AI_UNAVAILABLE, message, ref, retry_after=error.retry_after, retryable=True)
 
 
+# What a regenerate of an answer that ended for good is told: the answer's own code (a safety-blocked answer is
+# declined), since asking the same again would end the same way.
+_ENDED_FOR_GOOD = {
+    ErrorCode.AI_DECLINED: "the tutor can't answer that question; asking it again would end the same way",
+    ErrorCode.AI_REJECTED: "the tutor could not process this conversation; asking again would end the same way",
+}
+
+
+def regenerate_refused(blocked: bool, error_code: str | None, ref: str) -> ChatError | None:
+    """Why an answer may not be regenerated though it ended (None: it may): a safety filter blocked it, or
+    the provider declined its question or rejected its conversation. Nothing is asked of the provider."""
+    code = ErrorCode.AI_DECLINED if blocked else next((c for c in _ENDED_FOR_GOOD if c.value == error_code), None)
+    return None if code is None else ChatError(code, _ENDED_FOR_GOOD[code], ref, retryable=False)
+
+
 def answer_failed(ref: str | None = None) -> ChatError:
     """An answer that failed otherwise than at the AI provider (its context could not be read): asking again
     can help."""

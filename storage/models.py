@@ -67,6 +67,7 @@ class Message:
     truncated: bool = False  # a complete answer the output limit cut short
     error_code: str | None = None  # a failed answer: the error its student was sent (None: not an AI failure)
     retryable: bool | None = None  # ... and whether asking again can help
+    blocked: bool = False  # a complete answer a safety filter stopped (kept out of the model's context)
 
     def to_wire(self) -> dict[str, object]:
         """The protocol's history item: what `done` (and the `error` after it) said of an answer."""
@@ -79,6 +80,8 @@ class Message:
         }
         if self.truncated:
             item["truncated"] = True
+        if self.blocked:
+            item["blocked"] = True
         if self.error_code is not None:
             item["error"] = self.error_code
             item["retryable"] = bool(self.retryable)
@@ -92,6 +95,8 @@ class PastMessage(NamedTuple):
     role: MessageRole
     text: str
     status: MessageStatus
+    reply_to: int | None  # an answer's question
+    blocked: bool  # an answer a safety filter stopped: it and its question stay out of the context
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,9 +49,11 @@ R = TypeVar("R")
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id::text AS conversation_id, role, text, status, client_id, reply_to, seq, created_at,"
-    " prompt_tokens, output_tokens, truncated, error_code, retryable"
+    " prompt_tokens, output_tokens, truncated, error_code, retryable, blocked"
 )
-_HISTORY_COLUMNS = "h.id, NULL, h.role, h.text, h.status, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL"
+_HISTORY_COLUMNS = (
+    "h.id, NULL, h.role, h.text, h.status, NULL, h.reply_to, NULL, NULL, NULL, NULL, NULL, NULL, NULL, h.blocked"
+)
 _CONVERSATION_COLUMNS = (
     "id::text AS id, tenant_id, user_id::text AS user_id, course_id, title, last_seq, created_at, updated_at,"
     " ai_paused"
@@ -98,9 +100,10 @@ class _Reply:
     question: tuple[int, int]  # (id, seq of its ack); (0, 0): nothing to store
     truncated: bool = False
     error: tuple[str, bool] | None = None  # a failed answer's (error code, retryable)
+    blocked: bool = False  # a complete answer a safety filter stopped
 
     def params(self) -> tuple[Any, ...]:
-        """The statements' parameters, in order ($1..$19); the passages as an array literal (a batch
+        """The statements' parameters, in order ($1..$20); the passages as an array literal (a batch
         cannot pass arrays of arrays of different lengths)."""
         u = self.usage
         return (
@@ -109,7 +112,7 @@ class _Reply:
             u.provider if u else None, u.model if u else None, u.ttft_ms if u else None,
             u.duration_ms if u else None, "{" + ",".join(map(str, u.passage_ids)) + "}" if u else "{}",
             self.question[0], self.question[1], self.truncated,
-            self.error[0] if self.error else None, self.error[1] if self.error else None,
+            self.error[0] if self.error else None, self.error[1] if self.error else None, self.blocked,
         )
 
 
@@ -296,7 +299,7 @@ _SAVE_ONE = (
     "  INSERT INTO messages (tenant_id, conversation_id, role, status, reply_to)"
     "  SELECT $1, $2, 'assistant', 'streaming', q.id FROM q, c WHERE NOT c.ai_paused"
     f"  RETURNING {_MESSAGE_COLUMNS}),"
-    " h AS (SELECT id, role, text, status FROM messages WHERE conversation_id = $2"
+    " h AS (SELECT id, role, text, status, reply_to, blocked FROM messages WHERE conversation_id = $2"
     "  AND EXISTS (SELECT 1 FROM r) ORDER BY id DESC LIMIT $6)"
     " SELECT 1 AS n, 'q' AS part, * FROM q UNION ALL SELECT 1, 'r', * FROM r"
     f" UNION ALL SELECT 1, 'h', {_HISTORY_COLUMNS} FROM h"
@@ -331,7 +334,7 @@ _SAVE_MANY = (
     " SELECT i.n, 'q' AS part, q.* FROM q JOIN i ON q.conversation_id = i.conversation_id::text"
     " UNION ALL SELECT c.n, 'r', r.* FROM r JOIN c ON r.conversation_id = c.conversation_id::text"
     f" UNION ALL SELECT c.n, 'h', {_HISTORY_COLUMNS} FROM c CROSS JOIN LATERAL ("
-    "  SELECT id, role, text, status FROM messages m WHERE m.conversation_id = c.conversation_id"
+    "  SELECT id, role, text, status, reply_to, blocked FROM messages m WHERE m.conversation_id = c.conversation_id"
     "  ORDER BY m.id DESC LIMIT c.history) h WHERE NOT c.ai_paused"
 )
 
@@ -341,7 +344,7 @@ _SAVE_MANY = (
 _FINISH_ONE = (
     "WITH m AS ("
     "  UPDATE messages SET text = $4, status = $5, seq = $6, prompt_tokens = $7, output_tokens = $8,"
-    "  truncated = $17, error_code = $18, retryable = $19, updated_at = clock_timestamp()"
+    "  truncated = $17, error_code = $18, retryable = $19, blocked = $20, updated_at = clock_timestamp()"
     "  WHERE id = $1 AND conversation_id = $2 AND tenant_id = $3 AND status = 'streaming' RETURNING id),"
     " u AS ("
     "  INSERT INTO ai_usage (tenant_id, user_id, conversation_id, message_id, provider, model,"
@@ -360,14 +363,14 @@ _FINISH_MANY = (
     "WITH i AS ("
     "  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bigint[],"
     "  $7::int[], $8::int[], $9::uuid[], $10::text[], $11::text[], $12::float8[], $13::float8[],"
-    "  $14::text[], $15::bigint[], $16::bigint[], $17::bool[], $18::text[], $19::bool[])"
+    "  $14::text[], $15::bigint[], $16::bigint[], $17::bool[], $18::text[], $19::bool[], $20::bool[])"
     "  AS i(reply_id, conversation_id, tenant_id, text, status, seq, prompt_tokens, output_tokens,"
     "  user_id, provider, model, ttft_ms, duration_ms, passage_ids, question_id, question_seq,"
-    "  truncated, error_code, retryable)),"
+    "  truncated, error_code, retryable, blocked)),"
     " m AS ("
     "  UPDATE messages m SET text = i.text, status = i.status, seq = i.seq, prompt_tokens = i.prompt_tokens,"
     "  output_tokens = i.output_tokens, truncated = i.truncated, error_code = i.error_code,"
-    "  retryable = i.retryable, updated_at = clock_timestamp() FROM i"
+    "  retryable = i.retryable, blocked = i.blocked, updated_at = clock_timestamp() FROM i"
     "  WHERE m.id = i.reply_id AND m.conversation_id = i.conversation_id AND m.tenant_id = i.tenant_id"
     "  AND m.status = 'streaming' RETURNING m.id),"
     " f AS (SELECT i.* FROM i JOIN m ON m.id = i.reply_id),"
@@ -774,7 +777,7 @@ class Database:
         for row in rows:
             n, part = row[0] - 1, row[1]
             if part == "h":
-                histories[n].append(PastMessage(row[2], row[4], row[5], row[6]))
+                histories[n].append(PastMessage(row[2], row[4], row[5], row[6], row[8], row[16]))
             else:
                 parts[n][part].append(Message(*tuple(row.values())[2:]))
         saved: list[SavedQuestion | None] = []
@@ -990,16 +993,18 @@ class Database:
         *,
         truncated: bool = False,
         error: tuple[str, bool] | None = None,
+        blocked: bool = False,
         again: bool = False,
     ) -> bool:
         """Commit the answer's final text and status (only if still streaming), whether the output limit cut
-        it (`truncated`) or why it failed (`error` = (code, retryable)), its usage row and the question's ack
+        it (`truncated`), a safety filter stopped it (`blocked`) or why it failed (`error` = (code,
+        retryable)), its usage row and the question's ack
         seq (`question` = (id, seq)); False if it had already ended. Answers finishing while another batch
         is being committed are committed together (`_update_replies`). `again`: the same commit after a
         failed one, alone, which may have committed before its reply was lost (`_update_reply_again`)."""
         reply = _Reply(
             tenant_id, user_id, conversation_id, reply_id, text, status, seq, usage, question or (0, 0),
-            truncated, error,
+            truncated, error, blocked,
         )
         if again:
             [committed] = await self._update_reply_again([reply])

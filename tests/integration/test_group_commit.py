@@ -77,18 +77,21 @@ async def test_the_history_comes_back_with_what_a_prompt_needs_alone_and_in_a_ba
     for n, conversation in enumerate(conversations):
         first = await database.save_question("school-a", conversation.id, "m-1", f"what is {n}?", user.id)
         assert first.reply is not None
+        # The first conversation's answer was stopped by a safety filter: its history says so.
         await database.finish_reply("school-a", user.id, conversation.id, first.reply.id, f"{n} is a number",
-                                    "complete", 3, None)
-        expected[conversation.id] = [PastMessage(first.message.id, "user", f"what is {n}?", "complete"),
-                                     PastMessage(first.reply.id, "assistant", f"{n} is a number", "complete")]
+                                    "complete", 3, None, blocked=n == 0)
+        expected[conversation.id] = [
+            PastMessage(first.message.id, "user", f"what is {n}?", "complete", None, False),
+            PastMessage(first.reply.id, "assistant", f"{n} is a number", "complete", first.message.id, n == 0),
+        ]
     alone = await database.save_question("school-a", conversations[0].id, "m-2", "and?", user.id, history=10)
     together = await asyncio.gather(*(  # one statement for both: the batch form
         database.save_question("school-a", c.id, "m-3", "so?", user.id, history=10) for c in conversations
     ))
     assert alone.history == expected[conversations[0].id]
     assert alone.reply is not None
-    latest = [*expected[conversations[0].id], PastMessage(alone.message.id, "user", "and?", "complete"),
-              PastMessage(alone.reply.id, "assistant", "", "streaming")]
+    latest = [*expected[conversations[0].id], PastMessage(alone.message.id, "user", "and?", "complete", None, False),
+              PastMessage(alone.reply.id, "assistant", "", "streaming", alone.message.id, False)]
     assert [s.history for s in together] == [latest, expected[conversations[1].id]]
 
 

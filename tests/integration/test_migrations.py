@@ -79,3 +79,55 @@ async def test_a_migration_longer_than_the_command_timeout_applies_while_another
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_answers_blocked_before_the_blocked_column_are_marked_by_its_migration(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0006 marks the answers earlier releases committed after a safety block (their question has a flag),
+    so they leave the model's context too; not another answer of a flagged question made after the flag."""
+    shipped = load_migrations()
+    name = f"smartedu_migrate_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(services.database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        conn = await asyncpg.connect(with_database(services.database_url, name))
+        try:
+            monkeypatch.setattr(migrate, "load_migrations", lambda: [m for m in shipped if m.version < 6])
+            await apply_migrations(conn)
+            await conn.execute("INSERT INTO tenants (id) VALUES ('school-a')")
+            user = await conn.fetchval(
+                "INSERT INTO users (tenant_id, external_id, role) VALUES ('school-a', 'stu', 'student') RETURNING id"
+            )
+            conversation = await conn.fetchval(
+                "INSERT INTO conversations (tenant_id, user_id) VALUES ('school-a', $1) RETURNING id", user
+            )
+
+            async def message(role: str, status: str, reply_to: int | None = None) -> int:
+                return int(await conn.fetchval(
+                    "INSERT INTO messages (tenant_id, conversation_id, role, text, status, reply_to)"
+                    " VALUES ('school-a', $1, $2, 'text', $3, $4) RETURNING id", conversation, role, status, reply_to
+                ))
+
+            fine = await message("user", "complete")
+            fine_answer = await message("assistant", "complete", fine)
+            unsafe = await message("user", "complete")
+            blocked = await message("assistant", "complete", unsafe)
+            stopped_at_block = await message("user", "complete")
+            stopped = await message("assistant", "stopped", stopped_at_block)
+            for question in (unsafe, stopped_at_block):
+                await conn.execute(
+                    "INSERT INTO message_flags (tenant_id, conversation_id, message_id, kind)"
+                    " VALUES ('school-a', $1, $2, 'safety_block')", conversation, question
+                )
+            regenerated = await message("assistant", "complete", stopped_at_block)
+
+            monkeypatch.setattr(migrate, "load_migrations", lambda: shipped)
+            assert 6 in await apply_migrations(conn)
+            rows = await conn.fetch("SELECT id, blocked FROM messages WHERE role = 'assistant'")
+            assert dict(map(tuple, rows)) == {fine_answer: False, blocked: True, stopped: False, regenerated: False}
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

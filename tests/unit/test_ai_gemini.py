@@ -488,3 +488,37 @@ async def test_a_request_over_the_models_context_concerns_that_request_only(
     assert (caught.value.kind, caught.value.cause, caught.value.retryable) == ("invalid_request", "request", False)
     assert "exceeds the maximum number of tokens" in str(caught.value)
     assert fake.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("finish", "cause"),
+    [("OTHER", "transient"), ("MALFORMED_FUNCTION_CALL", "transient"), ("UNEXPECTED_TOOL_CALL", "transient"),
+     ("TOO_MANY_TOOL_CALLS", "transient"), ("RECITATION", "refused"), ("LANGUAGE", "refused")],
+)
+async def test_an_answer_the_model_ended_early_is_an_error_after_its_text(
+    fake: FakeGemini, finish: str, cause: str
+) -> None:
+    # Through the wrapper, as the server uses it: the text already streamed is not retried, and the error
+    # carries the provider's usage (thoughts included) and says whether asking again can help.
+    fake.finish_reason, fake.thoughts_tokens = finish, 5
+    provider = ResilientProvider(GeminiProvider("k", base_url=fake.base_url), fast_policy(breaker_failures=1))
+    texts: list[str] = []
+    try:
+        with pytest.raises(AIError) as caught:
+            async for item in provider.stream(QUESTION):
+                assert isinstance(item, str)
+                texts.append(item)
+    finally:
+        await provider.close()
+    error = caught.value
+    assert texts == fake.chunks and fake.calls == 1
+    assert (error.kind, error.cause, error.retryable) == ("unfinished_answer", cause, False)
+    assert error.usage == Usage(42, len(fake.chunks) + 5, finish_reason=finish.lower())
+    assert provider.breaker.state == "closed"  # the model answered: no outage
+
+
+async def test_the_filters_other_finish_reasons_block_the_answer(fake: FakeGemini, gemini: GeminiProvider) -> None:
+    for finish in ("IMAGE_PROHIBITED_CONTENT", "ESCALATION"):
+        fake.finish_reason = finish
+        texts, usage = await collect(gemini.stream(QUESTION))
+        assert texts == fake.chunks and usage is not None and usage.blocked and usage.finish_reason == "SAFETY"

@@ -396,3 +396,32 @@ async def test_a_server_refusing_max_tokens_gets_max_completion_tokens_from_then
     sent = [{k: v for k, v in r.body.items() if k.startswith("max_")} for r in fake.requests]
     # Refused once, sent again at once, and remembered for the next question.
     assert sent == [{"max_tokens": 300}, {"max_completion_tokens": 300}, {"max_completion_tokens": 300}]
+
+
+@pytest.mark.parametrize("finish", ["tool_calls", "function_call", "abort"])
+async def test_an_answer_the_model_ended_early_is_an_error_after_its_text(fake: FakeOpenAI, finish: str) -> None:
+    # A model given no tools that calls one, or a server that aborted the generation: the text so far is not
+    # the whole answer. Through the wrapper: not retried (text was shown), no outage for the breaker.
+    fake.finish_reason = finish
+    provider = ResilientProvider(OpenAICompatProvider(fake.base_url, "tutor-7b"), ResiliencePolicy(breaker_failures=1))
+    texts: list[str] = []
+    try:
+        with pytest.raises(AIError) as caught:
+            await collect(provider.stream(QUESTION), texts)
+    finally:
+        await provider.close()
+    error = caught.value
+    assert texts == fake.chunks and fake.calls == 1
+    assert (error.kind, error.cause, error.retryable) == ("unfinished_answer", "transient", False)
+    assert error.usage == Usage(42, len(fake.chunks), finish_reason=finish)
+    assert provider.breaker.state == "closed"
+
+
+@pytest.mark.parametrize("finish", ["eos_token", "stop_sequence"])
+async def test_other_servers_names_for_a_natural_end_are_complete(
+    fake: FakeOpenAI, openai: OpenAICompatProvider, finish: str
+) -> None:
+    fake.finish_reason = finish
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks and usage is not None and not usage.truncated and not usage.blocked

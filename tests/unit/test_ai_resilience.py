@@ -275,6 +275,13 @@ async def test_an_empty_answer_is_an_error_retried_only_when_it_ended_normally()
         await collect(provider)
     assert (caught.value.kind, caught.value.retryable, inner.calls) == ("empty_answer", False, 1)
 
+    # A stray tool call from a model given no tools, as after OTHER: another generation may well answer.
+    inner = ScriptedProvider([Step(chunks=(), finish="malformed_function_call"), Step()])
+    provider = ResilientProvider(inner, policy())
+    texts = []
+    await collect(provider, texts)
+    assert texts == ["Light ", "scatters."] and inner.calls == 2
+
 
 async def test_a_refused_question_is_not_retried_and_leaves_the_breaker_closed() -> None:
     # Nothing but an empty answer with a finish reason that would come again (max_tokens, recitation): the

@@ -1,0 +1,175 @@
+"""How an answer the provider did not end normally is told, stored and used: a safety filter's block, and an
+answer the model ended early (Gemini's OTHER or RECITATION, an OpenAI-compatible `tool_calls`). Through the
+real google-genai SDK and the OpenAI-compatible provider against the local fakes, over the socket."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from server.answers import SAFETY_MESSAGE
+from tests.conftest import Serve, Server, Socket, answer_text, seed_course, token
+from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
+from tests.fakes.fake_openai import FakeOpenAI, start_fake_openai
+
+pytestmark = pytest.mark.integration
+
+HELLO = {"token": token(courses=["alg-1"]), "course_id": "alg-1"}
+CHUNKS = ["Primes ", "have ", "two ", "divisors."]
+
+Fake = FakeGemini | FakeOpenAI
+
+
+@pytest.fixture(params=["gemini", "openai"])
+async def model(request: pytest.FixtureRequest) -> AsyncIterator[Fake]:
+    start = start_fake_gemini if request.param == "gemini" else start_fake_openai
+    async with start(chunks=list(CHUNKS)) as fake:
+        yield fake
+
+
+async def _serve(serve: Serve, fake: Fake) -> Server:
+    if isinstance(fake, FakeGemini):
+        env = {"GEMINI_API_KEY": "test-key-not-secret", "GEMINI_BASE_URL": fake.base_url}
+        server = await serve(ai_provider="gemini", env={**env, "SMARTEDU_AI_MAX_RETRIES": "0"})
+    else:
+        env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_MODEL": "tutor-7b"}
+        server = await serve(ai_provider="openai", env={**env, "SMARTEDU_AI_MAX_RETRIES": "0"})
+    await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
+    return server
+
+
+def _normal(fake: Fake) -> None:
+    fake.chunks = list(CHUNKS)
+    if isinstance(fake, FakeGemini):
+        fake.finish_reason, fake.block_reason = "STOP", None
+    else:
+        fake.finish_reason, fake.filter_prompt = "stop", False
+
+
+def _turns_sent(fake: Fake) -> list[tuple[str, str]]:
+    """The history and question of the last request the fake received, as (role, text) turns."""
+    body = fake.last_body
+    if isinstance(fake, FakeGemini):
+        return [(c["role"], " ".join(p["text"] for p in c["parts"])) for c in body["contents"]]
+    return [(m["role"], m["content"]) for m in body["messages"] if m["role"] != "system"]
+
+
+async def _ask(sock: Socket, client_id: str, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    await sock.send(type="message", id=client_id, text=text)
+    ack = await sock.expect("ack")
+    return ack, await sock.until("done")
+
+
+async def _reloaded(server: Server, conversation_id: str, reply_id: int) -> dict[str, Any]:
+    """The answer as a reload shows it: the welcome's history and the HTTP API agree on it."""
+    welcome = (await server.connect(HELLO)).frames[0]
+    [item] = [m for m in welcome["history"] if m["id"] == reply_id]
+    response = await server.client.get(
+        f"/api/conversations/{conversation_id}/messages", headers={"Authorization": f"Bearer {HELLO['token']}"}
+    )
+    assert response.status == 200
+    assert [m for m in (await response.json())["messages"] if m["id"] == reply_id] == [item]
+    return item
+
+
+# How each provider's filter stops an answer: after some text, or before any (the prompt itself).
+BLOCKS = {
+    "answer": {"gemini": {"finish_reason": "SAFETY"}, "openai": {"finish_reason": "content_filter"}},
+    "prompt": {"gemini": {"block_reason": "SAFETY"}, "openai": {"filter_prompt": True}},
+}
+
+
+@pytest.mark.parametrize("blocked", ["answer", "prompt"])
+async def test_a_blocked_answer_is_marked_kept_from_the_model_and_not_regenerated(
+    serve: Serve, model: Fake, db: asyncpg.Connection, blocked: str
+) -> None:
+    fake = model
+    server = await _serve(serve, fake)
+    sock = await server.connect(HELLO)
+    conversation = sock.frames[0]["conversation_id"]
+    _normal(fake)
+    await _ask(sock, "q1", "What is a prime number?")
+
+    for key, value in BLOCKS[blocked]["gemini" if isinstance(fake, FakeGemini) else "openai"].items():
+        setattr(fake, key, value)
+    ack, frames = await _ask(sock, "q2", "something unsafe")
+    done = frames[-1]
+    shown = answer_text(frames, ack["reply_id"])
+    assert shown == ("".join(CHUNKS) + "\n\n" if blocked == "answer" else "") + SAFETY_MESSAGE
+    assert (done["status"], done["blocked"], done["truncated"], done["length"]) == ("complete", True, False, len(shown))
+    assert "error" not in done and any(f["type"] == "flag" for f in frames)
+
+    # A reload shows what the live frames showed, and says the answer was blocked.
+    item = await _reloaded(server, conversation, ack["reply_id"])
+    assert (item["text"], item["status"], item["blocked"]) == (shown, "complete", True) and "error" not in item
+
+    # The next question's context has neither the blocked answer nor the question that led to it.
+    _normal(fake)
+    _, frames = await _ask(sock, "q3", "And what is a composite number?")
+    assert frames[-1]["blocked"] is False
+    assert _turns_sent(fake) == [
+        ("user", "What is a prime number?"),
+        ("model" if isinstance(fake, FakeGemini) else "assistant", "".join(CHUNKS)),
+        ("user", "And what is a composite number?"),
+    ]
+
+    # Regenerating it would only be blocked again: refused with the code of a declined question.
+    calls = fake.calls
+    await sock.send(type="regenerate", reply_id=ack["reply_id"])
+    error = await sock.expect("error")
+    assert (error["code"], error["retryable"], error["ref"]) == ("ai_declined", False, str(ack["reply_id"]))
+    assert fake.calls == calls
+    assert await db.fetchval("SELECT count(*) FROM messages WHERE reply_to = $1", ack["message_id"]) == 1
+
+
+# Finish reasons after some text that mean the answer is not whole: (error code, retryable) the student is told.
+UNFINISHED = {
+    "gemini-OTHER": ("OTHER", "ai_unavailable", True),
+    "gemini-MALFORMED_FUNCTION_CALL": ("MALFORMED_FUNCTION_CALL", "ai_unavailable", True),
+    "gemini-RECITATION": ("RECITATION", "ai_declined", False),
+    "gemini-LANGUAGE": ("LANGUAGE", "ai_declined", False),
+    "openai-tool_calls": ("tool_calls", "ai_unavailable", True),
+    "openai-function_call": ("function_call", "ai_unavailable", True),
+}
+
+
+@pytest.mark.parametrize("case", list(UNFINISHED))
+async def test_an_answer_the_model_ended_early_is_failed_with_its_text(
+    serve: Serve, db: asyncpg.Connection, case: str
+) -> None:
+    finish, code, retryable = UNFINISHED[case]
+    start = start_fake_gemini if case.startswith("gemini") else start_fake_openai
+    async with start(chunks=list(CHUNKS), finish_reason=finish) as fake:
+        server = await _serve(serve, fake)
+        sock = await server.connect(HELLO)
+        ack, frames = await _ask(sock, "q1", "What is a prime number?")
+        done = frames[-1]
+        shown = answer_text(frames, ack["reply_id"])
+        assert shown == "".join(CHUNKS)
+        assert (done["status"], done["error"], done["retryable"]) == ("failed", code, retryable)
+        assert (done["length"], done["truncated"], done["blocked"]) == (len(shown), False, False)
+        # The provider's own usage, not an estimate: the stream reached it.
+        assert done["usage"] == {"prompt_tokens": 42, "output_tokens": len(CHUNKS)}
+        error = await sock.expect("error")
+        assert (error["code"], error["retryable"], error["ref"]) == (code, retryable, str(ack["reply_id"]))
+        assert fake.calls == 1  # text had been shown: never sent again
+
+        item = await _reloaded(server, sock.frames[0]["conversation_id"], ack["reply_id"])
+        assert (item["text"], item["status"], item["error"], item["retryable"]) == (shown, "failed", code, retryable)
+        row = await db.fetchrow("SELECT prompt_tokens, output_tokens FROM messages WHERE id = $1", ack["reply_id"])
+        assert row is not None and (row["prompt_tokens"], row["output_tokens"]) == (42, len(CHUNKS))
+
+        # Regenerate where asking again can help; refused, without a call, where it would end the same way.
+        fake.finish_reason = "STOP" if isinstance(fake, FakeGemini) else "stop"
+        await sock.send(type="regenerate", reply_id=ack["reply_id"])
+        if retryable:
+            again = await sock.expect("ack")
+            assert again["regenerated"] is True
+            assert (await sock.until("done"))[-1]["status"] == "complete" and fake.calls == 2
+        else:
+            error = await sock.expect("error")
+            assert (error["code"], error["retryable"], error["ref"]) == (code, False, str(ack["reply_id"]))
+            assert fake.calls == 1
