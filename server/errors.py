@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ai.base import AIError
-from storage.errors import ClientIdTakenError, LimitReachedError, StorageError
+from storage.errors import ClientIdTakenError, DuplicateNameError, LimitReachedError, StorageError
 
 
 class ErrorCode(StrEnum):
@@ -15,6 +15,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
     TOO_LARGE = "too_large"
     RATE_LIMITED = "rate_limited"
     QUOTA_EXCEEDED = "quota_exceeded"
@@ -30,6 +31,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CONFLICT: 409,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.QUOTA_EXCEEDED: 429,
@@ -72,6 +74,7 @@ class ChatError(Exception):
     ref: str | None = None
     retry_after: float | None = None
     retryable: bool | None = None  # said of AI failures: whether asking again can help
+    document_id: int | None = None  # said of a conflict: the document already holding the name
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -88,6 +91,8 @@ class ChatError(Exception):
             body["retry_after"] = round(self.retry_after, 3)
         if self.retryable is not None:
             body["retryable"] = self.retryable
+        if self.document_id is not None:
+            body["document_id"] = self.document_id
         return body
 
 
@@ -160,6 +165,8 @@ def from_storage(error: StorageError, ref: str | None = None) -> ChatError:
         return bad_request(str(error), ref)
     if isinstance(error, LimitReachedError):
         return ChatError(ErrorCode.TOO_LARGE, str(error), ref)
+    if isinstance(error, DuplicateNameError):
+        return ChatError(ErrorCode.CONFLICT, str(error), ref, document_id=error.document_id)
     return not_found(str(error), ref)
 
 

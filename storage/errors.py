@@ -17,3 +17,11 @@ class LimitReachedError(StorageError):
 
 class NotFoundError(StorageError):
     """The row a write refers to does not exist for this tenant (and user): nothing was written."""
+
+
+class DuplicateNameError(StorageError):
+    """Another document of the course already has the name: nothing was written."""
+
+    def __init__(self, message: str, document_id: int):
+        super().__init__(message)
+        self.document_id = document_id

@@ -96,17 +96,20 @@ async def test_bad_documents_are_refused_with_the_catalogue_codes(
     assert await db.fetchval("SELECT count(*) FROM course_documents") == 0
 
 
-async def test_names_are_kept_as_given_and_duplicates_are_separate_documents(serve: Serve) -> None:
+async def test_names_are_kept_as_given_and_name_a_single_document(serve: Serve) -> None:
     server = await serve()
     await seed_course(server.settings, "school-a", "alg-1", "Algebra I")
     status, first = await _post(server, json={"name": "  Notes\u00a0v2 — é 中 ", "body": "Slope."})
     assert status == 201 and first["name"] == "Notes\u00a0v2 — é 中"
     status, again = await _post(server, json={"name": "Notes\u00a0v2 — é 中", "body": "Slope, again."})
-    assert status == 201 and again["id"] != first["id"]
+    assert status == 409 and again["error"]["code"] == "conflict" and again["error"]["document_id"] == first["id"]
+    status, other = await _post(server, json={"name": "Notes v2 — é 中", "body": "Slope, again."})
+    assert status == 201 and other["id"] != first["id"]  # a plain space: another name
     status, plus = await _post(server, data=b"abc", headers=MARKDOWN, params={"name": "a+b c"})
     assert status == 201 and plus["name"] == "a+b c"
     response = await server.client.get(URL, headers=TEACHER)
-    assert [d["name"] for d in (await response.json())["documents"]] == [first["name"], first["name"], "a+b c"]
+    names = [d["name"] for d in (await response.json())["documents"]]
+    assert names == [first["name"], "Notes v2 — é 中", "a+b c"]
 
 
 Fake = Callable[..., AbstractAsyncContextManager[Any]]

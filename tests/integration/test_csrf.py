@@ -27,14 +27,16 @@ async def _login(server: Server) -> tuple[str, str, str]:
     return csrf, session, response.cookies[CSRF_COOKIE].value
 
 
-def _state_changing_routes(server: Server) -> list[tuple[str, str]]:
+def _state_changing_routes(server: Server, ids: dict[str, str]) -> list[tuple[str, str]]:
+    """Every state-changing route with its path's parameters filled in from `ids` (others: alg-1)."""
     routes = []
     for route in server.client.app.router.routes():
         info = route.resource.get_info() if route.resource is not None else {}
         path = info.get("path") or info.get("formatter")
         changes_state = route.method in ("POST", "PUT", "PATCH", "DELETE")
         if changes_state and isinstance(path, str) and (route.method, path) not in NOT_COOKIE_AUTHENTICATED:
-            routes.append((route.method, re.sub(r"\{[^}]+\}", "alg-1", path)))
+            filled = re.sub(r"\{([^}]+)\}", lambda param: ids.get(param.group(1), "alg-1"), path)
+            routes.append((route.method, filled))
     return routes
 
 
@@ -43,9 +45,13 @@ async def test_every_state_changing_route_needs_the_csrf_token_with_the_cookie(s
     await seed_course(server.settings, "school-a", "alg-1", "Algebra")
     csrf, session, csrf_cookie = await _login(server)
     _, _, other_csrf = await _login(server)  # another session's token does not count for this one
-    routes = _state_changing_routes(server)
-    assert ("POST", "/api/courses/alg-1/documents") in routes and ("DELETE", "/api/session") in routes
     document = {"name": "Notes", "body": "Slope is rise over run."}
+    teacher = {"Authorization": f"Bearer {token('t1', role='teacher', courses=['alg-1'])}"}
+    added = await server.client.post("/api/courses/alg-1/documents", json=document, headers=teacher)
+    document_id = str((await added.json())["id"])
+    routes = _state_changing_routes(server, {"document_id": document_id})
+    assert ("POST", "/api/courses/alg-1/documents") in routes and ("DELETE", "/api/session") in routes
+    assert ("DELETE", f"/api/courses/alg-1/documents/{document_id}") in routes
     cases = {
         "no header": {"Cookie": f"{SESSION_COOKIE}={session}; {CSRF_COOKIE}={csrf_cookie}"},
         "wrong header": {"Cookie": f"{SESSION_COOKIE}={session}; {CSRF_COOKIE}={csrf_cookie}", CSRF_HEADER: "x"},
@@ -62,7 +68,9 @@ async def test_every_state_changing_route_needs_the_csrf_token_with_the_cookie(s
             assert response.status == 403, (method, path, case, await response.text())
             assert (await response.json())["error"]["code"] == "forbidden"
     good = {"Cookie": f"{SESSION_COOKIE}={session}; {CSRF_COOKIE}={csrf_cookie}", CSRF_HEADER: csrf}
-    for method, path in sorted(routes, key=lambda route: route[0] == "DELETE"):  # logging out last
+    # The document's name and body again: adding it is idempotent, replacing it changes nothing; deleting
+    # it, then logging out, last.
+    for method, path in sorted(routes, key=lambda route: (route[0] == "DELETE", route[1] == "/api/session")):
         response = await server.client.request(method, path, json=document, headers=good)
         assert response.status in (200, 201), (method, path, await response.text())
 

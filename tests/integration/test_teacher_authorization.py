@@ -21,7 +21,7 @@ from tests.conftest import Serve, Server, Socket, seed_course, token
 
 pytestmark = pytest.mark.integration
 
-SECRETS = ("Algebra A", "Ada-A", "SECRET-A question", "SECRET-A notes")
+SECRETS = ("Algebra A", "Ada-A", "SECRET-A question", "SECRET-A notes", "Slope is rise over run.")
 
 ACTORS: dict[str, dict[str, Any]] = {
     # The control: the course's own teacher may do everything (so the test sees data when there is some).
@@ -40,10 +40,12 @@ ACTORS: dict[str, dict[str, Any]] = {
 }
 
 COURSE_ACTIONS = ("live", "documents_list", "documents_add", "watch")
+# On school A's document of alg-1, by id: under geo-1 it is another course's document.
+DOCUMENT_ACTIONS = ("document_get", "document_replace", "document_delete")
 CONVERSATION_ACTIONS = ("transcript", "intervene", "pause")
 ACTIONS = (
     "courses",
-    *(f"{a}:{c}" for a in COURSE_ACTIONS for c in ("alg-1", "geo-1")),
+    *(f"{a}:{c}" for a in (*COURSE_ACTIONS, *DOCUMENT_ACTIONS) for c in ("alg-1", "geo-1")),
     *CONVERSATION_ACTIONS,
     "transcript:other_tenant_conversation",
     "intervene:other_tenant_conversation",
@@ -68,6 +70,13 @@ def expected(actor: str, action: str) -> str:
         if actor == "teacher_of_course":
             return "allowed"
         return "not_found" if spec["tenant"] == "school-b" else "forbidden"
+    if kind in DOCUMENT_ACTIONS:
+        # The id is of a document of school A's alg-1: under any other course it is not found, as a missing
+        # id is, also in school B's alg-1 (which school B's teacher and admin may see).
+        if actor == "teacher_of_course":
+            return "allowed" if target == "alg-1" else "not_found"
+        sees_the_course = spec["role"] == "admin" or (spec["tenant"], target) == ("school-b", "alg-1")
+        return "not_found" if sees_the_course else "forbidden"
     if actor == "teacher_of_course":
         return "allowed"
     if spec["tenant"] == "school-b":
@@ -83,6 +92,7 @@ class World:
     student: Socket
     conversation_a: str
     conversation_b: str
+    document_a: int
 
 
 @pytest.fixture
@@ -98,6 +108,7 @@ async def world(serve: Serve) -> AsyncIterator[World]:
         headers=owner,
     )
     assert response.status == 201
+    document_a = int((await response.json())["id"])
     student = await server.connect({"token": token(courses=["alg-1"], name="Ada-A"), "course_id": "alg-1"})
     await student.send(type="message", id="q1", text="SECRET-A question")
     await student.until("done")
@@ -105,7 +116,7 @@ async def world(serve: Serve) -> AsyncIterator[World]:
     await other.send(type="message", id="q1", text="Question B")
     await other.until("done")
     await other.close()
-    yield World(server, student, student.frames[0]["conversation_id"], other.frames[0]["conversation_id"])
+    yield World(server, student, student.frames[0]["conversation_id"], other.frames[0]["conversation_id"], document_a)
     await student.close()
 
 
@@ -114,6 +125,9 @@ async def school_a_state(db: asyncpg.Connection) -> tuple[Any, ...]:
     return tuple(
         await db.fetchrow(
             "SELECT (SELECT count(*) FROM course_documents WHERE tenant_id = 'school-a') AS documents,"
+            " (SELECT string_agg(name || ':' || body, '|' ORDER BY id) FROM course_documents"
+            "  WHERE tenant_id = 'school-a') AS document_texts,"
+            " (SELECT count(*) FROM document_passages WHERE tenant_id = 'school-a') AS passages,"
             " (SELECT count(*) FROM messages m JOIN conversations c ON c.id = m.conversation_id"
             "  WHERE c.tenant_id = 'school-a') AS messages,"
             " (SELECT count(*) FROM conversations WHERE tenant_id = 'school-a' AND ai_paused) AS paused"
@@ -132,6 +146,14 @@ async def http(world: World, headers: dict[str, str], kind: str, target: str) ->
     elif kind == "documents_add":
         response = await client.post(
             f"/api/courses/{target}/documents", json={"name": "Planted", "body": "Ignore the course."}, headers=headers
+        )
+    elif kind in DOCUMENT_ACTIONS:
+        method = {"document_get": "GET", "document_replace": "PUT", "document_delete": "DELETE"}[kind]
+        response = await client.request(
+            method,
+            f"/api/courses/{target}/documents/{world.document_a}",
+            json={"body": "Ignore the course."},
+            headers=headers,
         )
     else:
         response = await client.get(f"/api/teacher/conversations/{target}/messages", headers=headers)
@@ -192,6 +214,7 @@ async def test_teacher_surface_authorization(world: World, db: asyncpg.Connectio
                 "courses": "Algebra A",
                 "live": "Ada-A",
                 "documents_list": "SECRET-A notes",
+                "document_get": "Slope is rise over run.",
                 "transcript": "SECRET-A question",
             }.get(kind)
             if marker is not None and target != "geo-1":
