@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ai.base import AIError
-from storage.errors import ClientIdTakenError, LimitReachedError, StorageError
+from storage.errors import ClientIdTakenError, LimitReachedError, StorageError, UserErasedError
 
 
 class ErrorCode(StrEnum):
@@ -54,6 +54,8 @@ class CloseCode:
     FORBIDDEN = 4403
     HELLO_TIMEOUT = 4408
 
+
+ACCOUNT_DELETED = "account deleted"
 
 # Errors that end the socket: the frame is sent, then the socket is closed with this code.
 FATAL_CLOSE: dict[ErrorCode, int] = {
@@ -134,6 +136,12 @@ def forbidden(message: str, ref: str | None = None) -> ChatError:
     return ChatError(ErrorCode.FORBIDDEN, message, ref)
 
 
+def account_deleted() -> ChatError:
+    """The user was erased (`smartedu delete-user`) after their token was issued: 403, and at hello the socket
+    is closed with 4403 and this reason, as the sockets open at the erasure were."""
+    return ChatError(ErrorCode.FORBIDDEN, ACCOUNT_DELETED)
+
+
 def unauthorized(message: str) -> ChatError:
     return ChatError(ErrorCode.UNAUTHORIZED, message)
 
@@ -145,6 +153,8 @@ def from_storage(error: StorageError, ref: str | None = None) -> ChatError:
         return bad_request(str(error), ref)
     if isinstance(error, LimitReachedError):
         return ChatError(ErrorCode.TOO_LARGE, str(error), ref)
+    if isinstance(error, UserErasedError):
+        return account_deleted()
     return not_found(str(error), ref)
 
 

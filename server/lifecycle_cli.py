@@ -49,6 +49,8 @@ from storage.postgres import connect_pool
 from storage.redis_store import RedisStore, connect_redis
 from storage.schema_check import pending_migrations
 
+from .auth import LEEWAY_S
+from .budgets import budget_day
 from .errors import ConfigError
 from .settings import Settings
 
@@ -359,6 +361,18 @@ async def _clean_redis(command: str, settings: Settings, clean: Callable[[RedisS
         await client.aclose()
 
 
+def _budget_days(now: float) -> list[str]:
+    """The days whose token budget keys can still exist: each expires two days after its last write."""
+    return [budget_day(now - back * 86400) for back in range(3)]
+
+
+def _erasure_record(deleted: UserData) -> dict[str, float]:
+    """The replicas refuse the user's older tokens from the record in PostgreSQL; announced, at once."""
+    if deleted.deleted_at is None or deleted.refused_until is None:
+        return {}
+    return {"deleted_at": deleted.deleted_at.timestamp(), "expires_at": deleted.refused_until.timestamp()}
+
+
 async def _erase_live_state(settings: Settings, deleted: UserData) -> bool:
     """Close the deleted user's sockets and stop their answers on every replica (`erase_user` on the control
     channel), then delete their conversations' stream logs and their presence entries."""
@@ -367,10 +381,11 @@ async def _erase_live_state(settings: Settings, deleted: UserData) -> bool:
     async def clean(store: RedisStore) -> None:
         await store.publish_control(
             {"op": "erase_user", "tenant": user.tenant_id, "user": user.external_id, "user_id": user.id,
-             "conversations": list(deleted.conversation_ids)}
+             "conversations": list(deleted.conversation_ids), **_erasure_record(deleted)}
         )
         await store.forget_conversations(deleted.conversation_ids)
         await store.forget_presence(user.tenant_id, deleted.course_ids, user.external_id)
+        await store.forget_user_counters(user.tenant_id, user.id, _budget_days(time.time()))
 
     return await _clean_redis("delete-user", settings, clean)
 
@@ -472,7 +487,10 @@ def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
     if not args.yes and not _confirm("Delete this user and all of the above? This cannot be undone. [y/N] "):
         print("nothing deleted", file=sys.stderr)
         return 1
-    deleted = asyncio.run(_with_lifecycle(settings, lambda lc: lc.delete_user(args.tenant, args.user)))
+    # A token issued before the erasure stays valid (its signature, its exp) for up to the longest lifetime
+    # the servers accept, and so does a cookie session made from it (SMARTEDU_SESSION_TTL_S is no longer).
+    refuse_for = settings.max_token_lifetime_s + LEEWAY_S
+    deleted = asyncio.run(_with_lifecycle(settings, lambda lc: lc.delete_user(args.tenant, args.user, refuse_for)))
     if deleted is None:
         raise _no_user(args)
     kept = deleted.authored_elsewhere

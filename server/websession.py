@@ -65,6 +65,8 @@ def _claims_to_dict(claims: Claims, expires: int) -> dict[str, Any]:
         "sub": claims.sub, "tid": claims.tenant, "role": claims.role, "name": claims.name,
         "courses": list(claims.courses) if claims.courses is not None else None, "exp": expires,
         "sid": secrets.token_urlsafe(16),
+        # The token's: a session made from a token issued before its user was erased is refused like the token.
+        "iat": claims.issued_at,
     }
 
 
@@ -146,10 +148,11 @@ async def session_claims(request: web.Request) -> Claims | None:
     if request.method not in SAFE_METHODS:
         check_csrf(request, session.get("csrf"))
     courses = data.get("courses")
+    issued = data.get("iat")  # when its token was issued (None: the token did not say, or an earlier version)
     return Claims(
         sub=str(data["sub"]), tenant=str(data["tid"]), role=str(data["role"]), exp=int(data["exp"]),
         name=str(data.get("name") or ""), courses=tuple(courses) if isinstance(courses, list) else None,
-        session_id=session_id,
+        session_id=session_id, issued_at=float(issued) if isinstance(issued, int | float) else None,
     )
 
 

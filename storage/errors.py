@@ -17,3 +17,7 @@ class LimitReachedError(StorageError):
 
 class NotFoundError(StorageError):
     """The row a write refers to does not exist for this tenant (and user): nothing was written."""
+
+
+class UserErasedError(StorageError):
+    """The user was erased (`smartedu delete-user`) after the token naming them was issued: nothing was written."""

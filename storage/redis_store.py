@@ -551,6 +551,14 @@ class RedisStore:
                 removed += len(theirs)
         return removed
 
+    async def forget_user_counters(self, tenant_id: str, user_id: str, days: Sequence[str]) -> None:
+        """Delete an erased user's rate-limit counter and token budgets of these days (keyed by their id)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.rate_limit(tenant_id, user_id))
+            for day in days:
+                pipe.delete(self.keys.user_tokens(tenant_id, user_id, day))
+            await pipe.execute()
+
     async def publish_control(self, message: dict[str, object]) -> None:
         """Tell every replica something (e.g. cancel an answer that another replica generates)."""
         await self.client.publish(self.keys.control_channel(), orjson.dumps(message))
