@@ -29,6 +29,7 @@ from .errors import ACCOUNT_DELETED, ChatError, CloseCode, bad_request, forbidde
 from .hub import Hub, Peer
 from .metrics import Metrics
 from .protocol import HistoryRequest, SendMessage, encode
+from .revocations import Revocations
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .teacher import Classroom
@@ -84,6 +85,7 @@ class ChatService:
         self.answers = Answers(settings, db, hub, provider, self.budgets, self.metrics, self.tracer)
         self.classroom = Classroom(db, hub, self.answers)
         self.erasures = Erasures(db)
+        self.revocations = Revocations(db, hub.store)
         self.hub.on_control = self._on_control
         self.hub.on_reconnect = self._recheck_logged_out
         self._sessions: dict[str, Session] = {}
@@ -562,22 +564,23 @@ class ChatService:
             except Exception:
                 log.exception("maintenance failed")
 
-    async def log_out(self, session_id: str, remaining_s: int) -> None:
+    async def log_out(self, tenant_id: str, session_id: str, remaining_s: int) -> None:
         """Revoke a cookie session until it would have expired and close its sockets on every replica (this
         one at once, before the announcement comes back)."""
-        await self.hub.store.revoke_session(session_id, remaining_s)
+        await self.revocations.revoke(tenant_id, session_id, remaining_s)
         self._on_control({"op": "revoke_session", "session": session_id, "until": time.time() + remaining_s})
 
     async def _recheck_logged_out(self) -> None:
         """After a pub/sub reconnect: a logout announced meanwhile was not heard here, so ask Redis about the
         cookie sessions with sockets on this replica (one round trip) and close those logged out."""
         open_sessions = {
-            s.claims.session_id: s.claims.exp for s in self._sessions.values() if s.claims.session_id and not s.expired
+            s.claims.session_id: s.claims for s in self._sessions.values() if s.claims.session_id and not s.expired
         }
         if not open_sessions:
             return
-        for session_id in await self.hub.store.revoked_sessions(list(open_sessions)):
-            self._revoked[session_id] = float(open_sessions[session_id])
+        tenants = {session_id: claims.tenant for session_id, claims in open_sessions.items()}
+        for session_id in await self.revocations.revoked_among(tenants):
+            self._revoked[session_id] = float(open_sessions[session_id].exp)
         self._close_expired()
 
     def logged_out(self, claims: Claims) -> bool:

@@ -390,10 +390,27 @@ async def _erase_live_state(settings: Settings, deleted: UserData) -> bool:
     return await _clean_redis("delete-user", settings, clean)
 
 
+async def _purge_expired_records(args: argparse.Namespace, lifecycle: Lifecycle) -> None:
+    """Erasure records and logouts are kept until every token and cookie they refuse has expired: then they
+    go, whatever the retention (they hold no conversation)."""
+    tenants = [args.tenant] if args.tenant is not None else await lifecycle.tenants_with_expired_records()
+    erased = revoked = 0
+    for tenant_id in tenants:
+        counts = await lifecycle.purge_expired_records(tenant_id, batch_size=args.batch_size, dry_run=args.dry_run)
+        erased, revoked = erased + counts[0], revoked + counts[1]
+    if erased or revoked:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(
+            f"expired: {verb} {_plural(erased, 'erasure record')}, {_plural(revoked, 'logged-out session')} "
+            "(their tokens and cookies have all expired)"
+        )
+
+
 async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecycle) -> int:
     policies = await lifecycle.retention_policies(args.tenant)
     if args.tenant is not None and not policies:
         raise LifecycleError(f"there is no tenant {args.tenant!r}")
+    await _purge_expired_records(args, lifecycle)
     now = await lifecycle.now()
     rules = retention_rules(policies, now, None if args.per_tenant else args.older_than)
     if not rules:

@@ -687,6 +687,48 @@ class Lifecycle:
             if on_batch is not None:
                 on_batch(total)
 
+    async def tenants_with_expired_records(self) -> list[str]:
+        """The tenants with erasure records or logged-out sessions past their expiry (also tenants that have
+        no row in `tenants`: a cookie session is made without one)."""
+        rows = await self.pool.fetch(
+            "SELECT tenant_id FROM erased_users WHERE expires_at <= now()"
+            " UNION SELECT tenant_id FROM revoked_sessions WHERE expires_at <= now() ORDER BY 1"
+        )
+        return [r["tenant_id"] for r in rows]
+
+    async def purge_expired_records(
+        self, tenant_id: str, *, batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False
+    ) -> tuple[int, int]:
+        """Delete (or, dry, count) the tenant's erasure records and logged-out sessions whose tokens and
+        cookies have all expired, `batch_size` rows a transaction; (erasure records, logouts)."""
+        if dry_run:
+            row = await self.pool.fetchrow(
+                "SELECT (SELECT count(*) FROM erased_users WHERE tenant_id = $1 AND expires_at <= now()) AS erased,"
+                " (SELECT count(*) FROM revoked_sessions WHERE tenant_id = $1 AND expires_at <= now()) AS revoked",
+                tenant_id,
+            )
+            assert row is not None
+            return row["erased"], row["revoked"]
+        erased = await self._delete_in_batches(
+            "DELETE FROM erased_users WHERE tenant_id = $1 AND subject IN (SELECT subject FROM erased_users"
+            " WHERE tenant_id = $1 AND expires_at <= now() LIMIT $2)",
+            tenant_id,
+            batch_size,
+        )
+        revoked = await self._delete_in_batches(
+            "DELETE FROM revoked_sessions WHERE tenant_id = $1 AND session_id IN (SELECT session_id"
+            " FROM revoked_sessions WHERE tenant_id = $1 AND expires_at <= now() LIMIT $2)",
+            tenant_id,
+            batch_size,
+        )
+        return erased, revoked
+
+    async def _delete_in_batches(self, statement: str, tenant_id: str, batch_size: int) -> int:
+        total = 0
+        while deleted := _rowcount(await self.pool.execute(statement, tenant_id, batch_size)):
+            total += deleted
+        return total
+
     async def find_user(self, tenant_id: str, external_id: str) -> UserRef | None:
         """The tenant's user with this external id, or None."""
         row = await self.pool.fetchrow(

@@ -18,6 +18,7 @@ from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, new_sess
 from tests.conftest import TEST_SECRET, Serve, Server, Socket, token
 from tests.integration.test_lifecycle import _cli
 from tests.integration.test_lifecycle_live import _close_frame
+from tests.integration.test_logout import _login
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,8 @@ async def test_a_token_issued_before_delete_user_is_refused_and_a_new_one_works(
 
 async def test_a_cookie_session_made_before_delete_user_is_refused(serve: Serve, db: asyncpg.Connection) -> None:
     server = await serve(session_key=new_session_key())
-    response = await server.client.post("/api/session", json={"token": token("stu-1")})
+    held = token("stu-1")
+    response = await server.client.post("/api/session", json={"token": held})
     assert response.status == 200
     csrf = str((await response.json())["csrf_token"])
     server.client.session.cookie_jar.clear()
@@ -104,7 +106,7 @@ async def test_a_cookie_session_made_before_delete_user_is_refused(serve: Serve,
     await _refused_at_hello(server, {}, headers={**cookies, **origin})
     assert (await server.client.get("/api/session", headers=cookies)).status == 403
     # Nor can the token still held make a new session.
-    assert (await server.client.post("/api/session", json={"token": token("stu-1")})).status == 403
+    assert (await server.client.post("/api/session", json={"token": held})).status == 403
     assert await db.fetchval("SELECT count(*) FROM users WHERE external_id = 'stu-1'") == 0
     assert (await server.client.delete("/api/session", headers={**cookies, CSRF_HEADER: csrf})).status == 200
 
@@ -151,3 +153,36 @@ async def test_delete_user_removes_their_rate_limit_and_budget_counters(
     capsys.readouterr()
     assert await _keys_naming(server.settings, user_id) == []
     assert len(await _keys_naming(server.settings, kept_id)) == 2
+
+
+async def test_purge_deletes_erasure_records_and_logouts_once_every_token_has_expired(
+    serve: Serve, db: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await serve(session_key=new_session_key())
+    csrf, cookies = await _login(server)
+    assert (await server.client.delete("/api/session", headers={**cookies, CSRF_HEADER: csrf})).status == 200
+    held = {user: token(user) for user in ("stu-1", "stu-2", "stu-3")}
+    for user, value in held.items():
+        await server.connect({"token": value})
+        await _delete_user(server.settings, user)
+    assert await db.fetchval("SELECT count(*) FROM revoked_sessions") == 1
+    # Time passes for two of the erasures and the logout: every token they refuse has expired.
+    await db.execute(
+        "UPDATE erased_users SET expires_at = now() - interval '1 second' WHERE subject <> ("
+        " SELECT subject FROM erased_users ORDER BY deleted_at DESC LIMIT 1)"
+    )
+    await db.execute("UPDATE revoked_sessions SET expires_at = now() - interval '1 second'")
+    capsys.readouterr()
+
+    assert await _cli(server.settings, "purge", "--older-than", "365d", "--dry-run") == 0
+    assert "expired: would delete 2 erasure records, 1 logged-out session" in capsys.readouterr().out
+    assert await db.fetchval("SELECT count(*) FROM erased_users") == 3
+    assert await _cli(server.settings, "purge", "--older-than", "365d", "--batch-size", "1") == 0
+    assert "expired: deleted 2 erasure records, 1 logged-out session" in capsys.readouterr().out
+    assert await db.fetchval("SELECT count(*) FROM erased_users") == 1
+    assert await db.fetchval("SELECT count(*) FROM revoked_sessions") == 0
+    # The erasure still recorded still refuses its token; the others' tokens would have expired by now.
+    fresh = await serve()
+    await _refused_at_hello(fresh, {"token": held["stu-3"]})
+    assert await _cli(server.settings, "purge", "--older-than", "365d") == 0
+    assert "expired:" not in capsys.readouterr().out
