@@ -41,7 +41,10 @@ class Revocations:
 
     async def revoked(self, tenant_id: str, session_id: str) -> bool:
         """Whether the tenant's cookie session was logged out."""
-        return session_id in await self.revoked_among({session_id: tenant_id})
+        found = await self.store.session_revoked(session_id)
+        if found is None:
+            return session_id in await self.revoked_among({session_id: tenant_id})
+        return found
 
     async def revoked_among(self, sessions: Mapping[str, str]) -> set[str]:
         """Which of these cookie sessions (id -> tenant) were logged out."""
