@@ -132,7 +132,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "is older than the retention period. A tenant's own tenants.retention_days wins over\n"
         "--older-than; with --per-tenant only tenants that set one are purged. Deletes run in batches,\n"
         "one transaction each, so an interrupted purge keeps what it did and can simply be run again.\n"
-        "With REDIS_URL (and the servers' SMARTEDU_REDIS_PREFIX) their stream logs are deleted from Redis too.",
+        "With REDIS_URL (and the servers' SMARTEDU_REDIS_PREFIX) their stream logs are deleted from Redis too.\n"
+        "Erasure records and logged-out sessions whose tokens and cookies have all expired are deleted too.",
         epilog="examples:\n  smartedu purge --older-than 365d --dry-run\n"
         "  smartedu purge --older-than 52w --tenant school-a\n  smartedu purge --per-tenant",
     )
@@ -171,7 +172,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "transaction. Messages they wrote in other users' conversations stay there without an author.\n"
         "Only the given tenant is touched. Asks for confirmation unless --yes. With REDIS_URL (and the\n"
         "servers' SMARTEDU_REDIS_PREFIX) the running servers close the user's sockets (4403) and stop their\n"
-        "answers, and their stream logs and presence entries are deleted from Redis.",
+        "answers, and their stream logs, presence entries and counters are deleted from Redis. The tokens\n"
+        "they hold are refused from then on (an erasure record, kept SMARTEDU_MAX_TOKEN_LIFETIME_S).",
         epilog="example:\n  smartedu delete-user --tenant school-a --user stu-42",
     )
     delete.add_argument("--tenant", required=True, metavar="T", help="the user's tenant (school) id")
@@ -518,8 +520,9 @@ def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
             "delete-user",
             "their questions and answers of the last "
             f"{settings.stream_ttl_s} s stay in the stream logs until they expire, their name in the presence "
-            "lists of their courses until those are next read or idle, and their open sockets stay open (until "
-            "their token expires), answers being generated for them go on",
+            "lists of their courses until those are next read or idle, their rate-limit and budget counters until "
+            "they expire (within two days), and answers being generated for them go on (their open sockets are "
+            "closed within 10 s, when each replica next reads the erasure records)",
         )
         return 0
     return 0 if asyncio.run(_erase_live_state(settings, deleted)) else 1
