@@ -165,6 +165,8 @@ class ChatService:
             await self.close_session(session)
             raise
         self._sessions[session.id] = session
+        if self.erasures.erased(claims):  # erased while this hello was under way (announced meanwhile)
+            self._close_erased(session)
         return session
 
     async def _welcome(
