@@ -25,7 +25,7 @@ async def list_conversations(request: web.Request) -> web.Response:
         claims.require_course(course_id)
     elif no_course:
         claims.require_no_course()
-    user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
+    user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name, claims.issued_at)
     conversations = await db.list_conversations(claims.tenant, user.id, limit, course_id, no_course=no_course)
     return web.json_response(
         {
@@ -49,7 +49,7 @@ async def list_messages(request: web.Request) -> web.Response:
     limit_max = request.app[SETTINGS].history_page_max
     before = query_int(request, "before", None, 1, 2**62)
     limit = query_int(request, "limit", 20, 1, limit_max) or 20
-    user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
+    user = await db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name, claims.issued_at)
     chat = request.app[CHAT]
     conversation = await chat.user_conversation(claims, user.id, request.match_info["conversation_id"])
     page = await chat.history_page(claims.tenant, conversation, HistoryRequest(None, before, limit))

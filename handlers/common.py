@@ -9,7 +9,7 @@ from aiohttp import web
 
 from server.auth import Claims
 from server.errors import bad_request, unauthorized
-from server.keys import VERIFIER
+from server.keys import CHAT, VERIFIER
 from server.websession import session_claims
 
 
@@ -20,13 +20,13 @@ def bearer_token(request: web.Request) -> str | None:
 
 
 async def require_claims(request: web.Request) -> Claims:
-    """Verified claims from the `Authorization: Bearer` header or the session cookie (with CSRF), or 401."""
+    """Verified claims from the `Authorization: Bearer` header or the session cookie (with CSRF), or 401; 403
+    for those issued before their user was erased."""
     token = bearer_token(request)
-    if token is not None:
-        return request.app[VERIFIER].verify(token)
-    claims = await session_claims(request)
+    claims = request.app[VERIFIER].verify(token) if token is not None else await session_claims(request)
     if claims is None:
         raise unauthorized("an Authorization: Bearer token or a session is required")
+    await request.app[CHAT].erasures.refuse(claims)
     return claims
 
 

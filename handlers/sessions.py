@@ -6,7 +6,7 @@ import aiohttp_session
 from aiohttp import web
 
 from server.errors import unauthorized
-from server.keys import SETTINGS, VERIFIER
+from server.keys import CHAT, SETTINGS, VERIFIER
 from server.websession import end_session, session_claims, start_session
 
 from .common import bearer_token, json_body
@@ -20,6 +20,7 @@ async def create_session(request: web.Request) -> web.Response:
     if not isinstance(token, str):
         raise unauthorized("send the JWT as Authorization: Bearer or JSON {\"token\": ...}")
     claims = request.app[VERIFIER].verify(token)
+    await request.app[CHAT].erasures.refuse(claims)
     return await start_session(request, claims, request.app[SETTINGS].session_ttl_s)
 
 
@@ -27,6 +28,7 @@ async def current_session(request: web.Request) -> web.Response:
     claims = await session_claims(request)
     if claims is None:
         raise unauthorized("no session")
+    await request.app[CHAT].erasures.refuse(claims)
     session = await aiohttp_session.get_session(request)
     return web.json_response(
         {"user": {"id": claims.sub, "tenant": claims.tenant, "role": claims.role, "name": claims.name},

@@ -25,6 +25,8 @@ class Claims:
     name: str = ""
     courses: tuple[str, ...] | None = None
     session_id: str | None = None  # the cookie session these claims came from (None for a token)
+    # When the token (`iat`) or cookie session was issued, seconds since the epoch; None when it does not say.
+    issued_at: float | None = None
 
     def may_use_course(self, course_id: str) -> bool:
         return self.courses is None or course_id in self.courses
@@ -129,6 +131,7 @@ def claims_from_payload(payload: dict[str, Any]) -> Claims:
         not isinstance(courses, list) or not all(isinstance(c, str) and _storable(c) for c in courses)
     ):
         raise unauthorized("claim 'courses' must be a list of strings (no NUL or lone surrogates)")
+    issued = payload.get("iat")  # PyJWT checked it is a number
     return Claims(
         sub=sub,
         tenant=tenant,
@@ -136,6 +139,7 @@ def claims_from_payload(payload: dict[str, Any]) -> Claims:
         exp=int(payload["exp"]),
         name=name[:200],
         courses=tuple(courses) if courses is not None else None,
+        issued_at=float(issued) if issued is not None else None,
     )
 
 

@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def budget_day(at: float) -> str:
+    """The UTC day (YYYYmmdd) whose token budgets a message sent at `at` counts against."""
+    return time.strftime("%Y%m%d", time.gmtime(at))
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """Tokens reserved against today's budgets before an answer, settled after it."""
@@ -57,7 +62,7 @@ class Budgets:
         )
         output = settings.output_reserve
         amounts = (output + estimate_tokens(text) + 1000, output)
-        day = time.strftime("%Y%m%d", time.gmtime())
+        day = budget_day(time.time())
         code, wait = await self.store.admit(
             tenant.id, user_id, day,
             per_minute=settings.messages_per_minute if rate_limited else 0, limits=limits, amounts=amounts,

@@ -24,10 +24,21 @@ from storage.roundtrips import RoundTrips
 from .answers import LEASE_TTL_MS, Answers, course_key, lease_member
 from .auth import Claims
 from .budgets import Budgets, Reservation
-from .errors import ChatError, CloseCode, bad_request, forbidden, not_found, regenerate_refused, restarting
+from .erasures import REFRESH_S, Erasures
+from .errors import (
+    ACCOUNT_DELETED,
+    ChatError,
+    CloseCode,
+    bad_request,
+    forbidden,
+    not_found,
+    regenerate_refused,
+    restarting,
+)
 from .hub import Hub, Peer
 from .metrics import Metrics
 from .protocol import HistoryRequest, SendMessage, encode
+from .revocations import Revocations
 from .settings import Settings
 from .tasks import cancel_and_wait
 from .teacher import Classroom
@@ -82,6 +93,8 @@ class ChatService:
         self.budgets = Budgets(settings, hub.store, self.metrics)
         self.answers = Answers(settings, db, hub, provider, self.budgets, self.metrics, self.tracer)
         self.classroom = Classroom(db, hub, self.answers)
+        self.erasures = Erasures(db)
+        self.revocations = Revocations(db, hub.store)
         self.hub.on_control = self._on_control
         self.hub.on_reconnect = self._recheck_logged_out
         self._sessions: dict[str, Session] = {}
@@ -96,6 +109,10 @@ class ChatService:
         self._revoked: dict[str, float] = {}
 
     async def start(self) -> None:
+        try:
+            await self.erasures.refresh()
+        except Exception as exc:  # read again before the first check (and by the maintenance loop)
+            log.warning("could not read the erased users", extra={"error": repr(exc)})
         await self.hub.start()
         self._maintenance = asyncio.create_task(self._maintain(), name="chat-maintenance")
 
@@ -128,7 +145,7 @@ class ChatService:
         new_conversation: bool,
         deadline: asyncio.Timeout | None,
     ) -> Session:
-        user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name)
+        user = await self.db.upsert_user(claims.tenant, claims.sub, claims.role, claims.name, claims.issued_at)
         course: Course | None = None
         if conversation_id is not None:
             conversation = await self.user_conversation(claims, user.id, conversation_id)
@@ -157,6 +174,8 @@ class ChatService:
             await self.close_session(session)
             raise
         self._sessions[session.id] = session
+        if self.erasures.erased(claims):  # erased while this hello was under way (announced meanwhile)
+            self._close_erased(session)
         return session
 
     async def _welcome(
@@ -422,9 +441,13 @@ class ChatService:
             self._revoked[str(message.get("session"))] = float(message.get("until", 0))
             self._close_expired()
         elif message.get("op") == "erase_user":
+            tenant_id, external_id = str(message.get("tenant")), str(message.get("user"))
+            if isinstance(deleted_at := message.get("deleted_at"), float | int):
+                expires_at = message.get("expires_at")
+                self.erasures.add(tenant_id, external_id, deleted_at, float(expires_at or 0))
             self._erase_user(
-                str(message.get("tenant")),
-                str(message.get("user")),
+                tenant_id,
+                external_id,
                 str(message.get("user_id")),
                 [str(c) for c in message.get("conversations") or ()],
             )
@@ -435,10 +458,8 @@ class ChatService:
         conversations' stream logs again, since an answer's last frames may have been logged after the
         command deleted them."""
         for session in self._sessions.values():
-            if session.expired or session.claims.tenant != tenant_id or session.claims.sub != external_id:
-                continue
-            session.expired = True
-            self._own(session.peer.close(CloseCode.FORBIDDEN, "account deleted"))
+            if session.claims.tenant == tenant_id and session.claims.sub == external_id:
+                self._close_erased(session)
         stopped = self.answers.stop_user(tenant_id, user_id)
         if stopped:
             self._own(self._forget_after(stopped, conversation_ids))
@@ -449,6 +470,11 @@ class ChatService:
             await self.hub.store.forget_conversations(conversation_ids)
         except Exception as exc:  # the logs expire an hour after their last frame
             log.warning("could not delete an erased user's stream logs", extra={"error": repr(exc)})
+
+    def _close_erased(self, session: Session) -> None:
+        if not session.expired:
+            session.expired = True
+            self._own(session.peer.close(CloseCode.FORBIDDEN, ACCOUNT_DELETED))
 
     def _own(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in a task of its own, kept in `_expiring` (cancelled and awaited on shutdown)."""
@@ -538,6 +564,11 @@ class ChatService:
                 await self.answers.take_over_expired()
                 if tick % 30 == 0:
                     await self.answers.end_unstarted()
+                if tick % REFRESH_S == 0 and await self.erasures.refresh():
+                    # Erased by a delete-user run without REDIS_URL (nothing was announced): their sockets.
+                    for session in self._sessions.values():
+                        if self.erasures.erased(session.claims):
+                            self._close_erased(session)
                 if tick % 5 == 0:
                     sessions = [(*s.presence, s.id) for s in self._sessions.values() if s.presence]
                     await self.hub.store.heartbeat(sessions, PRESENCE_TTL_MS)
@@ -547,22 +578,23 @@ class ChatService:
             except Exception:
                 log.exception("maintenance failed")
 
-    async def log_out(self, session_id: str, remaining_s: int) -> None:
+    async def log_out(self, tenant_id: str, session_id: str, remaining_s: int) -> None:
         """Revoke a cookie session until it would have expired and close its sockets on every replica (this
         one at once, before the announcement comes back)."""
-        await self.hub.store.revoke_session(session_id, remaining_s)
+        await self.revocations.revoke(tenant_id, session_id, remaining_s)
         self._on_control({"op": "revoke_session", "session": session_id, "until": time.time() + remaining_s})
 
     async def _recheck_logged_out(self) -> None:
         """After a pub/sub reconnect: a logout announced meanwhile was not heard here, so ask Redis about the
         cookie sessions with sockets on this replica (one round trip) and close those logged out."""
         open_sessions = {
-            s.claims.session_id: s.claims.exp for s in self._sessions.values() if s.claims.session_id and not s.expired
+            s.claims.session_id: s.claims for s in self._sessions.values() if s.claims.session_id and not s.expired
         }
         if not open_sessions:
             return
-        for session_id in await self.hub.store.revoked_sessions(list(open_sessions)):
-            self._revoked[session_id] = float(open_sessions[session_id])
+        tenants = {session_id: claims.tenant for session_id, claims in open_sessions.items()}
+        for session_id in await self.revocations.revoked_among(tenants):
+            self._revoked[session_id] = float(open_sessions[session_id].exp)
         self._close_expired()
 
     def logged_out(self, claims: Claims) -> bool:

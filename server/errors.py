@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from ai.base import AIError
-from storage.errors import ClientIdTakenError, DuplicateNameError, LimitReachedError, StorageError
+from storage.errors import ClientIdTakenError, DuplicateNameError, LimitReachedError, StorageError, UserErasedError
 
 
 class ErrorCode(StrEnum):
@@ -56,6 +56,8 @@ class CloseCode:
     FORBIDDEN = 4403
     HELLO_TIMEOUT = 4408
 
+
+ACCOUNT_DELETED = "account deleted"
 
 # Errors that end the socket: the frame is sent, then the socket is closed with this code.
 FATAL_CLOSE: dict[ErrorCode, int] = {
@@ -154,6 +156,12 @@ def forbidden(message: str, ref: str | None = None) -> ChatError:
     return ChatError(ErrorCode.FORBIDDEN, message, ref)
 
 
+def account_deleted() -> ChatError:
+    """The user was erased (`smartedu delete-user`) after their token was issued: 403, and at hello the socket
+    is closed with 4403 and this reason, as the sockets open at the erasure were."""
+    return ChatError(ErrorCode.FORBIDDEN, ACCOUNT_DELETED)
+
+
 def unauthorized(message: str) -> ChatError:
     return ChatError(ErrorCode.UNAUTHORIZED, message)
 
@@ -167,6 +175,8 @@ def from_storage(error: StorageError, ref: str | None = None) -> ChatError:
         return ChatError(ErrorCode.TOO_LARGE, str(error), ref)
     if isinstance(error, DuplicateNameError):
         return ChatError(ErrorCode.CONFLICT, str(error), ref, document_id=error.document_id)
+    if isinstance(error, UserErasedError):
+        return account_deleted()
     return not_found(str(error), ref)
 
 

@@ -49,6 +49,8 @@ from storage.postgres import connect_pool
 from storage.redis_store import RedisStore, connect_redis
 from storage.schema_check import pending_migrations
 
+from .auth import LEEWAY_S
+from .budgets import budget_day
 from .errors import ConfigError
 from .settings import Settings
 
@@ -130,7 +132,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "is older than the retention period. A tenant's own tenants.retention_days wins over\n"
         "--older-than; with --per-tenant only tenants that set one are purged. Deletes run in batches,\n"
         "one transaction each, so an interrupted purge keeps what it did and can simply be run again.\n"
-        "With REDIS_URL (and the servers' SMARTEDU_REDIS_PREFIX) their stream logs are deleted from Redis too.",
+        "With REDIS_URL (and the servers' SMARTEDU_REDIS_PREFIX) their stream logs are deleted from Redis too.\n"
+        "Erasure records and logged-out sessions whose tokens and cookies have all expired are deleted too.",
         epilog="examples:\n  smartedu purge --older-than 365d --dry-run\n"
         "  smartedu purge --older-than 52w --tenant school-a\n  smartedu purge --per-tenant",
     )
@@ -169,7 +172,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         "transaction. Messages they wrote in other users' conversations stay there without an author.\n"
         "Only the given tenant is touched. Asks for confirmation unless --yes. With REDIS_URL (and the\n"
         "servers' SMARTEDU_REDIS_PREFIX) the running servers close the user's sockets (4403) and stop their\n"
-        "answers, and their stream logs and presence entries are deleted from Redis.",
+        "answers, and their stream logs, presence entries and counters are deleted from Redis. The tokens\n"
+        "they hold are refused from then on (an erasure record, kept SMARTEDU_MAX_TOKEN_LIFETIME_S).",
         epilog="example:\n  smartedu delete-user --tenant school-a --user stu-42",
     )
     delete.add_argument("--tenant", required=True, metavar="T", help="the user's tenant (school) id")
@@ -359,6 +363,18 @@ async def _clean_redis(command: str, settings: Settings, clean: Callable[[RedisS
         await client.aclose()
 
 
+def _budget_days(now: float) -> list[str]:
+    """The days whose token budget keys can still exist: each expires two days after its last write."""
+    return [budget_day(now - back * 86400) for back in range(3)]
+
+
+def _erasure_record(deleted: UserData) -> dict[str, float]:
+    """The replicas refuse the user's older tokens from the record in PostgreSQL; announced, at once."""
+    if deleted.deleted_at is None or deleted.refused_until is None:
+        return {}
+    return {"deleted_at": deleted.deleted_at.timestamp(), "expires_at": deleted.refused_until.timestamp()}
+
+
 async def _erase_live_state(settings: Settings, deleted: UserData) -> bool:
     """Close the deleted user's sockets and stop their answers on every replica (`erase_user` on the control
     channel), then delete their conversations' stream logs and their presence entries."""
@@ -367,18 +383,36 @@ async def _erase_live_state(settings: Settings, deleted: UserData) -> bool:
     async def clean(store: RedisStore) -> None:
         await store.publish_control(
             {"op": "erase_user", "tenant": user.tenant_id, "user": user.external_id, "user_id": user.id,
-             "conversations": list(deleted.conversation_ids)}
+             "conversations": list(deleted.conversation_ids), **_erasure_record(deleted)}
         )
         await store.forget_conversations(deleted.conversation_ids)
         await store.forget_presence(user.tenant_id, deleted.course_ids, user.external_id)
+        await store.forget_user_counters(user.tenant_id, user.id, _budget_days(time.time()))
 
     return await _clean_redis("delete-user", settings, clean)
+
+
+async def _purge_expired_records(args: argparse.Namespace, lifecycle: Lifecycle) -> None:
+    """Erasure records and logouts are kept until every token and cookie they refuse has expired: then they
+    go, whatever the retention (they hold no conversation)."""
+    tenants = [args.tenant] if args.tenant is not None else await lifecycle.tenants_with_expired_records()
+    erased = revoked = 0
+    for tenant_id in tenants:
+        counts = await lifecycle.purge_expired_records(tenant_id, batch_size=args.batch_size, dry_run=args.dry_run)
+        erased, revoked = erased + counts[0], revoked + counts[1]
+    if erased or revoked:
+        verb = "would delete" if args.dry_run else "deleted"
+        print(
+            f"expired: {verb} {_plural(erased, 'erasure record')}, {_plural(revoked, 'logged-out session')} "
+            "(their tokens and cookies have all expired)"
+        )
 
 
 async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecycle) -> int:
     policies = await lifecycle.retention_policies(args.tenant)
     if args.tenant is not None and not policies:
         raise LifecycleError(f"there is no tenant {args.tenant!r}")
+    await _purge_expired_records(args, lifecycle)
     now = await lifecycle.now()
     rules = retention_rules(policies, now, None if args.per_tenant else args.older_than)
     if not rules:
@@ -472,7 +506,10 @@ def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
     if not args.yes and not _confirm("Delete this user and all of the above? This cannot be undone. [y/N] "):
         print("nothing deleted", file=sys.stderr)
         return 1
-    deleted = asyncio.run(_with_lifecycle(settings, lambda lc: lc.delete_user(args.tenant, args.user)))
+    # A token issued before the erasure stays valid (its signature, its exp) for up to the longest lifetime
+    # the servers accept, and so does a cookie session made from it (SMARTEDU_SESSION_TTL_S is no longer).
+    refuse_for = settings.max_token_lifetime_s + LEEWAY_S
+    deleted = asyncio.run(_with_lifecycle(settings, lambda lc: lc.delete_user(args.tenant, args.user, refuse_for)))
     if deleted is None:
         raise _no_user(args)
     kept = deleted.authored_elsewhere
@@ -483,8 +520,9 @@ def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
             "delete-user",
             "their questions and answers of the last "
             f"{settings.stream_ttl_s} s stay in the stream logs until they expire, their name in the presence "
-            "lists of their courses until those are next read or idle, and their open sockets stay open (until "
-            "their token expires), answers being generated for them go on",
+            "lists of their courses until those are next read or idle, their rate-limit and budget counters until "
+            "they expire (within two days), and answers being generated for them go on (their open sockets are "
+            "closed within 10 s, when each replica next reads the erasure records)",
         )
         return 0
     return 0 if asyncio.run(_erase_live_state(settings, deleted)) else 1

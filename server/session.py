@@ -155,6 +155,7 @@ class SocketSession:
                 raise unauthorized("this session has been logged out; sign in again")
         else:
             claims = self.verifier.verify(token)
+        await self.chat.erasures.refuse(claims)  # the user upsert refuses them too; this costs no round trip
         if self.pending_origin is not None and not await self.chat.origin_allowed_for(
             claims.tenant, self.pending_origin
         ):

@@ -4,9 +4,10 @@ State-changing requests authenticated by the cookie need the double-submit CSRF 
 `smartedu_csrf` cookie echoed in `X-CSRF-Token`). The WebSocket accepts the cookie only from an
 allowed Origin.
 
-Each session has an id. Logging out revokes it in Redis until the session would have expired, so a copy
-of the cookie stops working too (one EXISTS per request or socket upgrade that carries the cookie), and
-closes that session's open sockets on every replica (4401).
+Each session has an id. Logging out revokes it in PostgreSQL and Redis until the session would have expired,
+so a copy of the cookie stops working too (one Redis round trip per request or socket upgrade that carries
+the cookie; server/revocations.py), also after Redis lost its data, and closes that session's open sockets
+on every replica (4401).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from .auth import Claims
 from .errors import ChatError, ErrorCode, forbidden, unauthorized
-from .keys import CHAT, REDIS
+from .keys import CHAT
 
 SESSION_COOKIE = "smartedu_session"
 CSRF_COOKIE = "smartedu_csrf"
@@ -65,6 +66,8 @@ def _claims_to_dict(claims: Claims, expires: int) -> dict[str, Any]:
         "sub": claims.sub, "tid": claims.tenant, "role": claims.role, "name": claims.name,
         "courses": list(claims.courses) if claims.courses is not None else None, "exp": expires,
         "sid": secrets.token_urlsafe(16),
+        # The token's: a session made from a token issued before its user was erased is refused like the token.
+        "iat": claims.issued_at,
     }
 
 
@@ -98,7 +101,7 @@ async def end_session(request: web.Request) -> web.Response:
     data = session["claims"]
     if isinstance(data, dict) and isinstance(data.get("sid"), str):
         remaining = int(data.get("exp", 0)) - int(time.time())
-        await request.app[CHAT].log_out(data["sid"], remaining)
+        await request.app[CHAT].log_out(str(data.get("tid")), data["sid"], remaining)
     session.invalidate()
     response = web.json_response({"status": "logged out"})
     response.del_cookie(CSRF_COOKIE, path="/")
@@ -141,15 +144,16 @@ async def session_claims(request: web.Request) -> Claims | None:
     session_id = data.get("sid")
     if not isinstance(session_id, str):
         session_id = None
-    elif await request.app[REDIS].session_revoked(session_id):
+    elif await request.app[CHAT].revocations.revoked(str(data.get("tid")), session_id):
         return None
     if request.method not in SAFE_METHODS:
         check_csrf(request, session.get("csrf"))
     courses = data.get("courses")
+    issued = data.get("iat")  # when its token was issued (None: the token did not say, or an earlier version)
     return Claims(
         sub=str(data["sub"]), tenant=str(data["tid"]), role=str(data["role"]), exp=int(data["exp"]),
         name=str(data.get("name") or ""), courses=tuple(courses) if isinstance(courses, list) else None,
-        session_id=session_id,
+        session_id=session_id, issued_at=float(issued) if isinstance(issued, int | float) else None,
     )
 
 

@@ -25,3 +25,7 @@ class DuplicateNameError(StorageError):
     def __init__(self, message: str, document_id: int):
         super().__init__(message)
         self.document_id = document_id
+
+
+class UserErasedError(StorageError):
+    """The user was erased (`smartedu delete-user`) after the token naming them was issued: nothing was written."""

@@ -63,3 +63,11 @@ class Keys:
     def revoked_session(self, session_id: str) -> str:
         """Present while a logged-out cookie session would otherwise still be valid."""
         return f"{self.prefix}session:{session_id}:revoked"
+
+    def revocations_loaded(self) -> str:
+        """Present once Redis holds every logout recorded in PostgreSQL: gone with a Redis that lost its data."""
+        return f"{self.prefix}revocations:loaded"
+
+    def revocations_loading(self) -> str:
+        """Held by the replica copying the logouts from PostgreSQL into a Redis that lost them."""
+        return f"{self.prefix}revocations:loading"

@@ -27,6 +27,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from .migrate import apply_migrations
+from .postgres import subject_hash
 
 Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
 # (table, position, total): called as each table's data is dumped or restored.
@@ -502,6 +503,9 @@ class UserData:
     # Filled in by `delete_user`: what Redis may still hold copies of (stream logs, presence entries).
     conversation_ids: tuple[str, ...] = ()
     course_ids: tuple[str, ...] = ()
+    # The erasure record: tokens issued until `deleted_at` are refused until `refused_until`.
+    deleted_at: datetime | None = None
+    refused_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -683,6 +687,48 @@ class Lifecycle:
             if on_batch is not None:
                 on_batch(total)
 
+    async def tenants_with_expired_records(self) -> list[str]:
+        """The tenants with erasure records or logged-out sessions past their expiry (also tenants that have
+        no row in `tenants`: a cookie session is made without one)."""
+        rows = await self.pool.fetch(
+            "SELECT tenant_id FROM erased_users WHERE expires_at <= now()"
+            " UNION SELECT tenant_id FROM revoked_sessions WHERE expires_at <= now() ORDER BY 1"
+        )
+        return [r["tenant_id"] for r in rows]
+
+    async def purge_expired_records(
+        self, tenant_id: str, *, batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False
+    ) -> tuple[int, int]:
+        """Delete (or, dry, count) the tenant's erasure records and logged-out sessions whose tokens and
+        cookies have all expired, `batch_size` rows a transaction; (erasure records, logouts)."""
+        if dry_run:
+            row = await self.pool.fetchrow(
+                "SELECT (SELECT count(*) FROM erased_users WHERE tenant_id = $1 AND expires_at <= now()) AS erased,"
+                " (SELECT count(*) FROM revoked_sessions WHERE tenant_id = $1 AND expires_at <= now()) AS revoked",
+                tenant_id,
+            )
+            assert row is not None
+            return row["erased"], row["revoked"]
+        erased = await self._delete_in_batches(
+            "DELETE FROM erased_users WHERE tenant_id = $1 AND subject IN (SELECT subject FROM erased_users"
+            " WHERE tenant_id = $1 AND expires_at <= now() LIMIT $2)",
+            tenant_id,
+            batch_size,
+        )
+        revoked = await self._delete_in_batches(
+            "DELETE FROM revoked_sessions WHERE tenant_id = $1 AND session_id IN (SELECT session_id"
+            " FROM revoked_sessions WHERE tenant_id = $1 AND expires_at <= now() LIMIT $2)",
+            tenant_id,
+            batch_size,
+        )
+        return erased, revoked
+
+    async def _delete_in_batches(self, statement: str, tenant_id: str, batch_size: int) -> int:
+        total = 0
+        while deleted := _rowcount(await self.pool.execute(statement, tenant_id, batch_size)):
+            total += deleted
+        return total
+
     async def find_user(self, tenant_id: str, external_id: str) -> UserRef | None:
         """The tenant's user with this external id, or None."""
         row = await self.pool.fetchrow(
@@ -715,11 +761,12 @@ class Lifecycle:
         counts = DataCounts(row["conversations"], row["messages"], row["usage"], row["flags"])
         return UserData(user, counts, row["elsewhere"])
 
-    async def delete_user(self, tenant_id: str, external_id: str) -> UserData | None:
-        """Delete the tenant's user with their conversations, messages, flags and usage rows; None if absent."""
+    async def delete_user(self, tenant_id: str, external_id: str, refuse_tokens_for_s: int) -> UserData | None:
+        """Delete the tenant's user with their conversations, messages, flags and usage rows, and record the
+        erasure for `refuse_tokens_for_s` (the longest a token issued before it can stay valid); None if absent."""
         for attempt in range(1, _DELETE_ATTEMPTS + 1):
             try:
-                return await self._delete_user(tenant_id, external_id)
+                return await self._delete_user(tenant_id, external_id, refuse_tokens_for_s)
             except asyncpg.DeadlockDetectedError:
                 # An answer committed meanwhile: its statement holds the answer's row and waits for the user's
                 # (its usage row's foreign key), which this transaction holds while it waits for the answer's
@@ -729,7 +776,7 @@ class Lifecycle:
                     raise
         raise AssertionError("unreachable")
 
-    async def _delete_user(self, tenant_id: str, external_id: str) -> UserData | None:
+    async def _delete_user(self, tenant_id: str, external_id: str, refuse_tokens_for_s: int) -> UserData | None:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT id::text AS id, tenant_id, external_id, role FROM users"
@@ -766,9 +813,25 @@ class Lifecycle:
                 "DELETE FROM conversations WHERE tenant_id = $1 AND user_id = $2", tenant_id, user.id
             )
             await conn.execute("DELETE FROM users WHERE tenant_id = $1 AND id = $2", tenant_id, user.id)
+            # The token the person still holds would recreate the account at its next use: the replicas refuse
+            # the tokens issued until now for as long as one of them can be valid.
+            record = await conn.fetchrow(
+                "INSERT INTO erased_users (tenant_id, subject, deleted_at, expires_at)"
+                " VALUES ($1, $2, now(), now() + make_interval(secs => $3))"
+                " ON CONFLICT (tenant_id, subject) DO UPDATE"
+                " SET deleted_at = EXCLUDED.deleted_at, expires_at = EXCLUDED.expires_at"
+                " RETURNING deleted_at, expires_at",
+                tenant_id,
+                subject_hash(tenant_id, external_id),
+                float(refuse_tokens_for_s),
+            )
+        assert record is not None
         counts = DataCounts(_rowcount(conversations), _rowcount(messages), _rowcount(usage), _rowcount(flags))
         courses = sorted({r["course_id"] for r in owned if r["course_id"] is not None})
-        return UserData(user, counts, _rowcount(elsewhere), tuple(str(i) for i in ids), tuple(courses))
+        return UserData(
+            user, counts, _rowcount(elsewhere), tuple(str(i) for i in ids), tuple(courses), record["deleted_at"],
+            record["expires_at"],
+        )
 
     async def export_user(self, tenant_id: str, external_id: str) -> UserExport | None:
         """Every row stored about the tenant's user, read in one snapshot; None if there is no such user."""

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import operator
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from .errors import ClientIdTakenError, NotFoundError
+from .errors import ClientIdTakenError, NotFoundError, UserErasedError
 from .migrate import apply_migrations
 from .models import (
     Conversation,
@@ -46,6 +48,21 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def subject_hash(tenant_id: str, external_id: str) -> bytes:
+    """What an erasure record keeps of the person: enough to recognise their tokens' claims, not their id."""
+    return hashlib.sha256(f"{tenant_id}\x00{external_id}".encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """A user erased by `smartedu delete-user`: tokens issued until `deleted_at` are refused until `expires_at`."""
+
+    tenant_id: str
+    subject: bytes
+    deleted_at: datetime
+    expires_at: datetime
 
 _MESSAGE_COLUMNS = (
     "id, conversation_id::text AS conversation_id, role, text, status, client_id, reply_to, seq, created_at,"
@@ -421,9 +438,13 @@ _ANSWER_WAITING = _REPLY_IF.format(
     condition="(SELECT id FROM messages WHERE conversation_id = $2 ORDER BY id DESC LIMIT 1) = $3"
     " AND EXISTS (SELECT 1 FROM messages WHERE id = $3 AND tenant_id = $1 AND role = 'user')"
 )
+# A token issued before its user was erased (iat $6 at or before deleted_at; without iat, $6 is NULL: any
+# token while the erasure is recorded) inserts and updates nothing, so an erased account is never recreated.
 _UPSERT_USER = (
     "WITH tenant AS (INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING)"
-    " INSERT INTO users (tenant_id, external_id, role, display_name) VALUES ($1, $2, $3, $4)"
+    " INSERT INTO users (tenant_id, external_id, role, display_name) SELECT $1, $2, $3, $4"
+    " WHERE NOT EXISTS (SELECT 1 FROM erased_users WHERE tenant_id = $1 AND subject = $5 AND expires_at > now()"
+    " AND ($6::timestamptz IS NULL OR $6 <= deleted_at))"
     " ON CONFLICT (tenant_id, external_id) DO UPDATE"
     " SET role = EXCLUDED.role, display_name = EXCLUDED.display_name, last_seen_at = now()"
     " RETURNING id::text AS id, tenant_id, external_id, role, display_name"
@@ -522,14 +543,60 @@ class Database:
 
     # -- identities ---------------------------------------------------------------------------
 
-    async def upsert_user(self, tenant_id: str, external_id: str, role: str, display_name: str) -> User:
-        """Create or refresh the tenant and user named by verified token claims.
+    async def upsert_user(
+        self, tenant_id: str, external_id: str, role: str, display_name: str, issued_at: float | None = None
+    ) -> User:
+        """Create or refresh the tenant and user named by verified token claims; `UserErasedError` when the
+        user was erased after the token was issued (`issued_at`, seconds since the epoch; None when the token does
+        not say).
 
         One statement, so one round trip and one commit on every `hello`: the user's foreign key is checked
         at the end of the statement, which sees the tenant its first part inserted."""
-        row = await self._sql.fetchrow(_UPSERT_USER, tenant_id, external_id, role, display_name)
-        assert row is not None
+        issued = None if issued_at is None else datetime.fromtimestamp(issued_at, UTC)
+        row = await self._sql.fetchrow(
+            _UPSERT_USER, tenant_id, external_id, role, display_name, subject_hash(tenant_id, external_id), issued
+        )
+        if row is None:
+            raise UserErasedError("account deleted")
         return User(**dict(row))
+
+    async def erasures(self) -> list[Erasure]:
+        """The erasures still recorded (every tenant's: each replica keeps them all in memory)."""
+        rows = await self._sql.fetch(
+            "SELECT tenant_id, subject, deleted_at, expires_at FROM erased_users WHERE expires_at > now()"
+        )
+        return [Erasure(r["tenant_id"], bytes(r["subject"]), r["deleted_at"], r["expires_at"]) for r in rows]
+
+    # -- logged-out cookie sessions -------------------------------------------------------------
+
+    async def revoke_session(self, tenant_id: str, session_id: str, expires_at: datetime) -> None:
+        """Record a logged-out cookie session until it would have expired."""
+        await self._sql.execute(
+            "INSERT INTO revoked_sessions (tenant_id, session_id, expires_at) VALUES ($1, $2, $3)"
+            " ON CONFLICT (tenant_id, session_id) DO NOTHING",
+            tenant_id,
+            session_id,
+            expires_at,
+        )
+
+    async def revoked_sessions(self, tenant_id: str, session_ids: Sequence[str]) -> set[str]:
+        """Which of the tenant's cookie sessions were logged out and would still be valid."""
+        rows = await self._sql.fetch(
+            "SELECT session_id FROM revoked_sessions WHERE tenant_id = $1 AND session_id = ANY($2::text[])"
+            " AND expires_at > now()",
+            tenant_id,
+            list(session_ids),
+        )
+        return {r["session_id"] for r in rows}
+
+    async def unexpired_revocations(self) -> list[tuple[str, float]]:
+        """Every tenant's logged-out sessions that would still be valid: (session id, seconds left), to restore
+        Redis's copy after it lost its data."""
+        rows = await self._sql.fetch(
+            "SELECT session_id, extract(epoch FROM expires_at - now())::float8 AS left_s FROM revoked_sessions"
+            " WHERE expires_at > now()"
+        )
+        return [(r["session_id"], float(r["left_s"])) for r in rows]
 
     async def get_tenant(self, tenant_id: str) -> TenantSettings:
         """The tenant's own settings (defaults when it has none)."""

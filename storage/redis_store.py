@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import hiredis
@@ -135,7 +135,10 @@ def _course_envelope(node: str, frame: bytes) -> bytes:
     return b"%b 0 %b" % (node.encode(), frame)
 
 
-def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+T = TypeVar("T")
+
+
+def _chunks(items: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
     """Pipelines of bounded size: a replica holding 10,000 conversations does not build one of 30,000."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -551,6 +554,14 @@ class RedisStore:
                 removed += len(theirs)
         return removed
 
+    async def forget_user_counters(self, tenant_id: str, user_id: str, days: Sequence[str]) -> None:
+        """Delete an erased user's rate-limit counter and token budgets of these days (keyed by their id)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.delete(self.keys.rate_limit(tenant_id, user_id))
+            for day in days:
+                pipe.delete(self.keys.user_tokens(tenant_id, user_id, day))
+            await pipe.execute()
+
     async def publish_control(self, message: dict[str, object]) -> None:
         """Tell every replica something (e.g. cancel an answer that another replica generates)."""
         await self.client.publish(self.keys.control_channel(), orjson.dumps(message))
@@ -560,17 +571,45 @@ class RedisStore:
         await self.client.set(self.keys.revoked_session(session_id), b"1", ex=max(1, ttl_s))
         await self.publish_control({"op": "revoke_session", "session": session_id, "until": time.time() + ttl_s})
 
-    async def revoked_sessions(self, session_ids: Sequence[str]) -> set[str]:
-        """Which of these cookie sessions were logged out (one pipelined round trip)."""
+    async def revoked_sessions(self, session_ids: Sequence[str]) -> set[str] | None:
+        """Which of these cookie sessions were logged out (one pipelined round trip); None when Redis lost the
+        logouts (PostgreSQL has them: `restore_revocations`)."""
         async with self.client.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.revocations_loaded())
             for session_id in session_ids:
                 pipe.exists(self.keys.revoked_session(session_id))
-            found = await pipe.execute()
-        return {session_id for session_id, hit in zip(session_ids, found, strict=True) if hit}
+            loaded, *found = await pipe.execute()
+        revoked = {session_id for session_id, hit in zip(session_ids, found, strict=True) if hit}
+        return revoked if loaded or revoked else None
 
-    async def session_revoked(self, session_id: str) -> bool:
-        """Whether a cookie session was logged out (one round trip: on HTTP requests and socket upgrades)."""
-        return bool(await self.client.exists(self.keys.revoked_session(session_id)))
+    async def session_revoked(self, session_id: str) -> bool | None:
+        """Whether a cookie session was logged out (one round trip: on HTTP requests and socket upgrades); None
+        when Redis lost the logouts."""
+        # One EXISTS, as cheap as asking about the session alone: the session's key is counted twice, so the
+        # count says both (0 neither, 1 the marker, 2 the session, 3 both). On a cluster redis-py splits it by
+        # slot and adds up the counts.
+        key = self.keys.revoked_session(session_id)
+        count = int(await self.client.exists(self.keys.revocations_loaded(), key, key))
+        return True if count >= 2 else (False if count == 1 else None)
+
+    async def revocations_loaded(self) -> bool:
+        return bool(await self.client.exists(self.keys.revocations_loaded()))
+
+    async def lock_revocations(self, ttl_s: int) -> bool:
+        """Take the right to restore the logouts (one replica at a time, for at most `ttl_s`)."""
+        return bool(await self.client.set(self.keys.revocations_loading(), b"1", nx=True, ex=ttl_s))
+
+    async def unlock_revocations(self) -> None:
+        await self.client.delete(self.keys.revocations_loading())
+
+    async def restore_revocations(self, sessions: Sequence[tuple[str, float]]) -> None:
+        """Put back the logged-out sessions (id, seconds left) of PostgreSQL, then mark Redis as holding them."""
+        for chunk in _chunks(sessions):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for session_id, left_s in chunk:
+                    pipe.set(self.keys.revoked_session(session_id), b"1", px=max(1, int(left_s * 1000)))
+                await pipe.execute()
+        await self.client.set(self.keys.revocations_loaded(), b"1")
 
     async def publish_course_event(self, tenant_id: str, course_id: str, node: str, frame: bytes) -> None:
         """A course-level event (students joining or leaving) for teachers watching on any replica."""

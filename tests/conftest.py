@@ -38,7 +38,8 @@ TEST_SECRET = "test-secret-" + "x" * 60
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 TABLES = (
-    "message_flags, document_passages, ai_usage, messages, conversations, course_documents, courses, users, tenants"
+    "message_flags, document_passages, ai_usage, messages, conversations, course_documents, courses, users, tenants,"
+    " erased_users, revoked_sessions"
 )
 
 

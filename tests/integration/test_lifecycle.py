@@ -458,12 +458,12 @@ async def test_delete_user_removes_everything_of_theirs_and_nothing_else(
     assert set(other_tenant.conversations) | set(classmate.conversations) <= after["conversations"]
 
     # A teacher's messages in a student's conversation stay with the student, without an author.
-    removed = await lifecycle.delete_user("school-a", "tea-1")
+    removed = await lifecycle.delete_user("school-a", "tea-1", 3600)
     assert removed is not None and removed.counts == DataCounts() and removed.authored_elsewhere == 1
     assert await db.fetchrow("SELECT text, author_id FROM messages WHERE id = $1", kept_note) == (
         "Try drawing it first.", None
     )
-    assert await lifecycle.delete_user("school-a", "tea-1") is None
+    assert await lifecycle.delete_user("school-a", "tea-1", 3600) is None
     assert await _cli(settings, "delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes") == 1
 
 

@@ -10,7 +10,9 @@ import time
 import pytest
 from cryptography.fernet import Fernet
 
+from server.keys import REDIS
 from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, new_session_key, session_key
+from storage.keys import Keys
 from tests.conftest import Serve, Server, hold_pubsub_reconnects, kill_pubsub_of, token
 
 pytestmark = pytest.mark.integration
@@ -119,3 +121,47 @@ async def test_a_cookie_of_an_earlier_version_is_taken_until_it_expires(serve: S
     assert sock.frames[0]["type"] == "welcome"
     response = await server.client.delete("/api/session", headers={**cookies, CSRF_HEADER: csrf})
     assert response.status == 200
+
+
+async def _lose_redis_data(server: Server) -> None:
+    """What a Redis restarted without persistence would hold of this test: nothing. Only the test's own keys
+    (its prefix) are deleted: the Redis is shared with other runs."""
+    client = server.client.app[REDIS].client
+    keys = [key async for key in client.scan_iter(match=f"{server.settings.redis_prefix}*", count=1000)]
+    for key in keys:
+        await client.delete(key)
+
+
+async def _refused(server: Server, copied: dict[str, str]) -> None:
+    response = await server.client.get("/api/conversations", headers=copied)
+    assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
+    sock = await server.connect({}, headers={**copied, **_own_origin(server)}, welcome=False)
+    assert (await sock.expect("error"))["code"] == "unauthorized"
+    assert await sock.close_code() == 4401
+
+
+async def test_a_logged_out_cookie_stays_refused_after_redis_loses_its_data(serve: Serve) -> None:
+    key = new_session_key()
+    first = await serve(session_key=key)
+    csrf, copied = await _login(first)
+    _, staying = await _login(first)
+    response = await first.client.delete("/api/session", headers={**copied, CSRF_HEADER: csrf})
+    assert response.status == 200
+    await _lose_redis_data(first)
+    second = await serve(session_key=key)  # started after the loss: it never heard of the logout
+    for server in (second, first):
+        await _refused(server, copied)
+    assert (await second.client.get("/api/conversations", headers=staying)).status == 200
+
+    # The first request copied the logouts back into Redis, which answers from then on. While another
+    # replica is copying them (it holds the lock), PostgreSQL is asked directly.
+    keys = Keys(first.settings.redis_prefix)
+    client = first.client.app[REDIS].client
+    assert await client.exists(keys.revocations_loaded())
+    await _lose_redis_data(first)
+    await client.set(keys.revocations_loading(), b"1")
+    await _refused(first, copied)
+    assert not await client.exists(keys.revocations_loaded())
+    await client.delete(keys.revocations_loading())
+    await _refused(second, copied)
+    assert await client.exists(keys.revocations_loaded())
