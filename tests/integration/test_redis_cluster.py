@@ -28,6 +28,10 @@ from storage.redis_store import connect_redis
 from tests.conftest import Services, clean_settings, require_tool
 
 # The same tests as on a single Redis: every key they touch must live in one hash slot per script.
+from tests.integration.test_logout import (  # noqa: F401
+    test_a_copied_cookie_is_refused_after_logout_and_its_sockets_close,
+    test_a_logged_out_cookie_stays_refused_after_redis_loses_its_data,
+)
 from tests.integration.test_scaleout import (  # noqa: F401
     test_abandoned_answer_is_taken_over_and_can_be_regenerated,
     test_cancel_reaches_the_replica_that_generates,
