@@ -113,9 +113,12 @@ def create_app(
     async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await connect_pool(
             database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max,
-            connect_timeout=settings.db_connect_timeout_s,
+            connect_timeout=settings.db_connect_timeout_s, keepalive_s=settings.db_keepalive_s,
         )
-        db = Database(pool, probe_connector(database_url, connect_timeout=settings.db_connect_timeout_s))
+        probe = probe_connector(
+            database_url, connect_timeout=settings.db_connect_timeout_s, keepalive_s=settings.db_keepalive_s
+        )
+        db = Database(pool, probe)
         try:
             if settings.migrate_on_start:
                 await db.migrate()

@@ -320,3 +320,34 @@ async def test_readiness_with_neither_postgres_nor_redis_answering_takes_one_tim
     assert (status, body["postgres"], body["redis"]) == (503, "unavailable: TimeoutError", "unavailable: TimeoutError")
     assert 1.9 < elapsed < 3.5, elapsed  # 4 s when asked one after the other
     assert (await _ready(server))[0] == 200
+
+
+async def test_postgres_connections_keep_alive_so_a_server_gone_silent_is_given_up(
+    proxy: PostgresProxy, serve: Serve
+) -> None:
+    """After a fail-over a pooled connection whose server vanished without closing it heard nothing until
+    the 30 s statement timeout. TCP keepalive (and TCP_USER_TIMEOUT for a statement on its way) give it up
+    after SMARTEDU_DB_KEEPALIVE_S (12 s: 6 s idle, then 3 probes 2 s apart): the pool's connections and
+    the readiness probe's own. Over TCP through the proxy, since the embedded PostgreSQL is on a Unix
+    socket (which has no keepalive, and is left alone: every other test starts on it)."""
+    import socket
+
+    from server.keys import DATABASE
+    from storage.postgres import connection_socket
+
+    server = await _serve(serve, proxy)
+    assert server.settings.db_keepalive_s == 12
+    database = server.client.app[DATABASE]
+    assert (await _ready(server))[0] == 200  # opens the probe's connection
+    async with database.pool.acquire() as pooled:
+        sockets = [connection_socket(pooled), connection_socket(database._probe)]  # type: ignore[arg-type]
+    for sock in sockets:
+        assert sock is not None and sock.family == socket.AF_INET
+        options = (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0,
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+        assert options == (True, 6, 2, 3, 12_000), options
