@@ -51,6 +51,29 @@ REDIS_TIMED = ("emit", "admit", "snapshot", "adjust_tokens")
 
 _HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.BAD_REQUEST, 413: ErrorCode.TOO_LARGE}
 
+# The longest header value (or name) and request URL served: what aiohttp's HTTP parser allows by default.
+# Its parser answers anything longer with a plain-text 400 of its own, before any middleware runs, so it is
+# given PARSER_LIMIT_BYTES instead, and limit_middleware refuses what is over these with the API's JSON error.
+MAX_HEADER_BYTES = 8190
+MAX_URL_BYTES = 8190
+PARSER_LIMIT_BYTES = 32 * 1024
+
+
+@web.middleware
+async def limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse a request URL (414) or a header (431) over its limit, with `too_large`."""
+    if len(request.raw_path.encode("utf-8", "surrogateescape")) > MAX_URL_BYTES:
+        return _too_large(414, f"the request URL is longer than {MAX_URL_BYTES} bytes")
+    for name, value in request.raw_headers:
+        if len(value) > MAX_HEADER_BYTES or len(name) > MAX_HEADER_BYTES:
+            shown = name[:64].decode("ascii", "replace")
+            return _too_large(431, f"the request header {shown!r} is longer than {MAX_HEADER_BYTES} bytes")
+    return await handler(request)
+
+
+def _too_large(status: int, message: str) -> web.Response:
+    return web.json_response({"error": ChatError(ErrorCode.TOO_LARGE, message).to_dict()}, status=status)
+
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -99,9 +122,14 @@ def create_app(
     # outer one answers for a failure of the CORS lookup itself.
     app = web.Application(
         middlewares=[
-            request_id_middleware, error_middleware, tenant_cors_middleware(TenantOrigins()), error_middleware
+            request_id_middleware,
+            error_middleware,
+            tenant_cors_middleware(TenantOrigins()),
+            error_middleware,
+            limit_middleware,  # inside the CORS middleware: a school's page can read why
         ],
         client_max_size=1024 * 1024,
+        handler_args={"max_line_size": PARSER_LIMIT_BYTES, "max_field_size": PARSER_LIMIT_BYTES},
     )
     app[SETTINGS] = settings
     app[VERIFIER] = TokenVerifier(settings)
@@ -113,9 +141,12 @@ def create_app(
     async def postgres_ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await connect_pool(
             database_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max,
-            connect_timeout=settings.db_connect_timeout_s,
+            connect_timeout=settings.db_connect_timeout_s, keepalive_s=settings.db_keepalive_s,
         )
-        db = Database(pool, probe_connector(database_url, connect_timeout=settings.db_connect_timeout_s))
+        probe = probe_connector(
+            database_url, connect_timeout=settings.db_connect_timeout_s, keepalive_s=settings.db_keepalive_s
+        )
+        db = Database(pool, probe)
         try:
             if settings.migrate_on_start:
                 await db.migrate()

@@ -346,21 +346,23 @@ async def _clean_redis(command: str, settings: Settings, clean: Callable[[RedisS
     """Run `clean` on the servers' Redis (REDIS_URL, the servers' SMARTEDU_REDIS_PREFIX); False if it failed,
     having said so: the database rows are deleted already, Redis's copies expire on their own."""
     assert settings.redis_url is not None
+    failure: Exception
     try:
         client = await connect_redis(settings.redis_url, attempts=3)
     except (redis.exceptions.RedisError, OSError) as exc:
-        print(f"smartedu {command}: the database rows are deleted, but Redis was not cleaned: {exc}", file=sys.stderr)
-        return False
-    store = RedisStore(client, Keys(settings.redis_prefix), log_ttl_s=settings.stream_ttl_s)
-    try:
-        await clean(store)
-        return True
-    except redis.exceptions.RedisError as exc:
-        print(f"smartedu {command}: the database rows are deleted, but Redis was not cleaned: {exc}", file=sys.stderr)
-        return False
-    finally:
-        await store.close()
-        await client.aclose()
+        failure = exc
+    else:
+        store = RedisStore(client, Keys(settings.redis_prefix), log_ttl_s=settings.stream_ttl_s)
+        try:
+            await clean(store)
+            return True
+        except redis.exceptions.RedisError as exc:
+            failure = exc
+        finally:
+            await store.close()
+            await client.aclose()
+    print(f"smartedu {command}: the database rows are deleted, but Redis was not cleaned: {failure}", file=sys.stderr)
+    return False
 
 
 def _budget_days(now: float) -> list[str]:

@@ -86,13 +86,21 @@ JwksFetch = Callable[[str], Awaitable[Mapping[str, Any]]]
 
 
 async def fetch_jwks(url: str) -> Mapping[str, Any]:
-    """GET a JWKS document (bounded in time and size)."""
+    """GET a JWKS document (bounded in time and size) from `url` itself: a redirect is refused."""
     try:
         timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT_S)
         async with (
             aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(url, headers={"Accept": "application/json"}) as response,
+            session.get(url, headers={"Accept": "application/json"}, allow_redirects=False) as response,
         ):
+            # The keys that verify a platform's launches come from the URL registered for it: following a
+            # redirect would take them from another host, or over http from an https URL.
+            if 300 <= response.status < 400:
+                location = response.headers.get("Location", "")[:200]
+                raise JwksFetchError(
+                    f"the key set URL redirects (HTTP {response.status}) to {location}; redirects are not"
+                    " followed: register the URL that serves the key set"
+                )
             if response.status != 200:
                 raise JwksFetchError(f"HTTP {response.status}")
             body = bytearray()

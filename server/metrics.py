@@ -25,7 +25,6 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
@@ -92,13 +91,26 @@ class Metrics:
             "smartedu_replica_info", "This replica", ["replica", "version"], registry=r, multiprocess_mode="max"
         )
         info.labels(replica=replica, version=__version__).set(1)
+        # A gauge, not a collector asked at scrape time: with PROMETHEUS_MULTIPROC_DIR only what is written to
+        # the shared files is exported, and each process's pool is its own, so the processes' values add up.
+        self.pool_connections = Gauge(
+            "smartedu_db_pool_connections", "PostgreSQL pool connections", ["state"], registry=r,
+            multiprocess_mode="livesum",
+        )
         self._pool_size: Callable[[], tuple[int, int]] | None = None
-        r.register(_PoolCollector(self))
         _register_process_collectors(r)
 
     def watch_pool(self, sizes: Callable[[], tuple[int, int]]) -> None:
-        """Report (in use, idle) PostgreSQL connections at scrape time."""
+        """Report (in use, idle) PostgreSQL connections: sampled at each scrape and twice a second."""
         self._pool_size = sizes
+
+    def sample_pool(self) -> None:
+        """Set the pool gauge from the watched pool's sizes now."""
+        sizes = self._pool_size
+        if sizes is not None:
+            in_use, idle = sizes()
+            self.pool_connections.labels(state="in_use").set(in_use)
+            self.pool_connections.labels(state="idle").set(idle)
 
     def timed(self, histogram: Histogram, op: str, call: F) -> F:
         """Wrap a coroutine function so each call is observed in `histogram` under `op`."""
@@ -119,6 +131,7 @@ class Metrics:
             setattr(obj, name, self.timed(histogram, name, getattr(obj, name)))
 
     def exposition(self) -> bytes:
+        self.sample_pool()
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             registry = CollectorRegistry()
             MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -135,28 +148,13 @@ def _register_process_collectors(registry: CollectorRegistry) -> None:
     PlatformCollector(registry=registry)
 
 
-class _PoolCollector:
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        family = GaugeMetricFamily("smartedu_db_pool_connections", "PostgreSQL pool connections", labels=["state"])
-        sizes = self.metrics._pool_size
-        if sizes is not None:
-            in_use, idle = sizes()
-            family.add_metric(["in_use"], in_use)
-            family.add_metric(["idle"], idle)
-        yield family
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-
 async def measure_loop_lag(metrics: Metrics, checks: Mapping[str, Callable[[], Awaitable[None]]]) -> None:
-    """Sample event-loop lag twice a second and dependency health every five seconds."""
+    """Sample event-loop lag and the pool's size twice a second, dependency health every five seconds."""
     loop = asyncio.get_running_loop()
     tick = 0
     while True:
+        # Under PROMETHEUS_MULTIPROC_DIR a scrape reaches one process: the others' pool sizes are these.
+        metrics.sample_pool()
         expected = loop.time() + 0.5
         await asyncio.sleep(0.5)
         metrics.loop_lag.set(max(0.0, loop.time() - expected))

@@ -85,6 +85,13 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
 MAX_THINKING_BUDGET = 32768  # Gemini 2.5 Pro's ceiling; Flash's is lower, and Gemini says so with a 400
 
 
+def _db_keepalive(env: Mapping[str, str], default: int) -> int:
+    value = _int(env, "SMARTEDU_DB_KEEPALIVE_S", default)
+    if 0 < value < 4:  # an idle second, then three probes a second apart
+        raise ConfigError(f"SMARTEDU_DB_KEEPALIVE_S must be 0 (off) or at least 4, got {value}")
+    return value
+
+
 def _thinking_budget(env: Mapping[str, str], default: int | None) -> int | None:
     """Tokens a thinking model may think before answering; `none` sends no thinking settings at all (models
     that do not think, such as gemini-2.0-flash, refuse them)."""
@@ -242,6 +249,9 @@ class Settings:
     # How long opening a PostgreSQL connection may take: an unreachable host (a fail-over under way) then
     # costs a request this long, not asyncpg's default of a minute.
     db_connect_timeout_s: float = 5.0
+    # TCP keepalive on PostgreSQL connections: one whose server vanished without a word (a fail-over) is
+    # given up after about this many seconds; 0 switches keepalive off.
+    db_keepalive_s: int = 12  # as storage.postgres.DB_KEEPALIVE_S, for pools made without settings
     drain_seconds: float = 20.0
     tenant_daily_tokens: int = 5_000_000
     user_daily_tokens: int = 100_000
@@ -336,6 +346,7 @@ class Settings:
             db_pool_min=_int(env, "SMARTEDU_DB_POOL_MIN", defaults.db_pool_min, 1),
             db_pool_max=_int(env, "SMARTEDU_DB_POOL_MAX", defaults.db_pool_max, 1),
             db_connect_timeout_s=_float(env, "SMARTEDU_DB_CONNECT_TIMEOUT_S", defaults.db_connect_timeout_s, 0.1),
+            db_keepalive_s=_db_keepalive(env, defaults.db_keepalive_s),
             drain_seconds=_float(env, "SMARTEDU_DRAIN_SECONDS", defaults.drain_seconds),
             tenant_daily_tokens=_int(env, "SMARTEDU_TENANT_DAILY_TOKENS", defaults.tenant_daily_tokens),
             user_daily_tokens=_int(env, "SMARTEDU_USER_DAILY_TOKENS", defaults.user_daily_tokens),

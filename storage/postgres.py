@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import operator
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -243,17 +244,64 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     nothing LISTENs), so the default reset, a round trip on every release, is skipped."""
 
 
+# A connection whose server vanished without closing it (a fail-over, a host gone) is given up after about
+# this many seconds of silence, instead of when the statement timeout (30 s) or the system's retransmissions
+# (minutes) end a statement sent on it. 0: no keepalive.
+DB_KEEPALIVE_S = 12
+KEEPALIVE_PROBES = 3
+
+
+def keepalive_options(dead_after_s: int) -> tuple[int, int, int]:
+    """(TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) that give up a silent connection after `dead_after_s`."""
+    interval = max(1, dead_after_s // (2 * KEEPALIVE_PROBES))
+    return max(1, dead_after_s - KEEPALIVE_PROBES * interval), interval, KEEPALIVE_PROBES
+
+
+def connection_socket(conn: asyncpg.Connection) -> socket.socket | None:
+    """The socket of a connection (asyncpg has no public accessor; its transport is asyncio's)."""
+    transport = getattr(conn, "_transport", None)
+    sock: socket.socket | None = None if transport is None else transport.get_extra_info("socket")
+    return sock
+
+
+def keep_alive(sock: socket.socket | None, dead_after_s: int) -> None:
+    """Switch on TCP keepalive (and TCP_USER_TIMEOUT, which also bounds data left unacknowledged, where
+    keepalive does not probe) so that a peer gone silent is noticed after `dead_after_s`. A Unix socket
+    (the embedded PostgreSQL) has no TCP and is left alone."""
+    if sock is None or dead_after_s <= 0 or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, count = keepalive_options(dead_after_s)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # Linux names; other systems keep their defaults for what they do not name this way.
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count),
+                        ("TCP_USER_TIMEOUT", dead_after_s * 1000)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
 async def connect_pool(
-    dsn: str, *, min_size: int = 2, max_size: int = 10, attempts: int = 10, connect_timeout: float = 5.0
+    dsn: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    attempts: int = 10,
+    connect_timeout: float = 5.0,
+    keepalive_s: int = DB_KEEPALIVE_S,
 ) -> asyncpg.Pool:
     """Create a pool, retrying with a log line per attempt while the server starts. Each new connection
-    (the pool's later ones too, after a database restart) gives up after `connect_timeout` seconds."""
+    (the pool's later ones too, after a database restart) gives up after `connect_timeout` seconds, and
+    one that falls silent after `keepalive_s`."""
+
+    async def init(conn: asyncpg.Connection) -> None:
+        keep_alive(connection_socket(conn), keepalive_s)
+
     delay = 0.2
     for attempt in range(1, attempts + 1):
         try:
             pool = await asyncpg.create_pool(
                 dsn, min_size=min_size, max_size=max_size, command_timeout=30, reset=_keep_session,
-                timeout=connect_timeout,
+                timeout=connect_timeout, init=init,
             )
             assert pool is not None
             return pool
@@ -269,11 +317,13 @@ async def connect_pool(
 ProbeConnect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
-def probe_connector(dsn: str, *, connect_timeout: float = 5.0) -> ProbeConnect:
+def probe_connector(dsn: str, *, connect_timeout: float = 5.0, keepalive_s: int = DB_KEEPALIVE_S) -> ProbeConnect:
     """How `Database.ping` opens its own connection, outside the pool."""
 
     async def connect() -> asyncpg.Connection:
-        return await asyncpg.connect(dsn, timeout=connect_timeout)
+        conn = await asyncpg.connect(dsn, timeout=connect_timeout)
+        keep_alive(connection_socket(conn), keepalive_s)
+        return conn
 
     return connect
 

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import Server, seed_course, token
+from tests.conftest import Serve, Server, seed_course, token
 
 pytestmark = pytest.mark.integration
+
+# What a browser's WebSocket handshake sends (the path and its query come first).
+WS_UPGRADE = {
+    "Connection": "Upgrade",
+    "Upgrade": "websocket",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 
 
 async def test_health_and_ready(server: Server) -> None:
@@ -122,3 +130,41 @@ def test_logs_are_json_lines_with_the_request_id() -> None:
     entry = orjson.loads(line)
     assert entry["event"] == "turn finished" and entry["request_id"] == "req-7" and entry["reply_id"] == 42
     assert entry["replica"] == "replica-a" and entry["level"] == "info" and entry["ts"].endswith("Z")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "words"),
+    [
+        ("/api/conversations", {"Authorization": "Bearer " + "a" * 20_000}, 431, "header 'Authorization'"),
+        ("/api/conversations", {"Cookie": "smartedu=" + "c" * 9_000}, 431, "header 'Cookie'"),
+        ("/ws?token=" + "t" * 20_000, WS_UPGRADE, 414, "URL"),
+        ("/api/conversations?x=" + "q" * 9_000, {}, 414, "URL"),
+    ],
+    ids=["bearer-token", "cookie", "websocket-token-in-query", "query"],
+)
+async def test_oversized_headers_and_urls_get_the_json_error(
+    server: Server, path: str, headers: dict[str, str], status: int, words: str
+) -> None:
+    """Over 8190 bytes (a header's value, or the URL) aiohttp's own parser answered a plain-text 400 before
+    any of our code ran. Now: the API's JSON error with code too_large, up to 32 KiB."""
+    response = await server.client.get(path, headers={**headers, "X-Request-ID": "big-1"})
+    assert response.status == status and response.content_type == "application/json", await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "too_large" and words in error["message"] and "8190 bytes" in error["message"], error
+    assert response.headers["X-Request-ID"] == "big-1"
+
+
+async def test_headers_and_urls_up_to_the_limit_are_served(server: Server) -> None:
+    response = await server.client.get("/api/conversations", headers={"Authorization": "Bearer " + "a" * 8_183})
+    assert response.status == 401 and (await response.json())["error"]["code"] == "unauthorized"
+    response = await server.client.get("/api/conversations?x=" + "q" * 8_168, headers={"Authorization": "Bearer x"})
+    assert response.status == 401
+
+
+async def test_a_school_page_can_read_why_its_request_was_too_large(serve: Serve) -> None:
+    server = await serve(allowed_origins=("https://lms.example",))
+    response = await server.client.get(
+        "/api/conversations", headers={"Origin": "https://lms.example", "Authorization": "Bearer " + "a" * 9_000}
+    )
+    assert response.status == 431 and (await response.json())["error"]["code"] == "too_large"
+    assert response.headers["Access-Control-Allow-Origin"] == "https://lms.example"

@@ -51,6 +51,7 @@ class FakePlatform:
         self.kid = "platform-key-1"
         self.published: dict[str, rsa.RSAPrivateKey] = {self.kid: rsa_key("platform")}
         self.jwks_fetches = 0
+        self.moved_fetches = 0
         self.jwks_down = False
         self.jwks_delay = 0.0  # seconds before the key set is answered (a hanging LMS)
         self.jwks_answer: web.Response | None = None  # something else than a key set (HTML, a huge body)
@@ -64,17 +65,25 @@ class FakePlatform:
                 return self.jwks_answer
             if self.jwks_down:
                 return web.json_response({"error": "maintenance"}, status=503)
-            keys = []
-            for kid, private in self.published.items():
-                jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
-                keys.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
-            # An encryption key in the set is ignored.
-            keys.append({"kty": "RSA", "use": "enc", "kid": "enc-1", "n": "AQAB", "e": "AQAB"})
-            return web.json_response({"keys": keys})
+            return web.json_response(self.key_set())
+
+        async def moved_jwks(request: web.Request) -> web.Response:
+            self.moved_fetches += 1
+            return web.json_response(self.key_set())
 
         app = web.Application()
         app.router.add_get("/jwks", jwks)
+        app.router.add_get("/moved/jwks", moved_jwks)  # where a redirecting key set URL points
         return app
+
+    def key_set(self) -> dict[str, Any]:
+        keys = []
+        for kid, private in self.published.items():
+            jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+            keys.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
+        # An encryption key in the set is ignored.
+        keys.append({"kty": "RSA", "use": "enc", "kid": "enc-1", "n": "AQAB", "e": "AQAB"})
+        return {"keys": keys}
 
     @property
     def issuer(self) -> str:
@@ -656,6 +665,26 @@ async def test_a_key_set_that_is_not_one_is_a_503(lti: Lti, answer: web.Response
     state, nonce = await lti.login()
     await _assert_refused(await lti.launch(lti.platform.id_token(nonce), state), 503, "internal", "signing keys")
     assert lti.platform.jwks_fetches == 1 and await count(lti.db, "lti_nonces") == 0
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+@pytest.mark.parametrize(
+    "location", ["/moved/jwks", "http://localhost:{port}/moved/jwks"], ids=["same-host", "other-host"]
+)
+async def test_a_key_set_url_that_redirects_is_refused(
+    lti: Lti, status: int, location: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The keys that verify a platform's id_tokens come from the URL registered for it, not from wherever
+    that URL redirects (another host, or http after https): the launch gets the 503 and the log says why."""
+    assert lti.platform.server is not None
+    moved = location.format(port=lti.platform.server.port)
+    lti.platform.jwks_answer = web.Response(status=status, headers={"Location": moved})
+    state, nonce = await lti.login()
+    await _assert_refused(await lti.launch(lti.platform.id_token(nonce), state), 503, "internal", "signing keys")
+    assert (lti.platform.jwks_fetches, lti.platform.moved_fetches) == (1, 0)
+    assert await count(lti.db, "lti_nonces") == 0
+    (record,) = [r for r in caplog.records if r.getMessage() == "could not fetch a platform's key set"]
+    assert f"redirects (HTTP {status}) to {moved}" in record.__dict__["error"], record.__dict__
 
 
 async def test_several_audiences_with_our_azp_are_accepted(lti: Lti) -> None:

@@ -279,3 +279,75 @@ async def test_an_unreachable_postgres_fails_requests_after_the_connect_timeout_
     done, _ = await _turn(sock, "q1", "Is anyone there?")
     assert done["status"] == "complete"
     assert (await _ready(server))[0] == 200
+
+
+async def test_readiness_with_neither_postgres_nor_redis_answering_takes_one_timeout_not_two(
+    proxy: PostgresProxy, serve: Serve
+) -> None:
+    """A zone outage: neither PostgreSQL nor Redis answers at all. /ready asks both at once and says 503
+    within its 2 s timeout, inside the probe's timeoutSeconds (deploy/k8s/deployment.yaml); asked one after
+    the other it took 4 s, and the kubelet counted a probe timeout instead of the 503."""
+    from redis.asyncio import Redis
+
+    from server.keys import REDIS
+
+    server = await _serve(serve, proxy, db_connect_timeout_s=10.0)
+    assert (await _ready(server))[0] == 200
+    silent_links: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent_links.append(writer)
+        await reader.read()  # accepts, never answers
+
+    silent_redis = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = silent_redis.sockets[0].getsockname()[1]
+    store = server.client.app[REDIS]
+    healthy, store.client = store.client, Redis.from_url(f"redis://127.0.0.1:{port}/0")
+    proxy.hold_new = True
+    proxy.drop()  # the readiness probe's own connection goes; a new one gets no answer
+    try:
+        started = time.monotonic()
+        status, body = await _ready(server)
+        elapsed = time.monotonic() - started
+    finally:
+        await store.client.aclose()
+        store.client = healthy
+        for writer in silent_links:
+            writer.transport.abort()
+        silent_redis.close()
+        await silent_redis.wait_closed()
+        await proxy.up()
+    assert (status, body["postgres"], body["redis"]) == (503, "unavailable: TimeoutError", "unavailable: TimeoutError")
+    assert 1.9 < elapsed < 3.5, elapsed  # 4 s when asked one after the other
+    assert (await _ready(server))[0] == 200
+
+
+async def test_postgres_connections_keep_alive_so_a_server_gone_silent_is_given_up(
+    proxy: PostgresProxy, serve: Serve
+) -> None:
+    """After a fail-over a pooled connection whose server vanished without closing it heard nothing until
+    the 30 s statement timeout. TCP keepalive (and TCP_USER_TIMEOUT for a statement on its way) give it up
+    after SMARTEDU_DB_KEEPALIVE_S (12 s: 6 s idle, then 3 probes 2 s apart): the pool's connections and
+    the readiness probe's own. Over TCP through the proxy, since the embedded PostgreSQL is on a Unix
+    socket (which has no keepalive, and is left alone: every other test starts on it)."""
+    import socket
+
+    from server.keys import DATABASE
+    from storage.postgres import connection_socket
+
+    server = await _serve(serve, proxy)
+    assert server.settings.db_keepalive_s == 12
+    database = server.client.app[DATABASE]
+    assert (await _ready(server))[0] == 200  # opens the probe's connection
+    async with database.pool.acquire() as pooled:
+        sockets = [connection_socket(pooled), connection_socket(database._probe)]  # type: ignore[arg-type]
+    for sock in sockets:
+        assert sock is not None and sock.family == socket.AF_INET
+        options = (
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0,
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+        )
+        assert options == (True, 6, 2, 3, 12_000), options

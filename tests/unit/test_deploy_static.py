@@ -32,6 +32,7 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from handlers.health import READY_TIMEOUT_S
 from server.app import STOP_DEADLINE_S
 from tests.conftest import require_tool as conftest_require_tool
 
@@ -971,6 +972,10 @@ def test_k8s_deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> Non
     (container,) = spec["containers"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    # A dependency that does not answer must give the 503, not a probe timeout (a failure all the same,
+    # but one the kubelet logs as the probe's, with no word of which dependency).
+    assert container["readinessProbe"]["timeoutSeconds"] > READY_TIMEOUT_S
+    assert container["readinessProbe"]["timeoutSeconds"] < container["readinessProbe"]["periodSeconds"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"http": 8080, "metrics": 9100}
 

@@ -70,6 +70,8 @@ def test_full_configuration() -> None:
         ({"SMARTEDU_HELLO_DEADLINE": "0"}, "SMARTEDU_HELLO_DEADLINE"),
         ({"SMARTEDU_DRAIN_SECONDS": "inf"}, "SMARTEDU_DRAIN_SECONDS"),
         ({"SMARTEDU_DB_POOL_MIN": "20", "SMARTEDU_DB_POOL_MAX": "5"}, "SMARTEDU_DB_POOL_MIN"),
+        ({"SMARTEDU_DB_KEEPALIVE_S": "2"}, "SMARTEDU_DB_KEEPALIVE_S"),
+        ({"SMARTEDU_DB_KEEPALIVE_S": "-1"}, "SMARTEDU_DB_KEEPALIVE_S"),
         ({"SMARTEDU_PUBLIC_URL": "chat.example.edu"}, "SMARTEDU_PUBLIC_URL"),
         ({"SMARTEDU_STATIC_DIR": "/no/such/static/dir"}, "SMARTEDU_STATIC_DIR"),
         ({"DATABASE_URL": "postgresql://db:abc/smartedu"}, "DATABASE_URL"),
