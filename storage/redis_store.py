@@ -37,14 +37,27 @@ log = logging.getLogger(__name__)
 # nothing is published back to it. The counter never stays below the emitter's floor (the highest seq it
 # knows of): after Redis lost a counter, the first emitter's floor may be lower than what another replica
 # has already shown its sockets, and that replica's next frames must still go on from its own.
+#
+# The four keys' expiries are set when the log or the counter is new, and otherwise renewed only once the
+# log's has run down by more than a sixtieth of its ttl (a minute of an hour): a log expires between 59 and
+# 60 minutes after its conversation's last frame, never later. Renewing them with every frame was 4 of
+# the script's 10 commands and 12 of a turn's 44 (docs/benchmarks.md, tenth round).
 _EMIT = """
 local seq_key, log_key, start_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local node, node_prefix, course_channel, conversation = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local count = #ARGV - 7
-if tonumber(redis.call('GET', seq_key) or '0') < floor then redis.call('SET', seq_key, floor) end
-local first = redis.call('INCRBY', seq_key, count) - count + 1
-if redis.call('EXISTS', log_key) == 0 then redis.call('SET', start_key, first) end
+local last = redis.call('INCRBY', seq_key, count)
+local renew = last == count  -- a new counter (or one at 0)
+local first = last - count + 1
+if first <= floor then
+  first = floor + 1
+  last = floor + count
+  redis.call('SET', seq_key, last)
+end
+local ttl_ms = ttl * 1000
+local log_ttl = redis.call('PTTL', log_key)
+if log_ttl == -2 then redis.call('SET', start_key, first) end
 local targets = {}
 for _, other in ipairs(redis.call('SMEMBERS', nodes_key)) do
   if other ~= node then targets[#targets + 1] = node_prefix .. other end
@@ -59,10 +72,12 @@ for i = 8, #ARGV do
   end
   if course_channel ~= '' then redis.call('PUBLISH', course_channel, node .. ' ' .. seq .. ' ' .. frame) end
 end
-redis.call('EXPIRE', seq_key, ttl * 24)
-redis.call('EXPIRE', nodes_key, ttl * 24)
-redis.call('EXPIRE', log_key, ttl)
-redis.call('EXPIRE', start_key, ttl)
+if renew or log_ttl < ttl_ms - math.floor(ttl_ms / 60) then
+  redis.call('PEXPIRE', seq_key, ttl_ms * 24)
+  redis.call('PEXPIRE', nodes_key, ttl_ms * 24)
+  redis.call('PEXPIRE', log_key, ttl_ms)
+  redis.call('PEXPIRE', start_key, ttl_ms)
+end
 return first
 """
 

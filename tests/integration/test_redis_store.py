@@ -178,3 +178,39 @@ async def test_emitted_frames_reach_redis_byte_for_byte(store: RedisStore) -> No
     assert [f for _, f in snapshot.entries] == [
         frame[:-1] + b',"seq":%d}' % first, b'{"type":"done","seq":%d}' % (first + 1)
     ]
+
+
+async def test_conversation_keys_always_expire_and_are_renewed_once_the_log_ran_down(store: RedisStore) -> None:
+    """A conversation's four keys get their expiries when the log or the counter is new, and are renewed only
+    once the log's has run down by more than a sixtieth of the ttl: a log never outlives its ttl after the
+    last frame, and frames in between cost no EXPIRE."""
+    keys, ttl_ms = store.keys, store.log_ttl_s * 1000
+    store_keys = [keys.conversation_seq("c-5"), keys.conversation_nodes("c-5"), keys.conversation_log("c-5"),
+                  keys.conversation_log_start("c-5")]
+    await store.hold(["c-5"], "node-a")
+    assert await store.emit("c-5", [b'{"type":"ack"}'], 0, "node-a") == 1
+    seq_ttl, nodes_ttl, log_ttl, start_ttl = [await store.client.pttl(key) for key in store_keys]
+    assert ttl_ms * 24 - 5000 < seq_ttl <= ttl_ms * 24 and ttl_ms * 24 - 5000 < nodes_ttl <= ttl_ms * 24
+    assert ttl_ms - 5000 < log_ttl <= ttl_ms and ttl_ms - 5000 < start_ttl <= ttl_ms
+    # Within the sixtieth: left as it is (renewing would set it back to the full ttl).
+    await store.client.pexpire(keys.conversation_log("c-5"), ttl_ms - 500)
+    assert await store.emit("c-5", [b'{"type":"token"}'], 0, "node-a") == 2
+    assert await store.client.pttl(keys.conversation_log("c-5")) <= ttl_ms - 500
+    # Run down further: all four renewed.
+    for key in store_keys:
+        await store.client.pexpire(key, 1000 * 60)
+    assert await store.emit("c-5", [b'{"type":"done"}'], 0, "node-a") == 3
+    assert [await store.client.pttl(key) > ttl_ms - 5000 for key in store_keys] == [True] * 4
+    # A counter Redis lost (evicted, deleted) while its log lives on is created again with an expiry, also
+    # when the emitter's floor sets it.
+    for floor in (0, 10):
+        await store.client.delete(keys.conversation_seq("c-5"))
+        await store.emit("c-5", [b'{"type":"ack"}'], floor, "node-a")
+        assert ttl_ms * 24 - 5000 < await store.client.pttl(keys.conversation_seq("c-5")) <= ttl_ms * 24
+    assert await store.client.get(keys.conversation_seq("c-5")) == b"11"
+    # A log Redis lost while its counter lives on starts again with its own expiry and start.
+    await store.client.delete(keys.conversation_log("c-5"), keys.conversation_log_start("c-5"))
+    assert await store.emit("c-5", [b'{"type":"ack"}'], 0, "node-a") == 12
+    assert await store.client.get(keys.conversation_log_start("c-5")) == b"12"
+    assert ttl_ms - 5000 < await store.client.pttl(keys.conversation_log("c-5")) <= ttl_ms
+    assert ttl_ms - 5000 < await store.client.pttl(keys.conversation_log_start("c-5")) <= ttl_ms
