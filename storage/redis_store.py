@@ -107,11 +107,17 @@ return out
 # the tenant's and the user's daily budgets (0 = unlimited), all or nothing.
 # Returns {0, 0} when admitted, {1, wait_ms} when rate limited, {2, 0} / {3, 0} when the tenant's / the
 # user's budget is spent.
+# A budget counter is read only when its budget is limited, and its expiry (ARGV[7], two days) is set
+# when it is created, the day's first message: renewing it with every message was 2 of a turn's Redis
+# commands, reading unlimited ones 2 more (docs/benchmarks.md, tenth round). A counter created by a
+# settlement instead (Redis lost it meanwhile) gets its expiry from the replica that settled
+# (`RedisStore._expire_created`).
 _ADMIT = """
 local rate_key, tenant_key, user_key = KEYS[1], KEYS[2], KEYS[3]
 local rate_limit, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tenant_limit, user_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tenant_amount, user_amount = tonumber(ARGV[5]), tonumber(ARGV[6])
+local budget_ttl = ARGV[7]
 if rate_limit > 0 then
   local count = redis.call('INCR', rate_key)
   if count == 1 then redis.call('PEXPIRE', rate_key, window_ms) end
@@ -121,16 +127,21 @@ if rate_limit > 0 then
     return {1, ttl}
   end
 end
-local tenant_used = tonumber(redis.call('GET', tenant_key) or '0')
-local user_used = tonumber(redis.call('GET', user_key) or '0')
-if tenant_limit > 0 and tenant_used + tenant_amount > tenant_limit then return {2, 0} end
-if user_limit > 0 and user_used + user_amount > user_limit then return {3, 0} end
-redis.call('INCRBY', tenant_key, tenant_amount)
-redis.call('INCRBY', user_key, user_amount)
-redis.call('EXPIRE', tenant_key, 172800)
-redis.call('EXPIRE', user_key, 172800)
+if tenant_limit > 0 and tonumber(redis.call('GET', tenant_key) or '0') + tenant_amount > tenant_limit then
+  return {2, 0}
+end
+if user_limit > 0 and tonumber(redis.call('GET', user_key) or '0') + user_amount > user_limit then
+  return {3, 0}
+end
+if redis.call('INCRBY', tenant_key, tenant_amount) == tenant_amount then
+  redis.call('EXPIRE', tenant_key, budget_ttl)
+end
+if redis.call('INCRBY', user_key, user_amount) == user_amount then redis.call('EXPIRE', user_key, budget_ttl) end
 return {0, 0}
 """
+
+# A day's budget counters live this long after the day's first message (they are read during that day only).
+BUDGET_TTL_S = 172800
 
 
 def splice_seq(frame: bytes, seq: int) -> bytes:
@@ -154,6 +165,17 @@ def _chunks(items: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
     """Pipelines of bounded size: a replica holding 10,000 conversations does not build one of 30,000."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _expire_created(commands: Sequence[tuple[Any, ...]], results: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """EXPIREs for the budget counters that these settling INCRBYs created (their result is their own delta:
+    Redis had lost the counter since the admit, which sets the expiry): none is left without one. Usually
+    none."""
+    return [
+        ("EXPIRE", command[1], BUDGET_TTL_S)
+        for command, result in zip(commands, results, strict=True)
+        if command[0] == "INCRBY" and result == command[2]
+    ]
 
 
 def _closed_by_server(conn: AbstractConnection) -> bool:
@@ -397,7 +419,9 @@ class RedisStore:
         if isinstance(self.client, RedisCluster):
             # Scripts cannot ride in a cluster pipeline here: one call each.
             first = int(await self._emit(keys=call.keys, args=call.args))
-            for command in self._side_commands([call]):
+            side = self._side_commands([call])
+            results = [await self.client.execute_command(*command) for command in side]
+            for command in _expire_created(side, results):
                 await self.client.execute_command(*command)
             return first
         return await self._emits.submit(call)
@@ -406,11 +430,13 @@ class RedisStore:
         """One round trip on the emit connection: every emit script of the batch, then the side commands."""
         sha = self._emit.sha
         commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in batch]
-        commands += self._side_commands(batch)
-        results = await self._scripts_round_trip(commands, self._emit_conn, _EMIT, len(batch))
+        side = self._side_commands(batch)
+        results = await self._scripts_round_trip(commands + side, self._emit_conn, _EMIT, len(batch))
         for result in results:
             if isinstance(result, Exception):
                 raise result
+        if expires := _expire_created(side, results[len(batch) :]):
+            await self._round_trip(expires, self._emit_conn)
         return [int(r) for r in results[: len(batch)]]
 
     async def _scripts_round_trip(
@@ -615,7 +641,7 @@ class RedisStore:
                 keys.tenant_tokens(tenant_id, day),
                 keys.user_tokens(tenant_id, user_id, day),
             ),
-            (per_minute, 60_000, limits[0], limits[1], amounts[0], amounts[1]),
+            (per_minute, 60_000, limits[0], limits[1], amounts[0], amounts[1], BUDGET_TTL_S),
         )
         if isinstance(self.client, RedisCluster):
             reply = await self._admit(keys=call[0], args=call[1])
@@ -632,10 +658,13 @@ class RedisStore:
 
     async def adjust_tokens(self, adjust: TokenAdjustment) -> None:
         """Reconcile a reservation with what the answer really used."""
+        commands = self._adjust(adjust)
         async with self.client.pipeline(transaction=False) as pipe:
-            for command in self._adjust(adjust):
+            for command in commands:
                 pipe.execute_command(*command)
-            await pipe.execute()
+            results = await pipe.execute()
+        for command in _expire_created(commands, results):
+            await self.client.execute_command(*command)
 
     async def tokens_used(self, tenant_id: str, user_id: str, day: str) -> tuple[int, int]:
         tenant, user = await self.client.mget(

@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from server.settings import Settings
 from storage.keys import Keys
 from storage.redis_store import (
+    BUDGET_TTL_S,
     PRESENCE_KEY_TTLS,
     RedisStore,
     TokenAdjustment,
@@ -214,3 +215,32 @@ async def test_conversation_keys_always_expire_and_are_renewed_once_the_log_ran_
     assert await store.client.get(keys.conversation_log_start("c-5")) == b"12"
     assert ttl_ms - 5000 < await store.client.pttl(keys.conversation_log("c-5")) <= ttl_ms
     assert ttl_ms - 5000 < await store.client.pttl(keys.conversation_log_start("c-5")) <= ttl_ms
+
+
+async def test_budget_counters_get_their_expiry_once_and_never_stay_without_one(store: RedisStore) -> None:
+    """A day's budget counters get their two days when the day's first message creates them, and later
+    messages leave it; a settlement that finds a counter gone (Redis lost it) creates it with one too."""
+    keys, day = store.keys, "20261128"
+    tenant, user = keys.tenant_tokens("school-b", day), keys.user_tokens("school-b", "u1", day)
+
+    async def admit(limits: tuple[int, int] = (0, 0)) -> int:
+        code, _ = await store.admit("school-b", "u1", day, per_minute=0, limits=limits, amounts=(400, 300))
+        return code
+
+    assert await admit() == 0
+    assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2
+    for key in (tenant, user):
+        await store.client.expire(key, 600)
+    assert await admit((10_000, 700)) == 0
+    assert await admit((10_000, 700)) == 3  # the user's 700: 600 reserved, 300 more would pass it
+    assert await store.client.mget(tenant, user) == [b"800", b"600"]
+    assert [0 < await store.client.ttl(key) <= 600 for key in (tenant, user)] == [True] * 2
+    # Settled after Redis lost the counters: with the done's emit, or on its own round trip.
+    adjust = TokenAdjustment("school-b", "u1", day, tenant_delta=-300, user_delta=-200)
+    await store.client.delete(tenant, user)
+    await store.emit("c-6", [b'{"type":"done"}'], 0, "node-a", adjust=adjust)
+    assert await store.client.mget(tenant, user) == [b"-300", b"-200"]
+    assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2
+    await store.client.delete(tenant, user)
+    await store.adjust_tokens(adjust)
+    assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2
