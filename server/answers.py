@@ -399,13 +399,11 @@ class Answers:
     def _observe(self, status: str | None, record: UsageRecord | None) -> None:
         metrics = self.metrics
         if status is not None:
-            metrics.turns.labels(status=status).inc()
+            metrics.turn_ended(status)
         if record is None:
             return
-        labels = {"provider": record.provider, "model": record.model}
-        if record.ttft_ms is not None:
-            metrics.ttft.labels(**labels).observe(record.ttft_ms / 1000)
-        metrics.duration.labels(**labels).observe(record.duration_ms / 1000)
+        ttft_s = record.ttft_ms / 1000 if record.ttft_ms is not None else None
+        metrics.answer_timed(record.provider, record.model, ttft_s, record.duration_ms / 1000)
         metrics.tokens.inc(record.output_tokens)
 
     async def _emit_done(
@@ -483,7 +481,7 @@ class Answers:
         if committed:
             # Its own replica never counts it (stopped, or gave up the commit): SmartEduTurnsInterrupted would
             # miss the answers a crashed replica leaves.
-            self.metrics.turns.labels(status="interrupted").inc()
+            self.metrics.turn_ended("interrupted")
             log.warning(
                 "took over an abandoned answer",
                 extra={"tenant": tenant_id, "conversation_id": conversation_id, "reply_id": reply_id},

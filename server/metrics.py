@@ -99,6 +99,29 @@ class Metrics:
         )
         self._pool_size: Callable[[], tuple[int, int]] | None = None
         _register_process_collectors(r)
+        # The labelled children counted with every answer, looked up once: `labels()` (a lock, a tuple, a dict)
+        # cost 8-16 us a call, three calls an answer (docs/benchmarks.md, tenth round).
+        self._turn_children: dict[str, Counter] = {}
+        self._timing_children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
+
+    def turn_ended(self, status: str) -> None:
+        """Count an answer by its final status."""
+        child = self._turn_children.get(status)
+        if child is None:
+            child = self._turn_children[status] = self.turns.labels(status=status)
+        child.inc()
+
+    def answer_timed(self, provider: str, model: str, ttft_s: float | None, duration_s: float) -> None:
+        """An answer's time to first token (None: it had none) and duration, by provider and model."""
+        children = self._timing_children.get((provider, model))
+        if children is None:
+            children = self._timing_children[(provider, model)] = (
+                self.ttft.labels(provider=provider, model=model),
+                self.duration.labels(provider=provider, model=model),
+            )
+        if ttft_s is not None:
+            children[0].observe(ttft_s)
+        children[1].observe(duration_s)
 
     def watch_pool(self, sizes: Callable[[], tuple[int, int]]) -> None:
         """Report (in use, idle) PostgreSQL connections: sampled at each scrape and twice a second."""

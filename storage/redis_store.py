@@ -37,14 +37,27 @@ log = logging.getLogger(__name__)
 # nothing is published back to it. The counter never stays below the emitter's floor (the highest seq it
 # knows of): after Redis lost a counter, the first emitter's floor may be lower than what another replica
 # has already shown its sockets, and that replica's next frames must still go on from its own.
+#
+# The four keys' expiries are set when the log or the counter is new, and otherwise renewed only once the
+# log's has run down by more than a sixtieth of its ttl (a minute of an hour): a log expires between 59 and
+# 60 minutes after its conversation's last frame, never later. Renewing them with every frame was 4 of
+# the script's 10 commands and 12 of a turn's 44 (docs/benchmarks.md, tenth round).
 _EMIT = """
 local seq_key, log_key, start_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local node, node_prefix, course_channel, conversation = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local count = #ARGV - 7
-if tonumber(redis.call('GET', seq_key) or '0') < floor then redis.call('SET', seq_key, floor) end
-local first = redis.call('INCRBY', seq_key, count) - count + 1
-if redis.call('EXISTS', log_key) == 0 then redis.call('SET', start_key, first) end
+local last = redis.call('INCRBY', seq_key, count)
+local renew = last == count  -- a new counter (or one at 0)
+local first = last - count + 1
+if first <= floor then
+  first = floor + 1
+  last = floor + count
+  redis.call('SET', seq_key, last)
+end
+local ttl_ms = ttl * 1000
+local log_ttl = redis.call('PTTL', log_key)
+if log_ttl == -2 then redis.call('SET', start_key, first) end
 local targets = {}
 for _, other in ipairs(redis.call('SMEMBERS', nodes_key)) do
   if other ~= node then targets[#targets + 1] = node_prefix .. other end
@@ -59,10 +72,12 @@ for i = 8, #ARGV do
   end
   if course_channel ~= '' then redis.call('PUBLISH', course_channel, node .. ' ' .. seq .. ' ' .. frame) end
 end
-redis.call('EXPIRE', seq_key, ttl * 24)
-redis.call('EXPIRE', nodes_key, ttl * 24)
-redis.call('EXPIRE', log_key, ttl)
-redis.call('EXPIRE', start_key, ttl)
+if renew or log_ttl < ttl_ms - math.floor(ttl_ms / 60) then
+  redis.call('PEXPIRE', seq_key, ttl_ms * 24)
+  redis.call('PEXPIRE', nodes_key, ttl_ms * 24)
+  redis.call('PEXPIRE', log_key, ttl_ms)
+  redis.call('PEXPIRE', start_key, ttl_ms)
+end
 return first
 """
 
@@ -92,11 +107,17 @@ return out
 # the tenant's and the user's daily budgets (0 = unlimited), all or nothing.
 # Returns {0, 0} when admitted, {1, wait_ms} when rate limited, {2, 0} / {3, 0} when the tenant's / the
 # user's budget is spent.
+# A budget counter is read only when its budget is limited, and its expiry (ARGV[7], two days) is set
+# when it is created, the day's first message: renewing it with every message was 2 of a turn's Redis
+# commands, reading unlimited ones 2 more (docs/benchmarks.md, tenth round). A counter created by a
+# settlement instead (Redis lost it meanwhile) gets its expiry from the replica that settled
+# (`RedisStore._expire_created`).
 _ADMIT = """
 local rate_key, tenant_key, user_key = KEYS[1], KEYS[2], KEYS[3]
 local rate_limit, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
 local tenant_limit, user_limit = tonumber(ARGV[3]), tonumber(ARGV[4])
 local tenant_amount, user_amount = tonumber(ARGV[5]), tonumber(ARGV[6])
+local budget_ttl = ARGV[7]
 if rate_limit > 0 then
   local count = redis.call('INCR', rate_key)
   if count == 1 then redis.call('PEXPIRE', rate_key, window_ms) end
@@ -106,16 +127,21 @@ if rate_limit > 0 then
     return {1, ttl}
   end
 end
-local tenant_used = tonumber(redis.call('GET', tenant_key) or '0')
-local user_used = tonumber(redis.call('GET', user_key) or '0')
-if tenant_limit > 0 and tenant_used + tenant_amount > tenant_limit then return {2, 0} end
-if user_limit > 0 and user_used + user_amount > user_limit then return {3, 0} end
-redis.call('INCRBY', tenant_key, tenant_amount)
-redis.call('INCRBY', user_key, user_amount)
-redis.call('EXPIRE', tenant_key, 172800)
-redis.call('EXPIRE', user_key, 172800)
+if tenant_limit > 0 and tonumber(redis.call('GET', tenant_key) or '0') + tenant_amount > tenant_limit then
+  return {2, 0}
+end
+if user_limit > 0 and tonumber(redis.call('GET', user_key) or '0') + user_amount > user_limit then
+  return {3, 0}
+end
+if redis.call('INCRBY', tenant_key, tenant_amount) == tenant_amount then
+  redis.call('EXPIRE', tenant_key, budget_ttl)
+end
+if redis.call('INCRBY', user_key, user_amount) == user_amount then redis.call('EXPIRE', user_key, budget_ttl) end
 return {0, 0}
 """
+
+# A day's budget counters live this long after the day's first message (they are read during that day only).
+BUDGET_TTL_S = 172800
 
 
 def splice_seq(frame: bytes, seq: int) -> bytes:
@@ -142,6 +168,17 @@ def _chunks(items: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
     """Pipelines of bounded size: a replica holding 10,000 conversations does not build one of 30,000."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _expire_created(commands: Sequence[tuple[Any, ...]], results: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """EXPIREs for the budget counters that these settling INCRBYs created (their result is their own delta:
+    Redis had lost the counter since the admit, which sets the expiry): none is left without one. Usually
+    none."""
+    return [
+        ("EXPIRE", command[1], BUDGET_TTL_S)
+        for command, result in zip(commands, results, strict=True)
+        if command[0] == "INCRBY" and result == command[2]
+    ]
 
 
 def _closed_by_server(conn: AbstractConnection) -> bool:
@@ -385,7 +422,9 @@ class RedisStore:
         if isinstance(self.client, RedisCluster):
             # Scripts cannot ride in a cluster pipeline here: one call each.
             first = int(await self._emit(keys=call.keys, args=call.args))
-            for command in self._side_commands([call]):
+            side = self._side_commands([call])
+            results = [await self.client.execute_command(*command) for command in side]
+            for command in _expire_created(side, results):
                 await self.client.execute_command(*command)
             return first
         return await self._emits.submit(call)
@@ -394,11 +433,13 @@ class RedisStore:
         """One round trip on the emit connection: every emit script of the batch, then the side commands."""
         sha = self._emit.sha
         commands: list[tuple[Any, ...]] = [("EVALSHA", sha, len(c.keys), *c.keys, *c.args) for c in batch]
-        commands += self._side_commands(batch)
-        results = await self._scripts_round_trip(commands, self._emit_conn, _EMIT, len(batch))
+        side = self._side_commands(batch)
+        results = await self._scripts_round_trip(commands + side, self._emit_conn, _EMIT, len(batch))
         for result in results:
             if isinstance(result, Exception):
                 raise result
+        if expires := _expire_created(side, results[len(batch) :]):
+            await self._round_trip(expires, self._emit_conn)
         return [int(r) for r in results[: len(batch)]]
 
     async def _scripts_round_trip(
@@ -639,7 +680,7 @@ class RedisStore:
                 keys.tenant_tokens(tenant_id, day),
                 keys.user_tokens(tenant_id, user_id, day),
             ),
-            (per_minute, 60_000, limits[0], limits[1], amounts[0], amounts[1]),
+            (per_minute, 60_000, limits[0], limits[1], amounts[0], amounts[1], BUDGET_TTL_S),
         )
         if isinstance(self.client, RedisCluster):
             reply = await self._admit(keys=call[0], args=call[1])
@@ -656,10 +697,13 @@ class RedisStore:
 
     async def adjust_tokens(self, adjust: TokenAdjustment) -> None:
         """Reconcile a reservation with what the answer really used."""
+        commands = self._adjust(adjust)
         async with self.client.pipeline(transaction=False) as pipe:
-            for command in self._adjust(adjust):
+            for command in commands:
                 pipe.execute_command(*command)
-            await pipe.execute()
+            results = await pipe.execute()
+        for command in _expire_created(commands, results):
+            await self.client.execute_command(*command)
 
     async def tokens_used(self, tenant_id: str, user_id: str, day: str) -> tuple[int, int]:
         tenant, user = await self.client.mget(

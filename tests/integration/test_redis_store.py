@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from server.settings import Settings
 from storage.keys import Keys
 from storage.redis_store import (
+    BUDGET_TTL_S,
     PRESENCE_KEY_TTLS,
     RedisStore,
     TokenAdjustment,
@@ -178,3 +179,68 @@ async def test_emitted_frames_reach_redis_byte_for_byte(store: RedisStore) -> No
     assert [f for _, f in snapshot.entries] == [
         frame[:-1] + b',"seq":%d}' % first, b'{"type":"done","seq":%d}' % (first + 1)
     ]
+
+
+async def test_conversation_keys_always_expire_and_are_renewed_once_the_log_ran_down(store: RedisStore) -> None:
+    """A conversation's four keys get their expiries when the log or the counter is new, and are renewed only
+    once the log's has run down by more than a sixtieth of the ttl: a log never outlives its ttl after the
+    last frame, and frames in between cost no EXPIRE."""
+    keys, ttl_ms = store.keys, store.log_ttl_s * 1000
+    store_keys = [keys.conversation_seq("c-5"), keys.conversation_nodes("c-5"), keys.conversation_log("c-5"),
+                  keys.conversation_log_start("c-5")]
+    await store.hold(["c-5"], "node-a")
+    assert await store.emit("c-5", [b'{"type":"ack"}'], 0, "node-a") == 1
+    seq_ttl, nodes_ttl, log_ttl, start_ttl = [await store.client.pttl(key) for key in store_keys]
+    assert ttl_ms * 24 - 5000 < seq_ttl <= ttl_ms * 24 and ttl_ms * 24 - 5000 < nodes_ttl <= ttl_ms * 24
+    assert ttl_ms - 5000 < log_ttl <= ttl_ms and ttl_ms - 5000 < start_ttl <= ttl_ms
+    # Within the sixtieth: left as it is (renewing would set it back to the full ttl).
+    await store.client.pexpire(keys.conversation_log("c-5"), ttl_ms - 500)
+    assert await store.emit("c-5", [b'{"type":"token"}'], 0, "node-a") == 2
+    assert await store.client.pttl(keys.conversation_log("c-5")) <= ttl_ms - 500
+    # Run down further: all four renewed.
+    for key in store_keys:
+        await store.client.pexpire(key, 1000 * 60)
+    assert await store.emit("c-5", [b'{"type":"done"}'], 0, "node-a") == 3
+    assert [await store.client.pttl(key) > ttl_ms - 5000 for key in store_keys] == [True] * 4
+    # A counter Redis lost (evicted, deleted) while its log lives on is created again with an expiry, also
+    # when the emitter's floor sets it.
+    for floor in (0, 10):
+        await store.client.delete(keys.conversation_seq("c-5"))
+        await store.emit("c-5", [b'{"type":"ack"}'], floor, "node-a")
+        assert ttl_ms * 24 - 5000 < await store.client.pttl(keys.conversation_seq("c-5")) <= ttl_ms * 24
+    assert await store.client.get(keys.conversation_seq("c-5")) == b"11"
+    # A log Redis lost while its counter lives on starts again with its own expiry and start.
+    await store.client.delete(keys.conversation_log("c-5"), keys.conversation_log_start("c-5"))
+    assert await store.emit("c-5", [b'{"type":"ack"}'], 0, "node-a") == 12
+    assert await store.client.get(keys.conversation_log_start("c-5")) == b"12"
+    assert ttl_ms - 5000 < await store.client.pttl(keys.conversation_log("c-5")) <= ttl_ms
+    assert ttl_ms - 5000 < await store.client.pttl(keys.conversation_log_start("c-5")) <= ttl_ms
+
+
+async def test_budget_counters_get_their_expiry_once_and_never_stay_without_one(store: RedisStore) -> None:
+    """A day's budget counters get their two days when the day's first message creates them, and later
+    messages leave it; a settlement that finds a counter gone (Redis lost it) creates it with one too."""
+    keys, day = store.keys, "20261128"
+    tenant, user = keys.tenant_tokens("school-b", day), keys.user_tokens("school-b", "u1", day)
+
+    async def admit(limits: tuple[int, int] = (0, 0)) -> int:
+        code, _ = await store.admit("school-b", "u1", day, per_minute=0, limits=limits, amounts=(400, 300))
+        return code
+
+    assert await admit() == 0
+    assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2
+    for key in (tenant, user):
+        await store.client.expire(key, 600)
+    assert await admit((10_000, 700)) == 0
+    assert await admit((10_000, 700)) == 3  # the user's 700: 600 reserved, 300 more would pass it
+    assert await store.client.mget(tenant, user) == [b"800", b"600"]
+    assert [0 < await store.client.ttl(key) <= 600 for key in (tenant, user)] == [True] * 2
+    # Settled after Redis lost the counters: with the done's emit, or on its own round trip.
+    adjust = TokenAdjustment("school-b", "u1", day, tenant_delta=-300, user_delta=-200)
+    await store.client.delete(tenant, user)
+    await store.emit("c-6", [b'{"type":"done"}'], 0, "node-a", adjust=adjust)
+    assert await store.client.mget(tenant, user) == [b"-300", b"-200"]
+    assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2
+    await store.client.delete(tenant, user)
+    await store.adjust_tokens(adjust)
+    assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2
