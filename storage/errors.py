@@ -17,3 +17,8 @@ class LimitReachedError(StorageError):
 
 class NotFoundError(StorageError):
     """The row a write refers to does not exist for this tenant (and user): nothing was written."""
+
+
+class AnswerFencedError(StorageError):
+    """This replica no longer owns the answer (another replica took it over, or acknowledged and started it
+    first): Redis refused its frame, and nothing was logged or published."""
