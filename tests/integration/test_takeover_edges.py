@@ -198,6 +198,50 @@ async def test_an_answer_whose_commit_the_stop_deadline_cut_gets_its_done_from_t
     assert [f["type"] for f in frames].count("done") == 1
 
 
+async def test_a_takeover_during_the_owner_s_commit_leaves_one_done(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replica A commits its answer, slowly; meanwhile its lease runs out and B takes the answer over, finds
+    it committed, and sends its `done` (as committed) since none is logged. A's own `done`, coming after,
+    is refused: the students get exactly one."""
+    a, b = await _two_replicas(serve)
+    _stall(a, monkeypatch)
+    database_a = a.client.app[DATABASE]
+    committed, let_go = asyncio.Event(), asyncio.Event()
+    update_replies: Callable[[list[Any]], Awaitable[list[bool]]] = database_a._update_replies
+
+    async def slow_reply(replies: list[Any]) -> list[bool]:
+        result = await update_replies(replies)
+        committed.set()
+        await let_go.wait()
+        return result
+
+    monkeypatch.setattr(database_a, "_update_replies", slow_reply)
+    tab1 = await a.connect({"token": token()})
+    conversation = tab1.frames[0]["conversation_id"]
+    tab2 = await b.connect({"token": token(), "conversation_id": conversation})
+    await tab1.send(type="message", id="both", text="Explain how fractions are added")
+    ack = await tab1.expect("ack")
+    try:
+        await asyncio.wait_for(committed.wait(), 5)
+        turn = a.client.app[CHAT].answers._turns[ack["reply_id"]]
+        await _expire_lease(a, ack["reply_id"])
+        await b.client.app[CHAT].answers.take_over_expired()
+        frames = await tab2.until("done")
+    finally:
+        let_go.set()
+    assert turn.task is not None
+    async with asyncio.timeout(10):
+        await asyncio.wait([turn.task])
+    with pytest.raises(TimeoutError):
+        late = await tab2.recv(timeout=0.5)
+        pytest.fail(f"a frame after the done: {late}")
+    done, text = frames[-1], answer_text(frames, ack["reply_id"])
+    row = await _stored(db, ack["reply_id"])
+    assert done["status"] == row["status"] == "complete"
+    assert text and row["text"] == text and done["length"] == len(text)
+
+
 @pytest.mark.parametrize("winner", ["resend", "first"])
 async def test_a_resend_racing_the_first_ack_starts_the_answer_once(
     serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, winner: str
