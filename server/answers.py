@@ -353,7 +353,11 @@ class Answers:
             _log_content(turn, status)
         if not committed:
             await self.budgets.settle(reservation, *used)
-            return  # another replica already ended it (its lease had expired)
+            # Another replica already ended it (its lease had expired; the takeover has read its text), or the
+            # conversation was deleted (`delete-user`, `purge`): what Redis keeps of it goes.
+            with contextlib.suppress(Exception):  # else it expires an hour after its last token
+                await self.hub.store.drop_answer(turn.conversation_id, turn.reply_id)
+            return
         # The reservation is settled and the lease dropped in the `done`'s round trip. Until it is logged, a
         # takeover of the lease (once it expires) would have to send it: this replica stopped (the stop deadline),
         # or Redis failed.
@@ -525,6 +529,9 @@ class Answers:
         course = (tenant_id, course_id) if course_id else None
         if not committed:
             await self._send_missing_done(tenant_id, conversation_id, reply_id, course, snapshot)
+            # Ended (or deleted) all the same: its text goes; the mark stays until it expires, as the replica that
+            # committed it may still send its `done`.
+            await self.hub.store.drop_answer(conversation_id, reply_id, keep_owner=True)
             return
         # Its own replica never counts it (stopped, or gave up the commit): SmartEduTurnsInterrupted would
         # miss the answers a crashed replica leaves.

@@ -20,7 +20,7 @@ from ai.base import Provider
 from storage.errors import AnswerFencedError
 from storage.models import Conversation, Course, Message, PastMessage, TenantSettings, User
 from storage.postgres import Database
-from storage.redis_store import ANSWER_START
+from storage.redis_store import ANSWER_START, ANSWER_START_RESENT
 from storage.roundtrips import RoundTrips
 
 from .answers import LEASE_TTL_MS, Answers, course_key, lease_member
@@ -336,7 +336,9 @@ class ChatService:
                 # Never acknowledged, its answer never started: the first send was committed but its reply
                 # lost (the connection dropped as PostgreSQL restarted). Acknowledged and answered now, unless
                 # the first send's ack gets there first (it was only late): then that one stands.
-                if await self._acknowledge(session, joined, ack, saved.message, saved.reply, reservation):
+                if await self._acknowledge(
+                    session, joined, ack, saved.message, saved.reply, reservation, resent=True
+                ):
                     return
                 seq = await self._logged_ack_seq(conversation.id, saved.message.id)
             else:
@@ -381,12 +383,14 @@ class ChatService:
         *,
         history: list[PastMessage] | None = None,
         keep_seq: bool = True,
+        resent: bool = False,
     ) -> bool:
         """Emit a committed question's ack (taking its answer's lease in the same round trip), then start
         the answer. `keep_seq`: the ack's seq is stored with the answer (one statement), so a resend gets
         the same ack; a regenerated answer keeps the question's first ack. False when another replica
         acknowledged the question and started its answer first (a resend racing the first send's ack): no
-        ack is logged, and the answer is that replica's."""
+        ack is logged, and the answer is that replica's. `resent`: the ack of a resend that found the question
+        unacknowledged, refused also when the first send's ack was logged meanwhile."""
         conversation = joined.conversation
         seq, leased, started_elsewhere = 0, False, False
         lease, answer = None, None
@@ -394,7 +398,7 @@ class ChatService:
             lease = lease_member(
                 conversation.tenant_id, conversation.user_id, conversation.id, reply.id, conversation.course_id
             )
-            answer = (reply.id, ANSWER_START)
+            answer = (reply.id, f"{ANSWER_START_RESENT}{reply.id}" if resent else ANSWER_START)
         try:
             [(seq, _)] = await self.hub.emit(
                 conversation.id, [encode(ack)], floor=conversation.last_seq, course=course_key(conversation),

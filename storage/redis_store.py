@@ -42,11 +42,11 @@ log = logging.getLogger(__name__)
 # A frame of an answer (ARGV[8], its step, and KEYS[5], KEYS[6], the answer's text and owner) is logged only
 # while the answer is this node's: its owner key holds no other node and no "!" (taken over). Else nothing
 # happens and the script returns 0. The steps: "^" an ack, which makes the answer this node's (one
-# replica starts an answer); "+<text>" a token, whose text is appended to the answer's text (a takeover
-# reads it there: the log is capped); "$" the owner's `done`, which drops the text and keeps the owner for
-# another minute (a resend that found the question not yet acknowledged, just before this answer's ack, must
-# not start it again once it has ended); "!" a takeover's `done`, which drops the text and leaves the owner
-# key saying "taken over" until it expires.
+# replica starts an answer); "?<reply id>" the ack of a resend that found its question unacknowledged,
+# likewise, and refused too when an ack of the answer is in the log (the first send's, late: its answer may
+# even have ended already); "+<text>" a token, whose text is appended to the answer's text (a takeover
+# reads it there: the log is capped); "$" the owner's `done`, which drops both keys; "!" a takeover's
+# `done`, which drops the text and leaves the owner key saying "taken over" until it expires.
 _EMIT = """
 local seq_key, log_key, start_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
@@ -56,15 +56,24 @@ if step ~= '' then
   local text_key, owner_key, kind = KEYS[5], KEYS[6], string.sub(step, 1, 1)
   local owner = redis.call('GET', owner_key)
   if kind ~= '!' and owner and owner ~= node then return 0 end
-  if kind == '^' then
+  if kind == '?' then
+    local needle = ',"reply_id":' .. string.sub(step, 2) .. ','
+    for _, entry in ipairs(redis.call('XRANGE', log_key, '-', '+')) do
+      local fields = entry[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'f' and string.sub(fields[i + 1], 1, 13) == '{"type":"ack"'
+            and string.find(fields[i + 1], needle, 1, true) then return 0 end
+      end
+    end
+  end
+  if kind == '^' or kind == '?' then
     redis.call('SET', owner_key, node, 'EX', ttl)
   elseif kind == '+' then
     redis.call('APPEND', text_key, string.sub(step, 2))
     redis.call('EXPIRE', text_key, ttl)
     if owner then redis.call('EXPIRE', owner_key, ttl) end
   elseif kind == '$' then
-    redis.call('DEL', text_key)
-    redis.call('EXPIRE', owner_key, 60)
+    redis.call('DEL', text_key, owner_key)
   else
     redis.call('DEL', text_key)
   end
@@ -164,6 +173,7 @@ return {0, 0}
 
 # An answer's steps in the emit script (the text of a token follows its "+").
 ANSWER_START = "^"
+ANSWER_START_RESENT = "?"  # followed by the reply id
 ANSWER_TOKEN = "+"
 ANSWER_END = "$"
 ANSWER_END_TAKEN_OVER = "!"
@@ -461,6 +471,15 @@ class RedisStore:
             args=[self.log_ttl_s],
         )
         return None if text is None else bytes(text).decode()
+
+    async def drop_answer(self, conversation_id: str, reply_id: int, *, keep_owner: bool = False) -> None:
+        """Delete what Redis keeps of an answer that ended without its own `done` (another replica ended it, or
+        its conversation was deleted): its text is personal data, and no takeover needs it any more.
+        `keep_owner`: a takeover's mark stays, so that its former replica still logs nothing of it."""
+        keys = [self.keys.answer_text(conversation_id, reply_id)]
+        if not keep_owner:
+            keys.append(self.keys.answer_owner(conversation_id, reply_id))
+        await self.client.delete(*keys)  # one hash slot: a Redis Cluster takes it
 
     async def claim_answer(self, conversation_id: str, reply_id: int, node: str) -> bool:
         """Make an answer started without its ack's step `node`'s; False when another replica started it or
