@@ -130,7 +130,7 @@ async def test_a_slow_former_owner_cannot_send_tokens_after_the_takeover(
     async def owner_wakes_before_the_commit(*args: Any, **kwargs: Any) -> bool:
         let_go.set()
         await emitted.wait()
-        return await finish_reply(*args, **kwargs)
+        return bool(await finish_reply(*args, **kwargs))
 
     monkeypatch.setattr(database_b, "finish_reply", owner_wakes_before_the_commit)
     tab = await a.connect({"token": token()})
