@@ -1,8 +1,9 @@
 """Answers: generated in their own tasks, streamed as numbered frames, committed with a final status.
 
-Each answer holds a lease in Redis while it runs; a replica that finds an expired lease commits that
-answer as interrupted (with the text logged so far), tells its sockets, and tells its replica (alive but
-slow, perhaps) to stop generating it.
+Each answer holds a lease in Redis while it runs; a replica that finds an expired lease takes the answer
+over: from then on Redis refuses the answer's frames from its former replica (alive but slow, perhaps, and
+told to stop generating it), and the answer is committed as interrupted with the text its tokens carried,
+then announced with its `done`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from ai.base import AIError, AIRequest, CourseContext, Provider, Usage, estimate
 from ai.base import Turn as HistoryTurn
 from ai.prompt import build_system_instruction
 from storage.documents import Documents
+from storage.errors import AnswerFencedError
 from storage.models import Conversation, Course, Message, MessageStatus, PastMessage, TenantSettings, UsageRecord
 from storage.postgres import UNAVAILABLE_ERRORS, Database
-from storage.redis_store import TokenAdjustment
+from storage.redis_store import ANSWER_END, ANSWER_END_TAKEN_OVER, ANSWER_TOKEN, LogSnapshot, TokenAdjustment
 
 from .budgets import Budgets, Reservation
 from .errors import ChatError, ai_failure, answer_failed
@@ -150,6 +152,8 @@ class Answers:
         member = _lease_member(turn)
         try:
             if not turn.leased:  # usually taken with the ack, in the same round trip
+                if not await self._claim(turn):
+                    return
                 with contextlib.suppress(Exception):  # the maintenance loop renews it again in 2 s
                     await self.hub.store.renew_leases([member], LEASE_TTL_MS)
                 turn.leased = True
@@ -169,12 +173,28 @@ class Answers:
             self._turns.pop(turn.reply_id, None)
             if not lock.locked() and self._locks.get(turn.conversation_id) is lock:
                 del self._locks[turn.conversation_id]
-            # Usually dropped with the `done`, in the same round trip. An answer that could not be committed
-            # keeps it: no longer renewed, it expires and a takeover (here or on another replica, once
-            # PostgreSQL answers) ends the answer as interrupted, with its `done`.
-            if turn.leased and turn.finished:
+            # Usually dropped with the `done`, in the same round trip. An answer that could not be committed,
+            # or whose `done` was not logged after its commit, keeps it: no longer renewed, it expires and a
+            # takeover (here or on another replica, once PostgreSQL answers) ends the answer as interrupted,
+            # or sends the `done` of what was committed.
+            if turn.leased and turn.finished and not turn.done_pending:
                 with contextlib.suppress(Exception):
                     await self.hub.store.release_lease(member)
+
+    async def _claim(self, turn: Turn) -> bool:
+        """An answer started without its ack's claim (the ack failed, or a teacher resumed the AI): whether it
+        is this replica's to generate. When another replica started it first (a resend of its question
+        raced the first ack), or took it over, it is left to that one."""
+        try:
+            if await self.hub.store.claim_answer(turn.conversation_id, turn.reply_id, self.hub.node):
+                return True
+        except Exception as exc:  # Redis unreachable: generated here, as the ack would have it
+            log.warning("could not claim an answer; generating it", extra={**turn.log_context, "error": repr(exc)})
+            return True
+        log.info("answer started by another replica; not generated here", extra=turn.log_context)
+        await self.budgets.settle(turn.reservation, 0, 0)
+        turn.reservation, turn.finished = None, True
+        return False
 
     async def _generate(self, turn: Turn, course: Course | None) -> None:
         batcher = TokenBatcher(
@@ -203,6 +223,8 @@ class Answers:
                 turn.stream_task.cancel()
                 await asyncio.wait([turn.stream_task])
             status = "interrupted" if cancelled else _final(turn.stop_reason or "stopped")
+        except AnswerFencedError:
+            pass  # taken over by another replica: the batcher keeps the error, handled below
         except AIError as exc:
             # An answer the model ended early after some text carries the provider's usage (thoughts included).
             usage = exc.usage
@@ -218,12 +240,17 @@ class Answers:
         turn.ending = True
         try:
             await batcher.flush()
+        except AnswerFencedError:
+            pass
         except Exception:
             log.exception("token delivery failed", extra=turn.log_context)
             if status == "complete":
                 status, failure = "failed", answer_failed(str(turn.reply_id))
-        with self.tracer.span("done", status=status):
-            await self._finish(turn, status, usage, batcher.offset, failure)
+        if isinstance(batcher.error, AnswerFencedError):
+            await self._given_up(turn, usage)
+        else:
+            with self.tracer.span("done", status=status):
+                await self._finish(turn, status, usage, batcher.offset, failure)
         if cancelled:
             raise asyncio.CancelledError
 
@@ -305,30 +332,17 @@ class Answers:
                 "text": text,
             }
         )
-        [(seq, _)] = await self.hub.emit(turn.conversation_id, [frame], floor=turn.seq_floor, course=turn.course_key)
+        [(seq, _)] = await self.hub.emit(
+            turn.conversation_id, [frame], floor=turn.seq_floor, course=turn.course_key,
+            answer=(turn.reply_id, ANSWER_TOKEN + text),
+        )
         turn.last_seq = seq
 
     async def _finish(
         self, turn: Turn, status: MessageStatus, usage: Usage | None, length: int, error: ChatError | None
     ) -> None:
         """Commit the answer's final state, then tell every joined socket (`done`)."""
-        now = time.monotonic()
-        record = None
-        if turn.started:
-            # An answer that failed or was stopped after some text has no Usage, but the provider bills what
-            # it read and wrote: estimated, so that the budgets count it.
-            prompt_tokens = usage.prompt_tokens if usage else 0
-            if usage is None and turn.request is not None and turn.parts:  # estimated only when needed
-                prompt_tokens = estimate_prompt_tokens(turn.request)
-            record = UsageRecord(
-                provider=self.provider.name,
-                model=self.provider.model,
-                prompt_tokens=prompt_tokens,
-                output_tokens=usage.output_tokens if usage else estimate_tokens(turn.text),
-                ttft_ms=(turn.first_token_at - turn.started) * 1000 if turn.first_token_at else None,
-                duration_ms=(now - turn.started) * 1000,
-                passage_ids=turn.passage_ids,
-            )
+        record = self._record(turn, usage)
         used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
         reservation, turn.reservation = turn.reservation, None
         # The conversation's durable last seq becomes the `done`'s, which is emitted after the commit: the
@@ -336,11 +350,9 @@ class Answers:
         done_seq = max(turn.seq_floor, self.hub.last_seq(turn.conversation_id)) + 1
         truncated = usage is not None and usage.truncated and status == "complete"
         blocked = usage is not None and usage.blocked and status == "complete"
+        why = (error.code.value, bool(error.retryable)) if error else None
         try:
-            committed = await self._commit(
-                turn, status, done_seq, record, truncated, (error.code.value, bool(error.retryable)) if error else None,
-                blocked,
-            )
+            committed = await self._commit(turn, status, done_seq, record, truncated, why, blocked)
         except BaseException:
             await self.budgets.settle(reservation, *used)
             raise
@@ -351,16 +363,60 @@ class Answers:
             _log_content(turn, status)
         if not committed:
             await self.budgets.settle(reservation, *used)
-            return  # another replica already ended it (its lease had expired)
-        # The reservation is settled and the lease dropped in the `done`'s round trip.
-        await self._emit_done(
-            turn.conversation_id, turn.reply_id, status, length, record, turn.course_key, done_seq - 1,
-            release=_lease_member(turn), adjust=self.budgets.adjustment(reservation, *used),
-            truncated=truncated, error=error, blocked=blocked,
-        )
-        turn.leased = False
+            # Another replica already ended it (its lease had expired; the takeover has read its text), or the
+            # conversation was deleted (`delete-user`, `purge`): what Redis keeps of it goes.
+            with contextlib.suppress(Exception):  # else it expires an hour after its last token
+                await self.hub.store.drop_answer(turn.conversation_id, turn.reply_id)
+            return
+        # The reservation is settled and the lease dropped in the `done`'s round trip. Until it is logged, a
+        # takeover of the lease (once it expires) would have to send it: this replica stopped (the stop deadline),
+        # or Redis failed.
+        turn.done_pending = True
+        tokens = (record.prompt_tokens, record.output_tokens) if record else (0, 0)
+        try:
+            await self._emit_done(
+                turn.conversation_id, turn.reply_id, status, length, tokens, turn.course_key, done_seq - 1,
+                release=_lease_member(turn), adjust=self.budgets.adjustment(reservation, *used),
+                truncated=truncated, error=why, blocked=blocked, step=ANSWER_END,
+            )
+        except AnswerFencedError:
+            # Taken over since its last token (this replica was slow): the takeover found it committed and sends
+            # its `done`, with what was committed here.
+            turn.leased = False
+            return
+        turn.done_pending, turn.leased = False, False
         if error is not None:
             await self.hub.deliver(turn.conversation_id, [(0, error_frame(error))])
+
+    def _record(self, turn: Turn, usage: Usage | None) -> UsageRecord | None:
+        """What the answer cost, for its usage row and the budgets (None when it never reached the provider)."""
+        if not turn.started:
+            return None
+        # An answer that failed or was stopped after some text has no Usage, but the provider bills what it
+        # read and wrote: estimated, so that the budgets count it.
+        prompt_tokens = usage.prompt_tokens if usage else 0
+        if usage is None and turn.request is not None and turn.parts:  # estimated only when needed
+            prompt_tokens = estimate_prompt_tokens(turn.request)
+        return UsageRecord(
+            provider=self.provider.name,
+            model=self.provider.model,
+            prompt_tokens=prompt_tokens,
+            output_tokens=usage.output_tokens if usage else estimate_tokens(turn.text),
+            ttft_ms=(turn.first_token_at - turn.started) * 1000 if turn.first_token_at else None,
+            duration_ms=(time.monotonic() - turn.started) * 1000,
+            passage_ids=turn.passage_ids,
+        )
+
+    async def _given_up(self, turn: Turn, usage: Usage | None) -> None:
+        """Another replica took the answer over while this one still generated it (slow, not dead): Redis
+        refused its frames from then on. That replica commits and announces it; this one only settles what
+        the provider was paid, and keeps away from the lease."""
+        log.warning("answer taken over by another replica; stopped generating it", extra=turn.log_context)
+        record = self._record(turn, usage)
+        used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
+        reservation, turn.reservation = turn.reservation, None
+        await self.budgets.settle(reservation, *used)
+        turn.finished, turn.leased = True, False
 
     async def _commit(
         self,
@@ -412,15 +468,18 @@ class Answers:
         reply_id: int,
         status: str,
         length: int,
-        record: UsageRecord | None,
+        tokens: tuple[int, int],
         course: tuple[str, str] | None,
         floor: int,
         release: str | None = None,
         adjust: TokenAdjustment | None = None,
         truncated: bool = False,
-        error: ChatError | None = None,
+        error: tuple[str, bool] | None = None,
         blocked: bool = False,
+        step: str = ANSWER_END,
     ) -> None:
+        """The answer's `done` (`tokens`: prompt and output tokens; `error`: a failed answer's code and whether
+        it is retryable), emitted as its owner's last frame (`step` ANSWER_END) or a takeover's."""
         done: dict[str, object] = {
             "type": "done",
             "reply_id": reply_id,
@@ -429,18 +488,15 @@ class Answers:
             "length": length,
             "truncated": truncated,
             "blocked": blocked,
-            "usage": {
-                "prompt_tokens": record.prompt_tokens if record else 0,
-                "output_tokens": record.output_tokens if record else 0,
-            },
+            "usage": {"prompt_tokens": tokens[0], "output_tokens": tokens[1]},
         }
         if error is not None:
             # A failed answer: why, and whether asking again can help (the `error` that follows says more);
             # teachers watching get the `done` only.
-            done["error"] = error.code.value
-            done["retryable"] = bool(error.retryable)
+            done["error"], done["retryable"] = error
         await self.hub.emit(
-            conversation_id, [encode(done)], floor=floor, course=course, release=release, adjust=adjust
+            conversation_id, [encode(done)], floor=floor, course=course, release=release, adjust=adjust,
+            answer=(reply_id, step),
         )
 
     async def renew_leases(self) -> None:
@@ -471,28 +527,65 @@ class Answers:
         tenant_id, user_id, conversation_id, reply_id, course_id = orjson.loads(member)
         if reply_id in self._turns:
             return  # ours after all (a slow renewal); the next renewal restores the lease
+        # Sealed first: from here on its former replica logs none of its frames, so the text read now is the
+        # one its students were sent, and the log read after it holds the owner's `done` if there is one.
+        sealed = await self.hub.store.seal_answer(conversation_id, reply_id)
         snapshot = await self.hub.store.snapshot(conversation_id)
-        text = "".join(_token_text(frame, reply_id) for _, frame in snapshot.entries)
+        text = sealed if sealed is not None else _logged_text(snapshot.entries, reply_id, tenant_id, conversation_id)
         conversation = await self.db.tenant_conversation(tenant_id, conversation_id)
         floor = max(snapshot.seq, conversation.last_seq if conversation else 0)
         committed = await self.db.finish_reply(
             tenant_id, user_id, conversation_id, reply_id, text, "interrupted", floor + 1, None
         )
-        if committed:
-            # Its own replica never counts it (stopped, or gave up the commit): SmartEduTurnsInterrupted would
-            # miss the answers a crashed replica leaves.
-            self.metrics.turn_ended("interrupted")
-            log.warning(
-                "took over an abandoned answer",
-                extra={"tenant": tenant_id, "conversation_id": conversation_id, "reply_id": reply_id},
-            )
-            # Its replica may be alive, only slow (a stalled event loop, a Redis hiccup): it stops generating
-            # instead of streaming tokens after this `done` and spending the school's budget on them.
-            await self.hub.store.publish_control(
-                {"op": "cancel", "reply_id": reply_id, "tenant": tenant_id, "user": user_id}
-            )
-            course = (tenant_id, course_id) if course_id else None
-            await self._emit_done(conversation_id, reply_id, "interrupted", len(text), None, course, floor)
+        course = (tenant_id, course_id) if course_id else None
+        if not committed:
+            await self._send_missing_done(tenant_id, conversation_id, reply_id, course, snapshot)
+            # Ended (or deleted) all the same: its text goes; the mark stays until it expires, as the replica that
+            # committed it may still send its `done`.
+            await self.hub.store.drop_answer(conversation_id, reply_id, keep_owner=True)
+            return
+        # Its own replica never counts it (stopped, or gave up the commit): SmartEduTurnsInterrupted would
+        # miss the answers a crashed replica leaves.
+        self.metrics.turn_ended("interrupted")
+        log.warning(
+            "took over an abandoned answer",
+            extra={"tenant": tenant_id, "conversation_id": conversation_id, "reply_id": reply_id},
+        )
+        # Its replica may be alive, only slow (a stalled event loop, a Redis hiccup): it stops generating
+        # instead of streaming tokens after this `done` and spending the school's budget on them.
+        await self.hub.store.publish_control(
+            {"op": "cancel", "reply_id": reply_id, "tenant": tenant_id, "user": user_id}
+        )
+        await self._emit_done(
+            conversation_id, reply_id, "interrupted", len(text), (0, 0), course, floor, step=ANSWER_END_TAKEN_OVER
+        )
+
+    async def _send_missing_done(
+        self,
+        tenant_id: str,
+        conversation_id: str,
+        reply_id: int,
+        course: tuple[str, str] | None,
+        snapshot: LogSnapshot,
+    ) -> None:
+        """A taken-over answer its replica had committed already: if that replica's `done` is not in the log
+        (the stop deadline cut it off after the commit, or Redis failed), its students would wait for it
+        forever; it is sent now, as committed."""
+        if any(_is_done_of(frame, reply_id) for _, frame in snapshot.entries):
+            return
+        message = await self.db.get_message(tenant_id, conversation_id, reply_id)
+        if message is None or message.role != "assistant" or message.status == "streaming":
+            return
+        log.warning(
+            "sent the done of an answer its replica committed without one",
+            extra={"tenant": tenant_id, "conversation_id": conversation_id, "reply_id": reply_id},
+        )
+        error = (message.error_code, bool(message.retryable)) if message.error_code else None
+        await self._emit_done(
+            conversation_id, reply_id, message.status, len(message.text),
+            (message.prompt_tokens or 0, message.output_tokens or 0), course, max(snapshot.seq, message.seq - 1),
+            truncated=message.truncated, error=error, blocked=message.blocked, step=ANSWER_END_TAKEN_OVER,
+        )
 
     async def end_unstarted(self, older_than_s: float = UNSTARTED_AFTER_S) -> None:
         """Answers committed but never started (the replica stopped before the ack, or a commit whose reply
@@ -556,11 +649,27 @@ def _final(reason: str) -> MessageStatus:
     return "interrupted" if reason == "interrupted" else "stopped"
 
 
-def _token_text(frame: bytes, reply_id: int) -> str:
-    if not frame.startswith(b'{"type":"token"'):
-        return ""
-    data = orjson.loads(frame)
-    return str(data["text"]) if data.get("reply_id") == reply_id else ""
+def _logged_text(entries: list[tuple[int, bytes]], reply_id: int, tenant_id: str, conversation_id: str) -> str:
+    """An answer's text from its token frames still in the log: for an answer whose text Redis does not keep
+    (generated by a replica of an older release). The log is capped: when its first frames are gone, the
+    start of the text is lost, and the takeover says so in its log."""
+    text, start = "", None
+    for _, frame in entries:
+        if frame.startswith(b'{"type":"token"'):
+            data = orjson.loads(frame)
+            if data.get("reply_id") == reply_id:
+                start = data.get("offset", 0) if start is None else start
+                text += str(data["text"])
+    if start:
+        log.warning(
+            "took over an answer whose start the log no longer holds",
+            extra={"tenant": tenant_id, "conversation_id": conversation_id, "reply_id": reply_id, "lost": start},
+        )
+    return text
+
+
+def _is_done_of(frame: bytes, reply_id: int) -> bool:
+    return frame.startswith(b'{"type":"done"') and orjson.loads(frame).get("reply_id") == reply_id
 
 
 def course_key(conversation: Conversation) -> tuple[str, str] | None:

@@ -17,8 +17,10 @@ from typing import Any
 import orjson
 
 from ai.base import Provider
+from storage.errors import AnswerFencedError
 from storage.models import Conversation, Course, Message, PastMessage, TenantSettings, User
 from storage.postgres import Database
+from storage.redis_store import ANSWER_START, ANSWER_START_RESENT
 from storage.roundtrips import RoundTrips
 
 from .answers import LEASE_TTL_MS, Answers, course_key, lease_member
@@ -351,10 +353,15 @@ class ChatService:
             seq = saved.message.seq or await self._logged_ack_seq(conversation.id, saved.message.id)
             if not seq and await self._claim_unstarted(conversation, saved.reply):
                 # Never acknowledged, its answer never started: the first send was committed but its reply
-                # lost (the connection dropped as PostgreSQL restarted). Acknowledged and answered now.
-                await self._acknowledge(session, joined, ack, saved.message, saved.reply, reservation)
-                return
-            await self.budgets.settle(reservation, 0, 0)  # nothing will be generated for this message
+                # lost (the connection dropped as PostgreSQL restarted). Acknowledged and answered now, unless
+                # the first send's ack gets there first (it was only late): then that one stands.
+                if await self._acknowledge(
+                    session, joined, ack, saved.message, saved.reply, reservation, resent=True
+                ):
+                    return
+                seq = await self._logged_ack_seq(conversation.id, saved.message.id)
+            else:
+                await self.budgets.settle(reservation, 0, 0)  # nothing will be generated for this message
             ack["seq"] = seq
             await session.peer.send(encode(ack))
             return
@@ -395,32 +402,42 @@ class ChatService:
         *,
         history: list[PastMessage] | None = None,
         keep_seq: bool = True,
-    ) -> None:
+        resent: bool = False,
+    ) -> bool:
         """Emit a committed question's ack (taking its answer's lease in the same round trip), then start
         the answer. `keep_seq`: the ack's seq is stored with the answer (one statement), so a resend gets
-        the same ack; a regenerated answer keeps the question's first ack."""
+        the same ack; a regenerated answer keeps the question's first ack. False when another replica
+        acknowledged the question and started its answer first (a resend racing the first send's ack): no
+        ack is logged, and the answer is that replica's. `resent`: the ack of a resend that found the question
+        unacknowledged, refused also when the first send's ack was logged meanwhile."""
         conversation = joined.conversation
-        seq, leased = 0, False
-        lease = None
+        seq, leased, started_elsewhere = 0, False, False
+        lease, answer = None, None
         if reply is not None:
             lease = lease_member(
                 conversation.tenant_id, conversation.user_id, conversation.id, reply.id, conversation.course_id
             )
+            answer = (reply.id, f"{ANSWER_START_RESENT}{reply.id}" if resent else ANSWER_START)
         try:
             [(seq, _)] = await self.hub.emit(
                 conversation.id, [encode(ack)], floor=conversation.last_seq, course=course_key(conversation),
-                lease=lease,
+                lease=lease, answer=answer,
             )
             leased = lease is not None
             if reply is None:  # paused: no answer's commit will record the ack's seq
                 await self.db.record_seq(session.claims.tenant, conversation.id, seq, question.id)
+        except AnswerFencedError:
+            started_elsewhere = True
         finally:
             # The question is committed: it gets its answer (or a final status) even if the ack failed.
-            if reply is not None:
+            if reply is not None and not started_elsewhere:
                 self.answers.start(
                     conversation, joined.course, question, reply.id, session.tenant, reservation,
                     seq if keep_seq else 0, leased=leased, history=history,
                 )
+        if started_elsewhere:
+            await self.budgets.settle(reservation, 0, 0)  # nothing will be generated here
+        return not started_elsewhere
 
     async def cancel(self, session: Session, reply_id: int) -> None:
         """Stop the user's answer wherever it is generated; an answer that already ended is left as it is."""

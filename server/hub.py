@@ -375,16 +375,19 @@ class Hub:
         lease: str | None = None,
         release: str | None = None,
         adjust: TokenAdjustment | None = None,
+        answer: tuple[int, str] | None = None,
     ) -> list[Numbered]:
         """Number frames with the conversation's next seqs, log and publish them, deliver them here.
 
         `lease` / `release` take or drop an answer's lease and `adjust` settles its tokens in the same round
-        trip.
+        trip. `answer` = (reply id, step): frames of an answer, which only its owner may emit
+        (`AnswerFencedError` for any other replica: nothing is logged or delivered).
         """
         course_channel = self.store.keys.course_channel(*course) if course else ""
         floor = max(floor, self._seen.get(conversation_id, 0))
         first = await self.store.emit(
-            conversation_id, frames, floor, self.node, course_channel, lease=lease, release=release, adjust=adjust
+            conversation_id, frames, floor, self.node, course_channel, lease=lease, release=release, adjust=adjust,
+            answer=answer,
         )
         numbered = [(first + i, splice_seq(frame, first + i)) for i, frame in enumerate(frames)]
         if conversation_id in self._held:

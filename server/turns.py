@@ -127,6 +127,7 @@ class Turn:
     reservation: Any = None  # budgets.Reservation, settled when the answer is committed
     question_seq: int = 0  # the seq of the question's ack, stored with the answer
     leased: bool = False  # whether this answer's lease is (believed to be) held in Redis
+    done_pending: bool = False  # committed, its `done` not yet logged: the lease stays for a takeover to send it
     history: list[PastMessage] | None = None  # read with the question; None: read when the answer starts
     request: AIRequest | None = None  # what the provider was sent: estimated if the answer ends without usage
 

@@ -29,3 +29,8 @@ class DuplicateNameError(StorageError):
 
 class UserErasedError(StorageError):
     """The user was erased (`smartedu delete-user`) after the token naming them was issued: nothing was written."""
+
+
+class AnswerFencedError(StorageError):
+    """This replica no longer owns the answer (another replica took it over, or acknowledged and started it
+    first): Redis refused its frame, and nothing was logged or published."""

@@ -27,6 +27,16 @@ class Keys:
         """Set: the replicas (node ids) with a socket in the conversation, which its frames are published to."""
         return f"{self.prefix}{{c:{conversation_id}}}:nodes"
 
+    def answer_text(self, conversation_id: str, reply_id: int) -> str:
+        """String: the text of an answer being generated, as its token frames carried it (never trimmed, unlike
+        the log), while the answer runs; read by a takeover."""
+        return f"{self.prefix}{{c:{conversation_id}}}:answer:{reply_id}:text"
+
+    def answer_owner(self, conversation_id: str, reply_id: int) -> str:
+        """String: the node id of the replica that started the answer, or "!" once another replica took it
+        over; frames of the answer from any other replica are refused."""
+        return f"{self.prefix}{{c:{conversation_id}}}:answer:{reply_id}:owner"
+
     def node_channel(self, node: str) -> str:
         """The channel one replica listens on for other replicas' frames of the conversations it holds."""
         return f"{self.prefix}node:{node}"

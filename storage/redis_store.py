@@ -24,6 +24,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .errors import AnswerFencedError
 from .keys import Keys
 from .roundtrips import RoundTrips
 
@@ -42,11 +43,49 @@ log = logging.getLogger(__name__)
 # log's has run down by more than a sixtieth of its ttl (a minute of an hour): a log expires between 59 and
 # 60 minutes after its conversation's last frame, never later. Renewing them with every frame was 4 of
 # the script's 10 commands and 12 of a turn's 44 (docs/benchmarks.md, tenth round).
+#
+# A frame of an answer (ARGV[8], its step, and KEYS[5], KEYS[6], the answer's text and owner) is logged only
+# while the answer is this node's: its owner key holds no other node and no "!" (taken over). Else nothing
+# happens and the script returns 0. The steps: "^" an ack, which makes the answer this node's (one
+# replica starts an answer); "?<reply id>" the ack of a resend that found its question unacknowledged,
+# likewise, and refused too when an ack of the answer is in the log (the first send's, late: its answer may
+# even have ended already); "+<text>" a token, whose text is appended to the answer's text (a takeover
+# reads it there: the log is capped); "$" the owner's `done`, which drops both keys; "!" a takeover's
+# `done`, which drops the text and leaves the owner key saying "taken over" until it expires. The text key
+# gets its expiry when a token creates it, and both answer keys have theirs renewed with the log's (above).
 _EMIT = """
 local seq_key, log_key, start_key, nodes_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local floor, maxlen, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
 local node, node_prefix, course_channel, conversation = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local count = #ARGV - 7
+local step = ARGV[8]
+local token, token_owner = false, false  -- a token's answer keys: their expiries are renewed with the log's
+if step ~= '' then
+  local text_key, owner_key, kind = KEYS[5], KEYS[6], string.sub(step, 1, 1)
+  local owner = redis.call('GET', owner_key)
+  if kind ~= '!' and owner and owner ~= node then return 0 end
+  if kind == '?' then
+    local needle = ',"reply_id":' .. string.sub(step, 2) .. ','
+    for _, entry in ipairs(redis.call('XRANGE', log_key, '-', '+')) do
+      local fields = entry[2]
+      for i = 1, #fields, 2 do
+        if fields[i] == 'f' and string.sub(fields[i + 1], 1, 13) == '{"type":"ack"'
+            and string.find(fields[i + 1], needle, 1, true) then return 0 end
+      end
+    end
+  end
+  if kind == '^' or kind == '?' then
+    redis.call('SET', owner_key, node, 'EX', ttl)
+  elseif kind == '+' then
+    local piece = string.sub(step, 2)
+    if redis.call('APPEND', text_key, piece) == #piece then redis.call('EXPIRE', text_key, ttl) end
+    token, token_owner = true, owner
+  elseif kind == '$' then
+    redis.call('DEL', text_key, owner_key)
+  else
+    redis.call('DEL', text_key)
+  end
+end
+local count = #ARGV - 8
 local last = redis.call('INCRBY', seq_key, count)
 local renew = last == count  -- a new counter (or one at 0)
 local first = last - count + 1
@@ -62,8 +101,8 @@ local targets = {}
 for _, other in ipairs(redis.call('SMEMBERS', nodes_key)) do
   if other ~= node then targets[#targets + 1] = node_prefix .. other end
 end
-for i = 8, #ARGV do
-  local seq = first + i - 8
+for i = 9, #ARGV do
+  local seq = first + i - 9
   local frame = string.sub(ARGV[i], 1, -2) .. ',"seq":' .. seq .. '}'
   redis.call('XADD', log_key, 'MAXLEN', maxlen, '*', 's', seq, 'f', frame, 'n', node)
   if #targets > 0 then
@@ -77,8 +116,26 @@ if renew or log_ttl < ttl_ms - math.floor(ttl_ms / 60) then
   redis.call('PEXPIRE', nodes_key, ttl_ms * 24)
   redis.call('PEXPIRE', log_key, ttl_ms)
   redis.call('PEXPIRE', start_key, ttl_ms)
+  if token then redis.call('PEXPIRE', KEYS[5], ttl_ms) end
+  if token_owner then redis.call('PEXPIRE', KEYS[6], ttl_ms) end
 end
 return first
+"""
+
+# A takeover: from now on no replica logs the answer's frames (its owner key says "taken over"); the text its
+# tokens carried so far (nil when none was logged with its text, e.g. by a replica of an older release).
+_SEAL = """
+redis.call('SET', KEYS[2], '!', 'EX', ARGV[1])
+return redis.call('GET', KEYS[1])
+"""
+
+# An answer started without its ack's step (the ack failed, or a teacher resumed the AI): make it this
+# node's unless another node started it or it was taken over; 1 when it is this node's.
+_CLAIM = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return 1
 """
 
 # The conversation's current seq and its whole log, read atomically, plus whether the log is complete
@@ -144,6 +201,14 @@ return {0, 0}
 BUDGET_TTL_S = 172800
 
 
+# An answer's steps in the emit script (the text of a token follows its "+").
+ANSWER_START = "^"
+ANSWER_START_RESENT = "?"  # followed by the reply id
+ANSWER_TOKEN = "+"
+ANSWER_END = "$"
+ANSWER_END_TAKEN_OVER = "!"
+
+
 def splice_seq(frame: bytes, seq: int) -> bytes:
     """The same splice the emit script does, for frames delivered locally."""
     return b'%b,"seq":%d}' % (frame[:-1], seq)
@@ -207,7 +272,7 @@ class TokenAdjustment:
 class _Emit:
     """One emit waiting for the next pipeline."""
 
-    keys: tuple[str, str, str, str]
+    keys: tuple[str, ...]
     args: tuple[bytes | str | int, ...]
     lease: str | None
     release: str | None
@@ -355,6 +420,8 @@ class RedisStore:
         self._emit = client.register_script(_EMIT)
         self._snapshot = client.register_script(_SNAPSHOT)
         self._admit = client.register_script(_ADMIT)
+        self._seal = client.register_script(_SEAL)
+        self._claim = client.register_script(_CLAIM)
         self._emits: RoundTrips[_Emit, int] = RoundTrips(self._run_emits, "redis-emit-flusher")
         # Messages arriving together share the admit's round trip too.
         self._admits: RoundTrips[_Admit, Any] = RoundTrips(self._run_admits, "redis-admits", limit=256)
@@ -394,25 +461,35 @@ class RedisStore:
         release: str | None = None,
         lease_ttl_ms: int = 6000,
         adjust: TokenAdjustment | None = None,
+        answer: tuple[int, str] | None = None,
     ) -> int:
         """Number `frames` consecutively, log and publish them; return the first seq.
 
         `lease` / `release` take or drop an answer's lease, and `adjust` settles its token reservation, in
-        the same round trip. Emits from every
-        answer of this process share round trips: while one pipeline is on its way to Redis, the next
-        ones queue up and go together (so a busy replica pays one write and one read for many frames).
+        the same round trip. `answer` = (reply id, step): frames of that answer, logged only while it is
+        this node's (`AnswerFencedError` otherwise, and nothing is logged; the side commands still run).
+        Emits from every answer of this process share round trips: while one pipeline is on its way to
+        Redis, the next ones queue up and go together (so a busy replica pays one write and one read for
+        many frames).
         """
         keys = self.keys
+        step = ""
+        conversation_keys: tuple[str, ...] = (
+            keys.conversation_seq(conversation_id),
+            keys.conversation_log(conversation_id),
+            keys.conversation_log_start(conversation_id),
+            keys.conversation_nodes(conversation_id),
+        )
+        if answer is not None:
+            reply_id, step = answer
+            conversation_keys += (
+                keys.answer_text(conversation_id, reply_id), keys.answer_owner(conversation_id, reply_id)
+            )
         call = _Emit(
-            keys=(
-                keys.conversation_seq(conversation_id),
-                keys.conversation_log(conversation_id),
-                keys.conversation_log_start(conversation_id),
-                keys.conversation_nodes(conversation_id),
-            ),
+            keys=conversation_keys,
             args=(
                 floor, self.log_maxlen, self.log_ttl_s, node, self._node_prefix, course_channel,
-                conversation_id, *frames,
+                conversation_id, step, *frames,
             ),
             lease=lease,
             release=release,
@@ -426,8 +503,35 @@ class RedisStore:
             results = [await self.client.execute_command(*command) for command in side]
             for command in _expire_created(side, results):
                 await self.client.execute_command(*command)
-            return first
-        return await self._emits.submit(call)
+        else:
+            first = await self._emits.submit(call)
+        if first == 0:
+            raise AnswerFencedError(f"answer {answer[0] if answer else '?'} is no longer this replica's")
+        return first
+
+    async def seal_answer(self, conversation_id: str, reply_id: int) -> str | None:
+        """Take an answer over: from now on no replica logs its frames. The text its tokens carried (None when
+        none was logged with its text: no token yet, or a replica of an older release generated it)."""
+        text = await self._seal(
+            keys=[self.keys.answer_text(conversation_id, reply_id), self.keys.answer_owner(conversation_id, reply_id)],
+            args=[self.log_ttl_s],
+        )
+        return None if text is None else bytes(text).decode()
+
+    async def drop_answer(self, conversation_id: str, reply_id: int, *, keep_owner: bool = False) -> None:
+        """Delete what Redis keeps of an answer that ended without its own `done` (another replica ended it, or
+        its conversation was deleted): its text is personal data, and no takeover needs it any more.
+        `keep_owner`: a takeover's mark stays, so that its former replica still logs nothing of it."""
+        keys = [self.keys.answer_text(conversation_id, reply_id)]
+        if not keep_owner:
+            keys.append(self.keys.answer_owner(conversation_id, reply_id))
+        await self.client.delete(*keys)  # one hash slot: a Redis Cluster takes it
+
+    async def claim_answer(self, conversation_id: str, reply_id: int, node: str) -> bool:
+        """Make an answer started without its ack's step `node`'s; False when another replica started it or
+        it was taken over."""
+        mine = await self._claim(keys=[self.keys.answer_owner(conversation_id, reply_id)], args=[node, self.log_ttl_s])
+        return bool(mine)
 
     async def _run_emits(self, batch: list[_Emit]) -> list[int]:
         """One round trip on the emit connection: every emit script of the batch, then the side commands."""
