@@ -687,3 +687,27 @@ async def test_a_hello_that_failed_on_the_database_is_said_again_on_the_same_soc
     await page.wait_for_selector('.se-status[data-state="online"]', timeout=5000)
     assert hellos == [1, 1]  # both on the first socket
     assert problems == []
+
+
+OTHER_HOST_SOCKET = """url => new Promise(resolve => {
+  document.addEventListener('securitypolicyviolation',
+    e => resolve({blocked: e.blockedURI, directive: e.effectiveDirective}), {once: true});
+  const ws = new WebSocket(url);
+  ws.onopen = () => { ws.close(); resolve({opened: true}); };
+  ws.onclose = () => resolve({closed: true});  // refused by the server (its origin check), not the CSP
+})"""
+
+
+async def test_the_page_connects_to_its_own_socket_only(serve: Serve, browser: Browser) -> None:
+    """connect-src is 'self' (it allowed `ws: wss:`, any host): the page's own socket gets online, and a
+    script opening a socket to another host (the same server under another name) is refused by the CSP."""
+    server, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    assert "127.0.0.1" in url
+    elsewhere = str(server.client.make_url("/ws")).replace("http://127.0.0.1", "ws://localhost")
+    refused = await page.evaluate(OTHER_HOST_SOCKET, elsewhere)
+    assert refused == {"blocked": elsewhere, "directive": "connect-src"}
+    assert await page.evaluate("SmartEdu.client.transport.ws.readyState") == 1  # its own socket is untouched
+    assert problems == []
