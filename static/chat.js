@@ -557,8 +557,11 @@
       if (body.textContent !== item.text) body.textContent = item.text;
       return;
     }
-    body.textContent = '';
-    if (item.text) body.appendChild(ns.renderMarkdown(item.text));
+    // Streamed answers grow at their end: only the text after the blocks already built is parsed again.
+    (item.extras || []).forEach(function (node) { if (node.parentNode) node.parentNode.removeChild(node); });
+    item.extras = [];
+    if (!item.markdown) item.markdown = new ns.MarkdownStream(body);
+    item.markdown.render(item.text);
     var active = item.kind === 'assistant' && ACTIVE[item.status];
     item.li.setAttribute('aria-busy', active ? 'true' : 'false');
     if (active) {
@@ -566,7 +569,8 @@
         item.text ? [] : [h('span'), h('span'), h('span')]);
       var last = body.lastElementChild;
       (last && /^(P|LI)$/.test(last.nodeName) ? last : body).appendChild(typing);
-      if (!item.text) body.appendChild(h('span', { className: 'se-sr-only', text: 'Tutor is typing' }));
+      item.extras.push(typing);
+      if (!item.text) item.extras.push(body.appendChild(h('span', { className: 'se-sr-only', text: 'Tutor is typing' })));
     }
   };
 
@@ -1325,6 +1329,7 @@
 
   ns.Client = Client;
   ns.renderMarkdown = ns.renderMarkdown || function (text) { return document.createTextNode(text); };
+  ns.MarkdownStream = ns.MarkdownStream || function (body) { this.render = function (text) { body.textContent = text; }; };
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
   else boot();
 })();
