@@ -41,12 +41,17 @@
       open: function (course) { var w = pick(course); if (w) w.open(); },
       close: function (course) { var w = pick(course); if (w) w.close(); },
       refreshToken: function (course) { var w = pick(course); return w ? w.refreshToken() : Promise.resolve(); },
-      // Places every widget on the page: a slot each in its corner, counted from the corner in tag order.
+      // Places every widget on the page: a slot each in its corner, counted from the corner in the order
+      // of their tags in the page (async tags run in whatever order they load), else the order they ran.
       layout: function () {
         var used = { left: 0, right: 0 };
-        Object.keys(api.widgets).forEach(function (course) {
-          var w = api.widgets[course];
-          if (!w.host.isConnected) return;
+        var shown = Object.keys(api.widgets).map(function (course) { return api.widgets[course]; })
+          .filter(function (w) { return w.host.isConnected; });
+        shown.sort(function (a, b) {
+          if (!a.tag.isConnected || !b.tag.isConnected) return 0;
+          return a.tag.compareDocumentPosition(b.tag) & Node.DOCUMENT_POSITION_FOLLOWING ? -1 : 1;
+        });
+        shown.forEach(function (w) {
           var corner = w.side();
           w.restyle(used[corner], corner);
           used[corner] += 1;
@@ -56,6 +61,7 @@
   }
   var existing = api.widgets[config.course];
   if (existing) {
+    if (!existing.tag.isConnected) existing.tag = script; // its tag again, after an SPA's navigation
     existing.mount(config.open === 'true');
     return;
   }
@@ -124,7 +130,7 @@
   // A CSS zoom on the host page (html { zoom: 1.5 }) would scale the panel's px and vh alike and push
   // it off the top of the screen: the widget undoes it (browser zoom is no CSS zoom, and stays).
   function restyle(slot, corner) {
-    wrap.className = corner === 'left' ? 'left' : '';
+    wrap.classList.toggle('left', corner === 'left');
     var css = CSS_TEXT + '.launcher{' + corner + ':' + (20 + 68 * slot) + 'px}';
     var zoom = host.parentElement && host.parentElement.currentCSSZoom;
     if (typeof zoom === 'number' && zoom > 0 && zoom !== 1) css += ':host{zoom:' + 1 / zoom + '}';
@@ -391,7 +397,7 @@
     }).observe(document.body, { childList: true });
   }
 
-  var widget = { host: host, open: open, close: close, refreshToken: fetchToken, mount: mount, side: side,
+  var widget = { tag: script, host: host, open: open, close: close, refreshToken: fetchToken, mount: mount, side: side,
     restyle: restyle, behind: function (on) { wrap.classList.toggle('behind', on); } };
   api.widgets[config.course] = widget;
   if (document.body) mount(config.open === 'true');
