@@ -93,7 +93,7 @@
     '.left .launcher{right:auto}.left .panel{right:auto;left:20px}',
     '[hidden]{display:none!important}',
     '.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip-path:inset(50%);white-space:nowrap}',
-    '@media (max-width:480px){.panel{inset:0;width:100%;height:100%;border-radius:0}',
+    '@media (max-width:480px){.panel,.left .panel{inset:0;width:100%;height:100%;border-radius:0}',
     '.open .launcher,.behind .launcher{display:none}}',
     '@media (prefers-reduced-motion:no-preference){.panel{transition:opacity .15s}}',
   ].join('');
