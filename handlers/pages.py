@@ -8,20 +8,33 @@ from aiohttp import web
 
 from server.assets import read_page, static_cache_control
 from server.keys import DATABASE, SETTINGS
-from server.origins import framing_origins
-
-_BASE_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self' ws: wss:; base-uri 'none'; form-action 'self'; object-src 'none'"
-)
-PAGE_CSP = f"{_BASE_CSP}; frame-ancestors 'none'"
+from server.origins import framing_origins, socket_origin
+from server.settings import Settings
 
 
-def _page(request: web.Request, name: str, csp: str = PAGE_CSP) -> web.Response:
+def page_csp(settings: Settings, ancestors: str = "'none'") -> str:
+    """The pages' CSP. They open a socket to their own origin only (`/ws`), which `'self'` covers in CSP 3
+    browsers; the public URL's `wss:` origin is named as well for browsers where `'self'` never matched a
+    WebSocket (Safari before 16), instead of letting a script connect to any host (`ws: wss:`)."""
+    public = socket_origin(settings.public_url)
+    connect = f"'self' {public}" if public else "'self'"
+    return (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        f"connect-src {connect}; base-uri 'none'; form-action 'self'; object-src 'none'; "
+        f"frame-ancestors {ancestors}"
+    )
+
+
+def _page(request: web.Request, name: str) -> web.Response:
+    settings = request.app[SETTINGS]
     return web.Response(
-        text=read_page(request.app[SETTINGS].static_dir, name),
+        text=read_page(settings.static_dir, name),
         content_type="text/html",
-        headers={"Content-Security-Policy": csp, "Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"},
+        headers={
+            "Content-Security-Policy": page_csp(settings),
+            "Cache-Control": "no-cache",
+            "Referrer-Policy": "no-referrer",
+        },
     )
 
 
@@ -53,7 +66,7 @@ async def embed_page(request: web.Request) -> web.Response:
         text=body,
         content_type="text/html",
         headers={
-            "Content-Security-Policy": f"{_BASE_CSP}; frame-ancestors {ancestors}",
+            "Content-Security-Policy": page_csp(settings, ancestors),
             "Cache-Control": "no-cache",
             "Referrer-Policy": "no-referrer",
         },
@@ -73,4 +86,4 @@ async def static_file(request: web.Request) -> web.FileResponse:
 async def protect_html(request: web.Request, response: web.StreamResponse) -> None:
     """Every other HTML response (static files included) refuses framing and inline script."""
     if response.content_type == "text/html" and "Content-Security-Policy" not in response.headers:
-        response.headers["Content-Security-Policy"] = PAGE_CSP
+        response.headers["Content-Security-Policy"] = page_csp(request.app[SETTINGS])

@@ -75,3 +75,15 @@ def framing_origins(*lists: Iterable[str]) -> tuple[str, ...]:
         if is_plain_origin(origin) and origin not in kept:
             kept.append(origin)
     return tuple(kept)
+
+
+def socket_origin(url: str | None) -> str | None:
+    """The WebSocket origin (`wss://host[:port]` for https, `ws://` for http) of a page URL, or None when
+    the URL's origin is not a plain one (safe to put in a CSP header)."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    if not is_plain_origin(origin):
+        return None
+    return ("wss" if parts.scheme == "https" else "ws") + origin[len(parts.scheme) :]

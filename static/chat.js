@@ -93,7 +93,7 @@
     this.notices = h('div', { className: 'se-notices', 'aria-live': 'polite' });
     this.input = h('textarea', { id: options.idPrefix + 'input', className: 'se-input', rows: '1',
       placeholder: 'Ask your tutor\u2026', 'aria-describedby': options.idPrefix + 'hint', autocomplete: 'off',
-      enterkeyhint: 'send' });
+      enterkeyhint: 'send', dir: 'auto', lang: options.lang });
     this.send = h('button', { type: 'submit', className: 'se-button se-button--send', text: 'Send' });
     this.stop = h('button', { type: 'button', className: 'se-button se-button--stop', hidden: true,
       text: 'Stop', 'aria-label': 'Stop the answer' });
@@ -240,7 +240,8 @@
     this.aiPaused = false;
     this.regenerating = new Map(); // reply id (as an error's ref) -> the answer whose Retry was clicked
     this.visible = true;
-    this.view = new View(root, { closable: options.mode === 'embed', idPrefix: 'se-' + newId().slice(0, 6) + '-' });
+    this.view = new View(root, { closable: options.mode === 'embed', idPrefix: 'se-' + newId().slice(0, 6) + '-',
+      lang: options.lang });
     if (this.course) this.view.title.textContent = this.course;
     var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     var self = this;
@@ -520,7 +521,9 @@
   Client.prototype.render = function (item) {
     var self = this;
     if (!item.li) {
-      item.body = h('div', { className: 'se-bubble__body' });
+      // Each message runs in its own text's direction (an Arabic answer on an English page, or the other
+      // way round); `lang` is the host page's, which the widget passes on (the controls stay English).
+      item.body = h('div', { className: 'se-bubble__body', dir: 'auto', lang: this.options.lang });
       item.statusEl = h('span', { className: 'se-meta__status' });
       item.actions = h('span', { className: 'se-meta__actions' });
       var label = ROLE_LABEL[item.kind];
@@ -557,8 +560,11 @@
       if (body.textContent !== item.text) body.textContent = item.text;
       return;
     }
-    body.textContent = '';
-    if (item.text) body.appendChild(ns.renderMarkdown(item.text));
+    // Streamed answers grow at their end: only the text after the blocks already built is parsed again.
+    (item.extras || []).forEach(function (node) { if (node.parentNode) node.parentNode.removeChild(node); });
+    item.extras = [];
+    if (!item.markdown) item.markdown = new ns.MarkdownStream(body);
+    item.markdown.render(item.text);
     var active = item.kind === 'assistant' && ACTIVE[item.status];
     item.li.setAttribute('aria-busy', active ? 'true' : 'false');
     if (active) {
@@ -566,7 +572,8 @@
         item.text ? [] : [h('span'), h('span'), h('span')]);
       var last = body.lastElementChild;
       (last && /^(P|LI)$/.test(last.nodeName) ? last : body).appendChild(typing);
-      if (!item.text) body.appendChild(h('span', { className: 'se-sr-only', text: 'Tutor is typing' }));
+      item.extras.push(typing);
+      if (!item.text) item.extras.push(body.appendChild(h('span', { className: 'se-sr-only', text: 'Tutor is typing' })));
     }
   };
 
@@ -1272,6 +1279,12 @@
     var query = new URLSearchParams(location.search);
     var theme = query.get('theme');
     if (theme === 'light' || theme === 'dark') document.documentElement.setAttribute('data-theme', theme);
+    // ?dir= lays the page out right to left (the widget passes its host page's direction); ?lang= is the
+    // language of the messages and the composer, a BCP 47 tag.
+    var dir = query.get('dir');
+    if (dir === 'rtl' || dir === 'ltr') document.documentElement.dir = dir;
+    var lang = query.get('lang');
+    if (!lang || lang.length > 35 || !/^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$/.test(lang)) lang = null;
     var parentOrigin = null;
     var client = new Client(root, {
       mode: mode,
@@ -1279,6 +1292,7 @@
       tokenFromUrl: Boolean(fragment.token),
       course: fragment.course || query.get('course'),
       conversationId: fragment.conversation,
+      lang: lang,
       onEvent: function (name, detail) {
         if (mode !== 'embed' || window.parent === window) return;
         var message = { type: 'smartedu:' + name };
@@ -1325,6 +1339,7 @@
 
   ns.Client = Client;
   ns.renderMarkdown = ns.renderMarkdown || function (text) { return document.createTextNode(text); };
+  ns.MarkdownStream = ns.MarkdownStream || function (body) { this.render = function (text) { body.textContent = text; }; };
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', boot);
   else boot();
 })();

@@ -362,7 +362,8 @@
     return i;
   }
 
-  function blocks(lines, parent, depth) {
+  // `starts`, when given, collects [line, child count of parent] at each block's first line.
+  function blocks(lines, parent, depth, starts) {
     var i = 0;
     var m;
     if (depth > MAX_DEPTH) {
@@ -377,6 +378,7 @@
         i += 1;
         continue;
       }
+      if (starts) starts.push([i, parent.childNodes.length]);
       if ((m = FENCE.exec(line))) {
         var fence = m[1];
         var code = [];
@@ -471,14 +473,75 @@
     }
   }
 
+  var stats = { parsed: 0 }; // characters of Markdown parsed so far: what a test counts per render
+
+  function parse(source, parent, starts) {
+    stats.parsed += source.length;
+    var lines = source.replace(/\r\n?/g, '\n').split('\n');
+    blocks(lines, parent, 0, starts);
+    return lines;
+  }
+
   /** Render Markdown `source` into a new DocumentFragment (text only ever becomes Text nodes). */
   function renderMarkdown(source) {
     var fragment = document.createDocumentFragment();
-    var lines = String(source == null ? '' : source).replace(/\r\n?/g, '\n').split('\n');
-    blocks(lines, fragment, 0);
+    parse(String(source == null ? '' : source), fragment);
     return fragment;
   }
 
+  /* ---- streaming ------------------------------------------------------------------------------- */
+
+  // An answer that streams grows at its end, and rendering all of it again on every frame cost O(n^2)
+  // over the answer (seconds of jank for 50 KB). A top-level block that follows a blank line starts where
+  // nothing before it can change any more, once that block's first line is complete: every block before
+  // it has ended by then (a list is the one that looks past a blank line, and only at that first line).
+  // What precedes the last such start is built once; each render parses only the text after it. The
+  // result is the DOM renderMarkdown makes of the whole text, whatever the chunks were.
+  function MarkdownStream(container) {
+    this.container = container;
+    this.source = '';
+    this.settled = 0; // characters of `source` whose nodes are final
+    this.open = []; // the nodes of the text after them, rebuilt on each render
+  }
+
+  /** Show Markdown `source` in the container: only the text after the settled blocks is parsed when
+   * `source` extends what was shown; anything else is rendered anew. */
+  MarkdownStream.prototype.render = function (source) {
+    source = String(source == null ? '' : source);
+    if (source === this.source) return;
+    var container = this.container;
+    if (source.slice(0, this.settled) !== this.source.slice(0, this.settled)) {
+      this.settled = 0;
+      container.textContent = '';
+    } else {
+      this.open.forEach(function (node) { container.removeChild(node); });
+    }
+    this.source = source;
+    var rest = source.slice(this.settled);
+    var starts = [];
+    var fragment = document.createDocumentFragment();
+    var lines = parse(rest, fragment, starts);
+    var keep = 0;
+    var line = 0;
+    for (var k = starts.length - 1; k >= 0; k--) {
+      line = starts[k][0];
+      if (line > 0 && line < lines.length - 1 && blank(lines[line - 1])) {
+        keep = starts[k][1];
+        break;
+      }
+    }
+    if (keep) {
+      var breaks = /\r\n?|\n/g;
+      for (var n = 0; n < line; n++) breaks.exec(rest);
+      this.settled += breaks.lastIndex;
+    }
+    var nodes = Array.prototype.slice.call(fragment.childNodes);
+    this.open = nodes.slice(keep);
+    container.appendChild(fragment);
+  };
+
   var ns = (window.SmartEdu = window.SmartEdu || {});
   ns.renderMarkdown = renderMarkdown;
+  ns.MarkdownStream = MarkdownStream;
+  ns.markdownStats = stats;
 })();

@@ -8,8 +8,9 @@
  * origin, handed to the iframe with postMessage addressed to the tutor origin only, and fetched again
  * before it expires. The host page never talks to the tutor's WebSocket itself.
  * Options (data-*): course, token-url (required); tenant (the token's tid: lets the school's per-tenant
- * allowed origins frame /embed); label, position (right|left), theme (light|dark), open ("true" to
- * start open), embed-path (default /embed). API: window.SmartEduWidget.open()/close()/refreshToken(),
+ * allowed origins frame /embed); label, position (right|left; default: left on a right-to-left page),
+ * dir (rtl|ltr) and lang (default: the page's), theme (light|dark), open ("true" to start open),
+ * embed-path (default /embed). API: window.SmartEduWidget.open()/close()/refreshToken(),
  * each taking an optional course (default: the first widget on the page).
  *
  * One widget per course: a tag for another course adds a launcher beside the first; a tag for a course
@@ -40,10 +41,27 @@
       open: function (course) { var w = pick(course); if (w) w.open(); },
       close: function (course) { var w = pick(course); if (w) w.close(); },
       refreshToken: function (course) { var w = pick(course); return w ? w.refreshToken() : Promise.resolve(); },
+      // Places every widget on the page: a slot each in its corner, counted from the corner in the order
+      // of their tags in the page (async tags run in whatever order they load), else the order they ran.
+      layout: function () {
+        var used = { left: 0, right: 0 };
+        var shown = Object.keys(api.widgets).map(function (course) { return api.widgets[course]; })
+          .filter(function (w) { return w.host.isConnected; });
+        shown.sort(function (a, b) {
+          if (!a.tag.isConnected || !b.tag.isConnected) return 0;
+          return a.tag.compareDocumentPosition(b.tag) & Node.DOCUMENT_POSITION_FOLLOWING ? -1 : 1;
+        });
+        shown.forEach(function (w) {
+          var corner = w.side();
+          w.restyle(used[corner], corner);
+          used[corner] += 1;
+        });
+      },
     };
   }
   var existing = api.widgets[config.course];
   if (existing) {
+    if (!existing.tag.isConnected) existing.tag = script; // its tag again, after an SPA's navigation
     existing.mount(config.open === 'true');
     return;
   }
@@ -72,10 +90,10 @@
     'background:var(--smartedu-accent,#2f55c9);color:var(--smartedu-on-accent,#fff)}',
     '.notice button:focus-visible{outline:3px solid var(--smartedu-focus,#1d4ed8);outline-offset:2px}',
     '.panel iframe{display:block;width:100%;height:100%;border:0}',
-    '.left .launcher,.left .panel{right:auto;left:20px}',
+    '.left .launcher{right:auto}.left .panel{right:auto;left:20px}',
     '[hidden]{display:none!important}',
     '.sr{position:absolute;width:1px;height:1px;overflow:hidden;clip-path:inset(50%);white-space:nowrap}',
-    '@media (max-width:480px){.panel{inset:0;width:100%;height:100%;border-radius:0}',
+    '@media (max-width:480px){.panel,.left .panel{inset:0;width:100%;height:100%;border-radius:0}',
     '.open .launcher,.behind .launcher{display:none}}',
     '@media (prefers-reduced-motion:no-preference){.panel{transition:opacity .15s}}',
   ].join('');
@@ -95,13 +113,25 @@
     shadow.appendChild(style);
   }
 
-  // The nth widget on the page puts its launcher beside the others (its panel opens in the same place).
+  // The corner: data-position, else the end of the host page's line, bottom-left on a right-to-left page
+  // (dir="rtl"). Read again at each layout, so an SPA that switches its language moves the launcher too.
+  function side() {
+    if (config.position === 'left' || config.position === 'right') return config.position;
+    return pageDirection() === 'rtl' ? 'left' : 'right';
+  }
+
+  function pageDirection() {
+    var dir = getComputedStyle(host.parentElement || document.documentElement).direction;
+    return dir === 'rtl' ? 'rtl' : 'ltr';
+  }
+
+  // The launchers in a corner stand in a row from it, one slot each (56 px and a 12 px gap), in the order
+  // of their tags, with no gap left by a widget the page removed. Each panel opens in the corner.
   // A CSS zoom on the host page (html { zoom: 1.5 }) would scale the panel's px and vh alike and push
   // it off the top of the screen: the widget undoes it (browser zoom is no CSS zoom, and stays).
-  var slot = 0;
-  function restyle() {
-    var side = config.position === 'left' ? 'left' : 'right';
-    var css = CSS_TEXT + '.launcher{' + side + ':' + (20 + 68 * slot) + 'px}';
+  function restyle(slot, corner) {
+    wrap.classList.toggle('left', corner === 'left');
+    var css = CSS_TEXT + '.launcher{' + corner + ':' + (20 + 68 * slot) + 'px}';
     var zoom = host.parentElement && host.parentElement.currentCSSZoom;
     if (typeof zoom === 'number' && zoom > 0 && zoom !== 1) css += ':host{zoom:' + 1 / zoom + '}';
     if (sheet) sheet.replaceSync(css);
@@ -109,7 +139,6 @@
   }
 
   var wrap = document.createElement('div');
-  wrap.className = config.position === 'left' ? 'left' : '';
   var label = config.label || 'Ask the tutor';
   var launcher = document.createElement('button');
   launcher.type = 'button';
@@ -266,6 +295,10 @@
     // /embed lets the tenant's own allowed_origins frame it only when it knows the tenant.
     if (config.tenant) src.searchParams.set('tenant', config.tenant);
     if (config.theme === 'light' || config.theme === 'dark') src.searchParams.set('theme', config.theme);
+    // The chat's layout follows the page's direction, and its messages carry the page's language.
+    src.searchParams.set('dir', config.dir === 'rtl' || config.dir === 'ltr' ? config.dir : pageDirection());
+    var lang = config.lang || document.documentElement.lang;
+    if (lang) src.searchParams.set('lang', lang);
     iframe = document.createElement('iframe');
     iframe.title = 'Tutor chat';
     iframe.src = src.href;
@@ -280,7 +313,7 @@
       .filter(function (other) { return other !== widget; });
     others.forEach(function (other) { other.close(); }); // one panel at a time
     others.forEach(function (other) { other.behind(true); }); // on a phone, only the open one shows
-    restyle();
+    api.layout();
     ensureFrame();
     isOpen = true;
     panel.hidden = false;
@@ -344,18 +377,28 @@
         wrap.classList.remove('open');
         launcher.setAttribute('aria-expanded', 'false');
       }
-      slot = 0;
-      Object.keys(api.widgets).forEach(function (course) {
-        if (api.widgets[course] !== widget && api.widgets[course].host.isConnected) slot += 1;
-      });
       document.body.appendChild(host);
-      restyle();
+      api.layout();
+      watchRemovals();
     }
     if (startOpen) open();
   }
 
-  var widget = { host: host, open: open, close: close, refreshToken: fetchToken, mount: mount,
-    behind: function (on) { wrap.classList.toggle('behind', on); } };
+  // A widget the page removes (and no other) leaves its slot: the ones after it close up the row.
+  function watchRemovals() {
+    if (typeof MutationObserver !== 'function' || api.watching === document.body) return;
+    api.watching = document.body;
+    new MutationObserver(function (records) {
+      var hosts = Object.keys(api.widgets).map(function (course) { return api.widgets[course].host; });
+      var removed = records.some(function (record) {
+        return Array.prototype.some.call(record.removedNodes, function (node) { return hosts.indexOf(node) >= 0; });
+      });
+      if (removed) api.layout();
+    }).observe(document.body, { childList: true });
+  }
+
+  var widget = { tag: script, host: host, open: open, close: close, refreshToken: fetchToken, mount: mount, side: side,
+    restyle: restyle, behind: function (on) { wrap.classList.toggle('behind', on); } };
   api.widgets[config.course] = widget;
   if (document.body) mount(config.open === 'true');
   else document.addEventListener('DOMContentLoaded', function () { mount(config.open === 'true'); });

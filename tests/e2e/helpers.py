@@ -161,3 +161,41 @@ def scripted_server(
         ws.on_message(lambda raw: answer(number, json.loads(raw), send))
 
     return script
+
+
+# Blocks that end, or do not, only at a later line: lists that go on after a blank line, code fences and
+# display math with blank lines inside, a paragraph that a table's separator row turns into a header,
+# quotes, CRLF line ends, a list item whose content is indented on the next line, and lines that start
+# like one block and turn out another ("4" becomes "4)", "-|-" a separator until more text follows).
+_MARKDOWN_BLOCKS = [
+    "## Step {n}: *solve* for `x`",
+    "First we note that 2x + {n} = 7, so **x** = (7 - {n}) / 2.\nThis holds because _both sides_ balance.",
+    "- one item {n}\n- two, with [a link](https://example.com/{n})\n\n- three, after a blank line\n\n"
+    "  still the third item, indented\n  - nested {n}\n\n    deeper text",
+    "1. first\n2. second {n}\n\n3) another list\n\n4) and its next item",
+    "\nIntro {n}\nCost | per\n-|- is not a table's separator row after all",
+    "```python\ndef f(x):\n\n    return x * {n}\n\n- not a list\n```",
+    "~~~\nunclosed until later {n}\n\n~~~~",
+    "$$\nx^2 + {n}\n\n= y\n$$",
+    "> quoted {n}\n> - a list in a quote\n\n> another quote",
+    "a | b\n--|--\n{n} | two\nthree | four",
+    "A paragraph\nthen a row | cell\n|-|-|\n| {n} | x |",
+    "---",
+    "Line one\r\nline two {n}\r\n\r\n- crlf item\r\n",
+    "-\n  item on the next line {n}",
+    "Text with \\(a^{n}\\) and $b$ and http://example.org/{n} and ~~old~~.",
+]
+
+
+def streamed_markdown(size: int) -> str:
+    """A Markdown answer of about `size` characters (ASCII, so code points are characters) made of blocks
+    that a renderer working block by block could get wrong, joined by one, two or three line breaks."""
+    parts: list[str] = []
+    length = n = 0
+    while length < size:
+        block = _MARKDOWN_BLOCKS[n % len(_MARKDOWN_BLOCKS)].format(n=n)
+        part = block + "\n" * (1 + n % 3 if n % 5 else 2)
+        parts.append(part)
+        length += len(part)
+        n += 1
+    return "".join(parts)[:size]

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import Serve, Server, seed_course, token
-from tests.e2e.helpers import ANSWER_WAIT_MS, Send, scripted_server
+from tests.e2e.helpers import ANSWER_WAIT_MS, Send, scripted_server, streamed_markdown
 
 pytestmark = pytest.mark.e2e
 
@@ -686,4 +686,72 @@ async def test_a_hello_that_failed_on_the_database_is_said_again_on_the_same_soc
     await page.goto(url)
     await page.wait_for_selector('.se-status[data-state="online"]', timeout=5000)
     assert hellos == [1, 1]  # both on the first socket
+    assert problems == []
+
+
+OTHER_HOST_SOCKET = """url => new Promise(resolve => {
+  document.addEventListener('securitypolicyviolation',
+    e => resolve({blocked: e.blockedURI, directive: e.effectiveDirective}), {once: true});
+  const ws = new WebSocket(url);
+  ws.onopen = () => { ws.close(); resolve({opened: true}); };
+  ws.onclose = () => resolve({closed: true});  // refused by the server (its origin check), not the CSP
+})"""
+
+
+async def test_the_page_connects_to_its_own_socket_only(serve: Serve, browser: Browser) -> None:
+    """connect-src is 'self' (it allowed `ws: wss:`, any host): the page's own socket gets online, and a
+    script opening a socket to another host (the same server under another name) is refused by the CSP."""
+    server, url = await _live(serve)
+    page, problems = await _open_page(browser)
+    await page.goto(url)
+    await page.wait_for_selector('.se-status[data-state="online"]')
+    assert "127.0.0.1" in url
+    elsewhere = str(server.client.make_url("/ws")).replace("http://127.0.0.1", "ws://localhost")
+    refused = await page.evaluate(OTHER_HOST_SOCKET, elsewhere)
+    assert refused == {"blocked": elsewhere, "directive": "connect-src"}
+    assert await page.evaluate("SmartEdu.client.transport.ws.readyState") == 1  # its own socket is untouched
+    assert problems == []
+
+
+STREAM_AN_ANSWER = """([text, chunk]) => {
+  const client = SmartEdu.client;
+  const parsed = [];
+  let seq = 11;
+  for (let at = 0; at < text.length; at += chunk) {
+    client.onFrame({type: 'token', conversation_id: 'c1', reply_id: 5, offset: at, text: text.slice(at, at + chunk),
+                    seq: seq++});
+    const before = SmartEdu.markdownStats.parsed;
+    client.flushRender();  // a render tick (once an animation frame while the answer streams)
+    parsed.push(SmartEdu.markdownStats.parsed - before);
+    if (parsed[parsed.length - 1] > 20000) break;  // parsing it all again: would take a minute
+  }
+  const body = document.querySelector('.se-msg--assistant[data-id="5"] .se-bubble__body');
+  const caret = body.querySelectorAll('.se-caret').length;
+  client.onFrame({type: 'done', conversation_id: 'c1', reply_id: 5, status: 'complete', length: text.length,
+                  seq: seq++});
+  const whole = document.createElement('div');
+  whole.appendChild(SmartEdu.renderMarkdown(text));
+  return {parsed, caret, same: body.innerHTML === whole.innerHTML, busy: body.closest('li').getAttribute('aria-busy')};
+}"""
+
+
+async def test_a_long_streamed_answer_renders_only_its_open_block_each_tick(serve: Serve, browser: Browser) -> None:
+    """A 60 KB answer streamed 100 characters a tick: each render parses the answer's open block, not the
+    whole answer so far (it did: 18 MB parsed over this stream, and the page janked), and the answer ends
+    as exactly the DOM a full render makes, announced once in full."""
+    _, url = await _live(serve)
+    page, problems = await _open_page(browser)
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            send(type="welcome", conversation_id="c1", course_id=COURSE, user={"name": "Ada"}, seq=10, history=[])
+
+    await _open_scripted(page, url, scripted_server([], answer))
+    text = streamed_markdown(60_000)
+    result = await page.evaluate(STREAM_AN_ANSWER, [text, 100])
+    assert result["same"] and result["caret"] == 1 and result["busy"] == "false"
+    assert len(result["parsed"]) == 600
+    assert max(result["parsed"]) < 1000, max(result["parsed"])  # the longest block and a chunk
+    announced = await _announced(page, "The tutor answered:")
+    assert announced.startswith("The tutor answered: Step 0: solve for x First we note")
     assert problems == []

@@ -7,12 +7,13 @@ now) and scaled by the time plain text of the same length takes on this machine.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.e2e.helpers import Problems, browser, new_page
+from tests.e2e.helpers import Problems, browser, new_page, streamed_markdown
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
     from playwright.async_api import Browser, Page
@@ -116,4 +117,48 @@ async def test_hostile_links_and_markup_make_only_safe_links(browser: Browser, m
             href = attributes[0]
             assert href.startswith(("href=http://", "href=https://")), (markdown, element)
             assert attributes[1:] == ["rel=noopener noreferrer nofollow", "target=_blank"], (markdown, element)
+    assert problems == []
+
+
+STREAM = """([text, cuts]) => {
+  const shown = document.createElement('div');
+  const stream = new SmartEdu.MarkdownStream(shown);
+  const whole = document.createElement('div');
+  const parsed = [];
+  const differ = [];
+  for (const cut of cuts) {
+    const before = SmartEdu.markdownStats.parsed;
+    stream.render(text.slice(0, cut));
+    parsed.push(SmartEdu.markdownStats.parsed - before);
+    whole.replaceChildren(SmartEdu.renderMarkdown(text.slice(0, cut)));
+    if (whole.innerHTML !== shown.innerHTML) differ.push(cut);
+  }
+  return { parsed, differ };
+}"""
+
+
+async def test_a_streamed_answer_is_parsed_once_and_renders_as_a_whole(browser: Browser) -> None:
+    """A growing answer is rendered block by block: after every chunk (1 to 120 characters) the DOM is
+    exactly what rendering the whole text so far makes, and each render parses only the open block at the
+    end (the whole answer was parsed again on every render: O(n^2) over a stream)."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    text = streamed_markdown(20_000)
+    chosen = random.Random(7)
+    cuts = list(range(1, 1000))  # every block kind, one character at a time
+    at = cuts[-1]
+    while at < len(text):
+        at = min(len(text), at + chosen.choice([1, 2, 3, 7, 20, 60, 120]))
+        cuts.append(at)
+    result = await page.evaluate(STREAM, [text, cuts])
+    assert result["differ"] == []
+    # The largest block of the text and one chunk: never the answer so far.
+    assert max(result["parsed"]) < 600, max(result["parsed"])
+    # Text that is not a continuation (an answer repaired from the server) is rendered anew.
+    replaced = await page.evaluate(
+        """t => { const d = document.createElement('div'); const s = new SmartEdu.MarkdownStream(d);
+          s.render(t + 'x'); s.render('# new\\n\\n' + t); return d.firstChild.outerHTML }""",
+        text[:3000],
+    )
+    assert replaced == '<h3 class="se-h">new</h3>'
     assert problems == []

@@ -300,3 +300,120 @@ async def test_host_styles_do_not_hide_or_break_the_launcher(
         assert box["x"] + box["width"] <= viewport["width"] and box["y"] + box["height"] <= viewport["height"]
         assert problems == []
         await page.close()
+
+
+ARABIC_QUESTION = "\u0645\u0627 \u0647\u0648 \u0627\u0644\u0639\u062f\u062f \u0627\u0644\u0623\u0648\u0644\u064a\u061f"
+
+
+async def test_a_right_to_left_page_gets_the_launcher_bottom_left_and_a_mirrored_chat(
+    serve: Serve, browser: Browser
+) -> None:
+    """On `<html dir="rtl" lang="ar">` the launcher and its panel sit bottom-left (they stayed bottom-right),
+    unless the tag says data-position; the chat is laid out right to left and its composer and messages
+    carry the page's language, each message in its own text's direction."""
+    server, tutor, port = await _tutor_for_a_school(serve)
+    await seed_course(server.settings, TENANT, OTHER_COURSE, "Geometry")
+    body = tag(tutor) + tag(tutor, OTHER_COURSE, position="right")
+    rtl = page_with(body, dir="rtl").replace('lang="en"', 'lang="ar"')
+    pages: Pages = {"/": rtl, "/ltr": page_with(tag(tutor)), "/smartedu/token": (STUDENT, "text/plain")}
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems, viewport={"width": 1100, "height": 760})
+        await page.goto(f"{school}/")
+        await page.locator(f'[data-course="{OTHER_COURSE}"] .launcher').wait_for()
+        placed = {item["course"]: item["x"] for item in await launchers(page)}
+        assert placed == {COURSE: 20, OTHER_COURSE: 1100 - 20 - 56}
+        await page.locator(f'[data-course="{COURSE}"] .launcher').click()
+        frame = page.frame_locator(f'[data-course="{COURSE}"] iframe')
+        await frame.locator(ONLINE).wait_for()
+        box = await page.locator(f'[data-course="{COURSE}"] .panel').bounding_box()
+        assert box is not None and box["x"] == 20
+        src = await page.locator(f'[data-course="{COURSE}"] iframe').get_attribute("src") or ""
+        assert "dir=rtl" in src and "lang=ar" in src
+        assert await frame.locator("html").get_attribute("dir") == "rtl"
+        composer = frame.locator(".se-input")
+        assert (await composer.get_attribute("lang"), await composer.get_attribute("dir")) == ("ar", "auto")
+        send, field = await frame.locator(".se-button--send").bounding_box(), await composer.bounding_box()
+        assert send is not None and field is not None and send["x"] < field["x"]  # mirrored: Send on the left
+        await composer.fill(ARABIC_QUESTION)
+        await composer.press("Enter")
+        question = frame.locator(".se-msg--user .se-bubble__body").last
+        await question.wait_for()
+        assert (await question.get_attribute("lang"), await question.get_attribute("dir")) == ("ar", "auto")
+
+        await page.goto(f"{school}/ltr")  # and a left-to-right page keeps it bottom-right
+        await page.locator("#smartedu-widget .launcher").wait_for()
+        [launcher] = await launchers(page)
+        assert launcher["x"] == 1100 - 20 - 56
+        assert problems == []
+        await page.close()
+
+
+MORE_COURSES = ("geometry-1", "biology-1", "history-1")
+
+
+def placed(width: int, *right: str) -> dict[str, int]:
+    """Where the launchers stand: those in the bottom-right corner from it in this order, 68 px apart, and
+    the one course with data-position="left" on its own in the other corner."""
+    return {course: width - 20 - 56 - 68 * slot for slot, course in enumerate(right)} | {MORE_COURSES[0]: 20}
+
+
+REMOVE_HOST = "course => document.querySelector(`body > div[data-course='${course}']`).remove()"
+
+
+async def test_four_launchers_stand_in_rows_from_their_corners_and_are_all_reachable(
+    serve: Serve, browser: Browser
+) -> None:
+    """Four courses, one of them on the left: each corner's launchers stand 68 px apart from the corner in
+    the order of their (async) tags in the page (a widget on the other side used to count, leaving a hole,
+    and the left ones ignored their slot and overlapped); a removed widget's slot is closed up, and added
+    again (its tag is still in the page) it takes its place back (it used to land on another launcher);
+    every launcher is on top, reached with Tab and opened with Enter, and all four fit on a phone."""
+    server, tutor, port = await _tutor_for_a_school(serve)
+    for course in MORE_COURSES:
+        await seed_course(server.settings, TENANT, course, course.title())
+    geometry, biology, history = MORE_COURSES
+    body = tag(tutor) + tag(tutor, geometry, position="left") + tag(tutor, biology) + tag(tutor, history)
+    body += tag(tutor, geometry, position="left")  # repeated: adds nothing
+    pages: Pages = {"/": page_with("<p><a href='#a'>A link</a></p>" + body), "/smartedu/token": (STUDENT, "text/plain")}
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems, viewport={"width": 1100, "height": 760})
+        await page.goto(f"{school}/")
+        for course in (COURSE, *MORE_COURSES):
+            await page.locator(f'[data-course="{course}"] .launcher').wait_for()
+        shown = await launchers(page)
+        assert {item["course"]: item["x"] for item in shown} == placed(1100, COURSE, biology, history)
+        assert all(item["onTop"] and item["y"] == 760 - 20 - 56 for item in shown)
+
+        await page.evaluate(REMOVE_HOST, biology)
+        await page.wait_for_function(
+            "x => document.querySelector(\"div[data-course='history-1']\").shadowRoot.querySelector('.launcher')"
+            ".getBoundingClientRect().x === x",
+            arg=placed(1100, COURSE, history)[history],
+        )
+        await page.evaluate(ADD_TAG, [f"{tutor}/static/widget.js", biology])
+        await page.locator(f'[data-course="{biology}"] .launcher').wait_for()
+        assert {item["course"]: item["x"] for item in await launchers(page)} == placed(1100, COURSE, biology, history)
+
+        reached = []
+        for _ in range(6):
+            await page.keyboard.press("Tab")
+            reached.append(
+                await page.evaluate(
+                    "document.activeElement.shadowRoot?.activeElement?.className === 'launcher'"
+                    " ? document.activeElement.dataset.course : null"
+                )
+            )
+        assert sorted(course for course in reached if course) == sorted((COURSE, *MORE_COURSES))
+        await page.locator(f'[data-course="{history}"] .launcher').focus()
+        await page.keyboard.press("Enter")
+        await page.frame_locator(f'[data-course="{history}"] iframe').locator(ONLINE).wait_for()
+        # On a phone the open panel takes the screen, every launcher behind it; closed, all four fit.
+        await page.set_viewport_size({"width": 360, "height": 640})
+        assert [item["width"] for item in await launchers(page)] == [0, 0, 0, 0]
+        await page.keyboard.press("Escape")
+        await page.locator(f'[data-course="{history}"] .panel').wait_for(state="hidden")
+        assert {item["course"]: item["x"] for item in await launchers(page)} == placed(360, COURSE, biology, history)
+        assert problems == []
+        await page.close()

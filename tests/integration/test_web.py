@@ -108,6 +108,21 @@ async def test_embed_frame_ancestors_follow_the_tenant(serve: Serve, db: asyncpg
         assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"], path
 
 
+async def test_pages_connect_to_their_own_origin_and_the_public_url_only(serve: Serve) -> None:
+    """connect-src allowed `ws: wss:` (a script could open a socket to any host): now 'self', plus the
+    public URL's socket origin when one is configured (Safari before 16 never matched a socket with 'self')."""
+    bare = await serve()
+    public = await serve(public_url="https://tutor.example.edu")
+    odd = await serve(public_url="https://tutor.example.edu;script-src *")
+    for path in ("/chat", "/teacher", "/embed", "/static/chat.html"):
+        for server, connect in ((bare, "'self'"), (public, "'self' wss://tutor.example.edu"), (odd, "'self'")):
+            csp = (await server.client.get(path)).headers["Content-Security-Policy"]
+            assert f"; connect-src {connect};" in csp, (path, csp)
+    http = await serve(public_url="http://tutor.example.edu:8080/school")
+    csp = (await http.client.get("/chat")).headers["Content-Security-Policy"]
+    assert "; connect-src 'self' ws://tutor.example.edu:8080;" in csp
+
+
 async def test_bad_entries_in_a_schools_origins_never_reach_the_csp(serve: Serve, db: asyncpg.Connection) -> None:
     """A tenant's allowed_origins are not checked where they are written: `*` (which means nothing for CORS
     or WebSockets) made /embed frameable by every site, and an entry with `;` added its own directives."""
