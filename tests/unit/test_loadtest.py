@@ -361,6 +361,9 @@ async def test_resume_after_drop_checks_offsets_across_the_reconnect(start_serve
     assert counters.get("lost_tokens", 0) == 0 and counters.get("duplicate_tokens", 0) == 0
     assert counters.get("disconnects", 0) == 0
     assert phase["latency_ms"]["reconnect"]["count"] == counters["drops"]
+    # Each question was acknowledged before its drop: the resume replays its answer, nothing is sent again.
+    assert counters.get("resent", 0) == 0 and server.counts.resends == 0
+    assert server.counts.messages == counters["turns_sent"]
 
 
 async def test_resume_miss_is_counted_but_not_an_error(start_server: StartServer, tmp_path: Path) -> None:
@@ -415,6 +418,49 @@ async def test_a_student_told_to_reconnect_while_a_question_is_due_reconnects(
     assert counters["resumes_ok"] == counters["reconnect_requests"], counters
     assert phase["latency_ms"]["reconnect"]["max"] < 1000, phase["latency_ms"]["reconnect"]
     assert counters.get("turns_unfinished", 0) == 0 and counters.get("lost_tokens", 0) == 0
+
+
+async def test_a_question_refused_by_a_draining_replica_is_sent_again_after_the_resume(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The replica starts draining as the first question arrives: `reconnect`, then the refusal, which the
+    # student's closing socket never reads. After the resumed welcome the question goes again, same id and
+    # same text, is answered once, and counts once: not unfinished, not failed, not lost.
+    server = await start_server(Behaviour(tokens=4, drain_on_message=1, reconnect_after_ms=50))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.5", "--max-error-rate", "0", "--max-lost", "0",
+        "--max-duplicated", "0", "--max-unexpected-frames", "0", "--max-disconnects", "0",
+    )
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    assert server.counts.reconnects_sent == 1 and server.counts.errors_sent == 1
+    assert counters["reconnect_requests"] == 1 and counters["resumes_ok"] == 1 and server.counts.resumed == 1
+    assert counters["resent"] == 1
+    refused, resent = server.counts.received[:2]
+    assert refused == resent
+    assert counters.get("turns_unfinished", 0) == 0 and counters.get("turns_failed", 0) == 0, counters
+    assert counters["turns_ok"] == counters["turns_sent"] == counters["turns_attempted"] == server.counts.answers_done
+    assert phase["errors_by_code"] == {} and phase["error_rate"] == 0.0
+
+
+async def test_a_question_acknowledged_unseen_before_a_move_counts_once(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The replica acknowledges the first question just after telling the socket to move: the student never
+    # reads that ack, so it sends the question again after the resumed welcome. The server deduplicates it
+    # (the first ack again, no second answer), and the replayed ack and the resend's ack make one turn.
+    server = await start_server(Behaviour(tokens=4, drain_on_message=1, drain_acks=True, reconnect_after_ms=50))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.5", "--max-error-rate", "0", "--max-lost", "0",
+        "--max-duplicated", "0", "--max-unexpected-frames", "0", "--max-disconnects", "0",
+    )
+    assert code == 0
+    counters = _all(results)["counters"]
+    assert counters["resumes_ok"] == 1 and server.counts.resends == 1 == counters["resent"]
+    assert counters.get("turns_unfinished", 0) == 0 and counters.get("turns_failed", 0) == 0, counters
+    assert counters["turns_ok"] == counters["turns_sent"] == counters["turns_attempted"] == server.counts.answers_done
+    assert counters.get("unexpected_frames", 0) == 0 and counters.get("late_frames", 0) == 0
 
 
 @pytest.mark.parametrize("watch_events", [True, False])
