@@ -33,6 +33,7 @@ _TABLE_COUNTERS = (
     "drops",
     "resumes_ok",
     "resume_misses",
+    "resent",
     "lost_tokens",
     "lost_chars",
     "duplicate_tokens",

@@ -36,6 +36,7 @@ _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
 _ABANDONED_KEPT = 16
+_RESENT_KEPT = 256  # ids of resent questions per student whose second ack is still expected
 _TEXT_KEPT = 5  # assembled answers kept per conversation for the final text check
 _CHECK_TIMEOUT = 5.0  # for the history frame of the final text check
 _SCHEDULE_BATCH = 256  # questions queued by the open-loop schedule between two yields to the event loop
@@ -354,6 +355,7 @@ class Turn:
         "frontier",
         "interrupted",
         "plan_drop",
+        "question",
         "reply_id",
         "t0",
         "text",
@@ -368,6 +370,7 @@ class Turn:
         self.frontier = 0  # code points received contiguously from offset 0
         self.plan_drop = False
         self.interrupted = False
+        self.question: str | None = None  # fixed at the first send: a resend must say the same
         self.text: list[str] | None = None  # the answer as received, for the sampled text check
 
 
@@ -383,6 +386,7 @@ class Student:
         "_lost_at",
         "_moving",
         "_next_turn",
+        "_resent",
         "abandoned",
         "by_id",
         "by_reply",
@@ -421,6 +425,9 @@ class Student:
         self.outbox: deque[Turn] = deque()
         # Replies we gave up on (timed out, or not resumed): their late frames are expected, not errors.
         self.abandoned: deque[object] = deque(maxlen=_ABANDONED_KEPT)
+        # Questions sent again after a resume: the server answers a resend with the first ack again, which
+        # may come after the replayed one (or after the answer's `done`). Used as an ordered set.
+        self._resent: dict[str, None] = {}
         self.wake = asyncio.Event()
         self.retry_at = 0.0
         self._next_turn = 0
@@ -502,24 +509,32 @@ class Student:
             stats.record("ttft", turn.t0, waited, now)
         stats.record("done", turn.t0, waited, now)
 
+    async def _send_question(self, ws: aiohttp.ClientWebSocketResponse, turn: Turn) -> bool:
+        """Send a turn's question, the same text every time; False when the socket broke under us.
+
+        After a failure the reader has not finished with the socket yet (it is closing it after `reconnect`,
+        or has yet to see the connection's end): this waits for it. Returning at once made the caller send
+        again at once, failing without ever giving the event loop back, so every student of the process (and
+        the close the reader waited for) froze until the end of the run."""
+        ctx = self.ctx
+        if turn.question is None:
+            turn.question = ctx.config.questions.pick(ctx.rng)
+        try:
+            await ws.send_str(_dumps({"type": "message", "id": turn.client_id, "text": turn.question}))
+        except (aiohttp.ClientError, ConnectionError, RuntimeError):
+            await _close_quietly(ws)
+            await self._join_reader()
+            return False
+        return True
+
     async def _flush_outbox(self) -> None:
         ctx = self.ctx
         while self.outbox and self.connected and self.ws is not None:
             turn = self.outbox[0]
             self.by_id[turn.client_id] = turn  # before sending: the ack may beat send_str's return
-            text = ctx.config.questions.pick(ctx.rng)
-            ws = self.ws
-            try:
-                await ws.send_str(_dumps({"type": "message", "id": turn.client_id, "text": text}))
-            except (aiohttp.ClientError, ConnectionError, RuntimeError):
-                # The socket broke under us; the turn is resent (same id, so idempotent) after reconnecting.
+            if not await self._send_question(self.ws, turn):
+                # Not sent: it stays first in the outbox and goes out on the next socket.
                 self.by_id.pop(turn.client_id, None)
-                # The reader has not finished with it yet (it is closing it after `reconnect`, or has yet to
-                # see the connection's end): wait for it. Returning at once made the caller send again at
-                # once, failing without ever giving the event loop back, so every student of the process
-                # (and the close the reader waited for) froze until the end of the run.
-                await _close_quietly(ws)
-                await self._join_reader()
                 return
             self.outbox.popleft()
             now = ctx.clock()
@@ -575,9 +590,13 @@ class Student:
 
     def _on_ack(self, frame: dict[str, Any], now: float) -> None:
         stats = self.ctx.stats
-        turn = self.by_id.pop(str(frame.get("id")), None)
+        client_id = str(frame.get("id"))
+        turn = self.by_id.pop(client_id, None)
         if turn is None:
-            stats.count("unexpected_frames", now)
+            if client_id not in self._resent:
+                stats.count("unexpected_frames", now)
+            # Else the ack of a resent question that was acknowledged already (by the replay, or by the
+            # first of the two acks): the server deduplicated it, and the turn counts once.
             return
         turn.acked = True
         if not turn.interrupted:
@@ -827,11 +846,30 @@ class Student:
                 self.by_reply.clear()
                 self.unbound.clear()
             self.last_seq = _int_field(welcome, "seq")
+        # Questions the old socket never saw acknowledged (none after a missed resume: abandoned above), taken
+        # before the reader runs, so before any replayed frame.
+        unacked = list(self.by_id.values())
         self.ws = ws
         self.connected = True
         ctx.stats.connected_students += 1
         self.reader = asyncio.create_task(self._read(ws), name=f"loadtest-reader-{self.index}")
+        await self._resend(ws, unacked)
         return True
+
+    async def _resend(self, ws: aiohttp.ClientWebSocketResponse, turns: list[Turn]) -> None:
+        """After a resumed welcome, send every question that got no ack again, same id and text, as the
+        widget does. Its refusal may have been lost: a draining replica refuses a question with an `error`
+        that arrives after its `reconnect`, while the socket is closing, so it is never read. A question the
+        server did take is deduplicated by its id: the first ack again, and no second answer."""
+        for turn in turns:
+            if turn.client_id not in self.by_id:
+                continue  # acknowledged by the replay meanwhile
+            self._resent[turn.client_id] = None  # before sending: the ack may beat send_str's return
+            if len(self._resent) > _RESENT_KEPT:
+                del self._resent[next(iter(self._resent))]
+            if not await self._send_question(ws, turn):
+                return  # still unacknowledged: sent again after the next resume
+            self.ctx.stats.count("resent", turn.t0)
 
     async def _connect_until(self, deadline: float, *, draining: bool = False) -> bool:
         """Connect (resuming when answers are in flight) with capped backoff; False at the deadline."""

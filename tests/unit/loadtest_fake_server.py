@@ -39,6 +39,12 @@ class Behaviour:
     reconnect_every: int = 0  # every Nth answer's first token is followed by `reconnect`
     commit_other_text_in_turn: int | None = None  # answer number whose committed text differs from the stream
     history: bool = True  # offer the `history` frame (welcome.features)
+    # The message with this number (1-based, resends included) meets a replica that starts draining: its
+    # socket gets `reconnect` first, then the message is refused (`error ai_unavailable`, retryable, as
+    # server/chat.py does while draining) or, with drain_acks, acknowledged and answered.
+    drain_on_message: int | None = None
+    drain_acks: bool = False
+    close_reply_delay: float = 0.0  # wait this long before answering a client's close frame
 
 
 @dataclass
@@ -50,7 +56,7 @@ class Conversation:
     ws: web.WebSocketResponse | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
-    acks: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> ack, for resends
+    acks: dict[str, dict[str, Any]] = field(default_factory=dict)  # client id -> ack (with its seq), for resends
     messages: list[dict[str, Any]] = field(default_factory=list)  # committed: {id, role, text, status}
     worker: asyncio.Task[None] | None = None
 
@@ -73,6 +79,7 @@ class Counts:
     redirects: int = 0
     reconnects_sent: int = 0
     history_requests: int = 0
+    received: list[tuple[str, str]] = field(default_factory=list)  # (id, text) of every message, resends too
 
 
 def _subject(token: str) -> str:
@@ -138,7 +145,7 @@ class FakeServer:
         if self.behaviour.redirect_to is not None:
             self.counts.redirects += 1
             raise web.HTTPTemporaryRedirect(self.behaviour.redirect_to)
-        ws = web.WebSocketResponse()
+        ws = web.WebSocketResponse(autoclose=not self.behaviour.close_reply_delay)
         await ws.prepare(request)
         conv: Conversation | None = None
         try:
@@ -152,7 +159,13 @@ class FakeServer:
                 return ws
             self.counts.hellos += 1
             conv = await self._welcome(ws, hello)
-            async for msg in ws:
+            while True:
+                msg = await ws.receive()
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                    if msg.type is WSMsgType.CLOSE and not ws.closed:  # not answered yet: close_reply_delay
+                        await asyncio.sleep(self.behaviour.close_reply_delay)
+                        await ws.close()
+                    break
                 if msg.type is not WSMsgType.TEXT:
                     continue
                 frame = orjson.loads(msg.data)
@@ -210,11 +223,24 @@ class FakeServer:
             await asyncio.sleep(b.stall_once)
         self.counts.messages += 1
         client_id = str(frame.get("id"))
+        self.counts.received.append((client_id, str(frame.get("text"))))
         if client_id in conv.acks:
-            # Protocol v1: a resend with the same id gets the same ack and no second answer.
+            # Protocol v1: a resend with the same id gets the same ack (its seq too), to this socket only, and
+            # no second answer.
             self.counts.resends += 1
-            await self._emit(conv, dict(conv.acks[client_id]))
+            await self._send(ws, orjson.dumps(conv.acks[client_id]).decode())
             return
+        if self.counts.messages == b.drain_on_message:
+            self.counts.reconnects_sent += 1
+            await self._send(ws, orjson.dumps({"type": "reconnect", "after_ms": b.reconnect_after_ms}).decode())
+            if not b.drain_acks:
+                self.counts.errors_sent += 1
+                refusal = {
+                    "type": "error", "code": "ai_unavailable", "message": "the server is restarting",
+                    "ref": client_id, "retryable": True, "retry_after": 1.0,
+                }
+                await self._send(ws, orjson.dumps(refusal).decode())
+                return
         if b.error_every and self.counts.messages % b.error_every == 0:
             self.counts.errors_sent += 1
             error = {"type": "error", "code": b.error_code, "message": "injected", "ref": frame.get("id")}
@@ -222,7 +248,7 @@ class FakeServer:
             return
         reply_id = next(self._ids) + 1000
         ack = {"type": "ack", "id": client_id, "message_id": reply_id - 1, "reply_id": reply_id}
-        conv.acks[client_id] = dict(ack)
+        conv.acks[client_id] = ack  # _emit adds the seq
         conv.messages.append({"id": reply_id - 1, "role": "user", "text": frame.get("text"), "status": "complete"})
         await self._emit(conv, ack)
         conv.queue.put_nowait(reply_id)

@@ -130,9 +130,9 @@ async def test_counts_turns_and_errors_by_code(start_server: StartServer, tmp_pa
     assert phase["error_rate"] == pytest.approx(expected_rate, abs=1e-6)
     assert phase["done_status"] == {"complete": counts.answers_done}
     # Phases split the run; their counts add up to the whole.
-    ramp, steady = results["phases"]["ramp-up"], results["phases"]["steady"]
-    # (Counters are sparse: a ramp-up that asked nothing, as on a loaded machine, has no turns_attempted.)
-    attempted = [phase["counters"].get("turns_attempted", 0) for phase in (ramp, steady)]
+    steady = results["phases"]["steady"]
+    # (The ramp-up lasts 30 ms: on a busy machine no question may be asked within it.)
+    attempted = [results["phases"][name]["counters"].get("turns_attempted", 0) for name in ("ramp-up", "steady")]
     assert sum(attempted) == counts.messages
     # Rates are over the load window (ramp-up + steady), not diluted by the drain.
     answers = sum(results["phases"][name]["counters"].get("answers", 0) for name in ("ramp-up", "steady"))
@@ -363,6 +363,9 @@ async def test_resume_after_drop_checks_offsets_across_the_reconnect(start_serve
     assert counters.get("lost_tokens", 0) == 0 and counters.get("duplicate_tokens", 0) == 0
     assert counters.get("disconnects", 0) == 0
     assert phase["latency_ms"]["reconnect"]["count"] == counters["drops"]
+    # Each question was acknowledged before its drop: the resume replays its answer, nothing is sent again.
+    assert counters.get("resent", 0) == 0 and server.counts.resends == 0
+    assert server.counts.messages == counters["turns_sent"]
 
 
 async def test_resume_miss_is_counted_but_not_an_error(start_server: StartServer, tmp_path: Path) -> None:
@@ -397,7 +400,8 @@ async def test_a_reconnect_frame_moves_the_student_after_the_delay(start_server:
     assert counters.get("drops", 0) == 0 and counters.get("unexpected_frames", 0) == 0
     reconnect = phase["latency_ms"]["reconnect"]
     assert reconnect["count"] == 1 and 400.0 <= reconnect["max"] < 1000.0
-    assert counters["turns_ok"] == server.counts.answers_done >= 2
+    # (Every answer counted; how many fit in 1.5 s depends on how busy the machine is: at least the first.)
+    assert counters["turns_ok"] == server.counts.answers_done >= 1
     # The first answer waited for the move: the delay is the server's, so it stays in `done`.
     assert phase["latency_ms"]["done"]["max"] >= 400.0
 
@@ -405,18 +409,65 @@ async def test_a_reconnect_frame_moves_the_student_after_the_delay(start_server:
 async def test_a_student_told_to_reconnect_while_a_question_is_due_reconnects(
     start_server: StartServer, tmp_path: Path
 ) -> None:
-    # A question falls due while the student closes its socket after `reconnect` (waiting for the server's
-    # close reply). The failed send must give the event loop back: retrying it at once, forever, froze every
-    # student of the process (and the close it waited for) until the end of the run.
-    server = await start_server(Behaviour(tokens=4, token_delay=0.002, reconnect_every=5, reconnect_after_ms=0))
-    code, results = await _run(server, tmp_path, "--students", "20", "--rate", "3000", "--duration", "2")
+    # A question falls due while the student closes its socket after `reconnect`, waiting for the server's
+    # close reply (held 0.2 s, while each student's questions fall due every 0.1 s). The failed send must give
+    # the event loop back: retrying it at once, forever, froze every student of the process (and the close it
+    # waited for) until the end of the run. The load is light (answers without pauses between tokens), so
+    # that every answer ends within the drain even on a busy machine: the checks below need a finished run.
+    server = await start_server(Behaviour(tokens=4, reconnect_every=5, reconnect_after_ms=0, close_reply_delay=0.2))
+    code, results = await _run(server, tmp_path, "--students", "4", "--rate", "40", "--duration", "2",
+                               "--max-unexpected-frames", "0", "--max-lost", "0", "--max-duplicated", "0")
     assert code == 0
     phase = _all(results)
     counters = phase["counters"]
-    assert counters["reconnect_requests"] >= 20, counters  # (one sent to a socket already closing is not read)
+    assert counters["reconnect_requests"] >= 4, counters  # (one sent to a socket already closing is not read)
     assert counters["resumes_ok"] == counters["reconnect_requests"], counters
     assert phase["latency_ms"]["reconnect"]["max"] < 1000, phase["latency_ms"]["reconnect"]
-    assert counters.get("turns_unfinished", 0) == 0 and counters.get("lost_tokens", 0) == 0
+    assert counters.get("turns_unfinished", 0) == 0 and counters.get("turns_failed", 0) == 0, counters
+    assert counters["turns_ok"] == counters["turns_attempted"] == server.counts.answers_done, counters
+
+
+async def test_a_question_refused_by_a_draining_replica_is_sent_again_after_the_resume(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The replica starts draining as the first question arrives: `reconnect`, then the refusal, which the
+    # student's closing socket never reads. After the resumed welcome the question goes again, same id and
+    # same text, is answered once, and counts once: not unfinished, not failed, not lost.
+    server = await start_server(Behaviour(tokens=4, drain_on_message=1, reconnect_after_ms=50))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.5", "--max-error-rate", "0", "--max-lost", "0",
+        "--max-duplicated", "0", "--max-unexpected-frames", "0", "--max-disconnects", "0",
+    )
+    assert code == 0
+    phase = _all(results)
+    counters = phase["counters"]
+    assert server.counts.reconnects_sent == 1 and server.counts.errors_sent == 1
+    assert counters["reconnect_requests"] == 1 and counters["resumes_ok"] == 1 and server.counts.resumed == 1
+    assert counters["resent"] == 1
+    refused, resent = server.counts.received[:2]
+    assert refused == resent
+    assert counters.get("turns_unfinished", 0) == 0 and counters.get("turns_failed", 0) == 0, counters
+    assert counters["turns_ok"] == counters["turns_sent"] == counters["turns_attempted"] == server.counts.answers_done
+    assert phase["errors_by_code"] == {} and phase["error_rate"] == 0.0
+
+
+async def test_a_question_acknowledged_unseen_before_a_move_counts_once(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    # The replica acknowledges the first question just after telling the socket to move: the student never
+    # reads that ack, so it sends the question again after the resumed welcome. The server deduplicates it
+    # (the first ack again, no second answer), and the replayed ack and the resend's ack make one turn.
+    server = await start_server(Behaviour(tokens=4, drain_on_message=1, drain_acks=True, reconnect_after_ms=50))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.5", "--max-error-rate", "0", "--max-lost", "0",
+        "--max-duplicated", "0", "--max-unexpected-frames", "0", "--max-disconnects", "0",
+    )
+    assert code == 0
+    counters = _all(results)["counters"]
+    assert counters["resumes_ok"] == 1 and server.counts.resends == 1 == counters["resent"]
+    assert counters.get("turns_unfinished", 0) == 0 and counters.get("turns_failed", 0) == 0, counters
+    assert counters["turns_ok"] == counters["turns_sent"] == counters["turns_attempted"] == server.counts.answers_done
+    assert counters.get("unexpected_frames", 0) == 0 and counters.get("late_frames", 0) == 0
 
 
 @pytest.mark.parametrize("watch_events", [True, False])
