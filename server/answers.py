@@ -88,7 +88,9 @@ class Answers:
         self.tracer = tracer
         self.documents = Documents(db, settings.max_course_documents)
         self._turns: dict[int, Turn] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # One lock per conversation with an answer queued or running here, and how many use it: it goes with
+        # the last (`locked()` is no guide: it is False from a release until the next waiter runs).
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._closing = False  # stopping: a failed commit is left to another replica's takeover at once
 
     def start(
@@ -142,10 +144,17 @@ class Answers:
         return tasks
 
     def _lock(self, conversation_id: str) -> asyncio.Lock:
-        lock = self._locks.get(conversation_id)
-        if lock is None:
-            lock = self._locks[conversation_id] = asyncio.Lock()
+        """The conversation's lock, for one more answer (each gives it back with `_unlock`)."""
+        lock, users = self._locks.get(conversation_id) or (asyncio.Lock(), 0)
+        self._locks[conversation_id] = (lock, users + 1)
         return lock
+
+    def _unlock(self, conversation_id: str) -> None:
+        lock, users = self._locks[conversation_id]
+        if users > 1:
+            self._locks[conversation_id] = (lock, users - 1)
+        else:
+            del self._locks[conversation_id]
 
     async def _run_turn(self, turn: Turn, course: Course | None) -> None:
         lock = self._lock(turn.conversation_id)
@@ -171,8 +180,7 @@ class Answers:
             log.exception("turn could not be finished", extra=turn.log_context)
         finally:
             self._turns.pop(turn.reply_id, None)
-            if not lock.locked() and self._locks.get(turn.conversation_id) is lock:
-                del self._locks[turn.conversation_id]
+            self._unlock(turn.conversation_id)
             # Usually dropped with the `done`, in the same round trip. An answer that could not be committed,
             # or whose `done` was not logged after its commit, keeps it: no longer renewed, it expires and a
             # takeover (here or on another replica, once PostgreSQL answers) ends the answer as interrupted,

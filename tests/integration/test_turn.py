@@ -197,6 +197,29 @@ async def test_queued_message_is_answered_after_the_current_one(serve: Serve, db
     assert {r["status"] for r in statuses} == {"complete"}
 
 
+async def test_a_question_asked_while_a_queued_answer_streams_waits_for_it(
+    serve: Serve, db: asyncpg.Connection
+) -> None:
+    # Three questions in one conversation: the second queued behind the first, the third asked once the first
+    # is done, while the second streams. Before: the first answer's end dropped the conversation's lock while
+    # the second still waited on it, and the third took a new lock and streamed alongside the second.
+    server = await serve(offline_tokens_per_s=100)
+    sock = await server.connect({"token": token()})
+    await sock.send(type="message", id="a", text="first")
+    await sock.send(type="message", id="b", text="second")
+    frames = await sock.until("done")
+    await sock.send(type="message", id="c", text="third")
+    frames += await sock.until("done")
+    frames += await sock.until("done")
+    acks = {f["id"]: f["reply_id"] for f in frames if f["type"] == "ack"}
+    dones = [f["reply_id"] for f in frames if f["type"] == "done"]
+    assert dones == [acks["a"], acks["b"], acks["c"]]
+    second_done = next(i for i, f in enumerate(frames) if f["type"] == "done" and f["reply_id"] == acks["b"])
+    assert not [f for f in frames[:second_done] if f["type"] == "token" and f["reply_id"] == acks["c"]]
+    statuses = await db.fetch("SELECT status FROM messages WHERE role = 'assistant'")
+    assert [r["status"] for r in statuses] == ["complete"] * 3
+
+
 async def test_history_paging(server: Server) -> None:
     sock = await server.connect({"token": token()})
     for i in range(8):
