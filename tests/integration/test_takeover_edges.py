@@ -55,6 +55,23 @@ async def _until_done_then_quiet(tab: Socket, reply_id: int) -> tuple[list[dict[
     return frames, done
 
 
+def _slow_commit(server: Server, monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """The server's answers commit in PostgreSQL, then their reply is slow to come back: the first event is
+    set once one is committed, and the reply comes once the second is set."""
+    database = server.client.app[DATABASE]
+    committed, let_go = asyncio.Event(), asyncio.Event()
+    update_replies: Callable[[list[Any]], Awaitable[list[bool]]] = database._update_replies
+
+    async def slow_reply(replies: list[Any]) -> list[bool]:
+        result = await update_replies(replies)
+        committed.set()
+        await let_go.wait()
+        return result
+
+    monkeypatch.setattr(database, "_update_replies", slow_reply)
+    return committed, let_go
+
+
 async def _stored(db: asyncpg.Connection, reply_id: int) -> asyncpg.Record:
     row = await db.fetchrow("SELECT text, status, seq FROM messages WHERE id = $1", reply_id)
     assert row is not None
@@ -162,17 +179,7 @@ async def test_an_answer_whose_commit_the_stop_deadline_cut_gets_its_done_from_t
     commit's reply was slow). Its lease runs out; the replica that takes it over finds it already ended
     and must still give the students its `done` (as stored), not leave them waiting for one."""
     a, b = await _two_replicas(serve)
-    database_a = a.client.app[DATABASE]
-    committed, let_go = asyncio.Event(), asyncio.Event()
-    update_replies: Callable[[list[Any]], Awaitable[list[bool]]] = database_a._update_replies
-
-    async def slow_reply(replies: list[Any]) -> list[bool]:
-        result = await update_replies(replies)
-        committed.set()  # committed in PostgreSQL; its reply is slow to come back
-        await let_go.wait()
-        return result
-
-    monkeypatch.setattr(database_a, "_update_replies", slow_reply)
+    committed, let_go = _slow_commit(a, monkeypatch)
     tab1 = await a.connect({"token": token()})
     conversation = tab1.frames[0]["conversation_id"]
     tab2 = await b.connect({"token": token(), "conversation_id": conversation})
@@ -206,17 +213,7 @@ async def test_a_takeover_during_the_owner_s_commit_leaves_one_done(
     is refused: the students get exactly one."""
     a, b = await _two_replicas(serve)
     _stall(a, monkeypatch)
-    database_a = a.client.app[DATABASE]
-    committed, let_go = asyncio.Event(), asyncio.Event()
-    update_replies: Callable[[list[Any]], Awaitable[list[bool]]] = database_a._update_replies
-
-    async def slow_reply(replies: list[Any]) -> list[bool]:
-        result = await update_replies(replies)
-        committed.set()
-        await let_go.wait()
-        return result
-
-    monkeypatch.setattr(database_a, "_update_replies", slow_reply)
+    committed, let_go = _slow_commit(a, monkeypatch)
     tab1 = await a.connect({"token": token()})
     conversation = tab1.frames[0]["conversation_id"]
     tab2 = await b.connect({"token": token(), "conversation_id": conversation})
