@@ -918,6 +918,8 @@
     if (!msg.li) {
       var label = msg.kind === 'user' ? this.displayName(convo) : msg.kind === 'assistant' ? 'Tutor' : 'Teacher';
       msg.body = h('div', { className: 'se-bubble__body' });
+      msg.markdown = null;
+      msg.extras = [];
       msg.statusEl = h('span', { className: 'se-meta__status' });
       msg.flagEl = h('span', { className: 'st-badge st-badge--attention', hidden: true });
       msg.actions = h('span', { className: 'se-meta__actions' });
@@ -944,9 +946,18 @@
     if (msg.kind === 'user') {
       setText(body, msg.text);
     } else {
-      body.textContent = '';
-      if (msg.partial && msg.text) body.appendChild(h('span', { className: 'st-partial', text: '\u2026 ' }));
-      if (msg.text) body.appendChild(ns.renderMarkdown ? ns.renderMarkdown(msg.text) : document.createTextNode(msg.text));
+      // A streamed answer grows at its end: only the text after the blocks already built is parsed again
+      // (with a score of students' answers streaming, re-parsing each whole answer every frame adds up).
+      msg.extras.forEach(function (node) { if (node.parentNode) node.parentNode.removeChild(node); });
+      msg.extras = [];
+      if (!msg.markdown) {
+        msg.markdown = ns.MarkdownStream ? new ns.MarkdownStream(body)
+          : { render: function (text) { body.textContent = text; } };
+      }
+      msg.markdown.render(msg.text || '');
+      if (msg.partial && msg.text) {
+        msg.extras.push(body.insertBefore(h('span', { className: 'st-partial', text: '\u2026 ' }), body.firstChild));
+      }
       var active = msg.kind === 'assistant' && !FINAL[msg.status];
       msg.li.setAttribute('aria-busy', active ? 'true' : 'false');
       if (active) {
@@ -954,7 +965,7 @@
           ? h('span', { className: 'se-caret', 'aria-hidden': 'true' })
           : h('span', { className: 'se-typing', 'aria-hidden': 'true' }, [h('span'), h('span'), h('span')]);
         var last = body.lastElementChild;
-        (last && /^(P|LI)$/.test(last.nodeName) ? last : body).appendChild(typing);
+        msg.extras.push((last && /^(P|LI)$/.test(last.nodeName) ? last : body).appendChild(typing));
       }
     }
     var status = STATUS_TEXT[msg.status] || '';

@@ -17,7 +17,17 @@ from urllib.parse import urlencode
 import pytest
 
 from tests.conftest import Serve, Server, hold_pubsub_reconnects, kill_pubsub_of, seed_course, token
-from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, Send, browser, committed, new_page, rendered, scripted_server
+from tests.e2e.helpers import (
+    ANSWER_WAIT_MS,
+    Problems,
+    Send,
+    browser,
+    committed,
+    new_page,
+    rendered,
+    scripted_server,
+    streamed_markdown,
+)
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
     from playwright.async_api import Browser, Page, Route, WebSocketRoute
@@ -618,4 +628,55 @@ async def test_a_hello_that_failed_on_the_database_is_said_again_on_the_same_soc
     await page.get_by_role("button", name=re.compile(r"^Ada")).wait_for(timeout=5000)
     assert hellos == [1, 1]  # both on the first socket
     assert await notice.count() == 0  # the welcome clears it
+    assert problems == []
+
+
+async def test_a_long_answer_streams_into_the_dashboard_parsing_only_its_open_block(
+    serve: Serve, browser: Browser
+) -> None:
+    """A 30 KB answer streamed in 60 chunks, each rendered before the next: every render parses the answer's
+    open block, not the whole answer so far (the dashboard re-parsed it all each frame: about 900 KB for
+    this answer), the caret follows it, and the answer ends as exactly the DOM a full render makes."""
+    server = await serve()
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    sockets: list[WebSocketRoute] = []
+
+    def answer(number: int, frame: dict[str, Any], send: Send) -> None:
+        if frame["type"] == "hello":
+            _welcome_teacher(send)
+        elif frame["type"] == "watch":
+            send(type="snapshot", course_id=COURSE, students=[ADA])
+
+    await page.route_web_socket(re.compile(r"/ws$"), scripted_server(sockets, answer))
+    # The course list is unavailable: the dashboard watches the token's `courses` claim.
+    await page.route("**/api/teacher/courses", lambda route: route.fulfill(status=503, body="unavailable"))
+    await page.goto(str(server.client.make_url("/teacher")) + f"#token={TEACHER}")
+    await page.get_by_role("button", name=re.compile(r"^Ada")).click()
+    await page.locator(".st-load-error").wait_for()  # the transcript endpoint does not know it: live frames only
+
+    def event(**frame: Any) -> None:
+        sockets[0].send(json.dumps({"type": "event", "course_id": COURSE, "kind": "frame", "conversation_id": "c-ada",
+                                    "frame": {"conversation_id": "c-ada", **frame}}))
+
+    text = streamed_markdown(30_000)
+    event(type="ack", id="q1", message_id=11, reply_id=12, text="Show me worked examples", seq=1)
+    parsed: list[int] = []
+    for seq, at in enumerate(range(0, len(text), 500), start=2):
+        before = await page.evaluate("SmartEdu.markdownStats.parsed")
+        event(type="token", reply_id=12, offset=at, text=text[at : at + 500], seq=seq)
+        await page.wait_for_function("n => SmartEdu.markdownStats.parsed > n", arg=before)
+        parsed.append(await page.evaluate("SmartEdu.markdownStats.parsed") - before)
+    body = page.locator('.se-msg--assistant[data-id="12"] .se-bubble__body')
+    assert await body.locator(".se-caret").count() == 1
+    event(type="done", reply_id=12, status="complete", length=len(text), seq=len(parsed) + 2)
+    await page.locator('.se-msg--assistant[data-id="12"][aria-busy="false"]').wait_for()
+    same = await body.evaluate(
+        "(body, text) => { const whole = document.createElement('div');"
+        " whole.appendChild(SmartEdu.renderMarkdown(text)); return body.innerHTML === whole.innerHTML; }",
+        text,
+    )
+    assert same
+    assert sum(parsed) < 4 * len(text), (sum(parsed), max(parsed))
+    assert max(parsed) < 2000, max(parsed)  # the longest block and a chunk
     assert problems == []
