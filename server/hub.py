@@ -230,6 +230,12 @@ class Hub:
         """After a reconnect: hold every conversation again (Redis may have restarted and lost the sets) and
         deliver what other replicas published while this one was not listening."""
         conversations = list(self._members)
+        # A conversation whose socket's own hold failed has no last seq here: its frames start after the seq
+        # read before it is held now. (The log's last seq, read after the hold, would count as delivered a
+        # frame published in between, and drop its published copy as a duplicate.)
+        unheld = [c for c in conversations if c not in self._remote_seq]
+        if unheld:
+            self._remote_seq.update(zip(unheld, await self.store.seqs(unheld), strict=True))
         await self.store.hold(conversations, self.node)
         for conversation_id in conversations:
             if conversation_id not in self._held:  # its socket's own hold had failed: held from now on

@@ -659,6 +659,17 @@ class RedisStore:
             seqs.extend(int(value) if value is not None else 0 for value in results[2::3])
         return seqs
 
+    async def seqs(self, conversation_ids: Sequence[str]) -> list[int]:
+        """The conversations' current seqs (0 = no counter yet)."""
+        seqs: list[int] = []
+        for chunk in _chunks(conversation_ids):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for conversation_id in chunk:
+                    pipe.get(self.keys.conversation_seq(conversation_id))
+                results = await pipe.execute()
+            seqs.extend(int(value) if value is not None else 0 for value in results)
+        return seqs
+
     async def release(self, conversation_ids: Sequence[str], node: str) -> None:
         """Stop publishing these conversations' frames to `node` (no socket there needs them any more)."""
         for chunk in _chunks(conversation_ids):
