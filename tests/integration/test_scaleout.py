@@ -342,14 +342,13 @@ class _Tab:
         return True
 
 
-async def test_a_socket_whose_hold_failed_is_held_by_the_next_recovery(
+async def _a_tab_whose_hold_failed(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A socket stays a member of a conversation whose hold failed (Redis hiccup). The recovery after a
-    pub/sub reconnect holds every member's conversation again, and from then on this replica takes the
-    other replicas' frames of it instead of dropping them as a conversation it does not hold."""
+) -> tuple[Server, Server, str, _Tab]:
+    """Two replicas, a student's conversation on the first, and a tab on the second that stays a member of
+    it although its hold failed (a Redis hiccup): the second replica does not hold the conversation."""
     a, b = await _two_replicas(serve)
-    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
+    hub_b = b.client.app[CHAT].hub
     tab1 = await a.connect({"token": token()})
     conversation = tab1.frames[0]["conversation_id"]
     store = b.client.app[REDIS]
@@ -364,6 +363,17 @@ async def test_a_socket_whose_hold_failed_is_held_by_the_next_recovery(
         await hub_b.join(conversation, tab2)
     assert hub_b.members(conversation) == 1 and conversation not in hub_b._held
     monkeypatch.setattr(store, "hold", hold)
+    return a, b, conversation, tab2
+
+
+async def test_a_socket_whose_hold_failed_is_held_by_the_next_recovery(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket stays a member of a conversation whose hold failed (Redis hiccup). The recovery after a
+    pub/sub reconnect holds every member's conversation again, and from then on this replica takes the
+    other replicas' frames of it instead of dropping them as a conversation it does not hold."""
+    a, b, conversation, tab2 = await _a_tab_whose_hold_failed(serve, monkeypatch)
+    hub_a, hub_b, store = a.client.app[CHAT].hub, b.client.app[CHAT].hub, b.client.app[REDIS]
     await kill_pubsub_of(b)
     nodes = store.keys.conversation_nodes(conversation)
     async with asyncio.timeout(10):
@@ -383,21 +393,9 @@ async def test_a_frame_published_between_the_recoverys_hold_and_its_log_read_is_
     before it read the log. Before: the recovery took the log's last seq as already delivered (the socket's
     failed hold had left it none), so it delivered nothing from the log and dropped the published copy as a
     duplicate: the frame never reached the socket (1 run in a few of the test above)."""
-    a, b = await _two_replicas(serve)
-    hub_a, hub_b = a.client.app[CHAT].hub, b.client.app[CHAT].hub
-    tab1 = await a.connect({"token": token()})
-    conversation = tab1.frames[0]["conversation_id"]
-    store = b.client.app[REDIS]
-    hold, snapshot = store.hold, store.snapshot
-
-    async def hold_failing(conversation_ids: Sequence[str], node: str) -> list[int]:
-        raise RedisConnectionError("Connection closed by server.")
-
-    monkeypatch.setattr(store, "hold", hold_failing)
-    tab2 = _Tab("tab-2")
-    with pytest.raises(RedisConnectionError):
-        await hub_b.join(conversation, tab2)
-    monkeypatch.setattr(store, "hold", hold)
+    a, b, conversation, tab2 = await _a_tab_whose_hold_failed(serve, monkeypatch)
+    hub_a, store = a.client.app[CHAT].hub, b.client.app[REDIS]
+    snapshot = store.snapshot
     emitted: list[int] = []
 
     async def snapshot_after_a_frame(conversation_id: str) -> Any:
