@@ -351,7 +351,7 @@ class Answers:
     ) -> None:
         """Commit the answer's final state, then tell every joined socket (`done`)."""
         record = self._record(turn, usage)
-        used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
+        used = _used(record)
         reservation, turn.reservation = turn.reservation, None
         # The conversation's durable last seq becomes the `done`'s, which is emitted after the commit: the
         # next seq after every one seen here (exactly the done's unless another frame comes in between).
@@ -421,7 +421,7 @@ class Answers:
         the provider was paid, and keeps away from the lease."""
         log.warning("answer taken over by another replica; stopped generating it", extra=turn.log_context)
         record = self._record(turn, usage)
-        used = (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
+        used = _used(record)
         reservation, turn.reservation = turn.reservation, None
         await self.budgets.settle(reservation, *used)
         turn.finished, turn.leased = True, False
@@ -651,6 +651,11 @@ def _log_content(turn: Turn, status: str) -> None:
 def _unlabelled(text: str) -> str:
     """A student cannot pass their words off as the teacher's: the label the providers use is defused."""
     return text.replace("[Teacher message]", "[Teacher-message (typed by the student)]")
+
+
+def _used(record: UsageRecord | None) -> tuple[int, int]:
+    """What an answer takes from the budgets: (all its tokens, its output tokens)."""
+    return (record.prompt_tokens + record.output_tokens, record.output_tokens) if record else (0, 0)
 
 
 def _final(reason: str) -> MessageStatus:

@@ -30,6 +30,11 @@ STOP_WORDS = frozenset((
 ))
 # fmt: on
 _PARAGRAPHS = re.compile(r"\n\s*\n")
+# A document's passage count, in a statement over `course_documents d` whose $1 and $2 are tenant and course.
+_PASSAGES = (
+    "(SELECT count(*) FROM document_passages p"
+    " WHERE p.tenant_id = $1 AND p.course_id = $2 AND p.document_id = d.id) AS passages"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +145,8 @@ class Documents:
     async def list_documents(self, tenant_id: str, course_id: str) -> list[Document]:
         """The course's documents, oldest first."""
         rows = await self.pool.fetch(
-            "SELECT d.id, d.course_id, d.name, length(d.body) AS chars,"
-            " (SELECT count(*) FROM document_passages p"
-            "  WHERE p.tenant_id = $1 AND p.course_id = $2 AND p.document_id = d.id) AS passages"
-            " FROM course_documents d WHERE d.tenant_id = $1 AND d.course_id = $2 ORDER BY d.id",
+            f"SELECT d.id, d.course_id, d.name, length(d.body) AS chars, {_PASSAGES} FROM course_documents d"
+            " WHERE d.tenant_id = $1 AND d.course_id = $2 ORDER BY d.id",
             tenant_id,
             course_id,
         )
@@ -192,10 +195,8 @@ class Documents:
     async def get(self, tenant_id: str, course_id: str, document_id: int) -> DocumentText | None:
         """One document of the course with its body; None when the course has no such document."""
         row = await self.pool.fetchrow(
-            "SELECT d.id, d.name, d.body,"
-            " (SELECT count(*) FROM document_passages p"
-            "  WHERE p.tenant_id = $1 AND p.course_id = $2 AND p.document_id = d.id) AS passages"
-            " FROM course_documents d WHERE d.tenant_id = $1 AND d.course_id = $2 AND d.id = $3",
+            f"SELECT d.id, d.name, d.body, {_PASSAGES} FROM course_documents d"
+            " WHERE d.tenant_id = $1 AND d.course_id = $2 AND d.id = $3",
             tenant_id,
             course_id,
             document_id,
