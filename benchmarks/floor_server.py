@@ -16,6 +16,7 @@ import itertools
 import logging
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 
 import orjson
 import uvloop
@@ -39,77 +40,90 @@ def _dumps(frame: dict[str, object]) -> str:
     return orjson.dumps(frame).decode()
 
 
-async def handle_ws(request: web.Request) -> web.WebSocketResponse:
+def welcome_frame(frame: dict[str, object], conversation_id: str, seq: int) -> dict[str, object]:
+    """The `welcome` to a `hello`: no user data, no history (nothing is kept)."""
+    welcome: dict[str, object] = {
+        "type": "welcome",
+        "session_id": uuid.uuid4().hex,
+        "user": {"id": "floor", "role": "student", "tenant": "floor", "name": "Floor"},
+        "conversation_id": conversation_id,
+        "course_id": frame.get("course_id"),
+        "history": [],
+        "seq": seq,
+    }
+    if "resume_from" in frame:
+        welcome["resumed"] = False  # nothing is kept, so nothing can be replayed
+    return welcome
+
+
+def answer_frames(
+    client_id: object, message_id: object, reply_id: object, conversation_id: str, seq: int, tokens: int
+) -> list[dict[str, object]]:
+    """What a question gets: its `ack`, `tokens` token frames (with `offset`) and a `done`; seqs from seq + 1."""
+    frames: list[dict[str, object]] = [{
+        "type": "ack", "id": client_id, "message_id": message_id, "reply_id": reply_id,
+        "conversation_id": conversation_id, "seq": seq + 1,
+    }]
+    offset = 0
+    for number in range(tokens):
+        text = f"t{number} "
+        frames.append({
+            "type": "token", "reply_id": reply_id, "conversation_id": conversation_id,
+            "seq": seq + 2 + number, "offset": offset, "text": text,
+        })
+        offset += len(text)
+    frames.append({
+        "type": "done", "reply_id": reply_id, "conversation_id": conversation_id, "seq": seq + 2 + tokens,
+        "status": "complete", "length": offset, "usage": {"prompt_tokens": 0, "output_tokens": tokens},
+    })
+    return frames
+
+
+def parse(data: str) -> dict[str, object] | None:
+    """A text frame as a JSON object, or None (the floor ignores what it cannot read)."""
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return frame if isinstance(frame, dict) else None
+
+
+# Answers a `message` on a socket whose `hello` was welcomed: (socket, frame, conversation id, last seq) -> the
+# last seq sent.
+Answer = Callable[[web.WebSocketResponse, dict[str, object], str, int], Awaitable[int]]
+
+
+async def protocol_loop(request: web.Request, answer: Answer) -> web.WebSocketResponse:
+    """A socket's frames: `hello` gets a `welcome`, then each `message` goes to `answer`; the rest is ignored."""
     ws = web.WebSocketResponse(max_msg_size=64 * 1024)
     await ws.prepare(request)
-    tokens = request.app[TOKENS_KEY]
-    ids = request.app[IDS_KEY]
     conversation_id: str | None = None
     seq = 0
     async for msg in ws:
-        if msg.type is not WSMsgType.TEXT:
-            continue
-        try:
-            frame = orjson.loads(msg.data)
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(frame, dict):
+        frame = parse(msg.data) if msg.type is WSMsgType.TEXT else None
+        if frame is None:
             continue
         kind = frame.get("type")
         if kind == "hello" and conversation_id is None:
             given = frame.get("conversation_id")
             conversation_id = given if isinstance(given, str) else uuid.uuid4().hex
-            welcome: dict[str, object] = {
-                "type": "welcome",
-                "session_id": uuid.uuid4().hex,
-                "user": {"id": "floor", "role": "student", "tenant": "floor", "name": "Floor"},
-                "conversation_id": conversation_id,
-                "course_id": frame.get("course_id"),
-                "history": [],
-                "seq": seq,
-            }
-            if "resume_from" in frame:
-                welcome["resumed"] = False  # nothing is kept, so nothing can be replayed
-            await ws.send_str(_dumps(welcome))
+            await ws.send_str(_dumps(welcome_frame(frame, conversation_id, seq)))
         elif kind == "message" and conversation_id is not None:
-            message_id = next(ids)
-            reply_id = next(ids)
-            seq += 1
-            ack = {
-                "type": "ack",
-                "id": frame.get("id"),
-                "message_id": message_id,
-                "reply_id": reply_id,
-                "conversation_id": conversation_id,
-                "seq": seq,
-            }
-            await ws.send_str(_dumps(ack))
-            offset = 0
-            for number in range(tokens):
-                text = f"t{number} "
-                seq += 1
-                token = {
-                    "type": "token",
-                    "reply_id": reply_id,
-                    "conversation_id": conversation_id,
-                    "seq": seq,
-                    "offset": offset,
-                    "text": text,
-                }
-                await ws.send_str(_dumps(token))
-                offset += len(text)
-            seq += 1
-            done = {
-                "type": "done",
-                "reply_id": reply_id,
-                "conversation_id": conversation_id,
-                "seq": seq,
-                "status": "complete",
-                "length": offset,
-                "usage": {"prompt_tokens": 0, "output_tokens": tokens},
-            }
-            await ws.send_str(_dumps(done))
+            seq = await answer(ws, frame, conversation_id, seq)
     return ws
+
+
+async def handle_ws(request: web.Request) -> web.WebSocketResponse:
+    tokens = request.app[TOKENS_KEY]
+    ids = request.app[IDS_KEY]
+
+    async def answer(ws: web.WebSocketResponse, frame: dict[str, object], conversation_id: str, seq: int) -> int:
+        frames = answer_frames(frame.get("id"), next(ids), next(ids), conversation_id, seq, tokens)
+        for reply in frames:
+            await ws.send_str(_dumps(reply))
+        return seq + len(frames)
+
+    return await protocol_loop(request, answer)
 
 
 async def serve(host: str, port: int, tokens: int) -> None:

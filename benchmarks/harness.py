@@ -697,10 +697,17 @@ def start_server(spec: ServerSpec, port: int, log_path: Path, files: int = 20000
     return process
 
 
-def start_floor(port: int, log_path: Path, tokens: int = 50) -> ManagedProcess:
-    script = code_dir() / "benchmarks" / "floor_server.py"
+def start_floor(
+    port: int, log_path: Path, tokens: int = 50, durable: tuple[str, str, str] | None = None
+) -> ManagedProcess:
+    """benchmarks/floor_server.py, or with `durable` (database URL, Redis URL, key prefix)
+    benchmarks/durable_floor_server.py, as its own process."""
+    script = code_dir() / "benchmarks" / ("durable_floor_server.py" if durable else "floor_server.py")
     argv = [sys.executable, str(script), "--port", str(port), "--tokens", str(tokens)]
-    process = spawn(f"floor:{port}", argv, log_path)
+    if durable:
+        database_url, redis_url, prefix = durable
+        argv += ["--database-url", database_url, "--redis-url", redis_url, "--prefix", prefix]
+    process = spawn(f"{script.stem}:{port}", argv, log_path)
     try:
         wait_port(port, process)
     except BaseException:

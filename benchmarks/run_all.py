@@ -8,9 +8,11 @@ docs/benchmarks.md generated from them.
 Scenarios: capacity (10,000 idle sockets), throughput (open-loop turn rate ladder), throughput_tmpfs (the
 same against a PostgreSQL whose data directory is in memory), class (1,000 students thinking 10 s),
 class_tmpfs (the same in memory), fanout (one teacher watching 200 students), floor (throughput and class
-against benchmarks/floor_server.py), nginx (two replicas behind NGINX), profile (py-spy during throughput and
-class). The server under test is a separate `smartedu serve` process on a fresh database and Redis prefix
-per run; PostgreSQL and Redis are the machine's own on 127.0.0.1 when reachable, else the embedded ones.
+against benchmarks/floor_server.py), durable_floor (the throughput ladder against
+benchmarks/durable_floor_server.py, the floor plus the least durable work a turn needs), nginx (two
+replicas behind NGINX), profile (py-spy during throughput and class). The server under test is a
+separate `smartedu serve` process on a fresh database and Redis prefix per run; PostgreSQL and Redis are
+the machine's own on 127.0.0.1 when reachable, else the embedded ones.
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ from benchmarks.harness import (
 from benchmarks.idle_sockets import IdleConfig, run_idle
 
 SCENARIOS = (
-    "capacity", "throughput", "throughput_tmpfs", "class", "class_tmpfs", "fanout", "floor", "nginx", "profile",
+    "capacity", "throughput", "throughput_tmpfs", "class", "class_tmpfs", "fanout", "floor", "durable_floor", "nginx",
+    "profile",
 )
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -113,7 +116,8 @@ class Plan:
     # failing step, so a fast machine climbs the higher steps and a slow one never gets there. The floor's goes
     # on until the floor or the generator gives out (a ladder that never failed only bounds the limit).
     ladder: tuple[float, ...] = (100, 200, 250, 300, 350, 400, 500, 600, 800, 1000, 1200, 1400, 1600, 2000)
-    floor_ladder: tuple[float, ...] = (400, 800, 1200, 1600, 2000, 2500, 3000, 4000)
+    floor_ladder: tuple[float, ...] = (400, 800, 1200, 1600, 2000, 2500, 3000, 4000, 5000, 6000)
+    durable_ladder: tuple[float, ...] = (400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2500, 3000)
     step_s: float = 20.0
     throughput_students: int = 200
     class_students: int = 1000
@@ -132,9 +136,10 @@ class Plan:
     @classmethod
     def quick(cls, runs: int) -> Plan:
         return cls(
-            runs=runs, idle_students=2000, ladder=(100, 200, 300), floor_ladder=(400, 1200), step_s=8.0,
-            throughput_students=100, class_students=300, class_duration_s=25.0, fanout_students=100,
-            fanout_duration_s=12.0, nginx_rate=50.0, nginx_step_s=10.0, nginx_students=100, nginx_class_s=20.0,
+            runs=runs, idle_students=2000, ladder=(100, 200, 300), floor_ladder=(400, 1200),
+            durable_ladder=(400, 800), step_s=8.0, throughput_students=100, class_students=300,
+            class_duration_s=25.0, fanout_students=100, fanout_duration_s=12.0, nginx_rate=50.0,
+            nginx_step_s=10.0, nginx_students=100, nginx_class_s=20.0,
             cross_fanout_s=8.0, profile_s=8, fsync_probe_s=5.0,
         )
 
@@ -591,6 +596,31 @@ def scenario_floor_throughput(bench: Bench, run: int) -> dict[str, Any]:
                            "floor", plan.throughput_students, plan.step_s)
     finally:
         floor.stop()
+
+
+def scenario_durable_floor(bench: Bench, run: int) -> dict[str, Any]:
+    """The throughput ladder against the durable floor, on the in-memory PostgreSQL that section 2b's ladder of
+    ours uses, so that the two differ only in what the server does."""
+    plan = bench.plan
+    label = f"dfl{run}"
+    with _in_memory(bench, label) as in_memory, in_memory.backends.database(label) as database_url, \
+            in_memory.backends.redis_prefix(label) as prefix:
+        port = free_port()
+        redis_url = in_memory.backends.redis_url
+        durable = start_floor(port, bench.log(f"{label}.log"), tokens=1, durable=(database_url, redis_url, prefix))
+        try:
+            database = database_url.rsplit("/", 1)[1]
+            pids = {"durable_floor": _pids_of(durable.pid), "postgres": _postgres_backends(database),
+                    "redis": _redis_pid(redis_url), "loadgen": _loadgen}
+            redis_before = redis_counts(redis_url)
+            with Sampler(pids) as sampler:
+                result = _ladder(bench, f"ws://127.0.0.1:{port}/ws", f"durable-floor-tp{run}", plan.durable_ladder,
+                                 sampler, "durable_floor", plan.throughput_students, plan.step_s)
+            result["redis_delta"] = _delta(redis_counts(redis_url), redis_before)
+        finally:
+            durable.stop()
+    result["turns"] = sum(s["turns"] for s in result["steps"])
+    return result
 
 
 # -- scenario 3: a realistic class ----------------------------------------------------------------------
@@ -1074,6 +1104,9 @@ def render_doc(summary: dict[str, Any], notes: str) -> str:
                     )
             lines.append("")
 
+    if "durable_floor" in scen:
+        lines += _durable_floor_section(scen, updated)
+
     if "nginx" in scen:
         runs = scen["nginx"]["runs"]
         lines += [
@@ -1218,6 +1251,34 @@ def _fsync_lines(probe: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _durable_floor_section(scen: dict[str, Any], updated: dict[str, str]) -> list[str]:
+    runs = scen["durable_floor"]["runs"]
+    best = [float(r["max_turns_per_s"]) for r in runs]
+    capped = " (every step passed in some run: the limit is higher)" if any(map(_never_failed, runs)) else ""
+    floor = _median([float(r["throughput"]["max_turns_per_s"]) for r in scen.get("floor", {}).get("runs", [])
+                     if "throughput" in r])
+    ours = _median([float(r["max_turns_per_s"]) for r in scen.get("throughput_tmpfs", {}).get("runs", [])])
+    mid = _median(best)
+    return [
+        "## 5b. The durable floor: the least durable work a turn needs",
+        "",
+        f"_Measured {updated.get('durable_floor', '?')}, {len(runs)} runs._ `benchmarks/durable_floor_server.py` "
+        "is the floor plus what no server keeping this product's promises can leave out, done as cheaply as it "
+        "can be: the question committed to PostgreSQL before its `ack` and the answer before its `done` (group "
+        "commit, one statement a batch), the answer's frames appended to a Redis stream before they are sent "
+        "and each question counted in Redis (one pipeline a batch). No history reads, budgets, fan-out, "
+        "metrics, logs or validation. Its PostgreSQL has its data directory in memory, like section 2b's.",
+        "",
+        "| metric | min / median / max |",
+        "|---|---|",
+        f"| highest passing rate (turns/s) | {_mmm(best, 0)}{capped} |",
+        f"| durable floor / floor (median) | {_fmt(mid / floor if mid and floor else None, 2)} |",
+        f"| ours in memory (section 2b) / durable floor (medians) | {_fmt(ours / mid if ours and mid else None, 2)} |",
+        "",
+        *_ladder_steps(runs),
+    ]
+
+
 def _never_failed(ladder: dict[str, Any]) -> bool:
     """Whether a ladder passed its last step: it stops at its first failure, so then it never failed and its
     highest passing rate is a lower bound of the limit, not the limit."""
@@ -1234,6 +1295,14 @@ def _ladder_table(runs: Sequence[dict[str, Any]]) -> list[str]:
         f"| highest passing rate (turns/s) | {_mmm(best, 0)}{capped} | ≥ {TARGET_TURNS_PER_S:g} | "
         f"{_verdict(_median(best), TARGET_TURNS_PER_S, True)} |",
         "",
+        *_ladder_steps(runs),
+    ]
+    return lines
+
+
+def _ladder_steps(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """Every step of every run of a throughput ladder, how to read them, and the command."""
+    lines = [
         "Every step of every run:",
         "",
         "| run | offered/s | achieved/s | p50 ack ms | p99 ack ms | worst second p99 ack ms | p99 done ms | "
@@ -1389,7 +1458,7 @@ def _runs(bench: Bench, name: str, fn: Callable[[Bench, int], dict[str, Any]]) -
 _TABLE: dict[str, Callable[[Bench, int], dict[str, Any]]] = {
     "capacity": scenario_capacity, "throughput": scenario_throughput,
     "throughput_tmpfs": scenario_throughput_tmpfs, "class": scenario_class, "class_tmpfs": scenario_class_tmpfs,
-    "fanout": scenario_fanout, "nginx": scenario_nginx,
+    "fanout": scenario_fanout, "nginx": scenario_nginx, "durable_floor": scenario_durable_floor,
 }
 
 
@@ -1419,6 +1488,16 @@ def _scenario(
     return _runs(bench, name, _TABLE[name])
 
 
+def _rates(parser: argparse.ArgumentParser, given: str, option: str) -> tuple[float, ...]:
+    try:
+        ladder = tuple(float(r) for r in given.split(",") if r.strip())
+    except ValueError:
+        parser.error(f"{option} takes numbers, e.g. 250,300")
+    if not ladder or min(ladder) <= 0:
+        parser.error(f"{option} takes positive numbers, e.g. 250,300")
+    return ladder
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the SmartEdu benchmarks and write docs/benchmarks.md.")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
@@ -1433,6 +1512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "experiments with uncommitted changes)")
     parser.add_argument("--rates", help="comma-separated turns/s for the throughput ladder (default "
                         f"{','.join(f'{r:g}' for r in Plan.ladder)}; experiments)")
+    parser.add_argument("--floor-rates", help="comma-separated turns/s for the floor's and the durable floor's "
+                        "throughput ladders (experiments)")
     parser.add_argument("--profile-rate", type=float, metavar="PER_S", help="turns/s of the profiled throughput "
                         "step (default: the highest median rate a throughput ladder passed, in this invocation "
                         "or the last make bench)")
@@ -1450,13 +1531,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("give --ref or --code-dir, not both")
     plan = Plan.quick(runs) if args.quick else Plan(runs=runs)
     if args.rates:
-        try:
-            ladder = tuple(float(r) for r in args.rates.split(",") if r.strip())
-        except ValueError:
-            parser.error("--rates takes numbers, e.g. 250,300")
-        if not ladder or min(ladder) <= 0:
-            parser.error("--rates takes positive numbers, e.g. 250,300")
-        plan = dataclasses.replace(plan, ladder=ladder)
+        plan = dataclasses.replace(plan, ladder=_rates(parser, args.rates, "--rates"))
+    if args.floor_rates:
+        ladder = _rates(parser, args.floor_rates, "--floor-rates")
+        plan = dataclasses.replace(plan, floor_ladder=ladder, durable_ladder=ladder)
     if args.profile_rate is not None and args.profile_rate <= 0:
         parser.error("--profile-rate takes a positive number of turns/s")
 

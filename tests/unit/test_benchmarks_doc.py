@@ -65,6 +65,23 @@ def test_in_memory_ladder_gets_its_own_section_and_floor_ratio() -> None:
     assert "| highest passing rate, PostgreSQL data in memory (section 2b) | 350 | 1,200 / 1,200 / 1,200 | 0.29" in doc
 
 
+def test_the_durable_floor_gets_its_section_with_both_ratios() -> None:
+    summary: dict[str, Any] = {
+        "machine": {}, "backends": {}, "updated": {"durable_floor": "t4"},
+        "scenarios": {
+            "throughput_tmpfs": {"runs": [_ladder(350, 400), _ladder(300, 350), _ladder(350, 400)]},
+            "floor": {"runs": [{"throughput": _ladder(4000, 5000)} for _ in range(3)]},
+            "durable_floor": {"runs": [_ladder(1000, 1200), _ladder(1400, 1600), _ladder(1400, 1600)]},
+        },
+    }
+    section = render_doc(summary, "\nnotes\n").split("## 5b. ")[1].split("## ")[0]
+    assert "_Measured t4, 3 runs._" in section
+    assert "| highest passing rate (turns/s) | 1,000 / 1,400 / 1,400 |" in section
+    assert "| durable floor / floor (median) | 0.35 |" in section  # 1,400 / 4,000
+    assert "| ours in memory (section 2b) / durable floor (medians) | 0.25 |" in section  # 350 / 1,400
+    assert section.count("| 1600 | 1,600 |") == 2 and section.count("| 1000 | 1,000 |") == 1
+
+
 def test_a_ladder_that_never_failed_says_its_limit_is_higher() -> None:
     passed_all = {
         "steps": [_step(900, True, 9.0), _step(1000, True, 11.0)],
