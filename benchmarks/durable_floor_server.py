@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import sys
@@ -90,26 +91,29 @@ class RedisWork:
 class Durable:
     """The batched PostgreSQL and Redis writes of every turn in this process."""
 
-    def __init__(self, pool: asyncpg.Pool, client: redis.Redis, prefix: str):
-        self._pool = pool
+    def __init__(self, connections: Sequence[asyncpg.Connection], client: redis.Redis, prefix: str):
         self._redis = client
         self._prefix = prefix
         self._logs_with_expiry: set[str] = set()
-        # Two batches in flight on each side: under load one fills while the other is on its way.
-        self._rows = itertools.cycle([RoundTrips(self._insert, "durable-floor-pg") for _ in range(2)])
+        # A batch a connection (no pool: nothing to acquire or reset), and two in flight on each side: under
+        # load one fills while the other is on its way.
+        self._rows = itertools.cycle(
+            [RoundTrips(functools.partial(self._insert, conn), "durable-floor-pg") for conn in connections]
+        )
         self._work = itertools.cycle([RoundTrips(self._pipeline, "durable-floor-redis") for _ in range(2)])
 
-    async def save(self, row: Row) -> None:
-        await next(self._rows).submit(row)
+    # Futures, not coroutines: a turn waits for its PostgreSQL and Redis parts at once without a task each.
+    def save(self, row: Row) -> asyncio.Future[None]:
+        return next(self._rows).enqueue(row)
 
-    async def count_question(self, conversation_id: str) -> None:
-        if await next(self._work).submit(RedisWork(conversation_id)) > RATE_LIMIT:
-            raise RuntimeError("rate limit")
+    def count_question(self, conversation_id: str) -> asyncio.Future[int]:
+        return next(self._work).enqueue(RedisWork(conversation_id))
 
-    async def log_frames(self, conversation_id: str, frames: Sequence[bytes]) -> None:
-        await next(self._work).submit(RedisWork(conversation_id, frames))
+    def log_frames(self, conversation_id: str, frames: Sequence[bytes]) -> asyncio.Future[int]:
+        return next(self._work).enqueue(RedisWork(conversation_id, frames))
 
-    async def _insert(self, rows: list[Row]) -> list[None]:
+    @staticmethod
+    async def _insert(conn: asyncpg.Connection, rows: list[Row]) -> list[None]:
         columns = (
             [r.id for r in rows],
             [TENANT] * len(rows),
@@ -117,8 +121,7 @@ class Durable:
             [r.role for r in rows],
             [r.text for r in rows],
         )
-        async with self._pool.acquire() as conn:
-            await conn.execute(INSERT, *columns)
+        await conn.execute(INSERT, *columns)
         return [None] * len(rows)
 
     async def _pipeline(self, work: list[RedisWork]) -> list[int]:
@@ -160,16 +163,18 @@ def create_app(database_url: str, redis_url: str, tokens: int = 1, prefix: str |
     prefix = prefix or f"durable-floor:{uuid.uuid4().hex[:8]}:"
 
     async def backends(app: web.Application) -> AsyncIterator[None]:
-        pool = await asyncpg.create_pool(database_url, min_size=2, max_size=4)
+        connections: list[asyncpg.Connection] = []
         client = redis.Redis.from_url(redis_url)
         try:
-            async with pool.acquire() as conn:
-                await conn.execute(SCHEMA)
-            app[DURABLE_KEY] = Durable(pool, client, prefix)
+            for _ in range(2):
+                connections.append(await asyncpg.connect(database_url))
+            await connections[0].execute(SCHEMA)
+            app[DURABLE_KEY] = Durable(connections, client, prefix)
             yield
         finally:
             await client.aclose()
-            await pool.close()
+            for conn in connections:
+                await conn.close()
 
     app.cleanup_ctx.append(backends)
     app.router.add_get("/ws", handle_ws)
@@ -186,13 +191,16 @@ async def handle_ws(request: web.Request) -> web.WebSocketResponse:
         reply_id = uuid.uuid4()
         frames = answer_frames(frame.get("id"), str(question.id), str(reply_id), conversation_id, seq, tokens)
         encoded = [orjson.dumps(f) for f in frames]
-        await asyncio.gather(durable.count_question(conversation_id), durable.save(question))
+        counted, saved = durable.count_question(conversation_id), durable.save(question)
+        await saved
+        if await counted > RATE_LIMIT:  # never here; a real server checks before it saves (latency, not CPU)
+            await ws.send_str(orjson.dumps({"type": "error", "id": frame.get("id"), "code": "rate_limited"}).decode())
+            return seq
         await ws.send_str(encoded[0].decode())  # the ack: the question is durable
         answer = "".join(str(f.get("text", "")) for f in frames[1:-1])
-        await asyncio.gather(
-            durable.log_frames(conversation_id, encoded[1:]),
-            durable.save(Row(reply_id, conversation_id, "assistant", answer)),
-        )
+        logged = durable.log_frames(conversation_id, encoded[1:])
+        await durable.save(Row(reply_id, conversation_id, "assistant", answer))
+        await logged
         for data in encoded[1:]:
             await ws.send_str(data.decode())
         return seq + len(frames)

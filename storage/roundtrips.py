@@ -30,11 +30,15 @@ class RoundTrips(Generic[T, R]):
         self._task: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
+        return await self.enqueue(item)
+
+    def enqueue(self, item: T) -> asyncio.Future[R]:
+        """Queue `item` and return the future of its result (several can be awaited without a task each)."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queued.append((item, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name=self._name)
-        return await future
+        return future
 
     async def _drain(self) -> None:
         while self._queued:
