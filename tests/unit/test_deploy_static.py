@@ -33,7 +33,8 @@ import pytest
 import yaml
 
 from handlers.health import READY_TIMEOUT_S
-from server.app import STOP_DEADLINE_S
+from server.app import MAX_HEADER_BYTES, MAX_URL_BYTES, PARSER_LIMIT_BYTES, STOP_DEADLINE_S
+from server.errors import HTTP_STATUS, ErrorCode
 from tests.conftest import require_tool as conftest_require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -572,6 +573,45 @@ def test_nginx_config_content() -> None:
     assert "proxy_pass http://smartedu_app;" in directives(nginx_block(config, "location / "))
 
 
+def nginx_error_bodies(config: str) -> dict[str, dict[str, Any]]:
+    """The JSON error NGINX sends for each status (`default` included), from the template's map."""
+    bodies = {}
+    for line in directives(nginx_block(config, "map $status $smartedu_error_body")):
+        status, _, quoted = line.rstrip(";").partition(" ")
+        assert quoted.startswith("'") and quoted.endswith("'"), line
+        bodies[status] = json.loads(quoted[1:-1])
+    return bodies
+
+
+def test_nginx_errors_speak_the_api_json_and_its_limits_match_the_app() -> None:
+    config = (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8")
+    lines = directives(config)
+    # Whatever fits NGINX's header buffers fits the app's parser, so the app answers its own 414/431.
+    assert f"large_client_header_buffers 4 {PARSER_LIMIT_BYTES // 1024}k;" in lines
+    # The app's own errors (their messages, retry_after, CORS headers) must reach the client as they are.
+    assert not any(line.startswith("proxy_intercept_errors") for line in lines)
+
+    bodies = nginx_error_bodies(config)
+    codes = {code.value for code in ErrorCode}
+    for status, body in bodies.items():
+        assert set(body) == {"error"} and body["error"]["code"] in codes and body["error"]["message"], status
+    assert bodies["431"]["error"]["code"] == bodies["414"]["error"]["code"] == "too_large"
+    assert f"{MAX_HEADER_BYTES} bytes" in bodies["431"]["error"]["message"]
+    assert f"{MAX_URL_BYTES} bytes" in bodies["414"]["error"]["message"]
+    assert bodies["429"]["error"]["code"] == "rate_limited" and HTTP_STATUS[ErrorCode.RATE_LIMITED] == 429
+
+    pages = [line for line in lines if line.startswith("error_page ")]
+    assert pages == [
+        "error_page 400 403 404 405 413 414 429 500 502 503 504 /_smartedu/error;",
+        "error_page 494 =431 /_smartedu/error;",
+    ]
+    # 494 (NGINX's "request header too large") is sent as 431, the app's status for a header over its limit.
+    sent = set(pages[0].split()[1:-1]) | {"431"}
+    assert sent == set(bodies) - {"default"}, "every status sent to /_smartedu/error has its own body"
+    page = directives(nginx_block(config, "location = /_smartedu/error"))
+    assert page == ["internal;", "default_type application/json;", "return 200 $smartedu_error_body;"]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -747,7 +787,10 @@ def test_nginx_proxies_serves_static_and_hides_metrics(
 
     before = len(seen)
     for path in ("/metrics", "/metrics/", "/metrics/extra"):
-        assert fetch(port, path).status == 404, path
+        hidden = fetch(port, path)
+        assert hidden.status == 404, path
+        assert json.loads(hidden.body) == {"error": {"code": "not_found", "message": "not found"}}
+        assert hidden.headers["x-request-id"] and hidden.headers["x-content-type-options"] == "nosniff"
     assert len(seen) == before, "/metrics reached the app"
 
     static = fetch(port, "/static/probe.css")
@@ -761,9 +804,12 @@ def test_nginx_proxies_serves_static_and_hides_metrics(
 
 def test_nginx_rate_limits_websocket_handshakes(running_nginx: tuple[int, list[dict[str, str]], Path]) -> None:
     port, _, _ = running_nginx
-    statuses = [fetch(port, "/ws").status for _ in range(4)]
-    assert statuses[0] == 200
-    assert 429 in statuses, statuses
+    replies = [fetch(port, "/ws") for _ in range(4)]
+    assert replies[0].status == 200
+    limited = [reply for reply in replies if reply.status == 429]
+    assert limited, [reply.status for reply in replies]
+    assert limited[0].headers["content-type"] == "application/json"
+    assert json.loads(limited[0].body)["error"]["code"] == "rate_limited"
 
 
 def test_nginx_keys_clients_by_forwarded_address_from_a_trusted_proxy(tmp_path: Path) -> None:
