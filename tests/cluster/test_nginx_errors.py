@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -150,3 +151,31 @@ async def test_with_every_replica_stopped_nginx_answers_json_502(cluster: Cluste
         for replica in cluster.replicas:
             await replica.ensure_running()
     assert (await ask(cluster, "GET", "/api/conversations")).error["code"] == "unauthorized"
+
+
+async def sign_in(base_url: str, token: str) -> tuple[int, list[str]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(base_url + "/api/session", json={"token": token}) as response,
+    ):
+        await response.read()
+        return response.status, response.headers.getall("Set-Cookie", [])
+
+
+async def test_a_sign_in_with_a_cookie_near_the_browsers_limit_passes_nginx(cluster: Cluster) -> None:
+    # The most courses whose session the app still keeps in a cookie (it refuses one that browsers would not
+    # store): with the other headers, more than NGINX's default 4k buffer for a response's headers. Random
+    # course ids, since the cookie is compressed.
+    kept: tuple[str, list[str]] | None = None
+    for count in range(40, 400, 4):
+        teacher = cluster.teacher_token("nginx-errors-teacher", [uuid.uuid4().hex[:12] for _ in range(count)])
+        status, cookies = await sign_in(cluster.replica(1).url, teacher)
+        if status != 200:
+            break
+        kept = teacher, cookies
+    assert kept is not None
+    teacher, cookies = kept
+    assert sum(map(len, cookies)) > 3900, [len(cookie) for cookie in cookies]
+    status, through_nginx = await sign_in(cluster.nginx_url, teacher)
+    assert status == 200
+    assert sorted(map(len, through_nginx)) == sorted(map(len, cookies))

@@ -35,6 +35,7 @@ import yaml
 from handlers.health import READY_TIMEOUT_S
 from server.app import MAX_HEADER_BYTES, MAX_URL_BYTES, PARSER_LIMIT_BYTES, STOP_DEADLINE_S
 from server.errors import HTTP_STATUS, ErrorCode
+from server.websession import MAX_COOKIE_CHARS
 from tests.conftest import require_tool as conftest_require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -588,6 +589,11 @@ def test_nginx_errors_speak_the_api_json_and_its_limits_match_the_app() -> None:
     lines = directives(config)
     # Whatever fits NGINX's header buffers fits the app's parser, so the app answers its own 414/431.
     assert f"large_client_header_buffers 4 {PARSER_LIMIT_BYTES // 1024}k;" in lines
+    # Room for the app's response headers with a session cookie as large as it sets (not on /ws, whose
+    # sockets would each hold the larger buffer).
+    (buffer,) = [line for line in directives(nginx_block(config, "location / ")) if line.startswith("proxy_buffer_")]
+    assert int(buffer.removeprefix("proxy_buffer_size ").removesuffix("k;")) * 1024 >= 2 * MAX_COOKIE_CHARS
+    assert not any(line.startswith("proxy_buffer_size") for line in directives(nginx_block(config, "location = /ws")))
     # The app's own errors (their messages, retry_after, CORS headers) must reach the client as they are.
     assert not any(line.startswith("proxy_intercept_errors") for line in lines)
 
