@@ -734,16 +734,21 @@ def stubbed_nginx(tmp_path: Path, replicas: int = 1, **extra: Any) -> Iterator[S
             stderr=subprocess.DEVNULL,
         )
         stack.callback(_stop, process)
-        deadline = time.monotonic() + 10
-        while True:
-            assert process.poll() is None, (prefix / "error.log").read_text(encoding="utf-8")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.05)
+        wait_listening(process, port, prefix / "error.log")
         yield StubbedNginx(port, seen, prefix)
+
+
+def wait_listening(process: subprocess.Popen[bytes], port: int, error_log: Path) -> None:
+    """Return once `process` (an NGINX) accepts connections on `port`."""
+    deadline = time.monotonic() + 10
+    while True:
+        assert process.poll() is None, error_log.read_text(encoding="utf-8") if error_log.exists() else ""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "nginx did not start listening"
+            time.sleep(0.05)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -1115,6 +1120,81 @@ def test_k8s_service_ingress_hpa_pdb_wiring(manifests: dict[tuple[str, str], dic
 
     pdb = manifests[("PodDisruptionBudget", "smartedu")]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_k8s_ingress_limits_and_error_bodies_match_the_compose_nginx(
+    manifests: dict[tuple[str, str], dict[str, Any]], services: dict[str, dict[str, Any]]
+) -> None:
+    template = (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8")
+    lines = directives(template)
+    annotations = manifests[("Ingress", "smartedu")]["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert f"client_max_body_size {annotations[prefix + 'proxy-body-size']};" in lines
+    assert f"client_body_buffer_size {annotations[prefix + 'client-body-buffer-size']};" in lines
+    buffer = f"proxy_buffer_size {annotations[prefix + 'proxy-buffer-size']};"
+    assert buffer in directives(nginx_block(template, "location / "))
+
+    # Intercepted codes replace the app's own answer with that code, so only codes the app never sends.
+    intercepted = {int(code) for code in annotations[prefix + "custom-http-errors"].split(",")}
+    assert intercepted == {502, 504} and not intercepted & set(HTTP_STATUS.values())
+    backend = manifests[("Service", annotations[prefix + "default-backend"])]
+    deployment = manifests[("Deployment", "smartedu-errors")]
+    pod = deployment["spec"]["template"]
+    assert backend["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not backend["spec"]["selector"].items() <= manifests[("Service", "smartedu")]["spec"]["selector"].items()
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == services["nginx"]["image"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    policy = manifests[("NetworkPolicy", "smartedu-errors")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert [rule["from"] for rule in policy["ingress"]] == [
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    ]
+    assert policy["egress"] == []
+
+    # The same bodies as NGINX in compose; without X-Code (no pod ready) the 503 one.
+    config = manifests[("ConfigMap", "smartedu-errors")]["data"]["nginx.conf"]
+    compose = nginx_error_bodies(template)
+    ingress_bodies = {
+        status: json.loads(body.strip("'"))
+        for status, _, body in (
+            line.rstrip(";").partition(" ") for line in directives(nginx_block(config, "map $http_x_code"))
+        )
+    }
+    assert ingress_bodies == {"default": compose["503"], **{str(code): compose[str(code)] for code in intercepted}}
+
+
+def test_k8s_error_backend_answers_json_for_ingress_nginx(
+    manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
+) -> None:
+    nginx = require_tool("nginx")
+    port = free_port()
+    config = manifests[("ConfigMap", "smartedu-errors")]["data"]["nginx.conf"]
+    native = tmp_path / "nginx.conf"
+    native.write_text(
+        config.replace("/tmp/", f"{tmp_path}/").replace("listen 8080;", f"listen 127.0.0.1:{port};"), encoding="utf-8"
+    )
+    process = subprocess.Popen(
+        [nginx, "-c", str(native), "-e", str(tmp_path / "error.log"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(process, port, tmp_path / "error.log")
+        # What ingress-nginx sends for an intercepted error, and a request that came because no pod is ready.
+        for headers, status, code in (
+            ({"X-Code": "502", "X-Format": "text/html"}, 502, "busy"),
+            ({"X-Code": "504"}, 504, "busy"),
+            ({}, 503, "busy"),
+        ):
+            reply = fetch(port, "/api/conversations", headers)
+            assert reply.status == status, headers
+            assert reply.headers["content-type"] == "application/json"
+            assert json.loads(reply.body)["error"]["code"] == code
+    finally:
+        _stop(process)
 
 
 def test_k8s_connections_metric_is_an_opt_in_component(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
