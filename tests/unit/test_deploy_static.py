@@ -33,7 +33,9 @@ import pytest
 import yaml
 
 from handlers.health import READY_TIMEOUT_S
-from server.app import STOP_DEADLINE_S
+from server.app import MAX_HEADER_BYTES, MAX_URL_BYTES, PARSER_LIMIT_BYTES, STOP_DEADLINE_S
+from server.errors import HTTP_STATUS, ErrorCode
+from server.websession import MAX_COOKIE_CHARS
 from tests.conftest import require_tool as conftest_require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -572,6 +574,50 @@ def test_nginx_config_content() -> None:
     assert "proxy_pass http://smartedu_app;" in directives(nginx_block(config, "location / "))
 
 
+def nginx_error_bodies(config: str) -> dict[str, dict[str, Any]]:
+    """The JSON error NGINX sends for each status (`default` included), from the template's map."""
+    bodies = {}
+    for line in directives(nginx_block(config, "map $status $smartedu_error_body")):
+        status, _, quoted = line.rstrip(";").partition(" ")
+        assert quoted.startswith("'") and quoted.endswith("'"), line
+        bodies[status] = json.loads(quoted[1:-1])
+    return bodies
+
+
+def test_nginx_errors_speak_the_api_json_and_its_limits_match_the_app() -> None:
+    config = (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8")
+    lines = directives(config)
+    # Whatever fits NGINX's header buffers fits the app's parser, so the app answers its own 414/431.
+    assert f"large_client_header_buffers 4 {PARSER_LIMIT_BYTES // 1024}k;" in lines
+    # Room for the app's response headers with a session cookie as large as it sets (not on /ws, whose
+    # sockets would each hold the larger buffer).
+    (buffer,) = [line for line in directives(nginx_block(config, "location / ")) if line.startswith("proxy_buffer_")]
+    assert int(buffer.removeprefix("proxy_buffer_size ").removesuffix("k;")) * 1024 >= 2 * MAX_COOKIE_CHARS
+    assert not any(line.startswith("proxy_buffer_size") for line in directives(nginx_block(config, "location = /ws")))
+    # The app's own errors (their messages, retry_after, CORS headers) must reach the client as they are.
+    assert not any(line.startswith("proxy_intercept_errors") for line in lines)
+
+    bodies = nginx_error_bodies(config)
+    codes = {code.value for code in ErrorCode}
+    for status, body in bodies.items():
+        assert set(body) == {"error"} and body["error"]["code"] in codes and body["error"]["message"], status
+    assert bodies["431"]["error"]["code"] == bodies["414"]["error"]["code"] == "too_large"
+    assert f"{MAX_HEADER_BYTES} bytes" in bodies["431"]["error"]["message"]
+    assert f"{MAX_URL_BYTES} bytes" in bodies["414"]["error"]["message"]
+    assert bodies["429"]["error"]["code"] == "rate_limited" and HTTP_STATUS[ErrorCode.RATE_LIMITED] == 429
+
+    pages = [line for line in lines if line.startswith("error_page ")]
+    assert pages == [
+        "error_page 400 403 404 405 413 414 429 500 502 503 504 /_smartedu/error;",
+        "error_page 494 =431 /_smartedu/error;",
+    ]
+    # 494 (NGINX's "request header too large") is sent as 431, the app's status for a header over its limit.
+    sent = set(pages[0].split()[1:-1]) | {"431"}
+    assert sent == set(bodies) - {"default"}, "every status sent to /_smartedu/error has its own body"
+    page = directives(nginx_block(config, "location = /_smartedu/error"))
+    assert page == ["internal;", "default_type application/json;", "return 200 $smartedu_error_body;"]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -688,16 +734,21 @@ def stubbed_nginx(tmp_path: Path, replicas: int = 1, **extra: Any) -> Iterator[S
             stderr=subprocess.DEVNULL,
         )
         stack.callback(_stop, process)
-        deadline = time.monotonic() + 10
-        while True:
-            assert process.poll() is None, (prefix / "error.log").read_text(encoding="utf-8")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "nginx did not start listening"
-                time.sleep(0.05)
+        wait_listening(process, port, prefix / "error.log")
         yield StubbedNginx(port, seen, prefix)
+
+
+def wait_listening(process: subprocess.Popen[bytes], port: int, error_log: Path) -> None:
+    """Return once `process` (an NGINX) accepts connections on `port`."""
+    deadline = time.monotonic() + 10
+    while True:
+        assert process.poll() is None, error_log.read_text(encoding="utf-8") if error_log.exists() else ""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "nginx did not start listening"
+            time.sleep(0.05)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -747,7 +798,10 @@ def test_nginx_proxies_serves_static_and_hides_metrics(
 
     before = len(seen)
     for path in ("/metrics", "/metrics/", "/metrics/extra"):
-        assert fetch(port, path).status == 404, path
+        hidden = fetch(port, path)
+        assert hidden.status == 404, path
+        assert json.loads(hidden.body) == {"error": {"code": "not_found", "message": "not found"}}
+        assert hidden.headers["x-request-id"] and hidden.headers["x-content-type-options"] == "nosniff"
     assert len(seen) == before, "/metrics reached the app"
 
     static = fetch(port, "/static/probe.css")
@@ -761,9 +815,12 @@ def test_nginx_proxies_serves_static_and_hides_metrics(
 
 def test_nginx_rate_limits_websocket_handshakes(running_nginx: tuple[int, list[dict[str, str]], Path]) -> None:
     port, _, _ = running_nginx
-    statuses = [fetch(port, "/ws").status for _ in range(4)]
-    assert statuses[0] == 200
-    assert 429 in statuses, statuses
+    replies = [fetch(port, "/ws") for _ in range(4)]
+    assert replies[0].status == 200
+    limited = [reply for reply in replies if reply.status == 429]
+    assert limited, [reply.status for reply in replies]
+    assert limited[0].headers["content-type"] == "application/json"
+    assert json.loads(limited[0].body)["error"]["code"] == "rate_limited"
 
 
 def test_nginx_keys_clients_by_forwarded_address_from_a_trusted_proxy(tmp_path: Path) -> None:
@@ -1063,6 +1120,81 @@ def test_k8s_service_ingress_hpa_pdb_wiring(manifests: dict[tuple[str, str], dic
 
     pdb = manifests[("PodDisruptionBudget", "smartedu")]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_k8s_ingress_limits_and_error_bodies_match_the_compose_nginx(
+    manifests: dict[tuple[str, str], dict[str, Any]], services: dict[str, dict[str, Any]]
+) -> None:
+    template = (NGINX_DIR / "nginx.conf").read_text(encoding="utf-8")
+    lines = directives(template)
+    annotations = manifests[("Ingress", "smartedu")]["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    assert f"client_max_body_size {annotations[prefix + 'proxy-body-size']};" in lines
+    assert f"client_body_buffer_size {annotations[prefix + 'client-body-buffer-size']};" in lines
+    buffer = f"proxy_buffer_size {annotations[prefix + 'proxy-buffer-size']};"
+    assert buffer in directives(nginx_block(template, "location / "))
+
+    # Intercepted codes replace the app's own answer with that code, so only codes the app never sends.
+    intercepted = {int(code) for code in annotations[prefix + "custom-http-errors"].split(",")}
+    assert intercepted == {502, 504} and not intercepted & set(HTTP_STATUS.values())
+    backend = manifests[("Service", annotations[prefix + "default-backend"])]
+    deployment = manifests[("Deployment", "smartedu-errors")]
+    pod = deployment["spec"]["template"]
+    assert backend["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert not backend["spec"]["selector"].items() <= manifests[("Service", "smartedu")]["spec"]["selector"].items()
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == services["nginx"]["image"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    policy = manifests[("NetworkPolicy", "smartedu-errors")]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert [rule["from"] for rule in policy["ingress"]] == [
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    ]
+    assert policy["egress"] == []
+
+    # The same bodies as NGINX in compose; without X-Code (no pod ready) the 503 one.
+    config = manifests[("ConfigMap", "smartedu-errors")]["data"]["nginx.conf"]
+    compose = nginx_error_bodies(template)
+    ingress_bodies = {
+        status: json.loads(body.strip("'"))
+        for status, _, body in (
+            line.rstrip(";").partition(" ") for line in directives(nginx_block(config, "map $http_x_code"))
+        )
+    }
+    assert ingress_bodies == {"default": compose["503"], **{str(code): compose[str(code)] for code in intercepted}}
+
+
+def test_k8s_error_backend_answers_json_for_ingress_nginx(
+    manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
+) -> None:
+    nginx = require_tool("nginx")
+    port = free_port()
+    config = manifests[("ConfigMap", "smartedu-errors")]["data"]["nginx.conf"]
+    native = tmp_path / "nginx.conf"
+    native.write_text(
+        config.replace("/tmp/", f"{tmp_path}/").replace("listen 8080;", f"listen 127.0.0.1:{port};"), encoding="utf-8"
+    )
+    process = subprocess.Popen(
+        [nginx, "-c", str(native), "-e", str(tmp_path / "error.log"), "-g", "daemon off;"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(process, port, tmp_path / "error.log")
+        # What ingress-nginx sends for an intercepted error, and a request that came because no pod is ready.
+        for headers, status, code in (
+            ({"X-Code": "502", "X-Format": "text/html"}, 502, "busy"),
+            ({"X-Code": "504"}, 504, "busy"),
+            ({}, 503, "busy"),
+        ):
+            reply = fetch(port, "/api/conversations", headers)
+            assert reply.status == status, headers
+            assert reply.headers["content-type"] == "application/json"
+            assert json.loads(reply.body)["error"]["code"] == code
+    finally:
+        _stop(process)
 
 
 def test_k8s_connections_metric_is_an_opt_in_component(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
