@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from server.answers import SAFETY_MESSAGE
-from server.keys import CHAT
+from server.keys import CHAT, METRICS
 from tests.conftest import Serve, Server, Socket, answer_text, seed_course, token
 from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
 from tests.fakes.fake_openai import FakeOpenAI, start_fake_openai
@@ -133,6 +133,10 @@ UNFINISHED = {
     "gemini-MALFORMED_FUNCTION_CALL": ("MALFORMED_FUNCTION_CALL", "ai_unavailable", True),
     "gemini-RECITATION": ("RECITATION", "ai_declined", False),
     "gemini-LANGUAGE": ("LANGUAGE", "ai_declined", False),
+    "gemini-IMAGE_RECITATION": ("IMAGE_RECITATION", "ai_declined", False),
+    # The API key's account restricted: staff must act (regenerating is allowed: it works once they have).
+    "gemini-PUP_LIMITED_DISABLED": ("PUP_LIMITED_DISABLED", "ai_unavailable", False),
+    "gemini-MISSING_THOUGHT_SIGNATURE": ("MISSING_THOUGHT_SIGNATURE", "ai_rejected", False),
     "openai-tool_calls": ("tool_calls", "ai_unavailable", True),
     "openai-function_call": ("function_call", "ai_unavailable", True),
 }
@@ -167,7 +171,7 @@ async def test_an_answer_the_model_ended_early_is_failed_with_its_text(
         # Regenerate where asking again can help; refused, without a call, where it would end the same way.
         fake.finish_reason = "STOP" if isinstance(fake, FakeGemini) else "stop"
         await sock.send(type="regenerate", reply_id=ack["reply_id"])
-        if retryable:
+        if code == "ai_unavailable":
             again = await sock.expect("ack")
             assert again["regenerated"] is True
             assert (await sock.until("done"))[-1]["status"] == "complete" and fake.calls == 2
@@ -250,3 +254,21 @@ async def test_a_cancel_before_the_block_arrived_stops_the_answer(serve: Serve, 
     assert SAFETY_MESSAGE not in shown and "".join(CHUNKS).startswith(shown)
     assert (done["status"], done["blocked"], done["length"]) == ("stopped", False, len(shown))
     assert not any(f["type"] == "flag" for f in frames)
+
+
+async def test_an_unknown_openai_finish_reason_after_text_is_a_complete_answer(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server's own name for an answer's end (here a proxy's `end_turn`): the answer is complete, as its
+    text came and ended as usual; staff find the reason in the log and its count in the metrics."""
+    async with start_fake_openai(chunks=list(CHUNKS), finish_reason="end_turn") as fake:
+        server = await _serve(serve, fake)
+        sock = await server.connect(HELLO)
+        ack, frames = await _ask(sock, "q1", "What is a prime number?")
+        done = frames[-1]
+        assert answer_text(frames, ack["reply_id"]) == "".join(CHUNKS)
+        assert (done["status"], done["truncated"], done["blocked"]) == ("complete", False, False)
+        assert "error" not in done
+        registry = server.client.app[METRICS].registry
+        assert registry.get_sample_value("smartedu_ai_unknown_finish_reasons_total") == 1
+        assert "ai_unknown_finish_reason" in caplog.messages
