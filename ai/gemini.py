@@ -35,8 +35,15 @@ DEFAULT_MODEL = "gemini-2.5-flash"
 # Finish reasons that mean a filter stopped the answer: no more of its text is shown (and the answer is kept
 # out of the model's later context).
 BLOCKING_FINISH_REASONS = frozenset(
-    {"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "ESCALATION"}
+    {"SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "ESCALATION",
+     "MODEL_ARMOR"}
 )
+# The API key's account is limited or disabled for Prohibited Use Policy violations: every question ends so
+# until staff act, as with a refused key.
+ACCOUNT_FINISH_REASONS = frozenset({"PUP_LIMITED_DISABLED"})
+# The model cannot take this request as it is (a thought signature missing from its history): asking the
+# same again ends the same way, other conversations are unaffected.
+REQUEST_FINISH_REASONS = frozenset({"MISSING_THOUGHT_SIGNATURE"})
 # An answer's own end, or the output limit's (kept as a cut answer). Any other finish reason after some text
 # (OTHER, RECITATION, MALFORMED_FUNCTION_CALL, ...) means the text is not the whole answer.
 FINISHED = frozenset({"STOP"})
@@ -197,6 +204,15 @@ def _finish_name(reason: types.FinishReason | str | None) -> str | None:
     return reason.value if isinstance(reason, types.FinishReason) else str(reason)
 
 
+def _refused_finish(finish: str, usage: Usage) -> AIError:
+    """An answer ended for a reason that is no fluke of one generation: the account's, or this request's."""
+    if finish in ACCOUNT_FINISH_REASONS:
+        message = f"gemini: the API key's account is limited or disabled (finish reason {finish})"
+        return AIError("auth", message, cause="config", usage=usage)
+    return AIError("invalid_request", f"gemini: the model cannot take this request (finish reason {finish})",
+                   cause="request", usage=usage)
+
+
 class GeminiProvider:
     """Streams Gemini answers with google-genai; SDK retries are off so the resilience wrapper decides."""
 
@@ -311,6 +327,9 @@ class GeminiProvider:
                     # Gemini ends every answer with a finish reason: a body that ends without one was cut
                     # (a proxy or load balancer closing it cleanly), and its text is not the whole answer.
                     raise AIError("connection", "gemini: stream ended before the answer did", retryable=True)
+                if finish in ACCOUNT_FINISH_REASONS | REQUEST_FINISH_REASONS:
+                    final = self._usage(request, usage, finish, blocked, output_chars)
+                    raise _refused_finish(finish, final)
                 if output_chars and not blocked and finish not in FINISHED | CUT:
                     # Text was shown, but the model did not finish it (an answer without any is an empty one).
                     final = self._usage(request, usage, finish, blocked, output_chars)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,10 +27,16 @@ from .resilience import (
 log = logging.getLogger("smartedu.ai.openai")
 
 _BLOCKING_FINISH = frozenset({"content_filter"})
-# An answer's own end (OpenAI's `stop`, and the names other servers give it) or the output limit's (`length`,
-# kept as a cut answer). Any other finish reason after some text (`tool_calls` or `function_call` from a model
-# given no tools, vLLM's `abort`, ...) means the text is not the whole answer.
-_FINISHED = frozenset({"stop", "eos", "eos_token", "stop_sequence", "length"})
+# The output limit's end (OpenAI's `length`; Mistral's `model_length`, the model's context filled up): the text
+# is kept as a cut answer.
+_CUT = frozenset({"length", "model_length"})
+# An answer's own end (OpenAI's `stop`, and the names other servers give it) or a cut one.
+_FINISHED = frozenset({"stop", "eos", "eos_token", "stop_sequence"}) | _CUT
+# Finish reasons after some text that mean the text is not the whole answer: `tool_calls` or `function_call`
+# from a model given no tools, vLLM's `abort`, Mistral's `error`. A reason in none of these sets, after text
+# that came as usual, is a server's own name for the answer's end (`end_turn` from a proxy, a newer reason):
+# the answer is complete, and the reason logged and counted.
+_UNFINISHED = frozenset({"tool_calls", "function_call", "abort", "error"})
 _ERROR_BODY_LIMIT = 4096
 # A 200 that is no answer (text/event-stream is expected; a missing type is let through): a page, or one
 # JSON completion from a server that ignores `stream: true`.
@@ -222,6 +228,8 @@ class OpenAICompatProvider:
         self._api_key = api_key
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        # Told each finish reason after text that none of the sets above knows (the server counts them).
+        self.on_unknown_finish: Callable[[str], None] | None = None
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         # Built on first use, inside the running loop: an aiohttp session belongs to one loop.
@@ -297,9 +305,11 @@ class OpenAICompatProvider:
                     shown = True
                     yield tail
                 finish = None if progress.finish is None else str(progress.finish)
-                if shown and finish is not None and finish not in _FINISHED | _BLOCKING_FINISH:
+                if shown and finish in _UNFINISHED:
                     # Text was shown, but the model did not finish it (an answer without any is an empty one).
                     raise unfinished_answer_error(self.name, finish, self._usage(request, progress))
+                if shown and finish is not None and finish not in _FINISHED | _BLOCKING_FINISH | _UNFINISHED:
+                    self._unknown_finish(request, finish)
             except AIError:
                 raise
             except Exception as error:
@@ -324,6 +334,18 @@ class OpenAICompatProvider:
                    "finish_reason": progress.finish, "elapsed_ms": round((time.monotonic() - started) * 1000)},
         )
         yield self._usage(request, progress)
+
+    def _unknown_finish(self, request: AIRequest, finish: str) -> None:
+        log.warning(
+            "ai_unknown_finish_reason",
+            extra={"provider": self.name, "model": self.model, "request_id": request.request_id,
+                   "finish_reason": finish[:64]},
+        )
+        if self.on_unknown_finish is not None:
+            try:
+                self.on_unknown_finish(finish)
+            except Exception:  # a metrics hook that fails must not fail the answer
+                log.exception("ai_callback_failed", extra={"callback": "on_unknown_finish"})
 
     def _absorb(self, data: str, progress: _Progress, *, at_end: bool = False) -> str:
         """Take one event's data: note usage and finish reason, return the answer text it carries."""
@@ -389,7 +411,7 @@ class OpenAICompatProvider:
         if progress.finish in _BLOCKING_FINISH:
             return Usage(prompt, output, finish_reason="SAFETY", blocked=True)
         reason = "stop" if progress.finish in (None, "stop") else str(progress.finish)
-        return Usage(prompt, output, finish_reason=reason, truncated=progress.finish == "length")
+        return Usage(prompt, output, finish_reason=reason, truncated=progress.finish in _CUT)
 
     async def close(self) -> None:
         """Close the aiohttp session."""

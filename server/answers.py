@@ -49,6 +49,9 @@ UNSTARTED_AFTER_S = 60.0
 COMMIT_RETRY_S = 30.0
 COMMIT_RETRY_FIRST_S = 0.2
 COMMIT_RETRY_MAX_S = 2.0
+# A change of course documents is announced within this time, or left to the other replicas' cache expiry:
+# the teacher's request does not wait on a Redis that does not answer.
+ANNOUNCE_TIMEOUT_S = 2.0
 
 SAFETY_MESSAGE = (
     "I can't help with that. Let's keep our conversation safe and about your learning. "
@@ -86,7 +89,7 @@ class Answers:
         self.budgets = budgets
         self.metrics = metrics
         self.tracer = tracer
-        self.documents = Documents(db, settings.max_course_documents)
+        self.documents = Documents(db, settings.max_course_documents, on_change=self._announce_documents)
         self._turns: dict[int, Turn] = {}
         # One lock per conversation with an answer queued or running here, and how many use it: it goes with
         # the last (`locked()` is no guide: it is False from a release until the next waiter runs).
@@ -124,6 +127,18 @@ class Answers:
         self._turns[turn.reply_id] = turn
         turn.task = asyncio.create_task(self._run_turn(turn, course), name=f"turn-{turn.reply_id}")
         return turn
+
+    async def _announce_documents(self, tenant_id: str, course_id: str) -> None:
+        """Tell the other replicas that a course's documents changed, so that they read its names again."""
+        try:
+            async with asyncio.timeout(ANNOUNCE_TIMEOUT_S):
+                changed: dict[str, object] = {"op": "documents_changed", "tenant": tenant_id, "course": course_id}
+                await self.hub.store.publish_control(changed)
+        except Exception as exc:  # the change is made: the others read the names again within NAMES_TTL_S
+            log.warning(
+                "could not announce a change of course documents",
+                extra={"tenant": tenant_id, "course_id": course_id, "error": repr(exc)},
+            )
 
     def stop(self, reply_id: int, tenant_id: str, user_id: str) -> bool:
         """Stop the user's answer if this process generates it."""

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ai.base import Provider
 from ai.factory import create_provider
+from ai.openai_compat import OpenAICompatProvider
 from ai.resilience import ResilientProvider
 from handlers import api, documents, health, lti, pages, sessions, teacher, ws
 from storage.errors import StorageError
@@ -179,6 +180,9 @@ def create_app(
         if isinstance(chosen, ResilientProvider):
             chosen.on_retry = lambda *_: metrics.ai_retries.inc()
             chosen.breaker.on_change = lambda _old, new: metrics.circuit_open.set(1 if new == "open" else 0)
+        inner = chosen.inner if isinstance(chosen, ResilientProvider) else chosen
+        if isinstance(inner, OpenAICompatProvider):
+            inner.on_unknown_finish = lambda _reason: metrics.ai_unknown_finishes.inc()
         yield
         # ChatService.close() closes the provider after its last turn.
 

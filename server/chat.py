@@ -98,7 +98,7 @@ class ChatService:
         self.erasures = Erasures(db)
         self.revocations = Revocations(db, hub.store)
         self.hub.on_control = self._on_control
-        self.hub.on_reconnect = self._recheck_logged_out
+        self.hub.on_reconnect = self._on_reconnect
         self._sessions: dict[str, Session] = {}
         # Sockets close in crowds (a class ends, a network drops): their departures share round trips.
         self._departures: RoundTrips[tuple[str, str, str, bytes], None] = RoundTrips(self._depart, "departures")
@@ -454,6 +454,8 @@ class ChatService:
     def _on_control(self, message: dict[str, Any]) -> None:
         if message.get("op") == "cancel":
             self.answers.stop(int(message.get("reply_id", 0)), str(message.get("tenant")), str(message.get("user")))
+        elif message.get("op") == "documents_changed":
+            self.answers.documents.forget(str(message.get("tenant")), str(message.get("course")))
         elif message.get("op") == "revoke_session":
             self._revoked[str(message.get("session"))] = float(message.get("until", 0))
             self._close_expired()
@@ -600,6 +602,11 @@ class ChatService:
         one at once, before the announcement comes back)."""
         await self.revocations.revoke(tenant_id, session_id, remaining_s)
         self._on_control({"op": "revoke_session", "session": session_id, "until": time.time() + remaining_s})
+
+    async def _on_reconnect(self) -> None:
+        """After a pub/sub reconnect: what was announced meanwhile was not heard here."""
+        self.answers.documents.forget_all()
+        await self._recheck_logged_out()
 
     async def _recheck_logged_out(self) -> None:
         """After a pub/sub reconnect: a logout announced meanwhile was not heard here, so ask Redis about the

@@ -61,6 +61,10 @@ class Metrics:
         self.tokens = Counter("smartedu_tokens_streamed", "Output tokens streamed to students", registry=r)
         self.ai_errors = Counter("smartedu_ai_errors", "AI provider failures by kind", ["kind"], registry=r)
         self.ai_retries = Counter("smartedu_ai_retries", "AI calls retried before the first token", registry=r)
+        self.ai_unknown_finishes = Counter(
+            "smartedu_ai_unknown_finish_reasons", "AI answers ended with a finish reason the client does not know",
+            registry=r,
+        )
         self.commit_retries = Counter(
             "smartedu_answer_commit_retries", "Answer commits tried again while PostgreSQL was unavailable", registry=r
         )

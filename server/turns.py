@@ -112,6 +112,9 @@ class Turn:
     task: asyncio.Task[None] | None = None
     stream_task: asyncio.Task[Usage | None] | None = None
     stop_reason: str | None = None
+    # The provider's final Usage, once its stream handed it over: the answer ended there (its text is whole, or a
+    # filter blocked it), and it is ended as the provider ended it; a stop that comes after it is too late.
+    outcome: Usage | None = None
     parts: list[str] = field(default_factory=list)
     started: float = 0.0
     first_token_at: float | None = None
@@ -151,7 +154,9 @@ class Turn:
         return "".join(self.parts)
 
     def stop(self, reason: str) -> None:
-        """Ask the answer to end with `reason` ("stopped" or "interrupted")."""
+        """Ask the answer to end with `reason` ("stopped" or "interrupted"), unless the provider already ended it."""
+        if self.outcome is not None:
+            return
         if self.stop_reason is None:
             self.stop_reason = reason
         if self.stream_task is not None:
@@ -167,7 +172,7 @@ async def stream_answer(provider: Provider, request: AIRequest, turn: Turn, batc
     async with contextlib.aclosing(provider.stream(request)) as stream:
         async for item in stream:
             if isinstance(item, Usage):
-                usage = item
+                usage = turn.outcome = item
                 continue
             if turn.first_token_at is None:
                 turn.first_token_at = time.monotonic()

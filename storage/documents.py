@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -88,14 +88,23 @@ def split_passages(body: str, size: int = PASSAGE_CHARS) -> list[str]:
 class Documents:
     """Course material for grounding; every query is scoped by tenant and course."""
 
-    # Document names go into every answer's instructions; they change rarely, so each replica keeps
-    # them for half a minute (a document added on another replica shows up within that time).
+    # Document names go into every answer's instructions; they change rarely, so each replica keeps them
+    # rather than read them for every answer. A change is announced to the other replicas (`on_change`), which
+    # forget theirs; one whose announcement is lost (Redis unavailable) is read again within this time.
     NAMES_TTL_S = 30.0
 
-    def __init__(self, db: Database, max_per_course: int = 1000):
+    def __init__(
+        self,
+        db: Database,
+        max_per_course: int = 1000,
+        on_change: Callable[[str, str], Awaitable[None]] | None = None,
+    ):
         self.pool = db.pool
         self.max_per_course = max_per_course
+        self.on_change = on_change
         self._names: dict[tuple[str, str], tuple[float, list[str]]] = {}
+        # Counts what was forgotten: names read before a change and returned after it are not kept.
+        self._forgotten = 0
 
     async def add(
         self, tenant_id: str, course_id: str, name: str, body: str, replace: bool = False
@@ -139,7 +148,7 @@ class Documents:
                     body,
                 )
                 await self._insert_passages(conn, tenant_id, course_id, document_id, passages)
-        self._names.pop((tenant_id, course_id), None)
+        await self._changed(tenant_id, course_id)
         return Document(int(document_id), course_id, name, len(body), len(passages)), not named
 
     async def list_documents(self, tenant_id: str, course_id: str) -> list[Document]:
@@ -158,6 +167,7 @@ class Documents:
         cached = self._names.get((tenant_id, course_id))
         if cached is not None and cached[0] > now:
             return cached[1]
+        forgotten = self._forgotten
         rows = await self.pool.fetch(
             "SELECT name FROM course_documents WHERE tenant_id = $1 AND course_id = $2 ORDER BY id LIMIT $3",
             tenant_id,
@@ -165,10 +175,27 @@ class Documents:
             limit,
         )
         names = [r["name"] for r in rows]
+        if forgotten != self._forgotten:
+            return names  # a change was announced meanwhile: these may be from before it
         if len(self._names) > 10_000:
             self._names.clear()
         self._names[(tenant_id, course_id)] = (now + self.NAMES_TTL_S, names)
         return names
+
+    def forget(self, tenant_id: str, course_id: str) -> None:
+        """Drop the course's cached document names: they changed (here, or on another replica)."""
+        self._names.pop((tenant_id, course_id), None)
+        self._forgotten += 1
+
+    def forget_all(self) -> None:
+        """Drop every cached document name: changes may have been announced without being heard."""
+        self._names.clear()
+        self._forgotten += 1
+
+    async def _changed(self, tenant_id: str, course_id: str) -> None:
+        self.forget(tenant_id, course_id)
+        if self.on_change is not None:
+            await self.on_change(tenant_id, course_id)
 
     async def search(self, tenant_id: str, course_id: str, query: str, limit: int = 4) -> list[Passage]:
         """The passages most relevant to `query`, best first (any word but the most common ones may match)."""
@@ -251,7 +278,7 @@ class Documents:
                     course_id,
                     document_id,
                 )
-        self._names.pop((tenant_id, course_id), None)
+        await self._changed(tenant_id, course_id)
         return Document(document_id, course_id, name, len(body) if body is not None else row["chars"], count)
 
     async def delete(self, tenant_id: str, course_id: str, document_id: int) -> bool:
@@ -264,7 +291,8 @@ class Documents:
                 course_id,
                 document_id,
             )
-        self._names.pop((tenant_id, course_id), None)
+        if deleted is not None:
+            await self._changed(tenant_id, course_id)
         return deleted is not None
 
     @asynccontextmanager

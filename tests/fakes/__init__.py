@@ -49,6 +49,10 @@ class FakeUpstream:
     drop_after: int | None = None  # abort the connection after sending this many chunks
     end_mid_event_after: int | None = None  # end the body normally halfway through the event after this many
     page: tuple[str, str] | None = None  # (content type, body): answer HTTP 200 with it, as a proxy's page does
+    # Before writing the event of this index, wait until `resume` is set (`holding` tells that it waits).
+    hold_before_event: int | None = None
+    holding: asyncio.Event = field(default_factory=asyncio.Event)
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
     requests: list[RecordedRequest] = field(default_factory=list)
     completed: int = 0
     disconnects: int = 0
@@ -124,6 +128,9 @@ class FakeUpstream:
                 if index == self.drop_after and request.transport is not None:
                     request.transport.abort()
                     return response
+                if index == self.hold_before_event:
+                    self.holding.set()
+                    await self.resume.wait()
                 delay = self.first_chunk_delay if index == 0 else self.chunk_delay
                 if delay:
                     await asyncio.sleep(delay)

@@ -4,6 +4,7 @@ real google-genai SDK and the OpenAI-compatible provider against the local fakes
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import asyncpg
 import pytest
 
 from server.answers import SAFETY_MESSAGE
+from server.keys import CHAT, METRICS
 from tests.conftest import Serve, Server, Socket, answer_text, seed_course, token
 from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
 from tests.fakes.fake_openai import FakeOpenAI, start_fake_openai
@@ -131,6 +133,10 @@ UNFINISHED = {
     "gemini-MALFORMED_FUNCTION_CALL": ("MALFORMED_FUNCTION_CALL", "ai_unavailable", True),
     "gemini-RECITATION": ("RECITATION", "ai_declined", False),
     "gemini-LANGUAGE": ("LANGUAGE", "ai_declined", False),
+    "gemini-IMAGE_RECITATION": ("IMAGE_RECITATION", "ai_declined", False),
+    # The API key's account restricted: staff must act (regenerating is allowed: it works once they have).
+    "gemini-PUP_LIMITED_DISABLED": ("PUP_LIMITED_DISABLED", "ai_unavailable", False),
+    "gemini-MISSING_THOUGHT_SIGNATURE": ("MISSING_THOUGHT_SIGNATURE", "ai_rejected", False),
     "openai-tool_calls": ("tool_calls", "ai_unavailable", True),
     "openai-function_call": ("function_call", "ai_unavailable", True),
 }
@@ -165,7 +171,7 @@ async def test_an_answer_the_model_ended_early_is_failed_with_its_text(
         # Regenerate where asking again can help; refused, without a call, where it would end the same way.
         fake.finish_reason = "STOP" if isinstance(fake, FakeGemini) else "stop"
         await sock.send(type="regenerate", reply_id=ack["reply_id"])
-        if retryable:
+        if code == "ai_unavailable":
             again = await sock.expect("ack")
             assert again["regenerated"] is True
             assert (await sock.until("done"))[-1]["status"] == "complete" and fake.calls == 2
@@ -173,3 +179,96 @@ async def test_an_answer_the_model_ended_early_is_failed_with_its_text(
             error = await sock.expect("error")
             assert (error["code"], error["retryable"], error["ref"]) == (code, False, str(ack["reply_id"]))
             assert fake.calls == 1
+
+
+def _block(fake: Fake) -> None:
+    for key, value in BLOCKS["answer"]["gemini" if isinstance(fake, FakeGemini) else "openai"].items():
+        setattr(fake, key, value)
+
+
+def _cancels_heard(server: Server) -> asyncio.Event:
+    """Set once the replica has handled a student's `cancel` (the socket answers none)."""
+    answers = server.client.app[CHAT].answers
+    stop, heard = answers.stop, asyncio.Event()
+
+    def spy(*args: Any) -> bool:
+        stopped = stop(*args)
+        heard.set()
+        return bool(stopped)
+
+    answers.stop = spy
+    return heard
+
+
+async def test_a_cancel_after_the_block_was_received_leaves_the_answer_blocked(
+    serve: Serve, model: Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider had blocked the answer when the cancel came (the core was still flagging it): the answer
+    ends blocked, as it would have without the cancel, not stopped with the safety note in its text."""
+    fake = model
+    server = await _serve(serve, fake)
+    sock = await server.connect(HELLO)
+    _block(fake)
+    database = server.client.app[CHAT].answers.db
+    add_flag, flagging, let_go = database.add_flag, asyncio.Event(), asyncio.Event()
+
+    async def held_flag(*args: Any) -> int:
+        flagging.set()
+        await let_go.wait()
+        return int(await add_flag(*args))
+
+    monkeypatch.setattr(database, "add_flag", held_flag)
+    heard = _cancels_heard(server)
+    await sock.send(type="message", id="q1", text="something unsafe")
+    ack = await sock.expect("ack")
+    await asyncio.wait_for(flagging.wait(), 5)
+    await sock.send(type="cancel", reply_id=ack["reply_id"])
+    await asyncio.wait_for(heard.wait(), 5)
+    let_go.set()
+    frames = await sock.until("done")
+    done, shown = frames[-1], answer_text(frames, ack["reply_id"])
+    assert shown == "".join(CHUNKS) + "\n\n" + SAFETY_MESSAGE
+    assert (done["status"], done["blocked"], done["length"]) == ("complete", True, len(shown))
+    assert any(f["type"] == "flag" for f in frames)
+    item = await _reloaded(server, sock.frames[0]["conversation_id"], ack["reply_id"])
+    assert (item["text"], item["status"], item["blocked"]) == (shown, "complete", True)
+
+
+async def test_a_cancel_before_the_block_arrived_stops_the_answer(serve: Serve, model: Fake) -> None:
+    """The cancel was handled while the provider had not yet sent its block: the answer is stopped with the
+    text shown so far, and nothing is flagged."""
+    fake = model
+    server = await _serve(serve, fake)
+    sock = await server.connect(HELLO)
+    _block(fake)
+    fake.hold_before_event = len(CHUNKS)  # the event with the filter's finish reason
+    heard = _cancels_heard(server)
+    await sock.send(type="message", id="q1", text="something unsafe")
+    ack = await sock.expect("ack")
+    await asyncio.wait_for(fake.holding.wait(), 5)
+    await sock.send(type="cancel", reply_id=ack["reply_id"])
+    await asyncio.wait_for(heard.wait(), 5)
+    fake.resume.set()
+    frames = await sock.until("done")
+    done, shown = frames[-1], answer_text(frames, ack["reply_id"])
+    assert SAFETY_MESSAGE not in shown and "".join(CHUNKS).startswith(shown)
+    assert (done["status"], done["blocked"], done["length"]) == ("stopped", False, len(shown))
+    assert not any(f["type"] == "flag" for f in frames)
+
+
+async def test_an_unknown_openai_finish_reason_after_text_is_a_complete_answer(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server's own name for an answer's end (here a proxy's `end_turn`): the answer is complete, as its
+    text came and ended as usual; staff find the reason in the log and its count in the metrics."""
+    async with start_fake_openai(chunks=list(CHUNKS), finish_reason="end_turn") as fake:
+        server = await _serve(serve, fake)
+        sock = await server.connect(HELLO)
+        ack, frames = await _ask(sock, "q1", "What is a prime number?")
+        done = frames[-1]
+        assert answer_text(frames, ack["reply_id"]) == "".join(CHUNKS)
+        assert (done["status"], done["truncated"], done["blocked"]) == ("complete", False, False)
+        assert "error" not in done
+        registry = server.client.app[METRICS].registry
+        assert registry.get_sample_value("smartedu_ai_unknown_finish_reasons_total") == 1
+        assert "ai_unknown_finish_reason" in caplog.messages

@@ -1,7 +1,7 @@
 """Course documents read, replaced and deleted over HTTP: what grounds the tutor's answers follows at once
-(a replace is all or nothing, also for an answer asked meanwhile), an answer in flight is unaffected, a
-duplicate upload makes no copy, and ids are checked (malformed: bad_request; another course's or tenant's:
-exactly what a missing id gets)."""
+(a replace is all or nothing, also for an answer asked meanwhile), on every replica (also one that cached the
+course's document names), an answer in flight is unaffected, a duplicate upload makes no copy, and ids are
+checked (malformed: bad_request; another course's or tenant's: exactly what a missing id gets)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from typing import Any
 import asyncpg
 import pytest
 from asyncpg.pool import PoolConnectionProxy
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ai.base import AIRequest, StreamItem, Usage
+from server import answers as answers_module
 from server.app import create_app
+from server.keys import CHAT
 from server.settings import Settings
 from storage.documents import Documents
-from tests.conftest import Server, seed_course, token
+from tests.conftest import Server, hold_pubsub_reconnects, kill_pubsub_of, seed_course, token
 
 pytestmark = pytest.mark.integration
 
@@ -288,3 +291,88 @@ async def test_common_words_do_not_choose_the_passages(start: Start) -> None:
     await add(server, "Slope notes", SLOPE)
     assert (await ask(server, tutor, "What is the slope of this?"))[1] == [("Slope notes", SLOPE)]
     assert (await ask(server, tutor, "What is this?"))[1] == []
+
+
+def _forgotten(server: Server, method: str) -> asyncio.Event:
+    """Set when the replica's `Documents.<method>` next drops cached document names (of alg-1 or all)."""
+    documents = server.client.app[CHAT].answers.documents
+    forget, called = getattr(documents, method), asyncio.Event()
+
+    def spy(*args: str) -> None:
+        forget(*args)
+        if args in ((), ("school-a", "alg-1")):
+            called.set()
+
+    setattr(documents, method, spy)
+    return called
+
+
+async def test_a_change_on_one_replica_reaches_the_names_another_replica_cached(start: Start) -> None:
+    """Each replica keeps a course's document names (NAMES_TTL_S); a change made through another replica is
+    announced to it, so its next answer has the new names, not those it cached before the change."""
+    a, _ = await start(replica_id="replica-a")
+    b, tutor_b = await start(replica_id="replica-b")
+    document_id = await add(a, "Slope notes", SLOPE)
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Slope notes"]
+
+    renamed = _forgotten(b, "forget")
+    status, _ = await call(a, "PUT", f"{URL}/{document_id}", json={"name": "Gradient notes"})
+    assert status == 200
+    await asyncio.wait_for(renamed.wait(), 5)
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Gradient notes"]
+
+    added = _forgotten(b, "forget")
+    await add(a, "Lines", GRADIENT)
+    await asyncio.wait_for(added.wait(), 5)
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Gradient notes", "Lines"]
+
+    deleted = _forgotten(b, "forget")
+    assert (await call(a, "DELETE", f"{URL}/{document_id}"))[0] == 200
+    await asyncio.wait_for(deleted.wait(), 5)
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Lines"]
+
+
+async def test_a_replica_that_missed_the_announcement_reads_the_names_again(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change announced while a replica's pub/sub connection was down is not heard there: once it is back,
+    it reads every course's names again."""
+    a, _ = await start(replica_id="replica-a")
+    b, tutor_b = await start(replica_id="replica-b")
+    document_id = await add(a, "Slope notes", SLOPE)
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Slope notes"]
+
+    reconnecting, let_go = hold_pubsub_reconnects(b, monkeypatch)
+    await kill_pubsub_of(b)
+    await asyncio.wait_for(reconnecting.wait(), 5)
+    assert (await call(a, "PUT", f"{URL}/{document_id}", json={"name": "Gradient notes"}))[0] == 200
+    recovered = _forgotten(b, "forget_all")
+    let_go.set()
+    await asyncio.wait_for(recovered.wait(), 5)
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Gradient notes"]
+
+
+@pytest.mark.parametrize("redis", ["refuses", "hangs"])
+async def test_a_change_is_made_when_it_cannot_be_announced(
+    start: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, redis: str
+) -> None:
+    """Redis unavailable: the change is made and the teacher told so (at once, or after ANNOUNCE_TIMEOUT_S);
+    this replica's answers have it, the others' once their cached names expire."""
+    a, tutor_a = await start(replica_id="replica-a")
+    b, tutor_b = await start(replica_id="replica-b")
+    document_id = await add(a, "Slope notes", SLOPE)
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Slope notes"]
+
+    async def unavailable(message: dict[str, object]) -> None:
+        if redis == "hangs":
+            await asyncio.Event().wait()
+        raise RedisConnectionError("Connection refused")
+
+    monkeypatch.setattr(answers_module, "ANNOUNCE_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(a.client.app[CHAT].hub.store, "publish_control", unavailable)
+    assert (await call(a, "PUT", f"{URL}/{document_id}", json={"name": "Gradient notes"}))[0] == 200
+    assert "could not announce a change of course documents" in caplog.messages
+    assert (await ask(a, tutor_a, "What is slope?"))[0] == ["Gradient notes"]
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Slope notes"]  # until NAMES_TTL_S
+    b.client.app[CHAT].answers.documents._names.clear()  # as if it had expired
+    assert (await ask(b, tutor_b, "What is slope?"))[0] == ["Gradient notes"]

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import pytest
-from google.genai import errors
+from google.genai import errors, types
 
 from ai.base import AIError, AIRequest, CourseContext, StreamItem, Turn, Usage
 from ai.gemini import DEFAULT_MODEL, GeminiProvider, build_contents, map_api_error
@@ -522,3 +522,61 @@ async def test_the_filters_other_finish_reasons_block_the_answer(fake: FakeGemin
         fake.finish_reason = finish
         texts, usage = await collect(gemini.stream(QUESTION))
         assert texts == fake.chunks and usage is not None and usage.blocked and usage.finish_reason == "SAFETY"
+
+
+# How every finish reason google-genai knows ends an answer, after some text and before any: "complete",
+# "truncated", "blocked", or the (kind, cause) of the AIError; the number of calls says whether it was retried.
+_FILTERS = ("SAFETY", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT",
+            "ESCALATION", "MODEL_ARMOR")
+_SAME_AGAIN = ("RECITATION", "IMAGE_RECITATION", "LANGUAGE")
+_ANOTHER_MAY_FINISH = ("FINISH_REASON_UNSPECIFIED", "OTHER", "MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL",
+                       "TOO_MANY_TOOL_CALLS", "MALFORMED_RESPONSE", "IMAGE_OTHER", "NO_IMAGE")
+FINISHES: dict[str, tuple[object, object]] = {
+    "STOP": ("complete", ("empty_answer", "transient")),
+    "MAX_TOKENS": ("truncated", ("empty_answer", "refused")),
+    "CONTINUATION": ("truncated", ("empty_answer", "refused")),
+    **{reason: ("blocked", "blocked") for reason in _FILTERS},
+    **{reason: (("unfinished_answer", "refused"), ("empty_answer", "refused")) for reason in _SAME_AGAIN},
+    **{reason: (("unfinished_answer", "transient"), ("empty_answer", "transient")) for reason in _ANOTHER_MAY_FINISH},
+    # The API key's account is restricted for Prohibited Use Policy violations: every question, until staff act.
+    "PUP_LIMITED_DISABLED": (("auth", "config"), ("auth", "config")),
+    # A request the model cannot take (a thought signature missing from its history): this one, every time.
+    "MISSING_THOUGHT_SIGNATURE": (("invalid_request", "request"), ("invalid_request", "request")),
+}
+
+
+def test_every_finish_reason_of_the_sdk_is_classified() -> None:
+    assert set(FINISHES) == {reason.value for reason in types.FinishReason}
+
+
+@pytest.mark.parametrize("text", [True, False], ids=["after-text", "before-text"])
+@pytest.mark.parametrize("finish", list(FINISHES))
+async def test_each_finish_reason_ends_the_answer_as_it_should_and_only_a_fluke_is_retried(
+    fake: FakeGemini, finish: str, text: bool
+) -> None:
+    fake.finish_reason = finish
+    fake.chunks = fake.chunks if text else []
+    expected = FINISHES[finish][0 if text else 1]
+    provider = ResilientProvider(GeminiProvider("k", base_url=fake.base_url), fast_policy(breaker_failures=0))
+    texts: list[str] = []
+    usage: Usage | None = None
+    try:
+        async for item in provider.stream(QUESTION):
+            if isinstance(item, Usage):
+                usage = item
+            else:
+                texts.append(item)
+        outcome: object = "complete"
+        if usage is not None and (usage.blocked or usage.truncated):
+            outcome = "blocked" if usage.blocked else "truncated"
+        error = None
+    except AIError as caught:
+        outcome, error = (caught.kind, caught.cause), caught
+    finally:
+        await provider.close()
+    assert outcome == expected
+    assert texts == fake.chunks
+    retried = expected == ("empty_answer", "transient")  # nothing was shown, and another generation may answer
+    assert fake.calls == (3 if retried else 1)
+    if error is not None:
+        assert error.retryable is retried

@@ -398,7 +398,7 @@ async def test_a_server_refusing_max_tokens_gets_max_completion_tokens_from_then
     assert sent == [{"max_tokens": 300}, {"max_completion_tokens": 300}, {"max_completion_tokens": 300}]
 
 
-@pytest.mark.parametrize("finish", ["tool_calls", "function_call", "abort"])
+@pytest.mark.parametrize("finish", ["tool_calls", "function_call", "abort", "error"])
 async def test_an_answer_the_model_ended_early_is_an_error_after_its_text(fake: FakeOpenAI, finish: str) -> None:
     # A model given no tools that calls one, or a server that aborted the generation: the text so far is not
     # the whole answer. Through the wrapper: not retried (text was shown), no outage for the breaker.
@@ -425,3 +425,38 @@ async def test_other_servers_names_for_a_natural_end_are_complete(
     texts: list[str] = []
     usage = await collect(openai.stream(QUESTION), texts)
     assert texts == fake.chunks and usage is not None and not usage.truncated and not usage.blocked
+
+
+@pytest.mark.parametrize("finish", ["end_turn", "some_future_reason"])
+async def test_an_unknown_finish_reason_after_text_completes_the_answer_with_a_warning(
+    fake: FakeOpenAI, openai: OpenAICompatProvider, caplog: pytest.LogCaptureFixture, finish: str
+) -> None:
+    """A server's own name for an end this client does not know (a proxy's `end_turn`, a newer reason): the
+    text came as usual and ended, so it is the answer; the reason is logged and counted for staff."""
+    fake.finish_reason = finish
+    counted: list[str] = []
+    openai.on_unknown_finish = counted.append
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    assert texts == fake.chunks
+    assert usage == Usage(42, len(fake.chunks), finish_reason=finish)
+    assert counted == [finish]
+    [record] = [r for r in caplog.records if r.getMessage() == "ai_unknown_finish_reason"]
+    assert (record.levelname, record.__dict__["finish_reason"]) == ("WARNING", finish)
+
+
+async def test_an_unknown_finish_reason_before_any_text_is_still_an_empty_answer(fake: FakeOpenAI) -> None:
+    fake.finish_reason, fake.chunks = "end_turn", []
+    provider = ResilientProvider(OpenAICompatProvider(fake.base_url, "tutor-7b"), ResiliencePolicy(max_retries=0))
+    try:
+        with pytest.raises(AIError) as caught:
+            await collect(provider.stream(QUESTION))
+    finally:
+        await provider.close()
+    assert (caught.value.kind, caught.value.retryable) == ("empty_answer", True)
+
+
+async def test_mistrals_model_length_is_a_cut_answer(fake: FakeOpenAI, openai: OpenAICompatProvider) -> None:
+    fake.finish_reason = "model_length"  # the model's context filled up: the answer is kept, marked cut short
+    usage = await collect(openai.stream(QUESTION))
+    assert usage is not None and usage.truncated and not usage.blocked and usage.finish_reason == "model_length"
