@@ -359,7 +359,10 @@ class OpenAICompatProvider:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            progress.finish = choice.get("finish_reason") or progress.finish
+            reason = choice.get("finish_reason")
+            if reason and not isinstance(reason, str):  # malformed: kept as its JSON, an unknown reason
+                reason = orjson.dumps(reason).decode()
+            progress.finish = reason or progress.finish
             delta = choice.get("delta")
             text = delta.get("content") if isinstance(delta, dict) else None
             if isinstance(text, str) and progress.finish not in _BLOCKING_FINISH:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import orjson
 import pytest
 
 from ai.base import AIError, AIRequest, StreamItem, Turn, Usage
@@ -443,6 +444,20 @@ async def test_an_unknown_finish_reason_after_text_completes_the_answer_with_a_w
     assert counted == [finish]
     [record] = [r for r in caplog.records if r.getMessage() == "ai_unknown_finish_reason"]
     assert (record.levelname, record.__dict__["finish_reason"]) == ("WARNING", finish)
+
+
+@pytest.mark.parametrize("finish", [{"type": "end"}, ["stop"], 7])
+async def test_a_finish_reason_that_is_not_a_string_is_an_unknown_one(
+    fake: FakeOpenAI, openai: OpenAICompatProvider, finish: object
+) -> None:
+    fake.finish_reason = finish  # type: ignore[assignment]
+    counted: list[str] = []
+    openai.on_unknown_finish = counted.append
+    texts: list[str] = []
+    usage = await collect(openai.stream(QUESTION), texts)
+    reason = orjson.dumps(finish).decode()
+    assert texts == fake.chunks and usage == Usage(42, len(fake.chunks), finish_reason=reason)
+    assert counted == [reason]
 
 
 async def test_an_unknown_finish_reason_before_any_text_is_still_an_empty_answer(fake: FakeOpenAI) -> None:
