@@ -1,4 +1,4 @@
-"""The `smartedu` command: serve, migrate, token, seed-demo, loadtest."""
+"""The `smartedu` command: serve, migrate, token, seed-demo, lti, the data lifecycle, cluster, loadtest."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import asyncpg
 import redis.exceptions
 from aiohttp import web
 
-from . import __version__, lifecycle_cli
+from . import __version__, lifecycle_cli, lti_cli
 from .auth import ROLES, mint_token
 from .embedded import EmbeddedError, EmbeddedServices, dev_session_key, jwt_secret
 from .errors import ConfigError
@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     lifecycle_cli.add_commands(commands)
+    lti_cli.add_commands(commands)
     commands.add_parser(
         "cluster",
         help="run N replicas behind NGINX on this machine (see `smartedu cluster --help`)",
@@ -268,6 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Before _prepare: restore must find an empty database, not a freshly migrated one.
             if args.command in lifecycle_cli.LIFECYCLE_COMMANDS:
                 return lifecycle_cli.run(args, ready)
+            if args.command == "lti":
+                return lti_cli.run(args, ready)
             applied = asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
         if args.command == "migrate":
             print(f"migrations applied: {', '.join(map(str, applied))}" if applied else "no migrations pending")

@@ -34,6 +34,7 @@ import asyncpg
 import orjson
 import redis.exceptions
 
+from storage.errors import StorageError
 from storage.keys import Keys
 from storage.lifecycle import (
     DEFAULT_BATCH_SIZE,
@@ -183,19 +184,25 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run one lifecycle command against `settings.database_url`; return the exit status."""
+    handler = _HANDLERS[args.command]
+    return run_reporting(args.command, settings, lambda: handler(args, settings))
+
+
+def run_reporting(command: str, settings: Settings, call: Callable[[], int]) -> int:
+    """Run a database command's `call`; what it cannot do (a `LifecycleError` or `StorageError`, the database's
+    refusal, an unreachable server) is one line on stderr naming `command`, and exit status 1."""
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set")
-    handler = _HANDLERS[args.command]
     try:
-        return handler(args, settings)
-    except LifecycleError as exc:
-        print(f"smartedu {args.command}: {exc}", file=sys.stderr)
+        return call()
+    except (LifecycleError, StorageError) as exc:
+        print(f"smartedu {command}: {exc}", file=sys.stderr)
     except asyncpg.PostgresError as exc:
-        print(f"smartedu {args.command}: database error: {exc}", file=sys.stderr)
+        print(f"smartedu {command}: database error: {exc}", file=sys.stderr)
     except OSError as exc:  # an unreachable database, an unwritable output file
-        print(f"smartedu {args.command}: {exc}", file=sys.stderr)
+        print(f"smartedu {command}: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"smartedu {args.command}: interrupted", file=sys.stderr)
+        print(f"smartedu {command}: interrupted", file=sys.stderr)
         return 130
     return 1
 
@@ -272,7 +279,8 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def _confirm(prompt: str) -> bool:
+def confirm(prompt: str) -> bool:
+    """Ask a yes/no question on the terminal; anything but y or yes (or nothing to read) is no."""
     try:
         return input(prompt).strip().lower() in ("y", "yes")
     except EOFError:  # nothing to read (stdin closed or not a terminal): the answer is no
@@ -456,23 +464,26 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
     return 1 if logs_left and not cleaned else 0
 
 
-async def _with_lifecycle(settings: Settings, action: Callable[[Lifecycle], Awaitable[T]]) -> T:
+async def with_schema(settings: Settings, action: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     """Run `action` with a small pool on a database with this build's schema: migrated first, unless
     SMARTEDU_MIGRATE_ON_START is false (the replicas do not migrate either), which checks it instead."""
     pool = await connect_pool(_dsn(settings), min_size=1, max_size=2)
     try:
-        lifecycle = Lifecycle(pool)
         if settings.migrate_on_start:
-            await lifecycle.migrate()
+            await Lifecycle(pool).migrate()
         elif pending := await pending_migrations(pool):
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
             raise LifecycleError(
                 f"the database lacks migrations {names}: run `smartedu migrate` first "
                 "(SMARTEDU_MIGRATE_ON_START=false: this command does not change the schema)"
             )
-        return await action(lifecycle)
+        return await action(pool)
     finally:
         await pool.close()
+
+
+async def _with_lifecycle(settings: Settings, action: Callable[[Lifecycle], Awaitable[T]]) -> T:
+    return await with_schema(settings, lambda pool: action(Lifecycle(pool)))
 
 
 def _no_user(args: argparse.Namespace) -> LifecycleError:
@@ -505,7 +516,7 @@ def _delete_user(args: argparse.Namespace, settings: Settings) -> int:
         "without an author" if found.authored_elsewhere else ""
     )
     print(f"user {args.user!r} ({found.user.role}) of tenant {args.tenant!r}: {describe(found.counts)}{elsewhere}")
-    if not args.yes and not _confirm("Delete this user and all of the above? This cannot be undone. [y/N] "):
+    if not args.yes and not confirm("Delete this user and all of the above? This cannot be undone. [y/N] "):
         print("nothing deleted", file=sys.stderr)
         return 1
     # A token issued before the erasure stays valid (its signature, its exp) for up to the longest lifetime

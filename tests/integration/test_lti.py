@@ -167,7 +167,7 @@ class Lti:
 
 
 async def register(db: asyncpg.Connection, platform: FakePlatform, tenant: str, deployment_id: str | None) -> int:
-    """Register the platform the way docs/lti.md tells an operator to."""
+    """Register the platform with the row `smartedu lti add` writes (test_lti_cli.py runs the command itself)."""
     await db.execute("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING", tenant)
     platform_id = await db.fetchval(
         "INSERT INTO lti_platforms (tenant_id, issuer, client_id, deployment_id, auth_login_url, jwks_url)"
