@@ -1275,6 +1275,7 @@ def test_alerts_cover_the_runbook_and_use_known_metrics() -> None:
         "SmartEduAICircuitOpen",
         "SmartEduAIUnavailable",
         "SmartEduAIMisconfigured",
+        "SmartEduAIUnknownFinishReason",
         "SmartEduPostgresDown",
         "SmartEduRedisDown",
         "SmartEduReplicaRestarting",
@@ -1343,6 +1344,8 @@ def test_alerts_fire_as_intended(tmp_path: Path) -> None:
                     series("smartedu_ai_errors_total", "0 0 0 1+20x9", kind="auth", replica="app1"),
                     series("smartedu_ai_errors_total", "0+5x12", kind="rate_limited", replica="app1"),
                     series("smartedu_ai_errors_total", "0+1x12", kind="invalid_request", replica="app1"),
+                    # app2's provider ends two answers at minute 5 with a reason this release does not know.
+                    series("smartedu_ai_unknown_finish_reasons_total", "0x4 2x8", replica="app2"),
                     # app1's commits are retried from minute 2 on; app2 rode through one restart at minute 1.
                     series("smartedu_answer_commit_retries_total", "0 0 0+4x10", replica="app1"),
                     series("smartedu_answer_commit_retries_total", "0 3x11", replica="app2"),
@@ -1359,6 +1362,8 @@ def test_alerts_fire_as_intended(tmp_path: Path) -> None:
                     expect("SmartEduAIUnavailable", {}) | {"eval_time": "8m"},
                     expect("SmartEduAIMisconfigured") | {"eval_time": "2m"},
                     expect("SmartEduAIMisconfigured", {"kind": "auth"}) | {"eval_time": "4m"},
+                    expect("SmartEduAIUnknownFinishReason") | {"eval_time": "4m"},
+                    expect("SmartEduAIUnknownFinishReason", {"replica": "app2"}) | {"eval_time": "6m"},
                     expect("SmartEduReplicaDown", {"job": "smartedu", "replica": "app3", "instance": "app3:9100"})
                     | {"eval_time": "8m"},
                     # 1% failures stays below the 5% threshold.
