@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gate = parser.add_argument_group("thresholds (exit status 1 when one fails)")
     help_texts = {
-        "max_error_rate": "largest error rate, 0..1 (failed + unfinished turns and failed connects)",
+        "max_error_rate": "largest error rate, 0..1 (failed, refused and unfinished turns and failed connects)",
         "max_p99_connect_ms": "largest p99 of the WebSocket upgrade",
         "max_p99_welcome_ms": "largest p99 of hello -> welcome",
         "max_p99_ack_ms": "largest p99 of question -> ack",
@@ -357,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
         "max_duplicated": "most duplicated tokens (an offset received twice)",
         "max_disconnects": "most unexpected disconnects",
         "max_resume_misses": "most reconnects the server could not resume",
+        "max_refused": "most questions the server refused (rate_limited, quota_exceeded, retryable ai_unavailable)",
         "max_unexpected_frames": "most frames for no answer of this student (e.g. another user's, on a shared token)",
         "max_text_mismatches": "most answers whose text as streamed differs from the committed text (--check-text)",
         "min_turns_per_s": "fewest completed answers per second",
@@ -373,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "max_duplicated",
                 "max_disconnects",
                 "max_resume_misses",
+                "max_refused",
                 "max_unexpected_frames",
                 "max_text_mismatches",
             )

@@ -26,6 +26,7 @@ _TABLE_COUNTERS = (
     "turns_sent",
     "turns_ok",
     "turns_failed",
+    "turns_refused",
     "turns_unfinished",
     "turns_abandoned",
     "timeouts",
@@ -44,6 +45,7 @@ _TABLE_COUNTERS = (
     "missing_offsets",
     "missing_lengths",
     "unexpected_frames",
+    "late_frames",
     "conversation_switches",
     "teacher_events",
     "student_crashes",
@@ -78,6 +80,7 @@ def _phase_results(
         "rates_per_s": rates,
         "error_rate": None if error_rate is None else round(error_rate, 6),
         "errors_by_code": dict(sorted(phase.errors.items())),
+        "refused_by_code": dict(sorted(phase.refused.items())),
         "close_codes": dict(sorted(phase.close_codes.items())),
         "done_status": dict(sorted(phase.done_status.items())),
         "connect_failures": dict(sorted(phase.connect_failures.items())),
@@ -173,6 +176,7 @@ THRESHOLD_OPTIONS: dict[str, tuple[str, Callable[[Mapping[str, Any]], float | No
     "max_duplicated": ("duplicated tokens", _counter("duplicate_tokens"), "", False),
     "max_disconnects": ("disconnects", _counter("disconnects"), "", False),
     "max_resume_misses": ("resume misses", _counter("resume_misses"), "", False),
+    "max_refused": ("refused turns", _counter("turns_refused"), "", False),
     "max_unexpected_frames": ("unexpected frames", _counter("unexpected_frames"), "", False),
     "max_text_mismatches": ("text mismatches", _counter("text_mismatches"), "", False),
     "min_turns_per_s": ("turns per second", _turn_rate, "/s", True),
@@ -273,6 +277,7 @@ def render_summary(console: Console, results: Mapping[str, Any]) -> None:
     everything = phases[ALL]
     for label, key in (
         ("errors by code", "errors_by_code"),
+        ("refused by code", "refused_by_code"),
         ("close codes", "close_codes"),
         ("done status", "done_status"),
         ("connect failures", "connect_failures"),
@@ -314,7 +319,7 @@ class LiveProgress:
     def _render(self, stats: RunStats, now: float) -> Group:
         elapsed = now - stats.started
         total = stats.total
-        turns, frames = total["turns_completed"], total["frames"]
+        turns, frames = total["answers"], total["frames"]
         turn_rate = frame_rate = 0.0
         if self._previous is not None and now > self._previous[0]:
             span = now - self._previous[0]
@@ -327,7 +332,7 @@ class LiveProgress:
             (f"{phase:9} ", "cyan"),
             f"students {stats.connected_students}/{stats.launched_students}/{self._students}  ",
             f"teachers {stats.connected_teachers}  ",
-            f"turns {total['turns_ok']} ok, {total['turns_failed']} failed  ",
+            f"turns {total['turns_ok']} ok, {total['turns_failed']} failed, {total['turns_refused']} refused  ",
             f"{turn_rate:,.1f} turns/s  {frame_rate:,.0f} frames/s  ",
         )
         problems = Text.assemble(

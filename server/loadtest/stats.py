@@ -15,9 +15,10 @@ PHASES = (RAMP_UP, STEADY, DRAIN)
 LOAD_PHASES = (RAMP_UP, STEADY)
 
 # connect: TCP + WebSocket upgrade; welcome: hello sent -> welcome; ack / ttft / done: question
-# (intended) send -> ack / first token / done; reconnect: socket dropped -> resumed welcome;
-# send_lag: intended -> actual send (open loop; shows a backlog in the client or the connection).
-METRICS = ("connect", "welcome", "ack", "ttft", "done", "reconnect", "send_lag")
+# (intended) send -> ack / first token / done; refused: question (intended) send -> the server's refusal;
+# reconnect: socket dropped -> resumed welcome; send_lag: intended -> actual send (open loop; shows a
+# backlog in the client or the connection).
+METRICS = ("connect", "welcome", "ack", "ttft", "done", "refused", "reconnect", "send_lag")
 SERIES_METRICS = ("ack", "ttft", "done")
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 
@@ -106,6 +107,7 @@ class PhaseStats:
     latency: dict[str, LatencyHistogram] = field(default_factory=lambda: {m: LatencyHistogram() for m in METRICS})
     counters: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)  # refused questions by error code
     close_codes: Counter[str] = field(default_factory=Counter)
     done_status: Counter[str] = field(default_factory=Counter)
     connect_failures: Counter[str] = field(default_factory=Counter)
@@ -116,6 +118,7 @@ class PhaseStats:
             self.latency[metric].add(hist)
         self.counters.update(other.counters)
         self.errors.update(other.errors)
+        self.refused.update(other.refused)
         self.close_codes.update(other.close_codes)
         self.done_status.update(other.done_status)
         self.connect_failures.update(other.connect_failures)
@@ -124,7 +127,10 @@ class PhaseStats:
     @property
     def failures(self) -> int:
         c = self.counters
-        return c["turns_failed"] + c["turns_unfinished"] + c["connect_failures"] + c["student_crashes"]
+        # A refused question is no lost answer (turns_refused, not turns_failed), but its student got no answer:
+        # it counts here, so that a deployment shedding its load cannot pass --max-error-rate.
+        unanswered = c["turns_failed"] + c["turns_refused"] + c["turns_unfinished"]
+        return unanswered + c["connect_failures"] + c["student_crashes"]
 
     @property
     def operations(self) -> int:
@@ -132,8 +138,8 @@ class PhaseStats:
         return c["turns_attempted"] - c["turns_abandoned"] + c["connect_attempts"] + c["student_crashes"]
 
     def error_rate(self) -> float | None:
-        """Failed turns, unfinished turns, failed connects and crashed students over questions asked, connects
-        tried and crashed students."""
+        """Failed, refused and unfinished turns, failed connects and crashed students over questions asked,
+        connects tried and crashed students."""
         operations = self.operations
         if operations <= 0:
             return None
@@ -228,6 +234,11 @@ class RunStats:
     def error(self, code: str, at: float) -> None:
         self.phase(at).errors[code] += 1
         self.total["errors"] += 1
+
+    def refusal(self, code: str, at: float) -> None:
+        """A question the server refused (retryable): counted as refused, by code."""
+        self.count("turns_refused", at)
+        self.phase(at).refused[code] += 1
 
     def combined(self, names: tuple[str, ...] = PHASES) -> PhaseStats:
         merged = PhaseStats("all")

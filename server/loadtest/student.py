@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -35,11 +35,17 @@ THINK_DISTRIBUTIONS = ("exponential", "uniform", "constant")
 _BACKOFF_FIRST = 0.2
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
-_ABANDONED_KEPT = 16
+_ABANDONED_KEPT = 16  # ids of questions given up on during the load, per student, whose frames may still come
 _RESENT_KEPT = 256  # ids of resent questions per student whose second ack is still expected
+_FAILED_KEPT = 16  # reply ids of failed answers per student whose `error` frame is still expected
 _TEXT_KEPT = 5  # assembled answers kept per conversation for the final text check
 _CHECK_TIMEOUT = 5.0  # for the history frame of the final text check
 _SCHEDULE_BATCH = 256  # questions queued by the open-loop schedule between two yields to the event loop
+# Codes of a question the server refused rather than failed to answer: it shed the load (a rate limit, a used-up
+# budget, the AI provider down or overloaded, a replica restarting), and asking again later may work. Not with
+# `retryable: false` (a misconfigured provider fails every question the same way until staff fix it), and not once
+# some of the answer's text came (the student saw a broken answer). Counted as `turns_refused`, not failed.
+REFUSAL_CODES = frozenset({"rate_limited", "quota_exceeded", "ai_unavailable"})
 _WORDS = (
     "what",
     "why",
@@ -257,6 +263,17 @@ def _dumps(frame: dict[str, object]) -> str:
     return orjson.dumps(frame).decode()
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _keep(kept: dict[_K, _V], key: _K, value: _V, limit: int | None) -> None:
+    """Remember key (an ordered set, or map, of the newest `limit` keys; all of them when limit is None)."""
+    kept[key] = value
+    if limit is not None and len(kept) > limit:
+        del kept[next(iter(kept))]
+
+
 def _int_field(frame: dict[str, Any], name: str) -> int | None:
     value = frame.get(name)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -382,12 +399,15 @@ class Student:
         "_checks",
         "_closing",
         "_dropping",
+        "_failed_replies",
         "_history",
+        "_late_ids",
+        "_late_kept",
+        "_late_replies",
         "_lost_at",
         "_moving",
         "_next_turn",
         "_resent",
-        "abandoned",
         "by_id",
         "by_reply",
         "can_check_text",
@@ -423,8 +443,14 @@ class Student:
         self.by_reply: dict[object, Turn] = {}
         self.unbound: deque[Turn] = deque()  # acked without a reply_id: matched to answers in order
         self.outbox: deque[Turn] = deque()
-        # Replies we gave up on (timed out, or not resumed): their late frames are expected, not errors.
-        self.abandoned: deque[object] = deque(maxlen=_ABANDONED_KEPT)
+        # Questions given up on (timed out, not resumed, unfinished when the drain ended), by reply id, or by client
+        # id while not acknowledged: their frames may still come, late, and are not another answer's. During the
+        # load only the newest few are kept; those given up at the end are all kept (the run ends soon after).
+        self._late_replies: dict[object, None] = {}
+        self._late_ids: dict[str, None] = {}
+        self._late_kept: int | None = _ABANDONED_KEPT
+        # Failed answers whose `error` frame (ref: the reply id) follows their `done`: reply id -> question time.
+        self._failed_replies: dict[str, float] = {}
         # Questions sent again after a resume: the server answers a resend with the first ack again, which
         # may come after the replayed one (or after the answer's `done`). Used as an ordered set.
         self._resent: dict[str, None] = {}
@@ -469,11 +495,22 @@ class Student:
 
     def _abandon(self, turn: Turn) -> None:
         if turn.reply_id is not None:
-            self.abandoned.append(turn.reply_id)
+            _keep(self._late_replies, turn.reply_id, None, self._late_kept)
+        elif not turn.acked:
+            _keep(self._late_ids, turn.client_id, None, self._late_kept)
         self._finish(turn)
 
     def _unknown_reply(self, reply_id: object, now: float) -> None:
-        self.ctx.stats.count("late_frames" if reply_id in self.abandoned else "unexpected_frames", now)
+        self.ctx.stats.count("late_frames" if reply_id in self._late_replies else "unexpected_frames", now)
+
+    def _refused(self, turn: Turn, code: str, retryable: object, now: float) -> bool:
+        """Count a question the server refused (see REFUSAL_CODES) as such; False when it failed instead."""
+        if code not in REFUSAL_CODES or retryable is False or turn.first_token_at is not None:
+            return False
+        self.ctx.stats.refusal(code, turn.t0)
+        if not turn.interrupted:
+            self.ctx.stats.record("refused", turn.t0, now - turn.t0, now)
+        return True
 
     def _expire(self, now: float) -> float | None:
         """Fail turns older than the turn timeout; returns when the next one would expire."""
@@ -547,7 +584,7 @@ class Student:
 
     def _turn_for(self, reply_id: object) -> Turn | None:
         turn = self.by_reply.get(reply_id)
-        if turn is None and self.unbound and reply_id not in self.abandoned:
+        if turn is None and self.unbound and reply_id not in self._late_replies:
             turn = self.unbound.popleft()
             turn.reply_id = reply_id
             self.by_reply[reply_id] = turn
@@ -593,7 +630,12 @@ class Student:
         client_id = str(frame.get("id"))
         turn = self.by_id.pop(client_id, None)
         if turn is None:
-            if client_id not in self._resent:
+            if client_id in self._late_ids:
+                # A question given up on before its ack: its answer's frames are late too.
+                stats.count("late_frames", now)
+                if (reply_id := frame.get("reply_id")) is not None:
+                    _keep(self._late_replies, reply_id, None, self._late_kept)
+            elif client_id not in self._resent:
                 stats.count("unexpected_frames", now)
             # Else the ack of a resent question that was acknowledged already (by the replay, or by the
             # first of the two acks): the server deduplicated it, and the turn counts once.
@@ -666,15 +708,18 @@ class Student:
             output_tokens = _int_field(usage, "output_tokens")
             if output_tokens:
                 stats.count("output_tokens", now, output_tokens)
+        stats.count("turns_completed", turn.t0)
+        if status == "failed":
+            # Its `error` frame follows, with the reply id as `ref`: it belongs to this question's phase.
+            _keep(self._failed_replies, str(turn.reply_id), turn.t0, _FAILED_KEPT)
+            if self._refused(turn, str(frame.get("error")), frame.get("retryable"), now):
+                self._finish(turn)  # a refusal is no answer: not in `done`, the answers per second, the text check
+                return
         if not turn.interrupted:
             stats.record("done", turn.t0, now - turn.t0, now)
         self._keep_for_check(turn, frame)
-        stats.count("turns_completed", turn.t0)
         stats.count("answers", now)  # by arrival, for throughput
-        if status == "complete":
-            stats.count("turns_ok", turn.t0)
-        else:
-            stats.count("turns_failed", turn.t0)
+        stats.count("turns_ok" if status == "complete" else "turns_failed", turn.t0)
         self._finish(turn)
 
     def _on_reconnect(self, frame: dict[str, Any], now: float) -> bool:
@@ -740,10 +785,15 @@ class Student:
         code = str(frame.get("code") or "unknown")
         ref = frame.get("ref")
         turn = self.by_id.get(ref) if isinstance(ref, str) else None
-        stats.error(code, turn.t0 if turn is not None else now)
         if turn is not None:
-            stats.count("turns_failed", turn.t0)
+            stats.error(code, turn.t0)
+            if not self._refused(turn, code, frame.get("retryable"), now):
+                stats.count("turns_failed", turn.t0)
             self._finish(turn)
+        else:
+            # The error of a failed answer (after its `done`), or about no question of ours.
+            failed_at = self._failed_replies.pop(ref, None) if isinstance(ref, str) else None
+            stats.error(code, failed_at if failed_at is not None else now)
         retry_after = frame.get("retry_after")
         if isinstance(retry_after, int | float) and retry_after > 0:
             self.retry_at = max(self.retry_at, now + float(retry_after))
@@ -864,9 +914,8 @@ class Student:
         for turn in turns:
             if turn.client_id not in self.by_id:
                 continue  # acknowledged by the replay meanwhile
-            self._resent[turn.client_id] = None  # before sending: the ack may beat send_str's return
-            if len(self._resent) > _RESENT_KEPT:
-                del self._resent[next(iter(self._resent))]
+            # Before sending: the ack may beat send_str's return.
+            _keep(self._resent, turn.client_id, None, _RESENT_KEPT)
             if not await self._send_question(ws, turn):
                 return  # still unacknowledged: sent again after the next resume
             self.ctx.stats.count("resent", turn.t0)
@@ -1040,6 +1089,11 @@ class Student:
         for turn in [*self._in_flight(), *self.outbox]:
             self._record_unanswered(turn, now)
             ctx.stats.count("turns_unfinished", turn.t0)
+        # The socket stays open a little longer (the others' drain, the text check): frames of the answers still
+        # in flight are late, not unexpected. They are all kept: nothing is given up on after this.
+        self._late_kept = None
+        for turn in self._in_flight():
+            self._abandon(turn)
         self._forget_turns()
 
 

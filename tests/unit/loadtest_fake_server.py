@@ -30,6 +30,17 @@ class Behaviour:
     duplicate_token_in_turn: int | None = None
     error_every: int = 0  # every Nth message gets an error frame instead of an ack
     error_code: str = "rate_limited"
+    error_retryable: bool | None = None  # the error frame's `retryable`, when not None
+    # Every Nth answer fails after `fail_after_tokens` tokens, as server/answers.py ends one: `done` with status
+    # failed and the error's code and retryable, then the `error` frame, whose `ref` is the reply id.
+    fail_every: int = 0
+    fail_code: str = "ai_unavailable"
+    fail_retryable: bool = True
+    fail_after_tokens: int = 0
+    # From this message on (1-based), answers (and their acks too, with hold_ack) are held until the first
+    # `history` request, which is answered once they are all out: frames that arrive after the run's drain.
+    hold_from_message: int | None = None
+    hold_ack: bool = False
     stall_once: float = 0.0  # the first message of the server's life waits this long before anything
     resume: bool = True
     watch_events: bool = False  # False: `watch` gets error bad_request (not implemented)
@@ -79,6 +90,7 @@ class Counts:
     redirects: int = 0
     reconnects_sent: int = 0
     history_requests: int = 0
+    held_frames: int = 0  # frames of held answers (acks included), sent once released
     received: list[tuple[str, str]] = field(default_factory=list)  # (id, text) of every message, resends too
 
 
@@ -98,6 +110,10 @@ class FakeServer:
         self._ids = itertools.count(1)
         self._answers = itertools.count(1)
         self._stalled = False
+        self._release = asyncio.Event()  # held answers go on
+        self._holding = 0  # held answers not done yet
+        self._held: set[int] = set()  # their reply ids
+        self._held_out = asyncio.Event()  # every held answer is done
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -244,17 +260,42 @@ class FakeServer:
         if b.error_every and self.counts.messages % b.error_every == 0:
             self.counts.errors_sent += 1
             error = {"type": "error", "code": b.error_code, "message": "injected", "ref": frame.get("id")}
+            if b.error_retryable is not None:
+                error["retryable"] = b.error_retryable
             await ws.send_str(orjson.dumps(error).decode())
             return
+        held = b.hold_from_message is not None and self.counts.messages >= b.hold_from_message
+        if held:
+            self._holding += 1
+            if b.hold_ack:
+                task = asyncio.create_task(self._accept_later(conv, client_id, frame))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        await self._accept(conv, client_id, frame, held)
+
+    async def _accept_later(self, conv: Conversation, client_id: str, frame: dict[str, Any]) -> None:
+        await self._release.wait()
+        self.counts.held_frames += 1
+        await self._accept(conv, client_id, frame, held=True)
+
+    async def _accept(self, conv: Conversation, client_id: str, frame: dict[str, Any], held: bool) -> None:
+        """Commit the question, ack it, and queue its answer."""
         reply_id = next(self._ids) + 1000
         ack = {"type": "ack", "id": client_id, "message_id": reply_id - 1, "reply_id": reply_id}
         conv.acks[client_id] = ack  # _emit adds the seq
         conv.messages.append({"id": reply_id - 1, "role": "user", "text": frame.get("text"), "status": "complete"})
+        if held:
+            self._held.add(reply_id)
         await self._emit(conv, ack)
         conv.queue.put_nowait(reply_id)
 
     async def _on_history(self, ws: web.WebSocketResponse, frame: dict[str, Any]) -> None:
         self.counts.history_requests += 1
+        if self._holding:
+            # The held answers go out first, on this socket, so they are read before the page.
+            self._release.set()
+            await self._held_out.wait()
         conv = self.conversations[str(frame["conversation_id"])]
         before = frame.get("before")
         older = [m for m in conv.messages if not isinstance(before, int) or m["id"] < before]
@@ -278,48 +319,78 @@ class FakeServer:
             await asyncio.sleep(0.05)
 
     async def _answer_loop(self, conv: Conversation) -> None:
-        b = self.behaviour
         while True:
             reply_id = await conv.queue.get()
             number = next(self._answers)
-            delay = b.first_token_delay
-            if b.slow_every and number % b.slow_every == 0:
-                delay = b.slow_delay
-            if delay:
-                await asyncio.sleep(delay)
-            offset = 0
-            streamed: list[str] = []
-            for i in range(b.tokens):
-                text = f"word{i} "
-                streamed.append(text)
-                skip = (number == b.lose_token_in_turn and i == b.tokens // 2) or (
-                    number == b.lose_last_token_in_turn and i == b.tokens - 1
-                )
-                token = {"type": "token", "reply_id": reply_id, "text": text, "offset": offset}
-                if not skip:
-                    await self._emit(conv, dict(token))
-                every = b.reconnect_every and number % b.reconnect_every == 0
-                if (number == b.reconnect_in_turn or every) and i == 0:
-                    # Not a conversation frame: no seq, not logged, sent to the socket there is now.
-                    self.counts.reconnects_sent += 1
-                    reconnect = {"type": "reconnect", "after_ms": b.reconnect_after_ms}
-                    await self._send(conv.ws, orjson.dumps(reconnect).decode())
-                if number == b.duplicate_token_in_turn and i == b.tokens // 2:
-                    await self._emit(conv, dict(token))
-                offset += len(text)
-                if b.token_delay:
-                    await asyncio.sleep(b.token_delay)
-            committed = "".join(streamed)
-            if number == b.commit_other_text_in_turn:
-                committed = committed.replace("word1", "WORD1")  # same length: only the text check sees it
-            conv.messages.append({"id": reply_id, "role": "assistant", "text": committed, "status": "complete"})
-            done = {
-                "type": "done",
-                "reply_id": reply_id,
-                "status": "complete",
-                "length": offset,
-                "usage": {"prompt_tokens": 10, "output_tokens": b.tokens},
+            held = reply_id in self._held
+            if held:
+                await self._release.wait()
+            sent = await self._answer(conv, reply_id, number)
+            if held:
+                self.counts.held_frames += sent
+                self._holding -= 1
+                if not self._holding:
+                    self._held_out.set()
+
+    async def _answer(self, conv: Conversation, reply_id: int, number: int) -> int:
+        """Stream one answer and end it; returns how many frames it sent."""
+        b = self.behaviour
+        sent = 0
+        delay = b.first_token_delay
+        if b.slow_every and number % b.slow_every == 0:
+            delay = b.slow_delay
+        if delay:
+            await asyncio.sleep(delay)
+        fails = bool(b.fail_every) and number % b.fail_every == 0
+        offset = 0
+        streamed: list[str] = []
+        for i in range(b.fail_after_tokens if fails else b.tokens):
+            text = f"word{i} "
+            streamed.append(text)
+            skip = (number == b.lose_token_in_turn and i == b.tokens // 2) or (
+                number == b.lose_last_token_in_turn and i == b.tokens - 1
+            )
+            token = {"type": "token", "reply_id": reply_id, "text": text, "offset": offset}
+            if not skip:
+                await self._emit(conv, dict(token))
+                sent += 1
+            every = b.reconnect_every and number % b.reconnect_every == 0
+            if (number == b.reconnect_in_turn or every) and i == 0:
+                # Not a conversation frame: no seq, not logged, sent to the socket there is now.
+                self.counts.reconnects_sent += 1
+                reconnect = {"type": "reconnect", "after_ms": b.reconnect_after_ms}
+                await self._send(conv.ws, orjson.dumps(reconnect).decode())
+            if number == b.duplicate_token_in_turn and i == b.tokens // 2:
+                await self._emit(conv, dict(token))
+                sent += 1
+            offset += len(text)
+            if b.token_delay:
+                await asyncio.sleep(b.token_delay)
+        committed = "".join(streamed)
+        if number == b.commit_other_text_in_turn:
+            committed = committed.replace("word1", "WORD1")  # same length: only the text check sees it
+        status = "failed" if fails else "complete"
+        conv.messages.append({"id": reply_id, "role": "assistant", "text": committed, "status": status})
+        done: dict[str, Any] = {
+            "type": "done",
+            "reply_id": reply_id,
+            "status": status,
+            "length": offset,
+            "usage": {"prompt_tokens": 10, "output_tokens": len(streamed)},
+        }
+        if fails:
+            done["error"], done["retryable"] = b.fail_code, b.fail_retryable
+        await self._emit(conv, done)
+        sent += 1
+        self.counts.answers_done += 1
+        self.counts.done_at.append(asyncio.get_running_loop().time())
+        if fails:
+            # Not a conversation frame (no seq), delivered to the sockets there are now, as the real server does.
+            self.counts.errors_sent += 1
+            error = {
+                "type": "error", "code": b.fail_code, "message": "injected", "ref": str(reply_id),
+                "retryable": b.fail_retryable,
             }
-            await self._emit(conv, done)
-            self.counts.answers_done += 1
-            self.counts.done_at.append(asyncio.get_running_loop().time())
+            await self._send(conv.ws, orjson.dumps(error).decode())
+            sent += 1
+        return sent

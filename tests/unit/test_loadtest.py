@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import itertools
 import json
 import secrets
@@ -20,9 +21,10 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from rich.console import Console
 
 from server.loadtest.cli import amain, check_target, is_loopback, main
-from server.loadtest.report import build_results
+from server.loadtest.report import LiveProgress, build_results, render_summary
 from server.loadtest.stats import LatencyHistogram, LatencySeries, RunStats
 from server.loadtest.student import (
     MAX_RATE,
@@ -119,7 +121,7 @@ async def test_counts_turns_and_errors_by_code(start_server: StartServer, tmp_pa
     assert counters["turns_attempted"] == counters["turns_sent"] == counts.messages
     assert counters["turns_ok"] == counters["turns_completed"] == counts.answers_done
     assert phase["errors_by_code"] == {"rate_limited": counts.errors_sent}
-    assert counters["turns_failed"] == counts.errors_sent
+    assert counters["turns_refused"] == counts.errors_sent and "turns_failed" not in counters  # shed, not lost
     assert counters.get("turns_unfinished", 0) == 0
     assert counters["token_frames"] == 4 * counts.answers_done
     assert counters["output_tokens"] == 4 * counts.answers_done
@@ -270,6 +272,151 @@ async def test_shared_tokens_warn_and_unexpected_frames_gate(
     assert "warning: 1 tokens for 2 students" in err
     assert _all(results)["counters"]["unexpected_frames"] > 0
     assert code == 1 and "threshold failed: unexpected frames" in err
+
+
+# -- refusals and late frames -------------------------------------------------------------------------
+
+_REFUSAL_CASES = {
+    # Refused before the ack (a rate limit, a used-up budget, a replica draining or its provider down): an
+    # error frame whose ref is the question's id.
+    "ai_unavailable-retryable": (Behaviour(error_every=3, error_code="ai_unavailable", error_retryable=True), True),
+    "rate_limited": (Behaviour(error_every=3, error_code="rate_limited"), True),
+    "quota_exceeded": (Behaviour(error_every=3, error_code="quota_exceeded"), True),
+    # A misconfigured provider fails every question the same way until staff fix it, and a bug is a bug.
+    "ai_unavailable-not-retryable": (
+        Behaviour(error_every=3, error_code="ai_unavailable", error_retryable=False), False
+    ),
+    "internal": (Behaviour(error_every=3, error_code="internal"), False),
+    # The provider down or overloaded once the question was taken: acked, then `done` failed with the retryable
+    # error, before any text (then the error frame, whose ref is the reply id).
+    "answer-ai_unavailable-retryable": (Behaviour(fail_every=3), True),
+    # ... after some text: the student saw a broken answer, a failure.
+    "answer-after-text": (Behaviour(fail_every=3, fail_after_tokens=1), False),
+    "answer-not-retryable": (Behaviour(fail_every=3, fail_retryable=False), False),
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSAL_CASES))
+async def test_a_retryable_refusal_is_refused_not_failed(start_server: StartServer, tmp_path: Path, case: str) -> None:
+    # A question the server sheds (retryable: ask again later) is no lost answer: it is counted as refused, by
+    # code and with its latency, and still in errors by code. Before, every one of them was a failed turn.
+    behaviour, refused = _REFUSAL_CASES[case]
+    behaviour.tokens = 2
+    server = await start_server(behaviour)
+    code, results = await _run(
+        server, tmp_path, "--max-lost", "0", "--max-duplicated", "0", "--max-unexpected-frames", "0"
+    )
+    assert code == 0
+    phase = _all(results)
+    counters, latency = phase["counters"], phase["latency_ms"]
+    ended = server.counts.errors_sent
+    error_code = behaviour.fail_code if behaviour.fail_every else behaviour.error_code
+    assert ended >= 2
+    assert phase["errors_by_code"] == {error_code: ended}
+    if refused:
+        assert counters["turns_refused"] == ended and counters.get("turns_failed", 0) == 0
+        assert phase["refused_by_code"] == {error_code: ended}
+        assert latency["refused"]["count"] == ended and latency["refused"]["max"] < 1000.0
+    else:
+        assert counters["turns_failed"] == ended and counters.get("turns_refused", 0) == 0
+        assert phase["refused_by_code"] == {} and latency["refused"]["count"] == 0
+    # Every question ended one way, and refusals count toward the error rate as failures do.
+    assert counters["turns_attempted"] == counters["turns_ok"] + ended == server.counts.messages
+    assert counters.get("turns_unfinished", 0) == 0
+    assert phase["error_rate"] == pytest.approx(
+        ended / (counters["turns_attempted"] + counters["connect_attempts"]), abs=1e-6
+    )
+    # A refused answer is no answer: not in the `done` latencies nor in the answers per second.
+    answered = counters["turns_ok"] + (ended if behaviour.fail_every and not refused else 0)
+    assert counters["answers"] == latency["done"]["count"] == answered
+
+
+async def test_refusals_fail_the_error_rate_and_their_own_gate_only(
+    start_server: StartServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await start_server(Behaviour(tokens=2, error_every=3, error_code="ai_unavailable", error_retryable=True))
+    code, results = await _run(
+        server, tmp_path, "--max-error-rate", "0", "--max-refused", "0", "--max-lost", "0",
+        "--max-unexpected-frames", "0",
+    )
+    err = capsys.readouterr().err
+    refused = _all(results)["counters"]["turns_refused"]
+    assert code == 1 and refused == server.counts.errors_sent >= 2
+    assert "threshold failed: error rate" in err
+    assert f"threshold failed: refused turns {refused} > 0" in err
+    assert "lost" not in err and "unexpected" not in err
+    code, results = await _run(server, tmp_path, "--max-refused", "100000", "--max-lost", "0")
+    assert code == 0 and _all(results)["counters"]["turns_refused"] >= 2
+    assert [check["name"] for check in results["thresholds"]] == ["lost tokens", "refused turns"]
+
+
+@pytest.mark.parametrize(
+    "hold_ack, turn_timeout", [(False, "60"), (True, "60"), (True, "0.2")], ids=["answer", "ack", "timed-out"]
+)
+async def test_frames_after_the_drain_are_late_not_unexpected(
+    start_server: StartServer, tmp_path: Path, hold_ack: bool, turn_timeout: str
+) -> None:
+    # From the second question on the server holds the answers (with hold_ack, their acks too) until the student
+    # asks for the history page at the very end, after it gave them up (unfinished when its drain ended, or timed
+    # out before); then they arrive, ahead of the page. They are late frames of this student's own answers, not
+    # another user's: before, each counted as an unexpected frame and failed --max-unexpected-frames 0.
+    server = await start_server(Behaviour(tokens=3, hold_from_message=2, hold_ack=hold_ack))
+    code, results = await _run(
+        server, tmp_path, "--students", "1", "--duration", "0.6", "--drain-timeout", "0.2",
+        "--turn-timeout", turn_timeout, "--max-unexpected-frames", "0",
+    )
+    counters = _all(results)["counters"]
+    given_up = server.counts.messages - 1
+    assert given_up >= 1 and counters["turns_ok"] == 1 and server.counts.history_requests == 1
+    assert counters.get("timeouts", 0) + counters.get("turns_unfinished", 0) == given_up
+    assert server.counts.held_frames == given_up * (5 if hold_ack else 4)  # (ack), three tokens, done
+    assert counters.get("unexpected_frames", 0) == 0
+    assert counters["late_frames"] == server.counts.held_frames
+    assert counters["text_checks"] == 1
+    assert code == 0
+
+
+async def test_a_failed_answers_error_counts_in_the_phase_of_its_question() -> None:
+    # The error frame follows the failed answer's `done` with the reply id as `ref`: asked in the load and refused
+    # in the drain, it is counted with its question (steady), not by its arrival (drain).
+    now = time.monotonic()
+    stats = RunStats(now - 10.0, now - 10.0, now - 1.0)
+    async with aiohttp.ClientSession() as session:
+        student = Student(RunContext(_config(), session, stats), 0)
+        turn = student.new_turn(now - 2.0)
+        turn.acked, turn.reply_id = True, 42
+        student.by_reply[42] = turn
+        for frame in (
+            {"type": "done", "reply_id": 42, "status": "failed", "error": "ai_unavailable", "retryable": True,
+             "length": 0},
+            {"type": "error", "code": "ai_unavailable", "ref": "42", "retryable": True},
+        ):
+            student._on_frame(json.dumps(frame))
+    steady, drain = stats.phases["steady"], stats.phases["drain"]
+    assert steady.refused == {"ai_unavailable": 1} and steady.errors == {"ai_unavailable": 1}
+    assert steady.counters["turns_refused"] == 1 and "turns_failed" not in steady.counters
+    assert drain.errors == {} and drain.counters["frames"] == 2
+
+
+def test_the_tables_and_the_live_view_show_refusals_and_late_frames() -> None:
+    stats = RunStats(started=100.0, ramp_end=100.0, end_at=110.0)
+    stats.count("turns_attempted", 101.0, 3)
+    stats.count("turns_ok", 101.0)
+    stats.count("turns_failed", 101.0)
+    stats.refusal("ai_unavailable", 102.0)
+    stats.error("ai_unavailable", 102.0)
+    stats.record("refused", 102.0, 0.004, 102.004)
+    stats.count("late_frames", 111.0, 4)
+    stats.finished = 112.0
+    console = Console(record=True, width=200, file=io.StringIO())
+    console.print(LiveProgress(console, 10.0, 3, enabled=True)._render(stats, 105.0))
+    assert "turns 1 ok, 1 failed, 1 refused" in " ".join(console.export_text().split())
+    render_summary(console, build_results(stats, {}, "", ""))
+    summary = console.export_text()
+    rows = [[cell.strip() for cell in line.strip("│ ").split("│")] for line in summary.splitlines()]
+    assert ["steady", "refused", "1", "4.0", "4.0", "4.0", "4.0", "4.0"] in rows  # its latency
+    assert ["turns_refused", "1", "0", "1"] in rows and ["late_frames", "0", "4", "4"] in rows  # steady, drain, all
+    assert "refused by code: ai_unavailable: 1" in summary
 
 
 # -- faults -------------------------------------------------------------------------------------------
