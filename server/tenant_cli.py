@@ -97,7 +97,7 @@ def prompt(text: str) -> str:
 def prompt_file(text: str) -> str:
     """An argparse type: a UTF-8 file holding the system prompt."""
     try:
-        return prompt(Path(text).read_text(encoding="utf-8"))
+        return prompt(Path(text).read_text(encoding="utf-8-sig"))  # a byte order mark is not text
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot read {text!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

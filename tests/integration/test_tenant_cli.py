@@ -147,10 +147,11 @@ async def test_set_changes_each_setting_and_prints_what_changed(
     assert same == Result(0, f"tenant {TENANT!r} has these settings already: nothing changed\n", "")
 
     prompt = tmp_path / "prompt.txt"
-    prompt.write_text("Les élèves ont 12 à 14 ans.\nRéponds en français.\n", encoding="utf-8")
+    # Saved by an editor that starts UTF-8 with a byte order mark: the mark is not part of the prompt.
+    prompt.write_text("Les élèves ont 12 à 14 ans.\nRéponds en français.\n", encoding="utf-8-sig")
     from_file = await smartedu(settings, capsys, "set", TENANT, "--system-prompt-file", str(prompt))
     assert from_file.out == f"updated tenant {TENANT!r}:\n  system prompt: 17 characters -> 49 characters\n"
-    assert (await row(db) or {})["system_prompt"] == prompt.read_text(encoding="utf-8")
+    assert (await row(db) or {})["system_prompt"] == "Les élèves ont 12 à 14 ans.\nRéponds en français.\n"
 
     cleared = await smartedu(
         settings,
