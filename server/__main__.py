@@ -1,4 +1,4 @@
-"""The `smartedu` command: serve, migrate, token, seed-demo, lti, the data lifecycle, cluster, loadtest."""
+"""The `smartedu` command: serve, migrate, token, seed-demo, tenant, lti, the data lifecycle, cluster, loadtest."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import asyncpg
 import redis.exceptions
 from aiohttp import web
 
-from . import __version__, lifecycle_cli, lti_cli
+from . import __version__, lifecycle_cli, lti_cli, tenant_cli
 from .auth import ROLES, mint_token
 from .embedded import EmbeddedError, EmbeddedServices, dev_session_key, jwt_secret
 from .errors import ConfigError
@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     lifecycle_cli.add_commands(commands)
+    tenant_cli.add_commands(commands)
     lti_cli.add_commands(commands)
     commands.add_parser(
         "cluster",
@@ -271,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return lifecycle_cli.run(args, ready)
             if args.command == "lti":
                 return lti_cli.run(args, ready)
+            if args.command == "tenant":
+                return tenant_cli.run(args, ready)
             applied = asyncio.run(_prepare(ready, seed=args.command == "seed-demo"))
         if args.command == "migrate":
             print(f"migrations applied: {', '.join(map(str, applied))}" if applied else "no migrations pending")

@@ -25,7 +25,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -208,6 +208,18 @@ def run_reporting(command: str, settings: Settings, call: Callable[[], int]) -> 
 
 
 # -- output ---------------------------------------------------------------------------------------
+
+
+def print_table(rows: Sequence[Sequence[str]]) -> None:
+    """Rows (the first one a header) in columns two spaces apart."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def print_json(document: object) -> None:
+    """`document` as indented JSON on stdout."""
+    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
 
 
 def _plural(count: int, word: str) -> str:

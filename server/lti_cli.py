@@ -17,8 +17,6 @@ from datetime import UTC
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import orjson
-
 from storage.errors import NotFoundError
 from storage.lti import Launched, LtiStore, Platform, Registered, Registration
 
@@ -270,7 +268,7 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
     changes = _changes(previous, platform) if previous is not None else []
     status = "added" if previous is None else "updated" if changes else "unchanged"
     if args.json:
-        _print_json(
+        lifecycle_cli.print_json(
             {**_document(registered.registration), "status": status, "tenant_created": registered.tenant_created}
         )
         return 0
@@ -292,7 +290,7 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     registrations = _with_store(settings, lambda store: store.list_registrations(args.tenant))
     if args.json:
-        _print_json([_document(registration) for registration in registrations])
+        lifecycle_cli.print_json([_document(registration) for registration in registrations])
         return 0
     if not registrations:
         whose = f"tenant {args.tenant!r} has" if args.tenant else "there are"
@@ -303,9 +301,7 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
     for registration in registrations:
         p, registered = registration.platform, registration.created_at.astimezone(UTC)
         rows.append((str(p.id), p.tenant_id, p.issuer, p.client_id, _deployment(p), f"{registered:%Y-%m-%d}"))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    lifecycle_cli.print_table(rows)
     return 0
 
 
@@ -324,7 +320,7 @@ def _read(args: argparse.Namespace, settings: Settings) -> tuple[Registration, L
 def _show(args: argparse.Namespace, settings: Settings) -> int:
     registration, launched = _read(args, settings)
     if args.json:
-        _print_json({**_document(registration), "courses": launched.courses, "users": launched.users})
+        lifecycle_cli.print_json({**_document(registration), "courses": launched.courses, "users": launched.users})
         return 0
     print(f"platform {registration.platform.id} of tenant {registration.platform.tenant_id!r}")
     _print_fields(registration)
@@ -415,7 +411,3 @@ def _document(registration: Registration) -> dict[str, Any]:
         "jwks_url": p.jwks_url,
         "created_at": registration.created_at.astimezone(UTC).isoformat(),
     }
-
-
-def _print_json(document: object) -> None:
-    print(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())

@@ -63,6 +63,32 @@ def is_plain_origin(value: str) -> bool:
     return _PLAIN_ORIGIN.fullmatch(value) is not None
 
 
+def canonical_origin(text: str) -> str:
+    """`text` as browsers send it in an Origin header: `scheme://host[:port]`, scheme and host lowercase,
+    the scheme's default port left out, no trailing `/`. That is what a tenant's allowed origins are
+    compared with, exactly. Raises ValueError saying what `text` is instead (a path, a user name, ...)."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:  # an unclosed IPv6 bracket, a port that is not a number or not 0-65535
+        raise ValueError("is not an origin like https://lms.example.edu") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or port == 0:
+        raise ValueError("is not an origin like https://lms.example.edu (http:// or https://, a host, a port)")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not hold a user name or password")
+    if parts.path.strip("/") or parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError("must not have a path, ?query or #fragment: an origin is scheme://host[:port]")
+    host = parts.hostname  # lowercase
+    if not host.isascii():
+        raise ValueError("has a host that is not ASCII: give it as browsers send it, in punycode (xn--...)")
+    netloc = f"[{host}]" if ":" in host else host
+    origin = f"{scheme}://{netloc}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
+    if not is_plain_origin(origin):
+        raise ValueError("is not an origin like https://lms.example.edu")
+    return origin
+
+
 def framing_origins(*lists: Iterable[str]) -> tuple[str, ...]:
     """The origins of these lists that may frame a page (CSP `frame-ancestors`), each once, in order.
 

@@ -5,10 +5,12 @@ test_lti.py)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,19 +54,29 @@ class Result:
         return orjson.loads(self.out)
 
 
-async def smartedu(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
-    """`smartedu lti ...` as the command parses and runs it, with DATABASE_URL set (the test database)."""
+async def run_command(
+    run: Callable[[argparse.Namespace, Settings], int],
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+    *argv: str,
+) -> Result:
+    """`smartedu ARGV` as the command parses it and `run` runs it, with DATABASE_URL set (the test database)."""
     capsys.readouterr()
     try:
-        args = _parser().parse_args(["lti", *argv])
+        args = _parser().parse_args(argv)
     except SystemExit as exited:  # argparse: --help, or a usage error
         code = exited.code
     else:
         # `run` owns its event loop (asyncio.run), as it does under `smartedu`.
-        code = await asyncio.to_thread(lti_cli.run, args, settings)
+        code = await asyncio.to_thread(run, args, settings)
     captured = capsys.readouterr()
     assert isinstance(code, int)
     return Result(code, captured.out, captured.err)
+
+
+async def smartedu(settings: Settings, capsys: pytest.CaptureFixture[str], *argv: str) -> Result:
+    """`smartedu lti ...`."""
+    return await run_command(lti_cli.run, settings, capsys, "lti", *argv)
 
 
 async def platforms(db: asyncpg.Connection) -> list[dict[str, Any]]:
