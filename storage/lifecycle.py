@@ -777,7 +777,11 @@ class Lifecycle:
         raise AssertionError("unreachable")
 
     async def _delete_user(self, tenant_id: str, external_id: str, refuse_tokens_for_s: int) -> UserData | None:
+        subject = subject_hash(tenant_id, external_id)
         async with self.pool.acquire() as conn, conn.transaction():
+            # A hello with the person's token waits from here until this commits, then reads the erasure record
+            # (`may_sign_in`); one that got the lock first has committed its row, which the next read sees.
+            await conn.execute("SELECT lock_person($1)", subject)
             row = await conn.fetchrow(
                 "SELECT id::text AS id, tenant_id, external_id, role FROM users"
                 " WHERE tenant_id = $1 AND external_id = $2 FOR UPDATE",
@@ -822,7 +826,7 @@ class Lifecycle:
                 " SET deleted_at = EXCLUDED.deleted_at, expires_at = EXCLUDED.expires_at"
                 " RETURNING deleted_at, expires_at",
                 tenant_id,
-                subject_hash(tenant_id, external_id),
+                subject,
                 float(refuse_tokens_for_s),
             )
         assert record is not None

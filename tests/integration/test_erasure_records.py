@@ -3,6 +3,7 @@ and logouts survive Redis losing its data."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
@@ -88,6 +89,53 @@ async def test_a_token_issued_before_delete_user_is_refused_and_a_new_one_works(
     await _refused_at_hello(server, {"token": held})
     # The same external id in another school is another person.
     await server.connect({"token": token("stu-1", tenant="school-b")})
+
+
+async def _waiting_for_locks(db: asyncpg.Connection, count: int) -> None:
+    """Until `count` sessions of the test database wait for a lock."""
+    async with asyncio.timeout(10):
+        while await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ) < count:
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("via", ["hello", "http"])
+async def test_a_hello_racing_delete_user_does_not_recreate_the_account(
+    serve: Serve, db: asyncpg.Connection, via: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hello (or a request) with a token issued before the erasure arrives while delete-user's transaction is
+    still open: held here at its last statement, the erasure record's insert, after the user's row is deleted.
+    Once the deletion commits, the hello is refused and no account is left behind."""
+    server = await serve()
+    held = token("stu-1")
+    await (await server.connect({"token": held})).close()
+    blocker = await asyncpg.connect(server.settings.database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE erased_users IN SHARE MODE")  # reads pass, the record's insert waits
+            deleting = asyncio.create_task(_delete_user(server.settings))
+            await _waiting_for_locks(db, 1)
+            if via == "hello":
+                racing: asyncio.Task[Any] = asyncio.create_task(server.connect({"token": held}, welcome=False))
+            else:
+                racing = asyncio.create_task(server.client.get("/api/conversations", headers=_bearer(held)))
+            await _waiting_for_locks(db, 2)  # the hello waits for the deletion
+        await deleting
+    finally:
+        await blocker.close()
+    if via == "hello":
+        sock: Socket = await racing
+        error = await sock.expect("error")
+        assert (error["code"], error["message"]) == ("forbidden", "account deleted"), error
+    else:
+        response = await racing
+        assert response.status == 403, await response.text()
+    assert await db.fetchval("SELECT count(*) FROM users WHERE external_id = 'stu-1'") == 0
+    # A token issued after the deletion still makes the account anew.
+    fresh = await server.connect({"token": _token(iat=await _deleted_at(db))})
+    assert fresh.frames[0]["history"] == []
+    capsys.readouterr()
 
 
 async def test_a_cookie_session_made_before_delete_user_is_refused(serve: Serve, db: asyncpg.Connection) -> None:
