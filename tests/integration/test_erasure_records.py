@@ -13,7 +13,9 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
+from server.budgets import Budgets, budget_day
 from server.errors import CloseCode
+from server.keys import CHAT, REDIS
 from server.settings import Settings
 from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, new_session_key
 from tests.conftest import TEST_SECRET, Serve, Server, Socket, token
@@ -201,6 +203,42 @@ async def test_delete_user_removes_their_rate_limit_and_budget_counters(
     capsys.readouterr()
     assert await _keys_naming(server.settings, user_id) == []
     assert len(await _keys_naming(server.settings, kept_id)) == 2
+
+
+async def _counters_of(server: Server, user_id: str) -> int:
+    """How many of the user's rate-limit and today's budget counters Redis holds (also on a Redis Cluster)."""
+    store = server.client.app[REDIS]
+    keys, day = store.keys, budget_day(time.time())
+    counters = keys.rate_limit("school-a", user_id), keys.user_tokens("school-a", user_id, day)
+    return int(await store.client.exists(*counters))
+
+
+async def test_an_answer_settled_after_delete_user_does_not_recreate_their_budget_counter(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command deletes the counters; the answer it stopped settles its reservation only afterwards (held
+    here until the command has finished). The settlement must not write the counter again."""
+    server = await serve(offline_tokens_per_s=1000, offline_reply_words=5000, frame_interval_ms=1)
+    budgets: Budgets = server.client.app[CHAT].budgets
+    settle, deleted, settled = budgets.settle, asyncio.Event(), asyncio.Event()
+
+    async def settle_after_the_command(*args: Any) -> None:
+        await deleted.wait()
+        await settle(*args)
+        settled.set()
+
+    monkeypatch.setattr(budgets, "settle", settle_after_the_command)
+    sock = await server.connect({"token": token("stu-1")})
+    user_id = sock.frames[0]["user"]["id"]
+    await sock.send(type="message", id="q1", text="a question")
+    await sock.until("token")  # its answer streams
+    assert await _counters_of(server, user_id) == 2
+
+    await _delete_user(server.settings)
+    capsys.readouterr()
+    deleted.set()
+    await asyncio.wait_for(settled.wait(), 10)
+    assert await _counters_of(server, user_id) == 0
 
 
 async def test_purge_deletes_erasure_records_and_logouts_once_every_token_has_expired(
