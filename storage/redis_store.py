@@ -675,20 +675,32 @@ class RedisStore:
                     pipe.srem(self.keys.conversation_nodes(conversation_id), node)
                 await pipe.execute()
 
-    async def forget_conversations(self, conversation_ids: Sequence[str]) -> None:
+    async def forget_conversations(
+        self, conversation_ids: Sequence[str], answers: Sequence[tuple[str, int]] = ()
+    ) -> None:
         """Delete what Redis keeps of these conversations (deleted from PostgreSQL): their stream logs, which
-        hold questions and answers, their seq counters and nodes sets."""
-        for chunk in _chunks(conversation_ids):
+        hold questions and answers, their seq counters and nodes sets, and the text and owner keys (or a
+        takeover's mark) of their `answers` (conversation, reply id)."""
+        keys = self.keys
+        doomed = [
+            key
+            for conversation_id in conversation_ids
+            for key in (
+                keys.conversation_log(conversation_id),
+                keys.conversation_log_start(conversation_id),
+                keys.conversation_seq(conversation_id),
+                keys.conversation_nodes(conversation_id),
+            )
+        ]
+        doomed += [
+            key
+            for conversation_id, reply_id in answers
+            for key in (keys.answer_text(conversation_id, reply_id), keys.answer_owner(conversation_id, reply_id))
+        ]
+        for chunk in _chunks(doomed, 2000):
             async with self.client.pipeline(transaction=False) as pipe:
-                for conversation_id in chunk:
-                    # One DEL per key: on a Redis Cluster a multi-key DEL must stay within one slot.
-                    for key in (
-                        self.keys.conversation_log(conversation_id),
-                        self.keys.conversation_log_start(conversation_id),
-                        self.keys.conversation_seq(conversation_id),
-                        self.keys.conversation_nodes(conversation_id),
-                    ):
-                        pipe.delete(key)
+                for key in chunk:
+                    pipe.delete(key)  # one DEL per key: on a Redis Cluster a multi-key DEL must stay within one slot
                 await pipe.execute()
 
     async def forget_presence(self, tenant_id: str, course_ids: Sequence[str], external_id: str) -> int:
