@@ -2,8 +2,8 @@
 -- a token issued before an erasure cannot recreate the account while the deletion's transaction is open.
 -- Additive: replicas still running the previous build do not take it (their upsert has that race still).
 
--- The lock's key: the person's subject hash (storage/postgres.py, subject_hash) in the second half of a
--- two-key advisory lock, whose first half names this use.
+-- The lock's key: a two-key advisory lock, whose first half (0x5EDC0002) names this use and whose second is
+-- taken from the person's subject hash (storage/postgres.py, subject_hash).
 CREATE FUNCTION lock_person(subject bytea) RETURNS void LANGUAGE sql VOLATILE AS $$
     SELECT pg_advisory_xact_lock(1591476226, ('x' || encode(substr(subject, 1, 4), 'hex'))::bit(32)::integer)
 $$;
