@@ -390,6 +390,10 @@ class Answers:
             # conversation was deleted (`delete-user`, `purge`): what Redis keeps of it goes.
             with contextlib.suppress(Exception):  # else it expires an hour after its last token
                 await self.hub.store.drop_answer(turn.conversation_id, turn.reply_id)
+                if await self.db.tenant_conversation(turn.tenant_id, turn.conversation_id) is None:
+                    # Deleted while this replica still generated the answer: the frames it logged after the command
+                    # deleted the log (or the takeover's mark that would have refused them) go too.
+                    await self.hub.store.forget_conversations([turn.conversation_id])
             return
         # The reservation is settled and the lease dropped in the `done`'s round trip. Until it is logged, a
         # takeover of the lease (once it expires) would have to send it: this replica stopped (the stop deadline),

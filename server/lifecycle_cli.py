@@ -407,7 +407,7 @@ async def _erase_live_state(settings: Settings, deleted: UserData) -> bool:
             {"op": "erase_user", "tenant": user.tenant_id, "user": user.external_id, "user_id": user.id,
              "conversations": list(deleted.conversation_ids), **_erasure_record(deleted)}
         )
-        await store.forget_conversations(deleted.conversation_ids)
+        await store.forget_conversations(deleted.conversation_ids, deleted.answers)
         await store.forget_presence(user.tenant_id, deleted.course_ids, user.external_id)
         await store.forget_user_counters(user.tenant_id, user.id, _budget_days(time.time()))
 
@@ -444,6 +444,7 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
     verb = "would delete" if args.dry_run else "deleted"
     total = DataCounts()
     purged: list[str] = []  # their stream logs may still be in Redis (with a short retention)
+    answers: list[tuple[str, int]] = []  # and their answers' keys
     for rule in rules:
         at = rule.cutoff.astimezone(UTC)
         cutoff = f"{at.year:04d}-{at:%m-%d %H:%M} UTC"  # %Y is not zero-padded for year 1 ("keep forever")
@@ -452,7 +453,9 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
             progress = _Progress()
             on_batch = progress.deletions(rule.tenant_id, expired.conversations)
             try:
-                expired = await lifecycle.purge(rule, batch_size=args.batch_size, on_batch=on_batch, purged=purged)
+                expired = await lifecycle.purge(
+                    rule, batch_size=args.batch_size, on_batch=on_batch, purged=purged, answers=answers
+                )
             finally:
                 progress.done()
         total += expired
@@ -472,7 +475,7 @@ async def _purge(args: argparse.Namespace, settings: Settings, lifecycle: Lifecy
                 f"{settings.stream_ttl_s} s after their last frame, longer than this retention",
             )
         return 0
-    cleaned = await _clean_redis("purge", settings, lambda store: store.forget_conversations(purged))
+    cleaned = await _clean_redis("purge", settings, lambda store: store.forget_conversations(purged, answers))
     return 1 if logs_left and not cleaned else 0
 
 

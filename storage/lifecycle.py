@@ -500,9 +500,11 @@ class UserData:
     user: UserRef
     counts: DataCounts
     authored_elsewhere: int
-    # Filled in by `delete_user`: what Redis may still hold copies of (stream logs, presence entries).
+    # Filled in by `delete_user`: what Redis may still hold copies of (stream logs, presence entries, the
+    # keys of answers: `_recent_answers`).
     conversation_ids: tuple[str, ...] = ()
     course_ids: tuple[str, ...] = ()
+    answers: tuple[tuple[str, int], ...] = ()
     # The erasure record: tokens issued until `deleted_at` are refused until `refused_until`.
     deleted_at: datetime | None = None
     refused_until: datetime | None = None
@@ -577,6 +579,25 @@ _EXPIRED = (
 )
 
 
+# An answer's keys in Redis (its owner, or a takeover's mark, and its text) live an hour after their last
+# write, which is at most its takeover. That follows its last update here (`messages.updated_at`) within
+# seconds, unless no replica was running meanwhile: a day's margin covers an outage too.
+_ANSWER_KEYS_S = 86400.0
+
+
+async def _recent_answers(conn: Connection, tenant_id: str, conversation_ids: list[Any]) -> list[tuple[str, int]]:
+    """(conversation, reply id) of the answers in these conversations whose keys Redis may still hold."""
+    rows = await conn.fetch(
+        "SELECT conversation_id::text AS conversation_id, id FROM messages WHERE tenant_id = $1"
+        " AND conversation_id = ANY($2::uuid[]) AND role = 'assistant'"
+        " AND (status = 'streaming' OR updated_at > now() - make_interval(secs => $3))",
+        tenant_id,
+        conversation_ids,
+        _ANSWER_KEYS_S,
+    )
+    return [(r["conversation_id"], r["id"]) for r in rows]
+
+
 class Lifecycle:
     """Retention purges and data-protection requests over one asyncpg pool."""
 
@@ -618,10 +639,15 @@ class Lifecycle:
         return DataCounts(row["conversations"], row["messages"], row["usage"], row["flags"])
 
     async def purge_batch(
-        self, tenant_id: str, cutoff: datetime, batch_size: int = DEFAULT_BATCH_SIZE, purged: list[str] | None = None
+        self,
+        tenant_id: str,
+        cutoff: datetime,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        purged: list[str] | None = None,
+        answers: list[tuple[str, int]] | None = None,
     ) -> DataCounts:
         """Delete up to `batch_size` of the tenant's expired conversations (and their rows) in one transaction;
-        their ids are appended to `purged`."""
+        their ids are appended to `purged`, and their answers whose keys Redis may hold to `answers`."""
         async with self.pool.acquire() as conn, conn.transaction():
             while True:
                 # Oldest first; a row locked right now belongs to a conversation in use (a message being
@@ -651,6 +677,7 @@ class Lifecycle:
                 ]
                 if ids:
                     break
+            live = await _recent_answers(conn, tenant_id, ids)
             # The foreign keys cascade anyway; deleting the children explicitly first gives exact counts.
             usage = await conn.execute(
                 "DELETE FROM ai_usage WHERE tenant_id = $1 AND conversation_id = ANY($2::uuid[])", tenant_id, ids
@@ -666,6 +693,8 @@ class Lifecycle:
             )
         if purged is not None:
             purged.extend(str(i) for i in ids)
+        if answers is not None:
+            answers.extend(live)
         return DataCounts(_rowcount(conversations), _rowcount(messages), _rowcount(usage), _rowcount(flags))
 
     async def purge(
@@ -675,12 +704,13 @@ class Lifecycle:
         batch_size: int = DEFAULT_BATCH_SIZE,
         on_batch: Callable[[DataCounts], None] | None = None,
         purged: list[str] | None = None,
+        answers: list[tuple[str, int]] | None = None,
     ) -> DataCounts:
-        """Delete every conversation the rule expires, batch by batch; `on_batch` gets the running total and
-        `purged` the deleted conversations' ids."""
+        """Delete every conversation the rule expires, batch by batch; `on_batch` gets the running total,
+        `purged` the deleted conversations' ids and `answers` their answers whose keys Redis may hold."""
         total = DataCounts()
         while True:
-            batch = await self.purge_batch(rule.tenant_id, rule.cutoff, batch_size, purged)
+            batch = await self.purge_batch(rule.tenant_id, rule.cutoff, batch_size, purged, answers)
             if batch.conversations == 0:
                 return total
             total += batch
@@ -777,7 +807,11 @@ class Lifecycle:
         raise AssertionError("unreachable")
 
     async def _delete_user(self, tenant_id: str, external_id: str, refuse_tokens_for_s: int) -> UserData | None:
+        subject = subject_hash(tenant_id, external_id)
         async with self.pool.acquire() as conn, conn.transaction():
+            # A hello with the person's token waits from here until this commits, then reads the erasure record
+            # (`may_sign_in`); one that got the lock first has committed its row, which the next read sees.
+            await conn.execute("SELECT lock_person($1)", subject)
             row = await conn.fetchrow(
                 "SELECT id::text AS id, tenant_id, external_id, role FROM users"
                 " WHERE tenant_id = $1 AND external_id = $2 FOR UPDATE",
@@ -793,6 +827,7 @@ class Lifecycle:
                 user.id,
             )
             ids = [r["id"] for r in owned]
+            answers = await _recent_answers(conn, tenant_id, ids)
             usage = await conn.execute(
                 "DELETE FROM ai_usage WHERE tenant_id = $1 AND (user_id = $2 OR conversation_id = ANY($3::uuid[]))",
                 tenant_id,
@@ -822,15 +857,15 @@ class Lifecycle:
                 " SET deleted_at = EXCLUDED.deleted_at, expires_at = EXCLUDED.expires_at"
                 " RETURNING deleted_at, expires_at",
                 tenant_id,
-                subject_hash(tenant_id, external_id),
+                subject,
                 float(refuse_tokens_for_s),
             )
         assert record is not None
         counts = DataCounts(_rowcount(conversations), _rowcount(messages), _rowcount(usage), _rowcount(flags))
         courses = sorted({r["course_id"] for r in owned if r["course_id"] is not None})
         return UserData(
-            user, counts, _rowcount(elsewhere), tuple(str(i) for i in ids), tuple(courses), record["deleted_at"],
-            record["expires_at"],
+            user, counts, _rowcount(elsewhere), tuple(str(i) for i in ids), tuple(courses), tuple(answers),
+            record["deleted_at"], record["expires_at"],
         )
 
     async def export_user(self, tenant_id: str, external_id: str) -> UserExport | None:

@@ -490,11 +490,12 @@ _ANSWER_WAITING = _REPLY_IF.format(
 )
 # A token issued before its user was erased (iat $6 at or before deleted_at; without iat, $6 is NULL: any
 # token while the erasure is recorded) inserts and updates nothing, so an erased account is never recreated.
+# `may_sign_in` (migration 0009) first waits for a delete-user of the person still in progress (it holds
+# the same lock), then reads its record.
 _UPSERT_USER = (
     "WITH tenant AS (INSERT INTO tenants (id) VALUES ($1) ON CONFLICT (id) DO NOTHING)"
     " INSERT INTO users (tenant_id, external_id, role, display_name) SELECT $1, $2, $3, $4"
-    " WHERE NOT EXISTS (SELECT 1 FROM erased_users WHERE tenant_id = $1 AND subject = $5 AND expires_at > now()"
-    " AND ($6::timestamptz IS NULL OR $6 <= deleted_at))"
+    " WHERE may_sign_in($1, $5, $6)"
     " ON CONFLICT (tenant_id, external_id) DO UPDATE"
     " SET role = EXCLUDED.role, display_name = EXCLUDED.display_name, last_seen_at = now()"
     " RETURNING id::text AS id, tenant_id, external_id, role, display_name"

@@ -166,9 +166,8 @@ return out
 # user's budget is spent.
 # A budget counter is read only when its budget is limited, and its expiry (ARGV[7], two days) is set
 # when it is created, the day's first message: renewing it with every message was 2 of a turn's Redis
-# commands, reading unlimited ones 2 more (docs/benchmarks.md, tenth round). A counter created by a
-# settlement instead (Redis lost it meanwhile) gets its expiry from the replica that settled
-# (`RedisStore._expire_created`).
+# commands, reading unlimited ones 2 more (docs/benchmarks.md, tenth round). Only this script creates
+# counters (a settlement never does: `_SETTLE`).
 _ADMIT = """
 local rate_key, tenant_key, user_key = KEYS[1], KEYS[2], KEYS[3]
 local rate_limit, window_ms = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -199,6 +198,19 @@ return {0, 0}
 
 # A day's budget counters live this long after the day's first message (they are read during that day only).
 BUDGET_TTL_S = 172800
+
+# Settle an answer's reservation: add each delta (ARGV) to its day's budget counter (KEYS: the tenant's and
+# the user's, one hash tag) only while that counter exists. One gone since the admit was deleted by
+# `smartedu delete-user` (the user was erased) or lost with Redis's data: created again, it would keep an
+# erased user's id for two days, or count only the difference. The admit creates every counter with its
+# expiry, so one that this INCRBY created has none, which tells it apart without an EXISTS before each.
+_SETTLE = """
+for i, key in ipairs(KEYS) do
+  local delta = tonumber(ARGV[i])
+  if redis.call('INCRBY', key, delta) == delta and redis.call('PTTL', key) == -1 then redis.call('DEL', key) end
+end
+return 0
+"""
 
 
 # An answer's steps in the emit script (the text of a token follows its "+").
@@ -233,17 +245,6 @@ def _chunks(items: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
     """Pipelines of bounded size: a replica holding 10,000 conversations does not build one of 30,000."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _expire_created(commands: Sequence[tuple[Any, ...]], results: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """EXPIREs for the budget counters that these settling INCRBYs created (their result is their own delta:
-    Redis had lost the counter since the admit, which sets the expiry): none is left without one. Usually
-    none."""
-    return [
-        ("EXPIRE", command[1], BUDGET_TTL_S)
-        for command, result in zip(commands, results, strict=True)
-        if command[0] == "INCRBY" and result == command[2]
-    ]
 
 
 def _closed_by_server(conn: AbstractConnection) -> bool:
@@ -499,9 +500,7 @@ class RedisStore:
         if isinstance(self.client, RedisCluster):
             # Scripts cannot ride in a cluster pipeline here: one call each.
             first = int(await self._emit(keys=call.keys, args=call.args))
-            side = self._side_commands([call])
-            results = [await self.client.execute_command(*command) for command in side]
-            for command in _expire_created(side, results):
+            for command in self._side_commands([call]):
                 await self.client.execute_command(*command)
         else:
             first = await self._emits.submit(call)
@@ -542,8 +541,6 @@ class RedisStore:
         for result in results:
             if isinstance(result, Exception):
                 raise result
-        if expires := _expire_created(side, results[len(batch) :]):
-            await self._round_trip(expires, self._emit_conn)
         return [int(r) for r in results[: len(batch)]]
 
     async def _scripts_round_trip(
@@ -551,7 +548,7 @@ class RedisStore:
     ) -> list[Any]:
         """`_round_trip` of commands whose first `scripts` are `EVALSHA`s of `source`. If Redis lost its
         script cache (restart, SCRIPT FLUSH), those scripts did not run: the script is loaded and they go
-        again. The other commands did run (each budget INCRBY counts once), so they are not sent again."""
+        again. The other commands did run (each budget settlement counts once), so they are not sent again."""
         results = await self._round_trip(commands, conn)
         missed = [i for i, result in enumerate(results[:scripts]) if isinstance(result, NoScriptError)]
         if missed:
@@ -597,17 +594,17 @@ class RedisStore:
         dropped = [c.release for c in calls if c.release is not None]
         if dropped:
             commands.append(("ZREM", leases, *dropped))
-        for call in calls:
-            if call.adjust is not None:
-                commands += self._adjust(call.adjust)
+        commands += [self._adjust(call.adjust) for call in calls if call.adjust is not None]
         return commands
 
-    def _adjust(self, adjust: TokenAdjustment) -> list[tuple[Any, ...]]:
+    def _adjust(self, adjust: TokenAdjustment) -> tuple[Any, ...]:
+        """The settling script's call. EVAL, not EVALSHA: it rides in pipelines that resend only the emit
+        scripts when Redis lost its script cache, and it is one call per answer."""
         keys = self.keys
-        return [
-            ("INCRBY", keys.tenant_tokens(adjust.tenant_id, adjust.day), adjust.tenant_delta),
-            ("INCRBY", keys.user_tokens(adjust.tenant_id, adjust.user_id, adjust.day), adjust.user_delta),
-        ]
+        return (
+            "EVAL", _SETTLE, 2, keys.tenant_tokens(adjust.tenant_id, adjust.day),
+            keys.user_tokens(adjust.tenant_id, adjust.user_id, adjust.day), adjust.tenant_delta, adjust.user_delta,
+        )
 
     async def close(self) -> None:
         """Wait for emits and admits already queued (their callers are waiting for them), then close their
@@ -678,20 +675,32 @@ class RedisStore:
                     pipe.srem(self.keys.conversation_nodes(conversation_id), node)
                 await pipe.execute()
 
-    async def forget_conversations(self, conversation_ids: Sequence[str]) -> None:
+    async def forget_conversations(
+        self, conversation_ids: Sequence[str], answers: Sequence[tuple[str, int]] = ()
+    ) -> None:
         """Delete what Redis keeps of these conversations (deleted from PostgreSQL): their stream logs, which
-        hold questions and answers, their seq counters and nodes sets."""
-        for chunk in _chunks(conversation_ids):
+        hold questions and answers, their seq counters and nodes sets, and the text and owner keys (or a
+        takeover's mark) of their `answers` (conversation, reply id)."""
+        keys = self.keys
+        doomed = [
+            key
+            for conversation_id in conversation_ids
+            for key in (
+                keys.conversation_log(conversation_id),
+                keys.conversation_log_start(conversation_id),
+                keys.conversation_seq(conversation_id),
+                keys.conversation_nodes(conversation_id),
+            )
+        ]
+        doomed += [
+            key
+            for conversation_id, reply_id in answers
+            for key in (keys.answer_text(conversation_id, reply_id), keys.answer_owner(conversation_id, reply_id))
+        ]
+        for chunk in _chunks(doomed, 2000):
             async with self.client.pipeline(transaction=False) as pipe:
-                for conversation_id in chunk:
-                    # One DEL per key: on a Redis Cluster a multi-key DEL must stay within one slot.
-                    for key in (
-                        self.keys.conversation_log(conversation_id),
-                        self.keys.conversation_log_start(conversation_id),
-                        self.keys.conversation_seq(conversation_id),
-                        self.keys.conversation_nodes(conversation_id),
-                    ):
-                        pipe.delete(key)
+                for key in chunk:
+                    pipe.delete(key)  # one DEL per key: on a Redis Cluster a multi-key DEL must stay within one slot
                 await pipe.execute()
 
     async def forget_presence(self, tenant_id: str, course_ids: Sequence[str], external_id: str) -> int:
@@ -811,14 +820,8 @@ class RedisStore:
         return await self._scripts_round_trip(commands, self._admit_conn, _ADMIT, len(commands))
 
     async def adjust_tokens(self, adjust: TokenAdjustment) -> None:
-        """Reconcile a reservation with what the answer really used."""
-        commands = self._adjust(adjust)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            results = await pipe.execute()
-        for command in _expire_created(commands, results):
-            await self.client.execute_command(*command)
+        """Reconcile a reservation with what the answer really used (counters that still exist only)."""
+        await self.client.execute_command(*self._adjust(adjust))
 
     async def tokens_used(self, tenant_id: str, user_id: str, day: str) -> tuple[int, int]:
         tenant, user = await self.client.mget(

@@ -3,6 +3,7 @@ and logouts survive Redis losing its data."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from typing import Any
@@ -12,7 +13,9 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
+from server.budgets import Budgets, budget_day
 from server.errors import CloseCode
+from server.keys import CHAT, REDIS
 from server.settings import Settings
 from server.websession import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, new_session_key
 from tests.conftest import TEST_SECRET, Serve, Server, Socket, token
@@ -90,6 +93,53 @@ async def test_a_token_issued_before_delete_user_is_refused_and_a_new_one_works(
     await server.connect({"token": token("stu-1", tenant="school-b")})
 
 
+async def _waiting_for_locks(db: asyncpg.Connection, count: int) -> None:
+    """Until `count` sessions of the test database wait for a lock."""
+    async with asyncio.timeout(10):
+        while await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ) < count:
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("via", ["hello", "http"])
+async def test_a_hello_racing_delete_user_does_not_recreate_the_account(
+    serve: Serve, db: asyncpg.Connection, via: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A hello (or a request) with a token issued before the erasure arrives while delete-user's transaction is
+    still open: held here at its last statement, the erasure record's insert, after the user's row is deleted.
+    Once the deletion commits, the hello is refused and no account is left behind."""
+    server = await serve()
+    held = token("stu-1")
+    await (await server.connect({"token": held})).close()
+    blocker = await asyncpg.connect(server.settings.database_url)
+    try:
+        async with blocker.transaction():
+            await blocker.execute("LOCK TABLE erased_users IN SHARE MODE")  # reads pass, the record's insert waits
+            deleting = asyncio.create_task(_delete_user(server.settings))
+            await _waiting_for_locks(db, 1)
+            if via == "hello":
+                racing: asyncio.Task[Any] = asyncio.create_task(server.connect({"token": held}, welcome=False))
+            else:
+                racing = asyncio.create_task(server.client.get("/api/conversations", headers=_bearer(held)))
+            await _waiting_for_locks(db, 2)  # the hello waits for the deletion
+        await deleting
+    finally:
+        await blocker.close()
+    if via == "hello":
+        sock: Socket = await racing
+        error = await sock.expect("error")
+        assert (error["code"], error["message"]) == ("forbidden", "account deleted"), error
+    else:
+        response = await racing
+        assert response.status == 403, await response.text()
+    assert await db.fetchval("SELECT count(*) FROM users WHERE external_id = 'stu-1'") == 0
+    # A token issued after the deletion still makes the account anew.
+    fresh = await server.connect({"token": _token(iat=await _deleted_at(db))})
+    assert fresh.frames[0]["history"] == []
+    capsys.readouterr()
+
+
 async def test_a_cookie_session_made_before_delete_user_is_refused(serve: Serve, db: asyncpg.Connection) -> None:
     server = await serve(session_key=new_session_key())
     held = token("stu-1")
@@ -153,6 +203,42 @@ async def test_delete_user_removes_their_rate_limit_and_budget_counters(
     capsys.readouterr()
     assert await _keys_naming(server.settings, user_id) == []
     assert len(await _keys_naming(server.settings, kept_id)) == 2
+
+
+async def _counters_of(server: Server, user_id: str) -> int:
+    """How many of the user's rate-limit and today's budget counters Redis holds (also on a Redis Cluster)."""
+    store = server.client.app[REDIS]
+    keys, day = store.keys, budget_day(time.time())
+    counters = keys.rate_limit("school-a", user_id), keys.user_tokens("school-a", user_id, day)
+    return int(await store.client.exists(*counters))
+
+
+async def test_an_answer_settled_after_delete_user_does_not_recreate_their_budget_counter(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command deletes the counters; the answer it stopped settles its reservation only afterwards (held
+    here until the command has finished). The settlement must not write the counter again."""
+    server = await serve(offline_tokens_per_s=1000, offline_reply_words=5000, frame_interval_ms=1)
+    budgets: Budgets = server.client.app[CHAT].budgets
+    settle, deleted, settled = budgets.settle, asyncio.Event(), asyncio.Event()
+
+    async def settle_after_the_command(*args: Any) -> None:
+        await deleted.wait()
+        await settle(*args)
+        settled.set()
+
+    monkeypatch.setattr(budgets, "settle", settle_after_the_command)
+    sock = await server.connect({"token": token("stu-1")})
+    user_id = sock.frames[0]["user"]["id"]
+    await sock.send(type="message", id="q1", text="a question")
+    await sock.until("token")  # its answer streams
+    assert await _counters_of(server, user_id) == 2
+
+    await _delete_user(server.settings)
+    capsys.readouterr()
+    deleted.set()
+    await asyncio.wait_for(settled.wait(), 10)
+    assert await _counters_of(server, user_id) == 0
 
 
 async def test_purge_deletes_erasure_records_and_logouts_once_every_token_has_expired(

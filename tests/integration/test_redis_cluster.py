@@ -28,6 +28,9 @@ from storage.redis_store import connect_redis
 from tests.conftest import Services, clean_settings, require_tool
 
 # The same tests as on a single Redis: every key they touch must live in one hash slot per script.
+from tests.integration.test_erasure_records import (  # noqa: F401
+    test_an_answer_settled_after_delete_user_does_not_recreate_their_budget_counter,
+)
 from tests.integration.test_logout import (  # noqa: F401
     test_a_copied_cookie_is_refused_after_logout_and_its_sockets_close,
     test_a_logged_out_cookie_stays_refused_after_redis_loses_its_data,
@@ -40,6 +43,9 @@ from tests.integration.test_scaleout import (  # noqa: F401
     test_tabs_on_two_replicas_each_get_every_frame_once,
     test_teacher_intervenes_and_pauses_the_ai,
     test_teacher_on_another_replica_sees_the_answer_live,
+)
+from tests.integration.test_takeover_edges import (  # noqa: F401
+    test_the_commands_that_delete_a_conversation_delete_its_answers_takeover_mark,
 )
 from tests.integration.test_turn import (  # noqa: F401
     test_full_turn_commits_before_ack_and_done,

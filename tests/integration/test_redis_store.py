@@ -92,11 +92,12 @@ async def test_side_commands_of_an_emit_run_once_when_redis_lost_its_scripts(sto
     only the scripts go again, so a budget adjustment is not counted twice after a Redis restart."""
     keys = store.keys
     adjust = TokenAdjustment("school-a", "u1", "20261127", tenant_delta=-300, user_delta=-200)
+    await store.admit("school-a", "u1", "20261127", per_minute=0, limits=(0, 0), amounts=(400, 300))
     await store.emit("c-7", [b'{"type":"token","text":"a"}'], 0, "node-a", lease="lease-2")
     await store.client.script_flush()
     assert await store.emit("c-7", [b'{"type":"done"}'], 0, "node-a", release="lease-2", adjust=adjust) == 2
-    assert await store.client.get(keys.tenant_tokens("school-a", "20261127")) == b"-300"
-    assert await store.client.get(keys.user_tokens("school-a", "u1", "20261127")) == b"-200"
+    assert await store.client.get(keys.tenant_tokens("school-a", "20261127")) == b"100"
+    assert await store.client.get(keys.user_tokens("school-a", "u1", "20261127")) == b"100"
     assert await store.client.zscore(keys.leases(), "lease-2") is None
     await store.client.script_flush()
     assert await store.emit("c-8", [b'{"type":"token","text":"b"}'], 0, "node-a", lease="lease-3") == 1
@@ -217,9 +218,10 @@ async def test_conversation_keys_always_expire_and_are_renewed_once_the_log_ran_
     assert ttl_ms - 5000 < await store.client.pttl(keys.conversation_log_start("c-5")) <= ttl_ms
 
 
-async def test_budget_counters_get_their_expiry_once_and_never_stay_without_one(store: RedisStore) -> None:
+async def test_budget_counters_get_their_expiry_once_and_a_settlement_never_creates_one(store: RedisStore) -> None:
     """A day's budget counters get their two days when the day's first message creates them, and later
-    messages leave it; a settlement that finds a counter gone (Redis lost it) creates it with one too."""
+    messages leave it; a settlement that finds a counter gone (delete-user deleted it, or Redis lost it)
+    leaves it gone, and settles the other."""
     keys, day = store.keys, "20261128"
     tenant, user = keys.tenant_tokens("school-b", day), keys.user_tokens("school-b", "u1", day)
 
@@ -235,12 +237,19 @@ async def test_budget_counters_get_their_expiry_once_and_never_stay_without_one(
     assert await admit((10_000, 700)) == 3  # the user's 700: 600 reserved, 300 more would pass it
     assert await store.client.mget(tenant, user) == [b"800", b"600"]
     assert [0 < await store.client.ttl(key) <= 600 for key in (tenant, user)] == [True] * 2
-    # Settled after Redis lost the counters: with the done's emit, or on its own round trip.
+    # Settled after the user's counter was deleted: with the done's emit, or on its own round trip.
     adjust = TokenAdjustment("school-b", "u1", day, tenant_delta=-300, user_delta=-200)
-    await store.client.delete(tenant, user)
+    await store.client.delete(user)
     await store.emit("c-6", [b'{"type":"done"}'], 0, "node-a", adjust=adjust)
-    assert await store.client.mget(tenant, user) == [b"-300", b"-200"]
-    assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2
-    await store.client.delete(tenant, user)
+    assert await store.client.mget(tenant, user) == [b"500", None]
     await store.adjust_tokens(adjust)
+    assert await store.client.mget(tenant, user) == [b"200", None]
+    assert 0 < await store.client.ttl(tenant) <= 600
+    # A zero delta on a lost counter creates nothing either; one at 0 that exists is kept.
+    await store.client.delete(tenant)
+    await store.adjust_tokens(TokenAdjustment("school-b", "u1", day, tenant_delta=0, user_delta=0))
+    assert await store.client.exists(tenant, user) == 0
+    assert await admit() == 0 and await store.client.mget(tenant, user) == [b"400", b"300"]
+    await store.adjust_tokens(TokenAdjustment("school-b", "u1", day, tenant_delta=-400, user_delta=-300))
+    assert await store.client.mget(tenant, user) == [b"0", b"0"]
     assert [BUDGET_TTL_S - 5 < await store.client.ttl(key) <= BUDGET_TTL_S for key in (tenant, user)] == [True] * 2

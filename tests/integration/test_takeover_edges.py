@@ -15,6 +15,7 @@ import pytest
 
 from server.keys import CHAT, DATABASE, REDIS
 from tests.conftest import Serve, Server, Socket, answer_text, token
+from tests.integration.test_lifecycle import _cli
 
 pytestmark = pytest.mark.integration
 
@@ -319,3 +320,57 @@ async def _stored_reply(db: asyncpg.Connection, conversation: str) -> int:
     )
     assert reply_id is not None
     return int(reply_id)
+
+
+@pytest.mark.parametrize("command", ["delete-user", "purge"])
+async def test_the_commands_that_delete_a_conversation_delete_its_answers_takeover_mark(
+    serve: Serve, db: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """B took over the answer of A, which stalled (or died) mid-answer: the answer's owner key says so ("!") for
+    an hour, or until A ends the answer, so that A logs none of its frames should it wake up. `delete-user` and
+    `purge` delete the conversation, and that mark with it. Should A wake up then, its frames are logged
+    again (nothing refuses them any more), and A deletes the conversation's log once its answer ends."""
+    a, b = await _two_replicas(serve, offline_tokens_per_s=200, frame_interval_ms=1)
+    _stall(a, monkeypatch)
+    answers_a = a.client.app[CHAT].answers
+    emit_token: Callable[..., Awaitable[None]] = answers_a._emit_token
+    stuck, unstuck = asyncio.Event(), asyncio.Event()
+
+    async def stuck_after_two(turn: Any, text: str, offset: int) -> None:
+        if offset > 0 and turn.last_seq:
+            stuck.set()
+            await unstuck.wait()
+        await emit_token(turn, text, offset)
+
+    monkeypatch.setattr(answers_a, "_emit_token", stuck_after_two)
+    tab = await a.connect({"token": token()})
+    conversation = tab.frames[0]["conversation_id"]
+    try:
+        await tab.send(type="message", id="taken", text="Explain long division step by step")
+        reply_id = (await tab.expect("ack"))["reply_id"]
+        await asyncio.wait_for(stuck.wait(), 5)
+        turn = answers_a._turns[reply_id]
+        await _expire_lease(a, reply_id)
+        await b.client.app[CHAT].answers.take_over_expired()
+        assert (await tab.until("done"))[-1]["status"] == "interrupted"
+        store = b.client.app[REDIS]
+        owner, text = store.keys.answer_owner(conversation, reply_id), store.keys.answer_text(conversation, reply_id)
+        assert await store.client.get(owner) == b"!"
+
+        if command == "delete-user":
+            argv: tuple[str, ...] = ("delete-user", "--tenant", "school-a", "--user", "stu-1", "--yes")
+        else:  # a retention shorter than an hour: the conversation was last active 10 minutes ago
+            await db.execute("UPDATE conversations SET updated_at = now() - interval '10 minutes'")
+            await db.execute("UPDATE messages SET created_at = now() - interval '10 minutes'")
+            argv = ("purge", "--older-than", "5m")
+        assert await _cli(b.settings, *argv) == 0
+        assert "deleted" in capsys.readouterr().out
+        assert await db.fetchval("SELECT count(*) FROM conversations WHERE id = $1", conversation) == 0
+        assert await store.client.exists(owner, text) == 0
+    finally:
+        unstuck.set()
+    assert turn.task is not None
+    async with asyncio.timeout(10):
+        await asyncio.wait([turn.task])
+    assert await store.client.exists(owner, text, store.keys.conversation_log(conversation)) == 0
