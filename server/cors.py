@@ -63,7 +63,7 @@ def tenant_cors_middleware(origins: TenantOrigins) -> Middleware:
         }
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             headers.update({
-                "Access-Control-Allow-Methods": "GET, POST, DELETE",
+                "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE",
                 "Access-Control-Allow-Headers": _ALLOW_HEADERS,
                 "Access-Control-Max-Age": "600",
             })

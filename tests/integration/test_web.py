@@ -228,6 +228,27 @@ async def test_cors_for_tenant_origins_from_the_database(serve: Serve, db: async
     assert "Access-Control-Allow-Origin" not in response.headers
 
 
+async def test_a_school_page_may_send_every_method_the_api_has(serve: Serve, db: asyncpg.Connection) -> None:
+    """A school's origin from the database gets every method of the REST API in its preflight: replacing a
+    course document is a PUT."""
+    server = await serve()
+    await db.execute("INSERT INTO tenants (id, allowed_origins) VALUES ('school-a', ARRAY['https://lms.school-a.example'])")
+    methods = {
+        route.method for route in server.client.server.app.router.routes()
+        if route.resource is not None and route.resource.canonical.startswith("/api/")
+        and route.method not in ("HEAD", "OPTIONS", "*")
+    }
+    assert {"GET", "POST", "PUT", "DELETE"} <= methods
+    for method in sorted(methods):
+        response = await server.client.options("/api/courses/alg-1/documents/1", headers={
+            "Origin": "https://lms.school-a.example", "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "Authorization, Content-Type",
+        })
+        assert response.status == 200, method
+        allowed = {m.strip() for m in response.headers["Access-Control-Allow-Methods"].split(",")}
+        assert method in allowed, method
+
+
 def test_a_missing_session_key_is_warned_about(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="server.app"):
         create_app(replace(settings, session_key=None))
