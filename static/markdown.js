@@ -362,7 +362,8 @@
     return i;
   }
 
-  // `starts`, when given, collects [line, child count of parent] at each block's first line.
+  // `starts`, when given, collects {line, child: child count of parent} at each block's first line, and
+  // for a fenced code block left open at the end, `fence`: {code (its element), close (its closing line)}.
   function blocks(lines, parent, depth, starts) {
     var i = 0;
     var m;
@@ -378,18 +379,17 @@
         i += 1;
         continue;
       }
-      if (starts) starts.push([i, parent.childNodes.length]);
+      var start = starts ? { line: i, child: parent.childNodes.length } : null;
+      if (start) starts.push(start);
       if ((m = FENCE.exec(line))) {
         var fence = m[1];
+        var close = new RegExp('^ {0,3}' + fence.charAt(0) + '{' + fence.length + ',}\\s*$');
         var code = [];
+        var closed = false;
         i += 1;
-        while (i < lines.length) {
-          var close = new RegExp('^ {0,3}' + fence.charAt(0) + '{' + fence.length + ',}\\s*$');
-          if (close.test(lines[i])) {
-            i += 1;
-            break;
-          }
-          code.push(lines[i]);
+        while (i < lines.length && !closed) {
+          closed = close.test(lines[i]);
+          if (!closed) code.push(lines[i]);
           i += 1;
         }
         var pre = el('pre');
@@ -401,6 +401,7 @@
         codeEl.textContent = code.join('\n');
         pre.appendChild(codeEl);
         parent.appendChild(pre);
+        if (start && !closed) start.fence = { code: codeEl, close: close };
         continue;
       }
       if ((m = MATH_OPEN.exec(line))) {
@@ -491,17 +492,60 @@
 
   /* ---- streaming ------------------------------------------------------------------------------- */
 
+  var BREAK = /\r\n?|\n/g;
+
+  // Where line `n` (from 0) of `text` starts.
+  function lineStart(text, n) {
+    BREAK.lastIndex = 0;
+    for (var k = 0; k < n; k++) BREAK.exec(text);
+    return BREAK.lastIndex;
+  }
+
+  // An open fenced code block at the end of a growing answer takes only the new text: its lines are code
+  // until the closing line, so each complete line is read once (is it the closing one?) and the code's
+  // text is what came before plus the line being written. `f.from` is where that line starts in the
+  // source and `f.done` the code's complete lines, each with its "\n". Returns -1 while the block stays
+  // open, else where the line after its closing line starts. A "\r" ending the source may be the first
+  // half of "\r\n": that line is not complete yet.
+  function growFence(f, source, grownFrom) {
+    var at = f.from;
+    BREAK.lastIndex = Math.max(at, grownFrom - 1); // nothing before it ended a line
+    var br;
+    while ((br = BREAK.exec(source)) && (br[0] !== '\r' || br.index < source.length - 1)) {
+      var line = source.slice(at, br.index);
+      stats.parsed += BREAK.lastIndex - Math.max(at, grownFrom);
+      if (f.close.test(line)) {
+        f.code.textContent = f.done.slice(0, -1);
+        return BREAK.lastIndex;
+      }
+      f.done += line + '\n';
+      at = BREAK.lastIndex;
+    }
+    f.from = at;
+    var partial = source.slice(at).replace(/\r$/, '');
+    var crlf = partial.length < source.length - at; // a line break, maybe the first half of one
+    stats.parsed += source.length - Math.max(at, grownFrom);
+    // Only a line that starts as a fence's can be its closing line (and is read whole only then).
+    var closing = /^ {0,3}[`~]/.test(partial) && f.close.test(partial);
+    if (closing) stats.parsed += partial.length;
+    f.code.textContent = closing ? f.done.slice(0, -1) : f.done + partial + (crlf ? '\n' : '');
+    return -1;
+  }
+
   // An answer that streams grows at its end, and rendering all of it again on every frame cost O(n^2)
   // over the answer (seconds of jank for 50 KB). A top-level block that follows a blank line starts where
   // nothing before it can change any more, once that block's first line is complete: every block before
   // it has ended by then (a list is the one that looks past a blank line, and only at that first line).
   // What precedes the last such start is built once; each render parses only the text after it. The
-  // result is the DOM renderMarkdown makes of the whole text, whatever the chunks were.
+  // result is the DOM renderMarkdown makes of the whole text, whatever the chunks were. A fenced code
+  // block open at the end (once its first line is complete) grows by its new text alone (growFence), and
+  // once it closes, it and all before it are final: one 50 KB code block is not parsed again each frame.
   function MarkdownStream(container) {
     this.container = container;
     this.source = '';
     this.settled = 0; // characters of `source` whose nodes are final
     this.open = []; // the nodes of the text after them, rebuilt on each render
+    this.fence = null; // the fenced code block open at the end, as growFence takes it
   }
 
   /** Show Markdown `source` in the container: only the text after the settled blocks is parsed when
@@ -510,34 +554,52 @@
     source = String(source == null ? '' : source);
     if (source === this.source) return;
     var container = this.container;
-    if (source.slice(0, this.settled) !== this.source.slice(0, this.settled)) {
+    var fence = this.fence;
+    this.fence = null;
+    var grown = this.source.length;
+    if (fence && source.length > grown && source.slice(0, grown) === this.source) {
+      this.source = source;
+      var end = growFence(fence, source, grown);
+      if (end < 0) {
+        this.fence = fence;
+        return;
+      }
+      this.settled = end; // it closed: it and everything before it are final
+      this.open = [];
+    } else if (source.slice(0, this.settled) !== this.source.slice(0, this.settled)) {
       this.settled = 0;
       container.textContent = '';
     } else {
       this.open.forEach(function (node) { container.removeChild(node); });
     }
     this.source = source;
-    var rest = source.slice(this.settled);
+    var from = this.settled;
+    var rest = source.slice(from);
     var starts = [];
     var fragment = document.createDocumentFragment();
     var lines = parse(rest, fragment, starts);
     var keep = 0;
     var line = 0;
     for (var k = starts.length - 1; k >= 0; k--) {
-      line = starts[k][0];
+      line = starts[k].line;
       if (line > 0 && line < lines.length - 1 && blank(lines[line - 1])) {
-        keep = starts[k][1];
+        keep = starts[k].child;
         break;
       }
     }
-    if (keep) {
-      var breaks = /\r\n?|\n/g;
-      for (var n = 0; n < line; n++) breaks.exec(rest);
-      this.settled += breaks.lastIndex;
-    }
+    if (keep) this.settled += lineStart(rest, line);
     var nodes = Array.prototype.slice.call(fragment.childNodes);
     this.open = nodes.slice(keep);
     container.appendChild(fragment);
+    var last = starts[starts.length - 1];
+    // Its first line complete (and not ending in a "\r" that may be half of "\r\n"): it grows from here.
+    if (last && last.fence && last.line < lines.length - 1 && !/\r$/.test(source)) {
+      fence = last.fence;
+      fence.from = from + lineStart(rest, last.line + 1);
+      fence.done = '';
+      growFence(fence, source, fence.from); // reads the code so far: little, so soon after its first line
+      this.fence = fence;
+    }
   };
 
   var ns = (window.SmartEdu = window.SmartEdu || {});

@@ -162,3 +162,65 @@ async def test_a_streamed_answer_is_parsed_once_and_renders_as_a_whole(browser: 
     )
     assert replaced == '<h3 class="se-h">new</h3>'
     assert problems == []
+
+
+# Lines of code that look like a fence's closing line and are not: too short, another fence character, four
+# spaces in, text after the backticks; CRLF and lone CR line ends; blank lines.
+_CODE_LINES = [
+    "def step_{n}(x):\r\n",
+    "    return x * {n}  # ``` in a comment\n",
+    "\n",
+    "``\n",
+    "~~~\n",
+    "    ```\n",
+    "```` not the end {n}\n",
+    "```python\n",
+    "\r\n",
+    "print('{n}')\r",
+    "- not a list item {n}\n",
+]
+
+
+def _code(size: int) -> str:
+    """About `size` characters of code lines, none of which closes a ``` fence."""
+    lines: list[str] = []
+    length = n = 0
+    while length < size:
+        line = _CODE_LINES[n % len(_CODE_LINES)].format(n=n)
+        lines.append(line)
+        length += len(line)
+        n += 1
+    return "".join(lines)
+
+
+def _cuts(length: int, seed: int) -> list[int]:
+    """Where a stream is cut: every character for the first 600, then chunks of 1 to 120 characters."""
+    chosen = random.Random(seed)
+    cuts = list(range(1, 600))
+    at = cuts[-1]
+    while at < length:
+        at = min(length, at + chosen.choice([1, 2, 3, 7, 20, 60, 120]))
+        cuts.append(at)
+    return cuts
+
+
+async def test_a_huge_code_block_streams_in_linear_time_and_renders_as_a_whole(browser: Browser) -> None:
+    """Two 25 KB fenced code blocks, right after a paragraph and followed by text with no blank line, the
+    second one never closed: after every chunk the DOM is exactly what rendering the whole text makes, and
+    each render parses the chunk and a line or two, not the code block so far (it parsed the whole open
+    block on every render: O(n^2) over one block). The closing fence arriving a character at a time
+    (`` then ``` then ```` ) is shown as it would be in a full render each time."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    text = (
+        "Here is the program:\n```python\r\n" + _code(25_000) + "``"
+        "`\nSo `step` scales x.\n~~~~\n" + _code(25_000) + "~~~ not yet\n"
+    )
+    cuts = _cuts(len(text), 11)
+    closing = text.index("``\x60\nSo")
+    cuts = sorted(set(cuts) | set(range(closing - 2, closing + 8)))
+    result = await page.evaluate(STREAM, [text, cuts])
+    assert result["differ"] == []
+    assert max(result["parsed"]) < 400, max(result["parsed"])
+    assert sum(result["parsed"]) < 2 * len(text), (sum(result["parsed"]), len(text))
+    assert problems == []
