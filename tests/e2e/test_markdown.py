@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.e2e.helpers import Problems, browser, new_page, streamed_markdown
+from tests.e2e.helpers import MARKDOWN_BLOCKS, Problems, browser, new_page, streamed_markdown
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
     from playwright.async_api import Browser, Page
@@ -223,4 +223,54 @@ async def test_a_huge_code_block_streams_in_linear_time_and_renders_as_a_whole(b
     assert result["differ"] == []
     assert max(result["parsed"]) < 400, max(result["parsed"])
     assert sum(result["parsed"]) < 2 * len(text), (sum(result["parsed"]), len(text))
+    assert problems == []
+
+
+# Lines of one paragraph that a line after them could turn into something else, or that start like a block
+# and are not one: a pipe (a table's header if a separator row follows), "-|-" that is a separator row
+# until more text follows, "2." (a list only at the start of a block), hard breaks, indentation, CRLF.
+_PARAGRAPH_LINES = [
+    "Line {n} of a *long* answer, with `code` and **bold**  ",
+    "and a | pipe {n}\\",
+    "then 2. not a list {n}",
+    "-|- not a separator row {n}",
+    "  indented {n}\r",
+    "a lone CR {n}\rends this line",
+    "Cost | per {n}",
+]
+
+
+async def test_a_huge_paragraph_streams_in_linear_time_and_renders_as_a_whole(browser: Browser) -> None:
+    """A paragraph of 800 lines (about 20 KB), then a table right after it and a paragraph, streamed
+    one character, then 1 to 120, at a time: after every chunk the DOM is exactly what rendering the whole
+    text makes, and each render reads its last three lines and the chunk, not the paragraph so far (it parsed
+    the whole open paragraph on every render: O(n^2) over one block)."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    lines = "".join(_PARAGRAPH_LINES[n % len(_PARAGRAPH_LINES)].format(n=n) + "\n" for n in range(800))
+    text = "Intro\n\n" + lines + "a | b\n|-|-|\n| 1 | 2 |\n\nEnd\nmore " + lines[:2000]
+    result = await page.evaluate(STREAM, [text, _cuts(len(text), 5)])
+    assert result["differ"] == []
+    assert max(result["parsed"]) < 600, max(result["parsed"])
+    assert sum(result["parsed"]) < 8 * len(text), (sum(result["parsed"]), len(text))
+    assert problems == []
+
+
+async def test_blocks_that_run_into_each_other_stream_as_a_whole(browser: Browser) -> None:
+    """Random answers of the lines above (blocks, code and paragraph lines, fences, table rows), joined by
+    no line break, one, two, CRLF or a lone CR, so that code blocks and paragraphs end, or do not, at any
+    kind of line: after every cut, at random and every few characters, the DOM is what a full render makes."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    pool = [*MARKDOWN_BLOCKS, *_CODE_LINES, *_PARAGRAPH_LINES, "```", "~~~~", "| x | y |", "|--|--|", "1. one", ""]
+    for seed in range(12):
+        chosen = random.Random(seed)
+        parts: list[str] = []
+        while sum(map(len, parts)) < 3000:
+            ending = chosen.choice(["\n", "\n", "\n", "\r\n", "\r", "\n\n", ""])
+            parts.append(chosen.choice(pool).format(n=len(parts)) + ending)
+        text = "".join(parts)
+        cuts = {chosen.randint(1, len(text)) for _ in range(300)} | set(range(1, len(text), chosen.choice([1, 3, 17])))
+        result = await page.evaluate(STREAM, [text, sorted(cuts | {len(text)})])
+        assert result["differ"] == [], (seed, text[: result["differ"][0]][-200:])
     assert problems == []
