@@ -16,7 +16,8 @@ import pytest
 
 from server.answers import SAFETY_MESSAGE
 from tests.conftest import Serve, Server, seed_course, token
-from tests.e2e.helpers import ANSWER_WAIT_MS, Send, scripted_server, streamed_markdown
+from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, Send, new_page, scripted_server, streamed_markdown
+from tests.e2e.test_accessibility import _audit, _context
 from tests.fakes.fake_gemini import start_fake_gemini
 
 pytestmark = pytest.mark.e2e
@@ -526,7 +527,8 @@ async def test_an_answer_the_safety_filter_stopped_says_so_live_and_after_a_relo
         env = {"GEMINI_API_KEY": "test-key-not-secret", "GEMINI_BASE_URL": fake.base_url,
                "SMARTEDU_AI_MAX_RETRIES": "0"}
         server, url = await _live(serve, ai_provider="gemini", env=env)
-        page, problems = await _open_page(browser)
+        problems = Problems()
+        page = await new_page(browser, problems)
         await page.goto(url)
         await page.wait_for_selector('.se-status[data-state="online"]')
         await _ask(page, "What is a prime number?")
@@ -554,11 +556,20 @@ async def test_an_answer_the_safety_filter_stopped_says_so_live_and_after_a_relo
         announced = await _announced(page, "The safety filter stopped the tutor\u2019s answer:")
         assert announced.endswith(SAFETY_MESSAGE)
 
-        again, again_problems = await _open_page(browser)
-        await again.goto(url)
-        await again.wait_for_selector(f'.se-msg--assistant[data-id="{blocked["id"]}"][data-status="complete"]')
-        assert await notes(again) == {normal["id"]: [], blocked["id"]: [BLOCKED_NOTE]}
-        assert problems == again_problems == []
+        assert problems == []
+
+        # Opened again, in both colour schemes (axe-core finds nothing serious, the note's contrast included).
+        for scheme in ("light", "dark"):
+            context = await _context(browser, scheme)  # bypasses the CSP, so that axe-core can be injected
+            try:
+                again = await new_page(context, problems, scheme)
+                await again.goto(url)
+                await again.wait_for_selector(f'.se-msg--assistant[data-id="{blocked["id"]}"][data-status="complete"]')
+                assert await notes(again) == {normal["id"]: [], blocked["id"]: [BLOCKED_NOTE]}
+                assert await _audit(again, f"/chat {scheme}") == []
+            finally:
+                await context.close()
+        assert problems == []
 
 
 async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, browser: Browser) -> None:
