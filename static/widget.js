@@ -68,8 +68,8 @@
 
   // Tab order is page order: the hosts are put in the order a reader of the page meets the launchers
   // (left to right, or right to left on a right-to-left page), so Tab moves along the row as seen (WCAG
-  // 2.4.3); page order by tags put the launcher by the corner first and then went away from it, against
-  // the reading direction. From the end, each host goes just before the one after it, so a widget just
+  // 2.4.3); the order the widgets were added in put the launcher by the corner first and went away from
+  // it, against the reading direction. From the end, each host goes just before the one after it, so a widget just
   // added is the only one to move. Moving a host reloads its iframe (the chat), except with moveBefore:
   // without it, a host holding a chat stays where it is.
   function arrange(hosts) {
@@ -88,6 +88,7 @@
       }
     }
   }
+
   var existing = api.widgets[config.course];
   if (existing) {
     if (!existing.tag.isConnected) existing.tag = script; // its tag again, after an SPA's navigation
