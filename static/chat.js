@@ -465,6 +465,7 @@
   // What a `done` or a history item says of how an answer ended, beyond its status (see renderMeta).
   function outcome(item, f) {
     item.truncated = f.truncated === true;
+    item.blocked = f.blocked === true; // a safety filter stopped it: the text ends with the server's safety note
     if (typeof f.error === 'string') item.failure = f.error;
     if (f.retryable === false) item.noRetry = true; // asking again cannot help
   }
@@ -578,6 +579,7 @@
   };
 
   var TRUNCATED = 'Cut short: the answer reached its length limit';
+  var BLOCKED = 'This answer was stopped by the safety filter.';
 
   var STATUS_TEXT = {
     queued: 'Waiting for connection \u2014 will send automatically',
@@ -607,6 +609,15 @@
       text = FAILED_FOR_GOOD[item.failure];
     }
     item.statusEl.textContent = text;
+    // In the bubble, so it is read with the answer (and after a reload, from the history's `blocked`).
+    var blocked = item.kind === 'assistant' && item.status === 'complete' && item.blocked;
+    if (blocked && !item.note) {
+      item.note = h('p', { className: 'se-note se-note--blocked', role: 'note', text: BLOCKED });
+      item.body.parentNode.appendChild(item.note);
+    } else if (!blocked && item.note) {
+      item.note.parentNode.removeChild(item.note);
+      item.note = null;
+    }
     item.actions.textContent = '';
     if (item.kind === 'assistant' && (item.status === 'failed' || item.status === 'interrupted') && !item.retried &&
         !item.noRetry && item.question) {
@@ -888,6 +899,7 @@
       failed: 'The answer could not be completed. Use Retry to ask again. ',
     };
     if (item.truncated) words.complete = 'The tutor answered (cut short at its length limit): ';
+    if (item.blocked) words.complete = 'The safety filter stopped the tutor\u2019s answer: ';
     if (item.noRetry) words.failed = 'The answer could not be completed. ';
     var plain = item.body ? plainText(item.body) : '';
     this.view.announce((words[item.status] || '') + plain);

@@ -46,6 +46,11 @@
       lines[i + 1].indexOf('|') >= 0 && TABLE_SEP.test(lines[i + 1]);
   }
 
+  // Whether line i goes on the paragraph the line before it is in.
+  function continues(lines, i) {
+    return !blank(lines[i]) && !startsBlock(lines[i]) && !isTableStart(lines, i);
+  }
+
   /* ---- inline ---------------------------------------------------------------------------------- */
 
   function safeUrl(raw) {
@@ -240,13 +245,15 @@
     flush();
   }
 
+  // Line `k` (from 0) of a paragraph.
+  function inlineLine(line, k, parent, depth) {
+    if (k) parent.appendChild(el('br'));
+    // A trailing backslash or two spaces mean a hard break in Markdown; a <br> is used anyway.
+    inline(line.replace(/(\\| {2,})$/, '').trim(), parent, depth);
+  }
+
   function inlineLines(lines, parent, depth) {
-    for (var k = 0; k < lines.length; k++) {
-      if (k) parent.appendChild(el('br'));
-      var line = lines[k];
-      // A trailing backslash or two spaces mean a hard break in Markdown; a <br> is used anyway.
-      inline(line.replace(/(\\| {2,})$/, '').trim(), parent, depth);
-    }
+    for (var k = 0; k < lines.length; k++) inlineLine(lines[k], k, parent, depth);
   }
 
   /* ---- blocks ---------------------------------------------------------------------------------- */
@@ -362,7 +369,9 @@
     return i;
   }
 
-  // `starts`, when given, collects [line, child count of parent] at each block's first line.
+  // `starts`, when given, collects {line, child: child count of parent} at each block's first line, with
+  // `fence` for a fenced code block left open at the end: {code (its element), close (its closing line)},
+  // and `para` for a paragraph: {p (its element), lines (how many)}.
   function blocks(lines, parent, depth, starts) {
     var i = 0;
     var m;
@@ -378,18 +387,17 @@
         i += 1;
         continue;
       }
-      if (starts) starts.push([i, parent.childNodes.length]);
+      var start = starts ? { line: i, child: parent.childNodes.length } : null;
+      if (start) starts.push(start);
       if ((m = FENCE.exec(line))) {
         var fence = m[1];
+        var close = new RegExp('^ {0,3}' + fence.charAt(0) + '{' + fence.length + ',}\\s*$');
         var code = [];
+        var closed = false;
         i += 1;
-        while (i < lines.length) {
-          var close = new RegExp('^ {0,3}' + fence.charAt(0) + '{' + fence.length + ',}\\s*$');
-          if (close.test(lines[i])) {
-            i += 1;
-            break;
-          }
-          code.push(lines[i]);
+        while (i < lines.length && !closed) {
+          closed = close.test(lines[i]);
+          if (!closed) code.push(lines[i]);
           i += 1;
         }
         var pre = el('pre');
@@ -401,6 +409,7 @@
         codeEl.textContent = code.join('\n');
         pre.appendChild(codeEl);
         parent.appendChild(pre);
+        if (start && !closed) start.fence = { code: codeEl, close: close };
         continue;
       }
       if ((m = MATH_OPEN.exec(line))) {
@@ -463,13 +472,14 @@
       }
       var para = [line];
       i += 1;
-      while (i < lines.length && !blank(lines[i]) && !startsBlock(lines[i]) && !isTableStart(lines, i)) {
+      while (i < lines.length && continues(lines, i)) {
         para.push(lines[i]);
         i += 1;
       }
       var p = el('p');
       inlineLines(para, p, depth);
       parent.appendChild(p);
+      if (start) start.para = { p: p, lines: para.length };
     }
   }
 
@@ -491,17 +501,96 @@
 
   /* ---- streaming ------------------------------------------------------------------------------- */
 
+  var BREAK = /\r\n?|\n/g;
+
+  // Where line `n` (from 0) of `text` starts.
+  function lineStart(text, n) {
+    BREAK.lastIndex = 0;
+    for (var k = 0; k < n; k++) BREAK.exec(text);
+    return BREAK.lastIndex;
+  }
+
+  // An open fenced code block at the end of a growing answer takes only the new text: its lines are code
+  // until the closing line, so each complete line is read once (is it the closing one?) and the code's
+  // text is what came before plus the line being written. `f.from` is where that line starts in the
+  // source and `f.done` the code's complete lines, each with its "\n". Returns -1 while the block stays
+  // open, else where the line after its closing line starts. A "\r" ending the source may be the first
+  // half of "\r\n": that line is not complete yet.
+  function growFence(f, source, grownFrom) {
+    var at = f.from;
+    BREAK.lastIndex = Math.max(at, grownFrom - 1); // nothing before it ended a line
+    var br;
+    while ((br = BREAK.exec(source)) && (br[0] !== '\r' || br.index < source.length - 1)) {
+      var line = source.slice(at, br.index);
+      stats.parsed += BREAK.lastIndex - Math.max(at, grownFrom);
+      if (f.close.test(line)) {
+        f.code.textContent = f.done.slice(0, -1);
+        return BREAK.lastIndex;
+      }
+      f.done += line + '\n';
+      at = BREAK.lastIndex;
+    }
+    f.from = at;
+    var partial = source.slice(at).replace(/\r$/, '');
+    var crlf = partial.length < source.length - at; // a line break, maybe the first half of one
+    stats.parsed += source.length - Math.max(at, grownFrom);
+    // Only a line that starts as a fence's can be its closing line (and is read whole only then).
+    var closing = /^ {0,3}[`~]/.test(partial) && f.close.test(partial);
+    if (closing) stats.parsed += partial.length;
+    f.code.textContent = closing ? f.done.slice(0, -1) : f.done + partial + (crlf ? '\n' : '');
+    return -1;
+  }
+
+  // An open paragraph at the end takes its new lines alone: a line's nodes depend on that line only, and
+  // whether a line is the paragraph's on it and the line after it (which can make it a table's header).
+  // So a line is built for good once the two after it are complete, and only the last three lines (and
+  // what arrived) are read again. `t.from` is where the first line not built for good starts, `t.count`
+  // how many are, `t.keep` the paragraph's child count after them, and `t.after` the nodes of the lines
+  // after the paragraph as a full render reads them now. Returns -1 while the paragraph stays open,
+  // else where the line after it starts. (A paragraph of one long line is still read whole each time.)
+  function growPara(t, source) {
+    var p = t.p;
+    while (p.childNodes.length > t.keep) p.removeChild(p.lastChild);
+    t.after.forEach(function (node) { node.parentNode.removeChild(node); });
+    t.after = [];
+    stats.parsed += source.length - t.from;
+    var lines = source.slice(t.from).replace(/\r\n?/g, '\n').split('\n');
+    var k = 0;
+    while (k + 3 < lines.length) {
+      inlineLine(lines[k], t.count++, p, 0);
+      t.keep = p.childNodes.length;
+      BREAK.lastIndex = t.from + lines[k].length;
+      BREAK.exec(source);
+      t.from = BREAK.lastIndex;
+      k += 1;
+      if (!continues(lines, k)) return t.from;
+    }
+    var n = t.count;
+    for (var j = k; j < lines.length && (j === k || continues(lines, j)); j++) inlineLine(lines[j], n++, p, 0);
+    if (j < lines.length) {
+      var fragment = document.createDocumentFragment();
+      blocks(lines.slice(j), fragment, 0);
+      t.after = Array.prototype.slice.call(fragment.childNodes);
+      p.parentNode.appendChild(fragment);
+    }
+    return -1;
+  }
+
   // An answer that streams grows at its end, and rendering all of it again on every frame cost O(n^2)
   // over the answer (seconds of jank for 50 KB). A top-level block that follows a blank line starts where
   // nothing before it can change any more, once that block's first line is complete: every block before
   // it has ended by then (a list is the one that looks past a blank line, and only at that first line).
   // What precedes the last such start is built once; each render parses only the text after it. The
-  // result is the DOM renderMarkdown makes of the whole text, whatever the chunks were.
+  // result is the DOM renderMarkdown makes of the whole text, whatever the chunks were. A fenced code
+  // block or a paragraph open at the end grows by its new text (growFence, growPara) once its first two
+  // lines are complete: where the blocks before it end depends on no line after those two. Once it ends,
+  // it and all before it are final: one 50 KB code block is not parsed again each frame.
   function MarkdownStream(container) {
     this.container = container;
     this.source = '';
     this.settled = 0; // characters of `source` whose nodes are final
     this.open = []; // the nodes of the text after them, rebuilt on each render
+    this.tail = null; // the fenced code block or paragraph open at the end, as growFence or growPara take it
   }
 
   /** Show Markdown `source` in the container: only the text after the settled blocks is parsed when
@@ -510,34 +599,60 @@
     source = String(source == null ? '' : source);
     if (source === this.source) return;
     var container = this.container;
-    if (source.slice(0, this.settled) !== this.source.slice(0, this.settled)) {
+    var tail = this.tail;
+    this.tail = null;
+    var grown = this.source.length;
+    if (tail && source.length > grown && source.slice(0, grown) === this.source) {
+      this.source = source;
+      var end = tail.p ? growPara(tail, source) : growFence(tail, source, grown);
+      if (end < 0) {
+        this.tail = tail;
+        return;
+      }
+      this.settled = end; // it ended: it and everything before it are final
+      this.open = [];
+    } else if (source.slice(0, this.settled) !== this.source.slice(0, this.settled)) {
       this.settled = 0;
       container.textContent = '';
     } else {
-      this.open.forEach(function (node) { container.removeChild(node); });
+      this.open.concat(tail && tail.after || []).forEach(function (node) { container.removeChild(node); });
     }
     this.source = source;
-    var rest = source.slice(this.settled);
+    var from = this.settled;
+    var rest = source.slice(from);
     var starts = [];
     var fragment = document.createDocumentFragment();
     var lines = parse(rest, fragment, starts);
     var keep = 0;
     var line = 0;
     for (var k = starts.length - 1; k >= 0; k--) {
-      line = starts[k][0];
+      line = starts[k].line;
       if (line > 0 && line < lines.length - 1 && blank(lines[line - 1])) {
-        keep = starts[k][1];
+        keep = starts[k].child;
         break;
       }
     }
-    if (keep) {
-      var breaks = /\r\n?|\n/g;
-      for (var n = 0; n < line; n++) breaks.exec(rest);
-      this.settled += breaks.lastIndex;
-    }
+    if (keep) this.settled += lineStart(rest, line);
     var nodes = Array.prototype.slice.call(fragment.childNodes);
     this.open = nodes.slice(keep);
     container.appendChild(fragment);
+    var last = starts[starts.length - 1];
+    // Its first two lines complete (and no "\r" at the end that may be half of "\r\n"): the block's kind
+    // and what came before it are settled, and it grows from here.
+    if (!last || last.line + 1 >= lines.length - 1 || /\r$/.test(source)) return;
+    var ends = last.para && last.line + last.para.lines;
+    if (last.fence) {
+      tail = last.fence;
+      tail.from = from + lineStart(rest, last.line + 1);
+      tail.done = '';
+      tail.after = [];
+      growFence(tail, source, tail.from); // reads the code so far: a line or two, so soon after it began
+      this.tail = tail;
+    } else if (ends === lines.length || ends === lines.length - 1 && blank(lines[ends])) {
+      tail = { p: last.para.p, from: from + lineStart(rest, last.line), count: 0, keep: 0, after: [] };
+      growPara(tail, source);
+      this.tail = tail;
+    }
   };
 
   var ns = (window.SmartEdu = window.SmartEdu || {});

@@ -51,14 +51,44 @@
           if (!a.tag.isConnected || !b.tag.isConnected) return 0;
           return a.tag.compareDocumentPosition(b.tag) & Node.DOCUMENT_POSITION_FOLLOWING ? -1 : 1;
         });
-        shown.forEach(function (w) {
+        var rtl = shown.length > 0 && getComputedStyle(shown[0].host.parentElement).direction === 'rtl';
+        var across = shown.map(function (w) {
           var corner = w.side();
-          w.restyle(used[corner], corner);
-          used[corner] += 1;
+          var slot = used[corner]++;
+          w.restyle(slot, corner);
+          // Where it stands along the bottom of the screen, in the page's reading direction.
+          var x = corner === 'left' ? slot : 1e6 - slot;
+          return { host: w.host, at: rtl ? -x : x };
         });
+        across.sort(function (a, b) { return a.at - b.at; });
+        arrange(across.map(function (item) { return item.host; }));
       },
     };
   }
+
+  // Tab order is page order: the hosts are put in the order a reader of the page meets the launchers
+  // (left to right, or right to left on a right-to-left page), so Tab moves along the row as seen (WCAG
+  // 2.4.3); the order the widgets were added in put the launcher by the corner first and went away from
+  // it, against the reading direction. From the end, each host goes just before the one after it, so a widget just
+  // added is the only one to move. Moving a host reloads its iframe (the chat), except with moveBefore:
+  // without it, a host holding a chat stays where it is.
+  function arrange(hosts) {
+    for (var k = hosts.length - 2; k >= 0; k--) {
+      var node = hosts[k];
+      var next = hosts[k + 1];
+      var parent = next.parentNode;
+      if (node.parentNode !== parent || node.compareDocumentPosition(next) & Node.DOCUMENT_POSITION_FOLLOWING) continue;
+      var focused = document.activeElement === node ? node.shadowRoot.activeElement : null;
+      try {
+        parent.moveBefore(node, next);
+      } catch (e) { // no moveBefore in this browser
+        if (node.shadowRoot.querySelector('iframe')) continue;
+        parent.insertBefore(node, next);
+        if (focused) focused.focus();
+      }
+    }
+  }
+
   var existing = api.widgets[config.course];
   if (existing) {
     if (!existing.tag.isConnected) existing.tag = script; // its tag again, after an SPA's navigation

@@ -167,7 +167,7 @@ def scripted_server(
 # display math with blank lines inside, a paragraph that a table's separator row turns into a header,
 # quotes, CRLF line ends, a list item whose content is indented on the next line, and lines that start
 # like one block and turn out another ("4" becomes "4)", "-|-" a separator until more text follows).
-_MARKDOWN_BLOCKS = [
+MARKDOWN_BLOCKS = [
     "## Step {n}: *solve* for `x`",
     "First we note that 2x + {n} = 7, so **x** = (7 - {n}) / 2.\nThis holds because _both sides_ balance.",
     "- one item {n}\n- two, with [a link](https://example.com/{n})\n\n- three, after a blank line\n\n"
@@ -193,7 +193,7 @@ def streamed_markdown(size: int) -> str:
     parts: list[str] = []
     length = n = 0
     while length < size:
-        block = _MARKDOWN_BLOCKS[n % len(_MARKDOWN_BLOCKS)].format(n=n)
+        block = MARKDOWN_BLOCKS[n % len(MARKDOWN_BLOCKS)].format(n=n)
         part = block + "\n" * (1 + n % 3 if n % 5 else 2)
         parts.append(part)
         length += len(part)

@@ -14,8 +14,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from server.answers import SAFETY_MESSAGE
 from tests.conftest import Serve, Server, seed_course, token
-from tests.e2e.helpers import ANSWER_WAIT_MS, Send, scripted_server, streamed_markdown
+from tests.e2e.helpers import ANSWER_WAIT_MS, Problems, Send, new_page, scripted_server, streamed_markdown
+from tests.e2e.test_accessibility import _audit, _context
+from tests.fakes.fake_gemini import start_fake_gemini
 
 pytestmark = pytest.mark.e2e
 
@@ -508,6 +511,65 @@ async def test_an_offline_answer_cut_by_the_output_limit_is_marked_as_cut(serve:
     status = again.locator(f'.se-msg[data-id="{answer["id"]}"] .se-meta__status')
     assert await status.text_content() == "Cut short: the answer reached its length limit"
     assert problems == again_problems == []
+
+
+BLOCKED_NOTE = "This answer was stopped by the safety filter."
+
+
+async def test_an_answer_the_safety_filter_stopped_says_so_live_and_after_a_reload(
+    serve: Serve, browser: Browser
+) -> None:
+    """Gemini (the local fake, through the real SDK) stops an answer for safety after some text: the bubble
+    keeps that text and the server's safety note and says, in the bubble, that the safety filter stopped it;
+    the live region says so too; a reload shows the same note from the history. It used to look like any
+    other answer. An answer that ended normally has no note."""
+    async with start_fake_gemini(chunks=["Primes ", "have ", "two ", "divisors."]) as fake:
+        env = {"GEMINI_API_KEY": "test-key-not-secret", "GEMINI_BASE_URL": fake.base_url,
+               "SMARTEDU_AI_MAX_RETRIES": "0"}
+        server, url = await _live(serve, ai_provider="gemini", env=env)
+        problems = Problems()
+        page = await new_page(browser, problems)
+        await page.goto(url)
+        await page.wait_for_selector('.se-status[data-state="online"]')
+        await _ask(page, "What is a prime number?")
+        await page.wait_for_selector('.se-msg--assistant[data-status="complete"]', timeout=ANSWER_WAIT_MS)
+        fake.finish_reason = "SAFETY"
+        await _ask(page, "something unsafe")
+        complete = '.se-msg--assistant[data-status="complete"]'
+        await page.wait_for_function(
+            "sel => document.querySelectorAll(sel).length === 2", arg=complete, timeout=ANSWER_WAIT_MS
+        )
+        normal, blocked = (await _committed(server, page))[1::2]
+        assert blocked["blocked"] is True and blocked["text"].endswith(SAFETY_MESSAGE)
+        await _shown_as_committed(page, blocked["id"], blocked["text"])
+
+        async def notes(where: Page) -> dict[int, list[str]]:
+            found: dict[int, list[str]] = await where.evaluate(
+                """() => Object.fromEntries([...document.querySelectorAll('.se-msg--assistant')].map(li =>
+                  [li.dataset.id, [...li.querySelectorAll('[role="note"]')].map(n => n.textContent)]))"""
+            )
+            return {int(reply): texts for reply, texts in found.items()}
+
+        assert await notes(page) == {normal["id"]: [], blocked["id"]: [BLOCKED_NOTE]}
+        note = page.locator(f'.se-msg[data-id="{blocked["id"]}"] [role="note"]')
+        assert await note.is_visible()
+        announced = await _announced(page, "The safety filter stopped the tutor\u2019s answer:")
+        assert announced.endswith(SAFETY_MESSAGE)
+
+        assert problems == []
+
+        # Opened again, in both colour schemes (axe-core finds nothing serious, the note's contrast included).
+        for scheme in ("light", "dark"):
+            context = await _context(browser, scheme)  # bypasses the CSP, so that axe-core can be injected
+            try:
+                again = await new_page(context, problems, scheme)
+                await again.goto(url)
+                await again.wait_for_selector(f'.se-msg--assistant[data-id="{blocked["id"]}"][data-status="complete"]')
+                assert await notes(again) == {normal["id"]: [], blocked["id"]: [BLOCKED_NOTE]}
+                assert await _audit(again, f"/chat {scheme}") == []
+            finally:
+                await context.close()
+        assert problems == []
 
 
 async def test_a_reloaded_history_says_how_each_answer_ended(serve: Serve, browser: Browser) -> None:

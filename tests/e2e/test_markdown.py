@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.e2e.helpers import Problems, browser, new_page, streamed_markdown
+from tests.e2e.helpers import MARKDOWN_BLOCKS, Problems, browser, new_page, streamed_markdown
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
     from playwright.async_api import Browser, Page
@@ -161,4 +161,116 @@ async def test_a_streamed_answer_is_parsed_once_and_renders_as_a_whole(browser: 
         text[:3000],
     )
     assert replaced == '<h3 class="se-h">new</h3>'
+    assert problems == []
+
+
+# Lines of code that look like a fence's closing line and are not: too short, another fence character, four
+# spaces in, text after the backticks; CRLF and lone CR line ends; blank lines.
+_CODE_LINES = [
+    "def step_{n}(x):\r\n",
+    "    return x * {n}  # ``` in a comment\n",
+    "\n",
+    "``\n",
+    "~~~\n",
+    "    ```\n",
+    "```` not the end {n}\n",
+    "```python\n",
+    "\r\n",
+    "print('{n}')\r",
+    "- not a list item {n}\n",
+]
+
+
+def _code(size: int) -> str:
+    """About `size` characters of code lines, none of which closes a ``` fence."""
+    lines: list[str] = []
+    length = n = 0
+    while length < size:
+        line = _CODE_LINES[n % len(_CODE_LINES)].format(n=n)
+        lines.append(line)
+        length += len(line)
+        n += 1
+    return "".join(lines)
+
+
+def _cuts(length: int, seed: int) -> list[int]:
+    """Where a stream is cut: every character for the first 600, then chunks of 1 to 120 characters."""
+    chosen = random.Random(seed)
+    cuts = list(range(1, 600))
+    at = cuts[-1]
+    while at < length:
+        at = min(length, at + chosen.choice([1, 2, 3, 7, 20, 60, 120]))
+        cuts.append(at)
+    return cuts
+
+
+async def test_a_huge_code_block_streams_in_linear_time_and_renders_as_a_whole(browser: Browser) -> None:
+    """Two 25 KB fenced code blocks, right after a paragraph and followed by text with no blank line, the
+    second one never closed: after every chunk the DOM is exactly what rendering the whole text makes, and
+    each render parses the chunk and a line or two, not the code block so far (it parsed the whole open
+    block on every render: O(n^2) over one block). The closing fence arriving a character at a time
+    (`` then ``` then ```` ) is shown as it would be in a full render each time."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    text = (
+        "Here is the program:\n```python\r\n" + _code(25_000) + "``"
+        "`\nSo `step` scales x.\n~~~~\n" + _code(25_000) + "~~~ not yet\n"
+    )
+    cuts = _cuts(len(text), 11)
+    closing = text.index("``\x60\nSo")
+    cuts = sorted(set(cuts) | set(range(closing - 2, closing + 8)))
+    result = await page.evaluate(STREAM, [text, cuts])
+    assert result["differ"] == []
+    assert max(result["parsed"]) < 400, max(result["parsed"])
+    assert sum(result["parsed"]) < 2 * len(text), (sum(result["parsed"]), len(text))
+    assert problems == []
+
+
+# Lines of one paragraph that a line after them could turn into something else, or that start like a block
+# and are not one: a pipe (a table's header if a separator row follows), "-|-" that is a separator row
+# until more text follows, "2." (a list only at the start of a block), hard breaks, indentation, CRLF.
+_PARAGRAPH_LINES = [
+    "Line {n} of a *long* answer, with `code` and **bold**  ",
+    "and a | pipe {n}\\",
+    "then 2. not a list {n}",
+    "-|- not a separator row {n}",
+    "  indented {n}\r",
+    "a lone CR {n}\rends this line",
+    "Cost | per {n}",
+]
+
+
+async def test_a_huge_paragraph_streams_in_linear_time_and_renders_as_a_whole(browser: Browser) -> None:
+    """A paragraph of 800 lines (about 20 KB), then a table right after it and a paragraph, streamed
+    one character, then 1 to 120, at a time: after every chunk the DOM is exactly what rendering the whole
+    text makes, and each render reads its last three lines and the chunk, not the paragraph so far (it parsed
+    the whole open paragraph on every render: O(n^2) over one block)."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    lines = "".join(_PARAGRAPH_LINES[n % len(_PARAGRAPH_LINES)].format(n=n) + "\n" for n in range(800))
+    text = "Intro\n\n" + lines + "a | b\n|-|-|\n| 1 | 2 |\n\nEnd\nmore " + lines[:2000]
+    result = await page.evaluate(STREAM, [text, _cuts(len(text), 5)])
+    assert result["differ"] == []
+    assert max(result["parsed"]) < 600, max(result["parsed"])
+    assert sum(result["parsed"]) < 8 * len(text), (sum(result["parsed"]), len(text))
+    assert problems == []
+
+
+async def test_blocks_that_run_into_each_other_stream_as_a_whole(browser: Browser) -> None:
+    """Random answers of the lines above (blocks, code and paragraph lines, fences, table rows), joined by
+    no line break, one, two, CRLF or a lone CR, so that code blocks and paragraphs end, or do not, at any
+    kind of line: after every cut, at random and every few characters, the DOM is what a full render makes."""
+    problems = Problems()
+    page = await _renderer(browser, problems)
+    pool = [*MARKDOWN_BLOCKS, *_CODE_LINES, *_PARAGRAPH_LINES, "```", "~~~~", "| x | y |", "|--|--|", "1. one", ""]
+    for seed in range(12):
+        chosen = random.Random(seed)
+        parts: list[str] = []
+        while sum(map(len, parts)) < 3000:
+            ending = chosen.choice(["\n", "\n", "\n", "\r\n", "\r", "\n\n", ""])
+            parts.append(chosen.choice(pool).format(n=len(parts)) + ending)
+        text = "".join(parts)
+        cuts = {chosen.randint(1, len(text)) for _ in range(300)} | set(range(1, len(text), chosen.choice([1, 3, 17])))
+        result = await page.evaluate(STREAM, [text, sorted(cuts | {len(text)})])
+        assert result["differ"] == [], (seed, text[: result["differ"][0]][-200:])
     assert problems == []

@@ -358,7 +358,41 @@ def placed(width: int, *right: str) -> dict[str, int]:
     return {course: width - 20 - 56 - 68 * slot for slot, course in enumerate(right)} | {MORE_COURSES[0]: 20}
 
 
+async def _four_courses(serve: Serve, geometry_at: str) -> tuple[str, int, str]:
+    """A tutor with four courses, and the tags of a school's page for them, geometry's pinned to the
+    corner `geometry_at`: the tutor's origin, the school's port and the tags."""
+    server, tutor, port = await _tutor_for_a_school(serve)
+    for course in MORE_COURSES:
+        await seed_course(server.settings, TENANT, course, course.title())
+    geometry, biology, history = MORE_COURSES
+    body = tag(tutor) + tag(tutor, geometry, position=geometry_at) + tag(tutor, biology) + tag(tutor, history)
+    return tutor, port, body
+
+
+async def _four_launchers(page: Page) -> None:
+    for course in (COURSE, *MORE_COURSES):
+        await page.locator(f'[data-course="{course}"] .launcher').wait_for()
+
+
 REMOVE_HOST = "course => document.querySelector(`body > div[data-course='${course}']`).remove()"
+
+
+FOCUSED_LAUNCHER = (
+    "document.activeElement.shadowRoot?.activeElement?.className === 'launcher'"
+    " ? document.activeElement.dataset.course : null"
+)
+
+
+async def _tab_order(page: Page) -> list[str]:
+    """The courses whose launchers Tab reaches, in order, from the top of the page."""
+    await page.locator("h1").click()  # focus starts at the top of the page
+    reached: list[str] = []
+    for _ in range(8):
+        await page.keyboard.press("Tab")
+        course = await page.evaluate(FOCUSED_LAUNCHER)
+        if course and course not in reached:
+            reached.append(course)
+    return reached
 
 
 async def test_four_launchers_stand_in_rows_from_their_corners_and_are_all_reachable(
@@ -369,19 +403,15 @@ async def test_four_launchers_stand_in_rows_from_their_corners_and_are_all_reach
     and the left ones ignored their slot and overlapped); a removed widget's slot is closed up, and added
     again (its tag is still in the page) it takes its place back (it used to land on another launcher);
     every launcher is on top, reached with Tab and opened with Enter, and all four fit on a phone."""
-    server, tutor, port = await _tutor_for_a_school(serve)
-    for course in MORE_COURSES:
-        await seed_course(server.settings, TENANT, course, course.title())
+    tutor, port, body = await _four_courses(serve, "left")
     geometry, biology, history = MORE_COURSES
-    body = tag(tutor) + tag(tutor, geometry, position="left") + tag(tutor, biology) + tag(tutor, history)
     body += tag(tutor, geometry, position="left")  # repeated: adds nothing
     pages: Pages = {"/": page_with("<p><a href='#a'>A link</a></p>" + body), "/smartedu/token": (STUDENT, "text/plain")}
     async with host_site(pages, port=port) as school:
         problems = Problems()
         page = await new_page(browser, problems, viewport={"width": 1100, "height": 760})
         await page.goto(f"{school}/")
-        for course in (COURSE, *MORE_COURSES):
-            await page.locator(f'[data-course="{course}"] .launcher').wait_for()
+        await _four_launchers(page)
         shown = await launchers(page)
         assert {item["course"]: item["x"] for item in shown} == placed(1100, COURSE, biology, history)
         assert all(item["onTop"] and item["y"] == 760 - 20 - 56 for item in shown)
@@ -396,16 +426,8 @@ async def test_four_launchers_stand_in_rows_from_their_corners_and_are_all_reach
         await page.locator(f'[data-course="{biology}"] .launcher').wait_for()
         assert {item["course"]: item["x"] for item in await launchers(page)} == placed(1100, COURSE, biology, history)
 
-        reached = []
-        for _ in range(6):
-            await page.keyboard.press("Tab")
-            reached.append(
-                await page.evaluate(
-                    "document.activeElement.shadowRoot?.activeElement?.className === 'launcher'"
-                    " ? document.activeElement.dataset.course : null"
-                )
-            )
-        assert sorted(course for course in reached if course) == sorted((COURSE, *MORE_COURSES))
+        # Left to right, as they stand: the one on the left, then the right row towards its corner.
+        assert await _tab_order(page) == [geometry, history, biology, COURSE]
         await page.locator(f'[data-course="{history}"] .launcher').focus()
         await page.keyboard.press("Enter")
         await page.frame_locator(f'[data-course="{history}"] iframe').locator(ONLINE).wait_for()
@@ -415,5 +437,49 @@ async def test_four_launchers_stand_in_rows_from_their_corners_and_are_all_reach
         await page.keyboard.press("Escape")
         await page.locator(f'[data-course="{history}"] .panel').wait_for(state="hidden")
         assert {item["course"]: item["x"] for item in await launchers(page)} == placed(360, COURSE, biology, history)
+        assert problems == []
+        await page.close()
+
+
+@pytest.mark.parametrize("direction", ["ltr", "rtl"])
+async def test_tab_moves_along_the_launchers_as_a_reader_sees_them(
+    serve: Serve, browser: Browser, direction: str
+) -> None:
+    """Launchers in both corners: Tab reaches them in the page's reading direction along the bottom of the
+    screen (left to right, or right to left on a right-to-left page), also after a widget is removed and
+    added again and after the page switches its direction, whatever order the async tags loaded in. Tab
+    followed the order the widgets were added: the launcher by a corner first, then away from it (against
+    the reading direction), the corners mixed, and a widget added again last. A launcher whose chat is
+    open moves in the tab order without its chat being reloaded."""
+    # The default corner is the end of the page's lines; geometry is pinned to the other one.
+    tutor, port, body = await _four_courses(serve, "left" if direction == "ltr" else "right")
+    geometry, biology, history = MORE_COURSES
+    pages: Pages = {"/": page_with(body, dir=direction), "/smartedu/token": (STUDENT, "text/plain")}
+    async with host_site(pages, port=port) as school:
+        problems = Problems()
+        page = await new_page(browser, problems, viewport={"width": 1100, "height": 760})
+        await page.goto(f"{school}/")
+        await _four_launchers(page)
+        # geometry alone at the start of the line, then the row from the far end to its corner.
+        assert await _tab_order(page) == [geometry, history, biology, COURSE]
+
+        await page.evaluate(REMOVE_HOST, COURSE)
+        await page.evaluate(ADD_TAG, [f"{tutor}/static/widget.js", COURSE])
+        await page.locator(f'[data-course="{COURSE}"] .launcher').wait_for()
+        assert await _tab_order(page) == [geometry, history, biology, COURSE]
+
+        # Open history's chat, mark its document, close it; the page switches direction and a launcher is
+        # opened (the widgets are placed again): the rows change corners and the order follows.
+        await page.locator(f'[data-course="{history}"] .launcher').click()
+        await page.frame_locator(f'[data-course="{history}"] iframe').locator(ONLINE).wait_for()
+        chat = next(frame for frame in page.frames if f"course={history}" in frame.url)
+        await chat.evaluate("window.notReloaded = true")
+        await page.evaluate("course => SmartEduWidget.close(course)", history)
+        flipped = "rtl" if direction == "ltr" else "ltr"
+        await page.evaluate("dir => { document.documentElement.dir = dir }", flipped)
+        await page.evaluate("course => { SmartEduWidget.open(course); SmartEduWidget.close(course) }", biology)
+        # All four in one corner now (geometry's is the new end of the line), from the far end to it.
+        assert await _tab_order(page) == [history, biology, geometry, COURSE]
+        assert await chat.evaluate("window.notReloaded") is True
         assert problems == []
         await page.close()
