@@ -43,9 +43,10 @@
   };
 
   // How an answer ended beyond its status, as its `done` or history row says: cut short by the output limit,
-  // or failed for a reason asking again will not fix.
+  // stopped by the safety filter, or failed for a reason asking again will not fix.
   function outcome(msg, f) {
     msg.truncated = f.truncated === true;
+    msg.blocked = f.blocked === true;
     msg.failure = f.retryable === false && typeof f.error === 'string' ? f.error : null;
   }
   var FAILED_FOR_GOOD = {
@@ -712,7 +713,9 @@
         }
         this.touch(convo, done);
         if (isOpen && done.needsText) this.repair(convo, done);
-        if (isOpen && done.status === 'complete' && !done.needsText) {
+        if (isOpen && done.status === 'complete' && done.blocked) {
+          this.announce('The tutor\u2019s answer to ' + name + ' was stopped by the safety filter.');
+        } else if (isOpen && done.status === 'complete' && !done.needsText) {
           this.announce('The tutor answered ' + name + ': ' + plainText(done.text, 200));
         }
         break;
@@ -829,7 +832,7 @@
 
   function newMessage(kind, id, text, status, createdAt) {
     return { kind: kind, id: id, text: text, len: cpLength(text), pieces: new Map(), gap: false, partial: false,
-      status: status, createdAt: createdAt, name: '', flag: null, li: null, needsText: false };
+      status: status, createdAt: createdAt, name: '', flag: null, li: null, needsText: false, blocked: false };
   }
 
   // Put a piece of an answer at its code-point offset: drop what is already there, hold what comes
@@ -972,12 +975,14 @@
     if (msg.status === 'rejected' && msg.reason) status = 'Not sent: ' + msg.reason;
     if (msg.partial && !FINAL[msg.status]) status = 'Streaming (watching began mid-answer)';
     if (msg.status === 'complete' && msg.truncated) status = 'Cut short: the answer reached its length limit';
+    if (msg.status === 'complete' && msg.blocked) status = 'Stopped by the safety filter';
     if (msg.status === 'failed' && FAILED_FOR_GOOD[msg.failure]) status = FAILED_FOR_GOOD[msg.failure];
     if (msg.needsText && FINAL[msg.status]) status = 'Loading the full answer\u2026';
     setText(msg.statusEl, status);
     msg.flagEl.hidden = !msg.flag;
     if (msg.flag) setText(msg.flagEl, ATTENTION_LABEL[msg.flag] || 'Flagged');
     msg.li.classList.toggle('st-msg--flagged', !!msg.flag);
+    msg.li.classList.toggle('st-msg--blocked', msg.status === 'complete' && msg.blocked);
     msg.actions.textContent = '';
     if (msg.status === 'rejected') {
       var self = this;
