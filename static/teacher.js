@@ -150,6 +150,7 @@
       inputLabel: $(root, '.st-composer__label'),
       input: $(root, '#st-input'),
       announcer: $(root, '.st-announcer'),
+      convo: $(root, '.st-convo'),
     };
     var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     var self = this;
@@ -160,6 +161,9 @@
       onClose: function (code) { return self.onClose(code); },
       onState: function (state, until) { self.setStatus(state, until); },
     });
+    // The course documents panel (teacher-docs.js), for the courses the viewer may manage.
+    this.docs = ns.CourseDocuments ? new ns.CourseDocuments($(root, '.st-docs'), this) : null;
+    this.docsCourse = null;
     this.bind();
   }
 
@@ -312,7 +316,11 @@
   Dashboard.prototype.addCourse = function (id, title) {
     var existing = this.courses.get(id);
     if (existing) {
-      if (title && title !== id) { existing.title = title; setText(existing.titleEl, title); }
+      if (title && title !== id) {
+        existing.title = title;
+        setText(existing.titleEl, title);
+        if (existing.docsButton) existing.docsButton.setAttribute('aria-label', 'Documents of ' + title);
+      }
       return existing;
     }
     var headingId = 'st-course-' + (this.courses.size + 1);
@@ -324,9 +332,16 @@
       stateEl: h('p', { className: 'st-course__state', text: 'Connecting\u2026' }),
       list: h('ul', { className: 'st-students', 'aria-labelledby': headingId }),
     };
+    var self = this;
+    if (this.docs && this.mayManage(id)) {
+      course.docsButton = h('button', { type: 'button', className: 'se-link-button st-course__docs', text: 'Documents',
+        'aria-label': 'Documents of ' + course.title, 'aria-current': 'false' });
+      course.docsButton.addEventListener('click', function () { self.showDocuments(course); });
+    }
     course.section = h('section', { className: 'st-course', 'data-course-id': id }, [
       h('h3', { id: headingId, className: 'st-course__head', tabindex: '-1' },
         [course.titleEl, h('span', { className: 'se-sr-only', text: ', ' }), course.countEl, course.flagEl]),
+      course.docsButton,
       course.stateEl,
       course.list,
     ]);
@@ -335,6 +350,47 @@
     this.renderCourse(course);
     if (this.ready) this.watch(course);
     return course;
+  };
+
+  // Whether the sign-in may manage a course's documents, as the server decides: teachers of the course
+  // (in their token's courses) and administrators. The server still checks; a refusal is shown as such.
+  Dashboard.prototype.mayManage = function (id) {
+    var courses = Array.isArray(this.claims.courses) ? this.claims.courses : [];
+    return this.claims.role === 'admin' || (this.claims.role === 'teacher' && courses.indexOf(id) >= 0);
+  };
+
+  // The documents take the conversation's place (and, on narrow screens, the list's).
+  Dashboard.prototype.showDocuments = function (course) {
+    if (this.open) this.close(true);
+    this.markDocuments(course);
+    this.ui.convo.hidden = true;
+    this.root.setAttribute('data-view', 'documents');
+    this.docs.open(course);
+  };
+
+  // Back to the list, the focus on the course's Documents button.
+  Dashboard.prototype.hideDocuments = function () {
+    var course = this.leaveDocuments();
+    if (!course) return;
+    this.root.setAttribute('data-view', 'list');
+    course.docsButton.focus();
+  };
+
+  // The course whose documents were shown (null if none), now no longer.
+  Dashboard.prototype.leaveDocuments = function () {
+    var course = this.docsCourse;
+    if (course) {
+      this.markDocuments(null);
+      this.docs.hide();
+      this.ui.convo.hidden = false;
+    }
+    return course;
+  };
+
+  Dashboard.prototype.markDocuments = function (course) {
+    if (this.docsCourse) this.docsCourse.docsButton.setAttribute('aria-current', 'false');
+    this.docsCourse = course;
+    if (course) course.docsButton.setAttribute('aria-current', 'true');
   };
 
   Dashboard.prototype.watchAll = function () {
@@ -1016,6 +1072,7 @@
   /* -- the open conversation ------------------------------------------------------------------- */
 
   Dashboard.prototype.openConvo = function (convo) {
+    this.leaveDocuments();
     var previous = this.open;
     if (previous && previous !== convo) {
       previous.messages.forEach(function (m) { m.li = null; });
@@ -1043,7 +1100,8 @@
     this.loadTranscript(convo, false);
   };
 
-  Dashboard.prototype.close = function () {
+  // `quiet`: the documents take its place, and the focus.
+  Dashboard.prototype.close = function (quiet) {
     var convo = this.open;
     if (!convo) return;
     this.open = null;
@@ -1055,6 +1113,7 @@
     this.ui.empty.hidden = false;
     setText(this.ui.title, 'No conversation open');
     this.renderRow(convo);
+    if (quiet) return;
     if (convo.row) convo.row.button.focus();
     else this.ui.title.focus();
   };
