@@ -43,9 +43,10 @@
   };
 
   // How an answer ended beyond its status, as its `done` or history row says: cut short by the output limit,
-  // or failed for a reason asking again will not fix.
+  // stopped by the safety filter, or failed for a reason asking again will not fix.
   function outcome(msg, f) {
     msg.truncated = f.truncated === true;
+    msg.blocked = f.blocked === true;
     msg.failure = f.retryable === false && typeof f.error === 'string' ? f.error : null;
   }
   var FAILED_FOR_GOOD = {
@@ -149,6 +150,7 @@
       inputLabel: $(root, '.st-composer__label'),
       input: $(root, '#st-input'),
       announcer: $(root, '.st-announcer'),
+      convo: $(root, '.st-convo'),
     };
     var scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     var self = this;
@@ -159,6 +161,9 @@
       onClose: function (code) { return self.onClose(code); },
       onState: function (state, until) { self.setStatus(state, until); },
     });
+    // The course documents panel (teacher-docs.js), for the courses the viewer may manage.
+    this.docs = ns.CourseDocuments ? new ns.CourseDocuments($(root, '.st-docs'), this) : null;
+    this.docsCourse = null;
     this.bind();
   }
 
@@ -311,7 +316,11 @@
   Dashboard.prototype.addCourse = function (id, title) {
     var existing = this.courses.get(id);
     if (existing) {
-      if (title && title !== id) { existing.title = title; setText(existing.titleEl, title); }
+      if (title && title !== id) {
+        existing.title = title;
+        setText(existing.titleEl, title);
+        if (existing.docsButton) existing.docsButton.setAttribute('aria-label', 'Documents of ' + title);
+      }
       return existing;
     }
     var headingId = 'st-course-' + (this.courses.size + 1);
@@ -323,9 +332,16 @@
       stateEl: h('p', { className: 'st-course__state', text: 'Connecting\u2026' }),
       list: h('ul', { className: 'st-students', 'aria-labelledby': headingId }),
     };
+    var self = this;
+    if (this.docs && this.mayManage(id)) {
+      course.docsButton = h('button', { type: 'button', className: 'se-link-button st-course__docs', text: 'Documents',
+        'aria-label': 'Documents of ' + course.title, 'aria-current': 'false' });
+      course.docsButton.addEventListener('click', function () { self.showDocuments(course); });
+    }
     course.section = h('section', { className: 'st-course', 'data-course-id': id }, [
       h('h3', { id: headingId, className: 'st-course__head', tabindex: '-1' },
         [course.titleEl, h('span', { className: 'se-sr-only', text: ', ' }), course.countEl, course.flagEl]),
+      course.docsButton,
       course.stateEl,
       course.list,
     ]);
@@ -334,6 +350,47 @@
     this.renderCourse(course);
     if (this.ready) this.watch(course);
     return course;
+  };
+
+  // Whether the sign-in may manage a course's documents, as the server decides: teachers of the course
+  // (in their token's courses) and administrators. The server still checks; a refusal is shown as such.
+  Dashboard.prototype.mayManage = function (id) {
+    var courses = Array.isArray(this.claims.courses) ? this.claims.courses : [];
+    return this.claims.role === 'admin' || (this.claims.role === 'teacher' && courses.indexOf(id) >= 0);
+  };
+
+  // The documents take the conversation's place (and, on narrow screens, the list's).
+  Dashboard.prototype.showDocuments = function (course) {
+    if (this.open) this.close(true);
+    this.markDocuments(course);
+    this.ui.convo.hidden = true;
+    this.root.setAttribute('data-view', 'documents');
+    this.docs.open(course);
+  };
+
+  // Back to the list, the focus on the course's Documents button.
+  Dashboard.prototype.hideDocuments = function () {
+    var course = this.leaveDocuments();
+    if (!course) return;
+    this.root.setAttribute('data-view', 'list');
+    course.docsButton.focus();
+  };
+
+  // The course whose documents were shown (null if none), now no longer.
+  Dashboard.prototype.leaveDocuments = function () {
+    var course = this.docsCourse;
+    if (course) {
+      this.markDocuments(null);
+      this.docs.hide();
+      this.ui.convo.hidden = false;
+    }
+    return course;
+  };
+
+  Dashboard.prototype.markDocuments = function (course) {
+    if (this.docsCourse) this.docsCourse.docsButton.setAttribute('aria-current', 'false');
+    this.docsCourse = course;
+    if (course) course.docsButton.setAttribute('aria-current', 'true');
   };
 
   Dashboard.prototype.watchAll = function () {
@@ -712,7 +769,9 @@
         }
         this.touch(convo, done);
         if (isOpen && done.needsText) this.repair(convo, done);
-        if (isOpen && done.status === 'complete' && !done.needsText) {
+        if (isOpen && done.status === 'complete' && done.blocked) {
+          this.announce('The tutor\u2019s answer to ' + name + ' was stopped by the safety filter.');
+        } else if (isOpen && done.status === 'complete' && !done.needsText) {
           this.announce('The tutor answered ' + name + ': ' + plainText(done.text, 200));
         }
         break;
@@ -829,7 +888,7 @@
 
   function newMessage(kind, id, text, status, createdAt) {
     return { kind: kind, id: id, text: text, len: cpLength(text), pieces: new Map(), gap: false, partial: false,
-      status: status, createdAt: createdAt, name: '', flag: null, li: null, needsText: false };
+      status: status, createdAt: createdAt, name: '', flag: null, li: null, needsText: false, blocked: false };
   }
 
   // Put a piece of an answer at its code-point offset: drop what is already there, hold what comes
@@ -972,12 +1031,14 @@
     if (msg.status === 'rejected' && msg.reason) status = 'Not sent: ' + msg.reason;
     if (msg.partial && !FINAL[msg.status]) status = 'Streaming (watching began mid-answer)';
     if (msg.status === 'complete' && msg.truncated) status = 'Cut short: the answer reached its length limit';
+    if (msg.status === 'complete' && msg.blocked) status = 'Stopped by the safety filter';
     if (msg.status === 'failed' && FAILED_FOR_GOOD[msg.failure]) status = FAILED_FOR_GOOD[msg.failure];
     if (msg.needsText && FINAL[msg.status]) status = 'Loading the full answer\u2026';
     setText(msg.statusEl, status);
     msg.flagEl.hidden = !msg.flag;
     if (msg.flag) setText(msg.flagEl, ATTENTION_LABEL[msg.flag] || 'Flagged');
     msg.li.classList.toggle('st-msg--flagged', !!msg.flag);
+    msg.li.classList.toggle('st-msg--blocked', msg.status === 'complete' && msg.blocked);
     msg.actions.textContent = '';
     if (msg.status === 'rejected') {
       var self = this;
@@ -1011,6 +1072,7 @@
   /* -- the open conversation ------------------------------------------------------------------- */
 
   Dashboard.prototype.openConvo = function (convo) {
+    this.leaveDocuments();
     var previous = this.open;
     if (previous && previous !== convo) {
       previous.messages.forEach(function (m) { m.li = null; });
@@ -1038,7 +1100,8 @@
     this.loadTranscript(convo, false);
   };
 
-  Dashboard.prototype.close = function () {
+  // `quiet`: the documents take its place, and the focus.
+  Dashboard.prototype.close = function (quiet) {
     var convo = this.open;
     if (!convo) return;
     this.open = null;
@@ -1050,6 +1113,7 @@
     this.ui.empty.hidden = false;
     setText(this.ui.title, 'No conversation open');
     this.renderRow(convo);
+    if (quiet) return;
     if (convo.row) convo.row.button.focus();
     else this.ui.title.focus();
   };

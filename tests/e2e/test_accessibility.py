@@ -52,6 +52,17 @@ async def _tab_to(page: Page, pattern: str, limit: int = 12) -> str:
     raise AssertionError(f"Tab never reached {pattern!r}; focus went {seen}")
 
 
+async def _focus_reaches(page: Page, element_id: str) -> None:
+    await page.wait_for_function("id => document.activeElement.id === id", arg=element_id)
+
+
+async def _activate(page: Page, pattern: str, focus_goes_to: str, limit: int = 12) -> None:
+    """Tab to the control matching `pattern`, press Enter, and wait for the focus to move to `focus_goes_to`."""
+    await _tab_to(page, pattern, limit)
+    await page.keyboard.press("Enter")
+    await _focus_reaches(page, focus_goes_to)
+
+
 async def _live(serve: Serve, **overrides: Any) -> Server:
     server = await serve(**overrides)
     await seed_course(server.settings, TENANT, COURSE, "Algebra I")
@@ -90,9 +101,7 @@ async def test_teacher_dashboard_works_from_the_keyboard_alone(serve: Serve, bro
     page = await new_page(browser, problems, "teacher")
     await page.goto(_url(server, "/teacher") + f"#token={TEACHER}")
     await page.wait_for_selector(".st-student")
-    await _tab_to(page, r"^button\.st-student Ada")
-    await page.keyboard.press("Enter")
-    await page.wait_for_function("() => document.activeElement.id === 'st-convo-title'")
+    await _activate(page, r"^button\.st-student Ada", "st-convo-title")
     await _tab_to(page, r"Pause AI tutor for Ada", limit=1)
     await page.keyboard.press("Space")
     await page.wait_for_selector('.st-ai__state[data-paused="true"]')
@@ -169,6 +178,87 @@ async def test_pages_have_no_serious_accessibility_violations(serve: Serve, brow
             + await _audit(embed, f"/embed {scheme}")
             + await _audit(teacher, f"/teacher {scheme}")
             + await _audit(phone, f"/teacher 360px {scheme}")
+        )
+        assert violations == []
+        assert problems == []
+    finally:
+        await context.close()
+
+
+async def _with_notes(serve: Serve) -> Server:
+    """A live server whose course has one document, "Notes"."""
+    server = await _live(serve)
+    response = await server.client.post(
+        f"/api/courses/{COURSE}/documents",
+        json={"name": "Notes", "body": "Slope is rise over run."},
+        headers={"Authorization": f"Bearer {TEACHER}"},
+    )
+    assert response.status == 201, await response.text()
+    return server
+
+
+async def test_course_documents_work_from_the_keyboard_alone(serve: Serve, browser: Browser) -> None:
+    server = await _with_notes(serve)
+    problems = Problems()
+    page = await new_page(browser, problems, "teacher")
+    await page.goto(_url(server, "/teacher") + f"#token={TEACHER}")
+    await page.wait_for_selector(".st-course__docs")
+    await _activate(page, r"Documents of Algebra I", "st-docs-title")
+    await page.get_by_role("button", name="Read Notes").wait_for()  # the list, read over HTTP
+    await _activate(page, r"Read Notes", "st-docs-viewer-title", limit=3)
+    await _activate(page, r"Replace the text of Notes", "st-docs-form-title", limit=1)
+    await _tab_to(page, r"^textarea\.st-field", limit=4)
+    await page.keyboard.press("End")
+    await page.keyboard.type(" A flat line has slope 0.")
+    await _tab_to(page, r"^button\.se-button.* Save", limit=1)
+    await page.keyboard.press("Enter")
+    await page.locator(".st-docs__form-msg").get_by_text("Saved \u201cNotes\u201d").wait_for()
+    # Saving shows the document again, its heading focused: delete it from there, confirming by keyboard.
+    await _focus_reaches(page, "st-docs-viewer-title")
+    assert "A flat line has slope 0." in (await page.locator(".st-docs__text").text_content() or "")
+    await _tab_to(page, r"Delete Notes", limit=2)
+    await page.keyboard.press("Enter")
+    assert "Cancel" in await _focused(page)  # a stray Enter deletes nothing
+    await page.keyboard.press("Shift+Tab")
+    assert "Delete Notes for good" in await _focused(page)
+    await page.keyboard.press("Enter")
+    await page.get_by_text("No documents yet. Add one below.").wait_for()
+    await _focus_reaches(page, "st-docs-title")
+    await page.keyboard.press("Escape")  # back to the list, where the panel was opened from
+    await page.locator(".st-docs").wait_for(state="hidden")
+    assert "Documents of Algebra I" in await _focused(page)
+    assert problems == []
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_the_documents_panel_has_no_serious_accessibility_violations(
+    serve: Serve, browser: Browser, scheme: Scheme
+) -> None:
+    """The panel with a document open, a delete to confirm and an upload refused for a name already used."""
+    server = await _with_notes(serve)
+    problems = Problems()
+    context = await _context(browser, scheme)
+    try:
+        page = await new_page(context, problems, "teacher")
+        await page.goto(_url(server, "/teacher") + f"#token={TEACHER}")
+        await page.get_by_role("button", name="Documents of Algebra I").click()
+        await page.get_by_role("button", name="Read Notes").click()
+        await page.locator(".st-docs__viewer h3").get_by_text("Notes").wait_for()
+        await page.get_by_label("Name").fill("Notes")
+        await page.get_by_label("Text", exact=True).fill("Another text.")
+        await page.get_by_role("button", name="Upload").click()
+        await page.locator(".st-docs__form-msg").get_by_role("button", name="Replace \u201cNotes\u201d").wait_for()
+        await page.locator(".st-docs__viewer").get_by_role("button", name="Delete Notes").click()
+        await page.get_by_role("button", name="Delete Notes for good").wait_for()
+        phone = await new_page(context, problems, "teacher-phone", viewport={"width": 360, "height": 720})
+        await phone.goto(_url(server, "/teacher") + f"#token={TEACHER}")
+        await phone.get_by_role("button", name="Documents of Algebra I").click()
+        await phone.get_by_role("button", name="Read Notes").click()
+        await phone.locator(".st-docs__viewer h3").get_by_text("Notes").wait_for()
+        assert await phone.locator(".st-side").is_hidden()  # the panel takes the screen
+
+        violations = await _audit(page, f"/teacher documents {scheme}") + await _audit(
+            phone, f"/teacher documents 360px {scheme}"
         )
         assert violations == []
         assert problems == []

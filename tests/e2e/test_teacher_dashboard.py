@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
@@ -28,6 +29,7 @@ from tests.e2e.helpers import (
     scripted_server,
     streamed_markdown,
 )
+from tests.fakes.fake_gemini import FakeGemini, start_fake_gemini
 
 if TYPE_CHECKING:  # playwright may be missing: then the browser fixture skips (or fails in CI)
     from playwright.async_api import Browser, Page, Route, WebSocketRoute
@@ -679,4 +681,50 @@ async def test_a_long_answer_streams_into_the_dashboard_parsing_only_its_open_bl
     assert same
     assert sum(parsed) < 4 * len(text), (sum(parsed), max(parsed))
     assert max(parsed) < 2000, max(parsed)  # the longest block and a chunk
+    assert problems == []
+
+
+@pytest.fixture
+async def gemini() -> AsyncIterator[FakeGemini]:
+    async with start_fake_gemini(chunks=["Here is ", "how to "]) as fake:
+        yield fake
+
+
+async def test_an_answer_stopped_by_the_safety_filter_is_marked(
+    serve: Serve, browser: Browser, gemini: FakeGemini
+) -> None:
+    """Live, as the `done` frame says (`blocked: true`), and in a transcript read later (the history item's);
+    the dashboard showed such an answer like one that ended normally."""
+    env = {"GEMINI_API_KEY": "test-key-not-secret", "GEMINI_BASE_URL": gemini.base_url, "SMARTEDU_AI_MAX_RETRIES": "0"}
+    server = await serve(ai_provider="gemini", env=env)
+    await seed_course(server.settings, TENANT, COURSE, "Algebra I")
+    problems = Problems()
+    teacher = await _open_dashboard(server, browser, problems)
+    student = await server.connect({"token": STUDENT, "course_id": COURSE})
+    await teacher.get_by_role("button", name=re.compile(r"^Ada")).click()
+
+    await student.send(type="message", id="q1", text="What is a slope?")
+    normal = (await student.until("done"))[-1]
+    assert normal["blocked"] is False
+    gemini.finish_reason = "SAFETY"
+    await student.send(type="message", id="q2", text="something unsafe")
+    done = (await student.until("done"))[-1]
+    assert (done["status"], done["blocked"]) == ("complete", True)
+
+    mark = "Stopped by the safety filter"
+    blocked = teacher.locator(f'.se-msg--assistant[data-id="{done["reply_id"]}"][data-status="complete"]')
+    await blocked.locator(".se-meta__status").get_by_text(mark).wait_for(timeout=ANSWER_WAIT_MS)
+    assert await blocked.locator(".se-meta__status").is_visible()
+    await teacher.wait_for_function(
+        "() => document.querySelector('.st-announcer').textContent.includes("
+        "'The tutor\u2019s answer to Ada was stopped by the safety filter.')"
+    )
+    first = teacher.locator(f'.se-msg--assistant[data-id="{normal["reply_id"]}"] .se-meta__status')
+    assert await first.text_content() == ""  # the answer that ended normally has no mark
+
+    later = await _open_dashboard(server, browser, problems)
+    await later.get_by_role("button", name=re.compile(r"^Ada")).click()
+    status = later.locator(f'.se-msg--assistant[data-id="{done["reply_id"]}"] .se-meta__status')
+    await status.get_by_text(mark).wait_for()
+    assert await later.locator(".se-meta__status").get_by_text(mark).count() == 1
     assert problems == []
