@@ -126,31 +126,28 @@ class Durable:
 
     async def _pipeline(self, work: list[RedisWork]) -> list[int]:
         pipe = self._redis.pipeline(transaction=False)
-        shape: list[int] = []  # how many replies each item has; its first is its result
+        results_at: list[int | None] = []  # where each item's result is among the replies (None: no result)
+        replies = 0
         for item in work:
             if not item.frames:
                 key = f"{self._prefix}rate:{{{item.conversation_id}}}"
+                # The window starts with the first question (SET NX EX: EXPIRE NX needs Redis 7).
+                pipe.set(key, 0, ex=RATE_WINDOW_S, nx=True)
                 pipe.incr(key)
-                pipe.expire(key, RATE_WINDOW_S, nx=True)
-                shape.append(2)
+                results_at.append(replies + 1)
+                replies += 2
                 continue
             key = f"{self._prefix}log:{{{item.conversation_id}}}"
             for frame in item.frames:
                 pipe.xadd(key, {"f": frame}, maxlen=LOG_MAXLEN, approximate=True)
-            size = len(item.frames)
+            replies += len(item.frames)
             if key not in self._logs_with_expiry:
                 self._logs_with_expiry.add(key)
                 pipe.expire(key, LOG_TTL_S)
-                size += 1
-            shape.append(size)
-        replies = await pipe.execute()
-        results: list[int] = []
-        at = 0
-        for size in shape:
-            first = replies[at]
-            results.append(first if isinstance(first, int) else 0)  # INCR: the count; XADD: an id, unused
-            at += size
-        return results
+                replies += 1
+            results_at.append(None)
+        answers = await pipe.execute()
+        return [0 if at is None else int(answers[at]) for at in results_at]
 
 
 DURABLE_KEY = web.AppKey("durable", Durable)
