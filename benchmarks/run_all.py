@@ -1,7 +1,7 @@
 """`make bench`: every benchmark scenario, several runs each, raw JSON under benchmarks/results/ and
 docs/benchmarks.md generated from them.
 
-    python benchmarks/run_all.py                      # everything, 3 runs each (about 40 minutes)
+    python benchmarks/run_all.py                      # everything, 3 runs each (about an hour)
     python benchmarks/run_all.py --quick              # smaller and shorter, 1 run each (under 5 minutes)
     python benchmarks/run_all.py --scenarios throughput,floor --runs 5
 
