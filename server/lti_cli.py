@@ -18,9 +18,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from storage.errors import NotFoundError
+from storage.lifecycle import LifecycleError
 from storage.lti import Launched, LtiStore, Platform, Registered, Registration
 
 from . import lifecycle_cli
+from .lti import JwksFetchError, fetch_jwks, parse_jwks
 from .settings import Settings
 
 T = TypeVar("T")
@@ -185,6 +187,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="the platform's public keyset URL (JWKS); redirects are not followed, give the final URL",
     )
     add.add_argument(
+        "--check",
+        action="store_true",
+        help="fetch the key set from --jwks-url first, as a launch would, and register nothing unless it serves"
+        " at least one RS256 signing key (catches a mistyped URL now, not at the first launch)",
+    )
+    add.add_argument(
         "--update",
         action="store_true",
         help="if the issuer and client id are registered for this tenant, replace the deployment id and URLs",
@@ -251,7 +259,19 @@ def _with_store(settings: Settings, action: Callable[[LtiStore], Awaitable[T]]) 
     return asyncio.run(lifecycle_cli.with_schema(settings, lambda pool: action(LtiStore(pool))))
 
 
+async def _signing_keys(url: str) -> list[str]:
+    """The kids of the RS256 signing keys at `url`, fetched as a launch fetches them."""
+    try:
+        keys = parse_jwks(await fetch_jwks(url))
+    except JwksFetchError as exc:
+        raise LifecycleError(f"the key set at {url} could not be read: {exc}; nothing was registered") from None
+    if not keys:
+        raise LifecycleError(f"the key set at {url} has no RS256 signing key; nothing was registered")
+    return sorted(keys)
+
+
 def _add(args: argparse.Namespace, settings: Settings) -> int:
+    kids = asyncio.run(_signing_keys(args.jwks_url)) if args.check else None
     registered: Registered = _with_store(
         settings,
         lambda store: store.register_platform(
@@ -268,10 +288,14 @@ def _add(args: argparse.Namespace, settings: Settings) -> int:
     changes = _changes(previous, platform) if previous is not None else []
     status = "added" if previous is None else "updated" if changes else "unchanged"
     if args.json:
+        checked = {} if kids is None else {"signing_keys": kids}
         lifecycle_cli.print_json(
             {**_document(registered.registration), "status": status, "tenant_created": registered.tenant_created}
+            | checked
         )
         return 0
+    if kids is not None:
+        print(f"key set: {len(kids)} RS256 signing key{'s' if len(kids) != 1 else ''} ({', '.join(kids)})")
     if registered.tenant_created:
         print(f"created tenant {platform.tenant_id!r}")
     if previous is None:

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 
 from server import lti_cli
 from server.__main__ import _parser
@@ -392,6 +393,15 @@ async def test_remove_asks_first_when_run_as_a_command(
     assert not (tmp_path / "data").exists()  # a DATABASE_URL: nothing embedded was started
 
 
+def fake_platform_args(platform: FakePlatform, jwks_path: str = "/jwks") -> list[str]:
+    """`lti add`'s arguments for the fake LMS of test_lti.py."""
+    issuer = platform.issuer
+    return [
+        *("--tenant", TENANT, "--issuer", issuer, "--client-id", CLIENT_ID, "--deployment-id", DEPLOYMENT),
+        *("--auth-login-url", f"{issuer}/auth", "--jwks-url", f"{issuer}{jwks_path}"),
+    ]
+
+
 async def test_a_platform_registered_with_the_command_launches_the_tutor(
     serve: Serve,
     settings: Settings,
@@ -405,18 +415,7 @@ async def test_a_platform_registered_with_the_command_launches_the_tutor(
         settings,
         capsys,
         "add",
-        "--tenant",
-        TENANT,
-        "--issuer",
-        platform.issuer,
-        "--client-id",
-        CLIENT_ID,
-        "--deployment-id",
-        DEPLOYMENT,
-        "--auth-login-url",
-        f"{platform.issuer}/auth",
-        "--jwks-url",
-        f"{platform.issuer}/jwks",
+        *fake_platform_args(platform),
         "--json",
     )
     lti = Lti(await serve(), platform, added.json()["id"], db)
@@ -441,3 +440,42 @@ async def test_a_platform_registered_with_the_command_launches_the_tutor(
     login = await lti.server.client.get("/lti/login", params=lti.login_params(), allow_redirects=False)
     assert login.status == 400
     assert await db.fetchval("SELECT count(*) FROM courses WHERE id = $1", course) == 1
+
+
+async def test_check_registers_only_a_key_set_that_serves_signing_keys(
+    settings: Settings, db: asyncpg.Connection, aiohttp_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    platform = FakePlatform()
+    platform.server = await aiohttp_server(platform.app())
+
+    async def add(jwks_path: str, *extra: str) -> Result:
+        return await smartedu(settings, capsys, "add", *fake_platform_args(platform, jwks_path), "--check", *extra)
+
+    # A mistyped URL, a key set that redirects, one that is down, one with no signing key: one line on stderr,
+    # exit 1, nothing written.
+    refused = await add("/jwsk")
+    assert refused.code == 1 and refused.out == "", refused
+    url = f"{platform.issuer}/jwsk"
+    assert (
+        refused.err == f"smartedu lti add: the key set at {url} could not be read: HTTP 404; nothing was registered\n"
+    )
+    platform.jwks_answer = web.Response(status=301, headers={"Location": "/moved/jwks"})
+    refused = await add("/jwks")
+    assert refused.code == 1 and "redirects (HTTP 301) to /moved/jwks" in refused.err
+    platform.jwks_answer, platform.jwks_down = None, True
+    refused = await add("/jwks")
+    assert refused.code == 1 and "could not be read: HTTP 503" in refused.err
+    platform.jwks_answer = web.json_response({"keys": []})
+    refused = await add("/jwks")
+    assert refused.code == 1 and "has no RS256 signing key; nothing was registered" in refused.err
+    assert await platforms(db) == [] and await tenants(db) == []
+
+    platform.jwks_down, platform.jwks_answer = False, None
+    kids = sorted(key["kid"] for key in platform.key_set()["keys"] if key["use"] == "sig")  # not its "enc" key
+    added = await add("/jwks")
+    assert added.code == 0, added.err
+    assert added.out.startswith(f"key set: {len(kids)} RS256 signing key")
+    assert ", ".join(kids) in added.out.splitlines()[0]
+    assert [p["jwks_url"] for p in await platforms(db)] == [f"{platform.issuer}/jwks"]
+    as_json = await add("/jwks", "--update", "--json")
+    assert as_json.json()["signing_keys"] == kids and as_json.json()["status"] == "unchanged"
